@@ -1,0 +1,210 @@
+"""The ddsnap error hierarchy.
+
+Every error a user can cause or meet is a :class:`DdsnapError` subclass.  Each class
+says whose fault it is (``fault``: ``"user"``, ``"store"``, ``"peer"`` or ``"system"``),
+carries what a user needs to act on it (a path, a block number, a snapshot name), and
+owns a distinct process exit code so scripts can tell failures apart.  The CLI prints
+``str(error)`` on one line and exits with ``error.exit_code``; it never prints a traceback
+for these.
+
+Source of the idea: DESIGN.md, "Errors".
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class DdsnapError(Exception):
+    """Base of every error ddsnap reports to a user.
+
+    Attributes:
+        exit_code: the CLI's process exit status for this error (distinct per class).
+        fault: whose fault it is: "user", "store", "peer" or "system".
+        errno: the POSIX errno an NBD client sees for this error on the data path.
+    """
+
+    exit_code = 1
+    fault = "system"
+    errno = _errno.EIO
+
+    def to_dict(self) -> dict:
+        """Serialise for the control socket: ``{"type": class name, "message": str}``."""
+        return {"type": type(self).__name__, "message": str(self)}
+
+
+class InvalidArgument(DdsnapError):
+    """A command-line or API argument is out of range or malformed."""
+
+    exit_code = 2
+    fault = "user"
+    errno = _errno.EINVAL
+
+
+class StoreNotFound(DdsnapError):
+    """The snapshot store (or origin) path does not exist."""
+
+    exit_code = 3
+    fault = "user"
+    errno = _errno.ENOENT
+
+    def __init__(self, path: str, what: str = "snapshot store"):
+        self.path = path
+        super().__init__(f"{what} not found: {path}")
+
+
+class NotAStore(DdsnapError):
+    """The path exists but holds no ddsnap snapshot store (no valid superblock)."""
+
+    exit_code = 4
+    fault = "user"
+
+    def __init__(self, path: str, why: str = "no ddsnap superblock"):
+        self.path = path
+        super().__init__(f"{path} is not a ddsnap snapshot store ({why})")
+
+
+class CorruptMetadata(DdsnapError):
+    """A metadata block failed its self-check (type, block number, UUID, crc32c).
+
+    Attributes:
+        block: the 4 KiB metadata block number that failed.
+    """
+
+    exit_code = 5
+    fault = "store"
+
+    def __init__(self, block: int, why: str):
+        self.block = block
+        self.why = why
+        super().__init__(f"corrupt metadata in block {block}: {why}")
+
+
+class StoreFull(DdsnapError):
+    """The snapshot store has no free chunk for a copy-out or snapshot write (ENOSPC)."""
+
+    exit_code = 6
+    fault = "user"
+    errno = _errno.ENOSPC
+
+    def __init__(self, msg: str = "snapshot store is full"):
+        super().__init__(msg)
+
+
+class SnapshotExists(DdsnapError):
+    """A snapshot with this name already exists."""
+
+    exit_code = 7
+    fault = "user"
+    errno = _errno.EEXIST
+
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"snapshot already exists: {name}")
+
+
+class SnapshotNotFound(DdsnapError):
+    """No snapshot has this name."""
+
+    exit_code = 8
+    fault = "user"
+    errno = _errno.ENOENT
+
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"no such snapshot: {name}")
+
+
+class StoreBusy(DdsnapError):
+    """The store is already served (its exclusive lock is held by another process)."""
+
+    exit_code = 9
+    fault = "user"
+    errno = _errno.EBUSY
+
+
+class OriginMismatch(DdsnapError):
+    """The origin recorded in the store is missing or has changed size."""
+
+    exit_code = 10
+    fault = "user"
+
+
+class TooManySnapshots(DdsnapError):
+    """Every sharemap bit is in use (``--max-snapshots`` reached)."""
+
+    exit_code = 11
+    fault = "user"
+    errno = _errno.ENOSPC
+
+
+class SnapshotBusy(DdsnapError):
+    """The snapshot is in use (exported to connected clients) and cannot be deleted."""
+
+    exit_code = 12
+    fault = "user"
+    errno = _errno.EBUSY
+
+
+class ReadOnlyVolume(DdsnapError):
+    """A write was addressed to a read-only snapshot."""
+
+    exit_code = 13
+    fault = "user"
+    errno = _errno.EPERM
+
+
+class ProtocolError(DdsnapError):
+    """The NBD or control-socket peer broke the protocol (the peer's fault)."""
+
+    exit_code = 14
+    fault = "peer"
+    errno = _errno.EINVAL
+
+
+class ControlError(DdsnapError):
+    """The control socket of a serving ddsnap could not be reached or answered badly."""
+
+    exit_code = 15
+    fault = "system"
+
+
+class StoreExists(DdsnapError):
+    """``init`` was pointed at something that already holds a ddsnap store."""
+
+    exit_code = 16
+    fault = "user"
+    errno = _errno.EEXIST
+
+    def __init__(self, path: str):
+        self.path = path
+        super().__init__(f"{path} already holds a ddsnap snapshot store (use --force to overwrite)")
+
+
+class JournalError(CorruptMetadata):
+    """The journal cannot be replayed (a commit record is inconsistent)."""
+
+
+#: Every error class by name, for re-raising errors that crossed the control socket.
+BY_NAME: dict[str, type[DdsnapError]] = {}
+
+
+def _register(cls: type) -> None:
+    BY_NAME[cls.__name__] = cls
+    for sub in cls.__subclasses__():
+        _register(sub)
+
+
+_register(DdsnapError)
+
+
+def from_dict(d: dict) -> DdsnapError:
+    """Rebuild an error sent over the control socket by :meth:`DdsnapError.to_dict`.
+
+    The message is kept verbatim; the class (and so the exit code) is looked up by name,
+    falling back to :class:`ControlError` for an unknown name.
+    """
+    cls = BY_NAME.get(d.get("type", ""), ControlError)
+    err = DdsnapError.__new__(cls)
+    Exception.__init__(err, d.get("message", "unknown error"))
+    return err

@@ -1,0 +1,71 @@
+"""What the NBD server serves: the export backend interface.
+
+The NBD server (``ddsnap.nbd.server``) knows nothing of snapshots.  It serves objects
+that satisfy :class:`ExportBackend`, found by name through an :class:`ExportRegistry`.
+In ddsnap the backends are the volumes (``ddsnap.volume.Origin`` / ``Snapshot``); tests
+may serve any object with this shape.
+
+All backend methods are synchronous and may block on disk: the server calls them from a
+thread pool, never on the event loop.  Offsets and lengths are in bytes; a range is
+``[offset, offset + length)`` and the server has already checked it lies inside
+``[0, size)``.  Errors are raised as ``ddsnap.errors.DdsnapError`` (whose ``errno``
+attribute the server maps to an NBD error) or ``OSError`` (its ``errno``).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class ExportBackend(Protocol):
+    """One NBD-visible volume."""
+
+    #: export name as clients ask for it ("origin" or a snapshot name)
+    name: str
+    #: size in bytes (a multiple of 512)
+    size: int
+    #: True if writes are refused (exported with NBD_FLAG_READ_ONLY)
+    read_only: bool
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Return exactly ``length`` bytes."""
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        """Write ``data``; with ``fua`` it is durable before this returns."""
+
+    def flush(self) -> None:
+        """Make every write that completed before this call durable."""
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Discard hint; must never change what any *other* volume reads."""
+
+    def write_zeroes(self, offset: int, length: int, fua: bool = False,
+                     no_hole: bool = False) -> None:
+        """Make the range read as zeroes."""
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``base:allocation`` extents covering at least the start of the range.
+
+        Returns a non-empty list of ``(length_bytes, flags)`` with flags a combination of
+        NBD_STATE_HOLE (1) and NBD_STATE_ZERO (2); the lengths sum to at most ``length``.
+        """
+
+    def open(self) -> None:
+        """A client connection started using this export."""
+
+    def close(self) -> None:
+        """That client connection ended (cleanly or not)."""
+
+
+class ExportRegistry(Protocol):
+    """The set of exports, looked up on every option request (snapshots come and go)."""
+
+    def names(self) -> list[str]:
+        """Export names in listing order."""
+
+    def get(self, name: str) -> ExportBackend | None:
+        """The export called ``name``, or None."""
+
+    @property
+    def default_name(self) -> str:
+        """The export a client gets when it asks for the empty name."""

@@ -1,0 +1,298 @@
+"""Block devices: the only place ddsnap touches ``os`` I/O.
+
+A :class:`BlockDevice` is a byte-addressed device of fixed size with positional reads and
+writes and a durability barrier (:meth:`BlockDevice.flush`).  Three implementations:
+
+* :class:`FileDevice` over a regular file or a block device (``os.pread``/``os.pwrite``,
+  ``os.fdatasync``);
+* :class:`MemoryDevice`, a bytearray, the in-memory twin for tests and the transient store;
+* :class:`RecordingDevice`, which wraps a memory device, remembers every write and flush,
+  and can produce the device images a crash could leave behind.  It carries the crash
+  tests (DESIGN.md invariants 2 and 3).
+
+Offsets and lengths are in bytes; ranges are ``[offset, offset + length)``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+import stat
+import struct
+import threading
+from dataclasses import dataclass
+
+from ..errors import DdsnapError, InvalidArgument, StoreNotFound
+
+BLKGETSIZE64 = 0x80081272
+
+
+class BlockDevice:
+    """Abstract byte-addressed device.
+
+    Subclasses implement :meth:`pread`, :meth:`pwrite`, :meth:`flush` and ``size``.
+    ``pread`` past the end returns zero bytes for the missing part; ``pwrite`` past the end
+    raises :class:`InvalidArgument` (devices never grow).
+    """
+
+    size: int = 0
+    path: str = "<memory>"
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Return ``length`` bytes at byte ``offset``."""
+        raise NotImplementedError
+
+    def preadinto(self, buf, offset: int) -> None:
+        """Fill the writable buffer ``buf`` (bytearray/memoryview) from byte ``offset``."""
+        data = self.pread(len(buf), offset)
+        buf[: len(data)] = data
+
+    def pwrite(self, data, offset: int) -> None:
+        """Write the bytes-like ``data`` at byte ``offset``."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Make every earlier completed :meth:`pwrite` durable."""
+        raise NotImplementedError
+
+    def discard(self, offset: int, length: int) -> None:
+        """Hint that ``[offset, offset+length)`` is unused; content afterwards is undefined.
+
+        The default does nothing, which is always correct.
+        """
+
+    def close(self) -> None:
+        """Release the device; further I/O is an error."""
+
+    def _check_write(self, length: int, offset: int) -> None:
+        if offset < 0 or offset + length > self.size:
+            raise InvalidArgument(
+                f"write of {length} bytes at {offset} is past the end of {self.path} ({self.size} bytes)"
+            )
+
+
+def device_size(fd: int) -> int:
+    """Size in bytes of the open regular file or block device ``fd``."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+        return struct.unpack("<Q", buf)[0]
+    return st.st_size
+
+
+class FileDevice(BlockDevice):
+    """A regular file or a block device opened for positional I/O.
+
+    Args:
+        path: the file or device path.
+        writable: open read-write (default) or read-only.
+        create_size: if given and ``path`` does not exist, create a sparse file of this
+            many bytes.
+
+    Raises:
+        StoreNotFound: ``path`` does not exist (and ``create_size`` was not given).
+        InvalidArgument: ``path`` is neither a regular file nor a block device.
+    """
+
+    def __init__(self, path: str, writable: bool = True, create_size: int | None = None,
+                 what: str = "snapshot store"):
+        self.path = path
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            if create_size is not None and not os.path.exists(path):
+                self.fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+                os.ftruncate(self.fd, create_size)
+            else:
+                self.fd = os.open(path, flags)
+        except FileNotFoundError:
+            raise StoreNotFound(path, what) from None
+        except IsADirectoryError:
+            raise InvalidArgument(f"{what} {path} is a directory, not a file or block device") from None
+        except PermissionError as e:
+            raise DdsnapError(f"cannot open {what} {path}: {e.strerror}") from None
+        st = os.fstat(self.fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            os.close(self.fd)
+            raise InvalidArgument(f"{what} {path} is neither a regular file nor a block device")
+        self.is_block = stat.S_ISBLK(st.st_mode)
+        self.size = device_size(self.fd)
+
+    def pread(self, length: int, offset: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:
+            # Short read at end of file: the rest reads as zeroes, like a sparse tail.
+            data += bytes(length - len(data))
+        return data
+
+    def preadinto(self, buf, offset: int) -> None:
+        n = os.preadv(self.fd, [buf], offset)
+        if n < len(buf):
+            memoryview(buf)[n:] = bytes(len(buf) - n)
+
+    def pwrite(self, data, offset: int) -> None:
+        self._check_write(len(data), offset)
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def discard(self, offset: int, length: int) -> None:
+        if self.is_block or length <= 0:
+            return
+        try:
+            # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE = 0x02 | 0x01
+            _fallocate(self.fd, 0x03, offset, length)
+        except OSError as e:  # not every filesystem can punch holes; discard is a hint
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+
+    def lock_exclusive(self) -> bool:
+        """Take a non-blocking exclusive ``flock``; return False if another holds it."""
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+class MemoryDevice(BlockDevice):
+    """A device held in a bytearray: the in-memory twin of :class:`FileDevice`."""
+
+    def __init__(self, size: int, data: bytes | None = None, path: str = "<memory>"):
+        self.size = size
+        self.path = path
+        self.data = bytearray(data) if data is not None else bytearray(size)
+        if len(self.data) != size:
+            raise InvalidArgument("memory device data does not match its size")
+        self.flushes = 0
+
+    def pread(self, length: int, offset: int) -> bytes:
+        out = bytes(self.data[offset: offset + length])
+        if len(out) < length:
+            out += bytes(length - len(out))
+        return out
+
+    def pwrite(self, data, offset: int) -> None:
+        self._check_write(len(data), offset)
+        self.data[offset: offset + len(data)] = data
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+@dataclass
+class _Op:
+    kind: str  # "write" or "flush"
+    offset: int = 0
+    data: bytes = b""
+
+
+class CrashNow(Exception):
+    """Raised by a :class:`RecordingDevice` when its crash point is reached."""
+
+
+class RecordingDevice(BlockDevice):
+    """A memory device that records every write and flush for crash testing.
+
+    The device keeps the image as of its last flush (``durable``) and the writes since
+    (``pending``).  :meth:`crash_image` builds what a power cut could leave: the durable
+    image plus any subset of the pending writes, optionally with one write torn at a
+    512-byte boundary.  With ``crash_after`` set, the device raises :class:`CrashNow` when
+    that many operations (writes plus flushes) have completed, so a workload can be
+    stopped at every point in turn.
+    """
+
+    SECTOR = 512
+
+    def __init__(self, size: int, data: bytes | None = None, path: str = "<recording>"):
+        self.size = size
+        self.path = path
+        self.durable = bytearray(data) if data is not None else bytearray(size)
+        self.current = bytearray(self.durable)
+        self.pending: list[_Op] = []
+        self.ops = 0
+        self.crash_after: int | None = None
+        self._lock = threading.Lock()
+
+    def _tick(self) -> None:
+        self.ops += 1
+        if self.crash_after is not None and self.ops >= self.crash_after:
+            self.crash_after = None
+            raise CrashNow(f"crash after operation {self.ops} on {self.path}")
+
+    def pread(self, length: int, offset: int) -> bytes:
+        with self._lock:
+            out = bytes(self.current[offset: offset + length])
+        return out + bytes(length - len(out))
+
+    def pwrite(self, data, offset: int) -> None:
+        self._check_write(len(data), offset)
+        with self._lock:
+            if self.crash_after is not None and self.ops + 1 >= self.crash_after:
+                self.ops += 1
+                self.crash_after = None
+                raise CrashNow(f"crash before write {self.ops} on {self.path}")
+            data = bytes(data)
+            self.current[offset: offset + len(data)] = data
+            self.pending.append(_Op("write", offset, data))
+            self.ops += 1
+
+    def flush(self) -> None:
+        with self._lock:
+            if self.crash_after is not None and self.ops + 1 >= self.crash_after:
+                self.ops += 1
+                self.crash_after = None
+                raise CrashNow(f"crash before flush {self.ops} on {self.path}")
+            self.durable[:] = self.current
+            self.pending.clear()
+            self.ops += 1
+
+    def crash_image(self, rng: random.Random | None = None, mode: str = "drop") -> bytearray:
+        """Return a device image a crash now could leave.
+
+        Args:
+            rng: randomness for the ``"subset"`` and ``"torn"`` modes.
+            mode: ``"drop"`` keeps only flushed writes; ``"all"`` keeps every write;
+                ``"subset"`` keeps a random subset of unflushed writes (in order);
+                ``"torn"`` keeps a random subset and tears one kept write at a
+                512-byte boundary (only a prefix of its sectors lands).
+        """
+        img = bytearray(self.durable)
+        if mode == "drop" or not self.pending:
+            return img
+        rng = rng or random.Random(0)
+        ops = list(self.pending)
+        if mode == "all":
+            keep = ops
+        else:
+            keep = [op for op in ops if rng.random() < 0.5]
+        torn = rng.randrange(len(keep)) if (mode == "torn" and keep) else -1
+        for i, op in enumerate(keep):
+            data = op.data
+            if i == torn and len(data) > self.SECTOR:
+                sectors = len(data) // self.SECTOR
+                data = data[: self.SECTOR * rng.randrange(1, sectors)]
+            img[op.offset: op.offset + len(data)] = data
+        return img
