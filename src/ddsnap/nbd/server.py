@@ -1,0 +1,506 @@
+"""The NBD server: asyncio transport around :class:`ddsnap.nbd.protocol.ServerConnection`.
+
+:class:`NbdServer` listens on unix and TCP sockets and runs one connection handler per
+client.  The protocol object does all parsing, validation and reply framing; this module
+moves bytes, runs backend calls in a thread pool (the event loop never blocks on disk) and
+enforces the ordering rules of the spec's "Ordering of messages and writes":
+
+* many requests are in flight per connection and replies go out as they complete, in any
+  order;
+* in-flight requests are bounded (count and bytes): when the bound is reached the handler
+  stops reading the socket, so a fast client is slowed down, not buffered without limit;
+* a FLUSH first waits for every WRITE, TRIM and WRITE_ZEROES received before it on the
+  same connection, then calls ``backend.flush()``; so every write acknowledged before the
+  FLUSH is durable when the FLUSH is acknowledged;
+* ``backend.open()`` runs when the client selects the export, ``backend.close()`` exactly
+  once when the connection ends (DISC, EOF, error, server shutdown), after every backend
+  call of that connection has returned.
+
+Backend errors are mapped to NBD errors: ``DdsnapError.errno`` or ``OSError.errno``
+through :func:`ddsnap.nbd.protocol.errno_to_nbd`; any other exception is logged and
+reported as EIO.  Nothing one connection does stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import logging
+import os
+import socket
+import stat
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable
+
+from ddsnap.errors import DdsnapError, InvalidArgument
+from ddsnap.nbd.protocol import (
+    Abort,
+    Command,
+    ExportSelected,
+    ProtocolViolation,
+    Request,
+    ServerConnection,
+)
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from ddsnap.nbd.backend import ExportBackend, ExportRegistry
+
+log = logging.getLogger("ddsnap.nbd")
+
+#: bytes asked from the socket per read
+READ_CHUNK = 256 * 1024
+#: StreamReader buffer limit (it pauses the socket at twice this)
+_STREAM_LIMIT = 1024 * 1024
+#: default bound on READ/WRITE bytes in flight per connection (256 MiB)
+DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
+#: commands that change the export and so must precede a later FLUSH
+_WRITES = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
+
+
+def error_for_exception(exc: BaseException) -> tuple[int, str]:
+    """The POSIX errno and message to report to the client for a backend exception.
+
+    ``DdsnapError`` -> its ``errno``; ``OSError`` -> its ``errno``; anything else is a bug
+    in the backend: it is logged with its traceback and reported as EIO.
+    """
+    if isinstance(exc, DdsnapError):
+        return exc.errno or errno.EIO, str(exc)
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno, exc.strerror or str(exc)
+    log.error("backend failed", exc_info=exc)
+    return errno.EIO, "internal error"
+
+
+def parse_listen(uri: str) -> tuple[str, Any]:
+    """Parse a listen address: ``unix:PATH`` or ``tcp:HOST:PORT`` (``[v6]`` allowed).
+
+    Returns ``("unix", path)`` or ``("tcp", (host, port))``; raises InvalidArgument.
+    """
+    kind, sep, rest = uri.partition(":")
+    if sep and kind == "unix" and rest:
+        return "unix", rest
+    if sep and kind == "tcp":
+        host, sep2, port = rest.rpartition(":")
+        if sep2 and port.isdigit() and int(port) < 65536:
+            if host.startswith("[") and host.endswith("]"):
+                host = host[1:-1]
+            return "tcp", (host or None, int(port))
+    raise InvalidArgument(f"bad listen address {uri!r}: use unix:PATH or tcp:HOST:PORT")
+
+
+class NbdServer:
+    """Serves the exports of an :class:`~ddsnap.nbd.backend.ExportRegistry` over NBD.
+
+    Args:
+        registry: where exports are looked up (on every option that names one).
+        executor: runs the blocking backend calls; by default a thread pool owned (and
+            shut down) by this server.
+        max_inflight_per_conn: requests of one connection being served at once; at the
+            bound the connection's socket is not read until one completes.
+        max_inflight_bytes_per_conn: READ/WRITE payload bytes in flight per connection
+            before reading stops (a request is always admitted when none is in flight).
+
+    Use ``await start([...])`` then ``await close()`` (or ``async with``).
+    """
+
+    def __init__(self, registry: "ExportRegistry", executor: Executor | None = None,
+                 max_inflight_per_conn: int = 64, *,
+                 max_inflight_bytes_per_conn: int = DEFAULT_MAX_INFLIGHT_BYTES):
+        if max_inflight_per_conn < 1:
+            raise InvalidArgument("max_inflight_per_conn must be at least 1")
+        self.registry = registry
+        self._executor = executor
+        self._own_executor = False
+        self.max_inflight_per_conn = max_inflight_per_conn
+        self.max_inflight_bytes_per_conn = max_inflight_bytes_per_conn
+        self._listeners: list[asyncio.AbstractServer] = []
+        self._unix_paths: list[tuple[str, int]] = []  # (path, inode) to remove on close
+        self._connections: set[_Connection] = set()
+        self._closing = False
+        #: the bound addresses, ``unix:PATH`` or ``tcp:HOST:PORT`` with the real port
+        self.addresses: list[str] = []
+
+    @property
+    def executor(self) -> Executor | None:
+        """The executor running backend calls (None before :meth:`start`)."""
+        return self._executor
+
+    @property
+    def connection_count(self) -> int:
+        """Connections currently open."""
+        return len(self._connections)
+
+    async def start(self, listen: list[str]) -> None:
+        """Bind and listen on each address (``unix:PATH``, ``tcp:HOST:PORT``, port 0 ok).
+
+        A unix socket path left over by a dead server is replaced; one still answered by
+        a live server is refused (EADDRINUSE).  On error nothing stays bound.
+        """
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(thread_name_prefix="ddsnap-nbd")
+            self._own_executor = True
+        try:
+            for uri in listen:
+                kind, where = parse_listen(uri)
+                if kind == "unix":
+                    await self._listen_unix(where)
+                else:
+                    await self._listen_tcp(*where)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _listen_unix(self, path: str) -> None:
+        if os.path.exists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise InvalidArgument(f"{path} exists and is not a socket")
+            if await _unix_socket_alive(path):
+                raise OSError(errno.EADDRINUSE, f"{path} is in use by a running server")
+        listener = await asyncio.start_unix_server(self._accept, path=path,
+                                                   limit=_STREAM_LIMIT)
+        self._listeners.append(listener)
+        self._unix_paths.append((path, os.stat(path).st_ino))
+        self.addresses.append(f"unix:{path}")
+
+    async def _listen_tcp(self, host: str | None, port: int) -> None:
+        listener = await asyncio.start_server(self._accept, host=host, port=port,
+                                              limit=_STREAM_LIMIT)
+        self._listeners.append(listener)
+        for sock in listener.sockets:
+            addr = sock.getsockname()
+            shown = f"[{addr[0]}]" if sock.family == socket.AF_INET6 else addr[0]
+            self.addresses.append(f"tcp:{shown}:{addr[1]}")
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Stop accepting, end every connection, release the listeners and executor.
+
+        Each connection stops reading, lets its in-flight requests finish and reply, and
+        closes its backend.  Connections still stuck after ``grace`` seconds (a client
+        that never reads its replies) are aborted.
+        """
+        self._closing = True
+        for listener in self._listeners:
+            listener.close()
+        conns = list(self._connections)
+        for conn in conns:
+            conn.stop()
+        tasks = [c.task for c in conns if c.task is not None]
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=grace)
+            if pending:
+                for conn in conns:
+                    conn.abort()
+                await asyncio.wait(pending)
+        for listener in self._listeners:
+            await listener.wait_closed()
+        self._listeners.clear()
+        for path, ino in self._unix_paths:
+            try:
+                if os.stat(path).st_ino == ino:  # still ours
+                    os.unlink(path)
+            except OSError:
+                pass
+        self._unix_paths.clear()
+        if self._own_executor and self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+            self._own_executor = False
+
+    async def __aenter__(self) -> "NbdServer":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def _accept(self, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # small replies must not wait for Nagle (spec: "Protocol phases")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._closing:
+            writer.close()
+            return
+        conn = _Connection(self, reader, writer)
+        self._connections.add(conn)
+        conn.task = asyncio.current_task()
+        try:
+            await conn.run()
+        finally:
+            self._connections.discard(conn)
+
+
+async def _unix_socket_alive(path: str) -> bool:
+    """True if something accepts connections on the unix socket ``path``."""
+    try:
+        _reader, writer = await asyncio.open_unix_connection(path)
+    except OSError:
+        return False
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except OSError:
+        pass
+    return True
+
+
+class _Stopped(Exception):
+    """Raised inside a connection's main loop when the server stops it."""
+
+
+class _Connection:
+    """One client connection: the read loop, the in-flight requests, the backend."""
+
+    def __init__(self, server: NbdServer, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter):
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.proto = ServerConnection(server.registry)
+        self.peer = writer.get_extra_info("peername") or "unix client"
+        self.task: asyncio.Task | None = None
+        self.backend: "ExportBackend | None" = None
+        # request tasks in flight, with the payload bytes each one holds
+        self.inflight: dict[asyncio.Task, int] = {}
+        self.inflight_bytes = 0
+        # one future per WRITE/TRIM/WRITE_ZEROES whose backend call has not returned,
+        # for a later FLUSH to wait on
+        self.pending_writes: set[asyncio.Future] = set()
+        # executor futures not yet finished: backend.close() waits for all of them
+        self.backend_calls: set[asyncio.Future] = set()
+        self.slot_freed = asyncio.Event()
+        self.stopping = False
+        self._interruptible = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop reading requests; in-flight ones finish, then the connection closes."""
+        self.stopping = True
+        if self._interruptible and self.task is not None:
+            self.task.cancel()
+
+    def abort(self) -> None:
+        """Drop the connection now (pending writes to the socket fail)."""
+        self.writer.transport.abort()
+
+    async def run(self) -> None:
+        """Serve the connection until DISC, EOF, a fatal error or :meth:`stop`."""
+        cancelled = False
+        try:
+            self._send()
+            await self._interruptibly(self.writer.drain())
+            await self._serve()
+        except (_Stopped, ConnectionError):
+            pass
+        except asyncio.CancelledError:
+            # our own stop() cancels only interruptible waits; anything else is the
+            # loop shutting down, which must still see the cancellation
+            cancelled = not self.stopping
+        except Exception:
+            log.exception("NBD connection from %s failed", self.peer)
+        finally:
+            await self._finish()
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _interruptibly(self, aw):
+        """Await ``aw``; :meth:`stop` may cancel the task while it waits here."""
+        if self.stopping:
+            if asyncio.iscoroutine(aw):
+                aw.close()
+            raise _Stopped
+        self._interruptible = True
+        try:
+            return await aw
+        finally:
+            self._interruptible = False
+
+    async def _serve(self) -> None:
+        proto = self.proto
+        limit = self.server.max_inflight_per_conn
+        byte_limit = self.server.max_inflight_bytes_per_conn
+        while True:
+            # back-pressure: do not parse (or read) while the connection is at its bound
+            while len(self.inflight) >= limit or (
+                    self.inflight and self.inflight_bytes >= byte_limit):
+                self.slot_freed.clear()
+                await self._interruptibly(self.slot_freed.wait())
+            if self.stopping:
+                return
+            room = limit - len(self.inflight)
+            events = proto.receive_data(b"", max_events=room)
+            if not events:
+                self._send()
+                await self._interruptibly(self.writer.drain())
+                data = await self._interruptibly(self.reader.read(READ_CHUNK))
+                if not data:
+                    log.debug("NBD client %s closed the connection", self.peer)
+                    return
+                events = proto.receive_data(data, max_events=room)
+            if await self._handle(events):
+                return
+            self._send()
+
+    async def _handle(self, events) -> bool:
+        """Act on events in order; True when the connection must end."""
+        for event in events:
+            if isinstance(event, Request):
+                if event.command is Command.DISC:
+                    log.debug("NBD client %s disconnected", self.peer)
+                    return True
+                self._dispatch(event)
+            elif isinstance(event, ExportSelected):
+                try:
+                    await self._call(event.export.open)
+                except Exception as exc:
+                    log.warning("cannot open export %r for %s: %s", event.name, self.peer,
+                                exc)
+                    self.proto.data_to_send()  # do not confirm the handshake
+                    return True
+                self.backend = event.export
+                log.debug("NBD client %s uses export %r", self.peer, event.name)
+            elif isinstance(event, Abort):
+                return True
+            elif isinstance(event, ProtocolViolation):
+                log.warning("NBD client %s: %s", self.peer, event.error)
+                return True
+        return False
+
+    async def _finish(self) -> None:
+        """Let in-flight requests end, close the backend once, close the socket."""
+        try:
+            if self.inflight:
+                await asyncio.wait(list(self.inflight))
+            if self.backend_calls:
+                await asyncio.wait(list(self.backend_calls))
+            if self.backend is not None:
+                backend, self.backend = self.backend, None
+                try:
+                    await self._call(backend.close)
+                except Exception:
+                    log.exception("closing export for %s failed", self.peer)
+            self._send()
+            if not self.writer.is_closing():
+                try:
+                    await self.writer.drain()
+                except (ConnectionError, OSError):
+                    pass
+        finally:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+    # -- output ------------------------------------------------------------------------
+
+    def _send(self) -> None:
+        """Hand everything the protocol object queued to the transport."""
+        buffers = self.proto.data_to_send()
+        if buffers and not self.writer.is_closing():
+            for buf in buffers:
+                self.writer.write(buf)
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def _call(self, fn: Callable, *args, **kwargs):
+        """Run a backend call in the executor; the loop never blocks on disk."""
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self.server.executor,
+                                   functools.partial(fn, *args, **kwargs))
+        self.backend_calls.add(fut)
+        fut.add_done_callback(self._call_done)
+        # shielded: even if a waiter is cancelled the call is tracked until it returns,
+        # so backend.close() never overlaps it
+        return await asyncio.shield(fut)
+
+    def _call_done(self, fut: asyncio.Future) -> None:
+        self.backend_calls.discard(fut)
+        if not fut.cancelled():
+            fut.exception()  # consumed here; the awaiting task handles it
+
+    def _dispatch(self, req: Request) -> None:
+        if req.command is Command.CACHE:
+            # a hint only: ddsnap has no read-ahead to start, so it succeeds at once
+            self.proto.send_ok(req)
+            return
+        if req.command is Command.WRITE_ZEROES and req.fast_zero:
+            # the backend cannot promise zeroing faster than writing (spec: ENOTSUP)
+            self.proto.send_error(req, errno.ENOTSUP, "fast zero not supported")
+            return
+        deps: list[asyncio.Future] = []
+        written: asyncio.Future | None = None
+        if req.command is Command.FLUSH:
+            deps = list(self.pending_writes)
+        elif req.command in _WRITES:
+            written = asyncio.get_running_loop().create_future()
+            self.pending_writes.add(written)
+            written.add_done_callback(self.pending_writes.discard)
+        task = asyncio.create_task(self._serve_request(req, deps, written))
+        cost = req.length if req.command in (Command.READ, Command.WRITE) else 0
+        self.inflight[task] = cost
+        self.inflight_bytes += cost
+        task.add_done_callback(self._request_done)
+
+    def _request_done(self, task: asyncio.Task) -> None:
+        self.inflight_bytes -= self.inflight.pop(task, 0)
+        self.slot_freed.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("NBD request handler failed", exc_info=task.exception())
+
+    async def _serve_request(self, req: Request, deps: list[asyncio.Future],
+                             written: asyncio.Future | None) -> None:
+        backend = self.backend
+        proto = self.proto
+        try:
+            await self._run_backend(req, backend, proto, deps)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            err, message = error_for_exception(exc)
+            proto.send_error(req, err, message)
+        finally:
+            if written is not None and not written.done():
+                written.set_result(None)
+        self._send()
+        if not self.writer.is_closing():
+            try:
+                # holding the slot until the reply has left bounds memory per connection
+                await self.writer.drain()
+            except (ConnectionError, OSError):
+                pass
+
+    async def _run_backend(self, req: Request, backend: "ExportBackend",
+                           proto: ServerConnection, deps: list[asyncio.Future]) -> None:
+        """Make the backend call for ``req`` and queue its successful reply."""
+        cmd = req.command
+        if cmd is Command.READ:
+            data = await self._call(backend.read, req.offset, req.length)
+            if not isinstance(data, (bytes, bytearray, memoryview)) \
+                    or len(data) != req.length:
+                raise RuntimeError(f"backend read of {req.length} bytes returned "
+                                   f"{type(data).__name__} of wrong length")
+            proto.send_read_data(req, data)
+        elif cmd is Command.WRITE:
+            await self._call(backend.write, req.offset, req.data, fua=req.fua)
+            proto.send_ok(req)
+        elif cmd is Command.FLUSH:
+            if deps:
+                # FLUSH covers every write received before it on this connection
+                await asyncio.wait(deps)
+            await self._call(backend.flush)
+            proto.send_ok(req)
+        elif cmd is Command.TRIM:
+            await self._call(backend.trim, req.offset, req.length, fua=req.fua)
+            proto.send_ok(req)
+        elif cmd is Command.WRITE_ZEROES:
+            await self._call(backend.write_zeroes, req.offset, req.length,
+                             fua=req.fua, no_hole=req.no_hole)
+            proto.send_ok(req)
+        elif cmd is Command.BLOCK_STATUS:
+            extents = await self._call(backend.block_status, req.offset, req.length)
+            proto.send_block_status(req, extents)
+        else:  # pragma: no cover - the protocol object only passes the above
+            proto.send_error(req, errno.EINVAL, f"unexpected {cmd.name}")

@@ -1,0 +1,228 @@
+"""The exception-store API: what the snapshot logic needs from a snapshot store.
+
+Seed 004 splits snapshot logic from a pluggable exception store whose internals hide
+behind a small API; seed 001 gives that API for a store shared by many snapshots
+(``prepare_exception``, ``commit_exception`` batched with callbacks,
+``lookup_completed_exception``, ``fraction_full``, ``status``).  This module is that API
+in Python.  Two implementations satisfy it and pass one conformance suite:
+:class:`ddsnap.store.shared.SharedStore` (on disk, format v1) and
+:class:`ddsnap.store.memory.MemoryStore` (transient, in memory).
+
+Units: a *chunk* is ``chunk_size`` bytes.  Logical chunks index the origin (chunk ``c`` is
+origin bytes ``[c * chunk_size, (c + 1) * chunk_size)``); store chunks index the store's
+data device :attr:`ExceptionStore.cow` the same way.  Snapshots are identified inside the
+store by their sharemap *bit* (0 .. max_snapshots-1); users see their names.
+
+Thread safety: none.  The caller (``ddsnap.store.service``) serialises every call under its
+metadata lock, except :meth:`ExceptionStore.write_commit`, which it serialises separately so
+a commit's disk flushes do not hold up new mappings.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime as _dt
+from dataclasses import dataclass
+
+from .blockdev import BlockDevice
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A live snapshot.
+
+    Attributes:
+        name: the export name (1..255 bytes of UTF-8).
+        id: unique, never reused id.
+        bit: its sharemap bit inside the store.
+        created: creation time, nanoseconds since the Unix epoch (UTC).
+        read_only: writes are refused.
+    """
+
+    name: str
+    id: int
+    bit: int
+    created: int
+    read_only: bool
+
+    @property
+    def created_iso(self) -> str:
+        """Creation time as ISO 8601 UTC, e.g. ``2026-11-21T10:00:00.123456Z``."""
+        t = _dt.datetime.fromtimestamp(self.created / 1e9, tz=_dt.timezone.utc)
+        return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "id": self.id, "created": self.created_iso,
+                "read_only": self.read_only, "bit": self.bit}
+
+
+@dataclass
+class Finding:
+    """One result of a consistency check.
+
+    Attributes:
+        severity: ``"fatal"`` (data or metadata is wrong) or ``"warning"`` (e.g. a leak).
+        block: the metadata block number concerned, or None.
+        message: what is wrong.
+    """
+
+    severity: str
+    block: int | None
+    message: str
+
+    def to_dict(self) -> dict:
+        return {"severity": self.severity, "block": self.block, "message": self.message}
+
+
+class ExceptionStore(abc.ABC):
+    """A store of exceptions shared by the snapshots of one origin.
+
+    Attributes:
+        chunk_size: bytes per chunk (a power of two, 4 KiB .. 1 MiB).
+        origin_size: bytes of the origin this store snapshots.
+        origin_path: where the origin was when the store was made.
+        max_snapshots: sharemap width in bits.
+        cow: the device holding exception data; store chunk ``s`` is at
+            ``s * chunk_size``.
+    """
+
+    chunk_size: int
+    origin_size: int
+    origin_path: str
+    max_snapshots: int
+    cow: BlockDevice
+
+    @property
+    def origin_chunks(self) -> int:
+        """Logical chunks in the origin (the last one may be partial)."""
+        return -(-self.origin_size // self.chunk_size)
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def snapshots(self) -> list[SnapshotInfo]:
+        """Live snapshots, oldest first."""
+
+    def snapshot(self, name: str) -> SnapshotInfo:
+        """The live snapshot called ``name``.
+
+        Raises:
+            SnapshotNotFound: no such snapshot.
+        """
+        from ..errors import SnapshotNotFound
+
+        for s in self.snapshots():
+            if s.name == name:
+                return s
+        raise SnapshotNotFound(name)
+
+    @abc.abstractmethod
+    def create_snapshot(self, name: str, read_only: bool = False,
+                        created: int | None = None) -> SnapshotInfo:
+        """Add a snapshot of the origin as it is now, in constant time.
+
+        Raises:
+            SnapshotExists: the name is taken.
+            TooManySnapshots: every sharemap bit is in use.
+            InvalidArgument: the name is empty, too long or has a '/' or NUL.
+        """
+
+    @abc.abstractmethod
+    def begin_delete(self, name: str) -> SnapshotInfo:
+        """Remove ``name`` from the live set; its bit stays reserved until swept.
+
+        Raises:
+            SnapshotNotFound: no such snapshot.
+        """
+
+    @abc.abstractmethod
+    def sweep_step(self) -> bool:
+        """Do one bounded step of removing deleted snapshots' exceptions from the tree.
+
+        Frees chunks no other snapshot uses and compacts the tree (seed 001
+        ``delete_tree_range``).  Returns True when nothing is left to sweep; the bits of
+        swept snapshots are then free for new snapshots.
+        """
+
+    @property
+    @abc.abstractmethod
+    def live_mask(self) -> int:
+        """Sharemap bits of the live snapshots."""
+
+    # -- mapping -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def origin_sharers(self, chunk: int) -> int:
+        """Bits of live snapshots that still read logical ``chunk`` from the origin.
+
+        Non-zero means an origin write must copy the chunk out first (seed 000
+        ``origin_chunk_unique``).
+        """
+
+    @abc.abstractmethod
+    def snapshot_exception(self, bit: int, chunk: int) -> tuple[int | None, bool]:
+        """``(store_chunk, unique)`` for snapshot ``bit`` at logical ``chunk``.
+
+        ``store_chunk`` is None when the snapshot reads the origin; ``unique`` is True when
+        the exception serves this snapshot alone (seed 000 ``snapshot_chunk_unique``).
+        """
+
+    @abc.abstractmethod
+    def allocate_chunk(self) -> int:
+        """Reserve a free store chunk for a new exception.
+
+        Raises:
+            StoreFull: no free chunk.
+        """
+
+    @abc.abstractmethod
+    def add_origin_exception(self, chunk: int, store_chunk: int, sharemap: int) -> None:
+        """Record that snapshots ``sharemap`` now read ``chunk`` from ``store_chunk``."""
+
+    @abc.abstractmethod
+    def add_snapshot_exception(self, bit: int, chunk: int, store_chunk: int) -> None:
+        """Make ``store_chunk`` the exception of snapshot ``bit`` alone at ``chunk``.
+
+        The snapshot's bit leaves whatever exception it shared before.
+        """
+
+    # -- durability ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def begin_commit(self) -> object | None:
+        """Capture the changes made since the last commit; None if there are none.
+
+        Called under the caller's metadata lock; cheap (encodes, does no I/O).
+        """
+
+    @abc.abstractmethod
+    def write_commit(self, batch: object) -> None:
+        """Make a captured batch durable: exception data first, then the metadata commit.
+
+        DESIGN.md invariant 3.  Called without the metadata lock, one batch at a time, in
+        the order the batches were captured.
+        """
+
+    def commit(self) -> None:
+        """Capture and write the pending changes (for single-threaded callers)."""
+        batch = self.begin_commit()
+        if batch is not None:
+            self.write_commit(batch)
+
+    # -- accounting and checks -----------------------------------------------------------
+
+    @abc.abstractmethod
+    def space(self) -> dict:
+        """``{"chunks_total", "chunks_free", "chunks_used"}`` for exception data, in chunks."""
+
+    @abc.abstractmethod
+    def exceptions(self):
+        """Iterate ``(chunk, [[sharemap, store_chunk], ...])`` in logical chunk order."""
+
+    @abc.abstractmethod
+    def check(self) -> list[Finding]:
+        """Check the store's invariants (DESIGN.md 4, 5, 6); return what is wrong."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Commit, mark the store cleanly shut down and release it."""

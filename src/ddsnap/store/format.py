@@ -1,0 +1,407 @@
+"""Format v1 of the snapshot store: every on-disk structure, encoded and decoded.
+
+``docs/format.md`` describes the same layout byte by byte; keep the two in step.  All
+integers are little-endian.  The store is an array of 4 KiB metadata blocks; a chunk of
+``chunk_size`` bytes is ``chunk_size // 4096`` consecutive blocks, chunk ``c`` starting at
+byte ``c * chunk_size``.
+
+Every metadata block starts with the 48-byte :data:`HEADER`: magic, type, version, crc32c,
+block number, transaction sequence and store UUID (DESIGN.md invariant 4).  Decoding a
+block checks all of them and raises :class:`~ddsnap.errors.CorruptMetadata` naming the
+block on any mismatch.
+
+Sources: seed 000 (csnap.c: ``struct eleaf`` with its directory map and exceptions,
+``struct enode``, ``struct disksuper``, ``struct commit_block``), seed 001 (the on-disk
+header with root, levels and snapmask).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import crc32c
+
+from ..errors import CorruptMetadata
+
+BLOCK_SIZE = 4096
+BLOCK_SHIFT = 12
+MAGIC = b"DDSN"
+VERSION = 1
+
+# Block types
+T_SUPER = 1
+T_SNAPTABLE = 2
+T_BITMAP = 3
+T_LEAF = 4
+T_NODE = 5
+T_JOURNAL = 6
+
+TYPE_NAMES = {T_SUPER: "superblock", T_SNAPTABLE: "snapshot table", T_BITMAP: "bitmap",
+              T_LEAF: "leaf", T_NODE: "index node", T_JOURNAL: "journal descriptor"}
+
+#: magic[4] type:u16 version:u16 crc32c:u32 reserved:u32 block:u64 sequence:u64 uuid[16]
+HEADER = struct.Struct("<4sHHII QQ16s")
+HEADER_SIZE = HEADER.size  # 48
+_CRC_OFF = 8
+
+MAX_NAME = 255
+
+
+def seal(buf: bytearray, btype: int, block: int, seq: int, uuid: bytes) -> bytearray:
+    """Write the common header into ``buf`` (a 4 KiB bytearray) and fill in its crc32c."""
+    HEADER.pack_into(buf, 0, MAGIC, btype, VERSION, 0, 0, block, seq, uuid)
+    struct.pack_into("<I", buf, _CRC_OFF, crc32c.crc32c(buf))
+    return buf
+
+
+def check_header(buf: bytes, btype: int, block: int, uuid: bytes | None,
+                 seq: int | None = None) -> int:
+    """Verify the header of a block read from ``block``; return its sequence.
+
+    Raises:
+        CorruptMetadata: wrong magic, type, version, block number, UUID, sequence or crc.
+    """
+    if len(buf) != BLOCK_SIZE:
+        raise CorruptMetadata(block, f"short block ({len(buf)} bytes)")
+    magic, t, ver, crc, _r, bno, bseq, buuid = HEADER.unpack_from(buf, 0)
+    want = TYPE_NAMES.get(btype, str(btype))
+    if magic != MAGIC:
+        raise CorruptMetadata(block, f"bad magic, expected a {want} block")
+    tmp = bytearray(buf)
+    struct.pack_into("<I", tmp, _CRC_OFF, 0)
+    if crc32c.crc32c(tmp) != crc:
+        raise CorruptMetadata(block, f"crc32c mismatch in {want} block")
+    if ver != VERSION:
+        raise CorruptMetadata(block, f"unsupported format version {ver}")
+    if t != btype:
+        raise CorruptMetadata(block, f"expected a {want} block, found type {TYPE_NAMES.get(t, t)}")
+    if bno != block:
+        raise CorruptMetadata(block, f"block claims to be block {bno}")
+    if uuid is not None and buuid != uuid:
+        raise CorruptMetadata(block, "block belongs to another store (UUID mismatch)")
+    if seq is not None and bseq != seq:
+        raise CorruptMetadata(block, f"sequence {bseq}, expected {seq}")
+    return bseq
+
+
+def peek_header(buf: bytes) -> tuple[int, int, int] | None:
+    """Return ``(type, block, sequence)`` if ``buf`` has a valid header and crc, else None."""
+    if len(buf) != BLOCK_SIZE or buf[:4] != MAGIC:
+        return None
+    magic, t, ver, crc, _r, bno, bseq, _u = HEADER.unpack_from(buf, 0)
+    tmp = bytearray(buf)
+    struct.pack_into("<I", tmp, _CRC_OFF, 0)
+    if crc32c.crc32c(tmp) != crc or ver != VERSION:
+        return None
+    return t, bno, bseq
+
+
+# ---------------------------------------------------------------------------------------
+# Superblock (blocks 0 and 1; the copy with the higher valid sequence wins)
+
+_SB = struct.Struct("<QIIQQ QI QI QI QQ I QIQ H")
+_SB_OFF = HEADER_SIZE
+MAX_ORIGIN_PATH = 1024
+
+
+@dataclass
+class State:
+    """The volatile root state, carried by every journal commit and by the superblock.
+
+    Attributes:
+        root: block number of the B-tree root (an index node).
+        levels: number of index-node levels above the leaves (>= 1).
+        next_snapshot_id: the id the next snapshot gets (ids are never reused).
+    """
+
+    root: int = 0
+    levels: int = 1
+    next_snapshot_id: int = 1
+
+
+_STATE = struct.Struct("<QIQ")
+
+
+@dataclass
+class Superblock:
+    """The store's geometry and the root of its metadata (seed 000 ``struct disksuper``).
+
+    Sizes: ``blocks`` in 4 KiB blocks; ``origin_size`` in bytes; ``chunk_shift`` is
+    log2(chunk size in bytes).  ``journal_tail`` is a monotonically increasing journal
+    position (in blocks; the slot is ``tail % journal_blocks``) from which recovery
+    replays, expecting transaction ``journal_seq`` first.
+    """
+
+    uuid: bytes
+    blocks: int
+    chunk_shift: int
+    max_snapshots: int
+    origin_size: int
+    created: int
+    snaptable_start: int
+    snaptable_blocks: int
+    bitmap_start: int
+    bitmap_blocks: int
+    journal_start: int
+    journal_blocks: int
+    journal_tail: int = 0
+    journal_seq: int = 1
+    clean: bool = True
+    state: State = field(default_factory=State)
+    origin_path: str = ""
+    generation: int = 0
+
+    @property
+    def chunk_size(self) -> int:
+        return 1 << self.chunk_shift
+
+    @property
+    def blocks_per_chunk(self) -> int:
+        return 1 << (self.chunk_shift - BLOCK_SHIFT)
+
+    @property
+    def chunks(self) -> int:
+        return self.blocks >> (self.chunk_shift - BLOCK_SHIFT)
+
+    def encode(self) -> bytearray:
+        buf = bytearray(BLOCK_SIZE)
+        path = self.origin_path.encode()
+        if len(path) > MAX_ORIGIN_PATH:
+            raise ValueError("origin path too long")
+        _SB.pack_into(
+            buf, _SB_OFF, self.blocks, self.chunk_shift, self.max_snapshots,
+            self.origin_size, self.created, self.snaptable_start, self.snaptable_blocks,
+            self.bitmap_start, self.bitmap_blocks, self.journal_start, self.journal_blocks,
+            self.journal_tail, self.journal_seq, 1 if self.clean else 0,
+            self.state.root, self.state.levels, self.state.next_snapshot_id, len(path))
+        off = _SB_OFF + _SB.size
+        buf[off: off + len(path)] = path
+        return seal(buf, T_SUPER, self.generation % 2, self.generation, self.uuid)
+
+    @classmethod
+    def decode(cls, buf: bytes, block: int) -> "Superblock":
+        seq = check_header(buf, T_SUPER, block, None)
+        uuid = bytes(buf[32:48])
+        (blocks, cshift, maxsnap, osize, created, st_start, st_blocks, bm_start, bm_blocks,
+         j_start, j_blocks, j_tail, j_seq, flags, root, levels, next_id,
+         plen) = _SB.unpack_from(buf, _SB_OFF)
+        off = _SB_OFF + _SB.size
+        if plen > MAX_ORIGIN_PATH:
+            raise CorruptMetadata(block, "origin path length out of range")
+        path = bytes(buf[off: off + plen]).decode(errors="replace")
+        return cls(uuid, blocks, cshift, maxsnap, osize, created, st_start, st_blocks,
+                   bm_start, bm_blocks, j_start, j_blocks, j_tail, j_seq, bool(flags & 1),
+                   State(root, levels, next_id), path, seq)
+
+
+# ---------------------------------------------------------------------------------------
+# Snapshot table: one 288-byte slot per sharemap bit
+
+SNAP_SLOT = 288
+SNAPS_PER_BLOCK = (BLOCK_SIZE - HEADER_SIZE) // SNAP_SLOT  # 14
+_SLOT = struct.Struct("<BBHIQQ")  # state flags namelen reserved id created_ns
+
+SLOT_FREE = 0
+SLOT_LIVE = 1
+SLOT_DELETING = 2
+FLAG_READ_ONLY = 1
+
+
+@dataclass
+class SnapSlot:
+    """One snapshot table slot; its index is the snapshot's sharemap bit.
+
+    ``created`` is nanoseconds since the Unix epoch (UTC).
+    """
+
+    state: int = SLOT_FREE
+    read_only: bool = False
+    id: int = 0
+    created: int = 0
+    name: str = ""
+
+
+def encode_snaptable(slots: list[SnapSlot]) -> bytearray:
+    """Encode up to :data:`SNAPS_PER_BLOCK` slots into a block body (header unsealed)."""
+    buf = bytearray(BLOCK_SIZE)
+    for i, s in enumerate(slots):
+        off = HEADER_SIZE + i * SNAP_SLOT
+        name = s.name.encode()
+        _SLOT.pack_into(buf, off, s.state, FLAG_READ_ONLY if s.read_only else 0, len(name),
+                        0, s.id, s.created)
+        buf[off + _SLOT.size: off + _SLOT.size + len(name)] = name
+    return buf
+
+
+def decode_snaptable(buf: bytes, block: int, n: int) -> list[SnapSlot]:
+    out = []
+    for i in range(n):
+        off = HEADER_SIZE + i * SNAP_SLOT
+        st, flags, nlen, _r, sid, created = _SLOT.unpack_from(buf, off)
+        if st not in (SLOT_FREE, SLOT_LIVE, SLOT_DELETING) or nlen > MAX_NAME:
+            raise CorruptMetadata(block, f"snapshot slot {i} is malformed")
+        name = bytes(buf[off + _SLOT.size: off + _SLOT.size + nlen]).decode(errors="replace")
+        out.append(SnapSlot(st, bool(flags & FLAG_READ_ONLY), sid, created, name))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Allocation bitmap: one bit per 4 KiB block, 4048 bytes of bits per bitmap block
+
+BITMAP_BYTES = BLOCK_SIZE - HEADER_SIZE  # 4048
+BITS_PER_BITMAP = BITMAP_BYTES * 8  # 32384
+
+
+# ---------------------------------------------------------------------------------------
+# B-tree leaf (seed 000 ``struct eleaf``): directory map at the bottom, exceptions at top
+
+_LEAF_HEAD = struct.Struct("<IIQ")  # count, reserved, base_chunk
+LEAF_MAP_OFF = HEADER_SIZE + _LEAF_HEAD.size  # 64
+_MAP = struct.Struct("<II")  # offset, rchunk
+
+
+class Leaf:
+    """A decoded leaf: logical chunks in ascending order, each with its exceptions.
+
+    ``keys[i]`` is a logical chunk; ``excs[i]`` is a list of ``[sharemap, store_chunk]``
+    pairs (sharemap an int bitmask of snapshot bits).  Encoded, each exception takes
+    ``sharemap_bytes + 8`` bytes and each key an 8-byte map entry.
+    """
+
+    __slots__ = ("keys", "excs")
+
+    def __init__(self, keys=None, excs=None):
+        self.keys: list[int] = keys if keys is not None else []
+        self.excs: list[list[list[int]]] = excs if excs is not None else []
+
+    def payload(self, exc_size: int) -> int:
+        """Bytes the map and exceptions take (without header and sentinel)."""
+        return 8 * len(self.keys) + exc_size * sum(len(e) for e in self.excs)
+
+    def fits(self, exc_size: int) -> bool:
+        """True if this leaf encodes into one block."""
+        if LEAF_MAP_OFF + 8 + self.payload(exc_size) > BLOCK_SIZE:
+            return False
+        return not self.keys or self.keys[-1] - self.keys[0] < (1 << 32)
+
+    def encode(self, smbytes: int) -> bytearray:
+        buf = bytearray(BLOCK_SIZE)
+        n = len(self.keys)
+        base = self.keys[0] if n else 0
+        _LEAF_HEAD.pack_into(buf, HEADER_SIZE, n, 0, base)
+        esize = smbytes + 8
+        total = sum(len(e) for e in self.excs)
+        top = BLOCK_SIZE - total * esize
+        if top < LEAF_MAP_OFF + 8 * (n + 1):
+            raise ValueError("leaf overflow")
+        off = top
+        for i, (k, ex) in enumerate(zip(self.keys, self.excs)):
+            _MAP.pack_into(buf, LEAF_MAP_OFF + 8 * i, off, k - base)
+            for share, chunk in ex:
+                buf[off: off + smbytes] = share.to_bytes(smbytes, "little")
+                struct.pack_into("<Q", buf, off + smbytes, chunk)
+                off += esize
+        _MAP.pack_into(buf, LEAF_MAP_OFF + 8 * n, BLOCK_SIZE, 0)  # sentinel
+        return buf
+
+    @classmethod
+    def decode(cls, buf: bytes, block: int, smbytes: int) -> "Leaf":
+        n, _r, base = _LEAF_HEAD.unpack_from(buf, HEADER_SIZE)
+        esize = smbytes + 8
+        if LEAF_MAP_OFF + 8 * (n + 1) > BLOCK_SIZE:
+            raise CorruptMetadata(block, f"leaf count {n} out of range")
+        offs = [_MAP.unpack_from(buf, LEAF_MAP_OFF + 8 * i) for i in range(n + 1)]
+        if offs[n][0] != BLOCK_SIZE:
+            raise CorruptMetadata(block, "leaf sentinel does not mark the block end")
+        keys, excs = [], []
+        prev_key = -1
+        for i in range(n):
+            start, rchunk = offs[i]
+            end = offs[i + 1][0]
+            if start < LEAF_MAP_OFF + 8 * (n + 1) or end < start or (end - start) % esize:
+                raise CorruptMetadata(block, f"leaf map entry {i} has bad offsets")
+            key = base + rchunk
+            if key <= prev_key:
+                raise CorruptMetadata(block, f"leaf keys out of order at entry {i}")
+            prev_key = key
+            ex = []
+            for off in range(start, end, esize):
+                share = int.from_bytes(buf[off: off + smbytes], "little")
+                (chunk,) = struct.unpack_from("<Q", buf, off + smbytes)
+                ex.append([share, chunk])
+            keys.append(key)
+            excs.append(ex)
+        return cls(keys, excs)
+
+
+# ---------------------------------------------------------------------------------------
+# B-tree index node (seed 000 ``struct enode``)
+
+_NODE_HEAD = struct.Struct("<II")  # count, reserved
+NODE_ENTRIES_OFF = HEADER_SIZE + _NODE_HEAD.size  # 56
+_ENTRY = struct.Struct("<QQ")  # key, block
+NODE_MAX = (BLOCK_SIZE - NODE_ENTRIES_OFF) // _ENTRY.size  # 252
+
+
+class Node:
+    """A decoded index node: ``keys[i]`` is the lowest logical chunk child ``i`` covers.
+
+    ``keys[0]`` is stored (it equals the lower bound the parent gives this node) but
+    lookups never need it, as in seed 000.
+    """
+
+    __slots__ = ("keys", "children")
+
+    def __init__(self, keys=None, children=None):
+        self.keys: list[int] = keys if keys is not None else []
+        self.children: list[int] = children if children is not None else []
+
+    def encode(self) -> bytearray:
+        buf = bytearray(BLOCK_SIZE)
+        n = len(self.keys)
+        if n > NODE_MAX:
+            raise ValueError("node overflow")
+        _NODE_HEAD.pack_into(buf, HEADER_SIZE, n, 0)
+        for i in range(n):
+            _ENTRY.pack_into(buf, NODE_ENTRIES_OFF + 16 * i, self.keys[i], self.children[i])
+        return buf
+
+    @classmethod
+    def decode(cls, buf: bytes, block: int) -> "Node":
+        n, _r = _NODE_HEAD.unpack_from(buf, HEADER_SIZE)
+        if not 1 <= n <= NODE_MAX:
+            raise CorruptMetadata(block, f"index node count {n} out of range")
+        keys, children = [], []
+        for i in range(n):
+            k, c = _ENTRY.unpack_from(buf, NODE_ENTRIES_OFF + 16 * i)
+            if keys and k <= keys[-1]:
+                raise CorruptMetadata(block, f"index keys out of order at entry {i}")
+            keys.append(k)
+            children.append(c)
+        return cls(keys, children)
+
+
+# ---------------------------------------------------------------------------------------
+# Journal descriptor: lists the home blocks of the block images that follow it
+
+_JD = struct.Struct("<IIQIQ")  # count, flags, root, levels, next_snapshot_id
+JD_ENTRIES_OFF = HEADER_SIZE + 32
+JD_MAX = (BLOCK_SIZE - JD_ENTRIES_OFF) // 8  # 498
+JD_FINAL = 1
+
+
+def encode_descriptor(targets: list[int], final: bool, state: State) -> bytearray:
+    buf = bytearray(BLOCK_SIZE)
+    _JD.pack_into(buf, HEADER_SIZE, len(targets), JD_FINAL if final else 0, state.root,
+                  state.levels, state.next_snapshot_id)
+    struct.pack_into(f"<{len(targets)}Q", buf, JD_ENTRIES_OFF, *targets)
+    return buf
+
+
+def decode_descriptor(buf: bytes) -> tuple[list[int], bool, State]:
+    n, flags, root, levels, next_id = _JD.unpack_from(buf, HEADER_SIZE)
+    if n > JD_MAX:
+        raise ValueError("descriptor count out of range")
+    targets = list(struct.unpack_from(f"<{n}Q", buf, JD_ENTRIES_OFF))
+    return targets, bool(flags & JD_FINAL), State(root, levels, next_id)

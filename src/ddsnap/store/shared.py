@@ -1,0 +1,652 @@
+"""SharedStore: the on-disk snapshot store shared by every snapshot of an origin.
+
+Layout (format v1, ``docs/format.md``): superblocks in blocks 0 and 1, the snapshot table,
+the allocation bitmap and the journal, then chunks for exception data and 4 KiB blocks
+for the B-tree of exceptions.  The tree maps a logical chunk to its exceptions, each
+a store chunk with the sharemap of snapshots it serves (seed 000).  Changes go through
+journal transactions (:mod:`ddsnap.store.journal`); a deleted snapshot is swept from the
+tree in bounded, committed steps that free unshared chunks and merge under-full leaves and
+nodes (seed 001 ``delete_tree_range``); the sweep resumes after a crash.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ..errors import CorruptMetadata, InvalidArgument, NotAStore, StoreFull
+from .alloc import Bitmap
+from .api import ExceptionStore, Finding, SnapshotInfo
+from .blockdev import BlockDevice
+from .format import (BITMAP_BYTES, BITS_PER_BITMAP, BLOCK_SHIFT, BLOCK_SIZE, HEADER_SIZE,
+                     MAGIC, NODE_MAX, SNAPS_PER_BLOCK, T_BITMAP, T_LEAF, T_NODE,
+                     T_SNAPTABLE, T_SUPER, Leaf, Node, SnapSlot, State, Superblock,
+                     check_header, decode_snaptable, encode_snaptable, seal)
+from .journal import Journal, Transaction
+from .memory import check_geometry
+from .snapshots import (SnapshotTable, exc_add_snapshot, exc_lookup, exc_remove_bits,
+                        exc_sharers)
+
+#: decoded leaves and nodes kept in memory (clean ones are evicted beyond this)
+CACHE_BLOCKS = 16384
+#: leaves one sweep step may visit before it commits
+SWEEP_BUDGET = 64
+
+
+@dataclass
+class _Batch:
+    tx: Transaction
+    checkpoint: bool
+    q_blocks: set
+    q_chunks: set
+
+
+class SharedStore(ExceptionStore):
+    """The on-disk shared exception store.  Use :meth:`create` or :meth:`open`."""
+
+    # -- construction --------------------------------------------------------------------
+
+    def __init__(self, dev: BlockDevice, sb: Superblock):
+        self.dev = dev
+        self.sb = sb
+        self.uuid = sb.uuid
+        self.chunk_size = sb.chunk_size
+        self.origin_size = sb.origin_size
+        self.origin_path = sb.origin_path
+        self.max_snapshots = sb.max_snapshots
+        self.cow = dev
+        self.smbytes = sb.max_snapshots // 8
+        self.exc_size = self.smbytes + 8
+        self.bpc = sb.blocks_per_chunk
+        self.state = State(sb.state.root, sb.state.levels, sb.state.next_snapshot_id)
+        self._cache: OrderedDict[int, object] = OrderedDict()
+        self._dirty: dict[int, object] = {}
+        self._state_dirty = False
+        self._want_checkpoint = False
+        self._released: list[tuple[set, set]] = []
+        self._sweep_resume = 0
+        self.recovered = 0
+        #: root state of the last transaction written (what a checkpoint records)
+        self._last_state = State(sb.state.root, sb.state.levels, sb.state.next_snapshot_id)
+        self.journal = Journal(dev, sb.uuid, sb.journal_start, sb.journal_blocks,
+                               sb.journal_tail, sb.journal_seq)
+
+    @classmethod
+    def create(cls, dev: BlockDevice, origin_size: int, origin_path: str = "",
+               chunk_size: int = 65536, max_snapshots: int = 64,
+               journal_blocks: int | None = None) -> "SharedStore":
+        """Write an empty format-v1 store onto ``dev`` and return it opened.
+
+        Args:
+            dev: the store device; its whole size is used.
+            origin_size: bytes of the origin.
+            origin_path: recorded so ``open`` can find and verify the origin.
+            chunk_size: bytes per chunk; max_snapshots: sharemap width in bits.
+            journal_blocks: journal size in 4 KiB blocks (default: 1/16 of the store,
+                clamped to 256..2048).
+
+        Raises:
+            InvalidArgument: bad geometry, or the device is too small to hold the
+                metadata plus at least one data chunk.
+        """
+        check_geometry(chunk_size, max_snapshots)
+        if origin_size <= 0:
+            raise InvalidArgument("the origin is empty")
+        cshift = chunk_size.bit_length() - 1
+        bpc = chunk_size >> BLOCK_SHIFT
+        chunks = dev.size // chunk_size
+        blocks = chunks * bpc
+        st_blocks = -(-max_snapshots // SNAPS_PER_BLOCK)
+        bm_blocks = -(-blocks // BITS_PER_BITMAP)
+        if journal_blocks is None:
+            journal_blocks = min(2048, max(256, blocks // 16))
+        st_start = 2
+        bm_start = st_start + st_blocks
+        j_start = bm_start + bm_blocks
+        data_start = -(-(j_start + journal_blocks) // bpc) * bpc
+        if data_start + 2 + bpc > blocks:
+            raise InvalidArgument(
+                f"store device {dev.path} is too small ({dev.size} bytes) for this chunk size")
+        sb = Superblock(os.urandom(16), blocks, cshift, max_snapshots, origin_size,
+                        time.time_ns(), st_start, st_blocks, bm_start, bm_blocks, j_start,
+                        journal_blocks, journal_tail=0, journal_seq=1, clean=False,
+                        state=State(0, 1, 1), origin_path=origin_path, generation=0)
+        bits = bytearray(bm_blocks * BITMAP_BYTES)
+        for b in range(data_start):
+            bits[b >> 3] |= 1 << (b & 7)
+        for b in range(blocks, bm_blocks * BITS_PER_BITMAP):
+            bits[b >> 3] |= 1 << (b & 7)
+        self = cls(dev, sb)
+        self.table = SnapshotTable([SnapSlot() for _ in range(max_snapshots)])
+        self.bitmap = Bitmap(bits, blocks, bpc, data_start)
+        # The initial tree: a root index node over one empty leaf.
+        leaf_block = self.bitmap.alloc_block()
+        root_block = self.bitmap.alloc_block()
+        self._put(leaf_block, Leaf())
+        self._put(root_block, Node([0], [leaf_block]))
+        self.state.root = root_block
+        self.state.levels = 1
+        # Everything goes to its home location directly; the journal starts empty.
+        for i in range(st_blocks):
+            self._write_home(st_start + i, self._snaptable_image(i, 0))
+        for i in range(bm_blocks):
+            self._write_home(bm_start + i, self._bitmap_image(i, 0))
+        for b, obj in self._dirty.items():
+            self._write_home(b, self._node_image(b, obj, 0))
+        self._dirty.clear()
+        self.table.dirty.clear()
+        self.bitmap.dirty.clear()
+        dev.flush()
+        self._last_state = State(self.state.root, self.state.levels, self.state.next_snapshot_id)
+        self._write_super(clean=False)
+        self._write_super(clean=False)  # both slots valid from the start
+        return self
+
+    @classmethod
+    def open(cls, dev: BlockDevice) -> "SharedStore":
+        """Open the store on ``dev``, replaying its journal.
+
+        Raises:
+            NotAStore: no superblock.
+            CorruptMetadata: a superblock, table or bitmap block fails its checks.
+        """
+        sb = read_superblock(dev)
+        self = cls(dev, sb)
+        state, applied = self.journal.replay()
+        self.recovered = applied
+        if state is not None:
+            self.state = state
+            self._last_state = State(state.root, state.levels, state.next_snapshot_id)
+        data_start_blocks = sb.journal_start + sb.journal_blocks
+        data_start = -(-data_start_blocks // sb.blocks_per_chunk) * sb.blocks_per_chunk
+        slots = []
+        for i in range(sb.snaptable_blocks):
+            b = sb.snaptable_start + i
+            buf = dev.pread(BLOCK_SIZE, b * BLOCK_SIZE)
+            check_header(buf, T_SNAPTABLE, b, sb.uuid)
+            n = min(SNAPS_PER_BLOCK, sb.max_snapshots - i * SNAPS_PER_BLOCK)
+            slots.extend(decode_snaptable(buf, b, n))
+        self.table = SnapshotTable(slots)
+        bits = bytearray()
+        for i in range(sb.bitmap_blocks):
+            b = sb.bitmap_start + i
+            buf = dev.pread(BLOCK_SIZE, b * BLOCK_SIZE)
+            check_header(buf, T_BITMAP, b, sb.uuid)
+            bits += buf[HEADER_SIZE:]
+        self.bitmap = Bitmap(bits, sb.blocks, sb.blocks_per_chunk, data_start)
+        self._read_node(self.state.root)  # fail now, not mid-request, on a bad root
+        # Record the replay and mark the store in use.
+        dev.flush()
+        self.journal.checkpointed()
+        self.sb.state = State(self.state.root, self.state.levels, self.state.next_snapshot_id)
+        self._write_super(clean=False)
+        return self
+
+    # -- superblock and images -----------------------------------------------------------
+
+    def _write_super(self, clean: bool, state: State | None = None) -> None:
+        sb = self.sb
+        sb.generation += 1
+        sb.clean = clean
+        sb.journal_tail = self.journal.tail
+        sb.journal_seq = self.journal.next_seq
+        if state is not None:
+            sb.state = State(state.root, state.levels, state.next_snapshot_id)
+        else:
+            sb.state = State(self.state.root, self.state.levels, self.state.next_snapshot_id)
+        self.dev.pwrite(sb.encode(), (sb.generation % 2) * BLOCK_SIZE)
+        self.dev.flush()
+
+    def _write_home(self, block: int, img: bytes) -> None:
+        self.dev.pwrite(img, block * BLOCK_SIZE)
+
+    def _snaptable_image(self, index: int, seq: int) -> bytearray:
+        lo = index * SNAPS_PER_BLOCK
+        buf = encode_snaptable(self.table.slots[lo: lo + SNAPS_PER_BLOCK])
+        return seal(buf, T_SNAPTABLE, self.sb.snaptable_start + index, seq, self.uuid)
+
+    def _bitmap_image(self, index: int, seq: int) -> bytearray:
+        buf = bytearray(BLOCK_SIZE)
+        buf[HEADER_SIZE:] = self.bitmap.block_bytes(index)
+        return seal(buf, T_BITMAP, self.sb.bitmap_start + index, seq, self.uuid)
+
+    def _node_image(self, block: int, obj, seq: int) -> bytearray:
+        if isinstance(obj, Leaf):
+            return seal(obj.encode(self.smbytes), T_LEAF, block, seq, self.uuid)
+        return seal(obj.encode(), T_NODE, block, seq, self.uuid)
+
+    # -- block cache ---------------------------------------------------------------------
+
+    def _put(self, block: int, obj) -> None:
+        self._cache[block] = obj
+        self._cache.move_to_end(block)
+        self._dirty[block] = obj
+
+    def _get(self, block: int, kind: int):
+        obj = self._cache.get(block)
+        if obj is not None:
+            self._cache.move_to_end(block)
+            want = Leaf if kind == T_LEAF else Node
+            if not isinstance(obj, want):
+                raise CorruptMetadata(block, "tree points at a block of the wrong kind")
+            return obj
+        obj = self._load(block, kind)
+        self._cache[block] = obj
+        if len(self._cache) > CACHE_BLOCKS:
+            for b in list(self._cache):
+                if len(self._cache) <= CACHE_BLOCKS * 3 // 4:
+                    break
+                if b not in self._dirty:
+                    del self._cache[b]
+        return obj
+
+    def _load(self, block: int, kind: int):
+        if not self.bitmap.data_start <= block < self.sb.blocks:
+            raise CorruptMetadata(block, "tree points outside the metadata area")
+        buf = self.dev.pread(BLOCK_SIZE, block * BLOCK_SIZE)
+        check_header(buf, kind, block, self.uuid)
+        if kind == T_LEAF:
+            return Leaf.decode(buf, block, self.smbytes)
+        return Node.decode(buf, block)
+
+    def _read_node(self, block: int) -> Node:
+        return self._get(block, T_NODE)
+
+    def _read_leaf(self, block: int) -> Leaf:
+        return self._get(block, T_LEAF)
+
+    def _mark(self, block: int, obj) -> None:
+        self._dirty[block] = obj
+
+    # -- tree walking --------------------------------------------------------------------
+
+    def _probe(self, chunk: int):
+        """Path to the leaf covering ``chunk``: ``([(node_block, node, index)], leaf_block, leaf)``."""
+        path = []
+        block = self.state.root
+        for _ in range(self.state.levels):
+            node = self._read_node(block)
+            i = max(0, bisect.bisect_right(node.keys, chunk) - 1)
+            path.append((block, node, i))
+            block = node.children[i]
+        return path, block, self._read_leaf(block)
+
+    def _leaf_excs(self, chunk: int):
+        _path, _b, leaf = self._probe(chunk)
+        i = bisect.bisect_left(leaf.keys, chunk)
+        if i < len(leaf.keys) and leaf.keys[i] == chunk:
+            return leaf.excs[i]
+        return None
+
+    def _edit(self, chunk: int, fn) -> list[int]:
+        """Apply ``fn(excs) -> freed chunks`` to ``chunk``'s exception list, then rebalance."""
+        path, lblock, leaf = self._probe(chunk)
+        i = bisect.bisect_left(leaf.keys, chunk)
+        if i == len(leaf.keys) or leaf.keys[i] != chunk:
+            leaf.keys.insert(i, chunk)
+            leaf.excs.insert(i, [])
+        freed = fn(leaf.excs[i])
+        if not leaf.excs[i]:
+            del leaf.keys[i]
+            del leaf.excs[i]
+        self._mark(lblock, leaf)
+        if not leaf.fits(self.exc_size):
+            self._split_leaf(path, lblock, leaf)
+        return freed
+
+    def _split_leaf(self, path, lblock: int, leaf: Leaf) -> None:
+        n = len(leaf.keys)
+        if n < 2:
+            # One logical chunk whose exceptions alone overflow a leaf: cannot be stored.
+            raise StoreFull(f"too many distinct exceptions for chunk {leaf.keys[0]} "
+                            f"to fit one leaf with a {self.max_snapshots}-bit sharemap")
+        # Split at the middle of the payload (seed 000's todo: "should split at middle of
+        # data instead of median exception").
+        total = leaf.payload(self.exc_size)
+        acc, cut = 0, 1
+        for j in range(n - 1):
+            acc += 8 + self.exc_size * len(leaf.excs[j])
+            if acc * 2 >= total:
+                cut = j + 1
+                break
+        else:
+            cut = n - 1
+        right = Leaf(leaf.keys[cut:], leaf.excs[cut:])
+        del leaf.keys[cut:]
+        del leaf.excs[cut:]
+        # Rollback-free ordering: allocate first so StoreFull leaves the tree unchanged.
+        try:
+            rblock = self.bitmap.alloc_block()
+        except StoreFull:
+            leaf.keys.extend(right.keys)
+            leaf.excs.extend(right.excs)
+            raise
+        self._put(rblock, right)
+        self._mark(lblock, leaf)
+        self._insert_child(path, len(path) - 1, right.keys[0], rblock)
+        for half, hb in ((leaf, lblock), (right, rblock)):
+            if not half.fits(self.exc_size):
+                # A badly skewed leaf may need one more split; re-probe for a fresh path.
+                p2, b2, l2 = self._probe(half.keys[0])
+                self._split_leaf(p2, b2, l2)
+
+    def _insert_child(self, path, level: int, key: int, child: int) -> None:
+        nblock, node, i = path[level]
+        node.keys.insert(i + 1, key)
+        node.children.insert(i + 1, child)
+        self._mark(nblock, node)
+        if len(node.keys) <= NODE_MAX:
+            return
+        half = len(node.keys) // 2
+        right = Node(node.keys[half:], node.children[half:])
+        del node.keys[half:]
+        del node.children[half:]
+        rblock = self.bitmap.alloc_block()
+        self._put(rblock, right)
+        if level > 0:
+            self._insert_child(path, level - 1, right.keys[0], rblock)
+        else:
+            # The root split: the tree grows a level (seed 000 add_exception_to_tree).
+            root = self.bitmap.alloc_block()
+            self._put(root, Node([0, right.keys[0]], [nblock, rblock]))
+            self.state.root = root
+            self.state.levels += 1
+            self._state_dirty = True
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        return self.table.live()
+
+    def create_snapshot(self, name, read_only=False, created=None) -> SnapshotInfo:
+        info = self.table.create(name, read_only, self.state.next_snapshot_id, created)
+        self.state.next_snapshot_id += 1
+        self._state_dirty = True
+        return info
+
+    def begin_delete(self, name) -> SnapshotInfo:
+        info = self.table.begin_delete(name)
+        self._sweep_resume = 0
+        return info
+
+    @property
+    def live_mask(self) -> int:
+        return self.table.live_mask
+
+    def sweep_step(self) -> bool:
+        """Sweep the bits of deleted snapshots out of up to :data:`SWEEP_BUDGET` leaves.
+
+        Walks bottom-level index nodes in key order from where the previous step stopped;
+        in each, clears the bits from every leaf, frees chunks whose sharemap became
+        empty, and merges each leaf into its left neighbour when both fit one block.
+        When the walk passes the last leaf it merges under-full index nodes, drops root
+        levels with a single child, and frees the swept bits (seed 001
+        ``delete_tree_range``).
+        """
+        mask = self.table.deleting_mask
+        if not mask:
+            return True
+        visited = 0
+        while visited < SWEEP_BUDGET:
+            path, upper = self._bottom_path(self._sweep_resume)
+            nblock, node, _ = path[-1]
+            visited += self._sweep_bottom(nblock, node, mask)
+            if upper is None:
+                self._compact_upper()
+                self.table.finish_delete(mask)
+                self._sweep_resume = 0
+                self._want_checkpoint = True
+                return True
+            self._sweep_resume = upper
+        self._want_checkpoint = True
+        return False
+
+    def _bottom_path(self, key: int):
+        """Path to the bottom index node covering ``key`` and the first key past it."""
+        path, upper = [], None
+        block = self.state.root
+        for level in range(self.state.levels):
+            node = self._read_node(block)
+            i = max(0, bisect.bisect_right(node.keys, key) - 1)
+            path.append((block, node, i))
+            if i + 1 < len(node.keys):
+                upper = node.keys[i + 1]
+            if level < self.state.levels - 1:
+                block = node.children[i]
+        return path, upper
+
+    def _sweep_bottom(self, nblock: int, node: Node, mask: int) -> int:
+        changed = False
+        merged_keys, merged_children = [], []
+        prev = None
+        for key, child in zip(node.keys, node.children):
+            leaf = self._read_leaf(child)
+            freed = []
+            dirty = False
+            for idx in range(len(leaf.keys) - 1, -1, -1):
+                excs = leaf.excs[idx]
+                if any(s & mask for s, _ in excs):
+                    freed.extend(exc_remove_bits(excs, mask))
+                    dirty = True
+                    if not excs:
+                        del leaf.keys[idx]
+                        del leaf.excs[idx]
+            for c in freed:
+                self.bitmap.free_chunk(c)
+            if dirty:
+                self._mark(child, leaf)
+            if prev is not None:
+                pblock, pleaf = prev
+                if (LEAF_FIXED + pleaf.payload(self.exc_size) + leaf.payload(self.exc_size)
+                        <= BLOCK_SIZE and _span_ok(pleaf, leaf)):
+                    pleaf.keys.extend(leaf.keys)
+                    pleaf.excs.extend(leaf.excs)
+                    self._mark(pblock, pleaf)
+                    self._free_meta(child)
+                    changed = True
+                    continue
+            merged_keys.append(key)
+            merged_children.append(child)
+            prev = (child, leaf)
+        if changed:
+            node.keys[:] = merged_keys
+            node.children[:] = merged_children
+            self._mark(nblock, node)
+        return len(node.children)
+
+    def _free_meta(self, block: int) -> None:
+        self._cache.pop(block, None)
+        self._dirty.pop(block, None)
+        self.bitmap.free_block(block)
+
+    def _compact_upper(self) -> None:
+        """Merge under-full index nodes under each parent; drop single-child root levels."""
+        def compact(block: int, level: int) -> None:
+            node = self._read_node(block)
+            if level >= self.state.levels - 1:
+                return
+            for child in node.children:
+                compact(child, level + 1)
+            keys, children = [node.keys[0]], [node.children[0]]
+            changed = False
+            for key, child in zip(node.keys[1:], node.children[1:]):
+                prev = self._read_node(children[-1])
+                cur = self._read_node(child)
+                if len(prev.keys) + len(cur.keys) <= NODE_MAX:
+                    prev.keys.extend(cur.keys)
+                    prev.children.extend(cur.children)
+                    self._mark(children[-1], prev)
+                    self._free_meta(child)
+                    changed = True
+                    continue
+                keys.append(key)
+                children.append(child)
+            if changed:
+                node.keys[:] = keys
+                node.children[:] = children
+                self._mark(block, node)
+
+        compact(self.state.root, 0)
+        while self.state.levels > 1:
+            root = self._read_node(self.state.root)
+            if len(root.children) != 1:
+                break
+            old = self.state.root
+            self.state.root = root.children[0]
+            self.state.levels -= 1
+            self._free_meta(old)
+            self._state_dirty = True
+
+    # -- mapping -------------------------------------------------------------------------
+
+    def origin_sharers(self, chunk: int) -> int:
+        return exc_sharers(self._leaf_excs(chunk), self.table.live_mask)
+
+    def snapshot_exception(self, bit: int, chunk: int):
+        return exc_lookup(self._leaf_excs(chunk), bit)
+
+    def allocate_chunk(self) -> int:
+        self._drain_released()
+        try:
+            return self.bitmap.alloc_chunk()
+        except StoreFull:
+            if self.bitmap.q_chunks:
+                raise StoreFull("snapshot store is full until deleted snapshots' space "
+                                "is released by the next checkpoint") from None
+            raise
+
+    def _drain_released(self) -> None:
+        while self._released:
+            qb, qc = self._released.pop()
+            self.bitmap.release_quarantine(qb, qc)
+
+    def add_origin_exception(self, chunk, store_chunk, sharemap) -> None:
+        def add(excs):
+            excs.append([sharemap, store_chunk])
+            return []
+        self._edit(chunk, add)
+
+    def add_snapshot_exception(self, bit, chunk, store_chunk) -> None:
+        freed = self._edit(chunk, lambda excs: exc_add_snapshot(excs, bit, store_chunk))
+        for c in freed:
+            self.bitmap.free_chunk(c)
+
+    # -- commit --------------------------------------------------------------------------
+
+    def begin_commit(self):
+        self._drain_released()
+        if not (self._dirty or self.table.dirty or self.bitmap.dirty or self._state_dirty):
+            return None
+        seq = self.journal.next_seq
+        images = []
+        for b, obj in self._dirty.items():
+            images.append((b, bytes(self._node_image(b, obj, seq))))
+        for index in sorted({bit // SNAPS_PER_BLOCK for bit in self.table.dirty}):
+            images.append((self.sb.snaptable_start + index, bytes(self._snaptable_image(index, seq))))
+        for index in sorted(self.bitmap.dirty):
+            images.append((self.sb.bitmap_start + index, bytes(self._bitmap_image(index, seq))))
+        self._dirty.clear()
+        self.table.dirty.clear()
+        self.bitmap.dirty.clear()
+        self._state_dirty = False
+        tx = Transaction(seq, images, State(self.state.root, self.state.levels,
+                                            self.state.next_snapshot_id))
+        ckpt = self._want_checkpoint
+        self._want_checkpoint = False
+        batch = _Batch(tx, ckpt, set(self.bitmap.q_blocks) if ckpt else set(),
+                       set(self.bitmap.q_chunks) if ckpt else set())
+        return batch
+
+    def write_commit(self, batch: _Batch) -> None:
+        tx = batch.tx
+        # Exception data (copy-outs, snapshot writes) durable before the metadata that
+        # points at it (DESIGN.md invariant 3).
+        self.dev.flush()
+        if not self.journal.room_for(tx):
+            self._checkpoint(self._last_state)
+        self.journal.append(tx)
+        self.dev.flush()
+        for b, img in tx.images:
+            self.dev.pwrite(img, b * BLOCK_SIZE)
+        self._last_state = tx.state
+        if batch.checkpoint or self.journal.used * 2 > self.journal.size:
+            self._checkpoint(tx.state)
+            if batch.checkpoint:
+                self._released.append((batch.q_blocks, batch.q_chunks))
+
+    def _checkpoint(self, state: State | None) -> None:
+        self.dev.flush()  # every home write of committed transactions is durable
+        self.journal.checkpointed()
+        self._write_super(clean=False, state=state or self._last_state)
+
+    def close(self) -> None:
+        self._want_checkpoint = True
+        self.commit()
+        self.dev.flush()
+        self.journal.checkpointed()
+        self._write_super(clean=True)
+
+    # -- accounting, iteration, checks ---------------------------------------------------
+
+    def space(self) -> dict:
+        total = self.sb.chunks - self.bitmap.data_start // self.bpc
+        free = self.bitmap.free_chunks
+        return {"chunks_total": total, "chunks_free": free, "chunks_used": total - free}
+
+    def _leaves(self):
+        """Iterate ``(leaf_block, leaf)`` in key order (from the cache or disk)."""
+        def walk(block, level):
+            node = self._read_node(block)
+            for child in list(node.children):
+                if level == self.state.levels - 1:
+                    yield child, self._read_leaf(child)
+                else:
+                    yield from walk(child, level + 1)
+        yield from walk(self.state.root, 0)
+
+    def exceptions(self):
+        for _b, leaf in self._leaves():
+            for k, ex in zip(leaf.keys, leaf.excs):
+                yield k, ex
+
+    def check(self) -> list[Finding]:
+        """Walk the on-disk tree and bitmap; the caller commits first when serving."""
+        from .check import check_store
+        return check_store(self)
+
+
+LEAF_FIXED = HEADER_SIZE + 16 + 8  # header, leaf head, sentinel
+
+
+def _span_ok(a: Leaf, b: Leaf) -> bool:
+    if not a.keys or not b.keys:
+        return True
+    return b.keys[-1] - a.keys[0] < (1 << 32)
+
+
+def read_superblock(dev: BlockDevice) -> Superblock:
+    """Read both superblock slots and return the newest valid one.
+
+    Raises:
+        NotAStore: neither slot has the ddsnap magic.
+        CorruptMetadata: a slot has the magic but no slot checks out.
+    """
+    if dev.size < 2 * BLOCK_SIZE:
+        raise NotAStore(dev.path, "too small")
+    found, errors = [], []
+    for slot in (0, 1):
+        buf = dev.pread(BLOCK_SIZE, slot * BLOCK_SIZE)
+        if buf[:4] != MAGIC:
+            continue
+        try:
+            found.append(Superblock.decode(buf, slot))
+        except CorruptMetadata as e:
+            errors.append(e)
+    if not found:
+        if errors:
+            raise errors[0]
+        raise NotAStore(dev.path)
+    return max(found, key=lambda s: s.generation)
