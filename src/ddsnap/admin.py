@@ -1,0 +1,191 @@
+"""Opening a store for use, and the administrative operations the CLI offers.
+
+The operations (``snap_create``, ``snap_list``, ``snap_delete``, ``status``, ``check``) run
+against a :class:`~ddsnap.store.service.MetadataService`.  The CLI runs them on a store it
+opened itself or, when ``ddsnap serve`` holds the store, sends them over the server's
+control socket (``ddsnap.control``), where the same functions run: the results are the
+same either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+
+from .errors import (CorruptMetadata, DdsnapError, OriginMismatch, StoreBusy, StoreNotFound)
+from .store.api import Finding
+from .store.blockdev import FileDevice
+from .store.format import VERSION
+from .store.service import MetadataService
+from .store.shared import SharedStore
+
+
+@dataclass
+class OpenStore:
+    """A store opened and locked for exclusive use, with its origin and service."""
+
+    path: str
+    dev: FileDevice
+    origin: FileDevice
+    store: SharedStore
+    service: MetadataService
+
+    def close(self) -> None:
+        """Commit, mark the store clean, release the lock."""
+        try:
+            self.service.close()
+        finally:
+            self.origin.close()
+            self.dev.close()
+
+
+def open_store(path: str) -> OpenStore:
+    """Open, lock and recover the store at ``path``, and open its recorded origin.
+
+    Raises:
+        StoreNotFound: ``path`` does not exist.
+        StoreBusy: another process (``ddsnap serve``) holds the store.
+        NotAStore / CorruptMetadata: not a ddsnap store, or damaged.
+        OriginMismatch: the recorded origin is missing or its size changed.
+    """
+    dev = FileDevice(path)
+    try:
+        if not dev.lock_exclusive():
+            raise StoreBusy(f"snapshot store {path} is in use by another ddsnap process "
+                            "(is it being served?)")
+        store = SharedStore.open(dev)
+        try:
+            origin = FileDevice(store.origin_path, what="origin")
+        except StoreNotFound:
+            raise OriginMismatch(f"the origin recorded in {path}, {store.origin_path}, "
+                                 "does not exist") from None
+        if origin.size != store.origin_size:
+            origin.close()
+            raise OriginMismatch(
+                f"origin {store.origin_path} is {origin.size} bytes but the store was made "
+                f"for {store.origin_size} bytes")
+        service = MetadataService(store, origin)
+    except BaseException:
+        dev.close()
+        raise
+    return OpenStore(os.path.abspath(path), dev, origin, store, service)
+
+
+# -- where a serving process can be reached ---------------------------------------------
+
+def run_dir() -> str:
+    """Directory for control sockets of block-device stores: ``$DDSNAP_RUNDIR`` or
+    ``/run/ddsnap`` (root) or ``/tmp/ddsnap-UID``."""
+    d = os.environ.get("DDSNAP_RUNDIR")
+    if not d:
+        d = "/run/ddsnap" if os.geteuid() == 0 else f"/tmp/ddsnap-{os.geteuid()}"
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
+
+
+def registry_path(store_path: str) -> str:
+    """The file where ``serve`` records its control socket for ``store_path``."""
+    key = hashlib.sha256(os.path.realpath(store_path).encode()).hexdigest()[:16]
+    return os.path.join(run_dir(), f"{key}.control")
+
+
+def default_control_path(store_path: str) -> str:
+    """``STORE.ctl`` next to a store file; under :func:`run_dir` for a block device."""
+    real = os.path.realpath(store_path)
+    try:
+        is_blk = stat.S_ISBLK(os.stat(real).st_mode)
+    except FileNotFoundError:
+        is_blk = False
+    if is_blk:
+        return registry_path(store_path)[: -len(".control")] + ".ctl"
+    return real + ".ctl"
+
+
+# -- the operations -----------------------------------------------------------------------
+
+def snap_create(svc: MetadataService, name: str, read_only: bool = False) -> dict:
+    return svc.create_snapshot(name, read_only).to_dict()
+
+
+def snap_list(svc: MetadataService) -> list[dict]:
+    return [s.to_dict() for s in svc.snapshots()]
+
+
+def snap_delete(svc: MetadataService, name: str) -> dict:
+    return svc.delete_snapshot(name).to_dict()
+
+
+def status(svc: MetadataService, path: str, served: bool) -> dict:
+    """The store's geometry, space and snapshots (``ddsnap status --json``)."""
+    with svc.lock:
+        store = svc.store
+        space = store.space()
+        snaps = [s.to_dict() for s in store.snapshots()]
+        out = {
+            "store": path,
+            "format_version": VERSION,
+            "store_size": store.cow.size,
+            "chunk_size": store.chunk_size,
+            "chunks_total": space["chunks_total"],
+            "chunks_free": space["chunks_free"],
+            "chunks_used": space["chunks_used"],
+            "origin": store.origin_path,
+            "origin_size": store.origin_size,
+            "max_snapshots": store.max_snapshots,
+            "snapshots": snaps,
+            "served": served,
+        }
+        if isinstance(store, SharedStore):
+            out["uuid"] = store.uuid.hex()
+            out["tree_levels"] = store.state.levels
+            out["journal_blocks"] = store.journal.size
+            out["recovered_transactions"] = store.recovered
+    return out
+
+
+def check(svc: MetadataService) -> dict:
+    """Commit, then check the on-disk metadata (``ddsnap check --json``)."""
+    svc.commit()
+    with svc.lock:
+        try:
+            findings = svc.store.check()
+        except CorruptMetadata as e:
+            findings = [Finding("fatal", e.block, e.why)]
+    return findings_report(findings)
+
+
+def findings_report(findings: list[Finding]) -> dict:
+    fatal = sum(1 for f in findings if f.severity == "fatal")
+    return {"clean": fatal == 0, "fatal": fatal,
+            "warnings": len(findings) - fatal,
+            "findings": [f.to_dict() for f in findings]}
+
+
+OPERATIONS = {
+    "snap_create": snap_create,
+    "snap_list": snap_list,
+    "snap_delete": snap_delete,
+}
+
+
+def run_op(svc: MetadataService, op: str, args: dict, path: str, served: bool):
+    """Run operation ``op`` with ``args``; the one dispatcher for local and remote calls.
+
+    Raises:
+        DdsnapError: the operation's own errors; an unknown op is a ProtocolError.
+    """
+    if op == "status":
+        return status(svc, path, served)
+    if op == "check":
+        return check(svc)
+    fn = OPERATIONS.get(op)
+    if fn is None:
+        from .errors import ProtocolError
+        raise ProtocolError(f"unknown control operation {op!r}")
+    return fn(svc, **args)
+
+
+__all__ = ["OpenStore", "open_store", "run_op", "registry_path", "default_control_path",
+           "DdsnapError"]

@@ -1,0 +1,140 @@
+"""The control socket: administrative operations on a served store.
+
+A Unix stream socket; each request and each reply is one line of JSON (see
+``docs/protocol.md``, "Control socket").  Request: ``{"op": NAME, "args": {...}}``.
+Reply: ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {"type": CLASS,
+"message": TEXT}}``, where CLASS names a :mod:`ddsnap.errors` class so the client can
+re-raise the same error (and exit with the same code) as a local run would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+
+from .errors import ControlError, DdsnapError, ProtocolError, from_dict
+
+log = logging.getLogger("ddsnap.control")
+
+#: longest request line accepted, in bytes
+MAX_LINE = 64 * 1024
+
+
+class ControlServer:
+    """Serves control requests by running ``handler(op, args)`` in a worker thread.
+
+    Args:
+        path: the socket path (replaced if a stale socket is there).
+        handler: ``(op: str, args: dict) -> JSON-able result``; raises DdsnapError.
+    """
+
+    def __init__(self, path: str, handler):
+        self.path = path
+        self.handler = handler
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        if os.path.exists(self.path):
+            if _alive(self.path):
+                raise DdsnapError(f"control socket {self.path} is in use by another server")
+            os.unlink(self.path)
+        self._server = await asyncio.start_unix_server(self._client, path=self.path,
+                                                       limit=MAX_LINE)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    writer.write(_reply_error(ProtocolError("control request too long")))
+                    break
+                if not line:
+                    break
+                try:
+                    req = json.loads(line)
+                    if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+                        raise ValueError("not an object with an 'op'")
+                    args = req.get("args") or {}
+                    if not isinstance(args, dict):
+                        raise ValueError("'args' is not an object")
+                except ValueError as e:
+                    writer.write(_reply_error(ProtocolError(f"malformed control request: {e}")))
+                    await writer.drain()
+                    continue
+                try:
+                    result = await loop.run_in_executor(None, self.handler, req["op"], args)
+                    out = json.dumps({"ok": True, "result": result}).encode() + b"\n"
+                except DdsnapError as e:
+                    out = _reply_error(e)
+                except TypeError as e:  # wrong arguments for the op
+                    out = _reply_error(ProtocolError(f"bad arguments for {req['op']}: {e}"))
+                except Exception as e:  # noqa: BLE001 - report, keep serving
+                    log.exception("control operation %s failed", req["op"])
+                    out = _reply_error(DdsnapError(f"internal error: {e}"))
+                writer.write(out)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+def _reply_error(e: DdsnapError) -> bytes:
+    return json.dumps({"ok": False, "error": e.to_dict()}).encode() + b"\n"
+
+
+def _alive(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def call(path: str, op: str, args: dict | None = None, timeout: float | None = None):
+    """Send one request to the control socket at ``path``; return its result.
+
+    Raises:
+        ControlError: the socket cannot be reached or answered badly.
+        DdsnapError: the operation's own error, re-raised with its original class.
+    """
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(path)
+        except OSError as e:
+            raise ControlError(f"cannot reach the ddsnap server at {path}: {e.strerror}") from None
+        s.sendall(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
+        f = s.makefile("rb")
+        line = f.readline()
+        if not line:
+            raise ControlError(f"the ddsnap server at {path} closed the connection")
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            raise ControlError(f"the ddsnap server at {path} sent a malformed reply") from None
+    finally:
+        s.close()
+    if reply.get("ok"):
+        return reply.get("result")
+    raise from_dict(reply.get("error") or {})

@@ -1,0 +1,134 @@
+"""``ddsnap serve``: wires a store, its volumes, the NBD listener and the control socket.
+
+The daemon holds the store's exclusive lock for its whole life, so a second ``serve`` (or a
+local ``snap create``) cannot open it behind its back; administrative commands reach it
+through the control socket instead.  It exports ``origin`` and every live snapshot by name
+(new snapshots appear at once, deleted ones vanish), and shuts down cleanly on SIGINT or
+SIGTERM: connections drain, the store is committed and marked clean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+from . import admin
+from .control import ControlServer
+from .nbd.server import NbdServer
+from .volume import Origin, Snapshot
+
+log = logging.getLogger("ddsnap.daemon")
+
+#: worker threads doing volume I/O (each NBD request runs in one)
+IO_THREADS = 32
+
+
+class Exports:
+    """The export registry: ``origin`` plus each live snapshot, looked up by name."""
+
+    default_name = "origin"
+
+    def __init__(self, opened: admin.OpenStore):
+        self.opened = opened
+
+    def names(self) -> list[str]:
+        return ["origin"] + [s.name for s in self.opened.service.snapshots()]
+
+    def get(self, name: str):
+        svc = self.opened.service
+        if name in ("origin", ""):
+            return Origin(svc)
+        for s in svc.snapshots():
+            if s.name == name:
+                return Snapshot(svc, s)
+        return None
+
+
+class Daemon:
+    """One served store.
+
+    Args:
+        store_path: the snapshot store.
+        listen: NBD listen URIs (``unix:PATH``, ``tcp:HOST:PORT``).
+        control_path: the control socket (default :func:`admin.default_control_path`).
+    """
+
+    def __init__(self, store_path: str, listen: list[str], control_path: str | None = None):
+        self.store_path = os.path.abspath(store_path)
+        self.listen = listen
+        self.control_path = control_path or admin.default_control_path(store_path)
+        self.opened: admin.OpenStore | None = None
+        self.nbd: NbdServer | None = None
+        self.control: ControlServer | None = None
+        self._stop = asyncio.Event()
+        self._registry_file = admin.registry_path(store_path)
+
+    def _handle(self, op: str, args: dict):
+        return admin.run_op(self.opened.service, op, args, self.store_path, served=True)
+
+    async def start(self) -> None:
+        """Open the store and start serving (raises StoreBusy, NotAStore, ...)."""
+        loop = asyncio.get_running_loop()
+        self.opened = await loop.run_in_executor(None, admin.open_store, self.store_path)
+        try:
+            self.control = ControlServer(self.control_path, self._handle)
+            await self.control.start()
+            executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="ddsnap-io")
+            self.nbd = NbdServer(Exports(self.opened), executor)
+            await self.nbd.start(self.listen)
+            with open(self._registry_file + ".tmp", "w") as f:
+                json.dump({"pid": os.getpid(), "store": self.store_path,
+                           "control": os.path.abspath(self.control_path),
+                           "listen": self.nbd.addresses}, f)
+            os.replace(self._registry_file + ".tmp", self._registry_file)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop listening, drain connections, commit and close the store."""
+        if self.nbd is not None:
+            await self.nbd.close()
+            if self.nbd.executor is not None:
+                self.nbd.executor.shutdown(wait=True)
+            self.nbd = None
+        if self.control is not None:
+            await self.control.close()
+            self.control = None
+        try:
+            os.unlink(self._registry_file)
+        except FileNotFoundError:
+            pass
+        if self.opened is not None:
+            opened, self.opened = self.opened, None
+            await asyncio.get_running_loop().run_in_executor(None, opened.close)
+
+    async def run(self, on_ready=None) -> None:
+        """Serve until SIGINT or SIGTERM."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+        if on_ready is not None:
+            on_ready(self)
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+
+def find_server(store_path: str) -> str | None:
+    """The control socket of the process serving ``store_path``, if one is recorded."""
+    try:
+        with open(admin.registry_path(store_path)) as f:
+            info = json.load(f)
+        return info.get("control")
+    except (OSError, ValueError):
+        default = admin.default_control_path(store_path)
+        return default if os.path.exists(default) else None
