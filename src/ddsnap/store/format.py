@@ -319,7 +319,8 @@ class Leaf:
         for i in range(n):
             start, rchunk = offs[i]
             end = offs[i + 1][0]
-            if start < LEAF_MAP_OFF + 8 * (n + 1) or end < start or (end - start) % esize:
+            if (start < LEAF_MAP_OFF + 8 * (n + 1) or end < start or end > BLOCK_SIZE
+                    or (end - start) % esize):
                 raise CorruptMetadata(block, f"leaf map entry {i} has bad offsets")
             key = base + rchunk
             if key <= prev_key:
