@@ -1,0 +1,76 @@
+"""Shared pytest configuration and fixtures.
+
+Hypothesis profiles, chosen with the ``HYPOTHESIS_PROFILE`` environment variable:
+
+* ``ci`` (the default): derandomized, modest example counts, no deadline, so the suite is
+  deterministic and quick on a small CI runner;
+* ``thorough``: random seeds and many more examples, for a long run on a developer box.
+
+Tests scale their own ``max_examples`` with :func:`examples`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, max_examples=40, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "thorough", derandomize=False, deadline=None, max_examples=400, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(PROFILE)
+
+
+def examples(ci: int) -> int:
+    """``ci`` examples under the ``ci`` profile, ten times as many under ``thorough``."""
+    return ci * 10 if PROFILE == "thorough" else ci
+
+
+@pytest.fixture
+def make_store(tmp_path):
+    """Factory for exception stores of each kind: ``make_store(kind, **geometry)``.
+
+    ``kind`` is ``"shared-memory"`` (SharedStore on a MemoryDevice), ``"shared-file"``
+    (SharedStore on a FileDevice in ``tmp_path``) or ``"memory"`` (MemoryStore).
+    Geometry keywords: ``origin_size``, ``store_size`` (bytes of the store device; for a
+    MemoryStore, of its data space), ``chunk_size``, ``max_snapshots``.  Returns the store;
+    ``reopen(store)`` on the factory gives the same store after a clean close (a no-op
+    for a MemoryStore).
+    """
+    from ddsnap.store.blockdev import FileDevice, MemoryDevice
+    from ddsnap.store.memory import MemoryStore
+    from ddsnap.store.shared import SharedStore
+
+    counter = [0]
+    opened = []
+
+    def make(kind: str, origin_size: int = 1 << 20, store_size: int = 4 << 20,
+             chunk_size: int = 4096, max_snapshots: int = 64):
+        if kind == "memory":
+            return MemoryStore(origin_size, store_size, chunk_size, max_snapshots)
+        if kind == "shared-memory":
+            dev = MemoryDevice(store_size)
+        elif kind == "shared-file":
+            counter[0] += 1
+            dev = FileDevice(str(tmp_path / f"store{counter[0]}.img"), create_size=store_size)
+            opened.append(dev)
+        else:
+            raise ValueError(kind)
+        return SharedStore.create(dev, origin_size=origin_size, origin_path="origin.img",
+                                  chunk_size=chunk_size, max_snapshots=max_snapshots)
+
+    def reopen(store):
+        if isinstance(store, MemoryStore):
+            return store
+        store.close()
+        return SharedStore.open(store.dev)
+
+    make.reopen = reopen
+    yield make
+    for dev in opened:
+        dev.close()
