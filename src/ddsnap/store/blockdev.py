@@ -213,34 +213,87 @@ class CrashNow(Exception):
     """Raised by a :class:`RecordingDevice` when its crash point is reached."""
 
 
+class CrashClock:
+    """The operation counter of one or more :class:`RecordingDevice` s.
+
+    A power cut hits every device at once.  Give the devices of one system (say the
+    origin and the snapshot store) the same clock: ``ops`` then counts the writes and
+    flushes of all of them in the order they were issued, and with ``crash_after = n``
+    operation number ``n`` (counting from 1, across the devices) does not happen and
+    raises :class:`CrashNow` instead.
+
+    With ``stay_down`` (the default for a clock made explicitly) every later write or
+    flush on any device of the clock raises :class:`CrashNow` too, as the power stays
+    off; reads still work.  Without it the crash fires once and the devices carry on.
+
+    Attributes:
+        ops: operations issued so far (the crashing one included).
+        crash_after: the operation that crashes, or None.
+        crashed: True once the crash point was reached.
+    """
+
+    def __init__(self, crash_after: int | None = None, stay_down: bool = True):
+        self.ops = 0
+        self.crash_after = crash_after
+        self.stay_down = stay_down
+        self.crashed = False
+        self.lock = threading.Lock()
+
+    def tick(self, what: str, path: str) -> None:
+        """Count one operation (call with :attr:`lock` held); raise CrashNow at the crash."""
+        if self.crashed and self.stay_down:
+            raise CrashNow(f"{what} on {path} after the crash")
+        self.ops += 1
+        if self.crash_after is not None and self.ops >= self.crash_after:
+            self.crash_after = None
+            self.crashed = True
+            raise CrashNow(f"crash before {what} {self.ops} on {path}")
+
+
 class RecordingDevice(BlockDevice):
     """A memory device that records every write and flush for crash testing.
 
     The device keeps the image as of its last flush (``durable``) and the writes since
     (``pending``).  :meth:`crash_image` builds what a power cut could leave: the durable
     image plus any subset of the pending writes, optionally with one write torn at a
-    512-byte boundary.  With ``crash_after`` set, the device raises :class:`CrashNow` when
-    that many operations (writes plus flushes) have completed, so a workload can be
-    stopped at every point in turn.
+    512-byte boundary.  With ``crash_after = n`` set, the ``n``-th operation (writes plus
+    flushes, counting from 1) does not happen and raises :class:`CrashNow` instead, so a
+    workload can be stopped at every point in turn.  Devices that must crash together
+    share one :class:`CrashClock` (``clock=``); by default each has its own, which fires
+    once and then lets the device carry on.
     """
 
     SECTOR = 512
 
-    def __init__(self, size: int, data: bytes | None = None, path: str = "<recording>"):
+    def __init__(self, size: int, data: bytes | None = None, path: str = "<recording>",
+                 clock: CrashClock | None = None):
         self.size = size
         self.path = path
         self.durable = bytearray(data) if data is not None else bytearray(size)
+        if len(self.durable) != size:
+            raise InvalidArgument("recording device data does not match its size")
         self.current = bytearray(self.durable)
         self.pending: list[_Op] = []
-        self.ops = 0
-        self.crash_after: int | None = None
-        self._lock = threading.Lock()
+        self.clock = clock if clock is not None else CrashClock(stay_down=False)
+        self._lock = self.clock.lock
 
-    def _tick(self) -> None:
-        self.ops += 1
-        if self.crash_after is not None and self.ops >= self.crash_after:
-            self.crash_after = None
-            raise CrashNow(f"crash after operation {self.ops} on {self.path}")
+    @property
+    def ops(self) -> int:
+        """Operations counted by this device's clock."""
+        return self.clock.ops
+
+    @ops.setter
+    def ops(self, value: int) -> None:
+        self.clock.ops = value
+
+    @property
+    def crash_after(self) -> int | None:
+        """The operation (of this device's clock) that crashes, or None."""
+        return self.clock.crash_after
+
+    @crash_after.setter
+    def crash_after(self, value: int | None) -> None:
+        self.clock.crash_after = value
 
     def pread(self, length: int, offset: int) -> bytes:
         with self._lock:
@@ -250,24 +303,18 @@ class RecordingDevice(BlockDevice):
     def pwrite(self, data, offset: int) -> None:
         self._check_write(len(data), offset)
         with self._lock:
-            if self.crash_after is not None and self.ops + 1 >= self.crash_after:
-                self.ops += 1
-                self.crash_after = None
-                raise CrashNow(f"crash before write {self.ops} on {self.path}")
+            self.clock.tick("write", self.path)
             data = bytes(data)
             self.current[offset: offset + len(data)] = data
             self.pending.append(_Op("write", offset, data))
-            self.ops += 1
 
     def flush(self) -> None:
         with self._lock:
-            if self.crash_after is not None and self.ops + 1 >= self.crash_after:
-                self.ops += 1
-                self.crash_after = None
-                raise CrashNow(f"crash before flush {self.ops} on {self.path}")
-            self.durable[:] = self.current
-            self.pending.clear()
-            self.ops += 1
+            self.clock.tick("flush", self.path)
+            if self.pending:
+                for op in self.pending:
+                    self.durable[op.offset: op.offset + len(op.data)] = op.data
+                self.pending.clear()
 
     def crash_image(self, rng: random.Random | None = None, mode: str = "drop") -> bytearray:
         """Return a device image a crash now could leave.
