@@ -324,7 +324,7 @@ class RecordingDevice(BlockDevice):
             mode: ``"drop"`` keeps only flushed writes; ``"all"`` keeps every write;
                 ``"subset"`` keeps a random subset of unflushed writes (in order);
                 ``"torn"`` keeps a random subset and tears one kept write at a
-                512-byte boundary (only a prefix of its sectors lands).
+                512-byte boundary of the device (only a prefix of its sectors lands).
         """
         img = bytearray(self.durable)
         if mode == "drop" or not self.pending:
@@ -338,8 +338,13 @@ class RecordingDevice(BlockDevice):
         torn = rng.randrange(len(keep)) if (mode == "torn" and keep) else -1
         for i, op in enumerate(keep):
             data = op.data
-            if i == torn and len(data) > self.SECTOR:
-                sectors = len(data) // self.SECTOR
-                data = data[: self.SECTOR * rng.randrange(1, sectors)]
+            if i == torn:
+                # Sectors are device-aligned: tear at a 512-byte boundary of the device
+                # inside the write (a write within one sector lands whole).
+                first = op.offset // self.SECTOR + 1
+                last = (op.offset + len(data) - 1) // self.SECTOR
+                if first <= last:
+                    cut = rng.randrange(first, last + 1) * self.SECTOR
+                    data = data[: cut - op.offset]
             img[op.offset: op.offset + len(data)] = data
         return img
