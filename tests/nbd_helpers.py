@@ -16,13 +16,15 @@ from ddsnap.nbd.server import NbdServer
 
 KiB = 1024
 MiB = 1024 * KiB
+_ZERO_BLOCK = bytes(4096)
 
 
 class MemoryExport:
     """A bytearray-backed export that records what was asked of it.
 
-    ``gate``: if set, READ and WRITE calls wait on it (a threading.Event) before running,
-    so a test can hold requests in flight without sleeping.
+    ``gate``: if set, the calls named in ``gated`` wait on it (a threading.Event) before
+    running, so a test can hold requests in flight without sleeping.  ``fail_next``: an
+    exception the next call raises.
     """
 
     def __init__(self, name: str, size: int, read_only: bool = False, fill: int = 0):
@@ -38,6 +40,7 @@ class MemoryExport:
         self.active = 0
         self.max_active = 0
         self.gate: threading.Event | None = None
+        self.gated: tuple[str, ...] = ("read", "write")
         self.fail_next: BaseException | None = None
 
     def _enter(self, *entry) -> None:
@@ -48,7 +51,7 @@ class MemoryExport:
             self.lock.notify_all()
             exc, self.fail_next = self.fail_next, None
         gate = self.gate
-        if gate is not None and entry[0] in ("read", "write"):
+        if gate is not None and entry[0] in self.gated:
             assert gate.wait(30), "test gate never opened"
         if exc is not None:
             self._leave(entry[0] + "-failed")
@@ -115,7 +118,7 @@ class MemoryExport:
             with self.lock:
                 while pos < end:
                     nxt = min(end, (pos // 4096 + 1) * 4096)
-                    zero = not any(self.data[pos:nxt])
+                    zero = self.data[pos:nxt] == _ZERO_BLOCK[:nxt - pos]
                     flags = P.STATE_HOLE | P.STATE_ZERO if zero else 0
                     if extents and extents[-1][1] == flags:
                         extents[-1] = (extents[-1][0] + nxt - pos, flags)
@@ -240,6 +243,13 @@ class RawClient:
     def __init__(self, address: str, export: str = "", structured: bool = False,
                  meta: bool = False):
         self.sock = connect(address)
+        try:
+            self._handshake(export, structured, meta)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _handshake(self, export: str, structured: bool, meta: bool) -> None:
         greeting = recv_exact(self.sock, 18)
         assert greeting[:16] == struct.pack(">QQ", P.NBDMAGIC, P.IHAVEOPT)
         self.sock.sendall(struct.pack(">I", P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES))

@@ -329,8 +329,8 @@ class _Connection:
                 await self._interruptibly(self.slot_freed.wait())
             if self.stopping:
                 return
-            room = limit - len(self.inflight)
-            events = proto.receive_data(b"", max_events=room)
+            # one event at a time, so both bounds are checked before each request
+            events = proto.receive_data(b"", max_events=1)
             if not events:
                 self._send()
                 await self._interruptibly(self.writer.drain())
@@ -338,7 +338,7 @@ class _Connection:
                 if not data:
                     log.debug("NBD client %s closed the connection", self.peer)
                     return
-                events = proto.receive_data(data, max_events=room)
+                events = proto.receive_data(data, max_events=1)
             if await self._handle(events):
                 return
             self._send()
