@@ -1,0 +1,607 @@
+"""Conformance suite: one set of tests every exception store must pass.
+
+Parametrized over SharedStore on a MemoryDevice, SharedStore on a FileDevice in
+``tmp_path`` and MemoryStore, first at the ExceptionStore API level (sharers, exceptions,
+allocation, snapshot lifecycle and names), then at the volume level through the real
+MetadataService, Origin and Snapshot (copy-out, unsharing, partial writes, a full store,
+space accounting of deletes, tree compaction).
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+
+import pytest
+
+from ddsnap.errors import (InvalidArgument, ReadOnlyVolume, SnapshotBusy, SnapshotExists,
+                           SnapshotNotFound, StoreFull, TooManySnapshots)
+from ddsnap.store.blockdev import MemoryDevice
+from ddsnap.store.memory import MemoryStore
+from ddsnap.store.service import MetadataService
+from ddsnap.store.shared import SharedStore
+from ddsnap.volume import Origin, Snapshot
+
+KINDS = ["shared-memory", "shared-file", "memory"]
+SHARED_KINDS = ["shared-memory", "shared-file"]
+
+
+@pytest.fixture(params=KINDS)
+def kind(request):
+    return request.param
+
+
+def sweep_all(store) -> None:
+    """Run sweep steps until the store says nothing is left (at most 1000 steps)."""
+    for _ in range(1000):
+        done = store.sweep_step()
+        store.commit()
+        if done:
+            return
+    raise AssertionError("sweep never finished")
+
+
+def no_fatal(store) -> None:
+    """Assert ``store.check()`` finds nothing fatal."""
+    fatal = [f for f in store.check() if f.severity == "fatal"]
+    assert not fatal, fatal
+
+
+def exc_dict(store) -> dict:
+    """The store's exceptions as ``{chunk: sorted [(sharemap, store_chunk)]}``."""
+    return {c: sorted(tuple(e) for e in ex) for c, ex in store.exceptions()}
+
+
+# =======================================================================================
+# ExceptionStore API level
+
+def test_no_snapshots_means_no_sharers(make_store, kind):
+    store = make_store(kind)
+    assert store.snapshots() == [] and store.live_mask == 0
+    assert store.origin_chunks == (1 << 20) // 4096
+    for c in (0, 1, 255):
+        assert store.origin_sharers(c) == 0
+        assert store.snapshot_exception(0, c) == (None, False)
+    assert list(store.exceptions()) == []
+    assert store.check() == []
+
+
+def test_sharers_follow_the_live_snapshots(make_store, kind):
+    store = make_store(kind)
+    a = store.create_snapshot("a")
+    b = store.create_snapshot("b", read_only=True, created=123456789)
+    assert a.bit != b.bit and b.id > a.id
+    assert (b.read_only, b.created, a.read_only) == (True, 123456789, False)
+    mask = (1 << a.bit) | (1 << b.bit)
+    assert store.live_mask == mask
+    assert [s.name for s in store.snapshots()] == ["a", "b"]
+    assert store.snapshot("b") == b
+    for c in (0, 17, 255):
+        assert store.origin_sharers(c) == mask
+        assert store.snapshot_exception(a.bit, c) == (None, False)
+
+
+def test_origin_and_snapshot_exceptions(make_store, kind):
+    store = make_store(kind)
+    a = store.create_snapshot("a")
+    b = store.create_snapshot("b")
+    ab = (1 << a.bit) | (1 << b.bit)
+    sc = store.allocate_chunk()
+    store.add_origin_exception(5, sc, ab)
+    assert store.origin_sharers(5) == 0
+    assert store.origin_sharers(4) == ab and store.origin_sharers(6) == ab
+    assert store.snapshot_exception(a.bit, 5) == (sc, False)
+    assert store.snapshot_exception(b.bit, 5) == (sc, False)
+    # a takes a chunk of its own: it leaves the shared exception, which b now owns alone.
+    mine = store.allocate_chunk()
+    assert mine != sc
+    store.add_snapshot_exception(a.bit, 5, mine)
+    assert store.snapshot_exception(a.bit, 5) == (mine, True)
+    assert store.snapshot_exception(b.bit, 5) == (sc, True)
+    # A snapshot can also diverge at a chunk it still shares with the origin.
+    own = store.allocate_chunk()
+    store.add_snapshot_exception(b.bit, 9, own)
+    assert store.snapshot_exception(b.bit, 9) == (own, True)
+    assert store.origin_sharers(9) == 1 << a.bit
+    # A snapshot created now reads the origin everywhere.
+    c = store.create_snapshot("c")
+    assert store.origin_sharers(5) == 1 << c.bit
+    assert store.origin_sharers(9) == (1 << a.bit) | (1 << c.bit)
+    assert store.snapshot_exception(c.bit, 5) == (None, False)
+    store.commit()
+    assert exc_dict(store) == {5: sorted([(1 << a.bit, mine), (1 << b.bit, sc)]),
+                               9: [(1 << b.bit, own)]}
+    no_fatal(store)
+    store = make_store.reopen(store)
+    assert exc_dict(store) == {5: sorted([(1 << a.bit, mine), (1 << b.bit, sc)]),
+                               9: [(1 << b.bit, own)]}
+    assert [s.name for s in store.snapshots()] == ["a", "b", "c"]
+    assert store.check() == []
+
+
+def test_unsharing_the_last_sharer_frees_the_old_chunk(make_store, kind):
+    store = make_store(kind)
+    a = store.create_snapshot("a")
+    sc = store.allocate_chunk()
+    store.add_origin_exception(3, sc, 1 << a.bit)
+    free = store.space()["chunks_free"]
+    new = store.allocate_chunk()
+    store.add_snapshot_exception(a.bit, 3, new)
+    assert store.space()["chunks_free"] == free  # one taken, one given back
+    assert exc_dict(store) == {3: [(1 << a.bit, new)]}
+    store.commit()
+    assert store.check() == []
+
+
+def test_allocate_chunk_until_full(make_store, kind):
+    store = make_store(kind, store_size=2 << 20)
+    space = store.space()
+    assert space["chunks_total"] == space["chunks_free"] + space["chunks_used"]
+    n = space["chunks_free"]
+    assert n > 100
+    got = []
+    for i in range(n):
+        got.append(store.allocate_chunk())
+        assert store.space()["chunks_free"] == n - i - 1
+    assert len(set(got)) == n
+    for sc in got:  # every chunk lies inside the data device
+        assert 0 <= sc and (sc + 1) * store.chunk_size <= store.cow.size
+    with pytest.raises(StoreFull) as e:
+        store.allocate_chunk()
+    assert e.value.errno == errno.ENOSPC
+    assert store.space()["chunks_free"] == 0
+    with pytest.raises(StoreFull):
+        store.allocate_chunk()
+
+
+def test_allocated_chunks_do_not_overlap_store_metadata(make_store):
+    store = make_store("shared-memory", store_size=2 << 20, chunk_size=16384)
+    got = []
+    while True:
+        try:
+            got.append(store.allocate_chunk())
+        except StoreFull:
+            break
+    meta = {store.state.root, *store._read_node(store.state.root).children}
+    for sc in got:
+        blocks = set(range(sc * store.bpc, (sc + 1) * store.bpc))
+        assert blocks.isdisjoint(meta)
+        assert sc * store.bpc >= store.bitmap.data_start
+
+
+def test_delete_and_sweep(make_store, kind):
+    store = make_store(kind)
+    a = store.create_snapshot("a")
+    b = store.create_snapshot("b")
+    A, B = 1 << a.bit, 1 << b.bit
+    shared, only_a, only_b = (store.allocate_chunk() for _ in range(3))
+    store.add_origin_exception(1, shared, A | B)
+    store.add_origin_exception(2, only_a, A)
+    store.add_origin_exception(3, only_b, B)
+    store.commit()
+    free = store.space()["chunks_free"]
+    info = store.begin_delete("a")
+    assert info.name == "a" and info.bit == a.bit
+    assert [s.name for s in store.snapshots()] == ["b"]
+    assert store.live_mask == B
+    with pytest.raises(SnapshotNotFound):
+        store.snapshot("a")
+    with pytest.raises(SnapshotNotFound):
+        store.begin_delete("a")
+    store.commit()
+    sweep_all(store)
+    assert exc_dict(store) == {1: [(B, shared)], 3: [(B, only_b)]}
+    assert store.space()["chunks_free"] == free + 1  # only a's own chunk came back
+    assert store.check() == []
+    # The swept bit is free again, and the snapshot that takes it sees none of a's data.
+    c = store.create_snapshot("c")
+    assert c.bit == a.bit and c.id > b.id
+    assert store.snapshot_exception(c.bit, 2) == (None, False)
+    assert store.snapshot_exception(c.bit, 1) == (None, False)
+    assert store.origin_sharers(2) == (1 << c.bit) | B
+    # The old name is free too.
+    store.create_snapshot("a")
+    store.commit()
+    assert store.check() == []
+
+
+def test_sweep_with_nothing_deleted_is_done(make_store, kind):
+    store = make_store(kind)
+    store.create_snapshot("a")
+    assert store.sweep_step() is True
+
+
+@pytest.mark.parametrize("name", ["", "x" * 256, "é" * 128, "origin", "a/b", "/", "a\0b"])
+def test_bad_snapshot_names(make_store, kind, name):
+    store = make_store(kind)
+    with pytest.raises(InvalidArgument):
+        store.create_snapshot(name)
+    assert store.snapshots() == []
+
+
+def test_snapshot_name_rules(make_store, kind):
+    store = make_store(kind)
+    longest = "é" * 127 + "x"  # 255 bytes of UTF-8
+    assert len(longest.encode()) == 255
+    for name in (longest, "Origin", "origin2", "snap shot", "日本"):
+        store.create_snapshot(name)
+    with pytest.raises(SnapshotExists) as e:
+        store.create_snapshot(longest)
+    assert e.value.name == longest
+    with pytest.raises(SnapshotNotFound):
+        store.snapshot("nope")
+    with pytest.raises(SnapshotNotFound):
+        store.begin_delete("nope")
+    store.commit()
+    store = make_store.reopen(store)
+    assert [s.name for s in store.snapshots()] == [longest, "Origin", "origin2", "snap shot", "日本"]
+
+
+def test_too_many_snapshots(make_store, kind):
+    store = make_store(kind, max_snapshots=64)
+    for i in range(64):
+        store.create_snapshot(f"s{i}")
+    assert store.live_mask == (1 << 64) - 1
+    with pytest.raises(TooManySnapshots):
+        store.create_snapshot("one-more")
+    store.begin_delete("s10")
+    # The bit stays reserved until the delete is swept.
+    with pytest.raises(TooManySnapshots):
+        store.create_snapshot("one-more")
+    sweep_all(store)
+    info = store.create_snapshot("one-more")
+    assert info.bit == 10
+    store.commit()
+    store = make_store.reopen(store)
+    assert len(store.snapshots()) == 64
+    assert store.check() == []
+
+
+def test_create_is_constant_time(make_store, kind):
+    """Creating a snapshot touches no per-chunk state: the exceptions are unchanged and
+    the new snapshot shares every chunk with the origin without any tree change."""
+    store = make_store(kind, origin_size=4 << 20, store_size=8 << 20, max_snapshots=1024)
+    a = store.create_snapshot("a")
+    for c in range(0, 1024, 2):
+        store.add_origin_exception(c, store.allocate_chunk(), 1 << a.bit)
+    store.commit()
+    before = exc_dict(store)
+    space = store.space()
+    b = store.create_snapshot("b")
+    assert exc_dict(store) == before
+    assert store.space() == space
+    assert store.origin_sharers(2) == 1 << b.bit
+    assert store.origin_sharers(3) == (1 << a.bit) | (1 << b.bit)
+
+
+@pytest.mark.parametrize("kind", SHARED_KINDS)
+def test_create_commit_size_does_not_depend_on_the_tree(make_store, kind):
+    """A SharedStore commits a snapshot creation as one snapshot-table block, whether the
+    tree is a single leaf or hundreds."""
+    sizes = []
+    for exceptions in (0, 2000):
+        store = make_store(kind, origin_size=16 << 20, store_size=16 << 20, max_snapshots=1024)
+        a = store.create_snapshot("a")
+        for c in range(exceptions):
+            store.add_origin_exception(c, store.allocate_chunk(), 1 << a.bit)
+        store.commit()
+        store.create_snapshot("b")
+        batch = store.begin_commit()
+        sizes.append(len(batch.tx.images))
+        store.write_commit(batch)
+        if exceptions:
+            assert store.state.levels >= 1 and sum(1 for _ in store._leaves()) > 50
+    assert sizes == [1, 1]
+
+
+# =======================================================================================
+# Volume level
+
+class Rig:
+    """An origin device, an exception store of one kind and a MetadataService over them,
+    with a bytes model of every volume.
+
+    ``write(volume, offset, data)`` / ``read(volume, offset, length)`` address the
+    origin as ``"origin"`` and snapshots by name; ``verify()`` reads every volume whole
+    and compares it with the model.
+    """
+
+    def __init__(self, make_store, kind, origin_size=256 << 10, store_size=4 << 20,
+                 chunk_size=4096, max_snapshots=64, seed=0):
+        self.make_store = make_store
+        self.kind = kind
+        self.store = make_store(kind, origin_size=origin_size, store_size=store_size,
+                                chunk_size=chunk_size, max_snapshots=max_snapshots)
+        self.origin_dev = MemoryDevice(origin_size,
+                                       random.Random(seed).randbytes(origin_size))
+        self.svc = MetadataService(self.store, self.origin_dev)
+        self.model = {"origin": bytearray(self.origin_dev.data)}
+        self.infos = {}
+
+    def volume(self, name):
+        """The Origin or Snapshot volume called ``name``."""
+        if name == "origin":
+            return Origin(self.svc)
+        return Snapshot(self.svc, self.infos[name])
+
+    def create(self, name, read_only=False):
+        """Create snapshot ``name`` through the service and in the model."""
+        self.infos[name] = self.svc.create_snapshot(name, read_only)
+        self.model[name] = bytearray(self.model["origin"])
+        return self.infos[name]
+
+    def delete(self, name):
+        """Delete snapshot ``name`` through the service and from the model."""
+        self.svc.delete_snapshot(name)
+        del self.infos[name]
+        del self.model[name]
+
+    def write(self, name, offset, data):
+        """Write through the volume; update the model only if the write succeeded."""
+        self.volume(name).write(offset, data)
+        self.model[name][offset: offset + len(data)] = data
+
+    def read(self, name, offset, length):
+        return self.volume(name).read(offset, length)
+
+    def used(self) -> int:
+        return self.store.space()["chunks_used"]
+
+    def verify(self):
+        """Every volume reads back exactly as the model says."""
+        for name, want in self.model.items():
+            got = self.read(name, 0, len(want))
+            assert got == want, f"{name} differs from the model"
+
+    def reopen(self):
+        """Close and reopen a shared store (a no-op for a MemoryStore)."""
+        if isinstance(self.store, MemoryStore):
+            return
+        self.svc.close()
+        self.store = SharedStore.open(self.store.dev)
+        self.svc = MetadataService(self.store, self.origin_dev)
+
+
+@pytest.fixture
+def rig(make_store, kind):
+    return Rig(make_store, kind)
+
+
+def test_copy_out_once_for_many_snapshots(rig):
+    cs = rig.store.chunk_size
+    names = [f"s{i}" for i in range(6)]
+    for n in names:
+        rig.create(n)
+    base = rig.used()
+    rig.write("origin", 3 * cs + 100, b"N" * 50)
+    assert rig.used() == base + 1, "N snapshots sharing a chunk need ONE copy-out"
+    excs = exc_dict(rig.store)
+    allbits = sum(1 << rig.infos[n].bit for n in names)
+    assert list(excs) == [3] and len(excs[3]) == 1 and excs[3][0][0] == allbits
+    # Writing the now-unique origin chunk again copies nothing.
+    rig.write("origin", 3 * cs, b"M" * cs)
+    assert rig.used() == base + 1
+    # A write over chunks 3..5 copies out only 4 and 5.
+    rig.write("origin", 3 * cs + 7, b"Q" * (2 * cs + 9))
+    assert rig.used() == base + 3
+    rig.verify()
+    # A snapshot taken after the copy-out reads the new origin data and shares it.
+    rig.create("late")
+    assert rig.read("late", 3 * cs, 4) == b"MMMM"
+    rig.write("origin", 3 * cs, b"Z")
+    assert rig.used() == base + 4
+    rig.verify()
+    no_fatal(rig.store)
+
+
+def test_snapshot_writes_unshare(rig):
+    cs = rig.store.chunk_size
+    s1, s2 = rig.create("s1"), rig.create("s2")
+    rig.write("origin", 0, b"o" * 10)  # copy-out shared by s1 and s2
+    base = rig.used()
+    rig.write("s1", 5, b"one")
+    assert rig.used() == base + 1
+    assert rig.read("s2", 0, 10) == rig.model["s2"][:10] != rig.model["s1"][:10]
+    assert rig.read("origin", 0, 10) == b"o" * 10
+    assert rig.store.snapshot_exception(s1.bit, 0)[1] is True
+    assert rig.store.snapshot_exception(s2.bit, 0)[1] is True
+    rig.write("s1", 6, b"again")  # already unique: no new chunk
+    assert rig.used() == base + 1
+    # Diverging from the origin at chunk 7 leaves the origin and s2 alone.
+    rig.write("s1", 7 * cs + 1, b"seven")
+    assert rig.used() == base + 2
+    assert rig.store.origin_sharers(7) == 1 << s2.bit
+    # ...so an origin write there copies out for s2 only.
+    rig.write("origin", 7 * cs, b"X" * cs)
+    assert exc_dict(rig.store)[7] == sorted([(1 << s1.bit, rig.store.snapshot_exception(s1.bit, 7)[0]),
+                                             (1 << s2.bit, rig.store.snapshot_exception(s2.bit, 7)[0])])
+    assert rig.used() == base + 3
+    rig.verify()
+    rig.reopen()
+    rig.verify()
+    no_fatal(rig.store)
+
+
+@pytest.mark.parametrize("chunk_size", [4096, 16384, 65536])
+def test_partial_chunk_writes_and_reads_across_chunk_boundaries(make_store, kind, chunk_size):
+    rig = Rig(make_store, kind, origin_size=512 << 10, store_size=16 << 20,
+              chunk_size=chunk_size, seed=chunk_size)
+    rng = random.Random(chunk_size)
+    size = 512 << 10
+    cs = chunk_size
+    rig.create("a")
+    rig.create("b")
+    # Edge cases first: single bytes at both ends of a chunk, spans of a boundary.
+    for name in ("origin", "a", "b"):
+        rig.write(name, cs - 1, b"\x01")
+        rig.write(name, cs, b"\x02")
+        rig.write(name, 2 * cs - 3, b"\x03" * 6)
+        rig.write(name, size - 1, b"\x04")
+        rig.write(name, 0, b"\x05")
+    for step in range(120):
+        name = rng.choice(["origin", "a", "b", "c"] if "c" in rig.model else ["origin", "a", "b"])
+        off = rng.randrange(size)
+        n = rng.randrange(1, min(3 * cs, size - off) + 1)
+        rig.write(name, off, rng.randbytes(n))
+        if step == 40:
+            rig.create("c")
+        if step % 15 == 0:
+            vol = rng.choice(list(rig.model))
+            roff = rng.randrange(size)
+            rlen = rng.randrange(0, min(4 * cs, size - roff) + 1)
+            assert rig.read(vol, roff, rlen) == rig.model[vol][roff: roff + rlen]
+    for vol in rig.model:  # reads straddling every chunk boundary
+        for c in range(1, size // cs):
+            assert rig.read(vol, c * cs - 5, 11) == rig.model[vol][c * cs - 5: c * cs + 6]
+    rig.verify()
+    rig.reopen()
+    rig.verify()
+    no_fatal(rig.store)
+
+
+def test_volume_ranges_are_checked(rig):
+    rig.create("a")
+    for name in ("origin", "a"):
+        vol = rig.volume(name)
+        with pytest.raises(InvalidArgument):
+            vol.read(vol.size - 1, 2)
+        with pytest.raises(InvalidArgument):
+            vol.write(vol.size, b"x")
+        with pytest.raises(InvalidArgument):
+            vol.read(-1, 1)
+        assert vol.read(vol.size, 0) == b""
+        vol.write(5, b"")
+    rig.verify()
+
+
+def test_read_only_snapshot_refuses_writes(rig):
+    rig.create("ro", read_only=True)
+    used = rig.used()
+    with pytest.raises(ReadOnlyVolume):
+        rig.volume("ro").write(0, b"x")
+    with pytest.raises(ReadOnlyVolume):
+        rig.svc.prepare_snapshot_write(rig.infos["ro"], 0, 0)
+    assert rig.used() == used
+    rig.verify()
+
+
+def test_busy_snapshot_cannot_be_deleted(rig):
+    rig.create("a")
+    rig.svc.export_open("a")
+    with pytest.raises(SnapshotBusy):
+        rig.svc.delete_snapshot("a")
+    rig.svc.export_close("a")
+    rig.delete("a")
+    with pytest.raises(SnapshotNotFound):
+        rig.svc.delete_snapshot("a")
+
+
+def test_full_store_fails_the_writer_and_changes_no_snapshot(make_store, kind):
+    cs = 4096
+    rig = Rig(make_store, kind, origin_size=1 << 20, chunk_size=cs,
+              store_size=(900 << 10) if kind == "memory" else (2 << 20))
+    rig.create("a")
+    for c in range(230, 250):  # copy-outs only "a" uses
+        rig.write("origin", c * cs, b"a only")
+    rig.create("b")
+    rng = random.Random(7)
+    full = None
+    for c in range(230):
+        data = rng.randbytes(cs)
+        try:
+            rig.write("origin", c * cs, data)
+        except StoreFull as e:
+            full = c
+            assert e.errno == errno.ENOSPC
+            break
+    assert full is not None, "the store never filled"
+    rig.verify()  # the failed write left the origin as it was, snapshots untouched
+    # A multi-chunk write into a full store: snapshots unchanged, origin outside untouched.
+    old = bytes(rig.model["origin"])
+    lo, hi = (full - 1) * cs, (full + 7) * cs
+    with pytest.raises(StoreFull):
+        Origin(rig.svc).write(lo + 10, b"W" * (hi - lo - 20))
+    now = rig.read("origin", 0, len(old))
+    assert now[:lo] == old[:lo] and now[hi:] == old[hi:]
+    for x in range(lo + 10, hi - 10):
+        assert now[x] in (old[x], ord("W"))
+    rig.model["origin"][:] = now
+    # Snapshot writes that need a chunk fail too; the snapshot keeps its content.
+    with pytest.raises(StoreFull):
+        rig.volume("a").write(200 * cs, b"A" * 10)
+    rig.verify()
+    # Writes that need no new chunk still work.
+    rig.write("origin", 0, b"fine")
+    no_fatal(rig.store)
+    # Deleting a snapshot frees what only it used; the origin can be written again.
+    rig.delete("a")
+    rig.write("origin", full * cs, b"after delete")
+    rig.write("b", 3, b"b too")
+    rig.verify()
+    rig.reopen()
+    rig.verify()
+    no_fatal(rig.store)
+
+
+def test_delete_frees_only_the_chunks_that_snapshot_used(rig):
+    cs = rig.store.chunk_size
+    rig.create("s1")
+    rig.create("s2")
+    base = rig.used()
+    rig.write("origin", 0, b"shared copy-out")  # 1 chunk shared by s1 and s2
+    rig.write("s1", 2 * cs, b"s1 own")  # 1 chunk, s1 only
+    rig.write("s2", 4 * cs, b"s2 own" * 2000)  # 3 chunks (4, 5, 6), s2 only
+    rig.create("s3")
+    rig.write("origin", 4 * cs, b"o" * cs)  # copy-out for s1 and s3 (s2 has its own)
+    assert rig.used() == base + 6
+    rig.delete("s1")
+    assert rig.used() == base + 5  # s1's own chunk; the shared ones stay
+    rig.verify()
+    rig.delete("s3")
+    assert rig.used() == base + 4  # the chunk-4 copy-out only s1 and s3 used
+    rig.verify()
+    rig.delete("s2")
+    assert rig.used() == base
+    assert exc_dict(rig.store) == {}
+    rig.verify()
+    assert rig.store.check() == []
+
+
+@pytest.mark.parametrize("kind", SHARED_KINDS)
+def test_delete_compacts_the_tree(make_store, kind):
+    """Enough exceptions for a two-level tree (4 KiB chunks, 1024-bit sharemaps make
+    leaves small); deleting shrinks the tree back and frees every block it used."""
+    cs = 4096
+    size = 16 << 20
+    rig = Rig(make_store, kind, origin_size=size, store_size=24 << 20, chunk_size=cs,
+              max_snapshots=1024)
+    store = rig.store
+    base = rig.used()
+    assert store.state.levels == 1
+    rig.create("a")
+    step = 1 << 20
+    for off in range(0, size, step):
+        rig.write("origin", off, bytes([off // step + 1]) * step)
+    assert store.state.levels >= 2, "the tree did not grow a level"
+    leaves_before = sum(1 for _ in store._leaves())
+    assert leaves_before > 252
+    rig.create("b")
+    for c in range(0, size // cs, 8):
+        rig.write("origin", c * cs, b"second")
+    b_chunks = size // cs // 8
+    assert store.check() == []
+    rig.delete("a")
+    assert store.state.levels == 1, "the tree kept its levels after the delete"
+    leaves_after = sum(1 for _ in store._leaves())
+    assert leaves_after <= -(-b_chunks // 27) + 2 <= leaves_before // 10
+    assert store.check() == []
+    assert rig.used() == base + b_chunks + leaves_after + 1 - 2  # data + leaves + root
+    rig.verify()
+    rig.reopen()
+    store = rig.store
+    rig.verify()
+    assert store.check() == []
+    rig.delete("b")
+    assert store.state.levels == 1 and sum(1 for _ in store._leaves()) == 1
+    assert rig.used() == base
+    assert store.check() == []
