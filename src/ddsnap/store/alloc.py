@@ -184,6 +184,21 @@ class Bitmap:
         self.q_blocks.add(b)
         self.q_chunks.add(c)
 
+    def unalloc_chunk(self, c: int) -> None:
+        """Give back chunk ``c`` from :meth:`alloc_chunk` that nothing ever referenced.
+
+        No transaction can point at it, so unlike :meth:`free_chunk` it is not quarantined.
+        """
+        for b in range(c * self.bpc, (c + 1) * self.bpc):
+            self._set(b, False)
+        self.free_chunks += 1
+
+    def unalloc_block(self, b: int) -> None:
+        """Give back block ``b`` from :meth:`alloc_block` that nothing ever referenced."""
+        self._set(b, False)
+        if self._group_free(b // self.bpc):
+            self.free_chunks += 1
+
     def release_quarantine(self, q_blocks: set[int], q_chunks: set[int]) -> None:
         """After a checkpoint: the given quarantined blocks and chunks may be reused."""
         self.q_blocks -= q_blocks

@@ -176,14 +176,27 @@ class ExceptionStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def release_chunk(self, store_chunk: int) -> None:
+        """Give back a chunk from :meth:`allocate_chunk` that no exception ever used
+        (its exception could not be recorded)."""
+
+    @abc.abstractmethod
     def add_origin_exception(self, chunk: int, store_chunk: int, sharemap: int) -> None:
-        """Record that snapshots ``sharemap`` now read ``chunk`` from ``store_chunk``."""
+        """Record that snapshots ``sharemap`` now read ``chunk`` from ``store_chunk``.
+
+        Raises:
+            StoreFull: no room for the metadata; nothing was changed (the caller still
+                owns ``store_chunk`` and gives it back with :meth:`release_chunk`).
+        """
 
     @abc.abstractmethod
     def add_snapshot_exception(self, bit: int, chunk: int, store_chunk: int) -> None:
         """Make ``store_chunk`` the exception of snapshot ``bit`` alone at ``chunk``.
 
         The snapshot's bit leaves whatever exception it shared before.
+
+        Raises:
+            StoreFull: as :meth:`add_origin_exception`.
         """
 
     # -- durability ----------------------------------------------------------------------

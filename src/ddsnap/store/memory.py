@@ -88,6 +88,10 @@ class MemoryStore(ExceptionStore):
         self._dirty = True
         return heapq.heappop(self._free)
 
+    def release_chunk(self, store_chunk: int) -> None:
+        heapq.heappush(self._free, store_chunk)
+        self._dirty = True
+
     def add_origin_exception(self, chunk, store_chunk, sharemap) -> None:
         self._excs.setdefault(chunk, []).append([sharemap, store_chunk])
         self._dirty = True

@@ -171,8 +171,15 @@ class MetadataService:
                     need = max(need, self._pending.get((-1, c), -1))
             if moves:
                 self._copy(moves, self.origin)
-                for c, sc, sharers in adds:
-                    self.store.add_origin_exception(c, sc, sharers)
+                for k, (c, sc, sharers) in enumerate(adds):
+                    try:
+                        self.store.add_origin_exception(c, sc, sharers)
+                    except StoreFull as e:
+                        # No room for the metadata: the chunks not recorded go back.
+                        for _c, unused, _s in adds[k:]:
+                            self.store.release_chunk(unused)
+                        err = e
+                        break
                     self._pending[(-1, c)] = self.epoch
                 need = self.epoch
             if err is not None:
@@ -260,7 +267,11 @@ class MetadataService:
                     self._copy([(c, new)], self.origin)
                 else:
                     self._copy([(sc, new)], self.store.cow)
-                self.store.add_snapshot_exception(bit, c, new)
+                try:
+                    self.store.add_snapshot_exception(bit, c, new)
+                except StoreFull:
+                    self.store.release_chunk(new)
+                    raise
                 self._pending[(bit, c)] = self.epoch
                 need = self.epoch
                 out.append(new)

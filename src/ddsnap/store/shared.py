@@ -282,10 +282,17 @@ class SharedStore(ExceptionStore):
         return None
 
     def _edit(self, chunk: int, fn) -> list[int]:
-        """Apply ``fn(excs) -> freed chunks`` to ``chunk``'s exception list, then rebalance."""
+        """Apply ``fn(excs) -> freed chunks`` to ``chunk``'s exception list, then rebalance.
+
+        Raises:
+            StoreFull: the leaf had to split and there was no free block; the tree is left
+                exactly as it was before the edit.
+        """
         path, lblock, leaf = self._probe(chunk)
         i = bisect.bisect_left(leaf.keys, chunk)
-        if i == len(leaf.keys) or leaf.keys[i] != chunk:
+        found = i < len(leaf.keys) and leaf.keys[i] == chunk
+        saved = [list(e) for e in leaf.excs[i]] if found else None
+        if not found:
             leaf.keys.insert(i, chunk)
             leaf.excs.insert(i, [])
         freed = fn(leaf.excs[i])
@@ -294,8 +301,55 @@ class SharedStore(ExceptionStore):
             del leaf.excs[i]
         self._mark(lblock, leaf)
         if not leaf.fits(self.exc_size):
-            self._split_leaf(path, lblock, leaf)
+            try:
+                self._split_leaf(path, lblock, leaf)
+            except StoreFull:
+                self._restore(chunk, saved)
+                raise
         return freed
+
+    def _restore(self, chunk: int, saved) -> None:
+        """Put ``chunk``'s exception list back to ``saved`` (None: no entry) after a
+        failed edit.  Every leaf then fits again: each holds a subset of what fitted."""
+        _path, lblock, leaf = self._probe(chunk)
+        i = bisect.bisect_left(leaf.keys, chunk)
+        found = i < len(leaf.keys) and leaf.keys[i] == chunk
+        if saved is None:
+            if found:
+                del leaf.keys[i]
+                del leaf.excs[i]
+        elif found:
+            leaf.excs[i] = saved
+        else:
+            leaf.keys.insert(i, chunk)
+            leaf.excs.insert(i, saved)
+        self._mark(lblock, leaf)
+
+    def _alloc_blocks(self, n: int) -> list[int]:
+        """Allocate ``n`` metadata blocks, all or none.
+
+        Raises:
+            StoreFull: fewer than ``n`` free blocks (none is kept).
+        """
+        got = []
+        try:
+            for _ in range(n):
+                got.append(self.bitmap.alloc_block())
+        except StoreFull:
+            for b in got:
+                self.bitmap.unalloc_block(b)
+            raise
+        return got
+
+    @staticmethod
+    def _split_cost(path) -> int:
+        """Index-node blocks inserting one more child under ``path[-1]`` may need."""
+        n = 0
+        for _b, node, _i in reversed(path):
+            if len(node.keys) < NODE_MAX:
+                return n
+            n += 1
+        return n + 1  # the root splits too: one more block for the new root
 
     def _split_leaf(self, path, lblock: int, leaf: Leaf) -> None:
         n = len(leaf.keys)
@@ -314,26 +368,27 @@ class SharedStore(ExceptionStore):
                 break
         else:
             cut = n - 1
+        # Rollback-free ordering: allocate every block the split may need (the new leaf
+        # and any index nodes splitting above it) first, so StoreFull leaves the tree
+        # unchanged.
+        spare = self._alloc_blocks(1 + self._split_cost(path))
         right = Leaf(leaf.keys[cut:], leaf.excs[cut:])
         del leaf.keys[cut:]
         del leaf.excs[cut:]
-        # Rollback-free ordering: allocate first so StoreFull leaves the tree unchanged.
-        try:
-            rblock = self.bitmap.alloc_block()
-        except StoreFull:
-            leaf.keys.extend(right.keys)
-            leaf.excs.extend(right.excs)
-            raise
+        rblock = spare.pop()
         self._put(rblock, right)
         self._mark(lblock, leaf)
-        self._insert_child(path, len(path) - 1, right.keys[0], rblock)
+        self._insert_child(path, len(path) - 1, right.keys[0], rblock, spare)
+        assert not spare
         for half, hb in ((leaf, lblock), (right, rblock)):
             if not half.fits(self.exc_size):
                 # A badly skewed leaf may need one more split; re-probe for a fresh path.
                 p2, b2, l2 = self._probe(half.keys[0])
                 self._split_leaf(p2, b2, l2)
 
-    def _insert_child(self, path, level: int, key: int, child: int) -> None:
+    def _insert_child(self, path, level: int, key: int, child: int, spare: list[int]) -> None:
+        """Insert ``child`` after ``path[level]``'s entry, splitting full nodes upward with
+        blocks taken from ``spare`` (allocated beforehand by the caller)."""
         nblock, node, i = path[level]
         node.keys.insert(i + 1, key)
         node.children.insert(i + 1, child)
@@ -344,13 +399,13 @@ class SharedStore(ExceptionStore):
         right = Node(node.keys[half:], node.children[half:])
         del node.keys[half:]
         del node.children[half:]
-        rblock = self.bitmap.alloc_block()
+        rblock = spare.pop()
         self._put(rblock, right)
         if level > 0:
-            self._insert_child(path, level - 1, right.keys[0], rblock)
+            self._insert_child(path, level - 1, right.keys[0], rblock, spare)
         else:
             # The root split: the tree grows a level (seed 000 add_exception_to_tree).
-            root = self.bitmap.alloc_block()
+            root = spare.pop()
             self._put(root, Node([0, right.keys[0]], [nblock, rblock]))
             self.state.root = root
             self.state.levels += 1
@@ -517,6 +572,9 @@ class SharedStore(ExceptionStore):
                 raise StoreFull("snapshot store is full until deleted snapshots' space "
                                 "is released by the next checkpoint") from None
             raise
+
+    def release_chunk(self, store_chunk: int) -> None:
+        self.bitmap.unalloc_chunk(store_chunk)
 
     def _drain_released(self) -> None:
         while self._released:
