@@ -38,7 +38,8 @@ def make_store(tmp_path):
     ``kind`` is ``"shared-memory"`` (SharedStore on a MemoryDevice), ``"shared-file"``
     (SharedStore on a FileDevice in ``tmp_path``) or ``"memory"`` (MemoryStore).
     Geometry keywords: ``origin_size``, ``store_size`` (bytes of the store device; for a
-    MemoryStore, of its data space), ``chunk_size``, ``max_snapshots``.  Returns the store;
+    MemoryStore, of its data space), ``chunk_size``, ``max_snapshots`` and, for a shared
+    store, ``journal_blocks``.  Returns the store;
     ``reopen(store)`` on the factory gives the same store after a clean close (a no-op
     for a MemoryStore).
     """
@@ -50,7 +51,8 @@ def make_store(tmp_path):
     opened = []
 
     def make(kind: str, origin_size: int = 1 << 20, store_size: int = 4 << 20,
-             chunk_size: int = 4096, max_snapshots: int = 64):
+             chunk_size: int = 4096, max_snapshots: int = 64,
+             journal_blocks: int | None = None):
         if kind == "memory":
             return MemoryStore(origin_size, store_size, chunk_size, max_snapshots)
         if kind == "shared-memory":
@@ -62,7 +64,8 @@ def make_store(tmp_path):
         else:
             raise ValueError(kind)
         return SharedStore.create(dev, origin_size=origin_size, origin_path="origin.img",
-                                  chunk_size=chunk_size, max_snapshots=max_snapshots)
+                                  chunk_size=chunk_size, max_snapshots=max_snapshots,
+                                  journal_blocks=journal_blocks)
 
     def reopen(store):
         if isinstance(store, MemoryStore):

@@ -17,6 +17,7 @@ import pytest
 from ddsnap.errors import (InvalidArgument, ReadOnlyVolume, SnapshotBusy, SnapshotExists,
                            SnapshotNotFound, StoreFull, TooManySnapshots)
 from ddsnap.store.blockdev import MemoryDevice
+from ddsnap.store.format import NODE_MAX, Leaf
 from ddsnap.store.memory import MemoryStore
 from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
@@ -307,11 +308,12 @@ class Rig:
     """
 
     def __init__(self, make_store, kind, origin_size=256 << 10, store_size=4 << 20,
-                 chunk_size=4096, max_snapshots=64, seed=0):
+                 chunk_size=4096, max_snapshots=64, seed=0, journal_blocks=None):
         self.make_store = make_store
         self.kind = kind
         self.store = make_store(kind, origin_size=origin_size, store_size=store_size,
-                                chunk_size=chunk_size, max_snapshots=max_snapshots)
+                                chunk_size=chunk_size, max_snapshots=max_snapshots,
+                                journal_blocks=journal_blocks)
         self.origin_dev = MemoryDevice(origin_size,
                                        random.Random(seed).randbytes(origin_size))
         self.svc = MetadataService(self.store, self.origin_dev)
@@ -605,3 +607,79 @@ def test_delete_compacts_the_tree(make_store, kind):
     assert store.state.levels == 1 and sum(1 for _ in store._leaves()) == 1
     assert rig.used() == base
     assert store.check() == []
+
+
+@pytest.mark.parametrize("kind", SHARED_KINDS)
+@pytest.mark.parametrize("spare", [0, 1, 2])
+def test_split_without_room_changes_nothing(make_store, kind, spare):
+    """An exception whose leaf must split, with the root index node full too, when fewer
+    free blocks remain than the split needs (new leaf, new index node, new root): it is
+    refused with StoreFull and the tree, the bitmap and the space are as they were."""
+    store = make_store(kind, origin_size=64 << 20, store_size=20 << 20, max_snapshots=1024)
+    a = store.create_snapshot("a")
+    bit = 1 << a.bit
+    nxt = 0
+
+    def add():
+        nonlocal nxt
+        store.add_origin_exception(nxt, store.allocate_chunk(), bit)
+        nxt += 1
+        if nxt % 200 == 0:
+            store.commit()
+
+    while len(store._read_node(store.state.root).keys) < NODE_MAX:
+        add()
+    while True:  # fill the last leaf: the next exception splits it
+        _p, _b, leaf = store._probe(nxt)
+        if not Leaf(leaf.keys + [nxt], leaf.excs + [[[bit, 0]]]).fits(store.exc_size):
+            break
+        add()
+    store.commit()
+    assert store.state.levels == 1
+    filler = []
+    while store.space()["chunks_free"] > 1 + spare:  # 4 KiB chunks: a chunk is a block
+        filler.append(store.allocate_chunk())
+    before, space = exc_dict(store), store.space()
+    sc = store.allocate_chunk()
+    with pytest.raises(StoreFull):
+        store.add_origin_exception(nxt, sc, bit)
+    store.release_chunk(sc)
+    assert exc_dict(store) == before and store.space() == space
+    assert store.state.levels == 1
+    for f in filler:
+        store.release_chunk(f)
+    store.commit()
+    assert store.check() == []
+    store = make_store.reopen(store)
+    assert exc_dict(store) == before and store.check() == []
+    # With room, the same exception goes in and the tree grows a level.
+    store.add_origin_exception(nxt, store.allocate_chunk(), bit)
+    store.commit()
+    assert store.state.levels == 2 and store.check() == []
+
+
+@pytest.mark.parametrize("extra", range(8))
+def test_store_full_of_metadata_fails_cleanly(make_store, kind, extra):
+    """Fill a store with copy-outs of 1024-bit exceptions (small leaves, frequent
+    splits) until StoreFull, at store sizes a block apart so the last failure falls on a
+    data chunk or on a leaf split: the service keeps working, nothing leaks and the
+    snapshot keeps its content."""
+    if kind == "memory" and extra:
+        pytest.skip("a MemoryStore has no metadata blocks")
+    cs = 4096
+    rig = Rig(make_store, kind, origin_size=2 << 20, chunk_size=cs, max_snapshots=1024,
+              store_size=(160 << 12) if kind == "memory" else ((300 + extra) << 12),
+              journal_blocks=64)
+    rig.create("a")
+    with pytest.raises(StoreFull):
+        for c in range(512):
+            rig.write("origin", c * cs, b"x" * cs)
+    rig.verify()
+    rig.svc.commit()
+    assert rig.store.check() == []
+    rig.reopen()
+    rig.verify()
+    assert rig.store.check() == []
+    rig.delete("a")
+    rig.write("origin", 0, b"y" * (64 << 10))
+    rig.verify()
