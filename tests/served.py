@@ -1,0 +1,277 @@
+"""Helpers for tests that drive ddsnap as a user does: the real ``ddsnap`` command in
+subprocesses, a real ``ddsnap serve`` on a unix socket, real NBD clients.
+
+* :func:`ddsnap` runs one CLI command; :func:`ok` and :func:`fails` check its outcome
+  (``fails`` also checks the error contract: one ``ddsnap: ...`` line on stderr, the
+  error's exit code, no traceback).
+* :class:`Served` runs ``ddsnap serve STORE --listen unix:SOCK`` as a subprocess, waits
+  until it says it is serving and its control socket answers a request, and on exit sends
+  SIGTERM and asserts a clean exit (status 0, no traceback, sockets removed).
+* :func:`tool` runs an external client (qemu-io, nbdinfo, ...) and skips the test when
+  the binary is not installed.
+
+Nothing here sleeps for a fixed time to let something happen: waits poll a condition up to
+a generous deadline and fail with what was seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+#: the ddsnap command: the venv's console script (what users run), else ``python -m``
+_SCRIPT = Path(sys.executable).with_name("ddsnap")
+DDSNAP = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "ddsnap.cli"]
+
+#: generous deadline for anything we wait for (not a timing assertion)
+DEADLINE = 60.0
+#: unix socket paths are limited to 108 bytes including the NUL
+_SUN_PATH_MAX = 107
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def ddsnap(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``ddsnap ARGS`` and return the completed process (text output)."""
+    return subprocess.run([*DDSNAP, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def ok(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``ddsnap ARGS``, assert it succeeded, return it."""
+    p = ddsnap(*args, timeout=timeout)
+    assert p.returncode == 0, (f"ddsnap {' '.join(map(str, args))} exited {p.returncode}\n"
+                               f"stdout: {p.stdout}\nstderr: {p.stderr}")
+    assert "Traceback" not in p.stderr, p.stderr
+    return p
+
+
+def ok_json(*args):
+    """Run ``ddsnap ARGS --json``, assert success, return the parsed JSON."""
+    return json.loads(ok(*args, "--json").stdout)
+
+
+def fails(code: int, *args, match: str | None = None, timeout: float = 120) -> str:
+    """Run ``ddsnap ARGS``; assert the error contract and return the error line.
+
+    The contract: exit status ``code``, exactly one line on stderr starting ``ddsnap: ``,
+    no traceback.  ``match`` is a regular expression searched in that line.
+    """
+    p = ddsnap(*args, timeout=timeout)
+    cmd = f"ddsnap {' '.join(map(str, args))}"
+    assert p.returncode == code, (f"{cmd}: expected exit {code}, got {p.returncode}\n"
+                                  f"stdout: {p.stdout}\nstderr: {p.stderr}")
+    assert "Traceback" not in p.stderr + p.stdout, f"{cmd} printed a traceback:\n{p.stderr}"
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1, f"{cmd}: expected one line on stderr, got {lines!r}"
+    line = lines[0]
+    assert line.startswith("ddsnap: "), f"{cmd}: {line!r}"
+    if match is not None:
+        assert re.search(match, line), f"{cmd}: {line!r} does not match {match!r}"
+    return line
+
+
+def tool(*args, check: bool = True, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    """Run an external program; skip the test if it is not installed.
+
+    With ``check`` a non-zero exit fails the test with the program's output.
+    """
+    need(str(args[0]))
+    p = subprocess.run([str(a) for a in args], capture_output=True, text=True,
+                       timeout=timeout, **kwargs)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} exited {p.returncode}\n"
+                             f"stdout: {p.stdout}\nstderr: {p.stderr}")
+    return p
+
+
+def need(binary: str) -> str:
+    """The path of ``binary``; skip the test if it is not installed."""
+    path = shutil.which(binary)
+    if path is None:
+        pytest.skip(f"{binary} is not installed (scripts/setup installs it)")
+    return path
+
+
+def wait_until(predicate, what: str, deadline: float = DEADLINE, interval: float = 0.02):
+    """Poll ``predicate()`` until it returns a true value (returned), or fail after
+    ``deadline`` seconds saying ``what`` never happened."""
+    end = time.monotonic() + deadline
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(interval)
+
+
+def control_request(path: str | os.PathLike, op: str, args: dict | None = None,
+                    timeout: float = DEADLINE) -> dict:
+    """Send one request to a control socket by hand (one JSON line each way, as
+    docs/protocol.md describes) and return the decoded reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
+        with s.makefile("rb") as f:
+            line = f.readline()
+    return json.loads(line)
+
+
+class Served:
+    """``ddsnap serve STORE`` as a real subprocess, on a unix socket next to the store.
+
+    Use as a context manager::
+
+        with Served(store) as srv:
+            tool("nbdinfo", srv.uri("origin"))
+
+    ``srv.sock`` is the NBD socket, ``srv.ctl`` the control socket (default
+    ``STORE.ctl``), ``srv.tcp`` the ``host:port`` of a TCP listener when ``tcp=True``.
+    On a normal exit the server gets SIGTERM and must exit 0 without a traceback and
+    remove its sockets; :meth:`kill` instead SIGKILLs it (a crash).
+    """
+
+    def __init__(self, store: str | os.PathLike, *, sock: str | os.PathLike | None = None,
+                 control: str | os.PathLike | None = None, tcp: bool = False,
+                 extra: tuple[str, ...] = ()):
+        self.store = Path(store)
+        self.sock = Path(sock) if sock else self.store.with_name(self.store.name + ".nbd")
+        self.ctl = Path(control) if control else self.store.with_name(self.store.name + ".ctl")
+        self.log = self.store.with_name(self.store.name + ".serve.log")
+        for p in (self.sock, self.ctl):
+            assert len(str(p)) <= _SUN_PATH_MAX, f"socket path too long for AF_UNIX: {p}"
+        self.args = [*DDSNAP, "serve", str(self.store), "--listen", f"unix:{self.sock}"]
+        if tcp:
+            self.args += ["--listen", "tcp:127.0.0.1:0"]
+        if control:
+            self.args += ["--control", str(self.ctl)]
+        self.args += list(extra)
+        self.want_tcp = tcp
+        self.tcp: str | None = None
+        self.proc: subprocess.Popen | None = None
+        self.returncode: int | None = None
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def start(self) -> "Served":
+        self._logf = open(self.log, "w+")
+        self.proc = subprocess.Popen(self.args, stdout=self._logf, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        try:
+            wait_until(self._ready, f"ddsnap serve {self.store} to be ready")
+        except BaseException:
+            self._reap(signal.SIGKILL)
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"ddsnap serve exited {self.proc.returncode} before it was "
+                                 f"ready:\n{self.output()}")
+        m = re.search(r"^serving .* on (.*); control socket (\S+)$", self.output(), re.M)
+        if not m:
+            return False
+        if self.want_tcp:
+            t = re.search(r"tcp:(127\.0\.0\.1:\d+)", m.group(1))
+            assert t, f"no TCP address in {m.group(0)!r}"
+            self.tcp = t.group(1)
+        try:
+            reply = control_request(self.ctl, "status", timeout=10)
+        except OSError:
+            return False
+        assert reply.get("ok") and reply["result"]["served"] is True, reply
+        return True
+
+    def output(self) -> str:
+        """Everything the server printed so far."""
+        with open(self.log) as f:
+            return f.read()
+
+    def __enter__(self) -> "Served":
+        return self if self.proc is not None else self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.proc is None or self.returncode is not None:
+            return
+        if exc_type is not None:
+            # The test already failed: stop the server, don't mask the real error.
+            self._reap(signal.SIGTERM)
+            return
+        self.stop()
+
+    def _reap(self, sig: int) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.returncode = self.proc.returncode
+        self._logf.close()
+        return self.returncode
+
+    def stop(self) -> None:
+        """SIGTERM; assert the server drains and exits cleanly and removes its sockets."""
+        rc = self._reap(signal.SIGTERM)
+        out = self.output()
+        assert rc == 0, f"ddsnap serve exited {rc} on SIGTERM:\n{out}"
+        assert "Traceback" not in out, out
+        assert not self.ctl.exists(), f"control socket {self.ctl} left behind"
+        assert not self.sock.exists(), f"NBD socket {self.sock} left behind"
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash): nothing is cleaned up, the journal must recover."""
+        rc = self._reap(signal.SIGKILL)
+        assert rc == -signal.SIGKILL, rc
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    # -- addresses --------------------------------------------------------------------
+
+    def uri(self, export: str = "origin") -> str:
+        """The NBD URI of ``export`` on the unix socket."""
+        return f"nbd+unix:///{export}?socket={self.sock}"
+
+    def tcp_uri(self, export: str = "origin") -> str:
+        assert self.tcp, "start with tcp=True"
+        return f"nbd://{self.tcp}/{export}"
+
+    def control(self, op: str, **args):
+        """Run a control operation by hand; return its result or raise AssertionError."""
+        reply = control_request(self.ctl, op, args)
+        assert reply.get("ok"), reply
+        return reply["result"]
+
+
+def make_origin(path: Path, size: int, seed: int | None = None) -> bytes:
+    """Write an origin file of ``size`` bytes of random data; return the data."""
+    data = os.urandom(size) if seed is None else _seeded(size, seed)
+    path.write_bytes(data)
+    return data
+
+
+def _seeded(size: int, seed: int) -> bytes:
+    import random
+    return random.Random(seed).randbytes(size)
+
+
+def read_export(srv: Served, export: str, dest: Path, *extra: str) -> bytes:
+    """Copy ``export`` to the file ``dest`` with nbdcopy and return its bytes."""
+    tool("nbdcopy", *extra, srv.uri(export), dest)
+    return dest.read_bytes()
