@@ -16,6 +16,7 @@ a generous deadline and fail with what was seen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -275,3 +276,76 @@ def read_export(srv: Served, export: str, dest: Path, *extra: str) -> bytes:
     """Copy ``export`` to the file ``dest`` with nbdcopy and return its bytes."""
     tool("nbdcopy", *extra, srv.uri(export), dest)
     return dest.read_bytes()
+
+
+# --- FUSE, loop devices and mounts (root-only tests) --------------------------------------
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+@contextlib.contextmanager
+def nbdfuse(uri: str, mountpoint: Path, readonly: bool = False):
+    """Expose the NBD export ``uri`` as the file ``MOUNTPOINT/nbd`` with nbdfuse; yields
+    that file.  On exit the FUSE mount is unmounted and nbdfuse must exit 0."""
+    need("nbdfuse")
+    need("fusermount3")
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    log = mountpoint.with_name(mountpoint.name + ".nbdfuse.log")
+    with open(log, "w") as logf:
+        proc = subprocess.Popen(["nbdfuse", *(["--readonly"] if readonly else []),
+                                 str(mountpoint), uri],
+                                stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    target = mountpoint / "nbd"
+
+    def mounted():
+        if proc.poll() is not None:
+            raise AssertionError(f"nbdfuse exited {proc.returncode}: {log.read_text()}")
+        return os.path.ismount(mountpoint) and target.exists()
+
+    try:
+        wait_until(mounted, f"nbdfuse to mount {uri} on {mountpoint}")
+        yield target
+    finally:
+        why = ""
+        if os.path.ismount(mountpoint):
+            r = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True,
+                               text=True)
+            if r.returncode != 0:  # still busy: don't leave it behind
+                why = r.stderr
+                subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
+        try:
+            rc = proc.wait(DEADLINE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+    assert not why, f"could not unmount {mountpoint}: {why}"
+    assert rc == 0, f"nbdfuse exited {rc}: {log.read_text()}"
+
+
+@contextlib.contextmanager
+def loop_device(path: Path, readonly: bool = False):
+    """Attach ``path`` to a free loop device; yields ``/dev/loopN``; detaches on exit."""
+    need("losetup")
+    dev = tool("losetup", "-f", "--show", *(["-r"] if readonly else []), path).stdout.strip()
+    assert dev.startswith("/dev/loop"), dev
+    try:
+        yield dev
+    finally:
+        r = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)
+    assert r.returncode == 0, f"losetup -d {dev}: {r.stderr}"
+
+
+@contextlib.contextmanager
+def mounted(dev: str, mountpoint: Path, options: str = ""):
+    """``mount [-o OPTIONS] DEV MOUNTPOINT`` for the block; unmounted on exit."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    tool("mount", *(["-o", options] if options else []), dev, mountpoint)
+    try:
+        yield mountpoint
+    finally:
+        r = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True)
+        if r.returncode != 0:
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+    assert r.returncode == 0, f"umount {mountpoint}: {r.stderr}"
