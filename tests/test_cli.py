@@ -635,20 +635,25 @@ def test_sigkill_then_journal_replay(env, recover_by):
     srv.kill()
     assert srv.ctl.exists(), "SIGKILL cannot clean up: the stale control socket is expected"
 
-    if recover_by == "restart":
-        srv = env.served().start()  # replaces the stale sockets, replays the journal
-        st = srv.control("status")
-    else:
-        st = ok_json("status", env.store)
-        assert st["served"] is False
-        srv = None
-    assert st["recovered_transactions"] > 0, st
-    assert [s["name"] for s in st["snapshots"]] == ["s1", "s2"]
     expected = {"s1": env.data, "s2": bytes(s2), "origin": bytes(origin)}
-    assert env.origin.read_bytes() == expected["origin"]
-    with (srv or env.served()) as srv:
-        assert ok_json("check", env.store)["clean"]
-        for name, data in expected.items():
-            assert read_export(srv, name, env.dir / f"{name}.read") == data, name
+    if recover_by == "restart":
+        # a new server replaces the stale sockets and replays the journal
+        with env.served() as srv:
+            st = srv.control("status")
+            check_recovered(env, st, expected, srv)
+    else:
+        st = ok_json("status", env.store)  # opening it locally replays the journal
+        assert st["served"] is False
+        with env.served() as srv:
+            check_recovered(env, st, expected, srv)
     assert ok_json("check", env.store) == {"clean": True, "fatal": 0, "warnings": 0,
                                            "findings": []}
+
+
+def check_recovered(env: Env, st: dict, expected: dict, srv: Served) -> None:
+    assert st["recovered_transactions"] > 0, st
+    assert [s["name"] for s in st["snapshots"]] == ["s1", "s2"]
+    assert env.origin.read_bytes() == expected["origin"]
+    assert ok_json("check", env.store)["clean"]
+    for name, data in expected.items():
+        assert read_export(srv, name, env.dir / f"{name}.read") == data, name
