@@ -683,3 +683,45 @@ def test_store_full_of_metadata_fails_cleanly(make_store, kind, extra):
     rig.delete("a")
     rig.write("origin", 0, b"y" * (64 << 10))
     rig.verify()
+
+
+@pytest.mark.parametrize("kind", SHARED_KINDS)
+def test_space_freed_by_a_sweep_is_not_reused_before_its_checkpoint(make_store, kind):
+    """Chunks and blocks a sweep frees stay quarantined until the sweep's commit has
+    checkpointed the journal: until then recovery could replay a transaction that still
+    uses them (the revoke problem), so handing them out would let new data be lost."""
+    store = make_store(kind, origin_size=8 << 20, store_size=8 << 20, max_snapshots=1024)
+    a = store.create_snapshot("a")
+    b = store.create_snapshot("b")
+    mine = []
+    for c in range(120):  # several leaves of a's own exceptions, one shared exception
+        mine.append(store.allocate_chunk())
+        store.add_origin_exception(c, mine[-1], 1 << a.bit)
+    store.add_origin_exception(500, store.allocate_chunk(), (1 << a.bit) | (1 << b.bit))
+    store.commit()
+    leaves = {blk for blk, _ in store._leaves()}
+    assert len(leaves) > 3
+    store.begin_delete("a")
+    store.commit()
+    assert store.sweep_step() is True
+    freed_leaves = leaves - {blk for blk, _ in store._leaves()}
+    assert freed_leaves, "the sweep merged no leaves"
+    quarantined = set(mine) | freed_leaves  # 4 KiB chunks: a block is a chunk
+    got = []
+    while True:
+        try:
+            got.append(store.allocate_chunk())
+        except StoreFull as e:
+            assert "released" in str(e)
+            break
+    assert quarantined.isdisjoint(got)
+    for c in got:
+        store.release_chunk(c)
+    store.commit()  # the sweep's commit checkpoints: the quarantine ends
+    again = set()
+    while True:
+        try:
+            again.add(store.allocate_chunk())
+        except StoreFull:
+            break
+    assert quarantined <= again
