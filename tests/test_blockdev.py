@@ -325,3 +325,28 @@ def test_torn_unaligned_write_tears_at_device_sector_boundaries():
         outcomes.add(len(landed))
         assert bytes(img[3100:3200]) in (bytes(100), b"\xcc" * 100)
     assert outcomes == {0, 1024 - 700, 513}
+
+
+def test_clock_observer_sees_each_operation_before_it_happens():
+    seen = []
+    clock = CrashClock()
+    a = RecordingDevice(4096, path="a", clock=clock)
+    b = RecordingDevice(4096, path="b", clock=clock)
+
+    def observe(n, what, path):
+        # The operation has not happened yet: its data is in no crash image.
+        seen.append((n, what, path, bytes(a.crash_image(mode="all")[:2]),
+                     bytes(b.crash_image(mode="all")[:1])))
+
+    clock.observer = observe
+    a.pwrite(b"x", 0)
+    b.flush()
+    a.pwrite(b"y", 1)
+    clock.crash_after = 4
+    with pytest.raises(CrashNow):
+        b.pwrite(b"z", 0)
+    assert seen == [(1, "write", "a", b"\0\0", b"\0"), (2, "flush", "b", b"x\0", b"\0"),
+                    (3, "write", "a", b"x\0", b"\0"), (4, "write", "b", b"xy", b"\0")]
+    with pytest.raises(CrashNow):
+        a.flush()  # the power stays off; the observer is not called for it
+    assert len(seen) == 4
