@@ -76,11 +76,16 @@ def check_store(store) -> list[Finding]:
                     fatal(block, f"exception for chunk {k} past the end of the origin")
                 if not excs:
                     fatal(block, f"chunk {k} has an empty exception list")
+                union = 0
                 for share, c in excs:
                     if not share:
                         fatal(block, f"chunk {k}: exception {c} has an empty sharemap")
                     elif share & ~allowed:
                         fatal(block, f"chunk {k}: sharemap {share:#x} names snapshots that do not exist")
+                    if share & union:
+                        fatal(block, f"chunk {k}: snapshots {share & union:#x} have more "
+                                     "than one exception")
+                    union |= share
                     if not first_data_chunk <= c < nchunks:
                         fatal(block, f"chunk {k}: store chunk {c} out of range")
                         continue
@@ -99,6 +104,13 @@ def check_store(store) -> list[Finding]:
             walk(child, level + 1, child_lo, child_hi)
 
     walk(store.state.root, 0, 0, None)
+
+    # A data chunk must not lie over a tree block (each allocated exactly once).
+    for c, k in referenced_chunks.items():
+        for b in range(c * bpc, (c + 1) * bpc):
+            if b in referenced_blocks:
+                fatal(b, f"store chunk {c} (chunk {k}) overlaps the {referenced_blocks[b]} "
+                         f"in block {b}")
 
     # Leaks: allocated blocks past the reserved area that nothing references.
     used_by_chunks = set()
