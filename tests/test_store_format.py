@@ -820,3 +820,26 @@ def test_check_reports_bitmap_disagreement_and_leaks():
     findings = store.check()
     assert [f.severity for f in findings] == ["warning"]
     assert findings[0].block == c * store.bpc
+
+
+def test_check_reports_a_data_chunk_that_overlaps_the_tree():
+    """Invariant 5: a store chunk that is also a tree block is allocated twice."""
+    store = SharedStore.create(MemoryDevice(2 << 20), origin_size=1 << 20, chunk_size=4096)
+    a = store.create_snapshot("a")
+    root = store.state.root
+    store.add_origin_exception(3, root, 1 << a.bit)  # bypasses the allocator
+    store.commit()
+    fatal = [f for f in store.check() if f.severity == "fatal"]
+    assert fatal and any(f.block == root for f in fatal), fatal
+
+
+def test_check_reports_a_snapshot_with_two_exceptions_for_one_chunk():
+    store = SharedStore.create(MemoryDevice(2 << 20), origin_size=1 << 20, chunk_size=4096)
+    a = store.create_snapshot("a")
+    b = store.create_snapshot("b")
+    store.add_origin_exception(3, store.allocate_chunk(), 1 << a.bit)
+    store.add_origin_exception(3, store.allocate_chunk(), (1 << a.bit) | (1 << b.bit))
+    store.commit()
+    leaf = store._read_node(store.state.root).children[0]
+    fatal = [f for f in store.check() if f.severity == "fatal"]
+    assert len(fatal) == 1 and fatal[0].block == leaf and "chunk 3" in fatal[0].message
