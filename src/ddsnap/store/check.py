@@ -106,11 +106,11 @@ def check_store(store) -> list[Finding]:
     walk(store.state.root, 0, 0, None)
 
     # A data chunk must not lie over a tree block (each allocated exactly once).
-    for c, k in referenced_chunks.items():
-        for b in range(c * bpc, (c + 1) * bpc):
-            if b in referenced_blocks:
-                fatal(b, f"store chunk {c} (chunk {k}) overlaps the {referenced_blocks[b]} "
-                         f"in block {b}")
+    for b, what in referenced_blocks.items():
+        c = b // bpc
+        if c in referenced_chunks:
+            fatal(b, f"store chunk {c} (chunk {referenced_chunks[c]}) overlaps the {what} "
+                     f"in block {b}")
 
     # Leaks: allocated blocks past the reserved area that nothing references.
     used_by_chunks = set()
