@@ -227,11 +227,11 @@ class CrashClock:
     off; reads still work.  Without it the crash fires once and the devices carry on.
 
     ``observer``, if given, is called as ``observer(n, what, path)`` just before
-    operation number ``n`` is performed, while the devices hold exactly what a crash at
-    that operation would leave: a test can inspect every crash point in one run instead
-    of re-running its workload once per point.  The clock's lock is held during the call,
-    so the observer must not do I/O on the clock's devices other than
-    :meth:`RecordingDevice.crash_image`.
+    operation number ``n`` is performed, while (in a single-threaded caller) the devices
+    hold exactly what a crash at that operation would leave: a test can inspect every
+    crash point in one run instead of re-running its workload once per point.  It is
+    called without the clock's lock held, so it may also hold the calling thread there
+    while other threads do I/O (to force an interleaving).
 
     Attributes:
         ops: operations issued so far (the crashing one included).
@@ -248,12 +248,16 @@ class CrashClock:
         self.crashed = False
         self.lock = threading.Lock()
 
+    def before(self, what: str, path: str) -> None:
+        """Call the observer for the operation about to be counted (without the lock)."""
+        observer = self.observer
+        if observer is not None and not (self.crashed and self.stay_down):
+            observer(self.ops + 1, what, path)
+
     def tick(self, what: str, path: str) -> None:
         """Count one operation (call with :attr:`lock` held); raise CrashNow at the crash."""
         if self.crashed and self.stay_down:
             raise CrashNow(f"{what} on {path} after the crash")
-        if self.observer is not None:
-            self.observer(self.ops + 1, what, path)
         self.ops += 1
         if self.crash_after is not None and self.ops >= self.crash_after:
             self.crash_after = None
@@ -313,6 +317,7 @@ class RecordingDevice(BlockDevice):
 
     def pwrite(self, data, offset: int) -> None:
         self._check_write(len(data), offset)
+        self.clock.before("write", self.path)
         with self._lock:
             self.clock.tick("write", self.path)
             data = bytes(data)
@@ -320,6 +325,7 @@ class RecordingDevice(BlockDevice):
             self.pending.append(_Op("write", offset, data))
 
     def flush(self) -> None:
+        self.clock.before("flush", self.path)
         with self._lock:
             self.clock.tick("flush", self.path)
             if self.pending:
