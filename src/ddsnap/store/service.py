@@ -66,7 +66,9 @@ class MetadataService:
         self.durable = -1  # every batch up to this one is durable
         self._committing = False
         self._failed: BaseException | None = None
-        self._pending: dict[tuple[int, int], int] = {}  # (bit or -1, chunk) -> epoch
+        #: logical chunk -> epoch of the batch holding the latest change to its mapping
+        #: (a copy-out or an unshare); a write relying on that mapping waits for it
+        self._pending: dict[int, int] = {}
         self._readlocks: Counter[int] = Counter()
         self._origin_writes = 0
         self._barrier = 0  # snapshot creations waiting for origin writes to drain
@@ -168,7 +170,10 @@ class MetadataService:
                     moves.append((c, sc))
                     adds.append((c, sc, sharers))
                 else:
-                    need = max(need, self._pending.get((-1, c), -1))
+                    # No sharer now, but maybe only since a change not yet durable (a
+                    # copy-out, or a snapshot write unsharing the chunk): until it is, a
+                    # crash would bring the origin's sharers back.
+                    need = max(need, self._pending.get(c, -1))
             if moves:
                 self._copy(moves, self.origin)
                 for k, (c, sc, sharers) in enumerate(adds):
@@ -180,7 +185,7 @@ class MetadataService:
                             self.store.release_chunk(unused)
                         err = e
                         break
-                    self._pending[(-1, c)] = self.epoch
+                    self._pending[c] = self.epoch
                 need = self.epoch
             if err is not None:
                 raise err
@@ -259,7 +264,10 @@ class MetadataService:
             for c in range(first, last + 1):
                 sc, unique = self.store.snapshot_exception(bit, c)
                 if unique:
-                    need = max(need, self._pending.get((bit, c), -1))
+                    # Unique maybe only by a change not yet durable (its own unshare or
+                    # an origin write's copy-out): data written there before that commits
+                    # is lost to a crash.
+                    need = max(need, self._pending.get(c, -1))
                     out.append(sc)
                     continue
                 new = self.store.allocate_chunk()
@@ -272,7 +280,7 @@ class MetadataService:
                 except StoreFull:
                     self.store.release_chunk(new)
                     raise
-                self._pending[(bit, c)] = self.epoch
+                self._pending[c] = self.epoch
                 need = self.epoch
                 out.append(new)
         self.wait_durable(need)
