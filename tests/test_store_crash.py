@@ -557,3 +557,104 @@ def test_crash_during_recovery():
 
     Run(g, ops, observer=first_crash)
     assert stats["first"] == len(firsts) and stats["second"] > 3 * len(firsts)
+
+
+# ---------------------------------------------------------------------------------------
+# Concurrent requests: a write must not rely on a mapping that is not durable yet
+
+def _wait_done_or_blocked(thread, svc, timeout: float = 20.0) -> None:
+    """Return once ``thread`` has finished or waits on the service's condition (for a
+    commit to become durable); give up after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while thread.is_alive() and time.monotonic() < deadline:
+        if getattr(svc.cond, "_waiters", None):
+            return
+        time.sleep(0.001)
+
+
+def _race(first, second, trigger_path: str):
+    """Run ``first(svc)`` and, when it issues its next flush on ``trigger_path`` (the
+    commit of its metadata change begins, nothing of it durable yet), run
+    ``second(svc)`` in another thread until that finishes or waits for the commit; then
+    crash.  Returns the run's pieces, the crash images taken at that moment, and whether
+    ``second`` had completed (been acknowledged) by then."""
+    import threading
+
+    g = Geometry()
+    clock = CrashClock()
+    initial = random.Random(g.origin_size).randbytes(g.origin_size)
+    origin = RecordingDevice(g.origin_size, initial, "origin", clock)
+    store_dev = RecordingDevice(g.store_blocks * 4096, None, "store", clock)
+    store = SharedStore.create(store_dev, origin_size=g.origin_size, chunk_size=g.chunk_size,
+                               journal_blocks=g.journal_blocks)
+    svc = MetadataService(store, origin)
+    snap = svc.create_snapshot("s")
+    state = {"armed": False}
+    errors = []
+
+    def run_second():
+        try:
+            second(svc, snap)
+        except BaseException as e:  # reported by the test
+            errors.append(e)
+
+    def observe(n, what, path):
+        if not state["armed"] or what != "flush" or path != trigger_path:
+            return
+        state["armed"] = False
+        thread = threading.Thread(target=run_second)
+        thread.start()
+        _wait_done_or_blocked(thread, svc)
+        state["thread"] = thread
+        state["second_done"] = not thread.is_alive() and not errors
+        state["images"] = [(bytes(store_dev.crash_image(random.Random(i), mode)),
+                            bytes(origin.crash_image(random.Random(i), mode)))
+                           for i, mode in enumerate(MODES)]
+
+    clock.observer = observe
+    state["armed"] = True
+    first(svc, snap)
+    clock.observer = None
+    state["thread"].join()
+    assert not errors, errors
+    return g, initial, svc, snap, state["images"], state["second_done"]
+
+
+def test_origin_write_waits_until_a_snapshot_unshare_is_durable():
+    """A snapshot write unshares origin chunk 0 (copy + commit); meanwhile an origin
+    write to chunk 0 finds no sharer.  It must still wait for that commit: if the origin
+    changed first, a crash would leave the snapshot reading the new origin data."""
+    g, initial, svc, snap, images, _ = _race(
+        lambda svc, snap: Snapshot(svc, snap).write(10, b"A" * 10),
+        lambda svc, snap: Origin(svc).write(100, b"B" * 100),
+        trigger_path="store")
+    t = Tracker(Vol.exact(initial))
+    t.origin.issue(100, b"B" * 100)
+    t.snaps["s"] = Vol.exact(initial)
+    t.snaps["s"].issue(10, b"A" * 10)
+    for mode, (store_img, origin_img) in zip(MODES, images):
+        recover_and_verify(t, g, store_img, origin_img, f"origin write racing unshare ({mode})")
+    assert Snapshot(svc, snap).read(0, 30) == initial[:10] + b"A" * 10 + initial[20:30]
+    assert Origin(svc).read(100, 100) == b"B" * 100
+
+
+def test_snapshot_write_waits_until_its_copy_out_is_durable():
+    """An origin write copies chunk 0 out for the snapshot; meanwhile a FUA write to the
+    snapshot finds that (not yet committed) exception unique to it.  The FUA write must
+    not be acknowledged before the exception is durable, or a crash loses it."""
+    g, initial, svc, snap, images, acked = _race(
+        lambda svc, snap: Origin(svc).write(100, b"O" * 100),
+        lambda svc, snap: Snapshot(svc, snap).write(10, b"S" * 10, fua=True),
+        trigger_path="store")
+    t = Tracker(Vol.exact(initial))
+    t.origin.issue(100, b"O" * 100)
+    t.snaps["s"] = Vol.exact(initial)
+    t.snaps["s"].issue(10, b"S" * 10)
+    if acked:  # acknowledged at the crash: it must have survived
+        t.snaps["s"].acked(10, b"S" * 10)
+        t.snaps["s"].flushed()
+    for mode, (store_img, origin_img) in zip(MODES, images):
+        recover_and_verify(t, g, store_img, origin_img, f"FUA write racing copy-out ({mode})")
+    assert Snapshot(svc, snap).read(0, 30) == initial[:10] + b"S" * 10 + initial[20:30]
