@@ -16,6 +16,7 @@ a generous deadline and fail with what was seen.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -25,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,11 +44,21 @@ _SUN_PATH_MAX = 107
 KiB = 1024
 MiB = 1024 * KiB
 
+#: where serving ddsnaps record their control sockets (``$DDSNAP_RUNDIR``): a directory
+#: of this test session, so the tests never touch /run/ddsnap
+_RUNDIR = tempfile.mkdtemp(prefix="ddsnap-run-")
+atexit.register(shutil.rmtree, _RUNDIR, True)
+
+
+def ddsnap_env() -> dict:
+    """The environment every ddsnap process of the tests runs with."""
+    return {**os.environ, "DDSNAP_RUNDIR": _RUNDIR}
+
 
 def ddsnap(*args, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``ddsnap ARGS`` and return the completed process (text output)."""
     return subprocess.run([*DDSNAP, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=ddsnap_env())
 
 
 def ok(*args, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -151,7 +163,7 @@ class Served:
         self.store = Path(store)
         self.sock = Path(sock) if sock else self.store.with_name(self.store.name + ".nbd")
         self.ctl = Path(control) if control else self.store.with_name(self.store.name + ".ctl")
-        self.log = self.store.with_name(self.store.name + ".serve.log")
+        self.log = self.sock.with_name(self.sock.name + ".serve.log")
         for p in (self.sock, self.ctl):
             assert len(str(p)) <= _SUN_PATH_MAX, f"socket path too long for AF_UNIX: {p}"
         self.args = [*DDSNAP, "serve", str(self.store), "--listen", f"unix:{self.sock}"]
@@ -170,7 +182,7 @@ class Served:
     def start(self) -> "Served":
         self._logf = open(self.log, "w+")
         self.proc = subprocess.Popen(self.args, stdout=self._logf, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, env=ddsnap_env())
         try:
             wait_until(self._ready, f"ddsnap serve {self.store} to be ready")
         except BaseException:

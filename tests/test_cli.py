@@ -22,8 +22,8 @@ from pathlib import Path
 import crc32c
 import pytest
 
-from served import (DEADLINE, KiB, MiB, Served, ddsnap, fails, make_origin, ok, ok_json,
-                    read_export, tool, wait_until)
+from served import (DEADLINE, KiB, MiB, Served, control_request, ddsnap, fails,
+                    make_origin, ok, ok_json, read_export, tool, wait_until)
 
 ORIGIN_SIZE = 16 * MiB
 CHUNK = 64 * KiB
@@ -657,3 +657,121 @@ def check_recovered(env: Env, st: dict, expected: dict, srv: Served) -> None:
     assert ok_json("check", env.store)["clean"]
     for name, data in expected.items():
         assert read_export(srv, name, env.dir / f"{name}.read") == data, name
+
+
+def test_sigkill_while_an_origin_writer_is_busy(env):
+    """Kill the server in the middle of copy-on-write traffic: after recovery every
+    snapshot still reads exactly what it held, and the metadata is consistent."""
+    if subprocess.run(["fio", "--enghelp=nbd"], capture_output=True).returncode != 0:
+        pytest.skip("fio with the nbd engine is needed to keep writes in flight")
+    ok("snap", "create", env.store, "s1")
+    ok("snap", "create", env.store, "s2", "--read-only")
+    srv = env.served().start()
+    writer = None
+    try:
+        free0 = srv.control("status")["chunks_free"]
+        writer = subprocess.Popen(
+            ["fio", "--name=busy", "--ioengine=nbd", f"--uri={srv.uri('origin')}",
+             "--rw=randwrite", "--bsrange=4k-64k", "--iodepth=16", "--time_based",
+             "--runtime=300", "--size=16M", "--verify_state_save=0"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=env.dir)
+        # crash once copy-outs are under way (a condition, not a delay)
+        wait_until(lambda: srv.control("status")["chunks_free"] <= free0 - 40,
+                   "copy-outs to happen")
+    finally:
+        srv.kill()
+        if writer is not None:
+            try:
+                writer.wait(DEADLINE)
+            except subprocess.TimeoutExpired:
+                writer.kill()
+                writer.wait()
+    with env.served() as srv:
+        assert ok_json("check", env.store)["clean"]
+        for name in ("s1", "s2"):
+            assert read_export(srv, name, env.dir / f"{name}.read") == env.data, name
+        qemu_io(srv.uri("origin"), "write -P 0x66 0 1M", "read -P 0x66 0 1M")
+        assert read_export(srv, "s1", env.dir / "s1.again") == env.data
+    assert ok_json("check", env.store)["clean"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_shutdown_with_a_client_connected(env, sig):
+    """SIGTERM/SIGINT with a client still connected: the server exits 0 and removes its
+    sockets, the client sees its connection end, the store is left clean."""
+    ok("snap", "create", env.store, "a")
+    srv = env.served().start()
+    reader = subprocess.Popen(["nbdcopy", srv.uri("a"), "-"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL)
+    try:
+        assert reader.stdout.read(4096) == env.data[:4096]  # connected and reading
+        rc = srv._reap(sig)
+        assert rc == 0, srv.output()
+        assert "Traceback" not in srv.output()
+        assert not srv.ctl.exists() and not srv.sock.exists()
+    finally:
+        reader.stdout.close()
+        try:
+            reader.wait(DEADLINE)
+        except subprocess.TimeoutExpired:
+            reader.kill()
+            reader.wait()
+        if srv.returncode is None:
+            srv.kill()
+    st = ok_json("status", env.store)
+    assert st["served"] is False
+    assert ok_json("check", env.store)["clean"]
+
+
+def test_control_socket_survives_bad_requests(env):
+    """Garbage on the control socket is answered with a ProtocolError and does not
+    disturb the server (docs/protocol.md, control socket)."""
+    import socket as _socket
+
+    with env.served() as srv:
+        for raw in (b"not json\n", b"[1, 2]\n", b'{"op": 5}\n', b'{"op": "status", "args": 3}\n'):
+            with _socket.socket(_socket.AF_UNIX) as s:
+                s.settimeout(DEADLINE)
+                s.connect(str(srv.ctl))
+                s.sendall(raw)
+                reply = json.loads(s.makefile("rb").readline())
+            assert reply["ok"] is False and reply["error"]["type"] == "ProtocolError", reply
+        reply = control_request(srv.ctl, "no_such_op")
+        assert reply["ok"] is False and reply["error"]["type"] == "ProtocolError", reply
+        reply = control_request(srv.ctl, "snap_create", {"name": "x", "colour": "red"})
+        assert reply["ok"] is False and reply["error"]["type"] == "ProtocolError", reply
+        reply = control_request(srv.ctl, "snap_delete", {"name": "nope"})
+        assert reply["error"]["type"] == "SnapshotNotFound", reply
+        # still serving, both sockets
+        ok("snap", "create", env.store, "x")
+        tool("nbdinfo", srv.uri("x"))
+
+
+def test_wide_sharemaps_hit_the_documented_per_chunk_limit(tmp_path):
+    """With --max-snapshots 1024 one logical chunk can hold only 29 distinct exceptions
+    (README "Limits"): the write that needs a 30th fails with ENOSPC although the store
+    has room, and no snapshot loses anything."""
+    env = Env(tmp_path, "32M", True, "--max-snapshots", "1024")
+    with env.served() as srv:
+        versions = []
+        failed_at = None
+        for i in range(1, 40):
+            srv.control("snap_create", name=f"v{i}")
+            versions.append(i - 1)  # v{i} holds what chunk 0 had before write i
+            p = qemu_io(srv.uri("origin"), f"write -P {i} 0 4K", check=False)
+            if p.returncode != 0:
+                assert "No space left on device" in p.stdout + p.stderr, p
+                failed_at = i
+                break
+        assert failed_at is not None, "39 versions of one chunk fitted"
+        assert failed_at >= 29, f"only {failed_at - 1} versions fitted, README says 29"
+        assert ok_json("status", env.store)["chunks_free"] > 0  # the store is not full
+        # every snapshot still holds its version; chunk 0 of the origin kept write i-1
+        for i in range(1, failed_at + 1):
+            first = env.data[:4096] if i == 1 else bytes([i - 1]) * 4096
+            got = qemu_io(srv.uri(f"v{i}"), f"read -v 0 16", read_only=True).stdout
+            want = " ".join(f"{b:02x}" for b in first[:16])
+            assert want in got, (i, got)
+        qemu_io(srv.uri("origin"), f"read -P {failed_at - 1} 0 4K")
+        qemu_io(srv.uri("origin"), "write -P 0x42 1M 64K")  # other chunks are fine
+        assert ok_json("check", env.store)["clean"]

@@ -343,3 +343,27 @@ def test_concurrent_connections_write_disjoint_ranges(setup):
     got = setup.read("origin")
     assert got[24 * MiB:] == setup.data[24 * MiB:]
     setup.assert_snapshots_unchanged()
+
+
+@pytest.mark.parametrize("chunk", ["4K", "1M"])
+def test_smallest_and_largest_chunk_sizes(tmp_path, chunk):
+    """Unaligned writes across chunk boundaries at both ends of the chunk-size range."""
+    origin, store = tmp_path / "origin.img", tmp_path / "store.img"
+    data = make_origin(origin, 8 * MiB, seed=9)
+    ok("init", store, "--origin", origin, "--size", "32M", "--chunk-size", chunk)
+    ok("snap", "create", store, "s")
+    with Served(store) as srv:
+        writes = [(0xA1, 4095, 2), (0xA2, MiB - 100, 200), (0xA3, 3 * MiB + 7, 2 * MiB + 9)]
+        qemu_io(srv.uri("origin"), *(f"write -P {p:#x} {o} {n}" for p, o, n in writes))
+        qemu_io(srv.uri("s"), "write -P 0xb1 5000 5000")
+        expect_origin = bytearray(data)
+        for p, o, n in writes:
+            expect_origin[o:o + n] = bytes([p]) * n
+        expect_snap = bytearray(data)
+        expect_snap[5000:10000] = b"\xb1" * 5000
+        assert read_export(srv, "origin", tmp_path / "o.read") == expect_origin
+        assert read_export(srv, "s", tmp_path / "s.read") == expect_snap
+        st = ok_json("status", store)
+        assert st["chunk_size"] == {"4K": 4096, "1M": MiB}[chunk]
+        assert ok_json("check", store)["clean"]
+    assert ok_json("check", store)["clean"]

@@ -113,7 +113,16 @@ def change_two(root: Path, big: bytes, middle: bytes) -> None:
     shutil.rmtree(root / "ddsnap-source")
 
 
-def test_ext4_snapshots_before_and_after(tmp_path):
+@pytest.mark.parametrize("volumes", ["files", "block-devices"])
+def test_ext4_snapshots_before_and_after(tmp_path, volumes):
+    """``files``: origin and store are image files.  ``block-devices``: both are loop
+    devices, as on a real server (the control socket then lives in the run directory,
+    found through the registry)."""
+    with contextlib.ExitStack() as stack:
+        run_scenario(tmp_path, volumes, stack)
+
+
+def run_scenario(tmp_path: Path, volumes: str, stack: contextlib.ExitStack) -> None:
     for binary in ("mkfs.ext4", "e2fsck", "losetup", "mount", "umount", "nbdfuse",
                    "fusermount3", "diff"):
         need(binary)
@@ -129,7 +138,17 @@ def test_ext4_snapshots_before_and_after(tmp_path):
         f.truncate(64 * MiB)
     tool("mkfs.ext4", "-q", "-F", "-d", files, origin)
     store = tmp_path / "store.img"
-    ok("init", store, "--origin", origin, "--size", "128M")
+    serve_args = {}
+    if volumes == "files":
+        ok("init", store, "--origin", origin, "--size", "128M")
+    else:
+        with open(store, "wb") as f:
+            f.truncate(128 * MiB)
+        origin = Path(stack.enter_context(loop_device(origin)))
+        store = Path(stack.enter_context(loop_device(store)))
+        ok("init", store, "--origin", origin)
+        serve_args = {"sock": tmp_path / "nbd.sock", "control": tmp_path / "ctl.sock"}
+        assert ok_json("status", store)["origin"] == str(origin)
     ok("snap", "create", store, "before")
 
     new_random = rng.randbytes(3 * MiB)
@@ -142,7 +161,7 @@ def test_ext4_snapshots_before_and_after(tmp_path):
     shutil.copytree(model_after, model_final, symlinks=True)
     change_two(model_final, big, middle)
 
-    with Served(store) as srv:
+    with Served(store, **serve_args) as srv:
         # 1. change the origin through a read-write mount
         with mount_export(srv, "origin", tmp_path, writable=True) as (mnt, _):
             same_tree(model_before, mnt)
