@@ -313,10 +313,12 @@ def test_fio_several_connections_disjoint_ranges(setup):
 
 
 def test_concurrent_connections_write_disjoint_ranges(setup):
-    """Six qemu-io writers on their own connections, each its own 4 MiB range in
-    unaligned pieces, while nbdcopy reads the snapshots over several connections."""
+    """Six qemu-io writers on their own connections, each its own 4 MiB range of the
+    origin in unaligned pieces, six more on a writable snapshot over the same ranges, while
+    nbdcopy reads the old snapshots over several connections each."""
     need("qemu-io")
     need("nbdcopy")
+    ok("snap", "create", setup.store, "scratch")
     writers = []
     cuts = [0, 1000003, 2000001, 3100000, 4 * MiB]  # unaligned pieces of each range
     for i in range(6):
@@ -327,6 +329,12 @@ def test_concurrent_connections_write_disjoint_ranges(setup):
         writers.append(subprocess.Popen(["qemu-io", "-f", "raw", *cmds, setup.uri("origin")],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True))
+    # the writable snapshot gets the same ranges with other patterns, at the same time
+    for i in range(6):
+        writers.append(subprocess.Popen(
+            ["qemu-io", "-f", "raw", "-c", f"write -P {0x90 + i:#x} {i * 4 * MiB + 12345} 3M",
+             setup.uri("scratch")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     readers = [subprocess.Popen(["nbdcopy", "--connections=4", setup.uri(name),
                                  setup.dir / f"concurrent-{name}.raw"],
                                 stderr=subprocess.PIPE, text=True)
@@ -342,6 +350,10 @@ def test_concurrent_connections_write_disjoint_ranges(setup):
     qemu_io(setup.uri("origin"), *(f"read -P {0x60 + i:#x} {i * 4 * MiB} 4M" for i in range(6)))
     got = setup.read("origin")
     assert got[24 * MiB:] == setup.data[24 * MiB:]
+    scratch = bytearray(setup.data)
+    for i in range(6):
+        scratch[i * 4 * MiB + 12345: i * 4 * MiB + 12345 + 3 * MiB] = bytes([0x90 + i]) * (3 * MiB)
+    assert setup.read("scratch") == scratch
     setup.assert_snapshots_unchanged()
 
 
@@ -367,3 +379,49 @@ def test_smallest_and_largest_chunk_sizes(tmp_path, chunk):
         assert st["chunk_size"] == {"4K": 4096, "1M": MiB}[chunk]
         assert ok_json("check", store)["clean"]
     assert ok_json("check", store)["clean"]
+
+
+def test_snapshots_taken_during_writes_are_crash_consistent_points(tmp_path):
+    """One writer stamps every 96 KiB region (unaligned to the 64 KiB chunks) in order,
+    generation after generation, one request at a time, while snapshots are taken.  A
+    snapshot holds the origin "as of every write completed so far": each region is one
+    whole generation (no torn request across chunks), and the regions written so far form
+    a prefix: generations read ``[g+1]*k + [g]*(n-k)``."""
+    origin, store = tmp_path / "origin.img", tmp_path / "store.img"
+    origin.write_bytes(bytes(8 * MiB))
+    ok("init", store, "--origin", origin, "--size", "128M")
+    region, base, n, gens = 96 * KiB, 4096 * 3, 80, 6
+    cmds = []
+    for g in range(1, gens + 1):
+        for i in range(n):
+            cmds += ["-c", f"write -P {g} {base + i * region} {region}"]
+    with Served(store) as srv:
+        need("qemu-io")
+        writer = subprocess.Popen(["qemu-io", "-f", "raw", *cmds, srv.uri("origin")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        names = []
+        try:
+            while writer.poll() is None and len(names) < 40:
+                names.append(f"t{len(names)}")
+                srv.control("snap_create", name=names[-1], read_only=True)
+        finally:
+            _, err = writer.communicate(timeout=DEADLINE)
+        assert writer.returncode == 0, err
+        names.append("final")
+        srv.control("snap_create", name="final", read_only=True)
+        seen = set()
+        for name in names:
+            data = read_export(srv, name, tmp_path / "snap.read")
+            stamps = []
+            for i in range(n):
+                chunk = data[base + i * region: base + (i + 1) * region]
+                assert chunk == bytes([chunk[0]]) * region, \
+                    f"snapshot {name}: region {i} is torn: {sorted(set(chunk))}"
+                stamps.append(chunk[0])
+            assert data[:base] == bytes(base) and not any(data[base + n * region:])
+            g = stamps[-1]
+            k = sum(1 for s in stamps if s == g + 1)
+            assert stamps == [g + 1] * k + [g] * (n - k), f"snapshot {name}: {stamps}"
+            seen.add((g, k))
+        assert (gens, 0) in seen  # "final" saw every write
+        assert ok_json("check", store)["clean"]
