@@ -263,12 +263,15 @@ class Bench:
         self.access = "nbd"
         self.fio_n = 0
         self.ddsnap_cmd = [str(DDSNAP)]
+        self.source = worktree_source()
 
     def use_rev(self, rev: str) -> None:
         """Run ddsnap from ``git archive REV`` instead of the working tree."""
         dest = self.tmp / "ddsnap-src"
         dest.mkdir()
-        arch = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src/ddsnap"],
+        commit = run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+                     f"git rev-parse {rev}").stdout.strip()
+        arch = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "src/ddsnap"],
                               capture_output=True)
         if arch.returncode != 0:
             raise BenchError(f"git archive {rev}: {arch.stderr.decode(errors='replace')}")
@@ -282,7 +285,8 @@ class Bench:
                     "import ddsnap").stdout.strip()
         if not where.startswith(str(dest)):
             raise BenchError(f"--rev {rev}: ddsnap still imports from {where}")
-        say(f"ddsnap from `git archive {rev}` ({where})")
+        self.source = f"`git archive {rev}` of commit {commit[:12]} (not the working tree)"
+        say(f"ddsnap from `git archive {rev}` = commit {commit[:12]} ({where})")
 
     # ---- small pieces
 
@@ -727,6 +731,16 @@ class Bench:
 # --------------------------------------------------------------------------- report
 
 
+def worktree_source() -> str:
+    """Which ddsnap code the working tree holds now (taken when the run starts)."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or "?"
+    dirty = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", "src"],
+                           capture_output=True).returncode != 0
+    return (f"working tree at commit {commit}"
+            + (" WITH UNCOMMITTED CHANGES in src/ (not recorded here)" if dirty else ""))
+
+
 def machine(bench: Bench) -> list[tuple[str, str]]:
     def first(cmd: list[str]) -> str:
         try:
@@ -751,15 +765,7 @@ def machine(bench: Bench) -> list[tuple[str, str]]:
                 break
     except OSError:
         pass
-    rev = bench.args.rev
-    commit = first(["git", "-C", str(ROOT), "rev-parse", "--short", rev or "HEAD"])
-    if rev:
-        source = f"`git archive {rev}` of commit {commit} (not the working tree)"
-    else:
-        dirty = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--",
-                                "src"], capture_output=True).returncode != 0
-        source = (f"working tree at commit {commit}"
-                  + (" WITH UNCOMMITTED CHANGES in src/" if dirty else ""))
+    source = bench.source
     return [
         ("CPU", f"{cpu} (`nproc` = {len(os.sched_getaffinity(0))})"),
         ("memory", mem),
