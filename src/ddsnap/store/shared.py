@@ -63,6 +63,8 @@ class SharedStore(ExceptionStore):
         self.bpc = sb.blocks_per_chunk
         self.state = State(sb.state.root, sb.state.levels, sb.state.next_snapshot_id)
         self._cache: OrderedDict[int, object] = OrderedDict()
+        #: decoded blocks kept in memory (clean ones are evicted beyond this)
+        self.cache_blocks = CACHE_BLOCKS
         self._dirty: dict[int, object] = {}
         self._state_dirty = False
         self._want_checkpoint = False
@@ -227,6 +229,10 @@ class SharedStore(ExceptionStore):
 
     def _get(self, block: int, kind: int):
         obj = self._cache.get(block)
+        if obj is None:
+            obj = self._dirty.get(block)  # changed since the last commit: never reload
+            if obj is not None:
+                self._cache[block] = obj
         if obj is not None:
             self._cache.move_to_end(block)
             want = Leaf if kind == T_LEAF else Node
@@ -235,9 +241,9 @@ class SharedStore(ExceptionStore):
             return obj
         obj = self._load(block, kind)
         self._cache[block] = obj
-        if len(self._cache) > CACHE_BLOCKS:
+        if len(self._cache) > self.cache_blocks:
             for b in list(self._cache):
-                if len(self._cache) <= CACHE_BLOCKS * 3 // 4:
+                if len(self._cache) <= self.cache_blocks * 3 // 4:
                     break
                 if b not in self._dirty:
                     del self._cache[b]
@@ -259,7 +265,9 @@ class SharedStore(ExceptionStore):
         return self._get(block, T_LEAF)
 
     def _mark(self, block: int, obj) -> None:
-        self._dirty[block] = obj
+        # Back in the cache too: a clean object may have been evicted while the caller
+        # held it, and a later _get must find this one, not reload the old one.
+        self._put(block, obj)
 
     # -- tree walking --------------------------------------------------------------------
 
