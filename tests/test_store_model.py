@@ -50,6 +50,7 @@ class StoreMachine(RuleBasedStateMachine):
     MAX_SNAPSHOTS = 64
     JOURNAL = 24
     MAX_WRITE = 3 * 4096 + 17
+    CACHE_BLOCKS = None  # None: the store's default
 
     def __init__(self):
         super().__init__()
@@ -63,6 +64,7 @@ class StoreMachine(RuleBasedStateMachine):
                                        journal_blocks=self.JOURNAL)
         else:
             store = MemoryStore(self.ORIGIN, self.STORE, self.CHUNK, self.MAX_SNAPSHOTS)
+        self._tune(store)
         self.svc = MetadataService(store, self.origin_dev)
         self.model: dict[str, bytearray] = {"origin": bytearray(seed)}
         self.infos = {}
@@ -163,6 +165,7 @@ class StoreMachine(RuleBasedStateMachine):
             return
         self.svc.close()
         store = SharedStore.open(self.store_dev)
+        self._tune(store)
         self.svc = MetadataService(store, self.origin_dev)
         self._refresh_infos()
 
@@ -173,8 +176,13 @@ class StoreMachine(RuleBasedStateMachine):
         self.svc.commit()
         self.store_dev = MemoryDevice(self.store_dev.size, self.store_dev.data)
         store = SharedStore.open(self.store_dev)
+        self._tune(store)
         self.svc = MetadataService(store, self.origin_dev)
         self._refresh_infos()
+
+    def _tune(self, store):
+        if self.CACHE_BLOCKS is not None:
+            store.cache_blocks = self.CACHE_BLOCKS
 
     def _refresh_infos(self):
         live = {s.name: s for s in self.svc.snapshots()}
@@ -255,6 +263,13 @@ class SharedBigChunkMachine(StoreMachine):
     MAX_WRITE = 2 * 65536 + 5000
 
 
+class SharedTinyCacheMachine(SharedWideMachine):
+    """A cache of 4 decoded blocks: tree blocks are evicted and reloaded from disk all
+    the time, even while an operation is using them."""
+
+    CACHE_BLOCKS = 4
+
+
 TestSharedStoreModel = SharedMachine.TestCase
 TestSharedStoreModel.settings = STATEFUL
 TestMemoryStoreModel = MemoryMachine.TestCase
@@ -263,3 +278,5 @@ TestSharedWideModel = SharedWideMachine.TestCase
 TestSharedWideModel.settings = settings(STATEFUL, max_examples=examples(40))
 TestSharedBigChunkModel = SharedBigChunkMachine.TestCase
 TestSharedBigChunkModel.settings = settings(STATEFUL, max_examples=examples(40))
+TestSharedTinyCacheModel = SharedTinyCacheMachine.TestCase
+TestSharedTinyCacheModel.settings = settings(STATEFUL, max_examples=examples(40))
