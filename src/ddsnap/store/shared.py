@@ -66,6 +66,9 @@ class SharedStore(ExceptionStore):
         #: decoded blocks kept in memory (clean ones are evicted beyond this)
         self.cache_blocks = CACHE_BLOCKS
         self._dirty: dict[int, object] = {}
+        #: the blocks of the batch being written: not dirty any more, but their home
+        #: copies may still be old, so a cache miss must not reload them from disk
+        self._inflight: dict[int, object] = {}
         self._state_dirty = False
         self._want_checkpoint = False
         self._released: list[tuple[set, set]] = []
@@ -230,7 +233,9 @@ class SharedStore(ExceptionStore):
     def _get(self, block: int, kind: int):
         obj = self._cache.get(block)
         if obj is None:
-            obj = self._dirty.get(block)  # changed since the last commit: never reload
+            # Changed since the last commit, or in the commit being written: its home
+            # block may be stale, never reload it.
+            obj = self._dirty.get(block) or self._inflight.get(block)
             if obj is not None:
                 self._cache[block] = obj
         if obj is not None:
@@ -614,6 +619,7 @@ class SharedStore(ExceptionStore):
             images.append((self.sb.snaptable_start + index, bytes(self._snaptable_image(index, seq))))
         for index in sorted(self.bitmap.dirty):
             images.append((self.sb.bitmap_start + index, bytes(self._bitmap_image(index, seq))))
+        self._inflight = dict(self._dirty)
         self._dirty.clear()
         self.table.dirty.clear()
         self.bitmap.dirty.clear()
@@ -637,6 +643,7 @@ class SharedStore(ExceptionStore):
         self.dev.flush()
         for b, img in tx.images:
             self.dev.pwrite(img, b * BLOCK_SIZE)
+        self._inflight = {}  # the home blocks are current: reloading them is safe now
         self._last_state = tx.state
         if batch.checkpoint or self.journal.used * 2 > self.journal.size:
             self._checkpoint(tx.state)
