@@ -574,23 +574,33 @@ def _wait_done_or_blocked(thread, svc, timeout: float = 20.0) -> None:
         time.sleep(0.001)
 
 
-def _race(first, second, trigger_path: str):
+def _race(first, second, trigger_path: str, g: Geometry | None = None, setup=None,
+          reopen_with=None):
     """Run ``first(svc)`` and, when it issues its next flush on ``trigger_path`` (the
     commit of its metadata change begins, nothing of it durable yet), run
     ``second(svc)`` in another thread until that finishes or waits for the commit; then
     crash.  Returns the run's pieces, the crash images taken at that moment, and whether
-    ``second`` had completed (been acknowledged) by then."""
+    ``second`` had completed (been acknowledged) by then.  ``setup(svc, snap)`` runs
+    before the race; then, with ``reopen_with``, the store is closed, reopened and
+    passed to ``reopen_with(store)`` (a cold cache, tuned)."""
     import threading
 
-    g = Geometry()
+    g = g or Geometry()
     clock = CrashClock()
     initial = random.Random(g.origin_size).randbytes(g.origin_size)
     origin = RecordingDevice(g.origin_size, initial, "origin", clock)
     store_dev = RecordingDevice(g.store_blocks * 4096, None, "store", clock)
     store = SharedStore.create(store_dev, origin_size=g.origin_size, chunk_size=g.chunk_size,
-                               journal_blocks=g.journal_blocks)
+                               max_snapshots=g.max_snapshots, journal_blocks=g.journal_blocks)
     svc = MetadataService(store, origin)
     snap = svc.create_snapshot("s")
+    if setup is not None:
+        setup(svc, snap)
+    if reopen_with is not None:
+        svc.close()
+        store = SharedStore.open(store_dev)
+        reopen_with(store)
+        svc = MetadataService(store, origin)
     state = {"armed": False}
     errors = []
 
@@ -658,3 +668,36 @@ def test_snapshot_write_waits_until_its_copy_out_is_durable():
     for mode, (store_img, origin_img) in zip(MODES, images):
         recover_and_verify(t, g, store_img, origin_img, f"FUA write racing copy-out ({mode})")
     assert Snapshot(svc, snap).read(0, 30) == initial[:10] + b"S" * 10 + initial[20:30]
+
+
+def test_a_commit_in_flight_is_not_undone_by_a_cache_reload():
+    """While a commit is being written (its blocks no longer dirty, their home copies not
+    yet written), another request that misses the tree cache must not reload an old home
+    block and build on it: that would write the old leaf back and lose the commit."""
+    cs = 4096
+    g = Geometry(origin_size=160 * cs, store_blocks=520, max_snapshots=1024,
+                 journal_blocks=64)
+
+    def setup(svc, snap):
+        for c in range(0, 100, 4):  # copy-outs for s: several leaves
+            Origin(svc).write(c * cs, b"o" * 4 * cs)
+
+    def tune(store):
+        store.cache_blocks = 2  # tree blocks are evicted as soon as others are read
+
+    def second(svc, snap):
+        Snapshot(svc, snap).read(0, g.origin_size)  # walks (and evicts) every leaf
+        Origin(svc).write(121 * cs, b"B" * 10)  # same leaf as chunk 120
+
+    g, initial, svc, snap, images, _ = _race(
+        lambda svc, snap: Snapshot(svc, snap).write(120 * cs, b"A" * 10),
+        second, trigger_path="store", g=g, setup=setup, reopen_with=tune)
+    svc.commit()
+    assert Snapshot(svc, snap).read(120 * cs, 12) == b"A" * 10 + initial[120 * cs + 10: 120 * cs + 12]
+    assert Snapshot(svc, snap).read(121 * cs, 10) == initial[121 * cs: 121 * cs + 10]
+    assert svc.store.check() == []
+    svc.close()
+    store = SharedStore.open(svc.store.dev)
+    svc2 = MetadataService(store, svc.origin)
+    assert Snapshot(svc2, snap).read(120 * cs, 10) == b"A" * 10
+    assert store.check() == []
