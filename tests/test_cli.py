@@ -273,6 +273,33 @@ def test_wrong_paths_and_things_that_are_not_stores(env, tmp_path):
     fails(2, "init", tmp_path / "new2.img", "--origin", empty, match="empty")
 
 
+@pytest.mark.xfail(strict=True, reason="init STORE --origin STORE (or a link to it) "
+                   "formats the origin itself as the store, destroying its data")
+@pytest.mark.parametrize("same", ["same path", "symlink"])
+def test_init_refuses_the_origin_as_its_own_store(tmp_path, same):
+    e = Env(tmp_path, init=False)
+    store = e.origin
+    if same == "symlink":
+        store = tmp_path / "link.img"
+        store.symlink_to(e.origin.name)
+    p = ddsnap("init", store, "--origin", e.origin)
+    try:
+        assert e.origin.read_bytes() == e.data, "init overwrote the origin's data"
+        assert p.returncode == 2, p
+        assert p.stderr.startswith("ddsnap: ") and len(p.stderr.splitlines()) == 1, p.stderr
+    finally:
+        e.origin.write_bytes(e.data)
+
+
+def test_init_force_on_a_served_store_is_refused(env):
+    ok("snap", "create", env.store, "keep")
+    with env.served() as srv:
+        fails(9, "init", env.store, "--origin", env.origin, "--force", match="in use")
+        assert [s["name"] for s in ok_json("snap", "list", env.store)] == ["keep"]
+        tool("nbdinfo", srv.uri("keep"))
+    assert ok_json("check", env.store)["clean"]
+
+
 @pytest.mark.parametrize("args, match", [
     (["--chunk-size", "3K"], "power of two"),
     (["--chunk-size", "2K"], "power of two"),
@@ -507,6 +534,22 @@ def test_second_serve_is_refused_while_the_first_keeps_serving(env, tmp_path):
         assert ok_json("status", env.store)["served"] is True
         # a local open is refused too, so admin commands go through the socket
         assert srv.proc.poll() is None
+
+
+def test_serve_bad_listen_addresses(env):
+    import socket as _socket
+
+    for bad in ("bogus", "tcp:127.0.0.1", "unix:", "tcp:127.0.0.1:99999"):
+        fails(2, "serve", env.store, "--listen", bad, match="listen address")
+    with _socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        fails(1, "serve", env.store, "--listen", f"tcp:127.0.0.1:{port}",
+              match="cannot listen.*in use")
+    # nothing was left behind, and the store opens normally
+    assert not env.store.with_name("store.img.ctl").exists()
+    assert ok_json("status", env.store)["served"] is False
 
 
 def test_serve_refuses_another_servers_nbd_socket(env, tmp_path):
