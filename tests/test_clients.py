@@ -425,3 +425,29 @@ def test_snapshots_taken_during_writes_are_crash_consistent_points(tmp_path):
             seen.add((g, k))
         assert (gens, 0) in seen  # "final" saw every write
         assert ok_json("check", store)["clean"]
+
+
+def test_deleting_snapshots_while_the_origin_is_written(setup):
+    """Snapshots with many exceptions are deleted (a tree sweep) while fio writes and
+    verifies the origin: the writes verify, the other snapshots keep their data, the
+    metadata stays consistent."""
+    if not _fio_nbd_engine():
+        pytest.skip("this fio has no nbd engine")
+    for i in range(3):
+        qemu_io(setup.uri("origin"), f"write -P {0x40 + i:#x} 0 24M")
+        ok("snap", "create", setup.store, f"doomed{i}")
+    writer = subprocess.Popen(
+        ["fio", "--name=during-delete", "--ioengine=nbd", f"--uri={setup.uri('origin')}",
+         "--rw=randwrite", "--bsrange=4k-64k", "--size=24M", "--iodepth=16",
+         "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=setup.dir)
+    try:
+        for i in range(3):
+            ok("snap", "delete", setup.store, f"doomed{i}")
+    finally:
+        out, _ = writer.communicate(timeout=240)
+    assert writer.returncode == 0, out
+    names = [s["name"] for s in ok_json("snap", "list", setup.store)]
+    assert names == ["before", "frozen"]
+    setup.assert_snapshots_unchanged()
+    assert ok_json("check", setup.store)["clean"]
