@@ -8,8 +8,6 @@ socket conflicts; deleting a snapshot a client has open; a full store and the pe
 limit of wide sharemaps; shutdown with clients connected; garbage on the control socket;
 and a server killed with SIGKILL (idle or under write traffic) coming back through
 journal replay.
-
-Known bugs are pinned by ``xfail(strict=True)`` tests whose reason says what is wrong.
 """
 
 from __future__ import annotations
@@ -278,8 +276,6 @@ def test_wrong_paths_and_things_that_are_not_stores(env, tmp_path):
     fails(2, "init", tmp_path / "new2.img", "--origin", empty, match="empty")
 
 
-@pytest.mark.xfail(strict=True, reason="init STORE --origin STORE (or a link to it) "
-                   "formats the origin itself as the store, destroying its data")
 @pytest.mark.parametrize("same", ["same path", "symlink"])
 def test_init_refuses_the_origin_as_its_own_store(tmp_path, same):
     e = Env(tmp_path, init=False)
@@ -321,8 +317,6 @@ def test_init_bad_geometry(tmp_path, args, match):
     fails(2, "init", e.store, "--origin", e.origin, *args, match=match)
 
 
-@pytest.mark.xfail(strict=True, reason="init creates the store file before it checks the "
-                   "geometry and leaves it behind when it refuses")
 def test_init_bad_geometry_leaves_no_store_file_behind(tmp_path):
     """A refused init must not leave a half-made store file: the obvious retry (the same
     command with a corrected option) would then be refused for --size."""
@@ -340,8 +334,6 @@ def test_non_numeric_max_snapshots_is_a_usage_error(tmp_path):
     assert not e.store.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="--max-snapshots many gets click's 3-line usage "
-                   "error, not the one 'ddsnap: ...' line every other bad value gets")
 def test_non_numeric_max_snapshots_is_one_line(tmp_path):
     e = Env(tmp_path, init=False)
     fails(2, "init", e.store, "--origin", e.origin, "--max-snapshots", "many",
@@ -569,8 +561,6 @@ def test_serve_refuses_another_servers_nbd_socket(env, tmp_path):
     assert ok_json("status", other.store)["served"] is False
 
 
-@pytest.mark.xfail(strict=True, reason="a serve refused because --control names another "
-                   "server's live control socket unlinks that socket on its way out")
 def test_serve_refuses_another_servers_control_socket(env, tmp_path):
     (tmp_path / "b").mkdir()
     other = Env(tmp_path / "b")

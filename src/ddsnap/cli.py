@@ -22,6 +22,7 @@ from rich.table import Table
 from . import admin, control
 from .errors import DdsnapError, InvalidArgument, StoreBusy, StoreExists, StoreNotFound
 from .store.blockdev import FileDevice
+from .store.memory import check_geometry
 from .store.shared import SharedStore, read_superblock
 
 out = Console(highlight=False, soft_wrap=True)
@@ -80,20 +81,30 @@ def main():
 @click.option("--size", help="Size of a new STORE file (default: the origin's size).")
 @click.option("--chunk-size", default="64K", show_default=True,
               help="Copy-on-write unit, a power of two from 4K to 1M.")
-@click.option("--max-snapshots", default=64, show_default=True, type=int,
+@click.option("--max-snapshots", default="64", show_default=True,
               help="Sharemap width: a multiple of 64 up to 1024.")
 @click.option("--force", is_flag=True, help="Overwrite an existing ddsnap store.")
 def init(store, origin, size, chunk_size, max_snapshots, force):
     """Create snapshot store STORE for ORIGIN."""
     if not os.path.exists(origin):
         raise StoreNotFound(origin, "origin")
+    if os.path.exists(store) and os.path.samefile(store, origin):
+        raise InvalidArgument(f"the store {store} and the origin {origin} are the same file")
+    try:
+        max_snaps = int(max_snapshots)
+    except ValueError:
+        raise InvalidArgument(f"--max-snapshots {max_snapshots!r} is not a number") from None
+    chunk = _size(chunk_size, "--chunk-size")
+    check_geometry(chunk, max_snaps)
     odev = FileDevice(origin, writable=False, what="origin")
     try:
         osize = odev.size
     finally:
         odev.close()
-    chunk = _size(chunk_size, "--chunk-size")
-    if os.path.exists(store):
+    if osize <= 0:
+        raise InvalidArgument(f"the origin {origin} is empty")
+    created = not os.path.exists(store)
+    if not created:
         if size is not None:
             raise InvalidArgument(f"{store} exists; --size applies only to a new store file")
         dev = FileDevice(store)
@@ -111,14 +122,18 @@ def init(store, origin, size, chunk_size, max_snapshots, force):
                 raise
             except DdsnapError:
                 pass
-        s = SharedStore.create(dev, osize, os.path.realpath(origin), chunk, max_snapshots)
+        s = SharedStore.create(dev, osize, os.path.realpath(origin), chunk, max_snaps)
         space = s.space()
         s.close()
+    except BaseException:
+        if created:  # a refused init leaves nothing behind
+            os.unlink(store)
+        raise
     finally:
         dev.close()
     out.print(f"created snapshot store {store} for origin {origin} "
               f"({format_size(osize, binary=True)}): {space['chunks_free']} free chunks of "
-              f"{format_size(chunk, binary=True)}, up to {max_snapshots} snapshots")
+              f"{format_size(chunk, binary=True)}, up to {max_snaps} snapshots")
 
 
 @main.group(cls=_Group)
@@ -186,7 +201,8 @@ def serve(store, listen, control_path, verbose):
     try:
         asyncio.run(d.run(ready))
     except OSError as e:
-        raise DdsnapError(f"cannot listen: {e}") from None
+        raise DdsnapError(f"cannot listen on {', '.join(d.listen)}: "
+                          f"{os.strerror(e.errno) if e.errno else e}") from None
 
 
 @main.command()

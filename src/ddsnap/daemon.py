@@ -75,8 +75,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self.opened = await loop.run_in_executor(None, admin.open_store, self.store_path)
         try:
-            self.control = ControlServer(self.control_path, self._handle)
-            await self.control.start()
+            control = ControlServer(self.control_path, self._handle)
+            await control.start()
+            self.control = control  # only now is the socket ours to remove
             executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="ddsnap-io")
             self.nbd = NbdServer(Exports(self.opened), executor)
             await self.nbd.start(self.listen)
