@@ -66,9 +66,11 @@ class MetadataService:
         self.durable = -1  # every batch up to this one is durable
         self._committing = False
         self._failed: BaseException | None = None
-        #: logical chunk -> epoch of the batch holding the latest change to its mapping
-        #: (a copy-out or an unshare); a write relying on that mapping waits for it
-        self._pending: dict[int, int] = {}
+        #: (owner, chunk) -> epoch of the batch holding the latest change to the mapping
+        #: of logical ``chunk``: owner -1 for any change of who shares the origin chunk
+        #: (a copy-out, or a snapshot unsharing it), a snapshot's bit for its own
+        #: unshare.  A write relying on that mapping waits for that batch.
+        self._pending: dict[tuple[int, int], int] = {}
         self._readlocks: Counter[int] = Counter()
         self._origin_writes = 0
         self._barrier = 0  # snapshot creations waiting for origin writes to drain
@@ -173,7 +175,7 @@ class MetadataService:
                     # No sharer now, but maybe only since a change not yet durable (a
                     # copy-out, or a snapshot write unsharing the chunk): until it is, a
                     # crash would bring the origin's sharers back.
-                    need = max(need, self._pending.get(c, -1))
+                    need = max(need, self._pending.get((-1, c), -1))
             if moves:
                 self._copy(moves, self.origin)
                 for k, (c, sc, sharers) in enumerate(adds):
@@ -185,7 +187,7 @@ class MetadataService:
                             self.store.release_chunk(unused)
                         err = e
                         break
-                    self._pending[c] = self.epoch
+                    self._pending[(-1, c)] = self.epoch
                 need = self.epoch
             if err is not None:
                 raise err
@@ -267,7 +269,8 @@ class MetadataService:
                     # Unique maybe only by a change not yet durable (its own unshare or
                     # an origin write's copy-out): data written there before that commits
                     # is lost to a crash.
-                    need = max(need, self._pending.get(c, -1))
+                    need = max(need, self._pending.get((bit, c), -1),
+                               self._pending.get((-1, c), -1))
                     out.append(sc)
                     continue
                 new = self.store.allocate_chunk()
@@ -280,7 +283,8 @@ class MetadataService:
                 except StoreFull:
                     self.store.release_chunk(new)
                     raise
-                self._pending[c] = self.epoch
+                self._pending[(bit, c)] = self.epoch
+                self._pending[(-1, c)] = self.epoch  # the origin's sharers changed too
                 need = self.epoch
                 out.append(new)
         self.wait_durable(need)
