@@ -725,3 +725,34 @@ def test_space_freed_by_a_sweep_is_not_reused_before_its_checkpoint(make_store, 
         except StoreFull:
             break
     assert quarantined <= again
+
+
+def test_snapshot_info_survives_reopen_and_formats(make_store, kind):
+    store = make_store(kind)
+    created = 1_767_225_600_123_456_789  # 2026-01-01T00:00:00.123456789Z
+    info = store.create_snapshot("nightly", read_only=True, created=created)
+    assert info.created_iso == "2026-01-01T00:00:00.123457Z"
+    assert info.to_dict() == {"name": "nightly", "id": info.id, "created": info.created_iso,
+                              "read_only": True, "bit": info.bit}
+    store.commit()
+    store = make_store.reopen(store)
+    assert store.snapshot("nightly") == info
+
+
+def test_write_zeroes_trim_and_block_status_keep_snapshots(rig):
+    cs = rig.store.chunk_size
+    rig.create("a")
+    before = bytes(rig.model["origin"])
+    Origin(rig.svc).write_zeroes(cs - 100, 3 * cs, fua=True)
+    rig.model["origin"][cs - 100: 4 * cs - 100] = bytes(3 * cs)
+    rig.verify()
+    assert rig.read("a", 0, len(before)) == before
+    Snapshot(rig.svc, rig.infos["a"]).write_zeroes(10, 20)
+    rig.model["a"][10:30] = bytes(20)
+    for name in ("origin", "a"):
+        vol = rig.volume(name)
+        vol.trim(0, 2 * cs)  # a hint: nothing changes
+        assert vol.block_status(5, 100) == [(100, 0)]
+        with pytest.raises(InvalidArgument):
+            vol.trim(vol.size, 1)
+    rig.verify()
