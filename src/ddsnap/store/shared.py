@@ -156,9 +156,15 @@ class SharedStore(ExceptionStore):
 
         Raises:
             NotAStore: no superblock.
-            CorruptMetadata: a superblock, table or bitmap block fails its checks.
+            CorruptMetadata: a superblock, table or bitmap block fails its checks, or the
+                device is smaller than the store.
         """
         sb = read_superblock(dev)
+        if dev.size < sb.blocks * BLOCK_SIZE:
+            # Chunks past the end would read as zeroes: never serve them as data.
+            raise CorruptMetadata(sb.generation % 2,
+                                  f"the store needs {sb.blocks * BLOCK_SIZE} bytes but "
+                                  f"{dev.path} has {dev.size} bytes (truncated?)")
         self = cls(dev, sb)
         state, applied = self.journal.replay()
         self.recovered = applied
