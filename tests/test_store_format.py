@@ -843,3 +843,48 @@ def test_check_reports_a_snapshot_with_two_exceptions_for_one_chunk():
     leaf = store._read_node(store.state.root).children[0]
     fatal = [f for f in store.check() if f.severity == "fatal"]
     assert len(fatal) == 1 and fatal[0].block == leaf and "chunk 3" in fatal[0].message
+
+
+def test_truncated_store_device_is_refused(tmp_path):
+    """A store file cut short would read its missing chunks as zeroes: refuse to open."""
+    path = tmp_path / "store.img"
+    dev = FileDevice(str(path), create_size=4 << 20)
+    origin = MemoryDevice(256 << 10)
+    svc = _populate(_small_store(dev), origin)
+    svc.close()
+    dev.close()
+    os.truncate(path, (4 << 20) - 4096)
+    dev = FileDevice(str(path))
+    try:
+        with pytest.raises(CorruptMetadata) as e:
+            SharedStore.open(dev)
+        assert e.value.block in (0, 1) and "bytes" in str(e.value)
+    finally:
+        dev.close()
+    # A device larger than the store is fine (the store uses its first part).
+    big = MemoryDevice((4 << 20) + 65536)
+    big.pwrite(path.read_bytes(), 0)
+    assert SharedStore.open(big).check() == []
+
+
+@pytest.mark.parametrize("kw", [dict(chunk_size=2048), dict(chunk_size=3 * 4096),
+                                dict(chunk_size=2 << 20), dict(max_snapshots=32),
+                                dict(max_snapshots=100), dict(max_snapshots=2048),
+                                dict(origin_size=0)])
+def test_bad_geometry_is_refused(kw):
+    args = dict(origin_size=1 << 20, chunk_size=4096, max_snapshots=64) | kw
+    from ddsnap.errors import InvalidArgument
+    with pytest.raises(InvalidArgument):
+        SharedStore.create(MemoryDevice(4 << 20), **args)
+    if "origin_size" not in kw:
+        from ddsnap.store.memory import MemoryStore
+        with pytest.raises(InvalidArgument):
+            MemoryStore(1 << 20, 4 << 20, args["chunk_size"], args["max_snapshots"])
+
+
+def test_store_device_too_small_is_refused():
+    from ddsnap.errors import InvalidArgument
+    with pytest.raises(InvalidArgument) as e:
+        SharedStore.create(MemoryDevice(1 << 20, path="small.img"), origin_size=1 << 20,
+                           chunk_size=1 << 20)
+    assert "small.img" in str(e.value)
