@@ -344,9 +344,11 @@ class Rig:
         self.model[name][offset: offset + len(data)] = data
 
     def read(self, name, offset, length):
+        """Read through the volume called ``name``."""
         return self.volume(name).read(offset, length)
 
     def used(self) -> int:
+        """Chunks the store reports in use."""
         return self.store.space()["chunks_used"]
 
     def verify(self):
