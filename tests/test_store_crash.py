@@ -441,7 +441,7 @@ def test_observer_sees_what_a_real_crash_leaves(monkeypatch):
             recover_and_verify(real.t, g, store_img, origin_img, f"real crash at {k} {mode}")
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
 def test_crash_at_every_point(seed):
     g = Geometry()
     ops = make_workload(seed, 90, g)
