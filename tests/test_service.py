@@ -187,3 +187,23 @@ def test_read_only_snapshot_and_busy_delete():
     vol.close()
     svc.delete_snapshot("ro")
     assert svc.snapshots() == []
+
+
+def test_huge_write_is_committed_in_transactions_that_fit_the_journal():
+    """One write whose copy-outs change more metadata blocks than the journal holds."""
+    origin = MemoryDevice(8 << 20)
+    dev = MemoryDevice(24 << 20)
+    # 4 KiB chunks, 1024-bit sharemaps (29 exceptions a leaf), a 64-block journal:
+    # copying out 2048 chunks touches ~140 leaves, more than twice the journal.
+    store = SharedStore.create(dev, 8 << 20, "o", 4096, 1024, journal_blocks=64)
+    svc = MetadataService(store, origin)
+    vol = Origin(svc)
+    vol.write(0, b"\1" * (8 << 20))
+    svc.create_snapshot("s")
+    vol.write(0, b"\2" * (8 << 20))
+    assert Snapshot(svc, svc.snapshot("s")).read(0, 8 << 20) == b"\1" * (8 << 20)
+    svc.close()
+    reopened = SharedStore.open(MemoryDevice(dev.size, dev.data))
+    svc2 = MetadataService(reopened, origin)
+    assert Snapshot(svc2, svc2.snapshot("s")).read(0, 8 << 20) == b"\1" * (8 << 20)
+    assert not reopened.check()

@@ -216,6 +216,16 @@ class ExceptionStore(abc.ABC):
         the order the batches were captured.
         """
 
+    def pending_blocks(self) -> int:
+        """Metadata blocks changed since the last :meth:`begin_commit` (0 in memory)."""
+        return 0
+
+    @property
+    def commit_threshold(self) -> int:
+        """Commit once :meth:`pending_blocks` reaches this, so that a transaction always
+        fits the journal."""
+        return 1 << 62
+
     def commit(self) -> None:
         """Capture and write the pending changes (for single-threaded callers)."""
         batch = self.begin_commit()

@@ -75,6 +75,8 @@ class MetadataService:
         self._origin_writes = 0
         self._barrier = 0  # snapshot creations waiting for origin writes to drain
         self._opens: Counter[str] = Counter()
+        self._snaps: tuple[SnapshotInfo, ...] = ()
+        self._refresh_snaps()
         self._finish_interrupted_delete()
 
     # -- commit ---------------------------------------------------------------------------
@@ -82,6 +84,25 @@ class MetadataService:
     def _check(self) -> None:
         if self._failed is not None:
             raise ServiceFailed(f"the store failed earlier and must be reopened: {self._failed}")
+
+    def _start_commit(self):
+        """Capture the open batch (lock held); returns ``(batch or None, its epoch)``."""
+        self._committing = True
+        batch = self.store.begin_commit()
+        target = self.epoch
+        self.epoch += 1
+        return batch, target
+
+    def _end_commit(self, target: int, error: BaseException | None) -> None:
+        """Record a commit's outcome (lock held) and wake everyone waiting on it."""
+        self._committing = False
+        if error is not None:
+            self._failed = error
+        else:
+            self.durable = target
+            for key in [k for k, v in self._pending.items() if v <= target]:
+                del self._pending[key]
+        self.cond.notify_all()
 
     def wait_durable(self, epoch: int) -> None:
         """Block until batch ``epoch`` is durable, committing it ourselves if nobody is."""
@@ -93,25 +114,42 @@ class MetadataService:
                 if self._committing:
                     self.cond.wait()
                     continue
-                self._committing = True
-                batch = self.store.begin_commit()
-                target = self.epoch
-                self.epoch += 1
+                batch, target = self._start_commit()
+            error = None
             try:
                 if batch is not None:
                     self.store.write_commit(batch)
             except BaseException as e:
-                with self.lock:
-                    self._committing = False
-                    self._failed = e
-                    self.cond.notify_all()
+                error = e
                 raise
-            with self.lock:
-                self._committing = False
-                self.durable = target
-                for key in [k for k, v in self._pending.items() if v <= target]:
-                    del self._pending[key]
-                self.cond.notify_all()
+            finally:
+                with self.lock:
+                    self._end_commit(target, error)
+
+    def _bound_batch(self) -> None:
+        """Commit now (lock held) if the open batch nears what one transaction may hold.
+
+        A huge request, or many requests grouped together, must not build a transaction
+        bigger than the journal; between two chunk edits the tree is consistent, so the
+        batch can be committed there.  The disk I/O then runs under the lock: this only
+        happens for batches of hundreds of metadata blocks.
+        """
+        if self.store.pending_blocks() < self.store.commit_threshold:
+            return
+        while self._committing:
+            self.cond.wait()
+        if self.store.pending_blocks() < self.store.commit_threshold:
+            return
+        batch, target = self._start_commit()
+        error = None
+        try:
+            if batch is not None:
+                self.store.write_commit(batch)
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            self._end_commit(target, error)
 
     def commit(self) -> None:
         """Make every change made so far durable."""
@@ -188,6 +226,7 @@ class MetadataService:
                         err = e
                         break
                     self._pending[(-1, c)] = self.epoch
+                    self._bound_batch()
                 need = self.epoch
             if err is not None:
                 raise err
@@ -211,7 +250,7 @@ class MetadataService:
     # -- snapshot reads and writes -----------------------------------------------------------
 
     def _bit(self, snap: SnapshotInfo) -> int:
-        for s in self.store.snapshots():
+        for s in self._snaps:
             if s.id == snap.id:
                 return s.bit
         raise SnapshotNotFound(snap.name)
@@ -287,18 +326,26 @@ class MetadataService:
                 self._pending[(-1, c)] = self.epoch  # the origin's sharers changed too
                 need = self.epoch
                 out.append(new)
+                self._bound_batch()
         self.wait_durable(need)
         return out
 
     # -- snapshots -----------------------------------------------------------------------
 
     def snapshots(self) -> list[SnapshotInfo]:
-        with self.lock:
-            return self.store.snapshots()
+        """Live snapshots, oldest first.  Never waits: it reads a list replaced whole on
+        every create and delete, so the NBD event loop can call it."""
+        return list(self._snaps)
 
     def snapshot(self, name: str) -> SnapshotInfo:
-        with self.lock:
-            return self.store.snapshot(name)
+        """The live snapshot called ``name`` (raises SnapshotNotFound)."""
+        for s in self._snaps:
+            if s.name == name:
+                return s
+        raise SnapshotNotFound(name)
+
+    def _refresh_snaps(self) -> None:
+        self._snaps = tuple(self.store.snapshots())
 
     def create_snapshot(self, name: str, read_only: bool = False) -> SnapshotInfo:
         """Snapshot the origin as of every origin write completed so far.
@@ -316,6 +363,7 @@ class MetadataService:
                 # a crash cannot change what the snapshot reads (invariant 1).
                 self.origin.flush()
                 info = self.store.create_snapshot(name, read_only)
+                self._refresh_snaps()
                 e = self.epoch
             finally:
                 self._barrier -= 1
@@ -337,6 +385,7 @@ class MetadataService:
                 raise SnapshotBusy(f"snapshot {name} is in use by {self._opens[name]} "
                                    "connection(s)")
             self.store.begin_delete(name)
+            self._refresh_snaps()
         self.commit()
         self._sweep()
         return info
@@ -371,6 +420,7 @@ class MetadataService:
         with self.lock:
             failed = self._failed
         if failed is None:
+            self.origin.flush()
             self.commit()
             with self.lock:
                 self.store.close()

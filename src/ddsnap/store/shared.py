@@ -613,6 +613,16 @@ class SharedStore(ExceptionStore):
 
     # -- commit --------------------------------------------------------------------------
 
+    def pending_blocks(self) -> int:
+        tables = len({bit // SNAPS_PER_BLOCK for bit in self.table.dirty})
+        return len(self._dirty) + tables + len(self.bitmap.dirty)
+
+    @property
+    def commit_threshold(self) -> int:
+        # A quarter of the journal: room for the batch, its descriptors and whatever
+        # one more chunk edit (a split up the tree) adds before the next check.
+        return max(8, self.journal.size // 4)
+
     def begin_commit(self):
         self._drain_released()
         if not (self._dirty or self.table.dirty or self.bitmap.dirty or self._state_dirty):
