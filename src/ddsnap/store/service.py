@@ -115,14 +115,21 @@ class MetadataService:
                     self.cond.wait()
                     continue
                 batch, target = self._start_commit()
-            error = None
-            try:
-                if batch is not None:
-                    self.store.write_commit(batch)
-            except BaseException as e:
-                error = e
-                raise
-            finally:
+            self._write_commit(batch, target, holding_lock=False)
+
+    def _write_commit(self, batch, target: int, holding_lock: bool) -> None:
+        """Write a captured batch and record the outcome (failure fails the service)."""
+        error = None
+        try:
+            if batch is not None:
+                self.store.write_commit(batch)
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            if holding_lock:
+                self._end_commit(target, error)
+            else:
                 with self.lock:
                     self._end_commit(target, error)
 
@@ -141,15 +148,7 @@ class MetadataService:
         if self.store.pending_blocks() < self.store.commit_threshold:
             return
         batch, target = self._start_commit()
-        error = None
-        try:
-            if batch is not None:
-                self.store.write_commit(batch)
-        except BaseException as e:
-            error = e
-            raise
-        finally:
-            self._end_commit(target, error)
+        self._write_commit(batch, target, holding_lock=True)
 
     def commit(self) -> None:
         """Make every change made so far durable."""
