@@ -142,7 +142,7 @@ def test_superblock_origin_path_limits():
                    origin_path="p" * (fmt.MAX_ORIGIN_PATH + 1)).encode()
     buf = sb.encode()
     # Claim a path longer than the format allows, and re-seal so only that is wrong.
-    off = fmt._SB_OFF + fmt._SB.size - 2
+    off = fmt._SB_PATH_OFF
     struct.pack_into("<H", buf, off, fmt.MAX_ORIGIN_PATH + 1)
     seal(buf, T_SUPER, 0, 0, UUID)
     with pytest.raises(CorruptMetadata) as e:

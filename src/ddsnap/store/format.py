@@ -100,9 +100,14 @@ def peek_header(buf: bytes) -> tuple[int, int, int] | None:
 # ---------------------------------------------------------------------------------------
 # Superblock (blocks 0 and 1; the copy with the higher valid sequence wins)
 
-_SB = struct.Struct("<QIIQQ QI QI QI QQ I QIQ H")
+_SB = struct.Struct("<QIIQQ QI QI QI QQ I")
 _SB_OFF = HEADER_SIZE
 MAX_ORIGIN_PATH = 1024
+
+#: no snapshot is being merged
+NO_MERGE = 0xFFFFFFFF
+#: full-store policies (``ddsnap set STORE full-policy=...``)
+FULL_POLICIES = ("error", "delete-oldest")
 
 
 @dataclass
@@ -113,14 +118,40 @@ class State:
         root: block number of the B-tree root (an index node).
         levels: number of index-node levels above the leaves (>= 1).
         next_snapshot_id: the id the next snapshot gets (ids are never reused).
+        merge_bit: sharemap bit of the snapshot being merged into the origin, or
+            :data:`NO_MERGE`.
+        merge_keep: keep the merged snapshot when the merge completes.
+        merge_cursor: logical chunks below this are merged (seed 003's progress).
+        full_policy: index into :data:`FULL_POLICIES`.
     """
 
     root: int = 0
     levels: int = 1
     next_snapshot_id: int = 1
+    merge_bit: int = NO_MERGE
+    merge_keep: bool = False
+    merge_cursor: int = 0
+    full_policy: int = 0
+
+    def copy(self) -> "State":
+        return State(self.root, self.levels, self.next_snapshot_id, self.merge_bit,
+                     self.merge_keep, self.merge_cursor, self.full_policy)
+
+    def pack_into(self, buf, off: int) -> None:
+        _STATE.pack_into(buf, off, self.root, self.levels, self.next_snapshot_id,
+                         self.merge_bit, 1 if self.merge_keep else 0, self.merge_cursor,
+                         self.full_policy)
+
+    @classmethod
+    def unpack_from(cls, buf, off: int) -> "State":
+        root, levels, next_id, mbit, keep, cursor, policy = _STATE.unpack_from(buf, off)
+        return cls(root, levels, next_id, mbit, bool(keep & 1), cursor, policy)
 
 
-_STATE = struct.Struct("<QIQ")
+#: root, levels, next_snapshot_id, merge_bit, merge_keep, merge_cursor, full_policy
+_STATE = struct.Struct("<QIQIIQI")  # 40 bytes
+_SB_STATE_OFF = _SB_OFF + _SB.size  # 136
+_SB_PATH_OFF = _SB_STATE_OFF + _STATE.size  # 176: path length, then the path
 
 
 @dataclass
@@ -173,10 +204,10 @@ class Superblock:
             buf, _SB_OFF, self.blocks, self.chunk_shift, self.max_snapshots,
             self.origin_size, self.created, self.snaptable_start, self.snaptable_blocks,
             self.bitmap_start, self.bitmap_blocks, self.journal_start, self.journal_blocks,
-            self.journal_tail, self.journal_seq, 1 if self.clean else 0,
-            self.state.root, self.state.levels, self.state.next_snapshot_id, len(path))
-        off = _SB_OFF + _SB.size
-        buf[off: off + len(path)] = path
+            self.journal_tail, self.journal_seq, 1 if self.clean else 0)
+        self.state.pack_into(buf, _SB_STATE_OFF)
+        struct.pack_into("<H", buf, _SB_PATH_OFF, len(path))
+        buf[_SB_PATH_OFF + 2: _SB_PATH_OFF + 2 + len(path)] = path
         return seal(buf, T_SUPER, self.generation % 2, self.generation, self.uuid)
 
     @classmethod
@@ -184,15 +215,16 @@ class Superblock:
         seq = check_header(buf, T_SUPER, block, None)
         uuid = bytes(buf[32:48])
         (blocks, cshift, maxsnap, osize, created, st_start, st_blocks, bm_start, bm_blocks,
-         j_start, j_blocks, j_tail, j_seq, flags, root, levels, next_id,
-         plen) = _SB.unpack_from(buf, _SB_OFF)
-        off = _SB_OFF + _SB.size
+         j_start, j_blocks, j_tail, j_seq, flags) = _SB.unpack_from(buf, _SB_OFF)
+        state = State.unpack_from(buf, _SB_STATE_OFF)
+        (plen,) = struct.unpack_from("<H", buf, _SB_PATH_OFF)
         if plen > MAX_ORIGIN_PATH:
             raise CorruptMetadata(block, "origin path length out of range")
+        off = _SB_PATH_OFF + 2
         path = bytes(buf[off: off + plen]).decode(errors="replace")
         return cls(uuid, blocks, cshift, maxsnap, osize, created, st_start, st_blocks,
                    bm_start, bm_blocks, j_start, j_blocks, j_tail, j_seq, bool(flags & 1),
-                   State(root, levels, next_id), path, seq)
+                   state, path, seq)
 
 
 # ---------------------------------------------------------------------------------------
@@ -386,23 +418,24 @@ class Node:
 # ---------------------------------------------------------------------------------------
 # Journal descriptor: lists the home blocks of the block images that follow it
 
-_JD = struct.Struct("<IIQIQ")  # count, flags, root, levels, next_snapshot_id
-JD_ENTRIES_OFF = HEADER_SIZE + 32
-JD_MAX = (BLOCK_SIZE - JD_ENTRIES_OFF) // 8  # 498
+_JD = struct.Struct("<II")  # count, flags; the root State follows at offset 56
+_JD_STATE_OFF = HEADER_SIZE + 8
+JD_ENTRIES_OFF = _JD_STATE_OFF + _STATE.size  # 96
+JD_MAX = (BLOCK_SIZE - JD_ENTRIES_OFF) // 8  # 500
 JD_FINAL = 1
 
 
 def encode_descriptor(targets: list[int], final: bool, state: State) -> bytearray:
     buf = bytearray(BLOCK_SIZE)
-    _JD.pack_into(buf, HEADER_SIZE, len(targets), JD_FINAL if final else 0, state.root,
-                  state.levels, state.next_snapshot_id)
+    _JD.pack_into(buf, HEADER_SIZE, len(targets), JD_FINAL if final else 0)
+    state.pack_into(buf, _JD_STATE_OFF)
     struct.pack_into(f"<{len(targets)}Q", buf, JD_ENTRIES_OFF, *targets)
     return buf
 
 
 def decode_descriptor(buf: bytes) -> tuple[list[int], bool, State]:
-    n, flags, root, levels, next_id = _JD.unpack_from(buf, HEADER_SIZE)
+    n, flags = _JD.unpack_from(buf, HEADER_SIZE)
     if n > JD_MAX:
         raise ValueError("descriptor count out of range")
     targets = list(struct.unpack_from(f"<{n}Q", buf, JD_ENTRIES_OFF))
-    return targets, bool(flags & JD_FINAL), State(root, levels, next_id)
+    return targets, bool(flags & JD_FINAL), State.unpack_from(buf, _JD_STATE_OFF)

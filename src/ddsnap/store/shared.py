@@ -61,7 +61,7 @@ class SharedStore(ExceptionStore):
         self.smbytes = sb.max_snapshots // 8
         self.exc_size = self.smbytes + 8
         self.bpc = sb.blocks_per_chunk
-        self.state = State(sb.state.root, sb.state.levels, sb.state.next_snapshot_id)
+        self.state = sb.state.copy()
         self._cache: OrderedDict[int, object] = OrderedDict()
         #: decoded blocks kept in memory (clean ones are evicted beyond this)
         self.cache_blocks = CACHE_BLOCKS
@@ -75,7 +75,7 @@ class SharedStore(ExceptionStore):
         self._sweep_resume = 0
         self.recovered = 0
         #: root state of the last transaction written (what a checkpoint records)
-        self._last_state = State(sb.state.root, sb.state.levels, sb.state.next_snapshot_id)
+        self._last_state = sb.state.copy()
         self.journal = Journal(dev, sb.uuid, sb.journal_start, sb.journal_blocks,
                                sb.journal_tail, sb.journal_seq)
 
@@ -145,7 +145,7 @@ class SharedStore(ExceptionStore):
         self.table.dirty.clear()
         self.bitmap.dirty.clear()
         dev.flush()
-        self._last_state = State(self.state.root, self.state.levels, self.state.next_snapshot_id)
+        self._last_state = self.state.copy()
         self._write_super(clean=False)
         self._write_super(clean=False)  # both slots valid from the start
         return self
@@ -170,7 +170,7 @@ class SharedStore(ExceptionStore):
         self.recovered = applied
         if state is not None:
             self.state = state
-            self._last_state = State(state.root, state.levels, state.next_snapshot_id)
+            self._last_state = state.copy()
         data_start_blocks = sb.journal_start + sb.journal_blocks
         data_start = -(-data_start_blocks // sb.blocks_per_chunk) * sb.blocks_per_chunk
         slots = []
@@ -192,7 +192,7 @@ class SharedStore(ExceptionStore):
         # Record the replay and mark the store in use.
         dev.flush()
         self.journal.checkpointed()
-        self.sb.state = State(self.state.root, self.state.levels, self.state.next_snapshot_id)
+        self.sb.state = self.state.copy()
         self._write_super(clean=False)
         return self
 
@@ -205,9 +205,9 @@ class SharedStore(ExceptionStore):
         sb.journal_tail = self.journal.tail
         sb.journal_seq = self.journal.next_seq
         if state is not None:
-            sb.state = State(state.root, state.levels, state.next_snapshot_id)
+            sb.state = state.copy()
         else:
-            sb.state = State(self.state.root, self.state.levels, self.state.next_snapshot_id)
+            sb.state = self.state.copy()
         self.dev.pwrite(sb.encode(), (sb.generation % 2) * BLOCK_SIZE)
         self.dev.flush()
 
@@ -640,8 +640,7 @@ class SharedStore(ExceptionStore):
         self.table.dirty.clear()
         self.bitmap.dirty.clear()
         self._state_dirty = False
-        tx = Transaction(seq, images, State(self.state.root, self.state.levels,
-                                            self.state.next_snapshot_id))
+        tx = Transaction(seq, images, self.state.copy())
         ckpt = self._want_checkpoint
         self._want_checkpoint = False
         batch = _Batch(tx, ckpt, set(self.bitmap.q_blocks) if ckpt else set(),
