@@ -16,6 +16,7 @@ Source: seed 000 (csnap.c ``alloc_chunk_range``, ``free_chunk``, ``init_allocati
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from ..errors import StoreFull
 from .format import BITMAP_BYTES, BITS_PER_BITMAP
@@ -41,7 +42,11 @@ class Bitmap:
         self.data_start = data_start
         self.dirty: set[int] = set()  # bitmap block indices changed since last commit
         self.q_blocks: set[int] = set()  # quarantined metadata blocks
-        self.q_chunks: set[int] = set()  # chunks holding any quarantined block
+        # chunks holding quarantined blocks, counted: one chunk can hold blocks freed by
+        # different transactions, released at different checkpoints
+        self.q_chunks: Counter[int] = Counter()
+        # what was quarantined since the last take_new_quarantine()
+        self._q_new: tuple[list[int], list[int]] = ([], [])
         self.chunk_cursor = data_start // bpc
         self.meta_cursor = data_start
         self.free_chunks = sum(1 for c in range(data_start // bpc, blocks // bpc)
@@ -173,7 +178,8 @@ class Bitmap:
         for b in range(c * self.bpc, (c + 1) * self.bpc):
             self._set(b, False)
         self.free_chunks += 1
-        self.q_chunks.add(c)
+        self.q_chunks[c] += 1
+        self._q_new[1].append(c)
 
     def free_block(self, b: int) -> None:
         """Free metadata block ``b`` (quarantined until the next checkpoint)."""
@@ -182,7 +188,9 @@ class Bitmap:
         if self._group_free(c):
             self.free_chunks += 1
         self.q_blocks.add(b)
-        self.q_chunks.add(c)
+        self.q_chunks[c] += 1
+        self._q_new[0].append(b)
+        self._q_new[1].append(c)
 
     def unalloc_chunk(self, c: int) -> None:
         """Give back chunk ``c`` from :meth:`alloc_chunk` that nothing ever referenced.
@@ -199,10 +207,18 @@ class Bitmap:
         if self._group_free(b // self.bpc):
             self.free_chunks += 1
 
-    def release_quarantine(self, q_blocks: set[int], q_chunks: set[int]) -> None:
-        """After a checkpoint: the given quarantined blocks and chunks may be reused."""
-        self.q_blocks -= q_blocks
-        self.q_chunks -= q_chunks
+    def take_new_quarantine(self) -> tuple[list[int], list[int]]:
+        """``(blocks, chunks)`` quarantined since the last call (a transaction's frees)."""
+        new, self._q_new = self._q_new, ([], [])
+        return new
+
+    def release_quarantine(self, q_blocks, q_chunks) -> None:
+        """After a checkpoint: what :meth:`take_new_quarantine` returned may be reused."""
+        self.q_blocks.difference_update(q_blocks)
+        for c in q_chunks:
+            self.q_chunks[c] -= 1
+            if self.q_chunks[c] <= 0:
+                del self.q_chunks[c]
 
     def block_bytes(self, index: int) -> bytes:
         """The bit bytes stored in bitmap block ``index``."""

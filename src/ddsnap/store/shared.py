@@ -40,8 +40,7 @@ SWEEP_BUDGET = 64
 class _Batch:
     tx: Transaction
     checkpoint: bool
-    q_blocks: set
-    q_chunks: set
+    quarantine: tuple  # (blocks, chunks) this transaction freed
 
 
 class SharedStore(ExceptionStore):
@@ -71,7 +70,9 @@ class SharedStore(ExceptionStore):
         self._inflight: dict[int, object] = {}
         self._state_dirty = False
         self._want_checkpoint = False
-        self._released: list[tuple[set, set]] = []
+        # frees of written transactions, and of checkpointed ones (reusable once drained)
+        self._written_frees: list[tuple] = []
+        self._released: list[tuple] = []
         self._sweep_resume = 0
         self.recovered = 0
         #: root state of the last transaction written (what a checkpoint records)
@@ -643,9 +644,7 @@ class SharedStore(ExceptionStore):
         tx = Transaction(seq, images, self.state.copy())
         ckpt = self._want_checkpoint
         self._want_checkpoint = False
-        batch = _Batch(tx, ckpt, set(self.bitmap.q_blocks) if ckpt else set(),
-                       set(self.bitmap.q_chunks) if ckpt else set())
-        return batch
+        return _Batch(tx, ckpt, self.bitmap.take_new_quarantine())
 
     def write_commit(self, batch: _Batch) -> None:
         tx = batch.tx
@@ -660,15 +659,18 @@ class SharedStore(ExceptionStore):
             self.dev.pwrite(img, b * BLOCK_SIZE)
         self._inflight = {}  # the home blocks are current: reloading them is safe now
         self._last_state = tx.state
+        self._written_frees.append(batch.quarantine)
         if batch.checkpoint or self.journal.used * 2 > self.journal.size:
             self._checkpoint(tx.state)
-            if batch.checkpoint:
-                self._released.append((batch.q_blocks, batch.q_chunks))
 
     def _checkpoint(self, state: State | None) -> None:
         self.dev.flush()  # every home write of committed transactions is durable
         self.journal.checkpointed()
         self._write_super(clean=False, state=state or self._last_state)
+        # No replay can reach the transactions written so far: their frees are reusable
+        # (list.extend is atomic; the allocator drains it under the metadata lock).
+        frees, self._written_frees = self._written_frees, []
+        self._released.extend(frees)
 
     def close(self) -> None:
         self._want_checkpoint = True
