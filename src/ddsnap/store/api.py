@@ -25,6 +25,7 @@ import datetime as _dt
 from dataclasses import dataclass
 
 from .blockdev import BlockDevice
+from .format import FULL_POLICIES, NO_MERGE, State
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,50 @@ class ExceptionStore(abc.ABC):
     def live_mask(self) -> int:
         """Sharemap bits of the live snapshots."""
 
+    # -- root state: merge progress and the full-store policy ----------------------------
+    #
+    # Both stores keep these in ``self.state`` (a :class:`~ddsnap.store.format.State`),
+    # committed with the next transaction; ``_state_changed`` marks it for that commit.
+
+    state: "State"
+
+    @abc.abstractmethod
+    def _state_changed(self) -> None:
+        """The root state changed: include it in the next commit."""
+
+    @property
+    def merging_bit(self) -> int | None:
+        """Sharemap bit of the snapshot being merged into the origin, or None."""
+        bit = self.state.merge_bit
+        return None if bit == NO_MERGE else bit
+
+    def set_merge(self, bit: int | None, keep: bool = False, cursor: int = 0) -> None:
+        """Start (``bit``) or end (None) a merge into the origin (seed 003)."""
+        self.state.merge_bit = NO_MERGE if bit is None else bit
+        self.state.merge_keep = keep if bit is not None else False
+        self.state.merge_cursor = cursor
+        self._state_changed()
+
+    def set_merge_cursor(self, cursor: int) -> None:
+        """Logical chunks below ``cursor`` are merged."""
+        self.state.merge_cursor = cursor
+        self._state_changed()
+
+    @property
+    def full_policy(self) -> str:
+        """What a write that finds the store full does: ``error`` or ``delete-oldest``."""
+        return FULL_POLICIES[self.state.full_policy]
+
+    def set_full_policy(self, policy: str) -> None:
+        """Raises InvalidArgument for an unknown policy."""
+        from ..errors import InvalidArgument
+
+        if policy not in FULL_POLICIES:
+            raise InvalidArgument(f"full-policy must be one of {', '.join(FULL_POLICIES)}, "
+                                  f"not {policy!r}")
+        self.state.full_policy = FULL_POLICIES.index(policy)
+        self._state_changed()
+
     # -- mapping -------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -188,6 +233,16 @@ class ExceptionStore(abc.ABC):
             StoreFull: no room for the metadata; nothing was changed (the caller still
                 owns ``store_chunk`` and gives it back with :meth:`release_chunk`).
         """
+
+    @abc.abstractmethod
+    def snapshot_exceptions_from(self, bit: int, start: int, limit: int) -> list[tuple[int, int]]:
+        """Up to ``limit`` ``(chunk, store_chunk)`` of snapshot ``bit``'s exceptions with
+        ``chunk >= start``, in chunk order (what a merge copies, seed 003)."""
+
+    @abc.abstractmethod
+    def drop_snapshot_exception(self, bit: int, chunk: int) -> None:
+        """Snapshot ``bit`` reads the origin at ``chunk`` again: its bit leaves its
+        exception there, which is freed if no other snapshot uses it (a merge step)."""
 
     @abc.abstractmethod
     def add_snapshot_exception(self, bit: int, chunk: int, store_chunk: int) -> None:

@@ -14,7 +14,7 @@ import heapq
 from ..errors import InvalidArgument, StoreFull
 from .api import ExceptionStore, Finding, SnapshotInfo
 from .blockdev import MemoryDevice
-from .format import SnapSlot
+from .format import SnapSlot, State
 from .snapshots import (SnapshotTable, exc_add_snapshot, exc_lookup, exc_remove_bits,
                         exc_sharers)
 
@@ -41,7 +41,7 @@ class MemoryStore(ExceptionStore):
         self._free = list(range(self._nchunks))  # a heap: lowest chunk first
         self._excs: dict[int, list[list[int]]] = {}
         self._table = SnapshotTable([SnapSlot() for _ in range(max_snapshots)])
-        self._next_id = 1
+        self.state = State()
         self.commits = 0
         self._dirty = False
 
@@ -49,8 +49,8 @@ class MemoryStore(ExceptionStore):
         return self._table.live()
 
     def create_snapshot(self, name, read_only=False, created=None) -> SnapshotInfo:
-        info = self._table.create(name, read_only, self._next_id, created)
-        self._next_id += 1
+        info = self._table.create(name, read_only, self.state.next_snapshot_id, created)
+        self.state.next_snapshot_id += 1
         self._dirty = True
         return info
 
@@ -94,6 +94,29 @@ class MemoryStore(ExceptionStore):
 
     def add_origin_exception(self, chunk, store_chunk, sharemap) -> None:
         self._excs.setdefault(chunk, []).append([sharemap, store_chunk])
+        self._dirty = True
+
+    def _state_changed(self) -> None:
+        self._dirty = True
+
+    def snapshot_exceptions_from(self, bit, start, limit):
+        out = []
+        for chunk in sorted(c for c in self._excs if c >= start):
+            sc, _u = exc_lookup(self._excs[chunk], bit)
+            if sc is not None:
+                out.append((chunk, sc))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def drop_snapshot_exception(self, bit, chunk) -> None:
+        excs = self._excs.get(chunk)
+        if not excs:
+            return
+        for c in exc_remove_bits(excs, 1 << bit):
+            heapq.heappush(self._free, c)
+        if not excs:
+            del self._excs[chunk]
         self._dirty = True
 
     def add_snapshot_exception(self, bit, chunk, store_chunk) -> None:

@@ -607,6 +607,40 @@ class SharedStore(ExceptionStore):
             return []
         self._edit(chunk, add)
 
+    def _state_changed(self) -> None:
+        self._state_dirty = True
+
+    def snapshot_exceptions_from(self, bit, start, limit):
+        out = []
+        key = start
+        mask = 1 << bit
+        while len(out) < limit:
+            path, _lb, leaf = self._probe(key)
+            for k, excs in zip(leaf.keys, leaf.excs):
+                if k < key:
+                    continue
+                for share, sc in excs:
+                    if share & mask:
+                        out.append((k, sc))
+                        break
+                if len(out) >= limit:
+                    return out
+            upper = None
+            for _b, node, i in reversed(path):
+                if i + 1 < len(node.keys):
+                    upper = node.keys[i + 1]
+                    break
+            if upper is None:
+                return out
+            key = upper
+        return out
+
+    def drop_snapshot_exception(self, bit, chunk) -> None:
+        if self._leaf_excs(chunk) is None:
+            return
+        for c in self._edit(chunk, lambda excs: exc_remove_bits(excs, 1 << bit)):
+            self.bitmap.free_chunk(c)
+
     def add_snapshot_exception(self, bit, chunk, store_chunk) -> None:
         freed = self._edit(chunk, lambda excs: exc_add_snapshot(excs, bit, store_chunk))
         for c in freed:
