@@ -181,6 +181,21 @@ class StoreExists(DdsnapError):
         super().__init__(f"{path} already holds a ddsnap snapshot store (use --force to overwrite)")
 
 
+class MergeInProgress(DdsnapError):
+    """The operation conflicts with the merge in progress (one merge per origin)."""
+
+    exit_code = 17
+    fault = "user"
+    errno = _errno.EBUSY
+
+
+class NoMerge(DdsnapError):
+    """There is no merge to report on or stop."""
+
+    exit_code = 18
+    fault = "user"
+
+
 class JournalError(CorruptMetadata):
     """The journal cannot be replayed (a commit record is inconsistent)."""
 

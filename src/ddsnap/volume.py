@@ -70,8 +70,18 @@ class Origin(Volume):
     name = "origin"
 
     def read(self, offset: int, length: int) -> bytes:
-        self._range(offset, length)
-        return self.service.origin.pread(length, offset)
+        """Read the origin; while a merge runs, chunks not merged yet come from the
+        merging snapshot's exceptions (the origin already shows its content)."""
+        if not length:
+            return b""
+        first, last = self._range(offset, length)
+        rmap = self.service.map_origin_read(first, last)
+        if rmap is None:
+            return self.service.origin.pread(length, offset)
+        try:
+            return read_mapped(self.service, rmap, offset, length)
+        finally:
+            self.service.release_read(rmap)
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         """Write ``data`` at ``offset``; copy-outs are durable before the origin changes."""
@@ -106,28 +116,10 @@ class Snapshot(Volume):
         first, last = self._range(offset, length)
         cs = self.chunk_size
         rmap = self.service.map_snapshot_read(self.info, first, last)
-        out = bytearray(length)
         try:
-            # Group runs of chunks that come from the same device and are contiguous there.
-            i = 0
-            n = len(rmap.sources)
-            while i < n:
-                src = rmap.sources[i]
-                j = i + 1
-                while j < n and ((src is None and rmap.sources[j] is None) or
-                                 (src is not None and rmap.sources[j] == src + (j - i))):
-                    j += 1
-                lo = max(offset, (first + i) * cs)
-                hi = min(offset + length, (first + j) * cs)
-                if src is None:
-                    data = self.service.origin.pread(hi - lo, lo)
-                else:
-                    data = self.service.store.cow.pread(hi - lo, src * cs + lo - (first + i) * cs)
-                out[lo - offset: hi - offset] = data
-                i = j
+            return read_mapped(self.service, rmap, offset, length)
         finally:
-            self.service.release_snapshot_read(rmap)
-        return bytes(out)
+            self.service.release_read(rmap)
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         """Write into chunks made unique to this snapshot."""
@@ -149,3 +141,29 @@ class Snapshot(Volume):
 
     def flush(self) -> None:
         self.service.flush_store()
+
+
+def read_mapped(service: MetadataService, rmap, offset: int, length: int) -> bytes:
+    """Read ``[offset, offset+length)`` as ``rmap`` says: each chunk from the origin
+    (source None) or from its store chunk; runs contiguous on one device are read in one
+    I/O."""
+    cs = service.chunk_size
+    first = rmap.first
+    out = bytearray(length)
+    i = 0
+    n = len(rmap.sources)
+    while i < n:
+        src = rmap.sources[i]
+        j = i + 1
+        while j < n and ((src is None and rmap.sources[j] is None) or
+                         (src is not None and rmap.sources[j] == src + (j - i))):
+            j += 1
+        lo = max(offset, (first + i) * cs)
+        hi = min(offset + length, (first + j) * cs)
+        if src is None:
+            data = service.origin.pread(hi - lo, lo)
+        else:
+            data = service.store.cow.pread(hi - lo, src * cs + lo - (first + i) * cs)
+        out[lo - offset: hi - offset] = data
+        i = j
+    return bytes(out)

@@ -20,28 +20,53 @@ inclusive ``first..last``.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ..errors import DdsnapError, ReadOnlyVolume, SnapshotBusy, SnapshotNotFound, StoreFull
+from ..errors import (DdsnapError, MergeInProgress, NoMerge, ReadOnlyVolume, SnapshotBusy,
+                      SnapshotNotFound, StoreFull)
 from .api import ExceptionStore, SnapshotInfo
 from .blockdev import BlockDevice
 
 #: most chunks one coalesced copy I/O moves (csnap's copybuf is 32 chunks)
 COPY_CHUNKS = 32
 
+log = logging.getLogger("ddsnap.service")
+
 
 @dataclass
 class ReadMap:
-    """How to read a snapshot's chunks ``first..last``: per chunk a store chunk or None.
+    """How to read a volume's chunks ``first..last``: per chunk a store chunk or None.
 
-    None means "read the origin"; those chunks are read-locked until
-    :meth:`MetadataService.release_snapshot_read`.
+    None means "read the origin".  The logical chunks in ``locked`` are read-locked
+    (origin writes and merge steps on them wait) until
+    :meth:`MetadataService.release_read`.
     """
 
     first: int
     sources: list[int | None]
+    locked: list[int]
+
+
+@dataclass
+class MergeProgress:
+    """Progress of the merge, in chunks, since this process started or resumed it."""
+
+    total: int
+    done: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def to_dict(self, name: str, keep: bool, cursor: int, running: bool) -> dict:
+        elapsed = max(1e-9, time.monotonic() - self.started)
+        rate = self.done / elapsed
+        left = max(0, self.total - self.done)
+        return {"snapshot": name, "keep": keep, "chunks_done": self.done,
+                "chunks_total": self.total, "cursor": cursor, "running": running,
+                "chunks_per_second": round(rate, 3),
+                "eta_seconds": round(left / rate, 1) if rate > 0 else None}
 
 
 class ServiceFailed(DdsnapError):
@@ -77,6 +102,13 @@ class MetadataService:
         self._opens: Counter[str] = Counter()
         self._snaps: tuple[SnapshotInfo, ...] = ()
         self._refresh_snaps()
+        m = store.merging_bit
+        #: ``1 << bit`` of the snapshot being merged, 0 if none (read without the lock)
+        self._merge_mask = 0 if m is None else 1 << m
+        self._merge_busy: set[int] = set()  # chunks a merge step is working on
+        #: snapshots the full-store policy deleted (name, id, time), newest last
+        self.auto_deleted: list[dict] = []
+        self._merge_progress = MergeProgress(self._count_merge_left()) if m is not None else None
         self._finish_interrupted_delete()
 
     # -- commit ---------------------------------------------------------------------------
@@ -133,6 +165,13 @@ class MetadataService:
                 with self.lock:
                     self._end_commit(target, error)
 
+    def _commit_now_locked(self) -> None:
+        """Make everything changed so far durable, holding the lock throughout."""
+        while self._committing:
+            self.cond.wait()
+        batch, target = self._start_commit()
+        self._write_commit(batch, target, holding_lock=True)
+
     def _bound_batch(self) -> None:
         """Commit now (lock held) if the open batch nears what one transaction may hold.
 
@@ -147,8 +186,7 @@ class MetadataService:
             self.cond.wait()
         if self.store.pending_blocks() < self.store.commit_threshold:
             return
-        batch, target = self._start_commit()
-        self._write_commit(batch, target, holding_lock=True)
+        self._commit_now_locked()
 
     def commit(self) -> None:
         """Make every change made so far durable."""
@@ -195,24 +233,36 @@ class MetadataService:
             self._check()
             while self._barrier:
                 self.cond.wait()
-            need = -1
-            moves, adds = [], []
-            err = None
-            for c in range(first, last + 1):
-                sharers = self.store.origin_sharers(c)
-                if sharers:
-                    try:
-                        sc = self.store.allocate_chunk()
-                    except StoreFull as e:
-                        err = e
-                        break
-                    moves.append((c, sc))
-                    adds.append((c, sc, sharers))
-                else:
-                    # No sharer now, but maybe only since a change not yet durable (a
-                    # copy-out, or a snapshot write unsharing the chunk): until it is, a
-                    # crash would bring the origin's sharers back.
-                    need = max(need, self._pending.get((-1, c), -1))
+            if self._merge_mask:
+                # Chunks not merged yet are merged first: the write lands on the merged
+                # content (seed 003 patches 09/10: writes to chunks under merge wait).
+                self._merge_range_locked(first, last)
+            while True:
+                need = -1
+                moves, adds = [], []
+                err = None
+                for c in range(first, last + 1):
+                    sharers = self.store.origin_sharers(c) & ~self._merge_mask
+                    if sharers:
+                        try:
+                            sc = self.store.allocate_chunk()
+                        except StoreFull as e:
+                            err = e
+                            break
+                        moves.append((c, sc))
+                        adds.append((c, sc, sharers))
+                    else:
+                        # No sharer now, but maybe only since a change not yet durable (a
+                        # copy-out, or a snapshot write unsharing the chunk): until it
+                        # is, a crash would bring the origin's sharers back.
+                        need = max(need, self._pending.get((-1, c), -1))
+                if err is None or not self._can_make_room():
+                    break
+                # Full, and the policy deletes the oldest snapshot: give back what this
+                # request took (its sharers may include the victim) and start again.
+                for _c, sc in moves:
+                    self.store.release_chunk(sc)
+                self._make_room_locked()
             if moves:
                 self._copy(moves, self.origin)
                 for k, (c, sc, sharers) in enumerate(adds):
@@ -260,27 +310,53 @@ class MetadataService:
         with self.lock:
             self._check()
             bit = self._bit(snap)
-            sources = []
+            sources, locked = [], []
             for c in range(first, last + 1):
                 sc, _u = self.store.snapshot_exception(bit, c)
                 if sc is None:
                     self._readlocks[c] += 1
+                    locked.append(c)
                 sources.append(sc)
-            return ReadMap(first, sources)
+            return ReadMap(first, sources, locked)
 
-    def release_snapshot_read(self, rmap: ReadMap) -> None:
-        """Drop the read locks a :meth:`map_snapshot_read` took (``FINISH_SNAPSHOT_READ``)."""
+    def map_origin_read(self, first: int, last: int) -> ReadMap | None:
+        """Where the origin reads chunks ``first..last`` while a merge runs, else None.
+
+        During a merge the origin already shows the merging snapshot's content: a chunk
+        not merged yet is read from that snapshot's exception (read-locked, so the merge
+        step waits for the read) (seed 003: reads of the merging origin).
+        """
+        if self._merge_mask == 0:
+            return None
+        with self.lock:
+            self._check()
+            m = self.store.merging_bit
+            if m is None:
+                return None
+            sources, locked = [], []
+            for c in range(first, last + 1):
+                sc, _u = self.store.snapshot_exception(m, c)
+                if sc is not None:
+                    self._readlocks[c] += 1
+                    locked.append(c)
+                sources.append(sc)
+            return ReadMap(first, sources, locked)
+
+    def release_read(self, rmap: ReadMap) -> None:
+        """Drop the read locks of a read map (seed 000 ``FINISH_SNAPSHOT_READ``)."""
+        if not rmap.locked:
+            return
         with self.lock:
             wake = False
-            for i, sc in enumerate(rmap.sources):
-                if sc is None:
-                    c = rmap.first + i
-                    self._readlocks[c] -= 1
-                    if not self._readlocks[c]:
-                        del self._readlocks[c]
-                        wake = True
+            for c in rmap.locked:
+                self._readlocks[c] -= 1
+                if not self._readlocks[c]:
+                    del self._readlocks[c]
+                    wake = True
             if wake:
                 self.cond.notify_all()
+
+    release_snapshot_read = release_read
 
     def prepare_snapshot_write(self, snap: SnapshotInfo, first: int, last: int) -> list[int]:
         """Make snapshot chunks ``first..last`` unique to ``snap``; return their store chunks.
@@ -299,6 +375,8 @@ class MetadataService:
         with self.lock:
             self._check()
             bit = self._bit(snap)
+            if (1 << bit) & self._merge_mask:
+                raise MergeInProgress(f"snapshot {snap.name} is being merged into the origin")
             need = -1
             out = []
             for c in range(first, last + 1):
@@ -311,7 +389,15 @@ class MetadataService:
                                self._pending.get((-1, c), -1))
                     out.append(sc)
                     continue
-                new = self.store.allocate_chunk()
+                while True:
+                    try:
+                        new = self.store.allocate_chunk()
+                        break
+                    except StoreFull:
+                        if not self._can_make_room(exclude=1 << bit):
+                            raise
+                        self._make_room_locked(exclude=1 << bit)
+                        sc, unique = self.store.snapshot_exception(bit, c)
                 if sc is None:
                     self._copy([(c, new)], self.origin)
                 else:
@@ -354,6 +440,9 @@ class MetadataService:
         """
         with self.lock:
             self._check()
+            if self._merge_mask:
+                raise MergeInProgress("cannot take a snapshot while a snapshot is being "
+                                      "merged into the origin")
             self._barrier += 1
             try:
                 while self._origin_writes:
@@ -380,6 +469,8 @@ class MetadataService:
         with self.lock:
             self._check()
             info = self.store.snapshot(name)
+            if (1 << info.bit) & self._merge_mask:
+                raise MergeInProgress(f"snapshot {name} is being merged into the origin")
             if self._opens[name]:
                 raise SnapshotBusy(f"snapshot {name} is in use by {self._opens[name]} "
                                    "connection(s)")
@@ -399,6 +490,223 @@ class MetadataService:
     def _finish_interrupted_delete(self) -> None:
         """A delete cut short by a crash resumes when the store is next opened."""
         self._sweep()
+
+    # -- the full-store policy -------------------------------------------------------------
+
+    def _victim(self, exclude: int = 0) -> SnapshotInfo | None:
+        """The oldest snapshot the ``delete-oldest`` policy may delete, if any."""
+        if self.store.full_policy != "delete-oldest":
+            return None
+        for s in self._snaps:  # oldest first
+            if not (1 << s.bit) & (exclude | self._merge_mask):
+                return s
+        return None
+
+    def _can_make_room(self, exclude: int = 0) -> bool:
+        return self._victim(exclude) is not None
+
+    def _make_room_locked(self, exclude: int = 0) -> None:
+        """Delete the oldest snapshot to make room (``full-policy=delete-oldest``), lock
+        held: its chunks are swept, committed and checkpointed so they can be reused.
+        Logged and kept in :attr:`auto_deleted` for ``status`` (invariant 7: never silent).
+        """
+        victim = self._victim(exclude)
+        self.store.begin_delete(victim.name)
+        self._refresh_snaps()
+        while not self.store.sweep_step():
+            self._commit_now_locked()
+        self._commit_now_locked()
+        event = {"name": victim.name, "id": victim.id,
+                 "deleted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.auto_deleted.append(event)
+        log.warning("snapshot store full: deleted the oldest snapshot %s "
+                    "(full-policy=delete-oldest)", victim.name)
+
+    def set_full_policy(self, policy: str) -> None:
+        """Choose what a write does when the store is full (``error``/``delete-oldest``)."""
+        with self.lock:
+            self.store.set_full_policy(policy)
+        self.commit()
+
+    # -- merge (seed 003): roll the origin back to a snapshot, online ---------------------
+
+    def _count_merge_left(self) -> int:
+        m = self.store.merging_bit
+        return len(self.store.snapshot_exceptions_from(m, 0, 1 << 62)) if m is not None else 0
+
+    def start_merge(self, name: str, keep: bool = False) -> dict:
+        """Start merging snapshot ``name`` into the origin (``lvconvert --merge``).
+
+        From now on the origin reads as ``name``; the chunks are copied in by
+        :meth:`merge_step` (a background worker) or by origin writes that touch them.
+        Starting the merge already in progress for ``name`` again is allowed (a resume).
+
+        Raises:
+            SnapshotNotFound: no such snapshot.
+            MergeInProgress: another snapshot is being merged (one merge per origin).
+            SnapshotBusy: clients have ``name`` open.
+        """
+        with self.lock:
+            self._check()
+            info = self.store.snapshot(name)
+            m = self.store.merging_bit
+            if m is not None:
+                if m == info.bit:
+                    return self._merge_status_locked(True)
+                raise MergeInProgress(f"snapshot {self._name_of(m)} is already being merged "
+                                      "into the origin")
+            if self._opens[name]:
+                raise SnapshotBusy(f"snapshot {name} is in use by {self._opens[name]} "
+                                   "connection(s); disconnect them before merging it")
+            self.store.set_merge(info.bit, keep)
+            self._merge_mask = 1 << info.bit
+            self._merge_progress = MergeProgress(self._count_merge_left())
+            log.info("merge of snapshot %s into the origin started (%d chunks)", name,
+                     self._merge_progress.total)
+        self.commit()
+        with self.lock:
+            return self._merge_status_locked(True)
+
+    def _name_of(self, bit: int) -> str:
+        for s in self._snaps:
+            if s.bit == bit:
+                return s.name
+        return f"#{bit}"
+
+    def merge_status(self, running: bool = False) -> dict | None:
+        """The merge in progress as a dict (snapshot, chunks done/total, rate, ETA), or None."""
+        with self.lock:
+            return self._merge_status_locked(running)
+
+    def _merge_status_locked(self, running: bool) -> dict | None:
+        m = self.store.merging_bit
+        if m is None or self._merge_progress is None:
+            return None
+        st = self.store.state
+        return self._merge_progress.to_dict(self._name_of(m), st.merge_keep, st.merge_cursor,
+                                            running)
+
+    def merge_step(self) -> bool:
+        """Merge the next linear run of chunks (up to :data:`COPY_CHUNKS`).
+
+        Returns True when the merge is complete (or none is in progress); on completion
+        the snapshot is deleted unless the merge was started with ``keep``.
+        """
+        with self.lock:
+            self._check()
+            m = self.store.merging_bit
+            if m is None:
+                return True
+            cursor = self.store.state.merge_cursor
+            todo = self.store.snapshot_exceptions_from(m, cursor, COPY_CHUNKS)
+            if not todo:
+                return self._finish_merge_locked(m)
+            run = _linear_prefix(todo)
+            self._merge_run_locked(m, run)
+            self.store.set_merge_cursor(run[-1][0] + 1)
+        self.commit()
+        return False
+
+    def _merge_range_locked(self, first: int, last: int) -> None:
+        """Merge every not-yet-merged chunk in ``first..last`` now (lock held)."""
+        m = self.store.merging_bit
+        if m is None:
+            return
+        todo = [(c, sc) for c, sc in self.store.snapshot_exceptions_from(m, first, last - first + 1)
+                if c <= last]
+        while todo:
+            run = _linear_prefix(todo)
+            self._merge_run_locked(m, run)
+            todo = todo[len(run):]
+
+    def _merge_run_locked(self, m: int, run: list[tuple[int, int]]) -> None:
+        """One merge step over a linear run ``[(chunk, store_chunk), ...]`` (lock held).
+
+        1. Snapshots that still read these origin chunks get exceptions holding the
+           current origin data (seed 003 patch 11), committed durably.
+        2. Snapshot readers of those origin chunks and origin readers of the merging
+           snapshot's exceptions drain.
+        3. The run is copied into the origin in one I/O (patch 13) and flushed.
+        4. The merging snapshot's exceptions are dropped: it reads the origin there.
+        Each step can be repeated after a crash with the same result (idempotent).
+        """
+        chunks = [c for c, _ in run]
+        while any(c in self._merge_busy for c in chunks):
+            self.cond.wait()
+        # Re-read: another step may have merged some of these while we waited.
+        run = [(c, sc) for c, sc in run if self.store.snapshot_exception(m, c)[0] == sc]
+        if not run:
+            return
+        run = _linear_prefix(run)
+        chunks = [c for c, _ in run]
+        self._merge_busy.update(chunks)
+        try:
+            moves, adds = [], []
+            try:
+                for c in chunks:
+                    sharers = self.store.origin_sharers(c) & ~(1 << m)
+                    if sharers:
+                        sc = self.store.allocate_chunk()
+                        moves.append((c, sc))
+                        adds.append((c, sc, sharers))
+            except StoreFull:
+                for _c, sc in moves:
+                    self.store.release_chunk(sc)
+                raise
+            if moves:
+                self._copy(moves, self.origin)
+                for k, (c, sc, sharers) in enumerate(adds):
+                    try:
+                        self.store.add_origin_exception(c, sc, sharers)
+                    except StoreFull:
+                        for _c, unused, _s in adds[k:]:
+                            self.store.release_chunk(unused)
+                        raise
+            if moves or any(self._pending.get((-1, c), -1) > self.durable for c in chunks):
+                self._commit_now_locked()
+            while any(self._readlocks.get(c) for c in chunks):
+                self.cond.wait()
+            cs = self.chunk_size
+            first_c, first_sc = run[0]
+            n = len(run)
+            data = self.store.cow.pread(n * cs, first_sc * cs)
+            end = min(self.store.origin_size, (first_c + n) * cs)
+            self.origin.pwrite(memoryview(data)[: end - first_c * cs], first_c * cs)
+            self.origin.flush()
+            for c in chunks:
+                self.store.drop_snapshot_exception(m, c)
+                self._pending[(-1, c)] = self.epoch
+            if self._merge_progress is not None:
+                self._merge_progress.done += n
+        finally:
+            self._merge_busy.difference_update(chunks)
+            self.cond.notify_all()
+
+    def _finish_merge_locked(self, m: int) -> bool:
+        keep = self.store.state.merge_keep
+        name = self._name_of(m)
+        self.store.set_merge(None)
+        self._merge_mask = 0
+        self._merge_progress = None
+        log.info("merge of snapshot %s into the origin complete", name)
+        if not keep:
+            # LVM's behaviour: the merged snapshot goes away, its space is freed.
+            self.store.begin_delete(name)
+        self._refresh_snaps()
+        self.cond.notify_all()
+        return True
+
+    def run_merge(self, stop: threading.Event | None = None, on_step=None) -> bool:
+        """Merge until complete (True) or ``stop`` is set (False); resumable any time."""
+        while stop is None or not stop.is_set():
+            done = self.merge_step()
+            if on_step is not None:
+                on_step(self.merge_status(running=not done))
+            if done:
+                self.commit()
+                self._sweep()
+                return True
+        return False
 
     def export_open(self, name: str) -> None:
         with self.lock:
@@ -423,3 +731,12 @@ class MetadataService:
             self.commit()
             with self.lock:
                 self.store.close()
+
+
+def _linear_prefix(todo: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The leading run of ``todo`` whose chunks and store chunks both go up by one."""
+    n = 1
+    while (n < len(todo) and n < COPY_CHUNKS and todo[n][0] == todo[0][0] + n
+           and todo[n][1] == todo[0][1] + n):
+        n += 1
+    return todo[:n]
