@@ -10,16 +10,21 @@ same either way.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat
+import threading
 from dataclasses import dataclass
 
-from .errors import (CorruptMetadata, DdsnapError, OriginMismatch, StoreBusy, StoreNotFound)
+from .errors import (CorruptMetadata, DdsnapError, InvalidArgument, NoMerge, OriginMismatch,
+                     StoreBusy, StoreNotFound)
 from .store.api import Finding
 from .store.blockdev import FileDevice
 from .store.format import VERSION
 from .store.service import MetadataService
 from .store.shared import SharedStore
+
+log = logging.getLogger("ddsnap.admin")
 
 
 @dataclass
@@ -136,6 +141,8 @@ def status(svc: MetadataService, path: str, served: bool) -> dict:
             "max_snapshots": store.max_snapshots,
             "snapshots": snaps,
             "served": served,
+            "full_policy": store.full_policy,
+            "auto_deleted": list(svc.auto_deleted),
         }
         if isinstance(store, SharedStore):
             out["uuid"] = store.uuid.hex()
@@ -163,23 +170,103 @@ def findings_report(findings: list[Finding]) -> dict:
             "findings": [f.to_dict() for f in findings]}
 
 
+def set_option(svc: MetadataService, key: str, value: str) -> dict:
+    """``ddsnap set STORE KEY=VALUE``; the only key is ``full-policy``."""
+    if key != "full-policy":
+        raise InvalidArgument(f"unknown setting {key!r} (settable: full-policy)")
+    svc.set_full_policy(value)
+    return {key: value}
+
+
+class MergeRunner:
+    """Runs a merge in a background thread (the server's merge worker)."""
+
+    def __init__(self, svc: MetadataService):
+        self.svc = svc
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def ensure(self) -> None:
+        """Start the worker if a merge is in progress and nobody is running it."""
+        if self.running or self.svc.store.merging_bit is None:
+            return
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ddsnap-merge", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.svc.run_merge(self._stop)
+        except Exception:  # noqa: BLE001 - the merge stays recorded and resumable
+            log.exception("merge stopped by an error; it resumes with `ddsnap merge` or "
+                          "a restart")
+
+    def stop(self) -> None:
+        """Stop after the current step (the merge stays recorded and resumable)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+def merge_start(svc: MetadataService, runner: MergeRunner | None, name: str,
+                keep: bool = False) -> dict:
+    st = svc.start_merge(name, keep)
+    if runner is not None:
+        runner.ensure()
+        st["running"] = runner.running
+    else:
+        st["running"] = False
+    return st
+
+
+def merge_status(svc: MetadataService, runner: MergeRunner | None) -> dict | None:
+    return svc.merge_status(running=runner is not None and runner.running)
+
+
+def merge_stop(svc: MetadataService, runner: MergeRunner | None) -> dict:
+    st = svc.merge_status()
+    if st is None:
+        raise NoMerge("no merge is in progress")
+    if runner is not None:
+        runner.stop()
+    return svc.merge_status(running=False)
+
+
 OPERATIONS = {
     "snap_create": snap_create,
     "snap_list": snap_list,
     "snap_delete": snap_delete,
+    "set": set_option,
 }
 
 
-def run_op(svc: MetadataService, op: str, args: dict, path: str, served: bool):
+def run_op(svc: MetadataService, op: str, args: dict, path: str, served: bool,
+           runner: MergeRunner | None = None):
     """Run operation ``op`` with ``args``; the one dispatcher for local and remote calls.
+
+    ``runner`` is the server's merge worker (None when the CLI opened the store itself:
+    a merge started then runs when the store is next served, or with ``merge --wait``).
 
     Raises:
         DdsnapError: the operation's own errors; an unknown op is a ProtocolError.
     """
     if op == "status":
-        return status(svc, path, served)
+        st = status(svc, path, served)
+        st["merge"] = merge_status(svc, runner)
+        return st
     if op == "check":
         return check(svc)
+    if op == "merge_start":
+        return merge_start(svc, runner, **args)
+    if op == "merge_status":
+        return merge_status(svc, runner)
+    if op == "merge_stop":
+        return merge_stop(svc, runner)
     fn = OPERATIONS.get(op)
     if fn is None:
         from .errors import ProtocolError

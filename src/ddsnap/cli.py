@@ -20,8 +20,10 @@ from rich.console import Console
 from rich.table import Table
 
 from . import admin, control
-from .errors import DdsnapError, InvalidArgument, StoreBusy, StoreExists, StoreNotFound
+from .errors import (DdsnapError, InvalidArgument, MergeInProgress, StoreBusy, StoreExists,
+                     StoreNotFound)
 from .store.blockdev import FileDevice
+from .store.format import FULL_POLICIES
 from .store.memory import check_geometry
 from .store.shared import SharedStore, read_superblock
 
@@ -36,18 +38,28 @@ def _size(text: str, what: str) -> int:
         raise InvalidArgument(f"{what} {text!r} is not a size (try 64K, 1M, 10G)") from None
 
 
-def _call(store: str, op: str, **args):
-    """Run ``op`` on a local store, or through the control socket of its server."""
+def _open_or_server(store: str):
+    """Open ``store`` here, or find the server holding it.
+
+    Returns ``(opened, None)`` or ``(None, control_socket_path)``.
+    """
     if not os.path.exists(store):
         raise StoreNotFound(store)
     try:
-        opened = admin.open_store(store)
+        return admin.open_store(store), None
     except StoreBusy:
         from .daemon import find_server
 
         path = find_server(store)
         if path is None:
             raise
+        return None, path
+
+
+def _call(store: str, op: str, **args):
+    """Run ``op`` on a local store, or through the control socket of its server."""
+    opened, path = _open_or_server(store)
+    if opened is None:
         return control.call(path, op, args)
     try:
         return admin.run_op(opened.service, op, args, opened.path, served=False)
@@ -83,8 +95,10 @@ def main():
               help="Copy-on-write unit, a power of two from 4K to 1M.")
 @click.option("--max-snapshots", default="64", show_default=True,
               help="Sharemap width: a multiple of 64 up to 1024.")
+@click.option("--full-policy", default="error", show_default=True,
+              help="When the store is full: error (ENOSPC) or delete-oldest.")
 @click.option("--force", is_flag=True, help="Overwrite an existing ddsnap store.")
-def init(store, origin, size, chunk_size, max_snapshots, force):
+def init(store, origin, size, chunk_size, max_snapshots, full_policy, force):
     """Create snapshot store STORE for ORIGIN."""
     if not os.path.exists(origin):
         raise StoreNotFound(origin, "origin")
@@ -96,6 +110,8 @@ def init(store, origin, size, chunk_size, max_snapshots, force):
         raise InvalidArgument(f"--max-snapshots {max_snapshots!r} is not a number") from None
     chunk = _size(chunk_size, "--chunk-size")
     check_geometry(chunk, max_snaps)
+    if full_policy not in FULL_POLICIES:
+        raise InvalidArgument(f"--full-policy must be one of {', '.join(FULL_POLICIES)}")
     odev = FileDevice(origin, writable=False, what="origin")
     try:
         osize = odev.size
@@ -123,6 +139,7 @@ def init(store, origin, size, chunk_size, max_snapshots, force):
             except DdsnapError:
                 pass
         s = SharedStore.create(dev, osize, os.path.realpath(origin), chunk, max_snaps)
+        s.set_full_policy(full_policy)
         space = s.space()
         s.close()
     except BaseException:
@@ -222,12 +239,123 @@ def status(store, as_json):
         ("chunk size", format_size(cs, binary=True)),
         ("chunks", f"{st['chunks_used']} used, {st['chunks_free']} free of {st['chunks_total']}"),
         ("snapshots", f"{len(st['snapshots'])} of {st['max_snapshots']}"),
+        ("when full", st["full_policy"]),
     ]
     for k, v in rows:
         out.print(f"{k:>10}: {v}", markup=False)
     for s in st["snapshots"]:
         out.print(f"{'':>10}  {s['name']} (id {s['id']}, {s['created']}"
                   f"{', read-only' if s['read_only'] else ''})", markup=False)
+    if st.get("merge"):
+        out.print(f"{'merge':>10}: {_merge_line(st['merge'])}", markup=False)
+    for d in st.get("auto_deleted", []):
+        out.print(f"{'deleted':>10}: {d['name']} at {d['deleted']} to make room "
+                  "(full-policy=delete-oldest)", markup=False)
+
+
+@main.command("set")
+@click.argument("store")
+@click.argument("setting")
+def set_(store, setting):
+    """Change a setting of STORE: full-policy=error|delete-oldest."""
+    key, eq, value = setting.partition("=")
+    if not eq:
+        raise InvalidArgument(f"expected KEY=VALUE, not {setting!r}")
+    _call(store, "set", key=key.strip(), value=value.strip())
+    out.print(f"{key.strip()} = {value.strip()}", markup=False)
+
+
+def _merge_line(st: dict) -> str:
+    eta = f", ETA {st['eta_seconds']:.0f} s" if st.get("eta_seconds") is not None else ""
+    state = "running" if st.get("running") else "not running"
+    return (f"merging snapshot {st['snapshot']} into the origin: {st['chunks_done']} of "
+            f"{st['chunks_total']} chunks, {st['chunks_per_second']:.1f} chunks/s{eta} "
+            f"({state})")
+
+
+@main.command()
+@click.argument("store")
+@click.argument("name", required=False)
+@click.option("--wait", is_flag=True, help="Wait until the merge completes.")
+@click.option("--no-progress", is_flag=True, help="No progress bar while waiting.")
+@click.option("--keep", is_flag=True, help="Keep NAME as a snapshot after the merge.")
+@click.option("--status", "show_status", is_flag=True, help="Show the merge in progress.")
+@click.option("--json", "as_json", is_flag=True, help="With --status: print JSON.")
+@click.option("--stop", is_flag=True, help="Stop the merge (it resumes later).")
+def merge(store, name, wait, no_progress, keep, show_status, as_json, stop):
+    """Merge snapshot NAME into the origin of STORE: an online rollback.
+
+    The origin reads as NAME at once and stays writable; NAME's chunks are copied in
+    by the server in the background, or here with --wait if nobody serves STORE.
+    """
+    if show_status or stop:
+        st = _call(store, "merge_stop" if stop else "merge_status")
+        if as_json:
+            click.echo(json.dumps(st, indent=2))
+        elif st is None:
+            out.print("no merge in progress")
+        else:
+            out.print(_merge_line(st), markup=False)
+        return
+    if not name:
+        raise InvalidArgument("merge needs the snapshot NAME (or --status / --stop)")
+    opened, path = _open_or_server(store)
+    if opened is not None:
+        try:
+            st = admin.merge_start(opened.service, None, name, keep)
+            if wait:
+                _run_merge_here(opened, st, no_progress)
+                out.print(f"merged snapshot {name} into the origin", markup=False)
+            else:
+                out.print(f"merge of {name} started; it runs when {store} is served "
+                          "(or use --wait)", markup=False)
+        finally:
+            opened.close()
+        return
+    st = control.call(path, "merge_start", {"name": name, "keep": keep})
+    if not wait:
+        out.print(_merge_line(st), markup=False)
+        return
+    _wait_remote(path, st, no_progress)
+    out.print(f"merged snapshot {name} into the origin", markup=False)
+
+
+def _progress(no_progress: bool, total: int):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("chunks"), TimeRemainingColumn(), console=err,
+                    disable=no_progress or not err.is_terminal)
+
+
+def _run_merge_here(opened, st: dict, no_progress: bool) -> None:
+    with _progress(no_progress, st["chunks_total"]) as bar:
+        task = bar.add_task("merge", total=st["chunks_total"])
+
+        def step(s):
+            if s is not None:
+                bar.update(task, completed=s["chunks_done"])
+
+        opened.service.run_merge(on_step=step)
+        bar.update(task, completed=st["chunks_total"])
+
+
+def _wait_remote(path: str, st: dict, no_progress: bool) -> None:
+    import time
+
+    with _progress(no_progress, st["chunks_total"]) as bar:
+        task = bar.add_task("merge", total=st["chunks_total"])
+        while True:
+            s = control.call(path, "merge_status")
+            if s is None:
+                bar.update(task, completed=st["chunks_total"])
+                return
+            if not s["running"]:
+                raise MergeInProgress("the merge was stopped before it completed; "
+                                      "`ddsnap merge STORE NAME` resumes it")
+            bar.update(task, completed=s["chunks_done"], total=s["chunks_total"])
+            time.sleep(0.2)
 
 
 @main.command()

@@ -36,14 +36,15 @@ class Exports:
         self.opened = opened
 
     def names(self) -> list[str]:
-        return ["origin"] + [s.name for s in self.opened.service.snapshots()]
+        svc = self.opened.service
+        return ["origin"] + [s.name for s in svc.snapshots() if not svc.is_merging(s)]
 
     def get(self, name: str):
         svc = self.opened.service
         if name in ("origin", ""):
             return Origin(svc)
         for s in svc.snapshots():
-            if s.name == name:
+            if s.name == name and not svc.is_merging(s):
                 return Snapshot(svc, s)
         return None
 
@@ -62,18 +63,21 @@ class Daemon:
         self.listen = listen
         self.control_path = control_path or admin.default_control_path(store_path)
         self.opened: admin.OpenStore | None = None
+        self.merger: admin.MergeRunner | None = None
         self.nbd: NbdServer | None = None
         self.control: ControlServer | None = None
         self._stop = asyncio.Event()
         self._registry_file = admin.registry_path(store_path)
 
     def _handle(self, op: str, args: dict):
-        return admin.run_op(self.opened.service, op, args, self.store_path, served=True)
+        return admin.run_op(self.opened.service, op, args, self.store_path, served=True,
+                            runner=self.merger)
 
     async def start(self) -> None:
         """Open the store and start serving (raises StoreBusy, NotAStore, ...)."""
         loop = asyncio.get_running_loop()
         self.opened = await loop.run_in_executor(None, admin.open_store, self.store_path)
+        self.merger = admin.MergeRunner(self.opened.service)
         try:
             control = ControlServer(self.control_path, self._handle)
             await control.start()
@@ -86,6 +90,7 @@ class Daemon:
                            "control": os.path.abspath(self.control_path),
                            "listen": self.nbd.addresses}, f)
             os.replace(self._registry_file + ".tmp", self._registry_file)
+            self.merger.ensure()  # a merge cut short by --stop, a restart or a crash resumes
         except BaseException:
             await self.stop()
             raise
@@ -104,6 +109,8 @@ class Daemon:
             os.unlink(self._registry_file)
         except FileNotFoundError:
             pass
+        if self.merger is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.merger.stop)
         if self.opened is not None:
             opened, self.opened = self.opened, None
             await asyncio.get_running_loop().run_in_executor(None, opened.close)

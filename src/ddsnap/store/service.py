@@ -567,6 +567,10 @@ class MetadataService:
         with self.lock:
             return self._merge_status_locked(True)
 
+    def is_merging(self, snap: SnapshotInfo) -> bool:
+        """True if ``snap`` is being merged (it is not exported meanwhile)."""
+        return bool((1 << snap.bit) & self._merge_mask)
+
     def _name_of(self, bit: int) -> str:
         for s in self._snaps:
             if s.bit == bit:
