@@ -148,3 +148,159 @@ def exc_add_snapshot(excs: list[list[int]], bit: int, store_chunk: int) -> list[
     freed = exc_remove_bits(excs, 1 << bit)
     excs.append([1 << bit, store_chunk])
     return freed
+
+
+# -- per-snapshot space accounting (issue 3, "Space accounting") -------------------------
+
+def _bits(mask: int):
+    """The set bits of ``mask``, lowest first (O(popcount))."""
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low
+
+
+class SpaceAccount:
+    """Exact per-snapshot space figures, kept up to date as sharemaps change.
+
+    An exception *belongs* to the live snapshots in its sharemap (``sharemap & live``).
+    For a live snapshot ``b``:
+
+    * ``exclusive[b]``: exceptions whose live part is exactly ``{b}``.  Deleting ``b``
+      (and sweeping) frees exactly these: bits of snapshots already being deleted
+      (``SLOT_DELETING``, still in sharemaps until swept) do not keep a chunk alive.
+    * ``shared[b]``: exceptions whose live part holds ``b`` and at least one other
+      snapshot.
+
+    ``orphans`` counts exceptions with no live snapshot at all (only deleted snapshots'
+    bits, freed by the sweep in progress) and ``exceptions`` every exception.  All are in
+    store chunks: each exception holds one store chunk.
+
+    The figures follow from ``groups`` (how many exceptions carry each distinct sharemap)
+    and ``live``.  Costs: :meth:`change` is O(popcount) of the sharemaps involved;
+    :meth:`created` is O(1) (a free bit is in no sharemap, DESIGN.md invariant 6);
+    :meth:`deleted` is O(number of distinct sharemaps).  Memory is O(distinct sharemaps),
+    which copy-on-write makes small: sharemaps are born as the live set of one moment
+    (an origin copy-out) or a single bit (a snapshot write) and only lose bits after.
+
+    Source: csnap keeps no such figures; the idea is ZFS's ``used``/``referenced`` and
+    LVM's ``snap_percent``, made exact for a shared store by counting sharemaps.
+
+    Args:
+        width: sharemap width in bits (``max_snapshots``).
+        live: the live snapshots' bits.
+    """
+
+    def __init__(self, width: int, live: int = 0):
+        self.width = width
+        self.live = live
+        self.groups: dict[int, int] = {}
+        self.exclusive = [0] * width
+        self.shared = [0] * width
+        self.orphans = 0
+        self.exceptions = 0
+
+    @classmethod
+    def from_exceptions(cls, width: int, live: int, exceptions) -> "SpaceAccount":
+        """Count ``exceptions`` (``(chunk, [[sharemap, store_chunk], ...])`` as
+        :meth:`ExceptionStore.exceptions` yields): the one full walk, at open or check."""
+        acc = cls(width, live)
+        for _chunk, excs in exceptions:
+            for share, _sc in excs:
+                acc.change(0, share)
+        return acc
+
+    def _live_add(self, m: int, n: int) -> None:
+        if not m:
+            self.orphans += n
+        elif not m & (m - 1):
+            self.exclusive[m.bit_length() - 1] += n
+        else:
+            shared = self.shared
+            for b in _bits(m):
+                shared[b] += n
+
+    def change(self, old: int, new: int) -> None:
+        """One exception's sharemap goes from ``old`` to ``new`` (0: no exception)."""
+        if old == new:
+            return
+        groups = self.groups
+        if old:
+            n = groups[old] - 1
+            if n:
+                groups[old] = n
+            else:
+                del groups[old]
+            self.exceptions -= 1
+        if new:
+            groups[new] = groups.get(new, 0) + 1
+            self.exceptions += 1
+        om, nm = old & self.live, new & self.live
+        if old and new and om == nm:
+            return  # e.g. the sweep clearing deleted snapshots' bits
+        if old:
+            self._live_add(om, -1)
+        if new:
+            self._live_add(nm, 1)
+
+    def diff(self, before, after) -> None:
+        """One logical chunk's exception list went from ``before`` to ``after`` (lists
+        of ``[sharemap, store_chunk]``); only the exceptions that changed cost anything."""
+        if len(before) == 1 and len(after) == 1 and before[0][1] == after[0][1]:
+            self.change(before[0][0], after[0][0])
+            return
+        old = {}
+        for share, sc in before:
+            old[(share, sc)] = old.get((share, sc), 0) + 1
+        for share, sc in after:
+            k = (share, sc)
+            if old.get(k):
+                old[k] -= 1
+            else:
+                self.change(0, share)
+        for (share, _sc), n in old.items():
+            for _ in range(n):
+                self.change(share, 0)
+
+    def created(self, bit: int) -> None:
+        """Snapshot ``bit`` became live.  Its bit was free, so no sharemap holds it."""
+        self.live |= 1 << bit
+
+    def deleted(self, bit: int) -> None:
+        """Snapshot ``bit`` left the live set (its bit may stay in sharemaps until swept):
+        the exceptions it shared may now be exclusive to another snapshot, or orphans."""
+        mask = 1 << bit
+        live = self.live
+        self.live = live & ~mask
+        for share, n in self.groups.items():
+            if share & mask:
+                self._live_add(share & live, -n)
+                self._live_add(share & live & ~mask, n)
+
+    def figures(self) -> dict[int, tuple[int, int]]:
+        """``{bit: (exclusive, shared)}`` in chunks for every live snapshot."""
+        return {b: (self.exclusive[b], self.shared[b]) for b in _bits(self.live)}
+
+    def drift(self, truth: "SpaceAccount", name_of) -> list[str]:
+        """How these figures differ from ``truth`` (recounted from the tree); one message
+        per wrong figure, naming the snapshot (``name_of(bit)``)."""
+        out = []
+        if self.live != truth.live:
+            out.append(f"space accounting: live snapshots {self.live:#x} counted, "
+                       f"{truth.live:#x} in the snapshot table")
+        mine, real = self.figures(), truth.figures()
+        for b in sorted(set(mine) | set(real)):
+            if mine.get(b) != real.get(b):
+                me, tr = mine.get(b, (0, 0)), real.get(b, (0, 0))
+                out.append(f"space accounting of snapshot {name_of(b)!r} (bit {b}) "
+                           f"drifted: exclusive {me[0]}, shared {me[1]} chunks counted, "
+                           f"exclusive {tr[0]}, shared {tr[1]} in the tree")
+        if (self.exceptions, self.orphans) != (truth.exceptions, truth.orphans):
+            out.append(f"space accounting drifted: {self.exceptions} exception chunks "
+                       f"({self.orphans} of deleted snapshots) counted, "
+                       f"{truth.exceptions} ({truth.orphans}) in the tree")
+        if self.groups != truth.groups:
+            diff = sorted(set(self.groups.items()) ^ set(truth.groups.items()))
+            out.append(f"space accounting drifted: {len(diff)} sharemap counts differ "
+                       f"from the tree, first sharemap {diff[0][0]:#x}")
+        return out
