@@ -23,9 +23,13 @@ from __future__ import annotations
 import abc
 import datetime as _dt
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .blockdev import BlockDevice
 from .format import FULL_POLICIES, NO_MERGE, State
+
+if TYPE_CHECKING:
+    from .snapshots import SpaceAccount
 
 
 @dataclass(frozen=True)
@@ -299,8 +303,64 @@ class ExceptionStore(abc.ABC):
 
     @abc.abstractmethod
     def check(self) -> list[Finding]:
-        """Check the store's invariants (DESIGN.md 4, 5, 6); return what is wrong."""
+        """Check the store's invariants (DESIGN.md 4, 5, 6); return what is wrong.
+
+        Also recounts :meth:`snapshot_space` from the tree: drift is a fatal finding that
+        names the snapshot.
+        """
 
     @abc.abstractmethod
     def close(self) -> None:
         """Commit, mark the store cleanly shut down and release it."""
+
+    # -- per-snapshot space (issue 3, "Space accounting") --------------------------------
+    #
+    # Kept up to date incrementally by both stores wherever a sharemap changes (a
+    # :class:`~ddsnap.store.snapshots.SpaceAccount`): asking costs O(live snapshots), never
+    # a walk of the tree.  ``check()`` recounts them from the tree and reports drift.
+
+    @abc.abstractmethod
+    def _space_account(self) -> "SpaceAccount":
+        """The store's incremental figures.
+
+        Raises:
+            CorruptMetadata: they could not be counted when the store was opened (a
+                damaged tree block; ``check`` names it).
+        """
+
+    def snapshot_space(self) -> dict[int, tuple[int, int]]:
+        """Space each live snapshot uses: ``{bit: (exclusive, shared)}``, in chunks
+        (multiply by :attr:`chunk_size` for bytes).
+
+        ``exclusive``: store chunks only this snapshot uses, exactly what deleting it
+        frees (snapshots already being deleted do not count as users: their bits leave
+        every sharemap when swept).  ``shared``: store chunks it uses together with at
+        least one other live snapshot.  Chunks the snapshot reads from the origin are in
+        neither.  Metadata blocks are not counted.
+
+        Exact and up to date after every call that changed the store, committed or not.
+        Costs O(max_snapshots).
+
+        Raises:
+            CorruptMetadata: as :meth:`_space_account`.
+        """
+        return self._space_account().figures()
+
+    def exception_chunks(self) -> int:
+        """Store chunks holding exception data that some exception references, in chunks;
+        includes :meth:`unswept_chunks`, excludes metadata (so at most
+        ``space()["chunks_used"]``).
+
+        Raises:
+            CorruptMetadata: as :meth:`_space_account`.
+        """
+        return self._space_account().exceptions
+
+    def unswept_chunks(self) -> int:
+        """Store chunks only deleted snapshots use, in chunks: the sweep in progress frees
+        them (0 when no delete is pending).
+
+        Raises:
+            CorruptMetadata: as :meth:`_space_account`.
+        """
+        return self._space_account().orphans

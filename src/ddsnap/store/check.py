@@ -4,7 +4,9 @@ Reads every metadata block from the device (not from the in-memory cache) and ch
 DESIGN.md invariants 4 (self-identifying, checksummed blocks), 5 (bitmap and tree agree:
 every referenced block and chunk allocated exactly once; leaks are warnings) and 6 (every
 sharemap a non-empty subset of the live snapshots, seed 001 ``check_leaf``), plus the
-B-tree's key order and bounds.  Each finding names the block concerned.
+B-tree's key order and bounds.  Each finding names the block concerned.  It also recounts
+the per-snapshot space figures (issue 3) from the tree and reports, naming the snapshot,
+any drift of the figures the store keeps incrementally.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from ..errors import CorruptMetadata
 from .api import Finding
 from .format import (BLOCK_SIZE, T_LEAF, T_NODE, Leaf, Node, check_header)
 from .format import SLOT_LIVE
+from .snapshots import SpaceAccount
 
 
 def check_store(store) -> list[Finding]:
     """Check ``store`` (a :class:`~ddsnap.store.shared.SharedStore`) as it is on disk.
 
-    Returns findings; any with severity ``"fatal"`` means the store is damaged.
+    Returns findings; any with severity ``"fatal"`` means the store is damaged.  The
+    space figures are compared with the tree on disk, or with the tree in memory while
+    changes are not committed yet.
     """
     findings: list[Finding] = []
     sb = store.sb
@@ -30,6 +35,8 @@ def check_store(store) -> list[Finding]:
     referenced_chunks: dict[int, int] = {}
     nchunks = sb.blocks // bpc
     first_data_chunk = -(-bitmap.data_start // bpc)
+    counted = SpaceAccount(store.max_snapshots, store.table.live_mask)
+    incomplete = []  # blocks the walk could not read: the recount is partial
 
     def fatal(block, msg):
         findings.append(Finding("fatal", block, msg))
@@ -61,11 +68,13 @@ def check_store(store) -> list[Finding]:
         leaf_level = level == store.state.levels
         what = "leaf" if leaf_level else "index node"
         if not ref_block(block, what):
+            incomplete.append(block)
             return
         try:
             obj = load(block, T_LEAF if leaf_level else T_NODE)
         except CorruptMetadata as e:
             fatal(e.block, e.why)
+            incomplete.append(block)
             return
         keys = obj.keys
         if keys and (keys[0] < lo or (hi is not None and keys[-1] >= hi)):
@@ -78,6 +87,7 @@ def check_store(store) -> list[Finding]:
                     fatal(block, f"chunk {k} has an empty exception list")
                 union = 0
                 for share, c in excs:
+                    counted.change(0, share)
                     if not share:
                         fatal(block, f"chunk {k}: exception {c} has an empty sharemap")
                     elif share & ~allowed:
@@ -104,6 +114,23 @@ def check_store(store) -> list[Finding]:
             walk(child, level + 1, child_lo, child_hi)
 
     walk(store.state.root, 0, 0, None)
+
+    # The incremental space figures against a recount (only a complete one is exact).
+    # They describe the tree as it is in memory: with changes not yet committed, recount
+    # that tree instead of the one on disk.
+    if store._dirty or store._inflight:
+        try:
+            counted = SpaceAccount.from_exceptions(store.max_snapshots,
+                                                   store.table.live_mask,
+                                                   store.exceptions())
+        except CorruptMetadata as e:
+            incomplete.append(e.block)
+    if not incomplete:
+        if store._space is None:
+            fatal(None, f"space accounting unavailable: {store._space_error}")
+        else:
+            for msg in store._space.drift(counted, lambda b: store.table.slots[b].name):
+                fatal(None, msg)
 
     # A data chunk must not lie over a tree block (each allocated exactly once).
     for b, what in referenced_blocks.items():

@@ -15,8 +15,8 @@ from ..errors import InvalidArgument, StoreFull
 from .api import ExceptionStore, Finding, SnapshotInfo
 from .blockdev import MemoryDevice
 from .format import SnapSlot, State
-from .snapshots import (SnapshotTable, exc_add_snapshot, exc_lookup, exc_remove_bits,
-                        exc_sharers)
+from .snapshots import (SnapshotTable, SpaceAccount, exc_add_snapshot, exc_lookup,
+                        exc_remove_bits, exc_sharers)
 
 
 class MemoryStore(ExceptionStore):
@@ -42,6 +42,7 @@ class MemoryStore(ExceptionStore):
         self._excs: dict[int, list[list[int]]] = {}
         self._table = SnapshotTable([SnapSlot() for _ in range(max_snapshots)])
         self.state = State()
+        self._space = SpaceAccount(max_snapshots)
         self.commits = 0
         self._dirty = False
 
@@ -51,12 +52,15 @@ class MemoryStore(ExceptionStore):
     def create_snapshot(self, name, read_only=False, created=None) -> SnapshotInfo:
         info = self._table.create(name, read_only, self.state.next_snapshot_id, created)
         self.state.next_snapshot_id += 1
+        self._space.created(info.bit)
         self._dirty = True
         return info
 
     def begin_delete(self, name) -> SnapshotInfo:
+        info = self._table.begin_delete(name)
+        self._space.deleted(info.bit)
         self._dirty = True
-        return self._table.begin_delete(name)
+        return info
 
     def sweep_step(self) -> bool:
         mask = self._table.deleting_mask
@@ -64,6 +68,9 @@ class MemoryStore(ExceptionStore):
             return True
         for chunk in list(self._excs):
             excs = self._excs[chunk]
+            for share, _sc in excs:
+                if share & mask:
+                    self._space.change(share, share & ~mask)
             for c in exc_remove_bits(excs, mask):
                 heapq.heappush(self._free, c)
             if not excs:
@@ -94,6 +101,7 @@ class MemoryStore(ExceptionStore):
 
     def add_origin_exception(self, chunk, store_chunk, sharemap) -> None:
         self._excs.setdefault(chunk, []).append([sharemap, store_chunk])
+        self._space.change(0, sharemap)
         self._dirty = True
 
     def _state_changed(self) -> None:
@@ -113,15 +121,20 @@ class MemoryStore(ExceptionStore):
         excs = self._excs.get(chunk)
         if not excs:
             return
+        before = [list(e) for e in excs]
         for c in exc_remove_bits(excs, 1 << bit):
             heapq.heappush(self._free, c)
         if not excs:
             del self._excs[chunk]
+        self._space.diff(before, excs)
         self._dirty = True
 
     def add_snapshot_exception(self, bit, chunk, store_chunk) -> None:
-        for c in exc_add_snapshot(self._excs.setdefault(chunk, []), bit, store_chunk):
+        excs = self._excs.setdefault(chunk, [])
+        before = [list(e) for e in excs]
+        for c in exc_add_snapshot(excs, bit, store_chunk):
             heapq.heappush(self._free, c)
+        self._space.diff(before, excs)
         self._dirty = True
 
     def begin_commit(self):
@@ -142,6 +155,9 @@ class MemoryStore(ExceptionStore):
         for chunk in sorted(self._excs):
             yield chunk, self._excs[chunk]
 
+    def _space_account(self) -> SpaceAccount:
+        return self._space
+
     def check(self) -> list[Finding]:
         findings = []
         allowed = self._table.live_mask | self._table.deleting_mask
@@ -156,6 +172,10 @@ class MemoryStore(ExceptionStore):
                 seen.add(c)
         if seen & set(self._free):
             findings.append(Finding("fatal", None, "a referenced chunk is on the free list"))
+        truth = SpaceAccount.from_exceptions(self.max_snapshots, self._table.live_mask,
+                                             self.exceptions())
+        for msg in self._space.drift(truth, lambda b: self._table.slots[b].name):
+            findings.append(Finding("fatal", None, msg))
         return findings
 
     def close(self) -> None:

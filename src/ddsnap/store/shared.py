@@ -27,8 +27,8 @@ from .format import (BITMAP_BYTES, BITS_PER_BITMAP, BLOCK_SHIFT, BLOCK_SIZE, HEA
                      check_header, decode_snaptable, encode_snaptable, seal)
 from .journal import Journal, Transaction
 from .memory import check_geometry
-from .snapshots import (SnapshotTable, exc_add_snapshot, exc_lookup, exc_remove_bits,
-                        exc_sharers)
+from .snapshots import (SnapshotTable, SpaceAccount, exc_add_snapshot, exc_lookup,
+                        exc_remove_bits, exc_sharers)
 
 #: decoded leaves and nodes kept in memory (clean ones are evicted beyond this)
 CACHE_BLOCKS = 16384
@@ -74,6 +74,11 @@ class SharedStore(ExceptionStore):
         self._written_frees: list[tuple] = []
         self._released: list[tuple] = []
         self._sweep_resume = 0
+        #: leaves one sweep step may visit before it commits
+        self.sweep_budget = SWEEP_BUDGET
+        #: per-snapshot space figures, kept incrementally (None: the walk at open failed)
+        self._space: SpaceAccount | None = None
+        self._space_error: CorruptMetadata | None = None
         self.recovered = 0
         #: root state of the last transaction written (what a checkpoint records)
         self._last_state = sb.state.copy()
@@ -135,6 +140,7 @@ class SharedStore(ExceptionStore):
         self._put(root_block, Node([0], [leaf_block]))
         self.state.root = root_block
         self.state.levels = 1
+        self._space = SpaceAccount(max_snapshots)
         # Everything goes to its home location directly; the journal starts empty.
         for i in range(st_blocks):
             self._write_home(st_start + i, self._snaptable_image(i, 0))
@@ -190,12 +196,32 @@ class SharedStore(ExceptionStore):
             bits += buf[HEADER_SIZE:]
         self.bitmap = Bitmap(bits, sb.blocks, sb.blocks_per_chunk, data_start)
         self._read_node(self.state.root)  # fail now, not mid-request, on a bad root
+        self._count_space()
         # Record the replay and mark the store in use.
         dev.flush()
         self.journal.checkpointed()
         self.sb.state = self.state.copy()
         self._write_super(clean=False)
         return self
+
+    def _count_space(self) -> None:
+        """Count the per-snapshot space figures from the tree: the one full walk, at
+        open; from then on they are kept up to date incrementally.
+
+        A damaged leaf or node does not refuse the open (the intact parts of the tree
+        still serve and ``check`` names the block): the figures are then unavailable.
+        """
+        try:
+            self._space = SpaceAccount.from_exceptions(self.max_snapshots,
+                                                       self.table.live_mask,
+                                                       self.exceptions())
+        except CorruptMetadata as e:
+            self._space, self._space_error = None, e
+
+    def _space_account(self) -> SpaceAccount:
+        if self._space is None:
+            raise self._space_error or CorruptMetadata(self.state.root, "space not counted")
+        return self._space
 
     # -- superblock and images -----------------------------------------------------------
 
@@ -315,8 +341,9 @@ class SharedStore(ExceptionStore):
         if not found:
             leaf.keys.insert(i, chunk)
             leaf.excs.insert(i, [])
-        freed = fn(leaf.excs[i])
-        if not leaf.excs[i]:
+        excs = leaf.excs[i]
+        freed = fn(excs)
+        if not excs:
             del leaf.keys[i]
             del leaf.excs[i]
         self._mark(lblock, leaf)
@@ -324,8 +351,11 @@ class SharedStore(ExceptionStore):
             try:
                 self._split_leaf(path, lblock, leaf)
             except StoreFull:
+                # Nothing changed: the space figures, counted below, stay as they were.
                 self._restore(chunk, saved)
                 raise
+        if self._space is not None:
+            self._space.diff(saved or (), excs)
         return freed
 
     def _restore(self, chunk: int, saved) -> None:
@@ -440,11 +470,15 @@ class SharedStore(ExceptionStore):
         info = self.table.create(name, read_only, self.state.next_snapshot_id, created)
         self.state.next_snapshot_id += 1
         self._state_dirty = True
+        if self._space is not None:
+            self._space.created(info.bit)
         return info
 
     def begin_delete(self, name) -> SnapshotInfo:
         info = self.table.begin_delete(name)
         self._sweep_resume = 0
+        if self._space is not None:
+            self._space.deleted(info.bit)
         return info
 
     @property
@@ -452,7 +486,7 @@ class SharedStore(ExceptionStore):
         return self.table.live_mask
 
     def sweep_step(self) -> bool:
-        """Sweep the bits of deleted snapshots out of up to :data:`SWEEP_BUDGET` leaves.
+        """Sweep the bits of deleted snapshots out of up to :attr:`sweep_budget` leaves.
 
         Walks bottom-level index nodes in key order from where the previous step stopped;
         in each, clears the bits from every leaf, frees chunks whose sharemap became
@@ -465,7 +499,7 @@ class SharedStore(ExceptionStore):
         if not mask:
             return True
         visited = 0
-        while visited < SWEEP_BUDGET:
+        while visited < self.sweep_budget:
             path, upper = self._bottom_path(self._sweep_resume)
             nblock, node, _ = path[-1]
             visited += self._sweep_bottom(nblock, node, mask)
@@ -504,6 +538,10 @@ class SharedStore(ExceptionStore):
             for idx in range(len(leaf.keys) - 1, -1, -1):
                 excs = leaf.excs[idx]
                 if any(s & mask for s, _ in excs):
+                    if self._space is not None:
+                        for share, _sc in excs:
+                            if share & mask:
+                                self._space.change(share, share & ~mask)
                     freed.extend(exc_remove_bits(excs, mask))
                     dirty = True
                     if not excs:
