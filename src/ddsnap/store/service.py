@@ -558,6 +558,17 @@ class MetadataService:
             if self._opens[name]:
                 raise SnapshotBusy(f"snapshot {name} is in use by {self._opens[name]} "
                                    "connection(s); disconnect them before merging it")
+            # Origin writes in flight finish first (seed 003 patch 10); new ones wait and
+            # then see the merge.
+            self._barrier += 1
+            try:
+                while self._origin_writes:
+                    self.cond.wait()
+            finally:
+                self._barrier -= 1
+                self.cond.notify_all()
+            if self.store.merging_bit is not None:  # another merge started meanwhile
+                raise MergeInProgress("another merge started meanwhile")
             self.store.set_merge(info.bit, keep)
             self._merge_mask = 1 << info.bit
             self._merge_progress = MergeProgress(self._count_merge_left())
@@ -601,15 +612,18 @@ class MetadataService:
             m = self.store.merging_bit
             if m is None:
                 return True
-            cursor = self.store.state.merge_cursor
-            todo = self.store.snapshot_exceptions_from(m, cursor, COPY_CHUNKS)
-            if not todo:
-                return self._finish_merge_locked(m)
-            run = _linear_prefix(todo)
-            self._merge_run_locked(m, run)
-            self.store.set_merge_cursor(run[-1][0] + 1)
+            todo = self.store.snapshot_exceptions_from(m, self.store.state.merge_cursor,
+                                                       COPY_CHUNKS)
+            if todo:
+                run = _linear_prefix(todo)
+                self._merge_run_locked(m, run)
+                self.store.set_merge_cursor(run[-1][0] + 1)
+            else:
+                self._finish_merge_locked(m)
         self.commit()
-        return False
+        if not todo:
+            self._sweep()  # frees the merged snapshot's slot (unless kept)
+        return not todo
 
     def _merge_range_locked(self, first: int, last: int) -> None:
         """Merge every not-yet-merged chunk in ``first..last`` now (lock held)."""
@@ -686,7 +700,7 @@ class MetadataService:
             self._merge_busy.difference_update(chunks)
             self.cond.notify_all()
 
-    def _finish_merge_locked(self, m: int) -> bool:
+    def _finish_merge_locked(self, m: int) -> None:
         keep = self.store.state.merge_keep
         name = self._name_of(m)
         self.store.set_merge(None)
@@ -698,7 +712,6 @@ class MetadataService:
             self.store.begin_delete(name)
         self._refresh_snaps()
         self.cond.notify_all()
-        return True
 
     def run_merge(self, stop: threading.Event | None = None, on_step=None) -> bool:
         """Merge until complete (True) or ``stop`` is set (False); resumable any time."""
@@ -707,8 +720,6 @@ class MetadataService:
             if on_step is not None:
                 on_step(self.merge_status(running=not done))
             if done:
-                self.commit()
-                self._sweep()
                 return True
         return False
 
