@@ -6,8 +6,9 @@ snapshots, reads any volume, creates and deletes snapshots, flushes, and closes 
 reopens the store (SharedStore: ``svc.close()``, ``SharedStore.open`` on the same device,
 a new MetadataService; also an unclean reopen that replays the journal; a no-op for a
 MemoryStore).  Every read must equal the model.  After every step the store's exceptions
-must be consistent with the live snapshots and its space accounting exact (no leaks); at
-teardown ``check()`` finds nothing fatal, before and after a final reopen.
+must be consistent with the live snapshots, its space accounting exact (no leaks) and its
+per-snapshot space figures equal to a brute-force count; at teardown ``check()`` finds
+nothing fatal, before and after a final reopen.
 
 The stores are kept small so that StoreFull happens: a write that fails with it may
 leave its own range old or new byte by byte, but no other volume may change.
@@ -215,6 +216,26 @@ class StoreMachine(RuleBasedStateMachine):
                 assert used == len(seen) + tree_blocks(store), "space leaked or double-counted"
         else:
             assert used == len(seen), "space leaked or double-counted"
+
+    @invariant()
+    def space_figures_are_exact(self):
+        """The incremental per-snapshot space figures (issue 3) against a brute-force
+        count over the exceptions: exclusive = live part of the sharemap is that snapshot
+        alone, shared = it and at least one other."""
+        store = self.store
+        live = store.live_mask
+        want = {i.bit: [0, 0] for i in self.infos.values()}
+        total = orphans = 0
+        for _chunk, excs in store.exceptions():
+            for share, _sc in excs:
+                total += 1
+                users = [b for b in want if (share & live) >> b & 1]
+                if not users:
+                    orphans += 1
+                for b in users:
+                    want[b][len(users) > 1] += 1
+        assert store.snapshot_space() == {b: tuple(v) for b, v in want.items()}
+        assert (store.exception_chunks(), store.unswept_chunks()) == (total, orphans)
 
     def teardown(self):
         for name, want in self.model.items():
