@@ -183,8 +183,10 @@ class SpaceAccount:
     which copy-on-write makes small: sharemaps are born as the live set of one moment
     (an origin copy-out) or a single bit (a snapshot write) and only lose bits after.
 
-    Source: csnap keeps no such figures; the idea is ZFS's ``used``/``referenced`` and
-    LVM's ``snap_percent``, made exact for a shared store by counting sharemaps.
+    Source: issue 3 ("Space accounting"); seed 001 leaves ``shared_fraction_full`` a
+    FIXME.  ``exclusive`` is what ZFS reports as a snapshot's ``used`` ("space referenced
+    exclusively by this snapshot", freed if it is destroyed), made exact and incremental
+    for a shared store by counting sharemaps.
 
     Args:
         width: sharemap width in bits (``max_snapshots``).
