@@ -617,7 +617,15 @@ class MetadataService:
             if todo:
                 run = _linear_prefix(todo)
                 self._merge_run_locked(m, run)
-                self.store.set_merge_cursor(run[-1][0] + 1)
+                # An origin write may have merged part of the run while the step waited,
+                # and the step then merged only a linear part of the rest: move the
+                # cursor past the chunks that are merged, never past one that is not.
+                cursor = self.store.state.merge_cursor
+                for c, _sc in run:
+                    if self.store.snapshot_exception(m, c)[0] is not None:
+                        break
+                    cursor = c + 1
+                self.store.set_merge_cursor(cursor)
             else:
                 self._finish_merge_locked(m)
         self.commit()
