@@ -361,3 +361,32 @@ def mounted(dev: str, mountpoint: Path, options: str = ""):
         if r.returncode != 0:
             subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
     assert r.returncode == 0, f"umount {mountpoint}: {r.stderr}"
+
+
+# --- comparing volumes and following a merge (merge and full-store tests) -----------------
+
+
+def same_image(expected: Path, target: str | os.PathLike, what: str | None = None) -> None:
+    """Assert that ``target`` (an NBD URI or a file) holds exactly the bytes of the raw
+    file ``expected``, with ``qemu-img compare``."""
+    p = tool("qemu-img", "compare", "-f", "raw", "-F", "raw", expected, target, check=False)
+    assert p.returncode == 0, (f"{what or target} differs from {expected} "
+                               f"(qemu-img compare exited {p.returncode}): "
+                               f"{p.stdout.strip()} {p.stderr.strip()}")
+
+
+def export_names(srv: Served) -> list[str]:
+    """The export names the server lists (``nbdinfo --list``), in its order."""
+    out = tool("nbdinfo", "--list", "--json", srv.uri("")).stdout
+    return [e["export-name"] for e in json.loads(out)["exports"]]
+
+
+def merge_status(store: str | os.PathLike):
+    """``ddsnap merge STORE --status --json``: a dict, or None when no merge is recorded."""
+    return ok_json("merge", store, "--status")
+
+
+def wait_merge_done(store: str | os.PathLike, deadline: float = 3 * DEADLINE) -> None:
+    """Poll ``merge --status --json`` until no merge is in progress."""
+    wait_until(lambda: merge_status(store) is None, f"the merge in {store} to complete",
+               deadline=deadline, interval=0.25)
