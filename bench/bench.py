@@ -14,7 +14,10 @@ Workloads, at each snapshot count N of ``--snapshots``:
 1. 4 KiB random writes to the origin right after taking N snapshots (fresh setup);
 2. 1 MiB sequential writes to the origin right after taking N snapshots (fresh setup);
 3. 1 MiB sequential reads of a snapshot;
-4. 4 KiB random reads of a snapshot.
+4. 4 KiB random reads of a snapshot;
+5. ``merge``: ``ddsnap merge`` of a snapshot back into the origin (local ``--wait`` and
+   served), in MiB/s of snapshot data, against ``dd`` and ``cp`` copying the same number
+   of bytes; the origin must then equal the snapshot's bytes.
 
 Run it through ``bench/run`` (which installs what it needs first); ``bench/run --help``
 lists the parameters.  Results go to stdout and to a markdown file (``--out``).
@@ -246,6 +249,81 @@ class Measure:
         return self.iops if metric == "iops" else self.mibs
 
 
+@dataclass
+class MergeRun:
+    """One timed merge of a snapshot into the origin, with its copy baselines."""
+
+    mode: str  # "local" (store not served, `merge --wait`) or "served" (control socket)
+    nbytes: int  # bytes of the snapshot's exceptions merged
+    chunks: int
+    merge_s: float
+    dd_s: float | None = None
+    dd_alloc: float | None = None  # fraction of the dd source range that is allocated
+    cp_s: float | None = None
+    server_rate: float | None = None  # chunks/s last reported by `merge_status` (served)
+    status_s: float | None = None  # one `ddsnap merge --status --json` call (served)
+    overwrite_mibs: float = 0.0
+    used_after_overwrite: int = 0
+    bad: list[str] = field(default_factory=list)  # wrong data after the merge
+    unclean: list[str] = field(default_factory=list)  # ddsnap check / status not as expected
+
+    @property
+    def mibs(self) -> float:
+        return self.nbytes / MiB / self.merge_s
+
+    @property
+    def dd_mibs(self) -> float | None:
+        return None if not self.dd_s else self.nbytes / MiB / self.dd_s
+
+    @property
+    def cp_mibs(self) -> float | None:
+        return None if not self.cp_s else self.nbytes / MiB / self.cp_s
+
+
+def data_extents(path: Path) -> list[tuple[int, int]]:
+    """``[(offset, length), ...]`` of the allocated (non-hole) ranges of a file."""
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        off = 0
+        while off < size:
+            try:
+                d = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after off
+                break
+            h = os.lseek(fd, d, os.SEEK_HOLE)
+            out.append((d, h - d))
+            off = h
+    finally:
+        os.close(fd)
+    return out
+
+
+def allocated_in(extents: list[tuple[int, int]], start: int, length: int) -> int:
+    end = start + length
+    return sum(max(0, min(end, d + n) - max(start, d)) for d, n in extents)
+
+
+def ctl_call(path: Path, op: str, args: dict | None = None, timeout: float = 30):
+    """One request on ddsnap's control socket (docs/protocol.md: one JSON line each way)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            s.sendall(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
+            line = s.makefile("rb").readline()
+        if not line:
+            raise BenchError(f"control socket {path}: connection closed without a reply "
+                             f"to {op}")
+        reply = json.loads(line)
+    except (OSError, ValueError) as e:
+        raise BenchError(f"control socket {path}: {op}: {e}") from None
+    if not reply.get("ok"):
+        raise BenchError(f"control socket {path}: {op} failed: {reply.get('error')}")
+    return reply.get("result")
+
+
 # --------------------------------------------------------------------------- the bench
 
 
@@ -264,6 +342,13 @@ class Bench:
         self.fio_n = 0
         self.ddsnap_cmd = [str(DDSNAP)]
         self.source = worktree_source()
+        self.merge_runs: dict[str, list[MergeRun]] = {}
+        self.merge_errors: dict[str, str] = {}
+        self.merge_notes: list[str] = []
+        self.cache_mode: str | None = None  # "cold" once drop_caches worked, else "warm"
+        self.merge_bytes = 0
+        self.cp_version = subprocess.run(["cp", "--version"], capture_output=True,
+                                         text=True).stdout.split("\n")[0].strip() or "cp"
 
     def use_rev(self, rev: str) -> None:
         """Run ddsnap from ``git archive REV`` instead of the working tree."""
@@ -491,6 +576,17 @@ class Bench:
         return st["chunks_used"]
 
     def ddsnap_down(self, srv: Server, store: Path, label: str) -> None:
+        self.ddsnap_stop(srv, label)
+        try:
+            self.ddsnap("check", str(store), what=f"{label}: ddsnap check after stop",
+                        timeout=600)
+        except BenchError as e:
+            self.problem(str(e))
+        drop_file(store)
+        drop_file(self.tmp / "ddsnap-origin.raw")
+
+    def ddsnap_stop(self, srv: Server, label: str) -> None:
+        """Stop ``ddsnap serve`` with SIGTERM; report a crash, an unclean exit or output."""
         alive = srv.popen.poll() is None
         code, note = self.procs.stop(srv)
         log = srv.log.read_text()
@@ -503,13 +599,6 @@ class Bench:
         extra = [ln for ln in log.splitlines() if ln.strip() and not ln.startswith("serving ")]
         if extra:
             self.problem(f"{label}: `ddsnap serve` printed:\n{tail(chr(10).join(extra))}")
-        try:
-            self.ddsnap("check", str(store), what=f"{label}: ddsnap check after stop",
-                        timeout=600)
-        except BenchError as e:
-            self.problem(str(e))
-        drop_file(store)
-        drop_file(self.tmp / "ddsnap-origin.raw")
 
     # ---- qemu-nbd / qcow2
 
@@ -684,6 +773,217 @@ class Bench:
         except BenchError as e:
             self.problem(f"reads N={n} nbdkit: {e}")
 
+    # ---- merge throughput
+
+    def drop_caches(self) -> None:
+        """sync, then drop the page cache if allowed (root); else leave it (both warm)."""
+        os.sync()
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+        except OSError as e:
+            if self.cache_mode is None:
+                self.merge_notes.append(
+                    f"`echo 3 > /proc/sys/vm/drop_caches` failed ({e.strerror}): the page "
+                    f"cache was NOT dropped, so the merge and the copies all ran warm, on "
+                    f"whatever the setup left cached")
+            self.cache_mode = "warm"
+            return
+        self.cache_mode = self.cache_mode or "cold"
+
+    def merge_setup(self, nbytes: int, label: str) -> tuple[Server, Path, Path, MergeRun]:
+        """Fresh store with snapshot snap1, then the first ``nbytes`` of the origin
+        overwritten through NBD (1 MiB sequential writes), so snap1 holds that many bytes
+        of exceptions."""
+        srv, store = self.ddsnap_up(1)
+        origin = self.tmp / "ddsnap-origin.raw"
+        try:
+            used0 = self.ddsnap_used(store)
+            ow = self.fio(self.uri("origin"), f"ddsnap-merge-overwrite-{label}", "write", "1m",
+                          self.args.iodepth_seq, runtime=None, time_based=False,
+                          extra=[f"--io_size={nbytes}"])
+            if ow.io_bytes != nbytes:
+                raise BenchError(f"overwrite wrote {ow.io_bytes} bytes, not {nbytes}")
+            used = self.ddsnap_used(store)
+        except BaseException:
+            self.ddsnap_down(srv, store, f"merge {label} setup")
+            raise
+        cs = self.args.chunk_size
+        chunks = nbytes // cs
+        if used - used0 < chunks:
+            self.problem(f"merge {label}: after overwriting {chunks} chunks the store holds "
+                         f"only {used - used0} more used chunks ({used0} -> {used}); snap1 "
+                         f"should have {chunks} exceptions")
+        say(f"merge {label}: overwrote {fmt_size(nbytes)} of the origin through NBD at "
+            f"{ow.mibs:.1f} MiB/s; store chunks used {used0} -> {used}")
+        return srv, store, origin, MergeRun(label, nbytes, chunks, 0.0,
+                                            overwrite_mibs=ow.mibs, used_after_overwrite=used)
+
+    def merge_verify(self, m: MergeRun, store: Path, origin: Path) -> None:
+        """The origin file must now equal the snapshot's bytes (pristine.raw), the
+        snapshot must be gone (merged without --keep) and `ddsnap check` clean."""
+        p = subprocess.run(["cmp", str(origin), str(self.pristine)], capture_output=True,
+                           text=True, timeout=120 + self.args.size / (5 * MiB))
+        if p.returncode != 0:
+            m.bad.append(f"merge {m.mode}: WRONG DATA: after the merge the origin differs "
+                         f"from the snapshot's bytes: `cmp origin pristine.raw`: "
+                         f"{(p.stdout + p.stderr).strip()}")
+        else:
+            say(f"merge {m.mode}: origin file == snapshot's raw copy (cmp)")
+        try:
+            out = self.ddsnap("check", str(store), what=f"merge {m.mode}: ddsnap check",
+                              timeout=600).stdout
+            if "clean" not in out:
+                m.unclean.append(f"merge {m.mode}: `ddsnap check` exit 0 but not clean:\n"
+                                 f"{tail(out)}")
+        except BenchError as e:
+            m.unclean.append(str(e))
+        try:
+            st = json.loads(self.ddsnap("status", str(store), "--json",
+                                        what="ddsnap status").stdout)
+            if st.get("merge") is not None or st.get("snapshots"):
+                m.unclean.append(f"merge {m.mode}: after the merge `ddsnap status` shows merge "
+                                 f"{st.get('merge')} and snapshots "
+                                 f"{[x.get('name') for x in st.get('snapshots', [])]} "
+                                 f"(expected no merge and no snapshot)")
+        except (BenchError, ValueError) as e:
+            m.unclean.append(f"merge {m.mode}: ddsnap status after the merge: {e}")
+        for x in m.bad + m.unclean:
+            self.problem(x)
+
+    def merge_baselines(self, m: MergeRun, store: Path, origin: Path, cp_src: Path) -> None:
+        """Copy the same number of bytes with dd (store -> origin, in place) and with cp
+        (a same-size file -> a new file), both from a dropped page cache, both synced."""
+        n, cs = m.nbytes, self.args.chunk_size
+        ext = data_extents(store)
+        # The dd source: the stretch of the store holding the most written data (where
+        # the exceptions were), read from there on; the origin is overwritten in place
+        # from offset 0, as the merge did.
+        start = max((d for d, _ in ext), key=lambda d: allocated_in(ext, d, n), default=0)
+        start -= start % cs
+        start = min(start, max(0, store.stat().st_size - n))
+        m.dd_alloc = allocated_in(ext, start, n) / n
+        self.drop_caches()
+        t0 = time.monotonic()
+        run(["dd", f"if={store}", f"of={origin}", "bs=1M", f"count={n // MiB}",
+             f"skip={start}", "iflag=skip_bytes", "conv=notrunc,fsync", "status=none"],
+            "dd baseline", timeout=600)
+        m.dd_s = time.monotonic() - t0
+        dst = self.tmp / "cp-dst.raw"
+        drop_file(dst)
+        self.drop_caches()
+        t0 = time.monotonic()
+        run(["cp", "--sparse=never", str(cp_src), str(dst)], "cp baseline", timeout=600)
+        run(["sync", str(dst)], "sync after cp", timeout=600)
+        m.cp_s = time.monotonic() - t0
+        drop_file(dst)
+        say(f"merge {m.mode}: dd store -> origin {m.dd_mibs:.1f} MiB/s "
+            f"({m.dd_alloc:.0%} of the source range allocated), cp {m.cp_mibs:.1f} MiB/s")
+
+    def merge_local(self, nbytes: int, cp_src: Path) -> MergeRun:
+        srv, store, origin, m = self.merge_setup(nbytes, "local")
+        try:
+            self.ddsnap_stop(srv, "merge local: serve during setup")
+            self.drop_caches()
+            t0 = time.monotonic()
+            self.ddsnap("merge", str(store), "snap1", "--wait", "--no-progress",
+                        what="ddsnap merge --wait (local)",
+                        timeout=600 + nbytes / MiB)
+            m.merge_s = time.monotonic() - t0
+            say(f"merge local: {fmt_size(nbytes)} merged in {m.merge_s:.2f} s "
+                f"= {m.mibs:.1f} MiB/s")
+            self.merge_verify(m, store, origin)
+            self.merge_baselines(m, store, origin, cp_src)
+            return m
+        finally:
+            drop_file(store)
+            drop_file(origin)
+
+    def merge_served(self, nbytes: int, cp_src: Path) -> MergeRun:
+        srv, store, origin, m = self.merge_setup(nbytes, "served")
+        ctl = Path(f"{store}.ctl")
+        try:
+            try:
+                self.drop_caches()
+                t0 = time.monotonic()
+                self.ddsnap("merge", str(store), "snap1", "--no-progress",
+                            what="ddsnap merge (served: start through the control socket)")
+                last = None
+                deadline = t0 + 600 + nbytes / MiB
+                while True:
+                    st = ctl_call(ctl, "merge_status")
+                    if st is None:
+                        break
+                    if not st.get("running"):
+                        raise BenchError(f"the served merge is not running: {st}")
+                    if srv.popen.poll() is not None:
+                        raise BenchError("ddsnap serve exited during the merge")
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"the served merge did not finish in time: {st}")
+                    last = st
+                    time.sleep(0.1)
+                m.merge_s = time.monotonic() - t0
+                if last is not None:
+                    m.server_rate = last.get("chunks_per_second")
+                    if last.get("chunks_total") != m.chunks:
+                        self.problem(f"merge served: merge_status said chunks_total "
+                                     f"{last.get('chunks_total')}, but {m.chunks} chunks of "
+                                     f"the origin were overwritten after the snapshot")
+                t1 = time.monotonic()
+                out = self.ddsnap("merge", str(store), "--status", "--json",
+                                  what="ddsnap merge --status --json").stdout.strip()
+                m.status_s = time.monotonic() - t1
+                if out != "null":
+                    self.problem(f"merge served: `ddsnap merge --status --json` printed "
+                                 f"{out!r} after merge_status returned null")
+                say(f"merge served: {fmt_size(nbytes)} merged in {m.merge_s:.2f} s "
+                    f"= {m.mibs:.1f} MiB/s (server: {m.server_rate} chunks/s)")
+                for x in self.verify(self.uri("origin"), "ddsnap origin after the served merge"):
+                    m.bad.append(x)
+                    self.problem(x)
+            finally:
+                self.ddsnap_stop(srv, "merge served")
+            self.merge_verify(m, store, origin)
+            self.merge_baselines(m, store, origin, cp_src)
+            return m
+        finally:
+            drop_file(store)
+            drop_file(origin)
+
+    def merges(self) -> None:
+        a = self.args
+        nbytes = int(a.size * a.merge_fraction) // MiB * MiB
+        if nbytes < MiB:
+            raise BenchError(f"--merge-fraction {a.merge_fraction} of {fmt_size(a.size)} is "
+                             f"less than 1 MiB")
+        self.merge_bytes = nbytes
+        if nbytes == a.size:
+            cp_src = self.pristine
+        else:
+            cp_src = self.tmp / "cp-src.raw"
+            with open(self.pristine, "rb") as f, open(cp_src, "wb") as g:
+                left = nbytes
+                while left:
+                    buf = f.read(min(left, 4 * MiB))
+                    g.write(buf)
+                    left -= len(buf)
+        try:
+            for _ in range(a.repeat):
+                for mode in a.merge_modes:
+                    say(f"--- merge of a snapshot into the origin ({mode}), "
+                        f"{fmt_size(nbytes)} of exceptions")
+                    try:
+                        m = (self.merge_local if mode == "local" else self.merge_served)(
+                            nbytes, cp_src)
+                    except BenchError as e:
+                        self.merge_errors[mode] = str(e).splitlines()[0]
+                        self.problem(f"merge ({mode}): {e}")
+                        continue
+                    self.merge_runs.setdefault(mode, []).append(m)
+        finally:
+            if cp_src != self.pristine:
+                drop_file(cp_src)
+
     def main(self) -> int:
         a = self.args
         t_start = time.monotonic()
@@ -705,6 +1005,8 @@ class Bench:
             if rws:
                 say(f"--- snapshot reads, N={n}")
                 self.reads(n, rws)
+        if "merge" in a.workloads:
+            self.merges()
         self.elapsed = time.monotonic() - t_start
         self.load_end = open("/proc/loadavg").read().split()[:3]
         report = Report(self).markdown()
@@ -809,6 +1111,8 @@ class Report:
         return f"{x / y:.2f}"
 
     def table(self) -> str:
+        if not workloads(self.a):
+            return "(no fio workload in this run)"
         rows = ["| workload | N | ddsnap | peer | peer's figure | ddsnap / peer "
                 "| qemu-nbd qcow2 snapshot (information) | ddsnap / qemu-nbd |",
                 "|---|---:|---:|---|---:|---:|---:|---:|"]
@@ -826,7 +1130,100 @@ class Report:
                                 f"| {self.ratio(dv, pv)} | {q} | {self.ratio(dv, qv)} |")
         return "\n".join(rows)
 
+    MERGE_MODES = {
+        "local": "local: `ddsnap merge STORE snap1 --wait --no-progress`, store not served",
+        "served": "served: `ddsnap merge STORE snap1` via the control socket, then "
+                  "`merge_status` polled until null",
+    }
+
+    def merge_cell(self, vals: list[float], secs: list[float] | None = None) -> tuple[str, float]:
+        vals = sorted(vals)
+        med = statistics.median(vals)
+        text = f"{med:,.1f} MiB/s"
+        if len(vals) > 1:
+            text += f" ({vals[0]:,.1f}–{vals[-1]:,.1f})"
+        if secs:
+            text += f" in {statistics.median(secs):.2f} s"
+        return text, med
+
+    def merge_table(self) -> str:
+        b = self.b
+        rows = ["| merge | snapshot data merged | ddsnap merge | `dd` store → origin (same "
+                "files, in place) | ddsnap / dd | `cp --sparse=never` (same-size file → new "
+                "file) | ddsnap / cp | after the merge |",
+                "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for mode in self.a.merge_modes:
+            ms = b.merge_runs.get(mode, [])
+            if not ms:
+                err = b.merge_errors.get(mode)
+                rows.append(f"| {self.MERGE_MODES[mode]} | – | "
+                            f"{'FAILED (see problems)' if err else '–'} | – | – | – | – | – |")
+                continue
+            d, dv = self.merge_cell([m.mibs for m in ms], [m.merge_s for m in ms])
+            dds = [m.dd_mibs for m in ms if m.dd_mibs]
+            cps = [m.cp_mibs for m in ms if m.cp_mibs]
+            dd, ddv = self.merge_cell(dds, [m.dd_s for m in ms if m.dd_s]) if dds else ("–", None)
+            cp, cpv = self.merge_cell(cps, [m.cp_s for m in ms if m.cp_s]) if cps else ("–", None)
+            if any(m.bad for m in ms):
+                after = "⚠ **WRONG DATA** (see problems)"
+            else:
+                after = "origin == snapshot's bytes (`cmp`)"
+            after += ("; ⚠ **`ddsnap check` / status not clean** (see problems)"
+                      if any(m.unclean for m in ms) else "; `ddsnap check` clean")
+            if any(m.bad for m in ms):
+                d += " ⚠ wrong data"
+            rows.append(f"| {self.MERGE_MODES[mode]} | {fmt_size(ms[0].nbytes)} | {d} | {dd} "
+                        f"| {self.ratio(dv, ddv)} | {cp} | {self.ratio(dv, cpv)} | {after} |")
+        return "\n".join(rows)
+
+    def merge_details(self) -> str:
+        rows = ["| merge | run | merged | chunks | ddsnap merge | server's chunks/s "
+                "| `dd` | dd source allocated | `cp` | overwrite before (NBD) "
+                "| store chunks used before the merge | note |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for mode in self.a.merge_modes:
+            for i, m in enumerate(self.b.merge_runs.get(mode, []), 1):
+                srate = f"{m.server_rate:,.0f}" if m.server_rate else "–"
+                dd = f"{m.dd_s:.2f} s = {m.dd_mibs:,.1f} MiB/s" if m.dd_s else "–"
+                alloc = f"{m.dd_alloc:.0%}" if m.dd_alloc is not None else "–"
+                cp = f"{m.cp_s:.2f} s = {m.cp_mibs:,.1f} MiB/s" if m.cp_s else "–"
+                note = []
+                if m.status_s is not None:
+                    note.append(f"one `ddsnap merge --status --json` call took {m.status_s:.2f} s")
+                if m.bad:
+                    note.append("⚠ WRONG DATA (see problems)")
+                if m.unclean:
+                    note.append("⚠ check/status not clean (see problems)")
+                rows.append(f"| {mode} | {i} | {fmt_size(m.nbytes)} | {m.chunks} "
+                            f"| {m.merge_s:.2f} s = {m.mibs:,.1f} MiB/s | {srate} | {dd} "
+                            f"| {alloc} | {cp} | {m.overwrite_mibs:,.1f} MiB/s "
+                            f"| {m.used_after_overwrite} | {'; '.join(note)} |")
+        return "\n".join(rows)
+
+    def merge_section(self) -> str:
+        b, a = self.b, self.a
+        if "merge" not in a.workloads:
+            return ""
+        cache = {"cold": "page cache dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`) "
+                         "before each of the three timed copies: all cold",
+                 "warm": "page cache NOT dropped (not allowed): all warm",
+                 None: "page cache: –"}[b.cache_mode]
+        nbytes = b.merge_bytes
+        share = "all" if nbytes == a.size else f"{nbytes / a.size:.0%}"
+        what = (f"{fmt_size(nbytes)} of snapshot data ({share} of the {fmt_size(a.size)} "
+                f"origin overwritten after the snapshot)" if nbytes else "–")
+        return f"""
+**Merge of a snapshot back into the origin** (online rollback): {what}, chunk
+{fmt_size(a.chunk_size)}, 1 snapshot, {cache}; MiB/s = bytes of the snapshot's exceptions
+merged / wall time of the whole command; {"1 run" if a.repeat == 1 else
+f"{a.repeat} runs: median (min–max)"}.
+
+{self.merge_table()}
+"""
+
     def details(self) -> str:
+        if not workloads(self.a):
+            return "(no fio workload in this run)"
         rows = ["| workload | N | server | run | IOPS | MiB/s | moved | runtime "
                 "| mean latency | p99 latency | note |",
                 "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -853,19 +1250,66 @@ class Report:
         problems = ("\n\n".join("```\n" + p + "\n```" for p in b.problems)
                     if b.problems else "None: every fio job finished without an error, every "
                     "server stopped cleanly on SIGTERM, every verified snapshot held the "
-                    "expected bytes and `ddsnap check` was clean after every ddsnap run.")
-        notes = "\n".join(f"- {x}" for x in b.notes) or "- (none)"
+                    "expected bytes and `ddsnap check` was clean after every ddsnap run"
+                    + (", and after every merge the origin held the snapshot's bytes."
+                       if "merge" in a.workloads else "."))
+        notes = "\n".join(f"- {x}" for x in b.notes + b.merge_notes) or "- (none)"
         ncpu = len(os.sched_getaffinity(0))
         busy = max(float(b.load_start[0]), float(b.load_end[0]))
         caveat = (f"\n**Caveat:** the 1-minute load average reached {busy:.1f} on {ncpu} CPUs "
                   f"around this run, so other processes competed for the CPUs; treat these "
                   f"figures as rough (rerun with `--repeat 3` on a quiet machine for "
                   f"min/median/max).\n" if busy > 0.5 * ncpu else "")
+        merge_howto = "" if "merge" not in a.workloads else f"""5. **Merge of a snapshot into the origin** (`ddsnap merge`, an online rollback), not a
+   fio job.  Setup, fresh for every run: copy the raw bytes to the origin, `ddsnap init`,
+   serve, `ddsnap snap create STORE snap1`, then overwrite the first
+   {fmt_size(b.merge_bytes)} of the origin **through ddsnap** (fio
+   `rw=write bs=1m iodepth={a.iodepth_seq}` on the NBD origin export), so that every
+   overwritten chunk is copied out into snap1's exceptions first; the snapshot's
+   exceptions are then exactly those bytes.  Then `sync` and drop the page cache (see
+   the table), and time the merge of snap1 (without `--keep`, so snap1 is deleted at the
+   end) until it is complete:
+   - **local**: stop the server (SIGTERM), then time the whole command
+     `ddsnap merge STORE snap1 --wait --no-progress` (Python start, open, merge, close);
+   - **served**: the server keeps running; time from starting
+     `ddsnap merge STORE snap1 --no-progress` (which starts the merge through the
+     control socket and returns) until the control socket's `merge_status` (the operation
+     behind `ddsnap merge STORE --status --json`, asked directly on the socket every
+     0.1 s so that polling costs no Python start-ups) returns null; then
+     `ddsnap merge STORE --status --json` is run once and must print `null`.
+
+   MiB/s = bytes of the snapshot's exceptions / that wall time.  Each merge step copies
+   a linear run of up to 32 chunks in one read from the store and one write to the
+   origin, then `fdatasync`s the origin and commits the store's journal.  Checks (not
+   timed): the origin **file** is compared with the snapshot's saved raw copy (`cmp` with
+   the original bytes; for the served merge also the origin export read back with
+   `nbdcopy` while still served), `ddsnap check` must print clean and `ddsnap status`
+   must show no merge and no snapshot left; otherwise the row says ⚠ WRONG DATA / not
+   clean and *Problems seen* has the details.  Then, in the same run, two copies of the
+   same number of bytes, each after `sync` + dropping the page cache again:
+   - **`dd` between the same files**: `dd if=STORE of=ORIGIN bs=1M count=N/1MiB
+     skip=S iflag=skip_bytes conv=notrunc,fsync`, i.e. read the store from where the
+     exceptions were written (S = the offset where the stretch of the store file holding
+     the most allocated data starts, found with `SEEK_DATA`/`SEEK_HOLE`; the details
+     table gives the share of that range that is allocated, not holes) and overwrite the
+     origin in place from offset 0, as the merge did, with one `fsync` at the end (the
+     merge syncs every step instead);
+   - **`cp`**: `cp --sparse=never SRC NEW && sync NEW` where SRC is a file of exactly
+     that many bytes (the original raw file itself when the whole origin is merged) and
+     NEW a new file in the same directory (`{b.cp_version}`, which copies with
+     `copy_file_range` inside the kernel).
+
+   Both copies end with their data synced, like the merge.  `cp` is the plain-copy
+   reference; `dd` is the closest plain copy between the same two files.
+
+"""
         return f"""# ddsnap benchmarks
 
 This file is written by `bench/run` (source: `bench/bench.py`); rerun it rather than
 editing the numbers by hand.  It measures the same fio jobs over NBD against ddsnap and
-against established NBD servers.  There are no pass/fail thresholds: numbers only.
+against established NBD servers, and how fast `ddsnap merge` rolls the origin back to a
+snapshot compared with plain `dd` / `cp` copies of the same number of bytes.  There are
+no pass/fail thresholds: numbers only.
 
 ## Latest results
 
@@ -875,9 +1319,10 @@ chunk / cluster {fmt_size(a.chunk_size)}, {a.duration:g} s per fio run, iodepth
 {a.iodepth_rand} (4 KiB) / {a.iodepth_seq} (1 MiB), {reps}; N = snapshots taken.
 
 {self.table()}
-<!-- table-end -->
+{self.merge_section()}<!-- table-end -->
 
-The ratio is ddsnap's figure divided by the peer's (above 1: ddsnap is faster).
+The ratio is ddsnap's figure divided by the peer's (for the merge: by `dd`'s or `cp`'s),
+above 1: ddsnap is faster.
 The whole run took {b.elapsed / 60:.1f} minutes.
 {caveat}
 ### Machine
@@ -895,14 +1340,18 @@ The whole run took {b.elapsed / 60:.1f} minutes.
 bench/run                      # defaults: --snapshots 1,64 --size 1G --duration 10 --repeat 1
 bench/run --quick              # tiny smoke test (64 MiB, 2 s runs), written to bench/out/quick.md
 bench/run --snapshots 1,16,64 --size 4G --duration 30 --repeat 3 --out /tmp/b.md
+bench/run --workloads merge --size 1G --merge-fraction 0.5 --out /tmp/m.md   # merge only
 ```
 
 `bench/run` first runs `scripts/setup` (fio, qemu-utils, nbdkit, libnbd-bin, the venv),
 then `bench/bench.py` with the project's venv.  Other parameters: `--chunk-size`
 (ddsnap chunk and qcow2 cluster, default 64K), `--iodepth-rand`, `--iodepth-seq`,
-`--workloads`, `--tmpdir`, `--access` (`nbd` engine or `nbdfuse`), `--samples`,
-`--no-verify`, `--keep`, and `--rev REV` to benchmark ddsnap as committed in REV (run
-from a `git archive` in the temporary directory) rather than the working tree.
+`--workloads` (default all: `randwrite4k,seqwrite1m,seqread1m,randread4k,merge`),
+`--merge-fraction` (share of the origin overwritten after the snapshot and so merged
+back, default 1), `--merge-modes` (`local,served`), `--tmpdir`, `--access` (`nbd` engine
+or `nbdfuse`), `--samples`, `--no-verify`, `--keep`, and `--rev REV` to benchmark ddsnap
+as committed in REV (run from a `git archive` in the temporary directory) rather than the
+working tree.
 Every server is stopped and the temporary directory removed on exit, also on failure
 or Ctrl-C.
 
@@ -954,7 +1403,7 @@ The origin is {fmt_size(a.size)} of random bytes (`os.urandom`), so reads are re
    read back whole with `nbdcopy` and compared with the raw file, and the ddsnap
    snapshots are checked as below.
 
-**Data checks** (not timed): after every ddsnap write run and before the ddsnap reads,
+{merge_howto}**Data checks** (not timed): after every ddsnap write run and before the ddsnap reads,
 the first and the last snapshot are read back whole with `nbdcopy` and compared with the
 original bytes (`cmp`), and {a.samples} chunks at random offsets (the same for all) are read
 from *every* snapshot with a small NBD client (`bench/nbdclient.py`) and compared too.
@@ -973,6 +1422,10 @@ connection.
 
 {self.details()}
 
+## Every merge run
+
+{self.merge_details() if "merge" in a.workloads else "(the merge workload was not run)"}
+
 ## Problems seen
 
 {problems}
@@ -986,7 +1439,8 @@ def parse_args(argv: list[str]):
     p = argparse.ArgumentParser(
         prog="bench/run",
         description="Run the same fio jobs over NBD against ddsnap, qemu-nbd (qcow2) and "
-                    "nbdkit (file) and write a markdown table.")
+                    "nbdkit (file), time `ddsnap merge` against dd/cp copies of the same "
+                    "bytes, and write a markdown table.")
     p.add_argument("--snapshots", help="comma-separated snapshot counts N [1,64]")
     p.add_argument("--chunk-size", type=parse_size,
                    help="ddsnap chunk size and qcow2 cluster size [64K]")
@@ -999,8 +1453,15 @@ def parse_args(argv: list[str]):
                    help="tiny smoke run: --size 64M --duration 2 --snapshots 1,4")
     p.add_argument("--iodepth-rand", type=int, default=32, help="iodepth of 4 KiB jobs [32]")
     p.add_argument("--iodepth-seq", type=int, default=16, help="iodepth of 1 MiB jobs [16]")
-    p.add_argument("--workloads", default="randwrite4k,seqwrite1m,seqread1m,randread4k",
-                   help="comma-separated subset of randwrite4k,seqwrite1m,seqread1m,randread4k")
+    p.add_argument("--workloads", default="randwrite4k,seqwrite1m,seqread1m,randread4k,merge",
+                   help="comma-separated subset of randwrite4k,seqwrite1m,seqread1m,randread4k,"
+                        "merge [all]")
+    p.add_argument("--merge-fraction", type=float, default=1.0,
+                   help="merge workload: fraction of the origin overwritten after the "
+                        "snapshot, i.e. merged back [1.0]")
+    p.add_argument("--merge-modes", default="local,served",
+                   help="merge workload: local (`merge --wait`, store not served), served "
+                        "(through the control socket), or both [local,served]")
     p.add_argument("--tmpdir", default="/var/tmp",
                    help="where the temporary directory is made [/var/tmp]")
     p.add_argument("--access", choices=("auto", "nbd", "nbdfuse"), default="auto",
@@ -1035,15 +1496,20 @@ def parse_args(argv: list[str]):
         p.error("--repeat must be at least 1")
     a.out = a.out or str(ROOT / ("bench/out/quick.md" if q else "docs/benchmarks.md"))
     a.workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
-    known = {"randwrite4k", "seqwrite1m", "seqread1m", "randread4k"}
+    known = {"randwrite4k", "seqwrite1m", "seqread1m", "randread4k", "merge"}
     if not a.workloads or set(a.workloads) - known:
         p.error(f"--workloads: choose from {','.join(sorted(known))}")
+    if not 0 < a.merge_fraction <= 1:
+        p.error("--merge-fraction must be in (0, 1]")
+    a.merge_modes = [m.strip() for m in a.merge_modes.split(",") if m.strip()]
+    if not a.merge_modes or set(a.merge_modes) - {"local", "served"}:
+        p.error("--merge-modes: local, served or local,served")
     return a
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    for tool in ("fio", "qemu-img", "qemu-nbd", "nbdkit", "nbdcopy", "cmp"):
+    for tool in ("fio", "qemu-img", "qemu-nbd", "nbdkit", "nbdcopy", "cmp", "dd", "cp", "sync"):
         if shutil.which(tool) is None:
             print(f"bench: {tool} not found; run scripts/setup", file=sys.stderr)
             return 2
