@@ -667,18 +667,24 @@ class MetadataService:
         chunks = [c for c, _ in run]
         self._merge_busy.update(chunks)
         try:
-            moves, adds = [], []
-            try:
-                for c in chunks:
-                    sharers = self.store.origin_sharers(c) & ~(1 << m)
-                    if sharers:
-                        sc = self.store.allocate_chunk()
-                        moves.append((c, sc))
-                        adds.append((c, sc, sharers))
-            except StoreFull:
-                for _c, sc in moves:
-                    self.store.release_chunk(sc)
-                raise
+            while True:
+                moves, adds = [], []
+                try:
+                    for c in chunks:
+                        sharers = self.store.origin_sharers(c) & ~(1 << m)
+                        if sharers:
+                            sc = self.store.allocate_chunk()
+                            moves.append((c, sc))
+                            adds.append((c, sc, sharers))
+                    break
+                except StoreFull:
+                    for _c, sc in moves:
+                        self.store.release_chunk(sc)
+                    if not self._can_make_room():
+                        raise
+                # Full, and the policy deletes the oldest snapshot not being merged: count
+                # the sharers again (the victim may have been one of them).
+                self._make_room_locked()
             if moves:
                 self._copy(moves, self.origin)
                 for k, (c, sc, sharers) in enumerate(adds):
