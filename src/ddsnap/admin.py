@@ -114,8 +114,31 @@ def snap_create(svc: MetadataService, name: str, read_only: bool = False) -> dic
     return svc.create_snapshot(name, read_only).to_dict()
 
 
+def _snapshot_dicts(svc: MetadataService) -> list[dict]:
+    """Each live snapshot with its space (lock held): ``exclusive`` bytes (store chunks
+    only it uses: exactly what deleting it frees) and ``shared`` bytes (chunks it uses
+    with other snapshots); None if the figures could not be counted (damaged tree)."""
+    store = svc.store
+    try:
+        space = store.snapshot_space()
+    except CorruptMetadata:
+        space = None
+    out = []
+    for s in store.snapshots():
+        d = s.to_dict()
+        if space is not None:
+            excl, shared = space.get(s.bit, (0, 0))
+            d["exclusive"] = excl * store.chunk_size
+            d["shared"] = shared * store.chunk_size
+        else:
+            d["exclusive"] = d["shared"] = None
+        out.append(d)
+    return out
+
+
 def snap_list(svc: MetadataService) -> list[dict]:
-    return [s.to_dict() for s in svc.snapshots()]
+    with svc.lock:
+        return _snapshot_dicts(svc)
 
 
 def snap_delete(svc: MetadataService, name: str) -> dict:
@@ -127,7 +150,8 @@ def status(svc: MetadataService, path: str, served: bool) -> dict:
     with svc.lock:
         store = svc.store
         space = store.space()
-        snaps = [s.to_dict() for s in store.snapshots()]
+        snaps = _snapshot_dicts(svc)
+        cs = store.chunk_size
         out = {
             "store": path,
             "format_version": VERSION,
@@ -136,6 +160,8 @@ def status(svc: MetadataService, path: str, served: bool) -> dict:
             "chunks_total": space["chunks_total"],
             "chunks_free": space["chunks_free"],
             "chunks_used": space["chunks_used"],
+            "used": space["chunks_used"] * cs,
+            "free": space["chunks_free"] * cs,
             "origin": store.origin_path,
             "origin_size": store.origin_size,
             "max_snapshots": store.max_snapshots,

@@ -178,9 +178,10 @@ def snap_list(store, as_json):
     if as_json:
         click.echo(json.dumps(snaps, indent=2))
         return
-    table = Table("name", "id", "created", "read-only", box=None)
+    table = Table("name", "id", "created", "read-only", "exclusive", "shared", box=None)
     for s in snaps:
-        table.add_row(s["name"], str(s["id"]), s["created"], "yes" if s["read_only"] else "no")
+        table.add_row(s["name"], str(s["id"]), s["created"], "yes" if s["read_only"] else "no",
+                      _bytes(s.get("exclusive")), _bytes(s.get("shared")))
     out.print(table)
 
 
@@ -238,6 +239,7 @@ def status(store, as_json):
         ("served", "yes" if st["served"] else "no"),
         ("chunk size", format_size(cs, binary=True)),
         ("chunks", f"{st['chunks_used']} used, {st['chunks_free']} free of {st['chunks_total']}"),
+        ("space", f"{_bytes(st['used'])} used, {_bytes(st['free'])} free"),
         ("snapshots", f"{len(st['snapshots'])} of {st['max_snapshots']}"),
         ("when full", st["full_policy"]),
     ]
@@ -245,7 +247,8 @@ def status(store, as_json):
         out.print(f"{k:>10}: {v}", markup=False)
     for s in st["snapshots"]:
         out.print(f"{'':>10}  {s['name']} (id {s['id']}, {s['created']}"
-                  f"{', read-only' if s['read_only'] else ''})", markup=False)
+                  f"{', read-only' if s['read_only'] else ''}; {_bytes(s.get('exclusive'))} "
+                  f"exclusive, {_bytes(s.get('shared'))} shared)", markup=False)
     if st.get("merge"):
         out.print(f"{'merge':>10}: {_merge_line(st['merge'])}", markup=False)
     for d in st.get("auto_deleted", []):
@@ -263,6 +266,10 @@ def set_(store, setting):
         raise InvalidArgument(f"expected KEY=VALUE, not {setting!r}")
     _call(store, "set", key=key.strip(), value=value.strip())
     out.print(f"{key.strip()} = {value.strip()}", markup=False)
+
+
+def _bytes(n) -> str:
+    return "?" if n is None else format_size(n, binary=True)
 
 
 def _merge_line(st: dict) -> str:
