@@ -387,6 +387,10 @@ def merge_status(store: str | os.PathLike):
 
 
 def wait_merge_done(store: str | os.PathLike, deadline: float = 3 * DEADLINE) -> None:
-    """Poll ``merge --status --json`` until no merge is in progress."""
-    wait_until(lambda: merge_status(store) is None, f"the merge in {store} to complete",
-               deadline=deadline, interval=0.25)
+    """Poll ``merge --status --json`` of a served store until no merge is in progress;
+    fail at once if the merge is recorded but no longer running (stopped, or died)."""
+    def done():
+        st = merge_status(store)
+        assert st is None or st["running"], f"the merge stopped before it completed: {st}"
+        return st is None
+    wait_until(done, f"the merge in {store} to complete", deadline=deadline, interval=0.25)
