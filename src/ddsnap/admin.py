@@ -211,6 +211,8 @@ class MergeRunner:
         self.svc = svc
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: the error that stopped the last merge run, if any
+        self.error: DdsnapError | None = None
 
     @property
     def running(self) -> bool:
@@ -225,11 +227,15 @@ class MergeRunner:
         self._thread.start()
 
     def _run(self) -> None:
+        self.error = None
         try:
             self.svc.run_merge(self._stop)
-        except Exception:  # noqa: BLE001 - the merge stays recorded and resumable
-            log.exception("merge stopped by an error; it resumes with `ddsnap merge` or "
-                          "a restart")
+        except DdsnapError as e:  # the merge stays recorded and resumable
+            self.error = e
+            log.warning("merge stopped: %s; `ddsnap merge STORE NAME` resumes it", e)
+        except Exception as e:  # noqa: BLE001 - a bug: keep the server up, say so
+            self.error = DdsnapError(f"internal error: {e}")
+            log.exception("merge stopped by an internal error")
 
     def stop(self) -> None:
         """Stop after the current step (the merge stays recorded and resumable)."""
@@ -251,7 +257,10 @@ def merge_start(svc: MetadataService, runner: MergeRunner | None, name: str,
 
 
 def merge_status(svc: MetadataService, runner: MergeRunner | None) -> dict | None:
-    return svc.merge_status(running=runner is not None and runner.running)
+    st = svc.merge_status(running=runner is not None and runner.running)
+    if st is not None and runner is not None and not st["running"] and runner.error:
+        st["error"] = runner.error.to_dict()  # why the merge stopped
+    return st
 
 
 def merge_stop(svc: MetadataService, runner: MergeRunner | None) -> dict:

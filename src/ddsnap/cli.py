@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import admin, control
+from .errors import from_dict as error_from_dict
 from .errors import (DdsnapError, InvalidArgument, MergeInProgress, StoreBusy, StoreExists,
                      StoreNotFound)
 from .store.blockdev import FileDevice
@@ -359,6 +360,8 @@ def _wait_remote(path: str, st: dict, no_progress: bool) -> None:
                 bar.update(task, completed=st["chunks_total"])
                 return
             if not s["running"]:
+                if s.get("error"):  # what stopped it, with its own exit code
+                    raise error_from_dict(s["error"])
                 raise MergeInProgress("the merge was stopped before it completed; "
                                       "`ddsnap merge STORE NAME` resumes it")
             bar.update(task, completed=s["chunks_done"], total=s["chunks_total"])

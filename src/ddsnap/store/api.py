@@ -275,6 +275,13 @@ class ExceptionStore(abc.ABC):
         the order the batches were captured.
         """
 
+    def reclaimable(self) -> bool:
+        """True if freed chunks wait for a checkpoint before they can be reused."""
+        return False
+
+    def request_checkpoint(self) -> None:
+        """Checkpoint at the next commit (releasing freed chunks for reuse)."""
+
     def pending_blocks(self) -> int:
         """Metadata blocks changed since the last :meth:`begin_commit` (0 in memory)."""
         return 0

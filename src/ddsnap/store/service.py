@@ -245,7 +245,7 @@ class MetadataService:
                     sharers = self.store.origin_sharers(c) & ~self._merge_mask
                     if sharers:
                         try:
-                            sc = self.store.allocate_chunk()
+                            sc = self._allocate_locked()
                         except StoreFull as e:
                             err = e
                             break
@@ -391,7 +391,7 @@ class MetadataService:
                     continue
                 while True:
                     try:
-                        new = self.store.allocate_chunk()
+                        new = self._allocate_locked()
                         break
                     except StoreFull:
                         if not self._can_make_room(exclude=1 << bit):
@@ -490,6 +490,23 @@ class MetadataService:
     def _finish_interrupted_delete(self) -> None:
         """A delete cut short by a crash resumes when the store is next opened."""
         self._sweep()
+
+    def _allocate_locked(self) -> int:
+        """A free store chunk (lock held).  When the only free chunks are ones freed since
+        the last checkpoint (a delete, a merge), commit and checkpoint so they can be
+        reused, then try again.
+
+        Raises:
+            StoreFull: no chunk, even after that.
+        """
+        try:
+            return self.store.allocate_chunk()
+        except StoreFull:
+            if not self.store.reclaimable():
+                raise
+        self.store.request_checkpoint()
+        self._commit_now_locked()
+        return self.store.allocate_chunk()
 
     # -- the full-store policy -------------------------------------------------------------
 
@@ -673,7 +690,7 @@ class MetadataService:
                     for c in chunks:
                         sharers = self.store.origin_sharers(c) & ~(1 << m)
                         if sharers:
-                            sc = self.store.allocate_chunk()
+                            sc = self._allocate_locked()
                             moves.append((c, sc))
                             adds.append((c, sc, sharers))
                     break

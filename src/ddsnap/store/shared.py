@@ -634,6 +634,12 @@ class SharedStore(ExceptionStore):
     def release_chunk(self, store_chunk: int) -> None:
         self.bitmap.unalloc_chunk(store_chunk)
 
+    def reclaimable(self) -> bool:
+        return bool(self.bitmap.q_chunks)
+
+    def request_checkpoint(self) -> None:
+        self._want_checkpoint = True
+
     def _drain_released(self) -> None:
         while self._released:
             qb, qc = self._released.pop()
