@@ -734,6 +734,20 @@ class MetadataService:
     def _finish_merge_locked(self, m: int) -> None:
         keep = self.store.state.merge_keep
         name = self._name_of(m)
+        if keep:
+            # The kept snapshot is a snapshot of the origin as of now: as for a snapshot
+            # creation, origin writes in flight finish and every completed one is made
+            # durable first, so that a crash cannot change what it reads (invariant 1).
+            self._barrier += 1
+            try:
+                while self._origin_writes:
+                    self.cond.wait()
+                self.origin.flush()
+            finally:
+                self._barrier -= 1
+                self.cond.notify_all()
+            if self.store.merging_bit != m:
+                return  # another step completed the merge meanwhile
         self.store.set_merge(None)
         self._merge_mask = 0
         self._merge_progress = None
