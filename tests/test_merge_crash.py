@@ -1,0 +1,503 @@
+"""Crash tests of the merge (seed 003): a power cut at every write and flush while a
+snapshot is merged into the origin with other snapshots present.
+
+The origin and the snapshot store are RecordingDevices sharing one CrashClock.  A
+workload builds snapshots around a target ``t`` (shared exceptions, copy-outs, the
+snapshots' own writes, a read-only one), flushes everything, then starts the merge and
+interleaves merge steps with origin writes (FUA or not, merged and unmerged chunks,
+partial chunks), origin flushes, snapshot writes and flushes, a delete, a resume, a clean
+restart, and finally runs the merge to its end and writes on.  For every crash point of
+that merge phase (all of them, or a deterministic, evenly spread subsample) the images
+a crash could leave ("drop", "subset", "torn"; fixed seeds) are recovered
+(``SharedStore.open`` + ``MetadataService``) and must show:
+
+* ``check()`` clean;
+* the merge recorded or not as before or after the operation in flight (for the start:
+  not merging and the origin exactly as before, or merging and the origin reading as the
+  target); the target's not-yet-merged chunks between those before and after the
+  operation (no chunk lost or merged twice, i.e. the pre-step or post-step state);
+* the origin reading as the target's content in every chunk, merged or not, plus the
+  origin writes made during the merge: every byte as of the last acknowledged flush or
+  FUA write, or from a write issued since (acknowledged and flushed writes survive);
+* every other snapshot byte-identical to its model (its own writes under the same rule);
+  the snapshot being deleted may survive intact; after the merge the target is gone, or
+  with ``keep`` equals the origin as of the completion;
+* resuming (``run_merge``) completes the merge without changing what any volume reads,
+  leaves the target deleted (or kept, equal to the origin), checks clean, and a clean
+  reopen reads the same.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from ddsnap.errors import StoreFull
+from ddsnap.store.blockdev import CrashClock, CrashNow, MemoryDevice, RecordingDevice
+from ddsnap.store.service import MetadataService
+from ddsnap.store.shared import SharedStore
+from ddsnap.volume import Origin, Snapshot
+from test_store_crash import MODES, Vol, crash_points
+
+CS = 4096
+
+
+@dataclass(frozen=True)
+class Geometry:
+    chunks: int = 40
+    tail: int = 1000  # the last chunk is partial
+    store_blocks: int = 220
+    journal_blocks: int = 24
+    max_snapshots: int = 64
+
+    @property
+    def size(self) -> int:
+        return self.chunks * CS + self.tail
+
+
+# ---------------------------------------------------------------------------------------
+# Workloads
+
+def make_workload(seed: int, g: Geometry, keep: bool = False, n: int = 40) -> tuple:
+    """``(setup, merge)`` operation lists.  The setup makes ``old``, the target ``t``,
+    ``young`` and ``ro`` with shared exceptions and their own writes and flushes
+    everything; the merge phase starts the merge of ``t`` and mixes ``n`` operations
+    with its steps, then finishes it and writes on."""
+    rng = random.Random(seed)
+    size = g.size
+
+    def rand_range(max_len=int(2.5 * CS)):
+        off = rng.randrange(size)
+        return off, rng.randrange(1, min(max_len, size - off) + 1)
+
+    def owrites(k, max_len=4 * CS):
+        out = []
+        for _ in range(k):
+            off, ln = rand_range(max_len)
+            out.append(("owrite", off, rng.randbytes(ln), False))
+        return out
+
+    setup = [("create", "old")] + owrites(5)
+    # Small copy-outs in random order: the target's store chunks mostly do not follow its
+    # logical chunks, so the merge takes many steps; a few longer ones make runs.
+    setup += [("create", "t")] + owrites(14, CS + 200) + owrites(2)
+    for _ in range(4):  # the target's own writes: some whole runs, some partial chunks
+        c = rng.randrange(g.chunks - 3)
+        setup.append(("swrite", "t", c * CS, rng.randbytes(3 * CS), False))
+        off, ln = rand_range(500)
+        setup.append(("swrite", "t", off, rng.randbytes(ln), False))
+    off, ln = rand_range()
+    setup.append(("swrite", "old", off, rng.randbytes(ln), False))
+    setup += [("create", "young"), ("create", "ro")] + owrites(3)
+    off, ln = rand_range()
+    setup.append(("swrite", "young", off, rng.randbytes(ln), False))
+    setup += [("oflush",), ("sflush", "old"), ("sflush", "t"), ("sflush", "young")]
+
+    merge = [("start", keep)]
+    deleted = False
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.35:
+            merge.append(("step",))
+        elif r < 0.65:
+            off, ln = rand_range()
+            merge.append(("owrite", off, rng.randbytes(ln), rng.random() < 0.25))
+        elif r < 0.72:
+            merge.append(("oflush",))
+        elif r < 0.82:
+            off, ln = rand_range()
+            merge.append(("swrite", rng.choice(["old", "young"]), off, rng.randbytes(ln),
+                          rng.random() < 0.3))
+        elif r < 0.87:
+            merge.append(("sflush", rng.choice(["old", "young"])))
+        elif r < 0.91 and not deleted:
+            merge.append(("delete", "ro"))
+            deleted = True
+        elif r < 0.95:
+            merge.append(("resume",))
+        else:
+            merge.append(("reopen",))
+    merge.append(("finish",))
+    merge += owrites(2) + [("oflush",)]
+    return setup, merge
+
+
+@dataclass
+class Expect:
+    """What recovery may show, as of the crash."""
+
+    origin: Vol
+    snaps: dict = field(default_factory=dict)  # name -> Vol (the target while not merging)
+    deleting: str | None = None
+    merging: bool = False
+    target: bytes | None = None  # during the start: the target's content
+    keep: bool = False
+    pre_origin: bytes | None = None  # during the start: the origin before it
+    op: tuple = ("-",)
+    step: int = -1  # index into the merge phase of the op in flight (-1: setup)
+
+
+class Run:
+    """One execution of a workload; ``observer(run, n)`` before every device operation
+    ``n`` of the merge phase (counted from its start), when the devices hold what a crash
+    there would leave."""
+
+    def __init__(self, g: Geometry, setup: list, merge: list, observer=None):
+        self.g = g
+        self.clock = CrashClock()
+        initial = random.Random(g.size).randbytes(g.size)
+        self.origin = RecordingDevice(g.size, initial, "origin", self.clock)
+        self.store_dev = RecordingDevice(g.store_blocks * 4096, None, "store", self.clock)
+        store = SharedStore.create(self.store_dev, origin_size=g.size, origin_path="origin",
+                                   chunk_size=CS, max_snapshots=g.max_snapshots,
+                                   journal_blocks=g.journal_blocks)
+        self.svc = MetadataService(store, self.origin)
+        self.e = Expect(Vol.exact(initial))
+        self.infos = {}
+        self.left_after: list[frozenset] = []  # the target's unmerged chunks after each op
+        self.merging_after: list[bool] = []  # a merge recorded after each op
+        self.full = 0
+        for op in setup:
+            self._do(op)
+        self.base = self.clock.ops
+        if observer is not None:
+            self.clock.observer = lambda n, what, path: observer(self, n - self.base)
+        for i, op in enumerate(merge):
+            self.e.step, self.e.op = i, op
+            self._do(op)
+            self.left_after.append(self.left())
+            self.merging_after.append(self.e.merging)
+        self.e.step, self.e.op = -1, ("-",)
+        self.clock.observer = None
+
+    @property
+    def ops_done(self) -> int:
+        return self.clock.ops - self.base
+
+    def left(self) -> frozenset:
+        if not self.e.merging:
+            return frozenset()
+        bit = self.infos["t"].bit
+        return frozenset(c for c, _ in self.svc.store.snapshot_exceptions_from(bit, 0, 1 << 30))
+
+    def _write(self, vol: Vol, volume, off: int, data: bytes, fua: bool) -> None:
+        vol.issue(off, data)
+        try:
+            volume.write(off, data, fua=fua)
+        except StoreFull:
+            self.full += 1
+            return
+        vol.acked(off, data)
+        if fua:
+            vol.flushed()
+
+    def _do(self, op: tuple) -> None:
+        e = self.e
+        kind = op[0]
+        if kind == "owrite":
+            _, off, data, fua = op
+            self._write(e.origin, Origin(self.svc), off, data, fua)
+        elif kind == "swrite":
+            _, name, off, data, fua = op
+            self._write(e.snaps[name], Snapshot(self.svc, self.infos[name]), off, data, fua)
+        elif kind == "oflush":
+            Origin(self.svc).flush()
+            e.origin.flushed()
+        elif kind == "sflush":
+            Snapshot(self.svc, self.infos[op[1]]).flush()
+            e.snaps[op[1]].flushed()
+        elif kind == "create":
+            name = op[1]
+            self.infos[name] = self.svc.create_snapshot(name, read_only=name == "ro")
+            e.snaps[name] = Vol.exact(e.origin.current)
+        elif kind == "delete":
+            name = op[1]
+            e.deleting = name
+            self.svc.delete_snapshot(name)
+            del e.snaps[name], self.infos[name]
+            e.deleting = None
+        elif kind == "start":
+            t = e.snaps["t"]
+            assert t.pending == [] and t.durable == t.current, "the target was not flushed"
+            assert e.origin.pending == [], "the origin was not flushed"
+            e.pre_origin, e.target = bytes(e.origin.current), bytes(t.current)
+            self.svc.start_merge("t", keep=op[1])
+            e.merging, e.keep = True, op[1]
+            e.origin = Vol.exact(t.current)  # the origin reads as the target from now on
+            del e.snaps["t"]
+            e.pre_origin = e.target = None
+        elif kind == "step":
+            if e.merging and self.svc.merge_step():
+                self._finished()
+        elif kind == "resume":
+            if e.merging:
+                self.svc.start_merge("t", keep=e.keep)
+        elif kind == "reopen":
+            self.svc.close()
+            self.svc = MetadataService(SharedStore.open(self.store_dev), self.origin)
+            self.infos = {s.name: s for s in self.svc.snapshots()}
+        elif kind == "finish":
+            if e.merging:
+                assert self.svc.run_merge() is True
+                self._finished()
+        else:
+            raise ValueError(kind)
+
+    def _finished(self) -> None:
+        e = self.e
+        e.merging = False
+        if e.keep:
+            self.infos["t"] = self.svc.snapshot("t")
+            e.snaps["t"] = Vol.exact(e.origin.current)
+        else:
+            del self.infos["t"]
+
+    def images(self, mode: str, seed: int) -> tuple[bytes, bytes]:
+        rng = random.Random(seed)
+        return (bytes(self.store_dev.crash_image(rng, mode)),
+                bytes(self.origin.crash_image(rng, mode)))
+
+
+# ---------------------------------------------------------------------------------------
+# Recovery and verification
+
+def recover_and_verify(run: Run, pre_left: frozenset, post_left: frozenset, pre_merging: bool,
+                       post_merging: bool, store_img: bytes, origin_img: bytes, what: str,
+                       resume: bool) -> None:
+    """Open crashed images, check them and compare every volume with the expectations;
+    ``pre_*``/``post_*``: the target's unmerged chunks and whether a merge is recorded,
+    before and after the operation in flight."""
+    e, g = run.e, run.g
+    size = g.size
+    store = SharedStore.open(MemoryDevice(len(store_img), store_img))
+    origin = MemoryDevice(len(origin_img), origin_img)
+    svc = MetadataService(store, origin)  # resumes an interrupted delete
+    findings = store.check()
+    assert not findings, f"{what}: {findings}"
+    st = svc.merge_status()
+    present = {s.name: s for s in svc.snapshots()}
+    kind = e.op[0]
+
+    # The merge: recorded as before or after the operation in flight.
+    origin_vol = e.origin
+    if kind == "start":
+        if st is None:  # not started: the origin exactly as before
+            assert Origin(svc).read(0, size) == e.pre_origin, f"{what}: origin before start"
+            assert "t" in present
+            return
+        origin_vol = Vol.exact(e.target)  # started: the origin reads as the target
+        assert st["keep"] == e.op[1], what
+    elif (st is not None) != pre_merging:
+        # Only the operation in flight may have completed the merge.
+        assert pre_merging and not post_merging, f"{what}: merge status {st}"
+    if st is not None:
+        assert st["snapshot"] == "t" and (kind == "start" or st["keep"] == e.keep), what
+        left = frozenset(c for c, _ in store.snapshot_exceptions_from(present["t"].bit, 0,
+                                                                      1 << 30))
+        assert left <= pre_left, f"{what}: chunks merged before came back {left - pre_left}"
+        assert post_left <= left, f"{what}: chunks merged ahead {post_left - left}"
+
+    # The snapshots.
+    must = set(e.snaps) - {e.deleting}
+    if st is not None:
+        must.add("t")
+    may = must | ({e.deleting} if e.deleting else set())
+    if st is None and e.keep:
+        must.add("t")
+        may.add("t")
+    assert must <= set(present) <= may, f"{what}: snapshots {set(present)}, must {must}"
+
+    # Every volume.
+    origin_vol.assert_allowed(Origin(svc).read(0, size), f"{what}: origin")
+    content = {"origin": Origin(svc).read(0, size)}
+    for name, info in present.items():
+        got = Snapshot(svc, info).read(0, size)
+        content[name] = got
+        if name == "t" and st is not None:
+            continue  # merging: not exported
+        if name == "t" and "t" not in e.snaps:
+            # The merge completed at this crash (keep): t equals the origin.
+            assert got == content["origin"], f"{what}: kept target is not the origin"
+            continue
+        e.snaps[name].assert_allowed(got, f"{what}: snapshot {name}")
+    if resume:
+        resume_and_verify(svc, store, origin, present, content, st, e, size, what)
+
+
+def resume_and_verify(svc, store, origin, present, content, st, e, size, what):
+    """Run the recovered merge to its end: no volume's content changes."""
+    assert svc.run_merge() is True
+    assert svc.merge_status() is None
+    if st is not None and not st["keep"]:
+        assert "t" not in {s.name for s in svc.snapshots()}, f"{what}: t not deleted"
+        del content["t"]
+    elif st is not None:
+        content["t"] = content["origin"]  # kept: equal to the new origin
+    assert store.check() == [], what
+    svc.close()
+    svc2 = MetadataService(SharedStore.open(store.dev), origin)
+    assert svc2.store.check() == [], what
+    infos = {s.name: s for s in svc2.snapshots()}
+    assert set(infos) | {"origin"} == set(content), what
+    assert origin.pread(size, 0) == content["origin"], f"{what}: origin device after resume"
+    for name, want in content.items():
+        vol = Origin(svc2) if name == "origin" else Snapshot(svc2, infos[name])
+        assert vol.read(0, size) == want, f"{what}: {name} after resuming the merge"
+
+
+def crash_everywhere(g: Geometry, setup: list, merge: list, budget: int | None = None,
+                     resume_every: int = 1) -> dict:
+    """Verify recovery from a crash at each chosen device operation of the merge phase,
+    in every mode (identical images once)."""
+    ref = Run(g, setup, merge)
+    total = ref.ops_done
+    points = set(crash_points(total, budget or total))
+    stats = {"points": 0, "total": total, "images": 0, "in_flight": set(), "full": ref.full,
+             "completion": 0}
+
+    def observe(run: Run, n: int) -> None:
+        if n not in points:
+            return
+        stats["points"] += 1
+        i = run.e.step
+        stats["in_flight"].add(run.e.op[0])
+        # Before the start: every chunk of the target is still to merge.
+        pre_left = ref.left_after[i - 1] if i > 0 else ref.left_after[0]
+        post_left = ref.left_after[i]
+        pre_merging = ref.merging_after[i - 1] if i > 0 else False
+        post_merging = ref.merging_after[i]
+        if pre_merging and not post_merging:
+            stats["completion"] += 1  # a crash while the merge completes
+        seen = set()
+        for mi, mode in enumerate(MODES):
+            store_img, origin_img = run.images(mode, seed=n * 31 + mi)
+            key = (hash(store_img), hash(origin_img))
+            if key in seen:
+                continue
+            seen.add(key)
+            stats["images"] += 1
+            recover_and_verify(run, pre_left, post_left, pre_merging, post_merging,
+                               store_img, origin_img,
+                               f"crash at op {n} (merge phase step {i}: {run.e.op[0]}), "
+                               f"mode {mode}", resume=stats["images"] % resume_every == 0)
+
+    run = Run(g, setup, merge, observer=observe)
+    assert run.left_after == ref.left_after, "the workload is not deterministic"
+    return stats
+
+
+# ---------------------------------------------------------------------------------------
+# The tests
+
+def test_workload_without_crash_matches_the_model():
+    """The harness itself: an uncrashed run reads back as tracked, and its workload does
+    what it claims (shared exceptions, origin readers of the target's chunks, steps)."""
+    g = Geometry()
+    setup, merge = make_workload(1, g)
+    kinds = {op[0] for op in merge}
+    assert {"start", "step", "owrite", "oflush", "swrite", "sflush", "delete", "resume",
+            "reopen", "finish"} <= kinds
+    run = Run(g, setup, [])
+    t_bit = run.infos["t"].bit
+    excs = dict(run.svc.store.exceptions())
+    assert any(sm & (1 << t_bit) and sm != 1 << t_bit for c in excs for sm, _ in excs[c])
+    young = run.infos["young"].bit
+    assert any(run.svc.store.snapshot_exception(young, c)[0] is None
+               for c, _ in run.svc.store.snapshot_exceptions_from(t_bit, 0, 1 << 30))
+    run = Run(g, setup, merge)
+    assert Origin(run.svc).read(0, g.size) == run.e.origin.current
+    for name, vol in run.e.snaps.items():
+        assert Snapshot(run.svc, run.infos[name]).read(0, g.size) == vol.current, name
+    assert "t" not in {s.name for s in run.svc.snapshots()}
+    assert len(run.left_after[0]) > 10
+    assert run.svc.store.check() == []
+
+
+def test_the_checker_rejects_a_wrong_origin():
+    """The harness itself: recovery that showed the origin's own old data where the
+    target has an exception, or lost a flushed write, fails."""
+    g = Geometry()
+    setup, _ = make_workload(1, g)
+    merge = [("start", False), ("owrite", 100, b"W" * 100, True)]
+    run = Run(g, setup, merge)
+    store_img, origin_img = run.images("all", 0)
+    args = (run, run.left_after[0], run.left_after[1], True, True)
+    recover_and_verify(*args, store_img, origin_img, "intact", resume=True)
+    bad = bytearray(origin_img)
+    bad[150] ^= 0xFF  # a byte of the FUA write lost
+    with pytest.raises(AssertionError, match="origin"):
+        recover_and_verify(*args, store_img, bytes(bad), "lost FUA write", resume=False)
+    # The target's data where it was never merged: pretend the origin device is read.
+    c = sorted(run.left_after[1])[-1]
+    store = SharedStore.open(MemoryDevice(len(store_img), store_img))
+    assert store.snapshot_exception(run.infos["t"].bit, c)[0] is not None
+    wrong = Vol.exact(origin_img)
+    run.e.origin, saved = wrong, run.e.origin
+    with pytest.raises(AssertionError, match="origin"):
+        recover_and_verify(*args, store_img, origin_img, "origin device", resume=False)
+    run.e.origin = saved
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_crash_at_every_point_of_a_merge(seed):
+    g = Geometry()
+    setup, merge = make_workload(seed, g)
+    stats = crash_everywhere(g, setup, merge)
+    assert stats["points"] == stats["total"], "every crash point must be tried"
+    assert {"start", "step", "owrite", "swrite", "oflush", "reopen"} <= stats["in_flight"]
+    assert stats["completion"] > 3
+
+
+def test_crash_at_every_point_of_a_kept_merge():
+    """``keep``: after the completion the target is a snapshot equal to the origin as of
+    then, whatever the crash."""
+    g = Geometry()
+    setup, merge = make_workload(4, g, keep=True)
+    stats = crash_everywhere(g, setup, merge)
+    assert stats["points"] == stats["total"] and stats["completion"] > 3
+
+
+def test_crash_during_a_merge_with_a_tiny_journal():
+    """An 8-block journal: checkpoints before nearly every commit, transactions wrap."""
+    g = Geometry(journal_blocks=8, store_blocks=200)
+    setup, merge = make_workload(5, g)
+    stats = crash_everywhere(g, setup, merge, budget=1500)
+    assert stats["points"] >= min(1500, stats["total"])
+
+
+def test_crash_during_a_merge_with_wide_sharemaps():
+    """1024-bit sharemaps: leaves of ~27 chunks split and merge while the target's
+    exceptions are dropped and copy-outs for the others are added."""
+    g = Geometry(chunks=120, store_blocks=500, max_snapshots=1024, journal_blocks=64)
+    setup, merge = make_workload(6, g, n=30)
+    stats = crash_everywhere(g, setup, merge, budget=1200, resume_every=3)
+    assert stats["points"] >= min(1200, stats["total"])
+
+
+def test_a_kept_target_survives_a_crash_as_it_was_at_the_completion():
+    """With ``keep`` the completed merge leaves the target as a snapshot of the origin as
+    of then, origin writes not yet flushed included (as a snapshot creation does, it must
+    make them durable): a crash afterwards must not change what the target reads
+    (DESIGN.md invariant 1), whatever it does to the origin's unflushed writes."""
+    g = Geometry()
+    setup, _ = make_workload(1, g)
+    run = Run(g, setup, [("start", True)])
+    svc = run.svc
+    bit = run.infos["t"].bit
+    while svc.store.snapshot_exceptions_from(bit, 0, 1):
+        assert svc.merge_step() is False
+    # Every chunk merged, the completion not yet done: an origin write, not flushed.
+    Origin(svc).write(5 * CS + 7, b"after the last step" * 50)
+    assert svc.merge_step() is True
+    kept = Snapshot(svc, svc.snapshot("t")).read(0, g.size)
+    assert kept[5 * CS + 7: 5 * CS + 26] == b"after the last step"
+    for mode in MODES:
+        store_img, origin_img = run.images(mode, seed=3)
+        store = SharedStore.open(MemoryDevice(len(store_img), store_img))
+        svc2 = MetadataService(store, MemoryDevice(len(origin_img), origin_img))
+        assert store.check() == []
+        assert svc2.merge_status() is None
+        got = Snapshot(svc2, svc2.snapshot("t")).read(0, g.size)
+        assert got == kept, f"{mode}: the kept target changed in a crash"
