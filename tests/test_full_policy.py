@@ -400,18 +400,7 @@ def test_served_merge_wait_in_a_full_store_reports_store_full(tmp_path, stop_ser
         assert v.names() == ["s2"] and st["merge"] is None
 
 
-@pytest.mark.parametrize("room", [
-    160,
-    pytest.param(64, marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: with 64 free chunks the merge does two 32-chunk steps, then fails with "
-        "StoreFull 'full until deleted snapshots' space is released by the next "
-        "checkpoint' although those steps freed 64 chunks (with 160 free it completes)"))),
-    pytest.param(16, marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: a merge step takes a whole linear run (up to 32 chunks) and allocates all "
-        "its copy-outs before merging any of it, so with fewer free chunks than that the "
-        "merge fails with StoreFull at once, though merging fewer chunks per step (and "
-        "reusing what they free) would fit"))),
-])
+@pytest.mark.parametrize("room", [160, 64, 16])
 def test_a_merge_reuses_the_chunks_it_frees(tmp_path, stop_server, room):
     """s1's exceptions are its own: each merged chunk frees one, as each needs one for the
     copy-out for s2.  With ``room`` free chunks (far fewer than the 256 copy-outs) the

@@ -686,8 +686,9 @@ class MetadataService:
         try:
             while True:
                 moves, adds = [], []
+                i = 0
                 try:
-                    for c in chunks:
+                    for i, c in enumerate(chunks):
                         sharers = self.store.origin_sharers(c) & ~(1 << m)
                         if sharers:
                             sc = self._allocate_locked()
@@ -695,6 +696,12 @@ class MetadataService:
                             adds.append((c, sc, sharers))
                     break
                 except StoreFull:
+                    if i > 0:
+                        # Merge the part of the run there is room for: merged chunks
+                        # free their exceptions, which the next steps can reuse.
+                        self._merge_busy.difference_update(chunks[i:])
+                        run, chunks = run[:i], chunks[:i]
+                        break
                     for _c, sc in moves:
                         self.store.release_chunk(sc)
                     if not self._can_make_room():

@@ -639,6 +639,7 @@ class SharedStore(ExceptionStore):
 
     def request_checkpoint(self) -> None:
         self._want_checkpoint = True
+        self._state_dirty = True  # a commit happens even if nothing else changed
 
     def _drain_released(self) -> None:
         while self._released:
