@@ -843,7 +843,7 @@ def test_a_full_store_stops_the_merge_without_losing_anything(make_store, kind):
     r.create("young")  # reads the origin at 0..9
     r.create("filler")
     free = r.store.space()["chunks_free"]
-    r.write("filler", 12 * CS, n=(free - 2) * CS)  # leaves two chunks free
+    r.write("filler", 12 * CS, n=free * CS)  # leaves no chunk free
     r.start("t")
     with pytest.raises(StoreFull):
         r.svc.run_merge()
@@ -875,7 +875,7 @@ def test_delete_oldest_makes_room_for_the_merge(make_store, kind, by):
     r.write("t", 0, n=4 * CS)
     r.create("young")  # reads the origin at 0..3: the merge must copy them out
     free = r.store.space()["chunks_free"]
-    r.write("oldest", 10 * CS, n=(free - 2) * CS)  # two chunks left
+    r.write("oldest", 10 * CS, n=free * CS)  # no chunk left
     r.svc.set_full_policy("delete-oldest")
     r.start("t")
     if by == "origin-write":
