@@ -655,12 +655,15 @@ class MetadataService:
         m = self.store.merging_bit
         if m is None:
             return
-        todo = [(c, sc) for c, sc in self.store.snapshot_exceptions_from(m, first, last - first + 1)
-                if c <= last]
-        while todo:
-            run = _linear_prefix(todo)
-            self._merge_run_locked(m, run)
-            todo = todo[len(run):]
+        while True:
+            # Looked up again after every run: a run may be merged only in part (room for
+            # part of its copy-outs), and other requests may merge chunks meanwhile.
+            todo = [(c, sc) for c, sc in
+                    self.store.snapshot_exceptions_from(m, first, last - first + 1)
+                    if c <= last]
+            if not todo:
+                return
+            self._merge_run_locked(m, _linear_prefix(todo))
 
     def _merge_run_locked(self, m: int, run: list[tuple[int, int]]) -> None:
         """One merge step over a linear run ``[(chunk, store_chunk), ...]`` (lock held).
