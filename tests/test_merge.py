@@ -887,3 +887,24 @@ def test_delete_oldest_makes_room_for_the_merge(make_store, kind, by):
     assert [s.name for s in r.svc.snapshots()] == ["young"]
     r.verify("merged after the policy made room")
     r.check()
+
+
+@pytest.mark.parametrize("kind", ["shared-memory", "memory"])
+def test_an_origin_write_merges_all_its_chunks_in_a_nearly_full_store(make_store, kind):
+    """The write's chunks form one run of the target, and there is room for only part of
+    the copy-outs the run needs: the rest must still be merged before the write lands
+    (else the write goes under the target's exception and the merge later overwrites it)."""
+    r = Rig(make_store, kind, chunks=30, tail=0, store_chunks=24)
+    r.create("t")
+    r.write("t", 0, n=4 * CS)  # one linear run 0..3
+    r.create("young")  # reads the origin at 0..3: the merge copies them out
+    r.create("filler")
+    free = r.store.space()["chunks_free"]
+    r.write("filler", 12 * CS, n=(free - 2) * CS)  # room for two copy-outs
+    r.start("t")
+    r.write("origin", 100, n=4 * CS - 200)
+    r.verify("written")
+    assert r.svc.run_merge() is True
+    r.finished()
+    r.verify("merged")
+    r.check()

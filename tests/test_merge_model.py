@@ -98,8 +98,7 @@ class MergeMachine(RuleBasedStateMachine):
         self.svc = MetadataService(store, self.origin_dev)
         self.model: dict[str, bytearray] = {"origin": bytearray(seed)}
         self.infos = {}
-        self.target: str | None = None  # the snapshot being merged
-        self.target_model: bytearray | None = None  # its content (now the origin's)
+        self.target: str | None = None  # the snapshot being merged (not in the model)
         self.keep = False
         self.counter = 0
         self.stats = {"merges": 0, "finished": 0, "crashes": 0, "full": 0}
@@ -158,7 +157,7 @@ class MergeMachine(RuleBasedStateMachine):
         else:
             assert name not in {s.name for s in self.svc.snapshots()}
             del self.infos[name]
-        self.target, self.target_model = None, None
+        self.target = None
 
     def _step(self) -> bool:
         try:
