@@ -17,19 +17,30 @@ Workloads, at each snapshot count N of ``--snapshots``:
 4. 4 KiB random reads of a snapshot;
 5. ``merge``: ``ddsnap merge`` of a snapshot back into the origin (local ``--wait`` and
    served), in MiB/s of snapshot data, against ``dd`` and ``cp`` copying the same number
-   of bytes; the origin must then equal the snapshot's bytes.
+   of bytes; the origin must then equal the snapshot's bytes;
+6. ``snapcreate``: wall time of ``snap_create`` requests on the control socket of a served
+   store whose origin is a sparse 64 GiB file (and, to show it does not grow, 1 GiB), and
+   of the whole ``ddsnap snap create`` command for information;
+7. ``rss``: peak RSS (``VmHWM``) of ``ddsnap serve`` on a sparse 1 TiB origin with one
+   snapshot while the four fio jobs run against it.
+
+With ``--profile``, py-spy samples the ddsnap server during each ddsnap fio job and the
+served merge; the report then lists the hottest functions.
 
 Run it through ``bench/run`` (which installs what it needs first); ``bench/run --help``
-lists the parameters.  Results go to stdout and to a markdown file (``--out``).
-Numbers only: nothing here passes or fails on a threshold.
+lists the parameters.  Results go to stdout and to a markdown file (``--out``), headed by
+a table of issue 4's targets (measured, target, met or not).  Nothing fails the run on a
+threshold.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime as dt
 import json
 import os
+import pickle
 import platform
 import random
 import shlex
@@ -43,6 +54,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from nbdclient import NbdClient, NbdError
 
@@ -50,6 +62,19 @@ ROOT = Path(__file__).resolve().parent.parent
 DDSNAP = ROOT / ".venv" / "bin" / "ddsnap"
 MiB = 1 << 20
 KiB = 1 << 10
+GiB = 1 << 30
+TiB = 1 << 40
+PROFILE_DIR = ROOT / "bench" / "out" / "profiles"
+STATE_FILE = ROOT / "bench" / "out" / "last-run.pickle"
+STATE_FIELDS = (
+    "args", "results", "errors", "problems", "notes", "access_text", "merge_runs",
+    "merge_errors", "merge_notes", "cache_mode", "merge_bytes", "cp_version",
+    "snapcreate_runs", "snapcreate_errors", "rss_runs", "rss_errors", "rss_notes",
+    "profiles", "profile_runs", "pyspy_version", "started", "elapsed", "load_start",
+    "load_end", "machine_rows")
+DEFAULT_RUN_MINUTES = 35  # a default `bench/run`, for the text (2 CPUs, 2026-11)
+FIO_WORKLOADS = ("randwrite4k", "seqwrite1m", "seqread1m", "randread4k")
+ALL_WORKLOADS = FIO_WORKLOADS + ("merge", "snapcreate", "rss")
 
 PEER_NAMES = {
     "ddsnap": "ddsnap",
@@ -86,7 +111,7 @@ def parse_size(text: str) -> int:
 
 
 def fmt_size(n: int) -> str:
-    for unit, m in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", KiB)):
+    for unit, m in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if n >= m and n % m == 0:
             return f"{n // m} {unit}"
     if n >= MiB:
@@ -99,6 +124,34 @@ def tail(text: str, lines: int = 25) -> str:
     if len(t) > lines:
         t = [f"... ({len(t) - lines} earlier lines left out)"] + t[-lines:]
     return "\n".join(t)
+
+
+def store_max(n: int) -> int:
+    """``--max-snapshots`` of the store made for N snapshots: N rounded up to 64, >= 64."""
+    return max(64, -(-n // 64) * 64)
+
+
+def stats_text(vals: list[float], fmt) -> str:
+    """``median (min–max)`` of ``vals`` (just the value when there is one)."""
+    vals = sorted(vals)
+    text = fmt(statistics.median(vals))
+    if len(vals) > 1:
+        text += f" ({fmt(vals[0])}–{fmt(vals[-1])})"
+    return text
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """``VmHWM`` / ``VmRSS`` (bytes) of a live process, from ``/proc/PID/status``."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmHWM", "VmRSS"):
+                    out[key] = int(rest.split()[0]) * KiB
+    except OSError:
+        pass
+    return out
 
 
 def say(msg: str) -> None:
@@ -221,7 +274,12 @@ class Workload:
 
 
 def workloads(args) -> list[Workload]:
-    all_ = [
+    """The fio workloads selected with --workloads."""
+    return [w for w in all_workloads(args) if w.key in args.workloads]
+
+
+def all_workloads(args) -> list[Workload]:
+    return [
         Workload("randwrite4k", "4 KiB random writes to the origin", "randwrite", "4k",
                  args.iodepth_rand, "write", "iops"),
         Workload("seqwrite1m", "1 MiB sequential writes to the origin", "write", "1m",
@@ -231,7 +289,6 @@ def workloads(args) -> list[Workload]:
         Workload("randread4k", "4 KiB random reads of a snapshot", "randread", "4k",
                  args.iodepth_rand, "read", "iops"),
     ]
-    return [w for w in all_ if w.key in args.workloads]
 
 
 @dataclass
@@ -244,6 +301,8 @@ class Measure:
     lat_p99_us: float
     extra: str = ""
     bad: list[str] = field(default_factory=list)  # data checks that failed around this run
+    rep: int = 0  # repetition index (ratios pair rep i of ddsnap with rep i of the peer)
+    profiled: bool = False  # py-spy was sampling the server during the run
 
     def value(self, metric: str) -> float:
         return self.iops if metric == "iops" else self.mibs
@@ -266,6 +325,7 @@ class MergeRun:
     used_after_overwrite: int = 0
     bad: list[str] = field(default_factory=list)  # wrong data after the merge
     unclean: list[str] = field(default_factory=list)  # ddsnap check / status not as expected
+    profiled: bool = False  # py-spy was sampling the server during the merge (served)
 
     @property
     def mibs(self) -> float:
@@ -278,6 +338,30 @@ class MergeRun:
     @property
     def cp_mibs(self) -> float | None:
         return None if not self.cp_s else self.nbytes / MiB / self.cp_s
+
+
+@dataclass
+class SnapCreateRun:
+    """``snap_create`` timings on one served store with a sparse origin."""
+
+    origin_size: int
+    ctl_ms: list[float] = field(default_factory=list)  # control socket round trips
+    cli_ms: list[float] = field(default_factory=list)  # whole `ddsnap snap create` commands
+    version_ms: list[float] = field(default_factory=list)  # `ddsnap --version` (start-up)
+    unclean: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RssRun:
+    """Peak RSS of `ddsnap serve` on a sparse origin through the four fio jobs."""
+
+    rep: int
+    hwm: int = 0  # VmHWM before the server was stopped (bytes)
+    rss: int = 0  # VmRSS at the same moment
+    start_rss: int = 0  # VmRSS once serving with the snapshot taken
+    phases: list[tuple[str, float, str, int]] = field(default_factory=list)
+    # (job, figure, unit, VmHWM after the job)
+    bad: list[str] = field(default_factory=list)
 
 
 def data_extents(path: Path) -> list[tuple[int, int]]:
@@ -349,6 +433,21 @@ class Bench:
         self.merge_bytes = 0
         self.cp_version = subprocess.run(["cp", "--version"], capture_output=True,
                                          text=True).stdout.split("\n")[0].strip() or "cp"
+        self.snapcreate_runs: list[SnapCreateRun] = []
+        self.snapcreate_errors: dict[int, str] = {}
+        self.rss_runs: list[RssRun] = []
+        self.rss_errors: list[str] = []
+        self.rss_notes: list[str] = []
+        self.qcow2_template: tuple[int, Path] | None = None  # (N, image with N snapshots)
+        self.profiles: dict[str, collections.Counter] = {}  # label -> stack -> samples
+        self.profile_runs: dict[str, int] = {}  # label -> number of profiled runs
+        self.pyspy = shutil.which("py-spy", path=str(ROOT / ".venv" / "bin")) or \
+            shutil.which("py-spy")
+        self.pyspy_version = "py-spy"
+        if args.profile and self.pyspy:
+            self.pyspy_version = subprocess.run(
+                [self.pyspy, "--version"], capture_output=True, text=True).stdout.strip() \
+                or "py-spy"
 
     def use_rev(self, rev: str) -> None:
         """Run ddsnap from ``git archive REV`` instead of the working tree."""
@@ -550,7 +649,7 @@ class Bench:
         origin, store = self.tmp / "ddsnap-origin.raw", self.tmp / "ddsnap-store"
         drop_file(store)
         self.copy_pristine(origin)
-        maxs = max(64, -(-n // 64) * 64)
+        maxs = store_max(n)
         self.ddsnap("init", str(store), "--origin", str(origin),
                     "--size", str(2 * self.args.size + 64 * MiB),
                     "--chunk-size", str(self.args.chunk_size), "--max-snapshots", str(maxs),
@@ -562,14 +661,29 @@ class Bench:
                                ready_path=Path(f"{store}.ctl"))
         t0 = time.monotonic()
         try:
-            for i in range(1, n + 1):
-                self.ddsnap("snap", "create", str(store), f"snap{i}", what="ddsnap snap create")
+            self.snap_create_ctl(store, n)
         except BaseException:
             self.procs.stop(srv)
             raise
         say(f"ddsnap: {n} snapshot(s) taken through the control socket "
             f"in {time.monotonic() - t0:.1f} s")
         return srv, store
+
+    @staticmethod
+    def ctl_path(store: Path) -> Path:
+        return Path(f"{store}.ctl")
+
+    def snap_create_ctl(self, store: Path, n: int, prefix: str = "snap") -> list[float]:
+        """Take snapshots PREFIX1..PREFIXn with `snap_create` requests sent straight to the
+        control socket (the operation behind `ddsnap snap create`, without a Python
+        start-up per snapshot); returns each round trip's wall time in ms."""
+        ctl = self.ctl_path(store)
+        times = []
+        for i in range(1, n + 1):
+            t0 = time.perf_counter()
+            ctl_call(ctl, "snap_create", {"name": f"{prefix}{i}", "read_only": False})
+            times.append((time.perf_counter() - t0) * 1000)
+        return times
 
     def ddsnap_used(self, store: Path) -> int:
         st = json.loads(self.ddsnap("status", str(store), "--json", what="ddsnap status").stdout)
@@ -600,19 +714,106 @@ class Bench:
         if extra:
             self.problem(f"{label}: `ddsnap serve` printed:\n{tail(chr(10).join(extra))}")
 
+    # ---- py-spy
+
+    def profiled(self, srv: Server, label: str, fn):
+        """Run ``fn()``; with --profile, py-spy samples the ddsnap server meanwhile and its
+        raw (collapsed) stacks are added to ``self.profiles[label]``."""
+        if not self.args.profile:
+            return fn()
+        self.fio_n += 1
+        raw = self.tmp / f"py-spy-{self.fio_n}.txt"
+        log = self.tmp / f"py-spy-{self.fio_n}.log"
+        argv = [self.pyspy, "record", "--pid", str(srv.popen.pid), "--format", "raw",
+                "--rate", str(self.args.profile_rate), "--nonblocking", "--function",
+                "-o", str(raw)]
+        logf = open(log, "w")
+        try:
+            spy = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            logf.close()
+        handle = Server("py-spy", argv, raw, log, spy)
+        self.procs.live.append(handle)
+        deadline = time.monotonic() + 15
+        while (spy.poll() is None and "Sampling process" not in log.read_text()
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
+        if spy.poll() is not None or "Sampling process" not in log.read_text():
+            self.procs.stop(handle, grace=5)
+            self.problem(f"{label}: py-spy did not start sampling the server "
+                         f"(`{shlex.join(argv)}`); this run is not profiled\n"
+                         f"{tail(log.read_text())}")
+            return fn()
+        try:
+            result = fn()
+        finally:
+            if handle in self.procs.live:
+                self.procs.live.remove(handle)
+            if spy.poll() is None:
+                spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            try:
+                spy.wait(60)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+        stacks = self.profiles.setdefault(label, collections.Counter())
+        n = 0
+        try:
+            for line in raw.read_text().splitlines():
+                stack, _, count = line.rpartition(" ")
+                if stack and count.isdigit():
+                    stacks[stack] += int(count)
+                    n += int(count)
+        except OSError as e:
+            self.problem(f"{label}: py-spy wrote no profile ({e})\n{tail(log.read_text())}")
+        else:
+            self.profile_runs[label] = self.profile_runs.get(label, 0) + 1
+            say(f"py-spy: {n} samples of the ddsnap server during {label}")
+        if isinstance(result, Measure):
+            result.profiled = True
+        return result
+
+    def write_profiles(self) -> None:
+        if not self.profiles:
+            return
+        PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+        for label, stacks in self.profiles.items():
+            path = PROFILE_DIR / f"{label}.txt"
+            path.write_text("".join(f"{st} {c}\n" for st, c in sorted(stacks.items())))
+        say(f"py-spy raw stacks written to {PROFILE_DIR}/ ({len(self.profiles)} file(s))")
+
     # ---- qemu-nbd / qcow2
 
     def qcow2_make(self, n: int) -> Path:
+        """A qcow2 image of the raw bytes with N internal snapshots.  The first call for an
+        N makes a template (`qemu-img convert`, then N times `qemu-img snapshot -c`, which
+        takes minutes for N=1024); every call copies it, so each run still starts from a
+        freshly made image."""
         img = self.tmp / "image.qcow2"
         drop_file(img)
-        run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2",
-             "-o", f"cluster_size={self.args.chunk_size}", str(self.pristine), str(img)],
-            "qemu-img convert", timeout=600)
-        t0 = time.monotonic()
-        for i in range(1, n + 1):
-            run(["qemu-img", "snapshot", "-c", f"snap{i}", str(img)], "qemu-img snapshot -c")
-        say(f"qcow2: {n} internal snapshot(s) taken with qemu-img in "
-            f"{time.monotonic() - t0:.1f} s")
+        if self.qcow2_template is None or self.qcow2_template[0] != n:
+            if self.qcow2_template is not None:
+                drop_file(self.qcow2_template[1])
+                self.qcow2_template = None
+            tpl = self.tmp / f"template-N{n}.qcow2"
+            drop_file(tpl)
+            t0 = time.monotonic()
+            run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2",
+                 "-o", f"cluster_size={self.args.chunk_size}", str(self.pristine), str(tpl)],
+                "qemu-img convert", timeout=600)
+            t1 = time.monotonic()
+            for i in range(1, n + 1):
+                run(["qemu-img", "snapshot", "-c", f"snap{i}", str(tpl)], "qemu-img snapshot -c")
+            t2 = time.monotonic()
+            self.qcow2_template = (n, tpl)
+            self.notes.append(
+                f"N={n}: the qcow2 image was made once (`qemu-img convert` {t1 - t0:.1f} s, "
+                f"then {n} × `qemu-img snapshot -c` {t2 - t1:.1f} s) and copied for every "
+                f"qemu-nbd run at this N")
+            say(f"qcow2: {n} internal snapshot(s) taken with qemu-img in {t2 - t1:.1f} s "
+                f"(template, copied for every run)")
+        shutil.copyfile(self.qcow2_template[1], img)
         return img
 
     def qemu_up(self, img: Path, snapshot: str | None = None) -> Server:
@@ -635,7 +836,8 @@ class Bench:
 
     # ---- steps
 
-    def record(self, wl: Workload, n: int, peer: str, fn, bad: list[str] = ()) -> None:
+    def record(self, wl: Workload, n: int, peer: str, fn, bad: list[str] = (),
+               rep: int = 0) -> None:
         key = (wl.key, n, peer)
         try:
             m = fn()
@@ -644,12 +846,14 @@ class Bench:
             self.problem(f"{wl.title}, N={n}, {PEER_NAMES[peer]}: {e}")
             return
         m.bad = m.bad or list(bad)
+        m.rep = rep
         self.results.setdefault(key, []).append(m)
         v = m.value(wl.metric)
         unit = "IOPS" if wl.metric == "iops" else "MiB/s"
         say(f"{wl.key} N={n} {PEER_NAMES[peer]}: {v:,.1f} {unit} "
             f"({m.io_bytes / MiB:,.0f} MiB in {m.runtime_ms / 1000:.1f} s)"
             + (f"; {m.extra}" if m.extra else "")
+            + (" (py-spy attached)" if m.profiled else "")
             + (" -- WRONG DATA seen, see problems" if m.bad else ""))
 
     def write_fio(self, uri: str, wl: Workload, name: str) -> Measure:
@@ -663,7 +867,8 @@ class Bench:
         label = f"{wl.key} N={n} ddsnap"
         try:
             os.sync()
-            m = self.write_fio(self.uri("origin"), wl, f"ddsnap-{wl.key}-N{n}")
+            m = self.profiled(srv, f"{wl.key}-N{n}", lambda: self.write_fio(
+                self.uri("origin"), wl, f"ddsnap-{wl.key}-N{n}"))
             if srv.popen.poll() is not None:
                 raise BenchError("ddsnap serve exited during the fio run")
             used = self.ddsnap_used(store)
@@ -716,10 +921,11 @@ class Bench:
                     f"from the origin")
                 bad = self.check_ddsnap(n, f"before the reads (N={n})")
                 os.sync()
-                for _ in reps:
+                for rep in reps:
                     for wl in rws:
-                        self.record(wl, n, "ddsnap", lambda wl=wl: self.read_fio(
-                            self.uri("snap1"), wl, f"ddsnap-{wl.key}-N{n}"), bad)
+                        self.record(wl, n, "ddsnap", lambda wl=wl: self.profiled(
+                            srv, f"{wl.key}-N{n}", lambda: self.read_fio(
+                                self.uri("snap1"), wl, f"ddsnap-{wl.key}-N{n}")), bad, rep)
             except BenchError as e:
                 self.problem(f"reads N={n} ddsnap: {e}")
                 for wl in rws:
@@ -742,10 +948,10 @@ class Bench:
                 for i in bad:
                     self.problem(i)
                 os.sync()
-                for _ in reps:
+                for rep in reps:
                     for wl in rws:
                         self.record(wl, n, "qemu", lambda wl=wl: self.read_fio(
-                            self.uri("snap1"), wl, f"qemu-{wl.key}-N{n}"), bad)
+                            self.uri("snap1"), wl, f"qemu-{wl.key}-N{n}"), bad, rep)
             finally:
                 self.server_down(srv, f"reads N={n} qemu-nbd")
         except BenchError as e:
@@ -764,10 +970,10 @@ class Bench:
                                    self.sock, self.tmp / "nbdkit.log")
             try:
                 os.sync()
-                for _ in reps:
+                for rep in reps:
                     for wl in rws:
                         self.record(wl, n, "nbdkit", lambda wl=wl: self.read_fio(
-                            self.uri(""), wl, f"nbdkit-{wl.key}-N{n}"))
+                            self.uri(""), wl, f"nbdkit-{wl.key}-N{n}"), (), rep)
             finally:
                 self.server_down(srv, f"reads N={n} nbdkit")
         except BenchError as e:
@@ -905,24 +1111,29 @@ class Bench:
         try:
             try:
                 self.drop_caches()
-                t0 = time.monotonic()
-                self.ddsnap("merge", str(store), "snap1", "--no-progress",
-                            what="ddsnap merge (served: start through the control socket)")
-                last = None
-                deadline = t0 + 600 + nbytes / MiB
-                while True:
-                    st = ctl_call(ctl, "merge_status")
-                    if st is None:
-                        break
-                    if not st.get("running"):
-                        raise BenchError(f"the served merge is not running: {st}")
-                    if srv.popen.poll() is not None:
-                        raise BenchError("ddsnap serve exited during the merge")
-                    if time.monotonic() > deadline:
-                        raise BenchError(f"the served merge did not finish in time: {st}")
-                    last = st
-                    time.sleep(0.1)
-                m.merge_s = time.monotonic() - t0
+
+                def timed_merge():
+                    t0 = time.monotonic()
+                    self.ddsnap("merge", str(store), "snap1", "--no-progress",
+                                what="ddsnap merge (served: start through the control socket)")
+                    last = None
+                    deadline = t0 + 600 + nbytes / MiB
+                    while True:
+                        st = ctl_call(ctl, "merge_status")
+                        if st is None:
+                            break
+                        if not st.get("running"):
+                            raise BenchError(f"the served merge is not running: {st}")
+                        if srv.popen.poll() is not None:
+                            raise BenchError("ddsnap serve exited during the merge")
+                        if time.monotonic() > deadline:
+                            raise BenchError(f"the served merge did not finish in time: {st}")
+                        last = st
+                        time.sleep(0.1)
+                    return time.monotonic() - t0, last
+
+                m.merge_s, last = self.profiled(srv, "merge-served", timed_merge)
+                m.profiled = bool(self.args.profile)
                 if last is not None:
                     m.server_rate = last.get("chunks_per_second")
                     if last.get("chunks_total") != m.chunks:
@@ -984,6 +1195,200 @@ class Bench:
             if cp_src != self.pristine:
                 drop_file(cp_src)
 
+    # ---- snap create latency
+
+    def serve_store(self, store: Path, label: str) -> Server:
+        return self.procs.start(label, [*self.ddsnap_cmd, "serve", str(store), "--listen",
+                                        f"unix:{self.sock}"],
+                                self.sock, self.tmp / "ddsnap-serve.log",
+                                ready_path=self.ctl_path(store))
+
+    def snapcreates(self) -> None:
+        for size in self.args.snapcreate_origins:
+            say(f"--- snap create latency: sparse {fmt_size(size)} origin, "
+                f"{self.args.snap_creates} snapshots through the control socket")
+            try:
+                self.snapcreate_runs.append(self.snapcreate_one(size))
+            except BenchError as e:
+                self.snapcreate_errors[size] = str(e).splitlines()[0]
+                self.problem(f"snap create latency ({fmt_size(size)} origin): {e}")
+
+    def snapcreate_one(self, size: int) -> SnapCreateRun:
+        a = self.args
+        origin, store = self.tmp / "sc-origin.raw", self.tmp / "sc-store"
+        label = f"snap create latency ({fmt_size(size)} origin)"
+        drop_file(store)
+        drop_file(origin)
+        with open(origin, "wb") as f:
+            f.truncate(size)  # sparse: no data at all
+        r = SnapCreateRun(size)
+        try:
+            self.ddsnap("init", str(store), "--origin", str(origin), "--size", str(GiB),
+                        "--chunk-size", str(a.chunk_size), what=f"{label}: ddsnap init")
+            srv = self.serve_store(store, "ddsnap serve")
+            try:
+                os.sync()
+                r.ctl_ms = self.snap_create_ctl(store, a.snap_creates, prefix="lat")
+                for i in range(1, a.cli_creates + 1):
+                    t0 = time.perf_counter()
+                    self.ddsnap("snap", "create", str(store), f"cli{i}",
+                                what=f"{label}: ddsnap snap create")
+                    r.cli_ms.append((time.perf_counter() - t0) * 1000)
+                    t0 = time.perf_counter()
+                    self.ddsnap("--version", what="ddsnap --version")
+                    r.version_ms.append((time.perf_counter() - t0) * 1000)
+                names = [x.get("name") for x in ctl_call(self.ctl_path(store), "snap_list")]
+                want = ([f"lat{i}" for i in range(1, a.snap_creates + 1)]
+                        + [f"cli{i}" for i in range(1, a.cli_creates + 1)])
+                if names != want:
+                    r.unclean.append(f"{label}: `snap_list` lists {names}, expected {want}")
+            finally:
+                self.ddsnap_stop(srv, label)
+            try:
+                self.ddsnap("check", str(store), what=f"{label}: ddsnap check after stop",
+                            timeout=600)
+            except BenchError as e:
+                r.unclean.append(str(e))
+        finally:
+            drop_file(store)
+            drop_file(origin)
+        for x in r.unclean:
+            self.problem(x)
+        say(f"snap create, {fmt_size(size)} origin: control socket "
+            f"{stats_text(r.ctl_ms, lambda v: f'{v:.2f}')} ms; whole CLI command "
+            f"{stats_text(r.cli_ms, lambda v: f'{v:.0f}')} ms")
+        return r
+
+    # ---- peak RSS on a huge sparse origin
+
+    def server_process_note(self, srv: Server) -> str:
+        """Say what the PID whose VmHWM is read runs: it must be the Python server itself,
+        not a wrapper with the server as a child."""
+        pid = srv.popen.pid
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = [x.decode(errors="replace") for x in f.read().split(b"\0") if x]
+            children = []
+            for t in os.listdir(f"/proc/{pid}/task"):
+                try:
+                    with open(f"/proc/{pid}/task/{t}/children") as f:
+                        children += f.read().split()
+                except OSError:
+                    pass
+            threads = len(os.listdir(f"/proc/{pid}/task"))
+        except OSError as e:
+            return f"could not inspect the server process {pid}: {e}"
+        note = (f"peak RSS is read from `/proc/{pid}/status` of the process started as "
+                f"`{shlex.join(cmd)}` (`/proc/{pid}/exe` -> `{exe}`, {threads} threads, "
+                f"{len(children)} child process(es)): the Python server itself, not a wrapper")
+        if "python" not in os.path.basename(exe) or children:
+            self.problem(f"peak RSS: the server process may be a wrapper: {note}")
+            note = note.split(": the Python")[0] + " (NOT clearly the server itself)"
+        return note
+
+    def rss_check(self, seq: int) -> list[str]:
+        """The snapshot was taken of an all-zero (sparse) origin: sampled chunks of snap1,
+        half of them in the sequentially overwritten range, must read as zeros, and the
+        origin's first chunk (overwritten by fio) must not."""
+        if self.args.no_verify:
+            return []
+        cs = self.args.chunk_size
+        rnd = random.Random(2)
+        picks = sorted({rnd.randrange(seq // cs) for _ in range(32)}
+                       | {rnd.randrange(self.args.rss_origin_size // cs) for _ in range(32)})
+        zero = bytes(cs)
+        issues = []
+        try:
+            with NbdClient(str(self.sock), "snap1") as c:
+                wrong = [i for i in picks if c.pread(cs, i * cs) != zero]
+            with NbdClient(str(self.sock), "origin") as c:
+                first = c.pread(cs, 0)
+        except (OSError, NbdError) as e:
+            return [f"peak RSS: reading snap1 / origin with the NBD client: {e}"]
+        if wrong:
+            issues.append(f"peak RSS: WRONG DATA in snap1: {len(wrong)} of {len(picks)} sampled "
+                          f"chunks are not zero (first at offset {wrong[0] * cs}), but the "
+                          f"snapshot was taken of a sparse, all-zero origin")
+        if first == zero:
+            issues.append("peak RSS: the origin's first chunk reads zeros after fio's "
+                          "sequential writes to it")
+        if not issues:
+            say(f"peak RSS: {len(picks)} sampled chunks of snap1 read zeros; origin changed")
+        return issues
+
+    def rss(self) -> None:
+        a = self.args
+        for rep in range(a.repeat):
+            say(f"--- peak RSS: sparse {fmt_size(a.rss_origin_size)} origin, 1 snapshot, "
+                f"fio jobs (run {rep + 1} of {a.repeat})")
+            try:
+                self.rss_runs.append(self.rss_one(rep))
+            except BenchError as e:
+                self.rss_errors.append(str(e).splitlines()[0])
+                self.problem(f"peak RSS, run {rep + 1}: {e}")
+
+    def rss_one(self, rep: int) -> RssRun:
+        a = self.args
+        origin, store = self.tmp / "rss-origin.raw", self.tmp / "rss-store"
+        label = f"peak RSS run {rep + 1}"
+        seq = min(a.rss_seq_size, a.rss_origin_size)
+        drop_file(store)
+        drop_file(origin)
+        with open(origin, "wb") as f:
+            f.truncate(a.rss_origin_size)
+        r = RssRun(rep)
+        try:
+            self.ddsnap("init", str(store), "--origin", str(origin),
+                        "--size", str(a.rss_store_size), "--chunk-size", str(a.chunk_size),
+                        what=f"{label}: ddsnap init")
+            srv = self.serve_store(store, "ddsnap serve")
+            pid = srv.popen.pid
+            try:
+                if rep == 0:
+                    self.rss_notes.append(self.server_process_note(srv))
+                self.snap_create_ctl(store, 1)
+                r.start_rss = proc_status(pid).get("VmRSS", 0)
+                os.sync()
+                o, sn = self.uri("origin"), self.uri("snap1")
+                jobs = [
+                    # key, uri, rw, bs, iodepth, time_based (reads), extra, metric
+                    ("randwrite4k", o, "randwrite", "4k", a.iodepth_rand, False, [], "iops"),
+                    ("seqwrite1m", o, "write", "1m", a.iodepth_seq, False, [f"--size={seq}"],
+                     "bw"),
+                    ("seqread1m", sn, "read", "1m", a.iodepth_seq, True, [f"--size={seq}"],
+                     "bw"),
+                    ("randread4k", sn, "randread", "4k", a.iodepth_rand, True, [], "iops"),
+                ]
+                for key, uri, rw, bs, depth, tb, extra, metric in jobs:
+                    m = self.fio(uri, f"rss-{key}", rw, bs, depth, runtime=a.duration,
+                                 time_based=tb, extra=extra, readonly=tb)
+                    if srv.popen.poll() is not None:
+                        raise BenchError(f"ddsnap serve exited during the fio job {key}")
+                    hwm = proc_status(pid).get("VmHWM", 0)
+                    r.phases.append((key, m.value(metric), "IOPS" if metric == "iops"
+                                     else "MiB/s", hwm))
+                    say(f"peak RSS: after {key} ({m.value(metric):,.1f} "
+                        f"{'IOPS' if metric == 'iops' else 'MiB/s'}) VmHWM {hwm / MiB:.1f} MiB")
+                st = proc_status(pid)  # after the fio jobs, before the check and the stop
+                r.hwm, r.rss = st.get("VmHWM", 0), st.get("VmRSS", 0)
+                r.bad = self.rss_check(seq)
+            finally:
+                self.ddsnap_stop(srv, label)
+            try:
+                self.ddsnap("check", str(store), what=f"{label}: ddsnap check after stop",
+                            timeout=1200)
+            except BenchError as e:
+                r.bad.append(str(e))
+        finally:
+            drop_file(store)
+            drop_file(origin)
+        for x in r.bad:
+            self.problem(x)
+        say(f"peak RSS run {rep + 1}: VmHWM {r.hwm / MiB:.1f} MiB (VmRSS {r.rss / MiB:.1f} MiB "
+            f"at the end, {r.start_rss / MiB:.1f} MiB before the fio jobs)")
+        return r
+
     def main(self) -> int:
         a = self.args
         t_start = time.monotonic()
@@ -997,28 +1402,33 @@ class Bench:
         wls = workloads(a)
         for n in a.snapshots:
             for wl in (w for w in wls if w.kind == "write"):
-                for _ in range(a.repeat):
-                    say(f"--- {wl.title}, N={n}")
-                    self.record(wl, n, "ddsnap", lambda: self.write_ddsnap(wl, n))
-                    self.record(wl, n, "qemu", lambda: self.write_qemu(wl, n))
+                for rep in range(a.repeat):
+                    say(f"--- {wl.title}, N={n} (run {rep + 1} of {a.repeat})")
+                    self.record(wl, n, "ddsnap", lambda: self.write_ddsnap(wl, n), (), rep)
+                    self.record(wl, n, "qemu", lambda: self.write_qemu(wl, n), (), rep)
             rws = [w for w in wls if w.kind == "read"]
             if rws:
                 say(f"--- snapshot reads, N={n}")
                 self.reads(n, rws)
+            if self.qcow2_template is not None:
+                drop_file(self.qcow2_template[1])
+                self.qcow2_template = None
         if "merge" in a.workloads:
             self.merges()
+        if "snapcreate" in a.workloads:
+            self.snapcreates()
+        if "rss" in a.workloads:
+            self.rss()
+        self.write_profiles()
         self.elapsed = time.monotonic() - t_start
         self.load_end = open("/proc/loadavg").read().split()[:3]
-        report = Report(self).markdown()
-        print()
-        print(report.split("<!-- table-end -->")[0].split("<!-- table-start -->")[-1].strip())
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report)
-        say(f"wrote {out} ({self.elapsed:.0f} s in all)")
-        if self.problems:
-            say(f"{len(self.problems)} problem(s) seen; they are listed in {out}")
-        return 0
+        self.machine_rows = machine(self)
+        try:  # so that the report can be written again (--from-state) without rerunning
+            STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+            STATE_FILE.write_bytes(pickle.dumps({k: getattr(self, k) for k in STATE_FIELDS}))
+        except (OSError, pickle.PicklingError, TypeError, AttributeError) as e:
+            say(f"could not save the run's state to {STATE_FILE}: {e}")
+        return write_report(self, Path(a.out))
 
     def cleanup(self) -> None:
         self.procs.stop_all()
@@ -1031,6 +1441,36 @@ class Bench:
 
 
 # --------------------------------------------------------------------------- report
+
+
+def write_report(b, out: Path) -> int:
+    """Write the markdown report of run ``b`` (a Bench, or a saved state) to ``out`` and
+    print its tables, the targets last."""
+    rep = Report(b)
+    report = rep.markdown()
+    print()
+    print(report.split("<!-- table-end -->")[0].split("<!-- table-start -->")[-1].strip())
+    print("\nTargets (issue 4); ratios: median (min–max) of the per-run ratios, run i "
+          "over run i:\n")
+    print(rep.targets_table())
+    print()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    say(f"wrote {out} (the run took {b.elapsed:.0f} s)")
+    if b.problems:
+        say(f"{len(b.problems)} problem(s) seen; they are listed in {out}")
+    return 0
+
+
+def report_from_state(path: Path, out: str | None) -> int:
+    """``--from-state``: write the report of a saved run again (e.g. after changing the
+    report code) without running anything."""
+    try:
+        state = SimpleNamespace(**pickle.loads(path.read_bytes()))
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as e:
+        print(f"bench: cannot read the saved run {path}: {e}", file=sys.stderr)
+        return 1
+    return write_report(state, Path(out or state.args.out))
 
 
 def worktree_source() -> str:
@@ -1085,30 +1525,36 @@ class Report:
         self.b = bench
         self.a = bench.args
 
+    def runs(self, key: str, n: int, peer: str) -> list[Measure]:
+        return self.b.results.get((key, n, peer), [])
+
     def cell(self, wl: Workload, n: int, peer: str) -> tuple[str, float | None]:
-        ms = self.b.results.get((wl.key, n, peer))
+        ms = self.runs(wl.key, n, peer)
         if not ms:
             err = self.b.errors.get((wl.key, n, peer))
             return ("FAILED (see problems)" if err else "–"), None
-        vals = sorted(m.value(wl.metric) for m in ms)
-        med = statistics.median(vals)
+        vals = [m.value(wl.metric) for m in ms]
 
         def f(v: float) -> str:
             return f"{v:,.0f}" if wl.metric == "iops" else f"{v:,.1f}"
 
-        unit = " IOPS" if wl.metric == "iops" else " MiB/s"
-        text = f(med) + unit
-        if len(vals) > 1:
-            text += f" ({f(vals[0])}–{f(vals[-1])})"
+        text = stats_text(vals, f) + (" IOPS" if wl.metric == "iops" else " MiB/s")
+        if any(m.profiled for m in ms):
+            text += " (py-spy attached)"
         if any(m.bad for m in ms):
             text += " ⚠ wrong data"
-        return text, med
+        return text, statistics.median(vals)
 
     @staticmethod
-    def ratio(x: float | None, y: float | None) -> str:
-        if x is None or y is None or y == 0:
-            return "–"
-        return f"{x / y:.2f}"
+    def paired(xs: list[Measure], ys: list[Measure], metric: str) -> list[float]:
+        """Per-repetition ratios: run i of ``xs`` over run i of ``ys``."""
+        by_rep = {m.rep: m for m in ys}
+        return [m.value(metric) / by_rep[m.rep].value(metric) for m in xs
+                if m.rep in by_rep and by_rep[m.rep].value(metric)]
+
+    def ratio_cell(self, xs: list[Measure], ys: list[Measure], metric: str) -> str:
+        r = self.paired(xs, ys, metric)
+        return stats_text(r, lambda v: f"{v:.2f}") if r else "–"
 
     def table(self) -> str:
         if not workloads(self.a):
@@ -1118,16 +1564,151 @@ class Report:
                 "|---|---:|---:|---|---:|---:|---:|---:|"]
         for wl in workloads(self.a):
             for n in self.a.snapshots:
-                d, dv = self.cell(wl, n, "ddsnap")
+                d, _ = self.cell(wl, n, "ddsnap")
+                dm = self.runs(wl.key, n, "ddsnap")
                 if wl.kind == "write":
-                    p, pv = self.cell(wl, n, "qemu")
+                    p, _ = self.cell(wl, n, "qemu")
+                    r = self.ratio_cell(dm, self.runs(wl.key, n, "qemu"), wl.metric)
                     rows.append(f"| {wl.title} | {n} | {d} | qemu-nbd qcow2 active layer "
-                                f"| {p} | {self.ratio(dv, pv)} | | |")
+                                f"| {p} | {r} | | |")
                 else:
-                    p, pv = self.cell(wl, n, "nbdkit")
-                    q, qv = self.cell(wl, n, "qemu")
+                    p, _ = self.cell(wl, n, "nbdkit")
+                    q, _ = self.cell(wl, n, "qemu")
+                    r = self.ratio_cell(dm, self.runs(wl.key, n, "nbdkit"), wl.metric)
+                    rq = self.ratio_cell(dm, self.runs(wl.key, n, "qemu"), wl.metric)
                     rows.append(f"| {wl.title} | {n} | {d} | nbdkit file (raw) | {p} "
-                                f"| {self.ratio(dv, pv)} | {q} | {self.ratio(dv, qv)} |")
+                                f"| {r} | {q} | {rq} |")
+        return "\n".join(rows)
+
+    def flatness_table(self) -> str:
+        a = self.a
+        wls = [w for w in workloads(a) if w.kind == "write"]
+        ns = [n for n in a.snapshots if n > 1]
+        if not wls or 1 not in a.snapshots or not ns:
+            return ""
+        rows = ["| workload | N | store's maximum | ddsnap at N / at N=1 "
+                "| qemu-nbd qcow2 at N / at N=1 (information) |",
+                "|---|---:|---:|---:|---:|"]
+        for wl in wls:
+            for n in ns:
+                d = self.ratio_cell(self.runs(wl.key, n, "ddsnap"),
+                                    self.runs(wl.key, 1, "ddsnap"), wl.metric)
+                q = self.ratio_cell(self.runs(wl.key, n, "qemu"),
+                                    self.runs(wl.key, 1, "qemu"), wl.metric)
+                rows.append(f"| {wl.title} | {n} | {store_max(n)} | {d} | {q} |")
+        return ("\n**Flatness**: each write figure at N snapshots divided by the same at N=1 "
+                "(run i over run i; the N=1 store is made with `--max-snapshots 64`).\n\n"
+                + "\n".join(rows) + "\n")
+
+    # ---- the targets of issue 4
+
+    def targets(self) -> list[tuple[str, str, str, str, str]]:
+        """``(what, measured, target, met, note)`` for each target of issue 4."""
+        a, b = self.a, self.b
+        W = {w.key: w for w in all_workloads(a)}
+        cs = fmt_size(a.chunk_size)
+        rows = []
+
+        def r2(v: float) -> str:
+            return f"{v:.2f}"
+
+        def add(what, vals, fmt, target, ok, note="", bad=False, profiled=False, why="",
+                unit=""):
+            if not vals:
+                rows.append((what, "–", target, "not measured", why or note))
+                return
+            med = statistics.median(vals)
+            measured = (stats_text(vals, fmt) + unit
+                        + (" (py-spy attached)" if profiled else ""))
+            met = "no (wrong data)" if bad else ("yes" if ok(med) else "no")
+            rows.append((what, measured, target, met, note))
+
+        def fio_ratio(what, xs, ys, metric, target, limit, note="", why=""):
+            add(what, self.paired(xs, ys, metric), r2, target, lambda v: v >= limit, note,
+                bad=any(m.bad for m in xs + ys), profiled=any(m.profiled for m in xs + ys),
+                why=why)
+
+        def med(ms: list[Measure], metric: str) -> str:
+            if not ms:
+                return "–"
+            v = statistics.median(m.value(metric) for m in ms)
+            return f"{v:,.0f} IOPS" if metric == "iops" else f"{v:,.1f} MiB/s"
+
+        # writes at one snapshot, against qcow2
+        for key, what in (("randwrite4k", "4 KiB random write IOPS"),
+                          ("seqwrite1m", "1 MiB sequential write MiB/s")):
+            wl = W[key]
+            xs, ys = self.runs(key, 1, "ddsnap"), self.runs(key, 1, "qemu")
+            fio_ratio(f"{what}, 1 snapshot, ddsnap / qemu-nbd qcow2 ({cs} chunks vs {cs} "
+                      f"clusters)", xs, ys, wl.metric, "≥ 1.0", 1.0,
+                      f"medians: ddsnap {med(xs, wl.metric)}, qcow2 {med(ys, wl.metric)}",
+                      why="needs N=1 and this workload in the run")
+        # flatness
+        flat_ns = sorted({64, 1024} | {n for n in a.snapshots if n > 1 and n == store_max(n)})
+        for n in flat_ns:
+            for key, what in (("randwrite4k", "4 KiB random write IOPS"),
+                              ("seqwrite1m", "1 MiB sequential write MiB/s")):
+                wl = W[key]
+                xs, ys = self.runs(key, n, "ddsnap"), self.runs(key, 1, "ddsnap")
+                q = self.ratio_cell(self.runs(key, n, "qemu"), self.runs(key, 1, "qemu"),
+                                    wl.metric)
+                fio_ratio(f"{what} at N={n} snapshots (store maximum {store_max(n)}) / at N=1, "
+                          f"ddsnap", xs, ys, wl.metric, "≥ 0.9", 0.9,
+                          f"qemu-nbd qcow2's own ratio: {q} (information)",
+                          why=f"needs N=1 and N={n} in --snapshots")
+        # snapshot reads against nbdkit
+        n0 = 1 if 1 in a.snapshots else a.snapshots[0]
+        for key, what in (("seqread1m", "1 MiB sequential read MiB/s"),
+                          ("randread4k", "4 KiB random read IOPS")):
+            wl = W[key]
+            xs, ys = self.runs(key, n0, "ddsnap"), self.runs(key, n0, "nbdkit")
+            fio_ratio(f"{what} of a snapshot (N={n0}) / nbdkit file plugin on the same raw "
+                      f"bytes", xs, ys, wl.metric, "≥ 0.7", 0.7,
+                      f"medians: ddsnap {med(xs, wl.metric)}, nbdkit {med(ys, wl.metric)}",
+                      why="this workload was not in the run")
+        # merge against cp
+        for mode in a.merge_modes:
+            ms = b.merge_runs.get(mode, [])
+            vals = [m.mibs / m.cp_mibs for m in ms if m.cp_mibs]
+            note = ""
+            if ms:
+                note = (f"medians: merge {statistics.median(m.mibs for m in ms):,.1f} MiB/s, "
+                        f"cp {statistics.median(m.cp_mibs for m in ms if m.cp_mibs):,.1f} "
+                        f"MiB/s; {fmt_size(ms[0].nbytes)}")
+            add(f"merge MiB/s / `cp` of the same bytes ({mode})", vals, r2, "≥ 0.8",
+                lambda v: v >= 0.8, note, bad=any(m.bad or m.unclean for m in ms),
+                profiled=any(m.profiled for m in ms),
+                why="the merge workload was not in the run")
+        # snap create
+        runs = {r.origin_size: r for r in b.snapcreate_runs}
+        size = 64 * GiB if 64 * GiB in a.snapcreate_origins else max(a.snapcreate_origins)
+        r = runs.get(size)
+        note = ""
+        if r is not None:
+            note = (f"{len(r.ctl_ms)} `snap_create` round trips on the control socket; "
+                    + (f"whole `ddsnap snap create` command "
+                       f"{stats_text(r.cli_ms, lambda v: f'{v:.0f}')} ms (information, "
+                       f"with the interpreter's start-up); " if r.cli_ms else "")
+                    + "; ".join(f"{fmt_size(o.origin_size)} origin: "
+                                f"{stats_text(o.ctl_ms, lambda v: f'{v:.2f}')} ms"
+                                for o in b.snapcreate_runs if o.origin_size != size))
+        add(f"`snap create` wall time on a {fmt_size(size)} sparse origin (control socket)",
+            r.ctl_ms if r else [], lambda v: f"{v:.2f}", "< 10 ms", lambda v: v < 10,
+            note.rstrip("; "), bad=bool(r and r.unclean),
+            why="the snapcreate workload was not in the run", unit=" ms")
+        # peak RSS
+        add(f"peak RSS (VmHWM) of `ddsnap serve` on a {fmt_size(a.rss_origin_size)} sparse "
+            f"origin through the fio jobs", [x.hwm / MiB for x in b.rss_runs],
+            lambda v: f"{v:,.1f}", "< 256 MiB", lambda v: v < 256,
+            f"{len(b.rss_runs)} run(s), a fresh server each" if b.rss_runs else "",
+            bad=any(x.bad for x in b.rss_runs), why="the rss workload was not in the run",
+            unit=" MiB")
+        return rows
+
+    def targets_table(self) -> str:
+        rows = ["| target | measured: median (min–max) | target | met | notes |",
+                "|---|---:|---:|---|---|"]
+        rows += [f"| {w} | {m} | {t} | {ok} | {n} |" for w, m, t, ok, n in self.targets()]
         return "\n".join(rows)
 
     MERGE_MODES = {
@@ -1159,11 +1740,19 @@ class Report:
                 rows.append(f"| {self.MERGE_MODES[mode]} | – | "
                             f"{'FAILED (see problems)' if err else '–'} | – | – | – | – | – |")
                 continue
-            d, dv = self.merge_cell([m.mibs for m in ms], [m.merge_s for m in ms])
+            d, _ = self.merge_cell([m.mibs for m in ms], [m.merge_s for m in ms])
+            if any(m.profiled for m in ms):
+                d += " (py-spy attached)"
             dds = [m.dd_mibs for m in ms if m.dd_mibs]
             cps = [m.cp_mibs for m in ms if m.cp_mibs]
-            dd, ddv = self.merge_cell(dds, [m.dd_s for m in ms if m.dd_s]) if dds else ("–", None)
-            cp, cpv = self.merge_cell(cps, [m.cp_s for m in ms if m.cp_s]) if cps else ("–", None)
+            dd, _ = self.merge_cell(dds, [m.dd_s for m in ms if m.dd_s]) if dds else ("–", None)
+            cp, _ = self.merge_cell(cps, [m.cp_s for m in ms if m.cp_s]) if cps else ("–", None)
+
+            def per_run(vals: list[float]) -> str:  # run i over run i
+                return stats_text(vals, lambda v: f"{v:.2f}") if vals else "–"
+
+            rdd = per_run([m.mibs / m.dd_mibs for m in ms if m.dd_mibs])
+            rcp = per_run([m.mibs / m.cp_mibs for m in ms if m.cp_mibs])
             if any(m.bad for m in ms):
                 after = "⚠ **WRONG DATA** (see problems)"
             else:
@@ -1173,7 +1762,7 @@ class Report:
             if any(m.bad for m in ms):
                 d += " ⚠ wrong data"
             rows.append(f"| {self.MERGE_MODES[mode]} | {fmt_size(ms[0].nbytes)} | {d} | {dd} "
-                        f"| {self.ratio(dv, ddv)} | {cp} | {self.ratio(dv, cpv)} | {after} |")
+                        f"| {rdd} | {cp} | {rcp} | {after} |")
         return "\n".join(rows)
 
     def merge_details(self) -> str:
@@ -1216,10 +1805,104 @@ class Report:
 **Merge of a snapshot back into the origin** (online rollback): {what}, chunk
 {fmt_size(a.chunk_size)}, 1 snapshot, {cache}; MiB/s = bytes of the snapshot's exceptions
 merged / wall time of the whole command; {"1 run" if a.repeat == 1 else
-f"{a.repeat} runs: median (min–max)"}.
+f"{a.repeat} runs: median (min–max); each ratio is merge / copy of the same run"}.
 
 {self.merge_table()}
 """
+
+    def snapcreate_section(self) -> str:
+        b, a = self.b, self.a
+        if "snapcreate" not in a.workloads:
+            return ""
+        rows = ["| origin (sparse) | `snap_create` on the control socket | first one "
+                "| whole `ddsnap snap create` command (information) "
+                "| `ddsnap --version` (interpreter start-up and imports) | after |",
+                "|---|---:|---:|---:|---:|---|"]
+        for size in a.snapcreate_origins:
+            r = next((x for x in b.snapcreate_runs if x.origin_size == size), None)
+            if r is None:
+                err = "FAILED (see problems)" if size in b.snapcreate_errors else "–"
+                rows.append(f"| {fmt_size(size)} | {err} | – | – | – | – |")
+                continue
+
+            def ms(v: float) -> str:
+                return f"{v:.2f}"
+
+            after = ("⚠ `ddsnap check` / snapshot list not as expected (see problems)"
+                     if r.unclean else "every snapshot listed; `ddsnap check` clean")
+            cli = stats_text(r.cli_ms, lambda v: f"{v:.0f}") + " ms" if r.cli_ms else "–"
+            ver = (stats_text(r.version_ms, lambda v: f"{v:.0f}") + " ms"
+                   if r.version_ms else "–")
+            rows.append(f"| {fmt_size(size)} | {stats_text(r.ctl_ms, ms)} ms over "
+                        f"{len(r.ctl_ms)} | {r.ctl_ms[0]:.2f} ms | {cli} | {ver} | {after} |")
+        return ("\n**Snapshot creation** on a served store whose origin is a sparse file "
+                "(wall time of each request; median (min–max)):\n\n" + "\n".join(rows)
+                + "\n")
+
+    def rss_section(self) -> str:
+        b, a = self.b, self.a
+        if "rss" not in a.workloads:
+            return ""
+        head = ("| run | peak RSS (VmHWM) | VmRSS at the end | VmRSS before the fio jobs "
+                "| VmHWM after each job (job's figure) | data |")
+        rows = [head, "|---:|---:|---:|---:|---|---|"]
+        for r in b.rss_runs:
+            phases = "; ".join(f"{k} ({v:,.1f} {u}): {h / MiB:,.1f} MiB"
+                               for k, v, u, h in r.phases)
+            data = "⚠ see problems" if r.bad else "snap1 sampled = zeros; `ddsnap check` clean"
+            rows.append(f"| {r.rep + 1} | {r.hwm / MiB:,.1f} MiB | {r.rss / MiB:,.1f} MiB "
+                        f"| {r.start_rss / MiB:,.1f} MiB | {phases} | {data} |")
+        for e in b.rss_errors:
+            rows.append(f"| – | FAILED: {e} | | | | |")
+        return (f"\n**Peak RSS** of `ddsnap serve` on a {fmt_size(a.rss_origin_size)} sparse "
+                f"origin ({fmt_size(a.rss_store_size)} sparse store, 1 snapshot) through the "
+                f"four fio jobs:\n\n" + "\n".join(rows) + "\n")
+
+    def profile_section(self) -> str:
+        b, a = self.b, self.a
+        if not a.profile:
+            return ("(not profiled in this run; `bench/run --profile` samples the ddsnap "
+                    "server with py-spy)")
+        if not b.profiles:
+            return "(--profile was given, but no profile was recorded; see problems)"
+        out = [f"{b.pyspy_version} sampled the ddsnap server "
+               f"(`py-spy record --pid PID --format raw --rate {a.profile_rate} --nonblocking "
+               f"--function`, stopped with SIGINT after the job) during each ddsnap fio job "
+               f"and the served merge; the figures measured meanwhile are marked "
+               f"\"py-spy attached\" and are lower than unprofiled ones.  Idle threads "
+               f"(waiting for a request, a lock or I/O) are not sampled, so the percentages "
+               f"are of the samples in which a thread was running Python code or a system "
+               f"call (py-spy's idle test is a heuristic: threads woken up and waiting for "
+               f"the GIL, e.g. in the thread pool's `_worker`, count as busy); each sample "
+               f"has one stack per busy thread; samples of all repetitions are added up.  "
+               f"`--function` gives each frame the line where its function starts.  *Self*: "
+               f"samples with that function at the top of the stack; *inclusive*: samples "
+               f"with it anywhere in the stack, listed for ddsnap's own functions only (the "
+               f"threading, asyncio and click frames around them are in nearly every "
+               f"sample).  Raw collapsed stacks: `bench/out/profiles/<job>.txt` "
+               f"(flamegraph.pl / speedscope input)."]
+        for label, stacks in b.profiles.items():
+            total = sum(stacks.values())
+            if not total:
+                out.append(f"\n### {label}\n\n(no samples)")
+                continue
+            own: collections.Counter = collections.Counter()
+            incl: collections.Counter = collections.Counter()
+            for stack, c in stacks.items():
+                frames = stack.split(";")
+                own[frames[-1]] += c
+                for f in set(frames):
+                    if "(ddsnap/" in f:  # ddsnap's own code (see the text)
+                        incl[f] += c
+            runs = b.profile_runs.get(label, 0)
+            out.append(f"\n### {label}\n\n{total:,} samples from {runs} run(s).\n")
+            for title, cnt in (("self", own), ("inclusive, ddsnap's code", incl)):
+                out.append(f"| top {title} | function (file:line) | % of samples |")
+                out.append("|---:|---|---:|")
+                for i, (f, c) in enumerate(cnt.most_common(15), 1):
+                    out.append(f"| {i} | `{f.replace('|', '¦')}` | {100 * c / total:.1f} % |")
+                out.append("")
+        return "\n".join(out).rstrip() + "\n"
 
     def details(self) -> str:
         if not workloads(self.a):
@@ -1236,6 +1919,7 @@ f"{a.repeat} runs: median (min–max)"}.
                             f"| {m.mibs:,.1f} | {m.io_bytes / MiB:,.0f} MiB "
                             f"| {m.runtime_ms / 1000:.1f} s | {m.lat_mean_us:,.0f} µs "
                             f"| {m.lat_p99_us:,.0f} µs | {m.extra}"
+                            f"{' (py-spy attached)' if m.profiled else ''}"
                             f"{' ⚠ wrong data (see problems)' if m.bad else ''} |")
         return "\n".join(rows)
 
@@ -1243,8 +1927,9 @@ f"{a.repeat} runs: median (min–max)"}.
         a, b = self.a, self.b
         cmd = "bench/run" + ("" if not a.argv else " " + shlex.join(a.argv))
         reps = ("1 run per cell" if a.repeat == 1 else
-                f"{a.repeat} runs per cell: median (min–max); ratios from the medians")
-        mach = "\n".join(f"| {k} | {v} |" for k, v in machine(b))
+                f"{a.repeat} runs per cell: median (min–max); a ratio pairs run i with "
+                f"run i and shows the median (min–max) of those per-run ratios")
+        mach = "\n".join(f"| {k} | {v} |" for k, v in b.machine_rows)
         fs = subprocess.run(["findmnt", "-no", "SOURCE,FSTYPE", "-T", a.tmpdir],
                             capture_output=True, text=True).stdout.strip() or "?"
         problems = ("\n\n".join("```\n" + p + "\n```" for p in b.problems)
@@ -1253,16 +1938,59 @@ f"{a.repeat} runs: median (min–max)"}.
                     "expected bytes and `ddsnap check` was clean after every ddsnap run"
                     + (", and after every merge the origin held the snapshot's bytes."
                        if "merge" in a.workloads else "."))
-        notes = "\n".join(f"- {x}" for x in b.notes + b.merge_notes) or "- (none)"
+        notes = "\n".join(f"- {x}" for x in b.notes + b.merge_notes + b.rss_notes) \
+            or "- (none)"
         ncpu = len(os.sched_getaffinity(0))
         busy = max(float(b.load_start[0]), float(b.load_end[0]))
         caveat = (f"\n**Caveat:** the 1-minute load average reached {busy:.1f} on {ncpu} CPUs "
                   f"around this run, so other processes competed for the CPUs; treat these "
-                  f"figures as rough (rerun with `--repeat 3` on a quiet machine for "
-                  f"min/median/max).\n" if busy > 0.5 * ncpu else "")
+                  f"figures as rough (rerun on a quiet machine).\n"
+                  if busy > 0.5 * ncpu else "")
+        if a.profile:
+            caveat += ("\n**Profiled run** (`--profile`): py-spy sampled the ddsnap server "
+                       "during its fio jobs and the served merge, so those figures (marked "
+                       "\"py-spy attached\") and the ratios and targets built on them are lower "
+                       "than without it: not comparable with unprofiled runs.\n")
+        snapcreate_howto = "" if "snapcreate" not in a.workloads else f"""6. **Snapshot
+   creation** (`snapcreate`), not a fio job: for each origin size of
+   `--snapcreate-origins` ({", ".join(fmt_size(x) for x in a.snapcreate_origins)}), an
+   origin file made with `truncate` (sparse: no data), `ddsnap init --size 1G` (a sparse
+   store file), `ddsnap serve`, `sync`; then {a.snap_creates} `snap_create` requests
+   (`lat1`, `lat2`, ...), each timed from connecting to the control socket to reading
+   its reply (the wall time of the operation behind `ddsnap snap create`, including
+   the flush of the origin it does); then, for information, {a.cli_creates} whole
+   `ddsnap snap create STORE NAME` commands and {a.cli_creates} `ddsnap --version`
+   commands, timed as processes.  The command adds a Python interpreter start-up and
+   ddsnap's imports (what `ddsnap --version` costs) to the same request; the target
+   (< 10 ms on a 64 GiB origin) is for the operation.  The table gives the first request
+   on its own (a cold start).  Checks: the control socket's `snap_list` must list every
+   snapshot in order, and `ddsnap check` must be clean after the server stopped.
+
+"""
+        rss_howto = "" if "rss" not in a.workloads else f"""7. **Peak RSS** (`rss`), on a
+   {fmt_size(a.rss_origin_size)} origin made with `truncate` (sparse; `--rss-origin-size`)
+   and a {fmt_size(a.rss_store_size)} store file (`ddsnap init --size`, sparse too;
+   `--rss-store-size`), chunk {fmt_size(a.chunk_size)}: `ddsnap serve`, one snapshot
+   `snap1` (control socket), `sync`, then one after the other, each for
+   {a.duration:g} s: 4 KiB random writes over the **whole** origin
+   (`rw=randwrite bs=4k iodepth={a.iodepth_rand}`, every write a copy-out of a new
+   chunk), 1 MiB sequential writes over its first {fmt_size(a.rss_seq_size)}
+   (`--rss-seq-size`; `rw=write bs=1m iodepth={a.iodepth_seq} size=...`, one pass or
+   {a.duration:g} s), then reads of `snap1`: 1 MiB sequential over the same first
+   {fmt_size(a.rss_seq_size)} and 4 KiB random over the whole volume (both
+   `time_based`).  After the jobs, `VmHWM` (the kernel's peak resident set size of the
+   process) and `VmRSS` are read from `/proc/PID/status` of the server, whose PID is the
+   `ddsnap serve` Python process itself (checked once through `/proc/PID/exe` and its
+   children; see the setup notes); `VmHWM` is also read after each job.  Then (not
+   counted) 64 sampled chunks of `snap1`, half of them in the sequentially rewritten
+   range, must read as zeros (it was taken of an all-zero origin), the origin's first
+   chunk must not, and `ddsnap check` must be clean after the server stopped.
+   {a.repeat} run(s), each with a fresh store and server.  Target: < 256 MiB.
+
+"""
         merge_howto = "" if "merge" not in a.workloads else f"""5. **Merge of a snapshot into the origin** (`ddsnap merge`, an online rollback), not a
    fio job.  Setup, fresh for every run: copy the raw bytes to the origin, `ddsnap init`,
-   serve, `ddsnap snap create STORE snap1`, then overwrite the first
+   serve, take `snap1` (control socket), then overwrite the first
    {fmt_size(b.merge_bytes)} of the origin **through ddsnap** (fio
    `rw=write bs=1m iodepth={a.iodepth_seq}` on the NBD origin export), so that every
    overwritten chunk is copied out into snap1's exceptions first; the snapshot's
@@ -1307,9 +2035,11 @@ f"{a.repeat} runs: median (min–max)"}.
 
 This file is written by `bench/run` (source: `bench/bench.py`); rerun it rather than
 editing the numbers by hand.  It measures the same fio jobs over NBD against ddsnap and
-against established NBD servers, and how fast `ddsnap merge` rolls the origin back to a
-snapshot compared with plain `dd` / `cp` copies of the same number of bytes.  There are
-no pass/fail thresholds: numbers only.
+against established NBD servers, how the write figures hold up with many snapshots, how
+fast `ddsnap merge` rolls the origin back to a snapshot compared with plain `dd` / `cp`
+copies of the same number of bytes, how long taking a snapshot takes, and how much
+memory the server uses for a 1 TiB origin.  The first table compares the results with
+the targets of issue 4; nothing fails the run on a threshold.
 
 ## Latest results
 
@@ -1317,14 +2047,24 @@ no pass/fail thresholds: numbers only.
 Run {b.started.strftime('%Y-%m-%d %H:%M UTC')} with `{cmd}`: volume {fmt_size(a.size)},
 chunk / cluster {fmt_size(a.chunk_size)}, {a.duration:g} s per fio run, iodepth
 {a.iodepth_rand} (4 KiB) / {a.iodepth_seq} (1 MiB), {reps}; N = snapshots taken.
+{caveat}
+**Targets** (issue 4).  A ratio is computed per repetition (run i of ddsnap over run i of
+the peer, or over run i at N=1) and shown as the median (min–max) of those per-run
+ratios; the snapshot creation time is over its {a.snap_creates} requests and the peak RSS
+over {a.repeat} fresh server(s).  "Met" is judged on the median; "not measured" means the
+run did not include what the row needs.
+
+{self.targets_table()}
+
+**Every fio figure**:
 
 {self.table()}
-{self.merge_section()}<!-- table-end -->
+{self.flatness_table()}{self.merge_section()}{self.snapcreate_section()}{self.rss_section()}<!-- table-end -->
 
 The ratio is ddsnap's figure divided by the peer's (for the merge: by `dd`'s or `cp`'s),
 above 1: ddsnap is faster.
 The whole run took {b.elapsed / 60:.1f} minutes.
-{caveat}
+
 ### Machine
 
 | | |
@@ -1337,32 +2077,43 @@ The whole run took {b.elapsed / 60:.1f} minutes.
 ## How to run it
 
 ```
-bench/run                      # defaults: --snapshots 1,64 --size 1G --duration 10 --repeat 1
-bench/run --quick              # tiny smoke test (64 MiB, 2 s runs), written to bench/out/quick.md
-bench/run --snapshots 1,16,64 --size 4G --duration 30 --repeat 3 --out /tmp/b.md
+bench/run                      # defaults: --snapshots 1,64,1024 --size 1G --duration 10 --repeat 3
+bench/run --quick              # smoke run of every workload (64 MiB, 2 s runs, N = 1,64, 1 run), to bench/out/quick.md
+bench/run --snapshots 1,64 --size 4G --duration 30 --out /tmp/b.md
 bench/run --workloads merge --size 1G --merge-fraction 0.5 --out /tmp/m.md   # merge only
+bench/run --workloads snapcreate,rss --out /tmp/s.md       # snapshot creation and peak RSS only
+bench/run --profile --repeat 1 --out /tmp/p.md            # py-spy profiles of the ddsnap server
 ```
 
-`bench/run` first runs `scripts/setup` (fio, qemu-utils, nbdkit, libnbd-bin, the venv),
-then `bench/bench.py` with the project's venv.  Other parameters: `--chunk-size`
-(ddsnap chunk and qcow2 cluster, default 64K), `--iodepth-rand`, `--iodepth-seq`,
-`--workloads` (default all: `randwrite4k,seqwrite1m,seqread1m,randread4k,merge`),
-`--merge-fraction` (share of the origin overwritten after the snapshot and so merged
-back, default 1), `--merge-modes` (`local,served`), `--tmpdir`, `--access` (`nbd` engine
-or `nbdfuse`), `--samples`, `--no-verify`, `--keep`, and `--rev REV` to benchmark ddsnap
-as committed in REV (run from a `git archive` in the temporary directory) rather than the
-working tree.
+`bench/run` first runs `scripts/setup` (fio, qemu-utils, nbdkit, libnbd-bin, the venv) and
+installs the `bench` extra of `pyproject.toml` (py-spy) into the venv, then runs
+`bench/bench.py` with the project's venv.  A default run takes about {DEFAULT_RUN_MINUTES}
+minutes on a 2-CPU machine.  Other parameters: `--chunk-size` (ddsnap chunk and qcow2
+cluster, default 64K), `--iodepth-rand`, `--iodepth-seq`, `--workloads` (default all:
+`{",".join(ALL_WORKLOADS)}`), `--merge-fraction` (share of the origin overwritten after
+the snapshot and so merged back, default 1), `--merge-modes` (`local,served`),
+`--snap-creates` (K, default 20), `--cli-creates` (default 3), `--snapcreate-origins`
+(default `64G,1G`), `--rss-origin-size` (default 1T), `--rss-store-size` (default 64G),
+`--rss-seq-size` (default 4G), `--profile` and `--profile-rate` (default 250 samples/s),
+`--tmpdir`, `--access` (`nbd` engine or `nbdfuse`), `--samples`, `--no-verify`, `--keep`,
+and `--rev REV` to benchmark ddsnap as committed in REV (run from a `git archive` in the
+temporary directory) rather than the working tree.
 Every server is stopped and the temporary directory removed on exit, also on failure
 or Ctrl-C.
 
 ## What is compared
 
 - **ddsnap**: `ddsnap serve STORE --listen unix:SOCK` on a store made with
-  `ddsnap init --chunk-size {fmt_size(a.chunk_size)}` for a raw origin file; snapshots are
-  taken with `ddsnap snap create` while the store is served (through the control socket).
+  `ddsnap init --chunk-size {fmt_size(a.chunk_size)} --max-snapshots M` for a raw origin
+  file, where M is N rounded up to a multiple of 64 (at least 64: the default store for
+  N ≤ 64, a 1024-snapshot store for N = 1024).  Snapshots are taken while the store is
+  served, with `snap_create` requests sent straight to its control socket (the operation
+  `ddsnap snap create` sends), so that 1024 snapshots do not cost 1024 Python start-ups.
 - **qemu-nbd qcow2**: a qcow2 image (`qemu-img convert -O qcow2 -o cluster_size=...` of
   the same raw bytes) with the same number of internal snapshots (`qemu-img snapshot -c`,
-  taken offline since qemu-nbd locks the image), served with `qemu-nbd --cache=writeback
+  taken offline since qemu-nbd locks the image; for each N the image is made once and
+  copied for every run, since each `qemu-img snapshot -c` gets slower as snapshots
+  accumulate and 1024 of them take minutes), served with `qemu-nbd --cache=writeback
   --aio=threads` (qemu's defaults): the active layer for writes, `--read-only
   --load-snapshot=snapshot.name=snap1` for reads.  The peer for the write workloads.
 - **nbdkit file**: `nbdkit --readonly file file=RAW` on a raw file holding exactly the bytes
@@ -1385,13 +2136,16 @@ The origin is {fmt_size(a.size)} of random bytes (`os.urandom`), so reads are re
 
 1. **4 KiB random writes** (`rw=randwrite bs=4k iodepth={a.iodepth_rand}`) and
 2. **1 MiB sequential writes** (`rw=write bs=1m iodepth={a.iodepth_seq}`) to the origin:
-   fresh setup for every run (copy the raw bytes, `ddsnap init` / `qemu-img convert`,
-   take N snapshots), then at once one fio job.  The job stops after one pass over the
-   volume or after {a.duration:g} s, whichever comes first (`runtime` without
+   fresh setup for every run (copy the raw bytes, `ddsnap init` / copy of the qcow2
+   image, take N snapshots), then at once one fio job.  The job stops after one pass over
+   the volume or after {a.duration:g} s, whichever comes first (`runtime` without
    `time_based`), so no block is written twice in a sequential run and every write goes
    to a volume all of whose chunks were just snapshotted: the copy-on-write path (for
-   4 KiB writes, a 64 KiB chunk is copied out on the first write to it and later writes to
-   the same chunk do not copy).  After each ddsnap run the data is checked (see below).
+   4 KiB writes, a {fmt_size(a.chunk_size)} chunk is copied out on the first write to it
+   and later writes to the same chunk do not copy).  After each ddsnap run the data is
+   checked (see below).  **Flatness** divides each figure at N by the same at N=1, run i
+   by run i; the targets use the N that fill their store (64, and 1024 on a
+   `--max-snapshots 1024` store), always over N=1 on the default (64-snapshot) store.
 3. **1 MiB sequential reads** (`rw=read bs=1m iodepth={a.iodepth_seq}`) and
 4. **4 KiB random reads** (`rw=randread bs=4k iodepth={a.iodepth_rand}`) of snapshot
    `snap1`, each `time_based` for {a.duration:g} s.  Setup: take N snapshots, then
@@ -1401,15 +2155,15 @@ The origin is {fmt_size(a.size)} of random bytes (`os.urandom`), so reads are re
    qcow2 image before `qemu-nbd -l snap1` serves it; nbdkit serves the untouched raw
    file, which holds the snapshot's bytes.  Before the timed runs the qcow2 `snap1` is
    read back whole with `nbdcopy` and compared with the raw file, and the ddsnap
-   snapshots are checked as below.
+   snapshots are checked as below.  The read targets use N=1.
 
-{merge_howto}**Data checks** (not timed): after every ddsnap write run and before the ddsnap reads,
+{merge_howto}{snapcreate_howto}{rss_howto}**Data checks** (not timed): after every ddsnap write run and before the ddsnap reads,
 the first and the last snapshot are read back whole with `nbdcopy` and compared with the
 original bytes (`cmp`), and {a.samples} chunks at random offsets (the same for all) are read
 from *every* snapshot with a small NBD client (`bench/nbdclient.py`) and compared too.
-A figure measured on a server that then failed a check is marked "⚠ wrong data"; the
-check's output is under *Problems seen*.  `ddsnap check` runs on every store after its
-server stopped.
+A figure measured on a server that then failed a check is marked "⚠ wrong data" (and its
+target row says "no (wrong data)"); the check's output is under *Problems seen*.
+`ddsnap check` runs on every store after its server stopped.
 
 `randrepeat=1`, so every server sees the same random offsets.  One fio job, one NBD
 connection.
@@ -1418,6 +2172,9 @@ connection.
 
 {notes}
 
+## Profiles of the ddsnap server
+
+{self.profile_section()}
 ## Every fio run
 
 {self.details()}
@@ -1440,28 +2197,59 @@ def parse_args(argv: list[str]):
         prog="bench/run",
         description="Run the same fio jobs over NBD against ddsnap, qemu-nbd (qcow2) and "
                     "nbdkit (file), time `ddsnap merge` against dd/cp copies of the same "
-                    "bytes, and write a markdown table.")
-    p.add_argument("--snapshots", help="comma-separated snapshot counts N [1,64]")
+                    "bytes, time snapshot creation, measure the server's peak RSS on a "
+                    "sparse 1 TiB origin, and write a markdown report headed by issue 4's "
+                    "targets.",
+        epilog="`bench/run --from-state bench/out/last-run.pickle [--out FILE]` writes the "
+               "report of the last run again (every run saves its results there) without "
+               "running anything.")
+    p.add_argument("--snapshots", help="comma-separated snapshot counts N; the store for N "
+                                       "is made with --max-snapshots N rounded up to 64 "
+                                       "[1,64,1024; 1,64 with --quick]")
     p.add_argument("--chunk-size", type=parse_size,
                    help="ddsnap chunk size and qcow2 cluster size [64K]")
-    p.add_argument("--duration", type=float, help="seconds per fio run [10]")
-    p.add_argument("--size", type=parse_size, help="origin size, all of it random data [1G]")
-    p.add_argument("--repeat", type=int, help="runs per cell; >1 shows median (min–max) [1]")
+    p.add_argument("--duration", type=float, help="seconds per fio run [10; 2 with --quick]")
+    p.add_argument("--size", type=parse_size,
+                   help="origin size, all of it random data [1G; 64M with --quick]")
+    p.add_argument("--repeat", type=int,
+                   help="runs per cell (fio, merge, peak RSS): median (min–max) "
+                        "[3; 1 with --quick]")
     p.add_argument("--out", help="markdown file to write [docs/benchmarks.md; "
                                  "bench/out/quick.md with --quick]")
     p.add_argument("--quick", action="store_true",
-                   help="tiny smoke run: --size 64M --duration 2 --snapshots 1,4")
+                   help="small smoke run of every workload: --size 64M --duration 2 "
+                        "--snapshots 1,64 --repeat 1 --snap-creates 5 --rss-seq-size 256M")
     p.add_argument("--iodepth-rand", type=int, default=32, help="iodepth of 4 KiB jobs [32]")
     p.add_argument("--iodepth-seq", type=int, default=16, help="iodepth of 1 MiB jobs [16]")
-    p.add_argument("--workloads", default="randwrite4k,seqwrite1m,seqread1m,randread4k,merge",
-                   help="comma-separated subset of randwrite4k,seqwrite1m,seqread1m,randread4k,"
-                        "merge [all]")
+    p.add_argument("--workloads", default=",".join(ALL_WORKLOADS),
+                   help=f"comma-separated subset of {','.join(ALL_WORKLOADS)} [all]")
     p.add_argument("--merge-fraction", type=float, default=1.0,
                    help="merge workload: fraction of the origin overwritten after the "
                         "snapshot, i.e. merged back [1.0]")
     p.add_argument("--merge-modes", default="local,served",
                    help="merge workload: local (`merge --wait`, store not served), served "
                         "(through the control socket), or both [local,served]")
+    p.add_argument("--snap-creates", type=int,
+                   help="snapcreate workload: snapshots K timed through the control socket "
+                        "per origin [20; 5 with --quick]")
+    p.add_argument("--cli-creates", type=int, default=3,
+                   help="snapcreate workload: whole `ddsnap snap create` commands timed "
+                        "per origin, for information [3]")
+    p.add_argument("--snapcreate-origins", default="64G,1G",
+                   help="snapcreate workload: sizes of the sparse origins [64G,1G]")
+    p.add_argument("--rss-origin-size", type=parse_size, default=TiB,
+                   help="rss workload: size of the sparse origin [1T]")
+    p.add_argument("--rss-store-size", type=parse_size, default=64 * GiB,
+                   help="rss workload: size of the (sparse) store file [64G]")
+    p.add_argument("--rss-seq-size", type=parse_size,
+                   help="rss workload: range of the origin / snapshot covered by the 1 MiB "
+                        "sequential jobs, from offset 0 [4G; 256M with --quick]")
+    p.add_argument("--profile", action="store_true",
+                   help="sample the ddsnap server with py-spy during each ddsnap fio job and "
+                        "the served merge; raw stacks go to bench/out/profiles/ and the "
+                        "report lists the hottest functions (profiled figures are lower)")
+    p.add_argument("--profile-rate", type=int, default=250,
+                   help="py-spy samples per second [250]")
     p.add_argument("--tmpdir", default="/var/tmp",
                    help="where the temporary directory is made [/var/tmp]")
     p.add_argument("--access", choices=("auto", "nbd", "nbdfuse"), default="auto",
@@ -1477,37 +2265,61 @@ def parse_args(argv: list[str]):
     a = p.parse_args(argv)
     a.argv = argv
     q = a.quick
-    a.snapshots = a.snapshots or ("1,4" if q else "1,64")
+    a.snapshots = a.snapshots or ("1,64" if q else "1,64,1024")
     try:
         a.snapshots = [int(x) for x in a.snapshots.split(",") if x.strip()]
     except ValueError:
         p.error("--snapshots takes comma-separated integers, e.g. 1,64")
     if not a.snapshots or min(a.snapshots) < 1:
         p.error("--snapshots: each N must be at least 1")
+    if max(a.snapshots) > 1024:
+        p.error("--snapshots: a store holds at most 1024 snapshots")
+    a.snapshots = sorted(set(a.snapshots))
     a.chunk_size = a.chunk_size or 64 * KiB
     if a.chunk_size & (a.chunk_size - 1) or not 4 * KiB <= a.chunk_size <= MiB:
         p.error("--chunk-size must be a power of two from 4K to 1M")
     a.duration = a.duration or (2.0 if q else 10.0)
-    a.size = a.size or (64 * MiB if q else 1 << 30)
+    a.size = a.size or (64 * MiB if q else GiB)
     if a.size % (2 * a.chunk_size):
         p.error("--size must be a multiple of twice the chunk size")
-    a.repeat = a.repeat or 1
+    a.repeat = a.repeat or (1 if q else 3)
     if a.repeat < 1:
         p.error("--repeat must be at least 1")
     a.out = a.out or str(ROOT / ("bench/out/quick.md" if q else "docs/benchmarks.md"))
     a.workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
-    known = {"randwrite4k", "seqwrite1m", "seqread1m", "randread4k", "merge"}
-    if not a.workloads or set(a.workloads) - known:
-        p.error(f"--workloads: choose from {','.join(sorted(known))}")
+    if not a.workloads or set(a.workloads) - set(ALL_WORKLOADS):
+        p.error(f"--workloads: choose from {','.join(ALL_WORKLOADS)}")
     if not 0 < a.merge_fraction <= 1:
         p.error("--merge-fraction must be in (0, 1]")
     a.merge_modes = [m.strip() for m in a.merge_modes.split(",") if m.strip()]
     if not a.merge_modes or set(a.merge_modes) - {"local", "served"}:
         p.error("--merge-modes: local, served or local,served")
+    a.snap_creates = a.snap_creates or (5 if q else 20)
+    if a.snap_creates < 1 or a.cli_creates < 0 or a.snap_creates + a.cli_creates > 64:
+        p.error("--snap-creates must be at least 1 and, with --cli-creates, at most 64 "
+                "(the store's maximum)")
+    try:
+        a.snapcreate_origins = [parse_size(x) for x in a.snapcreate_origins.split(",")
+                                if x.strip()]
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--snapcreate-origins: {e}")
+    if not a.snapcreate_origins:
+        p.error("--snapcreate-origins: give at least one size")
+    a.rss_seq_size = a.rss_seq_size or (256 * MiB if q else 4 * GiB)
+    for name in ("rss_origin_size", "rss_store_size", "rss_seq_size"):
+        if getattr(a, name) % a.chunk_size:
+            p.error(f"--{name.replace('_', '-')} must be a multiple of the chunk size")
+    if a.profile_rate < 1:
+        p.error("--profile-rate must be at least 1")
     return a
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--from-state"]:
+        if len(argv) not in (2, 4) or (len(argv) == 4 and argv[2] != "--out"):
+            print("usage: bench/run --from-state STATE [--out FILE]", file=sys.stderr)
+            return 2
+        return report_from_state(Path(argv[1]), argv[3] if len(argv) == 4 else None)
     args = parse_args(argv)
     for tool in ("fio", "qemu-img", "qemu-nbd", "nbdkit", "nbdcopy", "cmp", "dd", "cp", "sync"):
         if shutil.which(tool) is None:
@@ -1515,6 +2327,11 @@ def main(argv: list[str]) -> int:
             return 2
     if not DDSNAP.exists():
         print(f"bench: {DDSNAP} not found; run scripts/setup", file=sys.stderr)
+        return 2
+    if args.profile and not (shutil.which("py-spy", path=str(ROOT / ".venv" / "bin"))
+                             or shutil.which("py-spy")):
+        print("bench: --profile needs py-spy; `bench/run` installs it "
+              "(.venv/bin/pip install -e '.[test,bench]')", file=sys.stderr)
         return 2
 
     def stop(signum, frame):
