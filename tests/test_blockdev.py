@@ -350,3 +350,38 @@ def test_clock_observer_sees_each_operation_before_it_happens():
     with pytest.raises(CrashNow):
         a.flush()  # the power stays off; the observer is not called for it
     assert len(seen) == 4
+
+
+def test_contract_preadinto_nowait_reads_what_is_in_memory(device):
+    """What was just written is in memory (the page cache for a file): the no-wait read
+    returns it; a device that cannot tell would answer False, never wrong bytes."""
+    data = os.urandom(3 * 4096)
+    device.pwrite(data, 4096)
+    buf = bytearray(len(data))
+    assert device.preadinto_nowait(memoryview(buf), 4096) is True
+    assert bytes(buf) == data
+
+
+def test_file_preadinto_nowait_refuses_data_not_cached(tmp_path):
+    """After the page cache is dropped for the file, RWF_NOWAIT reads answer False (the
+    event loop never waits for the disk); a normal read brings the data in again."""
+    fstype = max((m for m in open("/proc/mounts").read().split("\n") if m.count(" ") >= 3
+                  and str(tmp_path).startswith(m.split()[1])), key=lambda m: len(m.split()[1]))
+    if fstype.split()[2] in ("tmpfs", "ramfs"):
+        pytest.skip("a memory filesystem has no page cache to drop")
+    path = tmp_path / "cold.img"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)
+    dev = FileDevice(str(path), writable=False)
+    try:
+        os.fsync(dev.fd)
+        os.posix_fadvise(dev.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        buf = bytearray(64 << 10)
+        assert dev.preadinto_nowait(memoryview(buf), 512 << 10) is False
+        dev.preadinto(memoryview(buf), 512 << 10)
+        assert bytes(buf) == data[512 << 10: 576 << 10]
+        buf2 = bytearray(64 << 10)
+        assert dev.preadinto_nowait(memoryview(buf2), 512 << 10) is True
+        assert buf2 == buf
+    finally:
+        dev.close()

@@ -154,6 +154,46 @@ def test_snapshot_read_holds_back_origin_write(kind):
 
 
 @pytest.mark.parametrize("kind", ["shared", "memory"])
+def test_nowait_read_declines_whenever_it_would_wait(kind):
+    """The event-loop read answers only without waiting: not while another thread holds
+    the metadata lock (an origin write could be mid copy-out), not during a merge, not
+    for a deleted snapshot; otherwise it returns the same bytes as the locked read."""
+    svc, _origin = make(kind, [])
+    Origin(svc).write(0, b"x" * (4 * CS))
+    info = svc.create_snapshot("s")
+    Origin(svc).write(CS, b"y" * (2 * CS))
+    snap = Snapshot(svc, info)
+    buf = bytearray(4 * CS)
+    assert snap.read_into_nowait(0, memoryview(buf)) is True
+    assert bytes(buf) == snap.read(0, 4 * CS) == b"x" * (4 * CS)
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold():
+        with svc.lock:
+            held.set()
+            release.wait()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait()
+    try:
+        assert snap.read_into_nowait(0, memoryview(buf)) is False
+    finally:
+        release.set()
+        t.join()
+    svc.create_snapshot("t")
+    svc.start_merge("t")
+    assert snap.read_into_nowait(0, memoryview(buf)) is False
+    assert Origin(svc).read_into_nowait(0, memoryview(buf)) is False
+    svc.run_merge()
+    assert Origin(svc).read_into_nowait(0, memoryview(buf)) is True
+    assert bytes(buf) == b"x" * CS + b"y" * (2 * CS) + b"x" * CS
+    svc.delete_snapshot("s")
+    assert snap.read_into_nowait(0, memoryview(buf)) is False
+
+
+@pytest.mark.parametrize("kind", ["shared", "memory"])
 def test_full_store_enospc_keeps_snapshots(kind):
     svc, _ = make(kind, [])
     vol = Origin(svc)

@@ -356,6 +356,9 @@ class Rig:
         for name, want in self.model.items():
             got = self.read(name, 0, len(want))
             assert got == want, f"{name} differs from the model"
+            buf = bytearray(len(want))
+            if self.volume(name).read_into_nowait(0, memoryview(buf)):
+                assert buf == want, f"{name}: the no-wait read differs from the model"
 
     def reopen(self):
         """Close and reopen a shared store (a no-op for a MemoryStore)."""
@@ -758,3 +761,28 @@ def test_write_zeroes_trim_and_block_status_keep_snapshots(rig):
         with pytest.raises(InvalidArgument):
             vol.trim(vol.size, 1)
     rig.verify()
+
+
+def test_nowait_lookup_matches_and_never_reads_metadata_from_disk(make_store, kind):
+    """snapshot_exception_nowait answers as snapshot_exception from what is in memory;
+    with the tree's blocks evicted it raises NotCached instead of reading the disk."""
+    from ddsnap.store.api import NotCached
+
+    store = make_store(kind)
+    a = store.create_snapshot("a")
+    b = store.create_snapshot("b")
+    for c in range(0, 400, 3):
+        store.add_origin_exception(c, store.allocate_chunk(), (1 << a.bit) | (1 << b.bit))
+    store.add_snapshot_exception(a.bit, 3, store.allocate_chunk())
+    store.commit()
+    for bit in (a.bit, b.bit):
+        for c in range(400):
+            assert store.snapshot_exception_nowait(bit, c) == store.snapshot_exception(bit, c)
+    if isinstance(store, MemoryStore):
+        return  # nothing ever leaves memory
+    assert store.state.levels >= 1, "the test wants a tree with index nodes"
+    store._cache.clear()
+    with pytest.raises(NotCached):
+        store.snapshot_exception_nowait(a.bit, 3)
+    assert store.snapshot_exception(a.bit, 3)[1] is True  # loads the path
+    assert store.snapshot_exception_nowait(a.bit, 3) == store.snapshot_exception(a.bit, 3)

@@ -203,13 +203,14 @@ def snap_delete(store, name):
 @click.option("-v", "--verbose", is_flag=True, help="Log connections and errors.")
 def serve(store, listen, control_path, verbose):
     """Serve the origin and every snapshot of STORE over NBD."""
-    from .daemon import Daemon
+    from .daemon import Daemon, tune_malloc
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="ddsnap: %(message)s")
     if not os.path.exists(store):
         raise StoreNotFound(store)
     d = Daemon(store, list(listen) or ["tcp:127.0.0.1:10809"], control_path)
+    tune_malloc()
 
     def ready(daemon):
         n = len(daemon.opened.service.snapshots())

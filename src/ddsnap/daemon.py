@@ -25,6 +25,33 @@ log = logging.getLogger("ddsnap.daemon")
 
 #: worker threads doing volume I/O (each NBD request runs in one)
 IO_THREADS = 32
+#: glibc malloc settings for the server process (see :func:`tune_malloc`), bytes
+MALLOC_MMAP_THRESHOLD = 32 << 20
+MALLOC_TRIM_THRESHOLD = 64 << 20
+
+
+def tune_malloc() -> bool:
+    """Keep READ reply buffers (up to 32 MiB) in the malloc heap; True if applied.
+
+    By default glibc gives each allocation above its mmap threshold fresh pages and
+    hands them back on free, so every 1 MiB READ reply costs 256 page faults (measured:
+    60% of the server's time on 1 MiB sequential reads).  Raising the mmap and trim
+    thresholds (``mallopt`` M_MMAP_THRESHOLD / M_TRIM_THRESHOLD) lets freed buffers be
+    reused; the heap keeps at most :data:`MALLOC_TRIM_THRESHOLD` unused bytes.  Does
+    nothing off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)
+                and mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
 
 
 class Exports:

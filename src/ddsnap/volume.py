@@ -31,6 +31,21 @@ class Volume:
         self.chunk_size = service.chunk_size
         self.size = service.store.origin_size
 
+    def read(self, offset: int, length: int) -> bytes:
+        """Return the ``length`` bytes at ``offset``."""
+        buf = bytearray(length)
+        self.read_into(offset, memoryview(buf))
+        return bytes(buf)
+
+    def read_into(self, offset: int, view) -> None:
+        """Fill the writable buffer ``view`` with the bytes at ``offset`` (may block)."""
+        raise NotImplementedError
+
+    def read_into_nowait(self, offset: int, view) -> bool:
+        """Fill ``view`` as :meth:`read_into` does if no disk or lock wait is needed
+        (:meth:`MetadataService.read_nowait`); False means "use :meth:`read_into`"."""
+        raise NotImplementedError
+
     def _range(self, offset: int, length: int) -> tuple[int, int]:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise InvalidArgument(f"range {offset}+{length} is outside the {self.size}-byte volume")
@@ -69,19 +84,26 @@ class Origin(Volume):
 
     name = "origin"
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read_into(self, offset: int, view) -> None:
         """Read the origin; while a merge runs, chunks not merged yet come from the
         merging snapshot's exceptions (the origin already shows its content)."""
-        if not length:
-            return b""
-        first, last = self._range(offset, length)
+        if not len(view):
+            return
+        first, last = self._range(offset, len(view))
         rmap = self.service.map_origin_read(first, last)
         if rmap is None:
-            return self.service.origin.pread(length, offset)
+            self.service.origin.preadinto(view, offset)
+            return
         try:
-            return read_mapped(self.service, rmap, offset, length)
+            self.service.read_runs(rmap.first, rmap.sources, offset, view)
         finally:
             self.service.release_read(rmap)
+
+    def read_into_nowait(self, offset: int, view) -> bool:
+        if not len(view):
+            return True
+        self._range(offset, len(view))
+        return self.service.read_nowait(None, offset, view)
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         """Write ``data`` at ``offset``; copy-outs are durable before the origin changes."""
@@ -110,16 +132,23 @@ class Snapshot(Volume):
         self.name = info.name
         self.read_only = info.read_only
 
-    def read(self, offset: int, length: int) -> bytes:
-        if not length:
-            return b""
-        first, last = self._range(offset, length)
-        cs = self.chunk_size
+    def read_into(self, offset: int, view) -> None:
+        """Read the snapshot: its exceptions from the store, the rest from the origin
+        (read-locked meanwhile, so no origin write overwrites it mid-read)."""
+        if not len(view):
+            return
+        first, last = self._range(offset, len(view))
         rmap = self.service.map_snapshot_read(self.info, first, last)
         try:
-            return read_mapped(self.service, rmap, offset, length)
+            self.service.read_runs(rmap.first, rmap.sources, offset, view)
         finally:
             self.service.release_read(rmap)
+
+    def read_into_nowait(self, offset: int, view) -> bool:
+        if not len(view):
+            return True
+        self._range(offset, len(view))
+        return self.service.read_nowait(self.info, offset, view)
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         """Write into chunks made unique to this snapshot."""
@@ -141,29 +170,3 @@ class Snapshot(Volume):
 
     def flush(self) -> None:
         self.service.flush_store()
-
-
-def read_mapped(service: MetadataService, rmap, offset: int, length: int) -> bytes:
-    """Read ``[offset, offset+length)`` as ``rmap`` says: each chunk from the origin
-    (source None) or from its store chunk; runs contiguous on one device are read in one
-    I/O."""
-    cs = service.chunk_size
-    first = rmap.first
-    out = bytearray(length)
-    i = 0
-    n = len(rmap.sources)
-    while i < n:
-        src = rmap.sources[i]
-        j = i + 1
-        while j < n and ((src is None and rmap.sources[j] is None) or
-                         (src is not None and rmap.sources[j] == src + (j - i))):
-            j += 1
-        lo = max(offset, (first + i) * cs)
-        hi = min(offset + length, (first + j) * cs)
-        if src is None:
-            data = service.origin.pread(hi - lo, lo)
-        else:
-            data = service.store.cow.pread(hi - lo, src * cs + lo - (first + i) * cs)
-        out[lo - offset: hi - offset] = data
-        i = j
-    return bytes(out)

@@ -500,6 +500,10 @@ class ServerConnection:
         out, self._out = self._out, []
         return out
 
+    def pending_output(self) -> int:
+        """Number of buffers queued for :meth:`data_to_send`."""
+        return len(self._out)
+
     def receive_data(self, data: bytes = b"", max_events: int | None = None) -> list[Event]:
         """Feed bytes received from the client; return the events they complete.
 
@@ -531,11 +535,11 @@ class ServerConnection:
             need = self._need
             if avail < need:
                 break
-            if need:
+            if need > 64:
                 with memoryview(buf) as view:
-                    chunk = bytes(view[pos:pos + need])
+                    chunk = bytes(view[pos:pos + need])  # one copy of a payload
             else:
-                chunk = b""
+                chunk = bytes(buf[pos:pos + need])  # headers: cheaper than a view
             pos += need
             self._handler(chunk, events)
         if self._state is State.CLOSED:
@@ -563,6 +567,28 @@ class ServerConnection:
         else:
             self._out.append(simple_reply(request.handle))
         self._out.append(data)
+
+    def read_reply_buffer(self, request: Request) -> tuple[bytearray, memoryview]:
+        """A whole successful READ reply with room for its data, to fill in place.
+
+        Returns ``(reply, payload)``: ``reply`` is the reply header (as
+        :meth:`send_read_data` would frame it) followed by ``request.length`` bytes, and
+        ``payload`` a view of those bytes.  Fill ``payload``, then queue ``reply`` with
+        :meth:`send_read_reply`.  This saves copying the data into a separate reply.
+        """
+        if request.command is not Command.READ:
+            raise ValueError("read_reply_buffer is for READ requests only")
+        if self._structured:
+            head = offset_data_chunk_header(request.handle, request.offset, request.length)
+        else:
+            head = simple_reply(request.handle)
+        reply = bytearray(len(head) + request.length)
+        reply[:len(head)] = head
+        return reply, memoryview(reply)[len(head):]
+
+    def send_read_reply(self, reply: bytearray) -> None:
+        """Queue a reply made by :meth:`read_reply_buffer` (its payload filled in)."""
+        self._out.append(reply)
 
     def send_ok(self, request: Request) -> None:
         """Queue a success reply without payload (WRITE, FLUSH, TRIM, CACHE, ...).
@@ -856,6 +882,11 @@ class ServerConnection:
         if magic != REQUEST_MAGIC:
             # no way to find the next request boundary: the connection is lost
             self._fatal(events, f"bad request magic 0x{magic:08x}")
+            return
+        if ctype == 0 and not flags and self._size - length >= offset >= 0 and \
+                0 < length <= MAX_BLOCK_SIZE:
+            # a plain READ inside the export: nothing to refuse (the common case, fast)
+            events.append(Request(handle, Command.READ, flags, offset, length))
             return
         problem = self._validate(ctype, flags, offset, length)
         if ctype == Command.WRITE:

@@ -52,6 +52,13 @@ log = logging.getLogger("ddsnap.nbd")
 READ_CHUNK = 256 * 1024
 #: StreamReader buffer limit (it pauses the socket at twice this)
 _STREAM_LIMIT = 1024 * 1024
+#: buffers smaller than this many bytes are joined into one write, and a READ reply
+#: this large is sent at once rather than batched with the next replies
+SEND_BATCH = 64 * 1024
+#: at most this many queued replies wait for more to be sent with them
+SEND_BATCH_REPLIES = 64
+#: socket send buffer asked for (bytes; see _grow_send_buffer)
+SEND_BUFFER = 4 * 1024 * 1024
 #: default bound on READ/WRITE bytes in flight per connection (256 MiB)
 DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
 #: commands that change the export and so must precede a later FLUSH
@@ -219,6 +226,8 @@ class NbdServer:
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # small replies must not wait for Nagle (spec: "Protocol phases")
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None:
+            _grow_send_buffer(sock)
         if self._closing:
             writer.close()
             return
@@ -229,6 +238,22 @@ class NbdServer:
             await conn.run()
         finally:
             self._connections.discard(conn)
+
+
+def _grow_send_buffer(sock) -> None:
+    """Ask for a socket send buffer of :data:`SEND_BUFFER` bytes (the kernel caps it at
+    ``net.core.wmem_max``).
+
+    A READ reply the socket cannot take at once is copied into the transport's buffer and
+    moved down it as the socket drains: for 1 MiB replies that copying cost more than
+    reading the data.  A send buffer that holds several replies lets them go out
+    directly.
+    """
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < SEND_BUFFER:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    except OSError:
+        pass  # a hint only
 
 
 async def _unix_socket_alive(path: str) -> bool:
@@ -332,6 +357,8 @@ class _Connection:
             # one event at a time, so both bounds are checked before each request
             events = proto.receive_data(b"", max_events=1)
             if not events:
+                # Replies answered at once wait here, so that one write sends all the
+                # replies to the requests that arrived together.
                 self._send()
                 await self._interruptibly(self.writer.drain())
                 data = await self._interruptibly(self.reader.read(READ_CHUNK))
@@ -339,9 +366,15 @@ class _Connection:
                     log.debug("NBD client %s closed the connection", self.peer)
                     return
                 events = proto.receive_data(data, max_events=1)
-            if await self._handle(events):
+                if not events:
+                    continue
+            event = events[0]
+            if type(event) is Request and event.command is not Command.DISC:
+                self._dispatch(event)  # the common case, without a coroutine
+            elif await self._handle(events):
                 return
-            self._send()
+            if self.proto.pending_output() >= SEND_BATCH_REPLIES:
+                self._send()
 
     async def _handle(self, events) -> bool:
         """Act on events in order; True when the connection must end."""
@@ -397,11 +430,25 @@ class _Connection:
     # -- output ------------------------------------------------------------------------
 
     def _send(self) -> None:
-        """Hand everything the protocol object queued to the transport."""
+        """Hand everything the protocol object queued to the transport.
+
+        Small buffers are joined so that a burst of replies costs one system call;
+        large ones (READ payloads) are written as they are, not copied.
+        """
         buffers = self.proto.data_to_send()
-        if buffers and not self.writer.is_closing():
-            for buf in buffers:
-                self.writer.write(buf)
+        if not buffers or self.writer.is_closing():
+            return
+        small: list = []
+        for buf in buffers:
+            if len(buf) < SEND_BATCH:
+                small.append(buf)
+                continue
+            if small:
+                self.writer.write(b"".join(small))
+                small = []
+            self.writer.write(buf)
+        if small:
+            self.writer.write(small[0] if len(small) == 1 else b"".join(small))
 
     # -- requests ----------------------------------------------------------------------
 
@@ -430,6 +477,8 @@ class _Connection:
             # the backend cannot promise zeroing faster than writing (spec: ENOTSUP)
             self.proto.send_error(req, errno.ENOTSUP, "fast zero not supported")
             return
+        if req.command is Command.READ and self._read_inline(req):
+            return
         deps: list[asyncio.Future] = []
         written: asyncio.Future | None = None
         if req.command is Command.FLUSH:
@@ -443,6 +492,28 @@ class _Connection:
         self.inflight[task] = cost
         self.inflight_bytes += cost
         task.add_done_callback(self._request_done)
+
+    def _read_inline(self, req: Request) -> bool:
+        """Answer a READ on the event loop if the backend can without waiting.
+
+        A READ whose data is in the page cache takes microseconds, far less than handing
+        it to a worker thread (and back through the GIL), so the backend is asked first
+        (``read_into_nowait``, which never waits for the disk or a lock) and the reply goes
+        out at once; False means "serve it from a worker thread as usual".
+        """
+        nowait = getattr(self.backend, "read_into_nowait", None)
+        if nowait is None:
+            return False
+        reply, payload = self.proto.read_reply_buffer(req)
+        try:
+            if not nowait(req.offset, payload):
+                return False
+        except Exception:
+            return False  # the worker-thread path reports the error properly
+        self.proto.send_read_reply(reply)
+        if len(reply) >= SEND_BATCH:
+            self._send()
+        return True
 
     def _request_done(self, task: asyncio.Task) -> None:
         self.inflight_bytes -= self.inflight.pop(task, 0)
@@ -477,6 +548,11 @@ class _Connection:
         """Make the backend call for ``req`` and queue its successful reply."""
         cmd = req.command
         if cmd is Command.READ:
+            if hasattr(backend, "read_into"):
+                reply, payload = proto.read_reply_buffer(req)
+                await self._call(backend.read_into, req.offset, payload)
+                proto.send_read_reply(reply)
+                return
             data = await self._call(backend.read, req.offset, req.length)
             if not isinstance(data, (bytes, bytearray, memoryview)) \
                     or len(data) != req.length:

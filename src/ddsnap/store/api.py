@@ -32,6 +32,11 @@ if TYPE_CHECKING:
     from .snapshots import SpaceAccount
 
 
+class NotCached(Exception):
+    """A lookup would have to read metadata from disk (see
+    :meth:`ExceptionStore.snapshot_exception_nowait`); not an error, a "try elsewhere"."""
+
+
 @dataclass(frozen=True)
 class SnapshotInfo:
     """A live snapshot.
@@ -215,6 +220,17 @@ class ExceptionStore(abc.ABC):
         ``store_chunk`` is None when the snapshot reads the origin; ``unique`` is True when
         the exception serves this snapshot alone (seed 000 ``snapshot_chunk_unique``).
         """
+
+    def snapshot_exception_nowait(self, bit: int, chunk: int) -> tuple[int | None, bool]:
+        """:meth:`snapshot_exception` from metadata already in memory, never from disk.
+
+        The NBD server answers reads on its event loop with this (and falls back to a
+        worker thread), so it must not block.
+
+        Raises:
+            NotCached: a tree block on the way is not in memory.
+        """
+        return self.snapshot_exception(bit, chunk)
 
     @abc.abstractmethod
     def allocate_chunk(self) -> int:

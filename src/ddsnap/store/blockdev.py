@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from ..errors import DdsnapError, InvalidArgument, StoreNotFound
 
 BLKGETSIZE64 = 0x80081272
+#: preadv2 flag: fail with EAGAIN rather than wait for the disk (0: not available)
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
 class BlockDevice:
@@ -48,6 +50,16 @@ class BlockDevice:
         """Fill the writable buffer ``buf`` (bytearray/memoryview) from byte ``offset``."""
         data = self.pread(len(buf), offset)
         buf[: len(data)] = data
+
+    def preadinto_nowait(self, buf, offset: int) -> bool:
+        """Fill ``buf`` from byte ``offset`` only if that needs no waiting for the disk.
+
+        Returns True when ``buf`` holds the data, False when the read would block (the
+        data is not in memory): the caller then uses :meth:`preadinto` from a thread that
+        may block.  ``buf`` may have been partly written either way.  The default never
+        tries; devices held in memory always succeed.
+        """
+        return False
 
     def pwrite(self, data, offset: int) -> None:
         """Write the bytes-like ``data`` at byte ``offset``."""
@@ -131,6 +143,33 @@ class FileDevice(BlockDevice):
         if n < len(buf):
             memoryview(buf)[n:] = bytes(len(buf) - n)
 
+    def preadinto_nowait(self, buf, offset: int) -> bool:
+        # preadv2(RWF_NOWAIT): the kernel copies from the page cache or answers EAGAIN
+        # instead of starting disk I/O (Linux >= 4.14 for buffered reads).
+        if not _RWF_NOWAIT:
+            return False
+        try:
+            n = os.preadv(self.fd, [buf], offset, _RWF_NOWAIT)
+            if n == len(buf):
+                return True  # the usual case: all of it at once
+            if n <= 0:
+                return False
+            view = memoryview(buf)[n:]
+            offset += n
+            while view:
+                n = os.preadv(self.fd, [view], offset, _RWF_NOWAIT)
+                if n <= 0:
+                    return False  # end of file (or nothing cached): the slow path decides
+                view = view[n:]
+                offset += n
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return False  # no RWF_NOWAIT here (old kernel, some filesystems)
+            raise
+        return True
+
     def pwrite(self, data, offset: int) -> None:
         self._check_write(len(data), offset)
         view = memoryview(data)
@@ -193,6 +232,10 @@ class MemoryDevice(BlockDevice):
         if len(out) < length:
             out += bytes(length - len(out))
         return out
+
+    def preadinto_nowait(self, buf, offset: int) -> bool:
+        self.preadinto(buf, offset)
+        return True
 
     def pwrite(self, data, offset: int) -> None:
         self._check_write(len(data), offset)
@@ -314,6 +357,10 @@ class RecordingDevice(BlockDevice):
         with self._lock:
             out = bytes(self.current[offset: offset + length])
         return out + bytes(length - len(out))
+
+    def preadinto_nowait(self, buf, offset: int) -> bool:
+        self.preadinto(buf, offset)
+        return True
 
     def pwrite(self, data, offset: int) -> None:
         self._check_write(len(data), offset)

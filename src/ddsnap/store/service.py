@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from ..errors import (DdsnapError, MergeInProgress, NoMerge, ReadOnlyVolume, SnapshotBusy,
                       SnapshotNotFound, StoreFull)
-from .api import ExceptionStore, SnapshotInfo
+from .api import ExceptionStore, NotCached, SnapshotInfo
 from .blockdev import BlockDevice
 
 #: most chunks one coalesced copy I/O moves (csnap's copybuf is 32 chunks)
@@ -358,6 +358,80 @@ class MetadataService:
 
     release_snapshot_read = release_read
 
+    def read_runs(self, first: int, sources: list[int | None], offset: int, view,
+                  nowait: bool = False) -> bool:
+        """Fill ``view`` with bytes ``[offset, offset + len(view))`` mapped as ``sources``
+        says (per logical chunk from ``first``: a store chunk, or None for the origin).
+
+        Runs of chunks contiguous on one device are read with one I/O.  With ``nowait``
+        only what needs no disk wait is read (:meth:`BlockDevice.preadinto_nowait`) and
+        False is returned as soon as a run would block; otherwise True.
+        """
+        cs = self.chunk_size
+        end = offset + len(view)
+        n = len(sources)
+        i = 0
+        while i < n:
+            src = sources[i]
+            j = i + 1
+            if src is None:
+                while j < n and sources[j] is None:
+                    j += 1
+                dev = self.origin
+            else:
+                while j < n and sources[j] == src + (j - i):
+                    j += 1
+                dev = self.store.cow
+            lo = max(offset, (first + i) * cs)
+            hi = min(end, (first + j) * cs)
+            at = lo if src is None else src * cs + lo - (first + i) * cs
+            part = view[lo - offset: hi - offset]
+            if nowait:
+                if not dev.preadinto_nowait(part, at):
+                    return False
+            else:
+                dev.preadinto(part, at)
+            i = j
+        return True
+
+    def read_nowait(self, snap: SnapshotInfo | None, offset: int, view) -> bool:
+        """Read volume bytes ``[offset, offset + len(view))`` into ``view`` if that needs
+        neither a disk wait nor a wait for the metadata lock; else return False.
+
+        ``snap`` None is the origin.  The NBD server tries this on its event loop before
+        handing a READ to a worker thread.  The metadata lock is held (taken without
+        waiting) across the data reads, which is what the read locks of
+        :meth:`map_snapshot_read` otherwise ensure: no origin chunk this read maps to the
+        origin can be overwritten before the read is done.  During a merge every read
+        takes the locked path.
+        """
+        if self._merge_mask:
+            return False
+        if snap is None:
+            return self.origin.preadinto_nowait(view, offset)
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            if self._failed is not None or self._merge_mask:
+                return False
+            bit = self._bits.get(snap.id)
+            if bit is None:
+                return False  # deleted: the locked path raises the error
+            cs = self.chunk_size
+            first, last = offset // cs, (offset + len(view) - 1) // cs
+            lookup = self.store.snapshot_exception_nowait
+            if first == last:  # the common small read, without building a map
+                sc = lookup(bit, first)[0]
+                if sc is None:
+                    return self.origin.preadinto_nowait(view, offset)
+                return self.store.cow.preadinto_nowait(view, sc * cs + offset - first * cs)
+            sources = [lookup(bit, c)[0] for c in range(first, last + 1)]
+            return self.read_runs(first, sources, offset, view, nowait=True)
+        except NotCached:
+            return False
+        finally:
+            self.lock.release()
+
     def prepare_snapshot_write(self, snap: SnapshotInfo, first: int, last: int) -> list[int]:
         """Make snapshot chunks ``first..last`` unique to ``snap``; return their store chunks.
 
@@ -431,6 +505,8 @@ class MetadataService:
 
     def _refresh_snaps(self) -> None:
         self._snaps = tuple(self.store.snapshots())
+        #: snapshot id -> sharemap bit of the live snapshots (replaced, never changed)
+        self._bits = {s.id: s.bit for s in self._snaps}
 
     def create_snapshot(self, name: str, read_only: bool = False) -> SnapshotInfo:
         """Snapshot the origin as of every origin write completed so far.

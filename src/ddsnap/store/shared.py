@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..errors import CorruptMetadata, InvalidArgument, NotAStore, StoreFull
 from .alloc import Bitmap
-from .api import ExceptionStore, Finding, SnapshotInfo
+from .api import ExceptionStore, Finding, NotCached, SnapshotInfo
 from .blockdev import BlockDevice
 from .format import (BITMAP_BYTES, BITS_PER_BITMAP, BLOCK_SHIFT, BLOCK_SIZE, HEADER_SIZE,
                      MAGIC, NODE_MAX, SNAPS_PER_BLOCK, T_BITMAP, T_LEAF, T_NODE,
@@ -263,7 +263,7 @@ class SharedStore(ExceptionStore):
         self._cache.move_to_end(block)
         self._dirty[block] = obj
 
-    def _get(self, block: int, kind: int):
+    def _get(self, block: int, kind: int, load: bool = True):
         obj = self._cache.get(block)
         if obj is None:
             # Changed since the last commit, or in the commit being written: its home
@@ -277,6 +277,8 @@ class SharedStore(ExceptionStore):
             if not isinstance(obj, want):
                 raise CorruptMetadata(block, "tree points at a block of the wrong kind")
             return obj
+        if not load:
+            raise NotCached(block)
         obj = self._load(block, kind)
         self._cache[block] = obj
         if len(self._cache) > self.cache_blocks:
@@ -620,6 +622,23 @@ class SharedStore(ExceptionStore):
 
     def snapshot_exception(self, bit: int, chunk: int):
         return exc_lookup(self._leaf_excs(chunk), bit)
+
+    def snapshot_exception_nowait(self, bit: int, chunk: int):
+        # The probe of _probe without loading: the event loop must never wait for disk.
+        cache = self._cache
+        block = self.state.root
+        for _ in range(self.state.levels):
+            node = cache.get(block)
+            if type(node) is not Node:  # not cached (or a corrupt tree): the full check
+                node = self._get(block, T_NODE, load=False)
+            block = node.children[max(0, bisect.bisect_right(node.keys, chunk) - 1)]
+        leaf = cache.get(block)
+        if type(leaf) is not Leaf:
+            leaf = self._get(block, T_LEAF, load=False)
+        i = bisect.bisect_left(leaf.keys, chunk)
+        if i < len(leaf.keys) and leaf.keys[i] == chunk:
+            return exc_lookup(leaf.excs[i], bit)
+        return None, False
 
     def allocate_chunk(self) -> int:
         self._drain_released()
