@@ -32,6 +32,7 @@ import time
 
 import pytest
 
+import ddsnap.store.service as service_module
 from ddsnap.errors import (MergeInProgress, ReadOnlyVolume, SnapshotBusy, SnapshotNotFound,
                            StoreFull)
 from ddsnap.store.blockdev import MemoryDevice
@@ -42,6 +43,13 @@ from ddsnap.volume import Origin, Snapshot
 
 CS = 4096
 KINDS = ["shared-memory", "shared-file", "memory"]
+
+
+@pytest.fixture(autouse=True)
+def small_merge_steps(monkeypatch):
+    """Merge steps of a few chunks (the default is 32 MiB), so that these small volumes
+    take several steps, each of several runs, and the tests see half-merged states."""
+    monkeypatch.setattr(service_module, "MERGE_STEP_BYTES", 4 * 4096)
 
 
 class LogDevice(MemoryDevice):
@@ -711,9 +719,10 @@ def test_resume_after_reopen(make_store, kind, clean):
     r.verify("reopened after the merge")
 
 
-def test_resumed_merge_ends_like_an_uninterrupted_one(make_store):
+def test_resumed_merge_ends_like_an_uninterrupted_one(make_store, monkeypatch):
     """Same snapshots, same writes: stopping and resuming (three ways) changes nothing in
     the final origin or the snapshots."""
+    monkeypatch.setattr(service_module, "MERGE_STEP_BYTES", CS)  # steps of one chunk
     results = []
     for how in ("straight", "stop", "reopen", "unclean"):
         r = Rig(make_store, "shared-memory", seed=5)
@@ -788,6 +797,7 @@ def test_linear_runs_are_copied_in_one_io(make_store, kind):
     assert [sc - left[0][1] for _, sc in left] == list(range(n)), "not linear in the store"
     r.start("t")
     dev.writes.clear()
+    r.svc.merge_step_chunks = 1000
     r.svc.run_merge()
     r.finished()
     # A run of n chunks: one I/O of COPY_CHUNKS chunks, one of the rest.

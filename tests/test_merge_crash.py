@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+import ddsnap.store.service as service_module
 from ddsnap.errors import StoreFull
 from ddsnap.store.blockdev import CrashClock, CrashNow, MemoryDevice, RecordingDevice
 from ddsnap.store.service import MetadataService
@@ -42,6 +43,13 @@ from ddsnap.volume import Origin, Snapshot
 from test_store_crash import MODES, Vol, crash_points
 
 CS = 4096
+
+
+@pytest.fixture(autouse=True)
+def small_merge_steps(monkeypatch):
+    """Merge steps of a few chunks (the default is 32 MiB), so that these small volumes
+    take several steps, each of several runs, and the tests see half-merged states."""
+    monkeypatch.setattr(service_module, "MERGE_STEP_BYTES", 4 * 4096)
 
 
 @dataclass(frozen=True)

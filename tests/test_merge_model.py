@@ -24,11 +24,13 @@ from __future__ import annotations
 import random
 import threading
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
                                  rule)
 
+import ddsnap.store.service as service_module
 from conftest import examples
 from ddsnap.errors import MergeInProgress, ReadOnlyVolume, StoreFull
 from ddsnap.store.blockdev import MemoryDevice
@@ -36,6 +38,13 @@ from ddsnap.store.memory import MemoryStore
 from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
 from ddsnap.volume import Origin, Snapshot
+
+
+@pytest.fixture(autouse=True)
+def small_merge_steps(monkeypatch):
+    """Merge steps of a few chunks (the default is 32 MiB), so that these small volumes
+    take several steps, each of several runs, and the tests see half-merged states."""
+    monkeypatch.setattr(service_module, "MERGE_STEP_BYTES", 4 * 4096)
 
 
 class Crash(Exception):

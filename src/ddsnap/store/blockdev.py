@@ -85,6 +85,41 @@ class BlockDevice:
             )
 
 
+def copy_range(src: BlockDevice, src_offset: int, dst: BlockDevice, dst_offset: int,
+               length: int) -> None:
+    """Copy ``length`` bytes from ``src`` at ``src_offset`` to ``dst`` at ``dst_offset``.
+
+    Between two :class:`FileDevice` objects the kernel copies (``copy_file_range``, as
+    ``cp`` does): no data passes through Python.  Otherwise, or where the kernel cannot
+    (another filesystem, an old kernel), it is a read and a write (``dst.pwrite``, so a
+    :class:`RecordingDevice` records it).  Not durable until ``dst.flush()``.
+
+    Raises:
+        InvalidArgument: the range is past the end of ``dst``.
+    """
+    if length <= 0:
+        return
+    if type(src) is FileDevice and type(dst) is FileDevice and _copy_file_range:
+        dst._check_write(length, dst_offset)
+        try:
+            while length > 0:
+                n = _copy_file_range(src.fd, dst.fd, length, src_offset, dst_offset)
+                if n <= 0:
+                    break  # past the end of src: the rest is zeroes, done below
+                src_offset += n
+                dst_offset += n
+                length -= n
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+        if length <= 0:
+            return
+    dst.pwrite(src.pread(length, src_offset), dst_offset)
+
+
+_copy_file_range = getattr(os, "copy_file_range", None)
+
+
 def device_size(fd: int) -> int:
     """Size in bytes of the open regular file or block device ``fd``."""
     st = os.fstat(fd)

@@ -29,10 +29,12 @@ from dataclasses import dataclass, field
 from ..errors import (DdsnapError, MergeInProgress, NoMerge, ReadOnlyVolume, SnapshotBusy,
                       SnapshotNotFound, StoreFull)
 from .api import ExceptionStore, NotCached, SnapshotInfo
-from .blockdev import BlockDevice
+from .blockdev import BlockDevice, copy_range
 
 #: most chunks one coalesced copy I/O moves (csnap's copybuf is 32 chunks)
 COPY_CHUNKS = 32
+#: data one merge step moves at most (bytes): one origin flush and one commit per step
+MERGE_STEP_BYTES = 32 << 20
 
 log = logging.getLogger("ddsnap.service")
 
@@ -106,6 +108,8 @@ class MetadataService:
         #: ``1 << bit`` of the snapshot being merged, 0 if none (read without the lock)
         self._merge_mask = 0 if m is None else 1 << m
         self._merge_busy: set[int] = set()  # chunks a merge step is working on
+        #: most chunks one :meth:`merge_step` merges
+        self.merge_step_chunks = max(1, MERGE_STEP_BYTES // self.chunk_size)
         #: snapshots the full-store policy deleted (name, id, time), newest last
         self.auto_deleted: list[dict] = []
         self._merge_progress = MergeProgress(self._count_merge_left()) if m is not None else None
@@ -212,7 +216,7 @@ class MetadataService:
             while (i + n < len(moves) and n < COPY_CHUNKS and moves[i + n][0] == src + n
                    and moves[i + n][1] == dst + n):
                 n += 1
-            cow.pwrite(source.pread(n * cs, src * cs), dst * cs)
+            copy_range(source, src * cs, cow, dst * cs, n * cs)
             i += n
 
     # -- origin writes ---------------------------------------------------------------------
@@ -695,7 +699,14 @@ class MetadataService:
                                             running)
 
     def merge_step(self) -> bool:
-        """Merge the next linear run of chunks (up to :data:`COPY_CHUNKS`).
+        """Merge the next exceptions of the merging snapshot, up to
+        :attr:`merge_step_chunks` chunks (:data:`MERGE_STEP_BYTES` of data) in one step.
+
+        The copy-outs the step needs are committed first; then the data is copied into
+        the origin *outside* the metadata lock (the chunks are marked busy, so origin
+        writes to them wait, and origin reads still find the snapshot's exceptions), the
+        origin is flushed once, and the exceptions are dropped and committed.  One
+        flush and one commit per step is what makes a merge stream like a copy.
 
         Returns True when the merge is complete (or none is in progress); on completion
         the snapshot is deleted unless the merge was started with ``keep``.
@@ -706,21 +717,39 @@ class MetadataService:
             if m is None:
                 return True
             todo = self.store.snapshot_exceptions_from(m, self.store.state.merge_cursor,
-                                                       COPY_CHUNKS)
-            if todo:
-                run = _linear_prefix(todo)
-                self._merge_run_locked(m, run)
-                # An origin write may have merged part of the run while the step waited,
-                # and the step then merged only a linear part of the rest: move the
-                # cursor past the chunks that are merged, never past one that is not.
-                cursor = self.store.state.merge_cursor
-                for c, _sc in run:
-                    if self.store.snapshot_exception(m, c)[0] is not None:
-                        break
-                    cursor = c + 1
-                self.store.set_merge_cursor(cursor)
-            else:
+                                                       self.merge_step_chunks)
+            if not todo:
                 self._finish_merge_locked(m)
+                runs = []
+            else:
+                runs = self._merge_prepare_locked(m, todo)
+                self._origin_writes += 1  # a snapshot creation waits for the copy
+        if todo:
+            copied = False
+            try:
+                for run in runs:
+                    self._merge_copy(run)
+                if runs:
+                    self.origin.flush()
+                copied = True
+            finally:
+                with self.lock:
+                    self._origin_writes -= 1
+                    if copied and self._failed is None:
+                        for run in runs:
+                            self._merge_drop_locked(m, run)
+                    for run in runs:
+                        self._merge_busy.difference_update(c for c, _ in run)
+                    # Past the merged chunks, never past one that is not merged (an
+                    # origin write may have merged some meanwhile, a full store may
+                    # have let the step merge only part).
+                    cursor = self.store.state.merge_cursor
+                    for c, _sc in todo:
+                        if self.store.snapshot_exception(m, c)[0] is not None:
+                            break
+                        cursor = c + 1
+                    self.store.set_merge_cursor(cursor)
+                    self.cond.notify_all()
         self.commit()
         if not todo:
             self._sweep()  # frees the merged snapshot's slot (unless kept)
@@ -739,83 +768,120 @@ class MetadataService:
                     if c <= last]
             if not todo:
                 return
-            self._merge_run_locked(m, _linear_prefix(todo))
+            self._merge_run_locked(m, _linear_prefix(todo, COPY_CHUNKS))
 
     def _merge_run_locked(self, m: int, run: list[tuple[int, int]]) -> None:
-        """One merge step over a linear run ``[(chunk, store_chunk), ...]`` (lock held).
+        """Merge one linear run now, all under the lock (for an origin write that must
+        land on merged chunks): prepare, copy, flush the origin, drop."""
+        runs = self._merge_prepare_locked(m, run)
+        try:
+            for r in runs:
+                self._merge_copy(r)
+            if runs:
+                self.origin.flush()
+                for r in runs:
+                    self._merge_drop_locked(m, r)
+        finally:
+            for r in runs:
+                self._merge_busy.difference_update(c for c, _ in r)
+            self.cond.notify_all()
 
-        1. Snapshots that still read these origin chunks get exceptions holding the
-           current origin data (seed 003 patch 11), committed durably.
-        2. Snapshot readers of those origin chunks and origin readers of the merging
+    def _merge_prepare_locked(self, m: int, todo: list[tuple[int, int]]
+                              ) -> list[list[tuple[int, int]]]:
+        """Get ``todo`` (``[(chunk, store_chunk)]`` of the merging snapshot, ascending)
+        ready to be copied into the origin (lock held).  Returns its linear runs that
+        are ready, each marked busy (the caller clears that).
+
+        1. Chunks another step or origin write is merging are waited for, and those
+           merged meanwhile are left out.
+        2. Snapshots that still read these origin chunks get exceptions holding the
+           current origin data (seed 003 patch 11), committed durably (one commit).
+        3. Snapshot readers of those origin chunks and origin readers of the merging
            snapshot's exceptions drain.
-        3. The run is copied into the origin in one I/O (patch 13) and flushed.
-        4. The merging snapshot's exceptions are dropped: it reads the origin there.
-        Each step can be repeated after a crash with the same result (idempotent).
+
+        When the store has no room for every copy-out, the runs there is room for are
+        returned (merged chunks free their exceptions for the next steps).  A step can be
+        repeated after a crash with the same result (idempotent).
+
+        Raises:
+            StoreFull: no room for the copy-outs of even the first chunk.
         """
-        chunks = [c for c, _ in run]
+        chunks = [c for c, _ in todo]
         while any(c in self._merge_busy for c in chunks):
             self.cond.wait()
         # Re-read: another step may have merged some of these while we waited.
-        run = [(c, sc) for c, sc in run if self.store.snapshot_exception(m, c)[0] == sc]
-        if not run:
-            return
-        run = _linear_prefix(run)
-        chunks = [c for c, _ in run]
-        self._merge_busy.update(chunks)
-        try:
-            while True:
-                moves, adds = [], []
-                i = 0
+        todo = [(c, sc) for c, sc in todo if self.store.snapshot_exception(m, c)[0] == sc]
+        if not todo:
+            return []
+        ready: list[tuple[int, int]] = []
+        moves, adds = [], []
+        full = None
+        for c, sc in todo:
+            sharers = self.store.origin_sharers(c) & ~(1 << m)
+            if sharers:
                 try:
-                    for i, c in enumerate(chunks):
-                        sharers = self.store.origin_sharers(c) & ~(1 << m)
-                        if sharers:
-                            sc = self._allocate_locked()
-                            moves.append((c, sc))
-                            adds.append((c, sc, sharers))
+                    dst = self._allocate_locked()
+                except StoreFull as e:
+                    if not ready and self._can_make_room():
+                        # Full, and the policy deletes the oldest snapshot not being
+                        # merged: then count the sharers again (the victim may be one).
+                        self._make_room_locked()
+                        return self._merge_prepare_locked(m, todo)
+                    full = e
                     break
-                except StoreFull:
-                    if i > 0:
-                        # Merge the part of the run there is room for: merged chunks
-                        # free their exceptions, which the next steps can reuse.
-                        self._merge_busy.difference_update(chunks[i:])
-                        run, chunks = run[:i], chunks[:i]
-                        break
-                    for _c, sc in moves:
-                        self.store.release_chunk(sc)
-                    if not self._can_make_room():
-                        raise
-                # Full, and the policy deletes the oldest snapshot not being merged: count
-                # the sharers again (the victim may have been one of them).
-                self._make_room_locked()
+                moves.append((c, dst))
+                adds.append((c, dst, sharers))
+            ready.append((c, sc))
+        if not ready:
+            raise full if full is not None else StoreFull()
+        self._merge_busy.update(c for c, _ in ready)
+        try:
             if moves:
                 self._copy(moves, self.origin)
-                for k, (c, sc, sharers) in enumerate(adds):
+                for k, (c, dst, sharers) in enumerate(adds):
                     try:
-                        self.store.add_origin_exception(c, sc, sharers)
+                        self.store.add_origin_exception(c, dst, sharers)
                     except StoreFull:
                         for _c, unused, _s in adds[k:]:
                             self.store.release_chunk(unused)
                         raise
-            if moves or any(self._pending.get((-1, c), -1) > self.durable for c in chunks):
+            if moves or any(self._pending.get((-1, c), -1) > self.durable for c, _ in ready):
                 self._commit_now_locked()
-            while any(self._readlocks.get(c) for c in chunks):
+            while any(self._readlocks.get(c) for c, _ in ready):
                 self.cond.wait()
-            cs = self.chunk_size
-            first_c, first_sc = run[0]
-            n = len(run)
-            data = self.store.cow.pread(n * cs, first_sc * cs)
-            end = min(self.store.origin_size, (first_c + n) * cs)
-            self.origin.pwrite(memoryview(data)[: end - first_c * cs], first_c * cs)
-            self.origin.flush()
-            for c in chunks:
-                self.store.drop_snapshot_exception(m, c)
-                self._pending[(-1, c)] = self.epoch
-            if self._merge_progress is not None:
-                self._merge_progress.done += n
-        finally:
-            self._merge_busy.difference_update(chunks)
+        except BaseException:
+            self._merge_busy.difference_update(c for c, _ in ready)
             self.cond.notify_all()
+            raise
+        runs = []
+        while ready:
+            run = _linear_prefix(ready)
+            runs.append(run)
+            ready = ready[len(run):]
+        return runs
+
+    def _merge_copy(self, run: list[tuple[int, int]]) -> None:
+        """Copy a linear run's data from the store into the origin (no flush), at most
+        :data:`COPY_CHUNKS` chunks per I/O.  Needs no lock: the chunks are busy."""
+        cs = self.chunk_size
+        size = self.store.origin_size
+        for i in range(0, len(run), COPY_CHUNKS):
+            first_c, first_sc = run[i]
+            n = min(COPY_CHUNKS, len(run) - i)
+            end = min(size, (first_c + n) * cs)
+            copy_range(self.store.cow, first_sc * cs, self.origin, first_c * cs,
+                       end - first_c * cs)
+
+    def _merge_drop_locked(self, m: int, run: list[tuple[int, int]]) -> None:
+        """After a run's data is durable in the origin: drop the merging snapshot's
+        exceptions there (it reads the origin now), once no reader is using them."""
+        while any(self._readlocks.get(c) for c, _ in run):
+            self.cond.wait()
+        for c, _sc in run:
+            self.store.drop_snapshot_exception(m, c)
+            self._pending[(-1, c)] = self.epoch
+        if self._merge_progress is not None:
+            self._merge_progress.done += len(run)
 
     def _finish_merge_locked(self, m: int) -> None:
         keep = self.store.state.merge_keep
@@ -879,10 +945,13 @@ class MetadataService:
                 self.store.close()
 
 
-def _linear_prefix(todo: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The leading run of ``todo`` whose chunks and store chunks both go up by one."""
+def _linear_prefix(todo: list[tuple[int, int]], limit: int | None = None
+                   ) -> list[tuple[int, int]]:
+    """The leading run of ``todo`` whose chunks and store chunks both go up by one (at
+    most ``limit`` entries)."""
     n = 1
-    while (n < len(todo) and n < COPY_CHUNKS and todo[n][0] == todo[0][0] + n
+    limit = len(todo) if limit is None else min(limit, len(todo))
+    while (n < limit and todo[n][0] == todo[0][0] + n
            and todo[n][1] == todo[0][1] + n):
         n += 1
     return todo[:n]

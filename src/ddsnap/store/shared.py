@@ -700,9 +700,21 @@ class SharedStore(ExceptionStore):
         return out
 
     def drop_snapshot_exception(self, bit, chunk) -> None:
-        if self._leaf_excs(chunk) is None:
+        # _edit's work without its second probe: a removal always fits its leaf.
+        _path, lblock, leaf = self._probe(chunk)
+        i = bisect.bisect_left(leaf.keys, chunk)
+        if i == len(leaf.keys) or leaf.keys[i] != chunk:
             return
-        for c in self._edit(chunk, lambda excs: exc_remove_bits(excs, 1 << bit)):
+        excs = leaf.excs[i]
+        saved = [list(e) for e in excs]
+        freed = exc_remove_bits(excs, 1 << bit)
+        if not excs:
+            del leaf.keys[i]
+            del leaf.excs[i]
+        self._mark(lblock, leaf)
+        if self._space is not None:
+            self._space.diff(saved, excs)
+        for c in freed:
             self.bitmap.free_chunk(c)
 
     def add_snapshot_exception(self, bit, chunk, store_chunk) -> None:
