@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from conftest import examples
 from ddsnap.errors import InvalidArgument, StoreNotFound
 from ddsnap.store.blockdev import (CrashClock, CrashNow, FileDevice, MemoryDevice,
-                                   RecordingDevice)
+                                   RecordingDevice, copy_range)
 
 SIZE = 64 << 10
 
@@ -385,3 +385,33 @@ def test_file_preadinto_nowait_refuses_data_not_cached(tmp_path):
         assert buf2 == buf
     finally:
         dev.close()
+
+
+@pytest.mark.parametrize("kinds", [("file", "file"), ("file", "memory"), ("memory", "file"),
+                                   ("recording", "recording")])
+def test_copy_range_between_devices(tmp_path, kinds):
+    """copy_range copies a range between two devices of any kinds (in the kernel between
+    two files); a source range past its end reads as zeroes; the destination is checked."""
+    def make(kind, name, data):
+        if kind == "file":
+            path = tmp_path / name
+            path.write_bytes(data)
+            return FileDevice(str(path))
+        if kind == "recording":
+            return RecordingDevice(len(data), data)
+        return MemoryDevice(len(data), data)
+
+    src_data = os.urandom(200 << 10)
+    src = make(kinds[0], "src", src_data)
+    dst = make(kinds[1], "dst", bytes(300 << 10))
+    copy_range(src, 4096, dst, 65536, 100 << 10)
+    copy_range(src, (200 << 10) - 1000, dst, 0, 5000)  # runs past the end of src
+    got = dst.pread(300 << 10, 0)
+    assert got[65536: 65536 + (100 << 10)] == src_data[4096: 4096 + (100 << 10)]
+    assert got[:5000] == src_data[-1000:] + bytes(4000)
+    assert got[5000:65536] == bytes(65536 - 5000)
+    assert got[65536 + (100 << 10):] == bytes((300 << 10) - 65536 - (100 << 10))
+    with pytest.raises(InvalidArgument):
+        copy_range(src, 0, dst, (300 << 10) - 10, 100)
+    src.close()
+    dst.close()

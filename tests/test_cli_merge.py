@@ -62,6 +62,15 @@ MERGE_FIELDS = {"snapshot", "keep", "chunks_done", "chunks_total", "cursor", "ru
                 "chunks_per_second", "eta_seconds"}
 
 
+
+@pytest.fixture(autouse=True)
+def one_chunk_merge_steps(monkeypatch):
+    """Merge steps of one chunk in every ddsnap process these tests start (the default
+    32 MiB step would merge these small volumes at once), so a merge runs long enough to
+    be watched, stopped and interrupted."""
+    monkeypatch.setenv("DDSNAP_MERGE_STEP", "4K")
+
+
 def qemu_io(uri: str, *cmds: str, read_only: bool = False, check: bool = True):
     args = ["qemu-io", "-f", "raw"] + (["-r"] if read_only else [])
     for c in cmds:

@@ -32,9 +32,8 @@ import time
 
 import pytest
 
-import ddsnap.store.service as service_module
-from ddsnap.errors import (MergeInProgress, ReadOnlyVolume, SnapshotBusy, SnapshotNotFound,
-                           StoreFull)
+from ddsnap.errors import (InvalidArgument, MergeInProgress, ReadOnlyVolume, SnapshotBusy,
+                           SnapshotNotFound, StoreFull)
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.memory import MemoryStore
 from ddsnap.store.service import COPY_CHUNKS, MetadataService
@@ -49,7 +48,7 @@ KINDS = ["shared-memory", "shared-file", "memory"]
 def small_merge_steps(monkeypatch):
     """Merge steps of a few chunks (the default is 32 MiB), so that these small volumes
     take several steps, each of several runs, and the tests see half-merged states."""
-    monkeypatch.setattr(service_module, "MERGE_STEP_BYTES", 4 * 4096)
+    monkeypatch.setenv("DDSNAP_MERGE_STEP", str(4 * 4096))
 
 
 class LogDevice(MemoryDevice):
@@ -688,10 +687,11 @@ def test_stop_and_resume_with_start_merge(make_store, kind):
 
 @pytest.mark.parametrize("kind, clean", [("shared-memory", True), ("shared-file", True),
                                          ("shared-memory", False)])
-def test_resume_after_reopen(make_store, kind, clean):
+def test_resume_after_reopen(make_store, kind, clean, monkeypatch):
     """A merge stopped by a server restart (or a crash between steps: the device bytes
     as they are, not closed) is recorded in the store: a new service resumes it to the
     same final state."""
+    monkeypatch.setenv("DDSNAP_MERGE_STEP", str(CS))  # steps of one chunk
     r = Rig(make_store, kind)
     populate(r)
     r.start("t", keep=False)
@@ -722,7 +722,7 @@ def test_resume_after_reopen(make_store, kind, clean):
 def test_resumed_merge_ends_like_an_uninterrupted_one(make_store, monkeypatch):
     """Same snapshots, same writes: stopping and resuming (three ways) changes nothing in
     the final origin or the snapshots."""
-    monkeypatch.setattr(service_module, "MERGE_STEP_BYTES", CS)  # steps of one chunk
+    monkeypatch.setenv("DDSNAP_MERGE_STEP", str(CS))  # steps of one chunk
     results = []
     for how in ("straight", "stop", "reopen", "unclean"):
         r = Rig(make_store, "shared-memory", seed=5)
@@ -918,3 +918,22 @@ def test_an_origin_write_merges_all_its_chunks_in_a_nearly_full_store(make_store
     r.finished()
     r.verify("merged")
     r.check()
+
+
+def test_merge_step_size_comes_from_the_environment(make_store, monkeypatch):
+    """DDSNAP_MERGE_STEP sets the most data a step merges; a bad value is refused when
+    the service starts, before anything is merged."""
+    r = Rig(make_store, "memory")
+    populate(r)
+    r.start("t")
+    left = len(r.left())
+    monkeypatch.setenv("DDSNAP_MERGE_STEP", "8K")
+    svc = MetadataService(r.store, r.origin_dev)
+    assert svc.merge_step_chunks == 2
+    assert svc.merge_step() is False
+    assert len(r.left()) == left - 2
+    monkeypatch.setenv("DDSNAP_MERGE_STEP", "lots")
+    with pytest.raises(InvalidArgument, match="DDSNAP_MERGE_STEP"):
+        MetadataService(r.store, r.origin_dev)
+    monkeypatch.delenv("DDSNAP_MERGE_STEP")
+    assert MetadataService(r.store, r.origin_dev).merge_step_chunks == (32 << 20) // CS

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 import pytest
 
-import ddsnap.store.service as service_module
 from ddsnap.errors import StoreFull
 from ddsnap.store.blockdev import CrashClock, CrashNow, MemoryDevice, RecordingDevice
 from ddsnap.store.service import MetadataService
@@ -49,7 +48,7 @@ CS = 4096
 def small_merge_steps(monkeypatch):
     """Merge steps of a few chunks (the default is 32 MiB), so that these small volumes
     take several steps, each of several runs, and the tests see half-merged states."""
-    monkeypatch.setattr(service_module, "MERGE_STEP_BYTES", 4 * 4096)
+    monkeypatch.setenv("DDSNAP_MERGE_STEP", str(4 * 4096))
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
                                  rule)
 
-import ddsnap.store.service as service_module
 from conftest import examples
 from ddsnap.errors import MergeInProgress, ReadOnlyVolume, StoreFull
 from ddsnap.store.blockdev import MemoryDevice
@@ -44,7 +43,7 @@ from ddsnap.volume import Origin, Snapshot
 def small_merge_steps(monkeypatch):
     """Merge steps of a few chunks (the default is 32 MiB), so that these small volumes
     take several steps, each of several runs, and the tests see half-merged states."""
-    monkeypatch.setattr(service_module, "MERGE_STEP_BYTES", 4 * 4096)
+    monkeypatch.setenv("DDSNAP_MERGE_STEP", str(4 * 4096))
 
 
 class Crash(Exception):
@@ -329,7 +328,9 @@ class MergeMachine(RuleBasedStateMachine):
         if done:
             self._finished()
             return
-        assert len(seen) == k and self.svc.merge_status()["snapshot"] == self.target
+        # The step in flight when ``stop`` is set still completes (steps are pipelined).
+        assert k <= len(seen) <= k + 1
+        assert self.svc.merge_status()["snapshot"] == self.target
         if resume:
             self.svc.start_merge(self.target, keep=self.keep)
 

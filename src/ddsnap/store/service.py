@@ -21,13 +21,16 @@ inclusive ``first..last``.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..errors import (DdsnapError, MergeInProgress, NoMerge, ReadOnlyVolume, SnapshotBusy,
-                      SnapshotNotFound, StoreFull)
+from humanfriendly import InvalidSize, parse_size
+
+from ..errors import (DdsnapError, InvalidArgument, MergeInProgress, NoMerge, ReadOnlyVolume,
+                      SnapshotBusy, SnapshotNotFound, StoreFull)
 from .api import ExceptionStore, NotCached, SnapshotInfo
 from .blockdev import BlockDevice, copy_range
 
@@ -35,6 +38,28 @@ from .blockdev import BlockDevice, copy_range
 COPY_CHUNKS = 32
 #: data one merge step moves at most (bytes): one origin flush and one commit per step
 MERGE_STEP_BYTES = 32 << 20
+#: environment variable that sets the merge step instead (``4K``, ``1M``, bytes)
+MERGE_STEP_ENV = "DDSNAP_MERGE_STEP"
+
+
+def merge_step_bytes() -> int:
+    """Bytes of data a merge step moves at most: ``$DDSNAP_MERGE_STEP`` or
+    :data:`MERGE_STEP_BYTES`.  Smaller steps make writes to chunks being merged wait less
+    (each waits for its step), larger ones merge faster.
+
+    Raises:
+        InvalidArgument: the variable is not a positive size.
+    """
+    text = os.environ.get(MERGE_STEP_ENV, "").strip()
+    if not text:
+        return MERGE_STEP_BYTES
+    try:
+        n = parse_size(text, binary=True)
+    except InvalidSize:
+        n = 0
+    if n <= 0:
+        raise InvalidArgument(f"{MERGE_STEP_ENV}={text!r} is not a size (try 4M or 65536)")
+    return n
 
 log = logging.getLogger("ddsnap.service")
 
@@ -109,7 +134,7 @@ class MetadataService:
         self._merge_mask = 0 if m is None else 1 << m
         self._merge_busy: set[int] = set()  # chunks a merge step is working on
         #: most chunks one :meth:`merge_step` merges
-        self.merge_step_chunks = max(1, MERGE_STEP_BYTES // self.chunk_size)
+        self.merge_step_chunks = max(1, merge_step_bytes() // self.chunk_size)
         #: snapshots the full-store policy deleted (name, id, time), newest last
         self.auto_deleted: list[dict] = []
         self._merge_progress = MergeProgress(self._count_merge_left()) if m is not None else None
@@ -711,49 +736,76 @@ class MetadataService:
         Returns True when the merge is complete (or none is in progress); on completion
         the snapshot is deleted unless the merge was started with ``keep``.
         """
+        step = self._merge_begin()
+        if step is None:
+            return True
+        self._merge_end(step, self._merge_copy_step(step))
+        return False
+
+    def _merge_begin(self, start: int | None = None) -> "_MergeStep | None":
+        """Pick and prepare the next step: the merging snapshot's next exceptions from
+        ``start`` (default: the durable merge cursor).  Returns None when there are none
+        left from there; from the cursor that completes the merge (committed, the
+        snapshot deleted unless kept)."""
         with self.lock:
             self._check()
             m = self.store.merging_bit
             if m is None:
-                return True
-            todo = self.store.snapshot_exceptions_from(m, self.store.state.merge_cursor,
-                                                       self.merge_step_chunks)
-            if not todo:
-                self._finish_merge_locked(m)
-                runs = []
-            else:
+                return None
+            cursor = self.store.state.merge_cursor
+            todo = self.store.snapshot_exceptions_from(
+                m, cursor if start is None else max(start, cursor), self.merge_step_chunks)
+            if todo:
                 runs = self._merge_prepare_locked(m, todo)
                 self._origin_writes += 1  # a snapshot creation waits for the copy
-        if todo:
-            copied = False
-            try:
-                for run in runs:
-                    self._merge_copy(run)
-                if runs:
-                    self.origin.flush()
-                copied = True
-            finally:
-                with self.lock:
-                    self._origin_writes -= 1
-                    if copied and self._failed is None:
-                        for run in runs:
-                            self._merge_drop_locked(m, run)
-                    for run in runs:
-                        self._merge_busy.difference_update(c for c, _ in run)
-                    # Past the merged chunks, never past one that is not merged (an
-                    # origin write may have merged some meanwhile, a full store may
-                    # have let the step merge only part).
-                    cursor = self.store.state.merge_cursor
-                    for c, _sc in todo:
-                        if self.store.snapshot_exception(m, c)[0] is not None:
-                            break
-                        cursor = c + 1
-                    self.store.set_merge_cursor(cursor)
-                    self.cond.notify_all()
+                return _MergeStep(m, todo, runs)
+            if start is not None:
+                return None
+            self._finish_merge_locked(m)
         self.commit()
-        if not todo:
-            self._sweep()  # frees the merged snapshot's slot (unless kept)
-        return not todo
+        self._sweep()  # frees the merged snapshot's slot (unless kept)
+        return None
+
+    def _merge_copy_step(self, step: "_MergeStep") -> bool:
+        """Copy a prepared step's data into the origin (no lock, no flush); False if it
+        failed (the step's end then drops nothing)."""
+        try:
+            for run in step.runs:
+                self._merge_copy(run)
+        except BaseException:
+            self._merge_end(step, False)
+            raise
+        return True
+
+    def _merge_end(self, step: "_MergeStep", copied: bool) -> None:
+        """Finish a step: flush the origin, then drop the merged exceptions, move the
+        merge cursor and commit."""
+        try:
+            if copied and step.runs:
+                self.origin.flush()
+        except BaseException:
+            copied = False
+            raise
+        finally:
+            m, todo, runs = step.m, step.todo, step.runs
+            with self.lock:
+                self._origin_writes -= 1
+                if copied and self._failed is None:
+                    for run in runs:
+                        self._merge_drop_locked(m, run)
+                for run in runs:
+                    self._merge_busy.difference_update(c for c, _ in run)
+                # Up to the first exception not merged yet, never past one: a full store
+                # may have let a step merge only part, and with pipelined steps a later
+                # step can end while an earlier one's chunks are still to do.
+                if self.store.merging_bit == m:
+                    cursor = self.store.state.merge_cursor
+                    left = self.store.snapshot_exceptions_from(m, cursor, 1)
+                    cursor = max(cursor, min(left[0][0] if left else todo[-1][0] + 1,
+                                             todo[-1][0] + 1))
+                    self.store.set_merge_cursor(cursor)
+                self.cond.notify_all()
+        self.commit()
 
     def _merge_range_locked(self, first: int, last: int) -> None:
         """Merge every not-yet-merged chunk in ``first..last`` now (lock held)."""
@@ -911,13 +963,51 @@ class MetadataService:
         self.cond.notify_all()
 
     def run_merge(self, stop: threading.Event | None = None, on_step=None) -> bool:
-        """Merge until complete (True) or ``stop`` is set (False); resumable any time."""
-        while stop is None or not stop.is_set():
-            done = self.merge_step()
-            if on_step is not None:
-                on_step(self.merge_status(running=not done))
-            if done:
-                return True
+        """Merge until complete (True) or ``stop`` is set (False); resumable any time.
+
+        Steps are pipelined: while one step's origin flush, drops and commit run in a
+        second thread, the next step's data is already being copied (the flush then
+        covers some of it too, which is harmless: its exceptions stay until its own
+        end).  So the disk reads and the writeback overlap, as in a plain copy.
+        """
+        ender: threading.Thread | None = None
+        failure: list[BaseException] = []
+
+        def end(step: _MergeStep) -> None:
+            try:
+                self._merge_end(step, True)
+            except BaseException as e:  # re-raised by the merging thread
+                failure.append(e)
+
+        def wait_end() -> None:
+            nonlocal ender
+            if ender is not None:
+                ender.join()
+                ender = None
+                if failure:
+                    raise failure[0]
+                if on_step is not None:
+                    on_step(self.merge_status(running=True))
+
+        start: int | None = None
+        try:
+            while stop is None or not stop.is_set():
+                step = self._merge_begin(start)
+                if step is None:
+                    wait_end()
+                    if start is not None:
+                        start = None  # back to the cursor: chunks a step skipped, or done
+                        continue
+                    if on_step is not None:
+                        on_step(self.merge_status(running=False))
+                    return True
+                self._merge_copy_step(step)
+                wait_end()
+                start = step.todo[-1][0] + 1
+                ender = threading.Thread(target=end, args=(step,), name="ddsnap-merge-end")
+                ender.start()
+        finally:
+            wait_end()
         return False
 
     def export_open(self, name: str) -> None:
@@ -943,6 +1033,16 @@ class MetadataService:
             self.commit()
             with self.lock:
                 self.store.close()
+
+
+@dataclass
+class _MergeStep:
+    """A prepared merge step: the merging bit, the exceptions it looked at
+    (``[(chunk, store_chunk)]``) and the linear runs of them it prepared (busy)."""
+
+    m: int
+    todo: list[tuple[int, int]]
+    runs: list[list[tuple[int, int]]]
 
 
 def _linear_prefix(todo: list[tuple[int, int]], limit: int | None = None
