@@ -72,7 +72,7 @@ STATE_FIELDS = (
     "snapcreate_runs", "snapcreate_errors", "rss_runs", "rss_errors", "rss_notes",
     "profiles", "profile_runs", "pyspy_version", "started", "elapsed", "load_start",
     "load_end", "machine_rows")
-DEFAULT_RUN_MINUTES = 35  # a default `bench/run`, for the text (2 CPUs, 2026-11)
+DEFAULT_RUN_MINUTES = 30  # a default `bench/run`, for the text (2 busy CPUs, 2026-11)
 FIO_WORKLOADS = ("randwrite4k", "seqwrite1m", "seqread1m", "randread4k")
 ALL_WORKLOADS = FIO_WORKLOADS + ("merge", "snapcreate", "rss")
 
@@ -778,6 +778,8 @@ class Bench:
         if not self.profiles:
             return
         PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+        for old in PROFILE_DIR.glob("*.txt"):  # an earlier run's: would mislead
+            old.unlink()
         for label, stacks in self.profiles.items():
             path = PROFILE_DIR / f"{label}.txt"
             path.write_text("".join(f"{st} {c}\n" for st, c in sorted(stacks.items())))
@@ -1280,8 +1282,9 @@ class Bench:
         except OSError as e:
             return f"could not inspect the server process {pid}: {e}"
         note = (f"peak RSS is read from `/proc/{pid}/status` of the process started as "
-                f"`{shlex.join(cmd)}` (`/proc/{pid}/exe` -> `{exe}`, {threads} threads, "
-                f"{len(children)} child process(es)): the Python server itself, not a wrapper")
+                f"`{shlex.join(cmd)}` (`/proc/{pid}/exe` -> `{exe}`; once serving: {threads} "
+                f"thread(s), {len(children)} child process(es)): the Python server itself, "
+                f"not a wrapper")
         if "python" not in os.path.basename(exe) or children:
             self.problem(f"peak RSS: the server process may be a wrapper: {note}")
             note = note.split(": the Python")[0] + " (NOT clearly the server itself)"
@@ -1951,11 +1954,12 @@ f"{a.repeat} runs: median (min–max); each ratio is merge / copy of the same ru
                        "during its fio jobs and the served merge, so those figures (marked "
                        "\"py-spy attached\") and the ratios and targets built on them are lower "
                        "than without it: not comparable with unprofiled runs.\n")
-        snapcreate_howto = "" if "snapcreate" not in a.workloads else f"""6. **Snapshot
-   creation** (`snapcreate`), not a fio job: for each origin size of
-   `--snapcreate-origins` ({", ".join(fmt_size(x) for x in a.snapcreate_origins)}), an
-   origin file made with `truncate` (sparse: no data), `ddsnap init --size 1G` (a sparse
-   store file), `ddsnap serve`, `sync`; then {a.snap_creates} `snap_create` requests
+        sizes = ", ".join(fmt_size(x) for x in a.snapcreate_origins)
+        snapcreate_howto = "" if "snapcreate" not in a.workloads else f"""\
+6. **Snapshot creation** (`snapcreate`), not a fio job: for each origin size of
+   `--snapcreate-origins` ({sizes}), an origin file made with `truncate` (sparse: no
+   data), `ddsnap init --size 1G` (a sparse store file), `ddsnap serve`, `sync`; then
+   {a.snap_creates} `snap_create` requests
    (`lat1`, `lat2`, ...), each timed from connecting to the control socket to reading
    its reply (the wall time of the operation behind `ddsnap snap create`, including
    the flush of the origin it does); then, for information, {a.cli_creates} whole
@@ -1967,14 +1971,14 @@ f"{a.repeat} runs: median (min–max); each ratio is merge / copy of the same ru
    snapshot in order, and `ddsnap check` must be clean after the server stopped.
 
 """
-        rss_howto = "" if "rss" not in a.workloads else f"""7. **Peak RSS** (`rss`), on a
-   {fmt_size(a.rss_origin_size)} origin made with `truncate` (sparse; `--rss-origin-size`)
-   and a {fmt_size(a.rss_store_size)} store file (`ddsnap init --size`, sparse too;
-   `--rss-store-size`), chunk {fmt_size(a.chunk_size)}: `ddsnap serve`, one snapshot
-   `snap1` (control socket), `sync`, then one after the other, each for
-   {a.duration:g} s: 4 KiB random writes over the **whole** origin
-   (`rw=randwrite bs=4k iodepth={a.iodepth_rand}`, every write a copy-out of a new
-   chunk), 1 MiB sequential writes over its first {fmt_size(a.rss_seq_size)}
+        rss_howto = "" if "rss" not in a.workloads else f"""\
+7. **Peak RSS** (`rss`), on a {fmt_size(a.rss_origin_size)} origin made with `truncate`
+   (sparse; `--rss-origin-size`) and a {fmt_size(a.rss_store_size)} store file
+   (`ddsnap init --size`, sparse too; `--rss-store-size`), chunk
+   {fmt_size(a.chunk_size)}: `ddsnap serve`, one snapshot `snap1` (control socket),
+   `sync`, then one after the other, each for {a.duration:g} s: 4 KiB random writes over
+   the **whole** origin (`rw=randwrite bs=4k iodepth={a.iodepth_rand}`, nearly every
+   write a copy-out of a chunk not yet written), 1 MiB sequential writes over its first {fmt_size(a.rss_seq_size)}
    (`--rss-seq-size`; `rw=write bs=1m iodepth={a.iodepth_seq} size=...`, one pass or
    {a.duration:g} s), then reads of `snap1`: 1 MiB sequential over the same first
    {fmt_size(a.rss_seq_size)} and 4 KiB random over the whole volume (both
@@ -1982,7 +1986,7 @@ f"{a.repeat} runs: median (min–max); each ratio is merge / copy of the same ru
    process) and `VmRSS` are read from `/proc/PID/status` of the server, whose PID is the
    `ddsnap serve` Python process itself (checked once through `/proc/PID/exe` and its
    children; see the setup notes); `VmHWM` is also read after each job.  Then (not
-   counted) 64 sampled chunks of `snap1`, half of them in the sequentially rewritten
+   counted) about 64 sampled chunks of `snap1`, half of them in the sequentially rewritten
    range, must read as zeros (it was taken of an all-zero origin), the origin's first
    chunk must not, and `ddsnap check` must be clean after the server stopped.
    {a.repeat} run(s), each with a fresh store and server.  Target: < 256 MiB.
@@ -2090,8 +2094,9 @@ installs the `bench` extra of `pyproject.toml` (py-spy) into the venv, then runs
 `bench/bench.py` with the project's venv.  A default run takes about {DEFAULT_RUN_MINUTES}
 minutes on a 2-CPU machine.  Other parameters: `--chunk-size` (ddsnap chunk and qcow2
 cluster, default 64K), `--iodepth-rand`, `--iodepth-seq`, `--workloads` (default all:
-`{",".join(ALL_WORKLOADS)}`), `--merge-fraction` (share of the origin overwritten after
-the snapshot and so merged back, default 1), `--merge-modes` (`local,served`),
+`{",".join(FIO_WORKLOADS)},`
+`{",".join(ALL_WORKLOADS[len(FIO_WORKLOADS):])}`), `--merge-fraction` (share of the
+origin overwritten after the snapshot and so merged back, default 1), `--merge-modes` (`local,served`),
 `--snap-creates` (K, default 20), `--cli-creates` (default 3), `--snapcreate-origins`
 (default `64G,1G`), `--rss-origin-size` (default 1T), `--rss-store-size` (default 64G),
 `--rss-seq-size` (default 4G), `--profile` and `--profile-rate` (default 250 samples/s),
