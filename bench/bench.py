@@ -2104,7 +2104,9 @@ origin overwritten after the snapshot and so merged back, default 1), `--merge-m
 and `--rev REV` to benchmark ddsnap as committed in REV (run from a `git archive` in the
 temporary directory) rather than the working tree.
 Every server is stopped and the temporary directory removed on exit, also on failure
-or Ctrl-C.
+or Ctrl-C.  Every run also saves its results to `bench/out/last-run.pickle`;
+`bench/run --from-state bench/out/last-run.pickle [--out FILE]` writes the report again
+from them without running anything.
 
 ## What is compared
 
