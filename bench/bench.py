@@ -1401,7 +1401,8 @@ class Bench:
         self.pick_access()
         if a.rev:
             self.use_rev(a.rev)
-        self.make_pristine()
+        if set(a.workloads) & (set(FIO_WORKLOADS) | {"merge"}):
+            self.make_pristine()  # snapcreate and rss use sparse origins instead
         wls = workloads(a)
         for n in a.snapshots:
             for wl in (w for w in wls if w.kind == "write"):
