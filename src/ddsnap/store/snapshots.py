@@ -42,6 +42,7 @@ class SnapshotTable:
     def __init__(self, slots: list[SnapSlot]):
         self.slots = slots
         self.dirty: set[int] = set()
+        self._live_mask: int | None = None  # cached: every origin write asks for it
 
     def live(self) -> list[SnapshotInfo]:
         out = [SnapshotInfo(s.name, s.id, bit, s.created, s.read_only)
@@ -51,10 +52,14 @@ class SnapshotTable:
 
     @property
     def live_mask(self) -> int:
-        m = 0
-        for bit, s in enumerate(self.slots):
-            if s.state == SLOT_LIVE:
-                m |= 1 << bit
+        """Bits of the live snapshots (cached; the methods changing slots drop it)."""
+        m = self._live_mask
+        if m is None:
+            m = 0
+            for bit, s in enumerate(self.slots):
+                if s.state == SLOT_LIVE:
+                    m |= 1 << bit
+            self._live_mask = m
         return m
 
     @property
@@ -87,6 +92,7 @@ class SnapshotTable:
         created = time.time_ns() if created is None else created
         self.slots[bit] = SnapSlot(SLOT_LIVE, read_only, sid, created, name)
         self.dirty.add(bit)
+        self._live_mask = None
         return SnapshotInfo(name, sid, bit, created, read_only)
 
     def begin_delete(self, name: str) -> SnapshotInfo:
@@ -95,6 +101,7 @@ class SnapshotTable:
         info = SnapshotInfo(s.name, s.id, bit, s.created, s.read_only)
         self.slots[bit] = SnapSlot(SLOT_DELETING, False, s.id, s.created, "")
         self.dirty.add(bit)
+        self._live_mask = None
         return info
 
     def finish_delete(self, mask: int) -> None:
@@ -103,6 +110,7 @@ class SnapshotTable:
             if mask >> bit & 1 and s.state == SLOT_DELETING:
                 self.slots[bit] = SnapSlot()
                 self.dirty.add(bit)
+        self._live_mask = None
 
 
 # -- one logical chunk's exceptions: a list of [sharemap, store_chunk] -------------------
@@ -177,7 +185,10 @@ class SpaceAccount:
     store chunks: each exception holds one store chunk.
 
     The figures follow from ``groups`` (how many exceptions carry each distinct sharemap)
-    and ``live``.  Costs: :meth:`change` is O(popcount) of the sharemaps involved;
+    and ``live``.  ``exclusive`` and ``orphans`` are kept as sharemaps change; ``shared``
+    is counted from ``groups`` when it is asked for (status), because keeping it would
+    cost every copy-out O(live snapshots) -- the one cost that grew with the number of
+    snapshots on the write path.  Costs: :meth:`change` is O(1);
     :meth:`created` is O(1) (a free bit is in no sharemap, DESIGN.md invariant 6);
     :meth:`deleted` is O(number of distinct sharemaps).  Memory is O(distinct sharemaps),
     which copy-on-write makes small: sharemaps are born as the live set of one moment
@@ -198,7 +209,7 @@ class SpaceAccount:
         self.live = live
         self.groups: dict[int, int] = {}
         self.exclusive = [0] * width
-        self.shared = [0] * width
+        self._shared: list[int] | None = None  # counted on demand, see shared
         self.orphans = 0
         self.exceptions = 0
 
@@ -212,15 +223,27 @@ class SpaceAccount:
                 acc.change(0, share)
         return acc
 
+    @property
+    def shared(self) -> list[int]:
+        """Per bit, the exceptions its snapshot shares with another live one (chunks)."""
+        if self._shared is None:
+            shared = [0] * self.width
+            live = self.live
+            for share, n in self.groups.items():
+                m = share & live
+                if m & (m - 1):
+                    for b in _bits(m):
+                        shared[b] += n
+            self._shared = shared
+        return self._shared
+
     def _live_add(self, m: int, n: int) -> None:
         if not m:
             self.orphans += n
         elif not m & (m - 1):
             self.exclusive[m.bit_length() - 1] += n
         else:
-            shared = self.shared
-            for b in _bits(m):
-                shared[b] += n
+            self._shared = None
 
     def change(self, old: int, new: int) -> None:
         """One exception's sharemap goes from ``old`` to ``new`` (0: no exception)."""
@@ -267,6 +290,7 @@ class SpaceAccount:
     def created(self, bit: int) -> None:
         """Snapshot ``bit`` became live.  Its bit was free, so no sharemap holds it."""
         self.live |= 1 << bit
+        self._shared = None
 
     def deleted(self, bit: int) -> None:
         """Snapshot ``bit`` left the live set (its bit may stay in sharemaps until swept):
@@ -274,6 +298,7 @@ class SpaceAccount:
         mask = 1 << bit
         live = self.live
         self.live = live & ~mask
+        self._shared = None
         for share, n in self.groups.items():
             if share & mask:
                 self._live_add(share & live, -n)
