@@ -165,6 +165,7 @@ _OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
 _REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, handle, offset, length
 _SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, handle
 _CHUNK_HEADER = struct.Struct(">IHHQI")  # magic, flags, type, handle, length
+_OFFSET_DATA_HEADER = struct.Struct(">IHHQIQ")  # chunk header, then the offset
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -579,12 +580,14 @@ class ServerConnection:
         if request.command is not Command.READ:
             raise ValueError("read_reply_buffer is for READ requests only")
         if self._structured:
-            head = offset_data_chunk_header(request.handle, request.offset, request.length)
-        else:
-            head = simple_reply(request.handle)
-        reply = bytearray(len(head) + request.length)
-        reply[:len(head)] = head
-        return reply, memoryview(reply)[len(head):]
+            reply = bytearray(28 + request.length)  # chunk header + offset, then data
+            _OFFSET_DATA_HEADER.pack_into(reply, 0, STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
+                                          REPLY_TYPE_OFFSET_DATA, request.handle,
+                                          8 + request.length, request.offset)
+            return reply, memoryview(reply)[28:]
+        reply = bytearray(16 + request.length)
+        _SIMPLE_REPLY.pack_into(reply, 0, SIMPLE_REPLY_MAGIC, 0, request.handle)
+        return reply, memoryview(reply)[16:]
 
     def send_read_reply(self, reply: bytearray) -> None:
         """Queue a reply made by :meth:`read_reply_buffer` (its payload filled in)."""

@@ -24,6 +24,7 @@ reported as EIO.  Nothing one connection does stops the server.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import functools
 import logging
@@ -57,6 +58,8 @@ _STREAM_LIMIT = 1024 * 1024
 SEND_BATCH = 64 * 1024
 #: at most this many queued replies wait for more to be sent with them
 SEND_BATCH_REPLIES = 64
+#: requests parsed from the input buffer at a time
+PARSE_BATCH = 32
 #: socket send buffer asked for (bytes; see _grow_send_buffer)
 SEND_BUFFER = 4 * 1024 * 1024
 #: default bound on READ/WRITE bytes in flight per connection (256 MiB)
@@ -295,6 +298,8 @@ class _Connection:
         # executor futures not yet finished: backend.close() waits for all of them
         self.backend_calls: set[asyncio.Future] = set()
         self.slot_freed = asyncio.Event()
+        #: the backend's read_into_nowait, if it has one (see _read_inline)
+        self._nowait: Callable | None = None
         self.stopping = False
         self._interruptible = False
 
@@ -346,17 +351,19 @@ class _Connection:
         proto = self.proto
         limit = self.server.max_inflight_per_conn
         byte_limit = self.server.max_inflight_bytes_per_conn
+        parsed: collections.deque = collections.deque()
         while True:
-            # back-pressure: do not parse (or read) while the connection is at its bound
+            # back-pressure: do not start a request while the connection is at its bound
             while len(self.inflight) >= limit or (
                     self.inflight and self.inflight_bytes >= byte_limit):
                 self.slot_freed.clear()
                 await self._interruptibly(self.slot_freed.wait())
             if self.stopping:
                 return
-            # one event at a time, so both bounds are checked before each request
-            events = proto.receive_data(b"", max_events=1)
-            if not events:
+            if not parsed:
+                # Parsed a few at a time: the requests buffered so far, not more.
+                parsed.extend(proto.receive_data(b"", max_events=PARSE_BATCH))
+            if not parsed:
                 # Replies answered at once wait here, so that one write sends all the
                 # replies to the requests that arrived together.
                 self._send()
@@ -365,15 +372,14 @@ class _Connection:
                 if not data:
                     log.debug("NBD client %s closed the connection", self.peer)
                     return
-                events = proto.receive_data(data, max_events=1)
-                if not events:
-                    continue
-            event = events[0]
+                parsed.extend(proto.receive_data(data, max_events=PARSE_BATCH))
+                continue
+            event = parsed.popleft()
             if type(event) is Request and event.command is not Command.DISC:
                 self._dispatch(event)  # the common case, without a coroutine
-            elif await self._handle(events):
+            elif await self._handle([event]):
                 return
-            if self.proto.pending_output() >= SEND_BATCH_REPLIES:
+            if proto.pending_output() >= SEND_BATCH_REPLIES:
                 self._send()
 
     async def _handle(self, events) -> bool:
@@ -393,6 +399,7 @@ class _Connection:
                     self.proto.data_to_send()  # do not confirm the handshake
                     return True
                 self.backend = event.export
+                self._nowait = getattr(event.export, "read_into_nowait", None)
                 log.debug("NBD client %s uses export %r", self.peer, event.name)
             elif isinstance(event, Abort):
                 return True
@@ -501,7 +508,7 @@ class _Connection:
         (``read_into_nowait``, which never waits for the disk or a lock) and the reply goes
         out at once; False means "serve it from a worker thread as usual".
         """
-        nowait = getattr(self.backend, "read_into_nowait", None)
+        nowait = self._nowait
         if nowait is None:
             return False
         reply, payload = self.proto.read_reply_buffer(req)

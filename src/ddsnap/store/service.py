@@ -38,6 +38,8 @@ from .blockdev import BlockDevice, copy_range
 COPY_CHUNKS = 32
 #: data one merge step moves at most (bytes): one origin flush and one commit per step
 MERGE_STEP_BYTES = 32 << 20
+#: longest the event loop waits for the metadata lock before a READ goes to a thread (s)
+NOWAIT_LOCK_WAIT = 0.001
 #: environment variable that sets the merge step instead (``4K``, ``1M``, bytes)
 MERGE_STEP_ENV = "DDSNAP_MERGE_STEP"
 
@@ -425,7 +427,8 @@ class MetadataService:
 
     def read_nowait(self, snap: SnapshotInfo | None, offset: int, view) -> bool:
         """Read volume bytes ``[offset, offset + len(view))`` into ``view`` if that needs
-        neither a disk wait nor a wait for the metadata lock; else return False.
+        no disk wait and at most :data:`NOWAIT_LOCK_WAIT` for the metadata lock; else
+        return False.
 
         ``snap`` None is the origin.  The NBD server tries this on its event loop before
         handing a READ to a worker thread.  The metadata lock is held (taken without
@@ -438,7 +441,10 @@ class MetadataService:
             return False
         if snap is None:
             return self.origin.preadinto_nowait(view, offset)
-        if not self.lock.acquire(blocking=False):
+        # Worth a short wait: the lock is mostly held for microseconds (a mapping) by a
+        # thread that needs the GIL, which waiting here releases; giving up at once made
+        # every read that met a busy lock go to a thread, which kept the lock busier.
+        if not self.lock.acquire(timeout=NOWAIT_LOCK_WAIT):
             return False
         try:
             if self._failed is not None or self._merge_mask:
