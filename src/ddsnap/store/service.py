@@ -119,6 +119,7 @@ class MetadataService:
         self.epoch = 0  # the batch changes are going into now
         self.durable = -1  # every batch up to this one is durable
         self._committing = False
+        self._commit_done = threading.Event()  # set when the running commit ends
         self._failed: BaseException | None = None
         #: (owner, chunk) -> epoch of the batch holding the latest change to the mapping
         #: of logical ``chunk``: owner -1 for any change of who shares the origin chunk
@@ -151,6 +152,7 @@ class MetadataService:
     def _start_commit(self):
         """Capture the open batch (lock held); returns ``(batch or None, its epoch)``."""
         self._committing = True
+        self._commit_done = threading.Event()
         batch = self.store.begin_commit()
         target = self.epoch
         self.epoch += 1
@@ -165,19 +167,31 @@ class MetadataService:
             self.durable = target
             for key in [k for k, v in self._pending.items() if v <= target]:
                 del self._pending[key]
+        self._commit_done.set()
         self.cond.notify_all()
 
     def wait_durable(self, epoch: int) -> None:
-        """Block until batch ``epoch`` is durable, committing it ourselves if nobody is."""
+        """Block until batch ``epoch`` is durable, committing it ourselves if nobody is.
+
+        Waiters wait on the running commit's own event, not on the metadata condition:
+        a commit ends with tens of writers waking, and those whose batch is now durable
+        return without taking the lock (``durable`` only grows; reading it is atomic).
+        """
         while True:
+            if self.durable >= epoch and self._failed is None:
+                return
             with self.lock:
                 self._check()
                 if self.durable >= epoch:
                     return
                 if self._committing:
-                    self.cond.wait()
-                    continue
-                batch, target = self._start_commit()
+                    done = self._commit_done
+                else:
+                    done = None
+                    batch, target = self._start_commit()
+            if done is not None:
+                done.wait()
+                continue
             self._write_commit(batch, target, holding_lock=False)
 
     def _write_commit(self, batch, target: int, holding_lock: bool) -> None:
@@ -313,9 +327,14 @@ class MetadataService:
             self._origin_writes += 1
         try:
             self.wait_durable(need)
-            with self.lock:
-                while any(self._readlocks[c] for c in range(first, last + 1) if c in self._readlocks):
-                    self.cond.wait()
+            # Readers that mapped these origin chunks before the copy-outs hold read
+            # locks; later ones map the exceptions.  So no read lock at all (the usual
+            # case: event-loop reads hold the metadata lock instead) needs no wait.
+            if self._readlocks:
+                with self.lock:
+                    while any(self._readlocks[c] for c in range(first, last + 1)
+                              if c in self._readlocks):
+                        self.cond.wait()
         except BaseException:
             self.finish_origin_write()
             raise
