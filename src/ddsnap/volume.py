@@ -4,7 +4,8 @@ A volume splits a byte range into chunks, asks the :class:`MetadataService` for 
 mapping (and, for writes, for the chunks to be made unique), and does the data I/O itself
 (seed 000: data never passes through the metadata server).  Volumes are what the NBD
 server exports (they satisfy ``ddsnap.nbd.backend.ExportBackend``).  Every method may
-block on disk; the server calls them from worker threads.
+block on disk and the server calls them from worker threads, except
+``read_into_nowait``, which never waits for the disk and is tried on the event loop.
 
 Offsets and lengths are bytes; a range is ``[offset, offset + length)`` and must lie in
 ``[0, size)``.

@@ -6,7 +6,8 @@ In ddsnap the backends are the volumes (``ddsnap.volume.Origin`` / ``Snapshot``)
 may serve any object with this shape.
 
 All backend methods are synchronous and may block on disk: the server calls them from a
-thread pool, never on the event loop.  Offsets and lengths are in bytes; a range is
+thread pool, never on the event loop -- except the optional ``read_into_nowait``, which
+must not block and is called on the event loop (see :class:`ExportBackend`).  Offsets and lengths are in bytes; a range is
 ``[offset, offset + length)`` and the server has already checked it lies inside
 ``[0, size)``.  Errors are raised as ``ddsnap.errors.DdsnapError`` (whose ``errno``
 attribute the server maps to an NBD error) or ``OSError`` (its ``errno``).
@@ -29,6 +30,17 @@ class ExportBackend(Protocol):
 
     def read(self, offset: int, length: int) -> bytes:
         """Return exactly ``length`` bytes."""
+
+    # Optional, used when present (ddsnap's volumes have both):
+    #
+    # def read_into(self, offset: int, view: memoryview) -> None:
+    #     """Fill ``view`` (``len(view)`` bytes) with the bytes at ``offset``: the reply
+    #     buffer, filled in place instead of returning a copy."""
+    #
+    # def read_into_nowait(self, offset: int, view: memoryview) -> bool:
+    #     """As ``read_into``, only if it needs no wait for the disk (or a lock held
+    #     long); False means "not now": the server then calls ``read_into`` from a
+    #     thread.  Called on the event loop, so it must never block."""
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         """Write ``data``; with ``fua`` it is durable before this returns."""
