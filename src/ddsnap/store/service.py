@@ -286,11 +286,15 @@ class MetadataService:
                 need = -1
                 moves, adds = [], []
                 err = None
+                retry = False
                 for c in range(first, last + 1):
                     sharers = self.store.origin_sharers(c) & ~self._merge_mask
                     if sharers:
                         try:
-                            sc = self._allocate_locked()
+                            sc = self._allocate_held(moves)
+                        except _Reclaim:
+                            retry = True  # gave back what it held, reclaimed: again
+                            break
                         except StoreFull as e:
                             err = e
                             break
@@ -301,6 +305,8 @@ class MetadataService:
                         # copy-out, or a snapshot write unsharing the chunk): until it
                         # is, a crash would bring the origin's sharers back.
                         need = max(need, self._pending.get((-1, c), -1))
+                if retry:
+                    continue
                 if err is None or not self._can_make_room():
                     break
                 # Full, and the policy deletes the oldest snapshot: give back what this
@@ -621,6 +627,33 @@ class MetadataService:
         """A delete cut short by a crash resumes when the store is next opened."""
         self._sweep()
 
+    def _allocate_held(self, moves: list[tuple[int, int]]) -> int:
+        """A free store chunk for a request already holding the chunks of ``moves``
+        (``(chunk, store_chunk)``, allocated but not recorded yet; lock held).
+
+        A reclaim (see :meth:`_allocate_locked`) commits, and a commit must not make
+        held, unrecorded chunks durably allocated (a crash would leak them).  So when
+        only a reclaim would give a chunk, the held chunks go back first, the reclaim
+        runs, and :class:`_Reclaim` tells the caller to start over (``moves`` emptied).
+
+        Raises:
+            _Reclaim: as above.
+            StoreFull: no chunk, even after a reclaim.
+        """
+        if not moves:
+            return self._allocate_locked()
+        try:
+            return self.store.allocate_chunk()
+        except StoreFull:
+            if not self.store.reclaimable():
+                raise
+        for _c, sc in moves:
+            self.store.release_chunk(sc)
+        moves.clear()
+        self.store.request_checkpoint()
+        self._commit_now_locked()
+        raise _Reclaim()
+
     def _allocate_locked(self) -> int:
         """A free store chunk (lock held).  When the only free chunks are ones freed since
         the last checkpoint (a delete, a merge), commit and checkpoint so they can be
@@ -897,7 +930,9 @@ class MetadataService:
             sharers = self.store.origin_sharers(c) & ~(1 << m)
             if sharers:
                 try:
-                    dst = self._allocate_locked()
+                    # With copy-outs held, no reclaim (its commit would leak them): the
+                    # part ready is merged, and the next step reclaims holding nothing.
+                    dst = self.store.allocate_chunk() if moves else self._allocate_locked()
                 except StoreFull as e:
                     if not ready and self._can_make_room():
                         # Full, and the policy deletes the oldest snapshot not being
@@ -1058,6 +1093,11 @@ class MetadataService:
             self.commit()
             with self.lock:
                 self.store.close()
+
+
+class _Reclaim(Exception):
+    """Internal: an allocation gave back the chunks its request held and reclaimed freed
+    space; the request starts its allocations again."""
 
 
 @dataclass
