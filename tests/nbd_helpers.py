@@ -322,3 +322,22 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class NowaitMemoryExport(MemoryExport):
+    """A :class:`MemoryExport` that also answers READs on the event loop
+    (``read_into_nowait``, as ddsnap's volumes do), unless ``refuse`` is set; counts
+    ``inline`` reads so a test can tell which path served them."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.refuse = False
+        self.inline = 0
+
+    def read_into_nowait(self, offset: int, view) -> bool:
+        if self.refuse:
+            return False
+        with self.lock:
+            view[:] = self.data[offset:offset + len(view)]
+            self.inline += 1
+        return True

@@ -27,6 +27,7 @@ from nbd_helpers import (
     KiB,
     MiB,
     MemoryExport,
+    NowaitMemoryExport,
     RawClient,
     Registry,
     ServerThread,
@@ -568,3 +569,69 @@ def test_server_in_a_plain_asyncio_program(sockdir, origin):
     reply = asyncio.run(main())
     assert reply["error"] == 0 and origin.data[:2] == b"hi"
     assert origin.opens == origin.closes == 1
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_reads_answered_on_the_event_loop_or_in_a_thread(sockdir, structured):
+    """A backend with read_into_nowait gets READs on the event loop (the reply filled in
+    place); when it declines, the same READ is served from a thread; either way the
+    bytes are right, simple or structured."""
+    exp = NowaitMemoryExport("origin", SIZE)
+    exp.data[:] = bytes(range(256)) * (SIZE // 256)
+    st = ServerThread(Registry(exp), [f"unix:{sockdir}/i.sock"])
+    try:
+        c = RawClient(st.addresses[0], "origin", structured=structured)
+        try:
+            for refuse in (False, True):
+                exp.refuse = refuse
+                before = exp.inline
+                for h in range(8):
+                    c.send(h, Command.READ, h * 5000 + 7, 3000 + h)
+                for _ in range(8):
+                    r = c.read_reply({h: 3000 + h for h in range(8)})
+                    h = r["handle"]
+                    want = bytes(exp.data[h * 5000 + 7: h * 5000 + 7 + 3000 + h])
+                    assert r["data"] == want, (refuse, h)
+                assert exp.inline - before == (0 if refuse else 8)
+            assert [e[0] for e in exp.log].count("read") == 8  # the refused ones
+        finally:
+            c.close()
+    finally:
+        st.close()
+
+
+def test_replies_answered_on_the_loop_are_bounded_when_the_client_does_not_read(sockdir):
+    """Replies answered at once hold no in-flight slot; a client asking for many large
+    READs without reading the replies must still not make the server buffer them all:
+    it stops reading requests once the socket's output backs up."""
+    exp = NowaitMemoryExport("origin", SIZE)
+    st = ServerThread(Registry(exp), [f"unix:{sockdir}/u.sock"])
+    try:
+        c = RawClient(st.addresses[0], "origin")
+        try:
+            n = 48  # 48 * 4 MiB = 192 MiB asked for
+            c.sock.settimeout(10)
+            for h in range(n):
+                try:
+                    c.send(h, Command.READ, 0, 4 * MiB)
+                except TimeoutError:
+                    break  # the server stopped reading: what we want
+            conn = next(iter(st.server._connections))
+            buffered = st.run(_write_buffer_size(conn))
+            assert exp.inline < n
+            assert buffered <= 4 * MiB + 2 * (4 * MiB + 64)
+            # Reading the replies lets it go on, and every answer arrives.
+            got = 0
+            c.sock.settimeout(30)
+            for _ in range(exp.inline):
+                c.read_reply({h: 4 * MiB for h in range(n)})
+                got += 1
+            assert got >= 1
+        finally:
+            c.close()
+    finally:
+        st.close()
+
+
+async def _write_buffer_size(conn) -> int:
+    return conn.writer.transport.get_write_buffer_size()

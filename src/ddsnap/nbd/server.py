@@ -381,6 +381,10 @@ class _Connection:
                 return
             if proto.pending_output() >= SEND_BATCH_REPLIES:
                 self._send()
+            if self.writer.transport.get_write_buffer_size() > SEND_BUFFER:
+                # Replies answered on the loop hold no in-flight slot: this bounds their
+                # memory when the client does not read them as fast as it asks.
+                await self._interruptibly(self.writer.drain())
 
     async def _handle(self, events) -> bool:
         """Act on events in order; True when the connection must end."""
