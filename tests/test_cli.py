@@ -807,7 +807,7 @@ def test_wide_sharemaps_hit_the_documented_per_chunk_limit(tmp_path):
         # every snapshot still holds its version; chunk 0 of the origin kept write i-1
         for i in range(1, failed_at + 1):
             first = env.data[:4096] if i == 1 else bytes([i - 1]) * 4096
-            got = qemu_io(srv.uri(f"v{i}"), f"read -v 0 16", read_only=True).stdout
+            got = qemu_io(srv.uri(f"v{i}"), "read -v 0 16", read_only=True).stdout
             want = " ".join(f"{b:02x}" for b in first[:16])
             assert want in got, (i, got)
         qemu_io(srv.uri("origin"), f"read -P {failed_at - 1} 0 4K")

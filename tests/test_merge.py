@@ -35,7 +35,6 @@ import pytest
 from ddsnap.errors import (InvalidArgument, MergeInProgress, ReadOnlyVolume, SnapshotBusy,
                            SnapshotNotFound, StoreFull)
 from ddsnap.store.blockdev import MemoryDevice
-from ddsnap.store.memory import MemoryStore
 from ddsnap.store.service import COPY_CHUNKS, MetadataService
 from ddsnap.store.shared import SharedStore
 from ddsnap.volume import Origin, Snapshot

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from ddsnap.errors import StoreFull
-from ddsnap.store.blockdev import CrashClock, CrashNow, MemoryDevice, RecordingDevice
+from ddsnap.store.blockdev import CrashClock, MemoryDevice, RecordingDevice
 from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
 from ddsnap.volume import Origin, Snapshot

@@ -20,7 +20,7 @@ from ddsnap.errors import CorruptMetadata, JournalError, NotAStore, StoreFull
 from ddsnap.store import format as fmt
 from ddsnap.store.alloc import Bitmap
 from ddsnap.store.blockdev import FileDevice, MemoryDevice
-from ddsnap.store.format import (BLOCK_SIZE, HEADER_SIZE, JD_MAX, T_BITMAP, T_JOURNAL, T_LEAF,
+from ddsnap.store.format import (BLOCK_SIZE, HEADER_SIZE, JD_MAX, T_JOURNAL, T_LEAF,
                                  T_NODE, T_SNAPTABLE, T_SUPER, Leaf, Node, SnapSlot, State,
                                  Superblock, check_header, decode_descriptor, decode_snaptable,
                                  encode_descriptor, encode_snaptable, peek_header, seal)

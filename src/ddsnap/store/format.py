@@ -309,7 +309,7 @@ class Leaf:
 
     def payload(self, exc_size: int) -> int:
         """Bytes the map and exceptions take (without header and sentinel)."""
-        return 8 * len(self.keys) + exc_size * sum(len(e) for e in self.excs)
+        return 8 * len(self.keys) + exc_size * sum(map(len, self.excs))
 
     def fits(self, exc_size: int) -> bool:
         """True if this leaf encodes into one block."""
@@ -323,18 +323,30 @@ class Leaf:
         base = self.keys[0] if n else 0
         _LEAF_HEAD.pack_into(buf, HEADER_SIZE, n, 0, base)
         esize = smbytes + 8
-        total = sum(len(e) for e in self.excs)
+        counts = list(map(len, self.excs))
+        total = sum(counts)
         top = BLOCK_SIZE - total * esize
         if top < LEAF_MAP_OFF + 8 * (n + 1):
             raise ValueError("leaf overflow")
+        # Packed in two struct calls, not per entry: every commit encodes each leaf it
+        # changed whole, and this loop was the biggest cost of a commit.
+        mapvals = []
         off = top
-        for i, (k, ex) in enumerate(zip(self.keys, self.excs)):
-            _MAP.pack_into(buf, LEAF_MAP_OFF + 8 * i, off, k - base)
-            for share, chunk in ex:
-                buf[off: off + smbytes] = share.to_bytes(smbytes, "little")
-                struct.pack_into("<Q", buf, off + smbytes, chunk)
-                off += esize
-        _MAP.pack_into(buf, LEAF_MAP_OFF + 8 * n, BLOCK_SIZE, 0)  # sentinel
+        for k, c in zip(self.keys, counts):
+            mapvals.append(off)
+            mapvals.append(k - base)
+            off += c * esize
+        mapvals.append(BLOCK_SIZE)  # sentinel
+        mapvals.append(0)
+        struct.pack_into(f"<{len(mapvals)}I", buf, LEAF_MAP_OFF, *mapvals)
+        if not total:
+            return buf
+        if smbytes == 8:  # sharemap and store chunk: two little-endian u64
+            struct.pack_into(f"<{2 * total}Q", buf, top,
+                             *[v for ex in self.excs for e in ex for v in e])
+        else:
+            buf[top:] = b"".join(share.to_bytes(smbytes, "little") + chunk.to_bytes(8, "little")
+                                 for ex in self.excs for share, chunk in ex)
         return buf
 
     @classmethod

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from humanfriendly import InvalidSize, parse_size
 
-from ..errors import (DdsnapError, InvalidArgument, MergeInProgress, NoMerge, ReadOnlyVolume,
+from ..errors import (DdsnapError, InvalidArgument, MergeInProgress, ReadOnlyVolume,
                       SnapshotBusy, SnapshotNotFound, StoreFull)
 from .api import ExceptionStore, NotCached, SnapshotInfo
 from .blockdev import BlockDevice, copy_range
@@ -456,8 +456,8 @@ class MetadataService:
         return False.
 
         ``snap`` None is the origin.  The NBD server tries this on its event loop before
-        handing a READ to a worker thread.  The metadata lock is held (taken without
-        waiting) across the data reads, which is what the read locks of
+        handing a READ to a worker thread.  The metadata lock is held across the data
+        reads (page-cache copies: microseconds), which is what the read locks of
         :meth:`map_snapshot_read` otherwise ensure: no origin chunk this read maps to the
         origin can be overwritten before the read is done.  During a merge every read
         takes the locked path.
@@ -1052,7 +1052,15 @@ class MetadataService:
         start: int | None = None
         try:
             while stop is None or not stop.is_set():
-                step = self._merge_begin(start)
+                try:
+                    step = self._merge_begin(start)
+                except StoreFull:
+                    if ender is None:
+                        raise
+                    # The step still ending frees chunks this one may need: let it end
+                    # (as without pipelining) and try again.
+                    wait_end()
+                    continue
                 if step is None:
                     wait_end()
                     if start is not None:

@@ -23,7 +23,7 @@ from .api import ExceptionStore, Finding, NotCached, SnapshotInfo
 from .blockdev import BlockDevice
 from .format import (BITMAP_BYTES, BITS_PER_BITMAP, BLOCK_SHIFT, BLOCK_SIZE, HEADER_SIZE,
                      MAGIC, NODE_MAX, SNAPS_PER_BLOCK, T_BITMAP, T_LEAF, T_NODE,
-                     T_SNAPTABLE, T_SUPER, Leaf, Node, SnapSlot, State, Superblock,
+                     T_SNAPTABLE, Leaf, Node, SnapSlot, State, Superblock,
                      check_header, decode_snaptable, encode_snaptable, seal)
 from .journal import Journal, Transaction
 from .memory import check_geometry
