@@ -259,7 +259,7 @@ class ExportSelected(Event):
     transmission_flags: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request(Event):
     """One validated transmission-phase request ("Request message").
 
@@ -520,10 +520,25 @@ class ServerConnection:
         events: list[Event] = []
         pos = 0
         buf = self._buf
+        limit = max_events if max_events is not None else 1 << 62
         while self._state is not State.CLOSED:
-            if max_events is not None and len(events) >= max_events:
+            if len(events) >= limit:
                 break
             avail = len(buf) - pos
+            if self._handler == self._on_request_header and not self._discard:
+                # Plain READs in a row, the hot path of a busy export: unpacked in place,
+                # without the per-request handler dispatch (same checks as there).
+                size = self._size
+                while avail >= 28 and len(events) < limit:
+                    magic, flags, ctype, handle, offset, length = _REQUEST.unpack_from(buf, pos)
+                    if (ctype or flags or magic != REQUEST_MAGIC or not 0 < length <= MAX_BLOCK_SIZE
+                            or not 0 <= offset <= size - length):
+                        break
+                    events.append(Request(handle, Command.READ, 0, offset, length))
+                    pos += 28
+                    avail -= 28
+                if len(events) >= limit:
+                    break
             if self._discard:
                 n = min(self._discard, avail)
                 pos += n
