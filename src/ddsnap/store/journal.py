@@ -88,16 +88,22 @@ class Journal:
         pos = self.head
         images = tx.images
         groups = [images[i:i + JD_MAX] for i in range(0, len(images), JD_MAX)] or [[]]
+        blocks: list[bytes] = []  # the transaction's journal blocks, from slot ``head``
         for gi, group in enumerate(groups):
             desc = encode_descriptor([b for b, _ in group], gi == len(groups) - 1, tx.state)
-            dblock = self._slot_block(pos)
-            seal(desc, T_JOURNAL, dblock, tx.seq, self.uuid)
-            self.dev.pwrite(desc, dblock * BLOCK_SIZE)
-            pos += 1
-            for _b, img in group:
-                self.dev.pwrite(img, self._slot_block(pos) * BLOCK_SIZE)
-                pos += 1
-        self.head = pos
+            seal(desc, T_JOURNAL, self._slot_block(pos + len(blocks)), tx.seq, self.uuid)
+            blocks.append(desc)
+            blocks.extend(img for _b, img in group)
+        # One write per stretch of consecutive slots (two if the journal wraps), not one
+        # per block: each record carries its own checksum, so a torn write is still
+        # found at replay as it was with single-block writes.
+        i = 0
+        while i < len(blocks):
+            first = self._slot_block(pos + i)
+            n = min(len(blocks) - i, self.start + self.size - first)
+            self.dev.pwrite(b"".join(blocks[i:i + n]), first * BLOCK_SIZE)
+            i += n
+        self.head = pos + len(blocks)
         self.next_seq += 1
 
     def checkpointed(self) -> None:
