@@ -300,6 +300,12 @@ class _Connection:
         self.slot_freed = asyncio.Event()
         #: the backend's read_into_nowait, if it has one (see _read_inline)
         self._nowait: Callable | None = None
+        #: WRITEs finished by workers, ``(request, written, exception or None)``, and
+        #: whether the loop has already been asked to reply to them
+        self._completed: collections.deque = collections.deque()
+        self._wake_pending = False
+        #: WRITEs gathered for one ``write_many`` call, ``(request, written)``
+        self._write_batch: list = []
         self.stopping = False
         self._interruptible = False
 
@@ -490,6 +496,9 @@ class _Connection:
             return
         if req.command is Command.READ and self._read_inline(req):
             return
+        if req.command is Command.WRITE:
+            self._dispatch_write(req)
+            return
         deps: list[asyncio.Future] = []
         written: asyncio.Future | None = None
         if req.command is Command.FLUSH:
@@ -525,6 +534,94 @@ class _Connection:
         if len(reply) >= SEND_BATCH:
             self._send()
         return True
+
+    def _dispatch_write(self, req: Request) -> None:
+        """Run a WRITE in the thread pool without a task per request.
+
+        The write path's cost was mostly the event loop's (a task, an executor future
+        chained to an asyncio one, a shield, a wake-up per completion); here the worker
+        queues its outcome and wakes the loop once for all the writes a group commit
+        completes together.  The ``written`` future is both the request's in-flight slot
+        and what a later FLUSH waits on.
+        """
+        loop = asyncio.get_running_loop()
+        written = loop.create_future()
+        self.pending_writes.add(written)
+        written.add_done_callback(self.pending_writes.discard)
+        self.inflight[written] = req.length
+        self.inflight_bytes += req.length
+        backend = self.backend
+        if hasattr(backend, "write_many"):
+            # Gathered: the WRITEs dispatched in this turn of the loop go to one worker
+            # together (one lock hold and one commit wait for all their copy-outs).
+            self._write_batch.append((req, written))
+            if len(self._write_batch) == 1:
+                loop.call_soon(self._submit_write_batch)
+            return
+
+        def run() -> None:
+            try:
+                backend.write(req.offset, req.data, fua=req.fua)
+                outcome: BaseException | None = None
+            except BaseException as exc:  # reported to the client on the loop
+                outcome = exc
+            self._completed.append((req, written, outcome))
+            if not self._wake_pending:
+                self._wake_pending = True
+                try:
+                    loop.call_soon_threadsafe(self._write_completions)
+                except RuntimeError:
+                    pass  # the loop is gone: the server was torn down
+
+        try:
+            self.server.executor.submit(run)
+        except RuntimeError as exc:  # executor shut down
+            self._completed.append((req, written, exc))
+            self._write_completions()
+
+    def _submit_write_batch(self) -> None:
+        """Hand the gathered WRITEs to one worker (``backend.write_many``)."""
+        batch, self._write_batch = self._write_batch, []
+        if not batch:
+            return
+        loop = asyncio.get_running_loop()
+        backend = self.backend
+
+        def run() -> None:
+            try:
+                outcomes = backend.write_many([(r.offset, r.data, r.fua) for r, _w in batch])
+            except BaseException as exc:  # reported to every request of the batch
+                outcomes = [exc] * len(batch)
+            for (req, written), outcome in zip(batch, outcomes):
+                self._completed.append((req, written, outcome))
+            if not self._wake_pending:
+                self._wake_pending = True
+                try:
+                    loop.call_soon_threadsafe(self._write_completions)
+                except RuntimeError:
+                    pass  # the loop is gone: the server was torn down
+
+        try:
+            self.server.executor.submit(run)
+        except RuntimeError as exc:  # executor shut down
+            for req, written in batch:
+                self._completed.append((req, written, exc))
+            self._write_completions()
+
+    def _write_completions(self) -> None:
+        """Reply to every WRITE the workers finished (on the loop), then send."""
+        self._wake_pending = False
+        while self._completed:
+            req, written, exc = self._completed.popleft()
+            if exc is None:
+                self.proto.send_ok(req)
+            else:
+                err, message = error_for_exception(exc)
+                self.proto.send_error(req, err, message)
+            written.set_result(None)
+            self.inflight_bytes -= self.inflight.pop(written, 0)
+        self.slot_freed.set()
+        self._send()
 
     def _request_done(self, task: asyncio.Task) -> None:
         self.inflight_bytes -= self.inflight.pop(task, 0)

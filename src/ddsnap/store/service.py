@@ -275,62 +275,103 @@ class MetadataService:
             StoreFull: no room for a copy-out (ENOSPC; nothing already shared is lost).
         """
         with self.lock:
-            self._check()
-            while self._barrier:
-                self.cond.wait()
-            if self._merge_mask:
-                # Chunks not merged yet are merged first: the write lands on the merged
-                # content (seed 003 patches 09/10: writes to chunks under merge wait).
-                self._merge_range_locked(first, last)
-            while True:
-                need = -1
-                moves, adds = [], []
-                err = None
-                retry = False
-                for c in range(first, last + 1):
-                    sharers = self.store.origin_sharers(c) & ~self._merge_mask
-                    if sharers:
-                        try:
-                            sc = self._allocate_held(moves)
-                        except _Reclaim:
-                            retry = True  # gave back what it held, reclaimed: again
-                            break
-                        except StoreFull as e:
-                            err = e
-                            break
-                        moves.append((c, sc))
-                        adds.append((c, sc, sharers))
-                    else:
-                        # No sharer now, but maybe only since a change not yet durable (a
-                        # copy-out, or a snapshot write unsharing the chunk): until it
-                        # is, a crash would bring the origin's sharers back.
-                        need = max(need, self._pending.get((-1, c), -1))
-                if retry:
-                    continue
-                if err is None or not self._can_make_room():
+            need = self._prepare_origin_locked(first, last)
+        self._await_origin_write(first, last, need)
+
+    def prepare_origin_writes(self, ranges: list[tuple[int, int]]
+                              ) -> list[BaseException | None]:
+        """:meth:`prepare_origin_write` for several writes at once (the NBD server's
+        batch of WRITEs that arrived together): the copy-outs of all of them under one
+        lock hold, one wait for their commit.  Returns, for the first ranges (possibly
+        not all), None (prepared: write the origin, then :meth:`finish_origin_write`) or
+        the exception that range got (nothing to finish).  Ranges past the returned list
+        were not started: a snapshot creation waits for the writes in flight, so the
+        batch stops growing; the caller prepares those one at a time afterwards."""
+        out: list[BaseException | None] = []
+        needs = []
+        with self.lock:
+            for first, last in ranges:
+                if out and self._barrier:
                     break
-                # Full, and the policy deletes the oldest snapshot: give back what this
-                # request took (its sharers may include the victim) and start again.
-                for _c, sc in moves:
-                    self.store.release_chunk(sc)
-                self._make_room_locked()
-            if moves:
-                self._copy(moves, self.origin)
-                for k, (c, sc, sharers) in enumerate(adds):
+                try:
+                    needs.append(self._prepare_origin_locked(first, last))
+                    out.append(None)
+                except Exception as e:
+                    needs.append(None)
+                    out.append(e)
+        for k, (first, last) in enumerate(ranges):
+            if out[k] is None:
+                try:
+                    self._await_origin_write(first, last, needs[k])
+                except Exception as e:
+                    out[k] = e
+        return out
+
+    def _prepare_origin_locked(self, first: int, last: int) -> int:
+        """The locked part of :meth:`prepare_origin_write`: copy-outs recorded, the
+        write counted in flight.  Returns the batch that must be durable before the
+        origin is written."""
+        self._check()
+        while self._barrier:
+            self.cond.wait()
+        if self._merge_mask:
+            # Chunks not merged yet are merged first: the write lands on the merged
+            # content (seed 003 patches 09/10: writes to chunks under merge wait).
+            self._merge_range_locked(first, last)
+        while True:
+            need = -1
+            moves, adds = [], []
+            err = None
+            retry = False
+            for c in range(first, last + 1):
+                sharers = self.store.origin_sharers(c) & ~self._merge_mask
+                if sharers:
                     try:
-                        self.store.add_origin_exception(c, sc, sharers)
+                        sc = self._allocate_held(moves)
+                    except _Reclaim:
+                        retry = True  # gave back what it held, reclaimed: again
+                        break
                     except StoreFull as e:
-                        # No room for the metadata: the chunks not recorded go back.
-                        for _c, unused, _s in adds[k:]:
-                            self.store.release_chunk(unused)
                         err = e
                         break
-                    self._pending[(-1, c)] = self.epoch
-                    self._bound_batch()
-                need = self.epoch
-            if err is not None:
-                raise err
-            self._origin_writes += 1
+                    moves.append((c, sc))
+                    adds.append((c, sc, sharers))
+                else:
+                    # No sharer now, but maybe only since a change not yet durable (a
+                    # copy-out, or a snapshot write unsharing the chunk): until it
+                    # is, a crash would bring the origin's sharers back.
+                    need = max(need, self._pending.get((-1, c), -1))
+            if retry:
+                continue
+            if err is None or not self._can_make_room():
+                break
+            # Full, and the policy deletes the oldest snapshot: give back what this
+            # request took (its sharers may include the victim) and start again.
+            for _c, sc in moves:
+                self.store.release_chunk(sc)
+            self._make_room_locked()
+        if moves:
+            self._copy(moves, self.origin)
+            for k, (c, sc, sharers) in enumerate(adds):
+                try:
+                    self.store.add_origin_exception(c, sc, sharers)
+                except StoreFull as e:
+                    # No room for the metadata: the chunks not recorded go back.
+                    for _c, unused, _s in adds[k:]:
+                        self.store.release_chunk(unused)
+                    err = e
+                    break
+                self._pending[(-1, c)] = self.epoch
+                self._bound_batch()
+            need = self.epoch
+        if err is not None:
+            raise err
+        self._origin_writes += 1
+        return need
+
+    def _await_origin_write(self, first: int, last: int, need: int) -> None:
+        """The waiting part of :meth:`prepare_origin_write`: the copy-outs durable, and
+        no read lock left on the chunks.  On failure the write is no longer in flight."""
         try:
             self.wait_durable(need)
             # Readers that mapped these origin chunks before the copy-outs hold read
