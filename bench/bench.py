@@ -172,6 +172,13 @@ def run(argv: list[str], what: str, timeout: float = 300, **kw) -> subprocess.Co
     return p
 
 
+def spawn(argv: list[str], log: Path) -> subprocess.Popen:
+    """Start a long-running process in its own session, its output going to ``log``."""
+    with open(log, "w") as logf:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def drop_file(path: Path) -> None:
     try:
         path.unlink()
@@ -203,12 +210,7 @@ class Processes:
               ready_path: Path | None = None, timeout: float = 60,
               connect: bool = True) -> Server:
         drop_file(sock)
-        logf = open(log, "w")
-        try:
-            popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            logf.close()
+        popen = spawn(argv, log)
         srv = Server(name, argv, sock, log, popen, ready_path)
         self.live.append(srv)
         deadline = time.monotonic() + timeout
@@ -691,13 +693,19 @@ class Bench:
 
     def ddsnap_down(self, srv: Server, store: Path, label: str) -> None:
         self.ddsnap_stop(srv, label)
-        try:
-            self.ddsnap("check", str(store), what=f"{label}: ddsnap check after stop",
-                        timeout=600)
-        except BenchError as e:
-            self.problem(str(e))
+        for x in self.check_stopped(store, label):
+            self.problem(x)
         drop_file(store)
         drop_file(self.tmp / "ddsnap-origin.raw")
+
+    def check_stopped(self, store: Path, label: str, timeout: float = 600) -> list[str]:
+        """``ddsnap check`` on a store no server holds; what went wrong, if anything."""
+        try:
+            self.ddsnap("check", str(store), what=f"{label}: ddsnap check after stop",
+                        timeout=timeout)
+        except BenchError as e:
+            return [str(e)]
+        return []
 
     def ddsnap_stop(self, srv: Server, label: str) -> None:
         """Stop ``ddsnap serve`` with SIGTERM; report a crash, an unclean exit or output."""
@@ -727,12 +735,7 @@ class Bench:
         argv = [self.pyspy, "record", "--pid", str(srv.popen.pid), "--format", "raw",
                 "--rate", str(self.args.profile_rate), "--nonblocking", "--function",
                 "-o", str(raw)]
-        logf = open(log, "w")
-        try:
-            spy = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            logf.close()
+        spy = spawn(argv, log)
         handle = Server("py-spy", argv, raw, log, spy)
         self.procs.live.append(handle)
         deadline = time.monotonic() + 15
@@ -1246,11 +1249,7 @@ class Bench:
                     r.unclean.append(f"{label}: `snap_list` lists {names}, expected {want}")
             finally:
                 self.ddsnap_stop(srv, label)
-            try:
-                self.ddsnap("check", str(store), what=f"{label}: ddsnap check after stop",
-                            timeout=600)
-            except BenchError as e:
-                r.unclean.append(str(e))
+            r.unclean += self.check_stopped(store, label)
         finally:
             drop_file(store)
             drop_file(origin)
@@ -1378,11 +1377,7 @@ class Bench:
                 r.bad = self.rss_check(seq)
             finally:
                 self.ddsnap_stop(srv, label)
-            try:
-                self.ddsnap("check", str(store), what=f"{label}: ddsnap check after stop",
-                            timeout=1200)
-            except BenchError as e:
-                r.bad.append(str(e))
+            r.bad += self.check_stopped(store, label, timeout=1200)
         finally:
             drop_file(store)
             drop_file(origin)

@@ -510,6 +510,29 @@ def test_a_kept_target_survives_a_crash_as_it_was_at_the_completion():
         assert got == kept, f"{mode}: the kept target changed in a crash"
 
 
+def _tight_store():
+    """A 64-chunk zero origin and a 70-chunk store (24-block journal) on recording
+    devices sharing one crash clock: ``(clock, origin, store device, service)``."""
+    clock = CrashClock()
+    size = 64 * CS
+    origin = RecordingDevice(size, bytes(size), "origin", clock)
+    dev = RecordingDevice(70 * CS, None, "store", clock)
+    svc = MetadataService(SharedStore.create(dev, size, "o", CS, 64, journal_blocks=24),
+                          origin)
+    return clock, origin, dev, svc
+
+
+def _after_crash(dev, origin, n: int, what: str, path: str) -> MetadataService:
+    """The service over the images a crash at op ``n`` leaves (lost unflushed writes),
+    after asserting the store checks clean (no leaked chunk)."""
+    store_img = bytes(dev.crash_image(random.Random(n), "drop"))
+    origin_img = bytes(origin.crash_image(random.Random(n), "drop"))
+    svc2 = MetadataService(SharedStore.open(MemoryDevice(len(store_img), store_img)),
+                           MemoryDevice(origin.size, origin_img))
+    assert svc2.store.check() == [], f"crash at op {n} ({what} {path})"
+    return svc2
+
+
 def test_crash_while_a_step_reclaims_the_space_a_merge_freed(monkeypatch):
     """A nearly full store: the first step's copy-outs use most of the free chunks and its
     drops free the target's (reusable only after a checkpoint); the second step's copy-outs
@@ -517,12 +540,8 @@ def test_crash_while_a_step_reclaims_the_space_a_merge_freed(monkeypatch):
     no unrecorded chunk, checkpoints to reuse the freed ones.  A crash at any point of
     those steps recovers clean (no leaked chunks) with every volume intact."""
     monkeypatch.setenv("DDSNAP_MERGE_STEP", str(5 * CS))  # one run of t per step
-    clock = CrashClock()
-    size = 64 * CS
-    origin = RecordingDevice(size, bytes(size), "origin", clock)
-    dev = RecordingDevice(70 * CS, None, "store", clock)
-    svc = MetadataService(SharedStore.create(dev, size, "o", CS, 64, journal_blocks=24),
-                          origin)
+    clock, origin, dev, svc = _tight_store()
+    size = origin.size
     t = svc.create_snapshot("t")
     Snapshot(svc, t).write(5 * CS, b"t" * 5 * CS)  # t's chunks 5..9, then 0..4: two runs
     Snapshot(svc, t).write(0, b"T" * 5 * CS)
@@ -538,11 +557,7 @@ def test_crash_while_a_step_reclaims_the_space_a_merge_freed(monkeypatch):
     checked = []
 
     def observe(n, what, path):
-        store_img = bytes(dev.crash_image(random.Random(n), "drop"))
-        origin_img = bytes(origin.crash_image(random.Random(n), "drop"))
-        svc2 = MetadataService(SharedStore.open(MemoryDevice(len(store_img), store_img)),
-                               MemoryDevice(size, origin_img))
-        assert svc2.store.check() == [], f"crash at op {n} ({what} {path})"
+        svc2 = _after_crash(dev, origin, n, what, path)
         assert Origin(svc2).read(0, size) == target
         assert Snapshot(svc2, young).read(0, size) == bytes(size)
         assert Snapshot(svc2, filler).read(0, size) == filled
@@ -560,19 +575,14 @@ def test_crash_while_a_step_reclaims_the_space_a_merge_freed(monkeypatch):
     assert Origin(svc).read(0, size) == target
 
 
-
 def test_crash_while_an_origin_write_reclaims_the_space_a_merge_freed(monkeypatch):
     """An origin write needing two copy-outs when only one chunk is free and the rest is
     what a merge freed (reusable after a checkpoint): it gives back the chunk it holds,
     checkpoints holding nothing, and starts again.  A crash at any point of the write
     recovers clean (no leaked chunk) with every snapshot intact."""
     monkeypatch.setenv("DDSNAP_MERGE_STEP", str(5 * CS))
-    clock = CrashClock()
-    size = 64 * CS
-    origin = RecordingDevice(size, bytes(size), "origin", clock)
-    dev = RecordingDevice(70 * CS, None, "store", clock)
-    svc = MetadataService(SharedStore.create(dev, size, "o", CS, 64, journal_blocks=24),
-                          origin)
+    clock, origin, dev, svc = _tight_store()
+    size = origin.size
     t = svc.create_snapshot("t")
     Snapshot(svc, t).write(0, b"T" * 5 * CS)
     filler = svc.create_snapshot("filler")
@@ -589,11 +599,7 @@ def test_crash_while_an_origin_write_reclaims_the_space_a_merge_freed(monkeypatc
     checked = []
 
     def observe(n, what, path):
-        store_img = bytes(dev.crash_image(random.Random(n), "drop"))
-        origin_img = bytes(origin.crash_image(random.Random(n), "drop"))
-        svc2 = MetadataService(SharedStore.open(MemoryDevice(len(store_img), store_img)),
-                               MemoryDevice(size, origin_img))
-        assert svc2.store.check() == [], f"crash at op {n} ({what} {path})"
+        svc2 = _after_crash(dev, origin, n, what, path)
         assert Snapshot(svc2, young).read(0, size) == before
         assert Snapshot(svc2, filler).read(0, size) == filled
         assert Snapshot(svc2, svc2.snapshot("t")).read(0, size) == before

@@ -26,6 +26,8 @@ class Volume:
 
     name: str
     read_only: bool = False
+    #: the snapshot read, None for the origin
+    info: SnapshotInfo | None = None
 
     def __init__(self, service: MetadataService):
         self.service = service
@@ -39,12 +41,30 @@ class Volume:
         return bytes(buf)
 
     def read_into(self, offset: int, view) -> None:
-        """Fill the writable buffer ``view`` with the bytes at ``offset`` (may block)."""
-        raise NotImplementedError
+        """Fill the writable buffer ``view`` with the bytes at ``offset`` (may block):
+        each chunk from where :meth:`_map_read` says, the read locks released after."""
+        if not len(view):
+            return
+        first, last = self._range(offset, len(view))
+        rmap = self._map_read(first, last)
+        if rmap is None:
+            self.service.origin.preadinto(view, offset)
+            return
+        try:
+            self.service.read_runs(rmap.first, rmap.sources, offset, view)
+        finally:
+            self.service.release_read(rmap)
 
     def read_into_nowait(self, offset: int, view) -> bool:
         """Fill ``view`` as :meth:`read_into` does if no disk or lock wait is needed
         (:meth:`MetadataService.read_nowait`); False means "use :meth:`read_into`"."""
+        if not len(view):
+            return True
+        self._range(offset, len(view))
+        return self.service.read_nowait(self.info, offset, view)
+
+    def _map_read(self, first: int, last: int):
+        """The :class:`ReadMap` of chunks ``first..last``, or None: all from the origin."""
         raise NotImplementedError
 
     def _range(self, offset: int, length: int) -> tuple[int, int]:
@@ -85,26 +105,10 @@ class Origin(Volume):
 
     name = "origin"
 
-    def read_into(self, offset: int, view) -> None:
-        """Read the origin; while a merge runs, chunks not merged yet come from the
-        merging snapshot's exceptions (the origin already shows its content)."""
-        if not len(view):
-            return
-        first, last = self._range(offset, len(view))
-        rmap = self.service.map_origin_read(first, last)
-        if rmap is None:
-            self.service.origin.preadinto(view, offset)
-            return
-        try:
-            self.service.read_runs(rmap.first, rmap.sources, offset, view)
-        finally:
-            self.service.release_read(rmap)
-
-    def read_into_nowait(self, offset: int, view) -> bool:
-        if not len(view):
-            return True
-        self._range(offset, len(view))
-        return self.service.read_nowait(None, offset, view)
+    def _map_read(self, first: int, last: int):
+        # While a merge runs, chunks not merged yet come from the merging snapshot's
+        # exceptions (the origin already shows its content); otherwise no map at all.
+        return self.service.map_origin_read(first, last)
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         """Write ``data`` at ``offset``; copy-outs are durable before the origin changes."""
@@ -177,23 +181,10 @@ class Snapshot(Volume):
         self.name = info.name
         self.read_only = info.read_only
 
-    def read_into(self, offset: int, view) -> None:
-        """Read the snapshot: its exceptions from the store, the rest from the origin
-        (read-locked meanwhile, so no origin write overwrites it mid-read)."""
-        if not len(view):
-            return
-        first, last = self._range(offset, len(view))
-        rmap = self.service.map_snapshot_read(self.info, first, last)
-        try:
-            self.service.read_runs(rmap.first, rmap.sources, offset, view)
-        finally:
-            self.service.release_read(rmap)
-
-    def read_into_nowait(self, offset: int, view) -> bool:
-        if not len(view):
-            return True
-        self._range(offset, len(view))
-        return self.service.read_nowait(self.info, offset, view)
+    def _map_read(self, first: int, last: int):
+        # Its exceptions from the store, the rest from the origin (read-locked meanwhile,
+        # so no origin write overwrites it mid-read).
+        return self.service.map_snapshot_read(self.info, first, last)
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         """Write into chunks made unique to this snapshot."""

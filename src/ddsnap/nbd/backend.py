@@ -41,6 +41,11 @@ class ExportBackend(Protocol):
     #     """As ``read_into``, only if it needs no wait for the disk (or a lock held
     #     long); False means "not now": the server then calls ``read_into`` from a
     #     thread.  Called on the event loop, so it must never block."""
+    #
+    # def write_many(self, writes: list[tuple[int, bytes, bool]]) -> list[Exception | None]:
+    #     """The ``(offset, data, fua)`` WRITEs that arrived together, in order; per
+    #     write None or the exception it failed with.  Without it the server calls
+    #     ``write`` for each."""
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         """Write ``data``; with ``fua`` it is durable before this returns."""

@@ -901,11 +901,6 @@ class ServerConnection:
             # no way to find the next request boundary: the connection is lost
             self._fatal(events, f"bad request magic 0x{magic:08x}")
             return
-        if ctype == 0 and not flags and self._size - length >= offset >= 0 and \
-                0 < length <= MAX_BLOCK_SIZE:
-            # a plain READ inside the export: nothing to refuse (the common case, fast)
-            events.append(Request(handle, Command.READ, flags, offset, length))
-            return
         problem = self._validate(ctype, flags, offset, length)
         if ctype == Command.WRITE:
             if length > MAX_DISCARD_PAYLOAD:

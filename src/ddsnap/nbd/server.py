@@ -259,6 +259,19 @@ def _grow_send_buffer(sock) -> None:
         pass  # a hint only
 
 
+def _write_each(backend, writes: list[tuple[int, bytes, bool]]) -> list[BaseException | None]:
+    """``write_many`` for a backend without one: ``backend.write`` per ``(offset, data,
+    fua)``; per write None or the exception it raised."""
+    out: list[BaseException | None] = []
+    for offset, data, fua in writes:
+        try:
+            backend.write(offset, data, fua=fua)
+            out.append(None)
+        except Exception as exc:  # reported to that request's client
+            out.append(exc)
+    return out
+
+
 async def _unix_socket_alive(path: str) -> bool:
     """True if something accepts connections on the unix socket ``path``."""
     try:
@@ -539,10 +552,12 @@ class _Connection:
         """Run a WRITE in the thread pool without a task per request.
 
         The write path's cost was mostly the event loop's (a task, an executor future
-        chained to an asyncio one, a shield, a wake-up per completion); here the worker
-        queues its outcome and wakes the loop once for all the writes a group commit
-        completes together.  The ``written`` future is both the request's in-flight slot
-        and what a later FLUSH waits on.
+        chained to an asyncio one, a shield, a wake-up per completion).  Here the WRITEs
+        dispatched in one turn of the loop go to one worker together (for ddsnap's
+        volumes, ``write_many``: one lock hold and one commit wait for all their
+        copy-outs), which queues their outcomes and wakes the loop once.  The
+        ``written`` future is both the request's in-flight slot and what a later FLUSH
+        waits on.
         """
         loop = asyncio.get_running_loop()
         written = loop.create_future()
@@ -550,46 +565,24 @@ class _Connection:
         written.add_done_callback(self.pending_writes.discard)
         self.inflight[written] = req.length
         self.inflight_bytes += req.length
-        backend = self.backend
-        if hasattr(backend, "write_many"):
-            # Gathered: the WRITEs dispatched in this turn of the loop go to one worker
-            # together (one lock hold and one commit wait for all their copy-outs).
-            self._write_batch.append((req, written))
-            if len(self._write_batch) == 1:
-                loop.call_soon(self._submit_write_batch)
-            return
-
-        def run() -> None:
-            try:
-                backend.write(req.offset, req.data, fua=req.fua)
-                outcome: BaseException | None = None
-            except BaseException as exc:  # reported to the client on the loop
-                outcome = exc
-            self._completed.append((req, written, outcome))
-            if not self._wake_pending:
-                self._wake_pending = True
-                try:
-                    loop.call_soon_threadsafe(self._write_completions)
-                except RuntimeError:
-                    pass  # the loop is gone: the server was torn down
-
-        try:
-            self.server.executor.submit(run)
-        except RuntimeError as exc:  # executor shut down
-            self._completed.append((req, written, exc))
-            self._write_completions()
+        self._write_batch.append((req, written))
+        if len(self._write_batch) == 1:
+            loop.call_soon(self._submit_write_batch)
 
     def _submit_write_batch(self) -> None:
-        """Hand the gathered WRITEs to one worker (``backend.write_many``)."""
+        """Hand the gathered WRITEs to one worker: ``backend.write_many`` if the backend
+        has it, else ``backend.write`` for each in turn."""
         batch, self._write_batch = self._write_batch, []
         if not batch:
             return
         loop = asyncio.get_running_loop()
         backend = self.backend
+        write_many = getattr(backend, "write_many", None) or functools.partial(
+            _write_each, backend)
 
         def run() -> None:
             try:
-                outcomes = backend.write_many([(r.offset, r.data, r.fua) for r, _w in batch])
+                outcomes = write_many([(r.offset, r.data, r.fua) for r, _w in batch])
             except BaseException as exc:  # reported to every request of the batch
                 outcomes = [exc] * len(batch)
             for (req, written), outcome in zip(batch, outcomes):
