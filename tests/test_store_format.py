@@ -19,7 +19,7 @@ from conftest import examples
 from ddsnap.errors import CorruptMetadata, JournalError, NotAStore, StoreFull
 from ddsnap.store import format as fmt
 from ddsnap.store.alloc import Bitmap
-from ddsnap.store.blockdev import FileDevice, MemoryDevice
+from ddsnap.store.blockdev import CrashNow, FileDevice, MemoryDevice, RecordingDevice
 from ddsnap.store.format import (BLOCK_SIZE, HEADER_SIZE, JD_MAX, T_JOURNAL, T_LEAF,
                                  T_NODE, T_SNAPTABLE, T_SUPER, Leaf, Node, SnapSlot, State,
                                  Superblock, check_header, decode_descriptor, decode_snaptable,
@@ -461,10 +461,10 @@ def _journal(dev, tail=0, seq=1, size=J_SIZE, uuid=UUID) -> Journal:
 def test_journal_append_and_replay():
     dev = MemoryDevice(4 << 20)
     j = _journal(dev)
-    j.append(_tx(1, [200, 201, 202]))
-    j.append(_tx(2, [201, 300]))
-    assert j.head == 4 + 3 and j.next_seq == 3
-    assert _home(dev, 200) == bytes(BLOCK_SIZE)  # append never writes home blocks
+    j.commit(_tx(1, [200, 201, 202]))
+    j.commit(_tx(2, [201, 300]))
+    assert j.head == 5 + 4 and j.next_seq == 3  # descriptor, images, commit block
+    assert _home(dev, 200) == bytes(BLOCK_SIZE)  # the journal never writes home blocks
     r = _journal(dev)
     state, applied = r.replay()
     assert applied == 2
@@ -477,32 +477,120 @@ def test_journal_append_and_replay():
     assert _journal(dev).replay() == (state, 2)
 
 
+@pytest.mark.parametrize("mode", ["drop", "subset", "torn", "all"])
+def test_journal_a_crash_anywhere_in_a_commit_is_never_damage(mode):
+    """A power cut at each write and flush of a commit (body, flush, commit block,
+    flush) leaves either the transaction before it or both, never an error: only a
+    commit block written after a durable body counts, so a crash cannot look like
+    damage."""
+    tx2 = _tx(2, [300, 301, 302])
+    for crash_at in range(1, 5):
+        dev = RecordingDevice(4 << 20)
+        j = _journal(dev)
+        j.commit(_tx(1, [200]))
+        dev.crash_after = dev.ops + crash_at
+        with pytest.raises(CrashNow):
+            j.commit(tx2)
+        seen = set()
+        for seed in range(12):
+            img = MemoryDevice(dev.size, dev.crash_image(random.Random(seed), mode))
+            state, applied = _journal(img).replay()
+            seen.add(applied)
+            assert applied in (1, 2), (crash_at, seed)
+            for h, want in tx2.images:
+                assert _home(img, h) == (want if applied == 2 else bytes(BLOCK_SIZE))
+        if crash_at <= 3:
+            assert seen == {1}, "committed before its commit block was written"
+
+
 def test_journal_empty_transaction_carries_state():
     dev = MemoryDevice(1 << 20)
-    _journal(dev).append(_tx(1, []))
+    _journal(dev).commit(_tx(1, []))
     assert _journal(dev).replay() == (State(1001, 1, 1), 1)
     assert _journal(MemoryDevice(1 << 20)).replay() == (None, 0)
 
 
-@pytest.mark.parametrize("where", ["descriptor", "first-image", "last-image", "torn-image"])
-def test_journal_torn_transaction_is_not_applied(where):
+@pytest.mark.parametrize("where", ["descriptor", "first-image", "last-image", "torn-image",
+                                   "none"])
+def test_journal_transaction_without_its_commit_block_is_torn(where):
+    """A transaction whose commit block never landed (a crash before the commit point)
+    is discarded, whatever else of it landed; the journal ends there."""
     dev = MemoryDevice(4 << 20)
     j = _journal(dev)
-    j.append(_tx(1, [200, 201]))
+    j.commit(_tx(1, [200, 201]))
     start2 = j.head
-    j.append(_tx(2, [300, 301, 302]))
+    tx2 = _tx(2, [300, 301, 302])
+    j.append(tx2)
     slot = {"descriptor": start2, "first-image": start2 + 1, "last-image": start2 + 3,
-            "torn-image": start2 + 2}[where]
-    off = (J_START + slot) * BLOCK_SIZE
-    if where == "torn-image":
-        dev.pwrite(bytes(BLOCK_SIZE - 1536), off + 1536)  # only 3 sectors landed
-    else:
-        dev.pwrite(bytes(BLOCK_SIZE), off)  # the write never landed
-    state, applied = _journal(dev).replay()
+            "torn-image": start2 + 2, "none": None}[where]
+    if slot is not None:
+        off = (J_START + slot) * BLOCK_SIZE
+        if where == "torn-image":
+            dev.pwrite(bytes(BLOCK_SIZE - 1536), off + 1536)  # only 3 sectors landed
+        else:
+            dev.pwrite(bytes(BLOCK_SIZE), off)  # the write never landed
+    r = _journal(dev)
+    state, applied = r.replay()
     assert applied == 1 and state == State(1001, 1, 1)
+    assert r.head == start2
     assert _home(dev, 201) == _image(201, 1, 0)
     for home in (300, 301, 302):
         assert _home(dev, home) == bytes(BLOCK_SIZE), "part of a torn transaction was applied"
+
+
+@pytest.mark.parametrize("where", ["descriptor", "image", "both-commit-copies"])
+@pytest.mark.parametrize("last", [True, False])
+def test_journal_damage_to_a_committed_transaction_is_reported(where, last):
+    """A flipped byte in a committed transaction is damage, not a torn commit: recovery
+    names the block and applies nothing.  For the last transaction its own commit
+    record proves it committed; for an earlier one, the next transaction's does (and
+    then even both copies of its own commit record damaged are caught)."""
+    if where == "both-commit-copies" and last:
+        pytest.skip("the documented limit: no proof left (see the next test)")
+    dev = MemoryDevice(4 << 20)
+    j = _journal(dev)
+    j.commit(_tx(1, [200]))
+    start2 = j.head
+    j.commit(_tx(2, [300, 301]))
+    if not last:
+        j.commit(_tx(3, [400]))
+    slot = {"descriptor": start2, "image": start2 + 2, "both-commit-copies": start2 + 3}[where]
+    off = (J_START + slot) * BLOCK_SIZE
+    flips = [100] if where != "both-commit-copies" else [100, 2048 + 100]
+    for at in flips:
+        b = dev.pread(1, off + at)
+        dev.pwrite(bytes([b[0] ^ 0x40]), off + at)
+    with pytest.raises(CorruptMetadata) as e:
+        _journal(dev).replay()
+    assert e.value.block == J_START + slot
+    assert _home(dev, 200) == bytes(BLOCK_SIZE)  # nothing applied
+    scan = _journal(dev).scan()
+    assert len(scan.transactions) == 1 and scan.damage
+
+
+def test_journal_one_damaged_commit_copy_is_a_warning():
+    dev = MemoryDevice(4 << 20)
+    j = _journal(dev)
+    j.commit(_tx(1, [200]))
+    for k in (0, 1):
+        d = MemoryDevice(dev.size, dev.data)
+        off = (J_START + 2) * BLOCK_SIZE + k * 2048 + 60
+        d.pwrite(bytes([d.pread(1, off)[0] ^ 1]), off)
+        scan = _journal(d).scan()
+        assert len(scan.transactions) == 1 and not scan.damage
+        assert [w.block for w in scan.warnings] == [J_START + 2]
+        assert _journal(d).replay() == (State(1001, 1, 1), 1)
+
+
+def test_journal_limit_both_commit_copies_of_the_last_transaction():
+    """The documented limit: both copies of the last transaction's commit record
+    damaged, nothing after it: it reads as a commit that never happened."""
+    dev = MemoryDevice(4 << 20)
+    j = _journal(dev)
+    j.commit(_tx(1, [200]))
+    off = (J_START + 2) * BLOCK_SIZE
+    dev.pwrite(bytes(BLOCK_SIZE), off)
+    assert _journal(dev).replay() == (None, 0)
 
 
 def test_journal_multi_record_transaction():
@@ -511,9 +599,9 @@ def test_journal_multi_record_transaction():
     dev = MemoryDevice(16 << 20)
     j = _journal(dev, size=1200)
     tx = _tx(1, homes)
-    assert tx.journal_blocks == n + 3
-    j.append(tx)
-    assert j.head == n + 3
+    assert tx.journal_blocks == n + 4
+    j.commit(tx)
+    assert j.head == n + 4
     # Only the last descriptor is flagged final.
     finals = []
     for k in range(3):
@@ -527,11 +615,13 @@ def test_journal_multi_record_transaction():
     image_dev = MemoryDevice(dev.size, dev.data)
     assert _journal(image_dev, size=1200).replay() == (tx.state, 1)
     assert all(_home(image_dev, h) == _image(h, 1, 0) for h in homes)
-    # Without its final record the transaction is not committed at all.
+    # Committed, a lost block of any record is damage naming it.
     for lost in (2 * JD_MAX + 2, 2 * JD_MAX + 2 + 5, JD_MAX + 1):
         torn = MemoryDevice(dev.size, dev.data)
         torn.pwrite(bytes(BLOCK_SIZE), (J_START + lost) * BLOCK_SIZE)
-        assert _journal(torn, size=1200).replay() == (None, 0)
+        with pytest.raises(CorruptMetadata) as e:
+            _journal(torn, size=1200).replay()
+        assert e.value.block == J_START + lost
         assert all(_home(torn, h) == bytes(BLOCK_SIZE) for h in homes)
 
 
@@ -541,53 +631,65 @@ def test_journal_wraps_around():
     j = _journal(dev, size=size)
     expected: dict[int, bytes] = {}
     tail_seq = 1
-    # Fill, checkpoint, and go round the ring; each transaction takes 6 slots, so
+    # Fill, checkpoint, and go round the ring; each transaction takes 7 slots, so
     # transactions straddle the end of the ring.
-    for seq in range(1, 7):
+    for seq in range(1, 8):
         homes = [500 + seq, 600 + seq, 700, 800 + seq % 3, 900]
         tx = _tx(seq, homes, tag=seq)
         if not j.room_for(tx):
-            j.checkpointed()
+            j.fully_checkpointed()
             expected.clear()
             tail_seq = seq
-        j.append(tx)
+        j.commit(tx)
         for h, img in tx.images:
             expected[h] = img
     assert j.head > size and j.tail % size + (j.head - j.tail) > size, "no wrap to test"
     fresh = MemoryDevice(dev.size, dev.data)
     r = Journal(fresh, UUID, J_START, size, j.tail, tail_seq)
     state, applied = r.replay()
-    assert applied == 6 - tail_seq + 1 and state == State(1006, 1, 6)
+    assert applied == 7 - tail_seq + 1 and state == State(1007, 1, 7)
     for h, img in expected.items():
         assert _home(fresh, h) == img
     # The slots past the head hold transactions of an earlier lap: never replayed.
-    assert r.head == j.head and r.next_seq == 7
+    assert r.head == j.head and r.next_seq == 8
+
+
+def test_journal_never_overwrites_the_older_superblock_slots_window():
+    """After one checkpoint the older superblock slot still replays from the previous
+    tail: room is counted from there, so that window stays intact."""
+    j = _journal(MemoryDevice(4 << 20), size=16)
+    j.commit(_tx(1, [100, 101, 102, 103, 104]))  # 7 slots
+    j.checkpointed()  # tail 7, older tail 0
+    assert not j.room_for(_tx(2, range(200, 208)))  # 10 slots: would reach slot 16 = 0
+    assert j.room_for(_tx(2, range(200, 205)))  # 7 slots: up to 13
+    j.checkpointed()
+    assert j.room_for(_tx(2, range(200, 208)))
 
 
 def test_journal_stale_lap_and_foreign_blocks_are_not_replayed():
     dev = MemoryDevice(4 << 20)
     j = _journal(dev, size=8)
-    j.append(_tx(1, [100, 101, 102]))  # slots 0..3
-    j.checkpointed()
-    j.append(_tx(2, [103]))  # slots 4..5
-    j.checkpointed()
-    j.append(_tx(3, [104, 105]))  # slots 6, 7, 0 (wraps over transaction 1)
-    # Replay from transaction 3: transaction 1's leftovers in slots 1..3 are stale.
-    state, applied = _journal(MemoryDevice(dev.size, dev.data), tail=6, seq=3, size=8).replay()
+    j.commit(_tx(1, [100, 101, 102]))  # slots 0..4
+    j.fully_checkpointed()
+    j.commit(_tx(2, [103]))  # slots 5..7
+    j.fully_checkpointed()
+    j.commit(_tx(3, [104, 105]))  # slots 0..3 (wraps over transaction 1)
+    # Replay from transaction 3: transaction 1's leftover in slot 4 is stale.
+    state, applied = _journal(MemoryDevice(dev.size, dev.data), tail=8, seq=3, size=8).replay()
     assert applied == 1 and state.root == 1003
     # A journal of another store (same place, other UUID) replays nothing.
     other = MemoryDevice(dev.size, dev.data)
-    assert _journal(other, tail=6, seq=3, size=8, uuid=OTHER_UUID).replay() == (None, 0)
+    assert _journal(other, tail=8, seq=3, size=8, uuid=OTHER_UUID).replay() == (None, 0)
 
 
 def test_journal_refuses_oversized_and_out_of_order_transactions():
     dev = MemoryDevice(4 << 20)
     j = _journal(dev, size=8)
     with pytest.raises(JournalError):
-        j.append(_tx(1, range(100, 108)))
+        j.append(_tx(1, range(100, 107)))
     with pytest.raises(JournalError):
         j.append(_tx(2, [100]))
-    j.append(_tx(1, [100]))
+    j.commit(_tx(1, [100]))
     assert _journal(dev, size=8).replay()[1] == 1
 
 

@@ -196,6 +196,18 @@ class NoMerge(DdsnapError):
     fault = "user"
 
 
+class FormatTooOld(DdsnapError):
+    """The store is in an older on-disk format; ``ddsnap upgrade STORE`` converts it."""
+
+    exit_code = 21
+    fault = "user"
+
+    def __init__(self, path: str, version: int = 1):
+        self.path = path
+        super().__init__(f"{path} is a format-v{version} ddsnap store (ddsnap 0.1); run "
+                         f"`ddsnap upgrade {path}` to convert it to the current format")
+
+
 class JournalError(CorruptMetadata):
     """The journal cannot be replayed (a commit record is inconsistent)."""
 

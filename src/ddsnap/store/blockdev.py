@@ -228,8 +228,16 @@ class FileDevice(BlockDevice):
 
     def lock_exclusive(self) -> bool:
         """Take a non-blocking exclusive ``flock``; return False if another holds it."""
+        return self._lock(fcntl.LOCK_EX)
+
+    def lock_shared(self) -> bool:
+        """Take a non-blocking shared ``flock`` (readers such as ``check``); return False
+        if another process holds it exclusively (a server)."""
+        return self._lock(fcntl.LOCK_SH)
+
+    def _lock(self, how: int) -> bool:
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.fd, how | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
             return False

@@ -1,6 +1,11 @@
 """``ddsnap check``: verify a shared store's on-disk metadata (seed 000's todo "snapcheck").
 
-Reads every metadata block from the device (not from the in-memory cache) and checks
+Reads every metadata block from the device (not from the in-memory cache; for a store
+opened for inspection, through the overlay of journal transactions recovery would apply)
+and reports: each superblock slot (damaged or stale: a warning), the live journal window
+(a committed transaction with a damaged block: fatal; one damaged copy of a commit
+record, or damage in the older superblock slot's part of the window: a warning), every
+snapshot table and bitmap block, and then checks
 DESIGN.md invariants 4 (self-identifying, checksummed blocks), 5 (bitmap and tree agree:
 every referenced block and chunk allocated exactly once; leaks are warnings) and 6 (every
 sharemap a non-empty subset of the live snapshots, seed 001 ``check_leaf``), plus the
@@ -13,23 +18,78 @@ from __future__ import annotations
 
 from ..errors import CorruptMetadata
 from .api import Finding
-from .format import (BLOCK_SIZE, T_LEAF, T_NODE, Leaf, Node, check_header)
-from .format import SLOT_LIVE
+from .format import (BITS_PER_BITMAP, SLOT_LIVE, T_BITMAP, T_LEAF, T_NODE, T_SNAPTABLE, Leaf,
+                     Node, check_header)
 from .snapshots import SpaceAccount
 
 
-def check_store(store) -> list[Finding]:
+def check_frame(store) -> tuple[list[Finding], list[range]]:
+    """The superblock slots, the journal window, the snapshot table and the bitmap.
+
+    Returns the findings and the ranges of store blocks whose bitmap block could not
+    be read (leaks there cannot be counted).
+    """
+    from .shared import read_superblocks
+
+    findings: list[Finding] = []
+    sb = store.sb
+    # Read again: a served store has checkpointed since it was opened.
+    _sb, reports = read_superblocks(store.dev)
+    for r in reports:
+        f = r.finding()
+        if f is not None:
+            findings.append(f)
+    j = store.journal
+    scan = j.scan()  # from the newer slot's tail: what recovery needs
+    for e in scan.damage:
+        findings.append(Finding("fatal", e.block, e.why))
+    for e in scan.warnings:
+        findings.append(Finding("warning", e.block, e.why))
+    older = [r for r in reports if r.status == "ok" and r.journal_tail is not None
+             and r.journal_tail < j.tail]
+    if older:
+        # The part only the older slot's recovery would replay: damage there loses
+        # nothing now, but that fallback would fail.
+        old = j.scan(older[0].journal_tail, older[0].journal_seq)
+        for e in old.damage:
+            if old.next_seq < j.tail_seq:
+                findings.append(Finding("warning", e.block, f"{e.why} (already checkpointed: "
+                                        "only recovery from the older superblock slot needs it)"))
+    unreadable = {e.block for e in store.unreadable}
+    for e in store.unreadable:
+        findings.append(Finding("fatal", e.block, e.why))
+    no_leak_count: list[range] = []
+    for i in range(sb.snaptable_blocks):
+        b = sb.snaptable_start + i
+        if b not in unreadable:
+            _verify(store, b, T_SNAPTABLE, findings)
+    for i in range(sb.bitmap_blocks):
+        b = sb.bitmap_start + i
+        if b in unreadable or not _verify(store, b, T_BITMAP, findings):
+            no_leak_count.append(range(i * BITS_PER_BITMAP, (i + 1) * BITS_PER_BITMAP))
+    return findings, no_leak_count
+
+
+def _verify(store, block: int, kind: int, findings: list[Finding]) -> bool:
+    try:
+        check_header(store._read_block(block), kind, block, store.uuid)
+        return True
+    except CorruptMetadata as e:
+        findings.append(Finding("fatal", e.block, e.why))
+        return False
+
+
+def check_store(store, leaks: list[int] | None = None) -> list[Finding]:
     """Check ``store`` (a :class:`~ddsnap.store.shared.SharedStore`) as it is on disk.
 
     Returns findings; any with severity ``"fatal"`` means the store is damaged.  The
     space figures are compared with the tree on disk, or with the tree in memory while
     changes are not committed yet.
     """
-    findings: list[Finding] = []
+    findings, no_leak_count = check_frame(store)
     sb = store.sb
     bpc = store.bpc
     bitmap = store.bitmap
-    dev = store.dev
     allowed = store.table.live_mask | store.table.deleting_mask
     referenced_blocks: dict[int, str] = {}
     referenced_chunks: dict[int, int] = {}
@@ -58,7 +118,7 @@ def check_store(store) -> list[Finding]:
         return True
 
     def load(block: int, kind: int):
-        buf = dev.pread(BLOCK_SIZE, block * BLOCK_SIZE)
+        buf = store._read_block(block)
         check_header(buf, kind, block, store.uuid)
         if kind == T_LEAF:
             return Leaf.decode(buf, block, store.smbytes)
@@ -73,7 +133,8 @@ def check_store(store) -> list[Finding]:
         try:
             obj = load(block, T_LEAF if leaf_level else T_NODE)
         except CorruptMetadata as e:
-            fatal(e.block, e.why)
+            fatal(e.block, f"{e.why} (this {what}: logical chunks [{lo}, "
+                           f"{'end' if hi is None else hi}) were not checked)")
             incomplete.append(block)
             return
         keys = obj.keys
@@ -145,9 +206,18 @@ def check_store(store) -> list[Finding]:
         used_by_chunks.update(range(c * bpc, (c + 1) * bpc))
     leaked = 0
     first_leak = None
+    skip = no_leak_count
+    if incomplete:
+        findings.append(Finding("warning", None, "leaked space not counted: the tree walk "
+                                                 "did not reach every block"))
+        return findings
     for b in range(bitmap.data_start, sb.blocks):
+        if skip and any(b in r for r in skip):
+            continue
         if bitmap.test(b) and b not in referenced_blocks and b not in used_by_chunks:
             leaked += 1
+            if leaks is not None:
+                leaks.append(b)
             first_leak = b if first_leak is None else first_leak
     if leaked:
         findings.append(Finding("warning", first_leak,

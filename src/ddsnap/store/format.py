@@ -1,4 +1,4 @@
-"""Format v1 of the snapshot store: every on-disk structure, encoded and decoded.
+"""Format v2 of the snapshot store: every on-disk structure, encoded and decoded.
 
 ``docs/format.md`` describes the same layout byte by byte; keep the two in step.  All
 integers are little-endian.  The store is an array of 4 KiB metadata blocks; a chunk of
@@ -27,7 +27,9 @@ from ..errors import CorruptMetadata
 BLOCK_SIZE = 4096
 BLOCK_SHIFT = 12
 MAGIC = b"DDSN"
-VERSION = 1
+VERSION = 2
+#: the format ddsnap 0.1 wrote; ``ddsnap upgrade`` converts it (``store/upgrade.py``)
+VERSION_V1 = 1
 
 # Block types
 T_SUPER = 1
@@ -36,9 +38,11 @@ T_BITMAP = 3
 T_LEAF = 4
 T_NODE = 5
 T_JOURNAL = 6
+T_COMMIT = 7
 
 TYPE_NAMES = {T_SUPER: "superblock", T_SNAPTABLE: "snapshot table", T_BITMAP: "bitmap",
-              T_LEAF: "leaf", T_NODE: "index node", T_JOURNAL: "journal descriptor"}
+              T_LEAF: "leaf", T_NODE: "index node", T_JOURNAL: "journal descriptor",
+              T_COMMIT: "journal commit block"}
 
 #: magic[4] type:u16 version:u16 crc32c:u32 reserved:u32 block:u64 sequence:u64 uuid[16]
 HEADER = struct.Struct("<4sHHII QQ16s")
@@ -48,15 +52,16 @@ _CRC_OFF = 8
 MAX_NAME = 255
 
 
-def seal(buf: bytearray, btype: int, block: int, seq: int, uuid: bytes) -> bytearray:
+def seal(buf: bytearray, btype: int, block: int, seq: int, uuid: bytes,
+         version: int = VERSION) -> bytearray:
     """Write the common header into ``buf`` (a 4 KiB bytearray) and fill in its crc32c."""
-    HEADER.pack_into(buf, 0, MAGIC, btype, VERSION, 0, 0, block, seq, uuid)
+    HEADER.pack_into(buf, 0, MAGIC, btype, version, 0, 0, block, seq, uuid)
     struct.pack_into("<I", buf, _CRC_OFF, crc32c.crc32c(buf))
     return buf
 
 
 def check_header(buf: bytes, btype: int, block: int, uuid: bytes | None,
-                 seq: int | None = None) -> int:
+                 seq: int | None = None, version: int = VERSION) -> int:
     """Verify the header of a block read from ``block``; return its sequence.
 
     Raises:
@@ -72,8 +77,8 @@ def check_header(buf: bytes, btype: int, block: int, uuid: bytes | None,
     struct.pack_into("<I", tmp, _CRC_OFF, 0)
     if crc32c.crc32c(tmp) != crc:
         raise CorruptMetadata(block, f"crc32c mismatch in {want} block")
-    if ver != VERSION:
-        raise CorruptMetadata(block, f"unsupported format version {ver}")
+    if ver != version:
+        raise CorruptMetadata(block, f"format version {ver}, expected {version}")
     if t != btype:
         raise CorruptMetadata(block, f"expected a {want} block, found type {TYPE_NAMES.get(t, t)}")
     if bno != block:
@@ -85,16 +90,23 @@ def check_header(buf: bytes, btype: int, block: int, uuid: bytes | None,
     return bseq
 
 
-def peek_header(buf: bytes) -> tuple[int, int, int] | None:
+def peek_header(buf: bytes, version: int = VERSION) -> tuple[int, int, int] | None:
     """Return ``(type, block, sequence)`` if ``buf`` has a valid header and crc, else None."""
     if len(buf) != BLOCK_SIZE or buf[:4] != MAGIC:
         return None
     magic, t, ver, crc, _r, bno, bseq, _u = HEADER.unpack_from(buf, 0)
     tmp = bytearray(buf)
     struct.pack_into("<I", tmp, _CRC_OFF, 0)
-    if crc32c.crc32c(tmp) != crc or ver != VERSION:
+    if crc32c.crc32c(tmp) != crc or ver != version:
         return None
     return t, bno, bseq
+
+
+def header_version(buf: bytes) -> int | None:
+    """The format version a block's header claims (unverified), or None without magic."""
+    if len(buf) < HEADER_SIZE or buf[:4] != MAGIC:
+        return None
+    return HEADER.unpack_from(buf, 0)[2]
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,13 +167,55 @@ _SB_PATH_OFF = _SB_STATE_OFF + _STATE.size  # 176: path length, then the path
 
 
 @dataclass
+class OriginIdentity:
+    """What the origin was when the store was last shut down cleanly (format v2).
+
+    ``size`` in bytes; ``dev``/``ino`` the file's device and inode numbers;
+    ``mtime_ns``/``ctime_ns`` its modification and change times (0 for a block device,
+    whose times say nothing about its content).  Compared at the next open to notice an
+    origin changed while nobody served it.
+    """
+
+    size: int
+    dev: int = 0
+    ino: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+
+
+@dataclass
+class AutoDeleted:
+    """A snapshot the ``delete-oldest`` full-store policy deleted (``deleted``: ns since
+    the Unix epoch, UTC)."""
+
+    id: int
+    deleted: int
+    name: str
+
+
+#: superblock flag bits
+SB_CLEAN = 1
+SB_IDENTITY = 2  # the origin identity fields are valid
+#: superblock offsets (format v2) of the origin identity and the auto-deleted records
+_SB_ID_OFF = 1208
+_SB_ID = struct.Struct("<QQQQQ")  # dev ino mtime_ns ctime_ns size
+_SB_AUTO_OFF = _SB_ID_OFF + _SB_ID.size  # 1248: count u32, then records
+_AUTO = struct.Struct("<QQH")  # id deleted_ns name_len, then the name (255 bytes)
+_AUTO_SIZE = _AUTO.size + MAX_NAME  # 273
+#: auto-deleted snapshots the superblock remembers (the newest)
+AUTO_DELETED_MAX = 8
+
+
+@dataclass
 class Superblock:
     """The store's geometry and the root of its metadata (seed 000 ``struct disksuper``).
 
     Sizes: ``blocks`` in 4 KiB blocks; ``origin_size`` in bytes; ``chunk_shift`` is
     log2(chunk size in bytes).  ``journal_tail`` is a monotonically increasing journal
     position (in blocks; the slot is ``tail % journal_blocks``) from which recovery
-    replays, expecting transaction ``journal_seq`` first.
+    replays, expecting transaction ``journal_seq`` first.  ``identity`` is the origin as
+    of the last clean shutdown (None if not recorded); ``auto_deleted`` the newest
+    snapshots the full-store policy deleted, oldest first.
     """
 
     uuid: bytes
@@ -182,6 +236,8 @@ class Superblock:
     state: State = field(default_factory=State)
     origin_path: str = ""
     generation: int = 0
+    identity: OriginIdentity | None = None
+    auto_deleted: list[AutoDeleted] = field(default_factory=list)
 
     @property
     def chunk_size(self) -> int:
@@ -195,24 +251,47 @@ class Superblock:
     def chunks(self) -> int:
         return self.blocks >> (self.chunk_shift - BLOCK_SHIFT)
 
-    def encode(self) -> bytearray:
+    @property
+    def slot(self) -> int:
+        """The superblock slot (block 0 or 1) this generation is written to."""
+        return self.generation % 2
+
+    def encode(self, version: int = VERSION) -> bytearray:
         buf = bytearray(BLOCK_SIZE)
         path = self.origin_path.encode()
         if len(path) > MAX_ORIGIN_PATH:
             raise ValueError("origin path too long")
+        flags = (SB_CLEAN if self.clean else 0) | (SB_IDENTITY if self.identity else 0)
         _SB.pack_into(
             buf, _SB_OFF, self.blocks, self.chunk_shift, self.max_snapshots,
             self.origin_size, self.created, self.snaptable_start, self.snaptable_blocks,
             self.bitmap_start, self.bitmap_blocks, self.journal_start, self.journal_blocks,
-            self.journal_tail, self.journal_seq, 1 if self.clean else 0)
+            self.journal_tail, self.journal_seq, flags)
         self.state.pack_into(buf, _SB_STATE_OFF)
         struct.pack_into("<H", buf, _SB_PATH_OFF, len(path))
         buf[_SB_PATH_OFF + 2: _SB_PATH_OFF + 2 + len(path)] = path
-        return seal(buf, T_SUPER, self.generation % 2, self.generation, self.uuid)
+        if version >= 2:
+            if self.identity is not None:
+                i = self.identity
+                _SB_ID.pack_into(buf, _SB_ID_OFF, i.dev, i.ino, i.mtime_ns, i.ctime_ns, i.size)
+            recs = self.auto_deleted[-AUTO_DELETED_MAX:]
+            struct.pack_into("<I", buf, _SB_AUTO_OFF, len(recs))
+            off = _SB_AUTO_OFF + 4
+            for r in recs:
+                name = r.name.encode()[:MAX_NAME]
+                _AUTO.pack_into(buf, off, r.id, r.deleted, len(name))
+                buf[off + _AUTO.size: off + _AUTO.size + len(name)] = name
+                off += _AUTO_SIZE
+        return seal(buf, T_SUPER, self.slot, self.generation, self.uuid, version)
 
     @classmethod
-    def decode(cls, buf: bytes, block: int) -> "Superblock":
-        seq = check_header(buf, T_SUPER, block, None)
+    def decode(cls, buf: bytes, block: int, version: int = VERSION) -> "Superblock":
+        """Decode superblock slot ``block``.
+
+        Raises:
+            CorruptMetadata: the header, crc or a field is wrong (naming ``block``).
+        """
+        seq = check_header(buf, T_SUPER, block, None, version=version)
         uuid = bytes(buf[32:48])
         (blocks, cshift, maxsnap, osize, created, st_start, st_blocks, bm_start, bm_blocks,
          j_start, j_blocks, j_tail, j_seq, flags) = _SB.unpack_from(buf, _SB_OFF)
@@ -220,11 +299,31 @@ class Superblock:
         (plen,) = struct.unpack_from("<H", buf, _SB_PATH_OFF)
         if plen > MAX_ORIGIN_PATH:
             raise CorruptMetadata(block, "origin path length out of range")
+        if seq % 2 != block:
+            raise CorruptMetadata(block, f"generation {seq} does not belong in slot {block}")
         off = _SB_PATH_OFF + 2
         path = bytes(buf[off: off + plen]).decode(errors="replace")
+        identity, auto = None, []
+        if version >= 2:
+            if flags & SB_IDENTITY:
+                dev, ino, mtime, ctime, size = _SB_ID.unpack_from(buf, _SB_ID_OFF)
+                identity = OriginIdentity(size, dev, ino, mtime, ctime)
+            (n,) = struct.unpack_from("<I", buf, _SB_AUTO_OFF)
+            if n > AUTO_DELETED_MAX:
+                raise CorruptMetadata(block, f"{n} auto-deleted records (at most "
+                                             f"{AUTO_DELETED_MAX})")
+            off = _SB_AUTO_OFF + 4
+            for _ in range(n):
+                sid, when, nlen = _AUTO.unpack_from(buf, off)
+                if nlen > MAX_NAME:
+                    raise CorruptMetadata(block, "auto-deleted record name out of range")
+                name = bytes(buf[off + _AUTO.size: off + _AUTO.size + nlen]).decode(
+                    errors="replace")
+                auto.append(AutoDeleted(sid, when, name))
+                off += _AUTO_SIZE
         return cls(uuid, blocks, cshift, maxsnap, osize, created, st_start, st_blocks,
-                   bm_start, bm_blocks, j_start, j_blocks, j_tail, j_seq, bool(flags & 1),
-                   state, path, seq)
+                   bm_start, bm_blocks, j_start, j_blocks, j_tail, j_seq,
+                   bool(flags & SB_CLEAN), state, path, seq, identity, auto)
 
 
 # ---------------------------------------------------------------------------------------
@@ -451,3 +550,67 @@ def decode_descriptor(buf: bytes) -> tuple[list[int], bool, State]:
         raise ValueError("descriptor count out of range")
     targets = list(struct.unpack_from(f"<{n}Q", buf, JD_ENTRIES_OFF))
     return targets, bool(flags & JD_FINAL), State.unpack_from(buf, _JD_STATE_OFF)
+
+
+# ---------------------------------------------------------------------------------------
+# Journal commit block (format v2): the commit point of a transaction, written after
+# the transaction's descriptors and images are durable.  It holds two identical
+# 2048-byte copies of the commit record, each with its own crc32c: one damaged copy
+# leaves the other, so damage to it cannot pass for a commit that never happened.
+
+COMMIT_COPY = BLOCK_SIZE // 2
+#: magic type version crc reserved block seq uuid | start:u64 blocks:u32 flags:u32
+_COMMIT = struct.Struct("<4sHHII QQ16s QII")
+_COMMIT_STATE_OFF = _COMMIT.size  # 80
+_COMMIT_CRC_OFF = 8
+
+
+@dataclass
+class CommitRecord:
+    """One transaction's commit record.
+
+    ``start`` is the journal position of its first descriptor, ``blocks`` the number of
+    descriptor and image blocks before the commit block (so the commit block is at
+    position ``start + blocks``); ``state`` the root state after the transaction.
+    """
+
+    seq: int
+    start: int
+    blocks: int
+    state: State
+
+
+def encode_commit(rec: CommitRecord, block: int, uuid: bytes) -> bytearray:
+    """The commit block for ``rec`` written at journal block ``block``: two copies."""
+    half = bytearray(COMMIT_COPY)
+    _COMMIT.pack_into(half, 0, MAGIC, T_COMMIT, VERSION, 0, 0, block, rec.seq, uuid,
+                      rec.start, rec.blocks, 0)
+    rec.state.pack_into(half, _COMMIT_STATE_OFF)
+    struct.pack_into("<I", half, _COMMIT_CRC_OFF, crc32c.crc32c(half))
+    return half + half
+
+
+def decode_commit(buf: bytes, block: int, uuid: bytes) -> tuple[CommitRecord | None, list[int]]:
+    """Decode the commit block read from journal block ``block``.
+
+    Returns ``(record, bad)``: the record from the first copy that checks out (None if
+    neither does) and the indexes (0, 1) of copies that do not check out.  A copy checks
+    out when its magic, type, version, crc32c, block number and UUID are right; a copy
+    that disagrees with the other one is reported bad too.
+    """
+    recs: list[CommitRecord | None] = []
+    for k in (0, 1):
+        half = bytearray(buf[k * COMMIT_COPY:(k + 1) * COMMIT_COPY])
+        rec = None
+        if half[:4] == MAGIC:
+            magic, t, ver, crc, _r, bno, seq, buuid, start, blocks, _f = _COMMIT.unpack_from(half, 0)
+            struct.pack_into("<I", half, _COMMIT_CRC_OFF, 0)
+            if (t == T_COMMIT and ver == VERSION and bno == block and buuid == uuid
+                    and crc32c.crc32c(half) == crc):
+                rec = CommitRecord(seq, start, blocks, State.unpack_from(half, _COMMIT_STATE_OFF))
+        recs.append(rec)
+    good = [r for r in recs if r is not None]
+    if len(good) == 2 and good[0] != good[1]:
+        return None, [0, 1]
+    bad = [k for k, r in enumerate(recs) if r is None]
+    return (good[0] if good else None), bad

@@ -17,15 +17,16 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from ..errors import CorruptMetadata, InvalidArgument, NotAStore, StoreFull
+from ..errors import CorruptMetadata, FormatTooOld, InvalidArgument, NotAStore, StoreFull
 from .alloc import Bitmap
 from .api import ExceptionStore, Finding, NotCached, SnapshotInfo
 from .blockdev import BlockDevice
 from .format import (BITMAP_BYTES, BITS_PER_BITMAP, BLOCK_SHIFT, BLOCK_SIZE, HEADER_SIZE,
                      MAGIC, NODE_MAX, SNAPS_PER_BLOCK, T_BITMAP, T_LEAF, T_NODE,
-                     T_SNAPTABLE, Leaf, Node, SnapSlot, State, Superblock,
-                     check_header, decode_snaptable, encode_snaptable, seal)
-from .journal import Journal, Transaction
+                     T_SNAPTABLE, VERSION_V1, Leaf, Node, SnapSlot, State, Superblock,
+                     check_header, decode_snaptable, encode_snaptable, header_version,
+                     seal)
+from .journal import Journal, Replay, Transaction
 from .memory import check_geometry
 from .snapshots import (SnapshotTable, SpaceAccount, exc_add_snapshot, exc_lookup,
                         exc_remove_bits, exc_sharers)
@@ -48,7 +49,7 @@ class SharedStore(ExceptionStore):
 
     # -- construction --------------------------------------------------------------------
 
-    def __init__(self, dev: BlockDevice, sb: Superblock):
+    def __init__(self, dev: BlockDevice, sb: Superblock, old_tail: int | None = None):
         self.dev = dev
         self.sb = sb
         self.uuid = sb.uuid
@@ -71,8 +72,24 @@ class SharedStore(ExceptionStore):
         self._state_dirty = False
         self._want_checkpoint = False
         # frees of written transactions, and of checkpointed ones (reusable once drained)
+        # frees of transactions written since the last checkpoint, of those the last
+        # checkpoint covered (still in the older superblock slot's replay window), and
+        # of those both slots are past (reusable once drained)
         self._written_frees: list[tuple] = []
+        self._ckpt_frees: list[tuple] = []
         self._released: list[tuple] = []
+        #: opened for inspection or degraded serving: nothing is ever written
+        self.read_only = False
+        #: how the open went: superblock slot reports, the journal scan
+        self.slot_reports: list[SlotReport] = []
+        self.journal_scan: Replay | None = None
+        #: journal images recovery would apply, read instead of their homes (read-only
+        #: opens), and homes whose newest image is damaged (reading them is an error)
+        self._overlay: dict[int, bytes] = {}
+        self._untrusted: set[int] = set()
+        self._untrusted_all = False
+        #: metadata blocks an inspection open could not read (table, bitmap)
+        self.unreadable: list[CorruptMetadata] = []
         self._sweep_resume = 0
         #: leaves one sweep step may visit before it commits
         self.sweep_budget = SWEEP_BUDGET
@@ -83,7 +100,7 @@ class SharedStore(ExceptionStore):
         #: root state of the last transaction written (what a checkpoint records)
         self._last_state = sb.state.copy()
         self.journal = Journal(dev, sb.uuid, sb.journal_start, sb.journal_blocks,
-                               sb.journal_tail, sb.journal_seq)
+                               sb.journal_tail, sb.journal_seq, old_tail)
 
     @classmethod
     def create(cls, dev: BlockDevice, origin_size: int, origin_path: str = "",
@@ -158,51 +175,129 @@ class SharedStore(ExceptionStore):
         return self
 
     @classmethod
-    def open(cls, dev: BlockDevice) -> "SharedStore":
-        """Open the store on ``dev``, replaying its journal.
+    def open(cls, dev: BlockDevice, mode: str = "rw") -> "SharedStore":
+        """Open the store on ``dev``, recovering its journal.
+
+        ``mode``:
+
+        * ``"rw"``: replay the journal to the home blocks and checkpoint; the store is
+          then ready for changes.
+        * ``"inspect"`` (``ddsnap check``): writes nothing.  The journal's committed
+          transactions are read as an overlay on the home blocks; damage anywhere is
+          recorded (:attr:`journal_scan`, :attr:`slot_reports`, :attr:`unreadable`) for
+          the caller to report rather than raised, as far as the store can be read.
+        * ``"degraded"`` (``serve --force-degraded``): writes nothing; like
+          ``"inspect"``, and metadata only a damaged journal block could have brought up
+          to date raises :class:`CorruptMetadata` when read (so the data it maps is
+          never served).
 
         Raises:
             NotAStore: no superblock.
-            CorruptMetadata: a superblock, table or bitmap block fails its checks, or the
-                device is smaller than the store.
+            FormatTooOld: a format-v1 store.
+            CorruptMetadata: (``"rw"``, and the other modes where nothing can be read)
+                a superblock, the journal, table or bitmap block fails its checks, or
+                the device is smaller than the store; the error names the block.
         """
-        sb = read_superblock(dev)
+        if mode not in ("rw", "inspect", "degraded"):
+            raise ValueError(f"unknown open mode {mode!r}")
+        sb, reports = read_superblocks(dev)
         if dev.size < sb.blocks * BLOCK_SIZE:
             # Chunks past the end would read as zeroes: never serve them as data.
-            raise CorruptMetadata(sb.generation % 2,
+            raise CorruptMetadata(sb.slot,
                                   f"the store needs {sb.blocks * BLOCK_SIZE} bytes but "
                                   f"{dev.path} has {dev.size} bytes (truncated?)")
-        self = cls(dev, sb)
-        state, applied = self.journal.replay()
-        self.recovered = applied
+        tails = [r.journal_tail for r in reports if r.status == "ok" and r.journal_tail is not None]
+        self = cls(dev, sb, old_tail=min(tails) if tails else None)
+        self.slot_reports = reports
+        scan = self.journal.scan()
+        self.journal_scan = scan
+        if mode == "rw":
+            if scan.damage:
+                raise scan.damage[0]
+            for tx in scan.transactions:
+                for t, img in tx.images:
+                    dev.pwrite(img, t * BLOCK_SIZE)
+        else:
+            self.read_only = True
+            for tx in scan.transactions + scan.later:
+                for t, img in tx.images:
+                    self._overlay[t] = img
+            self._untrusted = set(scan.untrusted)
+            self._untrusted_all = scan.unknown
+        self.journal.head, self.journal.next_seq = scan.end, scan.next_seq
+        self.recovered = len(scan.transactions)
+        state = scan.state
         if state is not None:
-            self.state = state
+            self.state = state.copy()
             self._last_state = state.copy()
         data_start_blocks = sb.journal_start + sb.journal_blocks
         data_start = -(-data_start_blocks // sb.blocks_per_chunk) * sb.blocks_per_chunk
+        tolerant = mode == "inspect"
         slots = []
         for i in range(sb.snaptable_blocks):
             b = sb.snaptable_start + i
-            buf = dev.pread(BLOCK_SIZE, b * BLOCK_SIZE)
-            check_header(buf, T_SNAPTABLE, b, sb.uuid)
             n = min(SNAPS_PER_BLOCK, sb.max_snapshots - i * SNAPS_PER_BLOCK)
-            slots.extend(decode_snaptable(buf, b, n))
+            try:
+                buf = self._read_block(b)
+                check_header(buf, T_SNAPTABLE, b, sb.uuid)
+                slots.extend(decode_snaptable(buf, b, n))
+            except CorruptMetadata as e:
+                if not tolerant:
+                    raise
+                self.unreadable.append(e)
+                slots.extend(SnapSlot() for _ in range(n))
         self.table = SnapshotTable(slots)
         bits = bytearray()
         for i in range(sb.bitmap_blocks):
             b = sb.bitmap_start + i
-            buf = dev.pread(BLOCK_SIZE, b * BLOCK_SIZE)
-            check_header(buf, T_BITMAP, b, sb.uuid)
-            bits += buf[HEADER_SIZE:]
+            try:
+                buf = self._read_block(b)
+                check_header(buf, T_BITMAP, b, sb.uuid)
+                bits += buf[HEADER_SIZE:]
+            except CorruptMetadata as e:
+                if not tolerant:
+                    raise
+                self.unreadable.append(e)
+                bits += b"\xff" * BITMAP_BYTES  # unknown: counted as in use
         self.bitmap = Bitmap(bits, sb.blocks, sb.blocks_per_chunk, data_start)
-        self._read_node(self.state.root)  # fail now, not mid-request, on a bad root
+        if mode == "rw" or not tolerant:
+            self._read_node(self.state.root)  # fail now, not mid-request, on a bad root
         self._count_space()
-        # Record the replay and mark the store in use.
-        dev.flush()
-        self.journal.checkpointed()
-        self.sb.state = self.state.copy()
-        self._write_super(clean=False)
+        if mode == "rw":
+            # Record the replay and mark the store in use, in both superblock slots:
+            # the space the replayed transactions freed is reusable only once neither
+            # slot's recovery would replay them again.
+            dev.flush()
+            self.journal.fully_checkpointed()
+            self.sb.state = self.state.copy()
+            self._write_super(clean=False)
+            self._write_super(clean=False)
         return self
+
+    def _read_block(self, block: int) -> bytes:
+        """The current image of metadata ``block``: the journal overlay's (read-only
+        opens) or its home's.
+
+        Raises:
+            CorruptMetadata: a degraded open cannot trust the block (its newest journal
+                image is damaged).
+        """
+        if self._untrusted_all and block not in self._overlay and block >= self.data_start:
+            raise CorruptMetadata(block, "a damaged journal transaction may have "
+                                             "changed this block: it cannot be trusted")
+        if block in self._untrusted:
+            raise CorruptMetadata(block, "its newest journal image is damaged: the block "
+                                         "cannot be trusted")
+        img = self._overlay.get(block)
+        if img is not None:
+            return img
+        return self.dev.pread(BLOCK_SIZE, block * BLOCK_SIZE)
+
+    @property
+    def data_start(self) -> int:
+        """First block of the data area (past the journal, chunk aligned)."""
+        end = self.sb.journal_start + self.sb.journal_blocks
+        return -(-end // self.bpc) * self.bpc
 
     def _count_space(self) -> None:
         """Count the per-snapshot space figures from the tree: the one full walk, at
@@ -292,7 +387,7 @@ class SharedStore(ExceptionStore):
     def _load(self, block: int, kind: int):
         if not self.bitmap.data_start <= block < self.sb.blocks:
             raise CorruptMetadata(block, "tree points outside the metadata area")
-        buf = self.dev.pread(BLOCK_SIZE, block * BLOCK_SIZE)
+        buf = self._read_block(block)
         check_header(buf, kind, block, self.uuid)
         if kind == T_LEAF:
             return Leaf.decode(buf, block, self.smbytes)
@@ -758,31 +853,42 @@ class SharedStore(ExceptionStore):
 
     def write_commit(self, batch: _Batch) -> None:
         tx = batch.tx
-        # Exception data (copy-outs, snapshot writes) durable before the metadata that
-        # points at it (DESIGN.md invariant 3).
-        self.dev.flush()
-        if not self.journal.room_for(tx):
+        if self.read_only:
+            raise CorruptMetadata(self.sb.slot, "the store is open read-only")
+        while not self.journal.room_for(tx):
             self._checkpoint(self._last_state)
-        self.journal.append(tx)
-        self.dev.flush()
+        # Exception data (copy-outs, snapshot writes) durable before the commit point
+        # (DESIGN.md invariant 3): the journal's first flush covers it.
+        self.journal.commit(tx)
         for b, img in tx.images:
             self.dev.pwrite(img, b * BLOCK_SIZE)
         self._inflight = {}  # the home blocks are current: reloading them is safe now
         self._last_state = tx.state
         self._written_frees.append(batch.quarantine)
-        if batch.checkpoint or self.journal.used * 2 > self.journal.size:
+        if batch.checkpoint:
+            self._checkpoint(tx.state, full=True)
+        elif self.journal.used * 2 > self.journal.size:
             self._checkpoint(tx.state)
 
-    def _checkpoint(self, state: State | None) -> None:
+    def _checkpoint(self, state: State | None, full: bool = False) -> None:
+        """Make every home write durable and record the journal head as the tail in
+        the next superblock slot; with ``full``, in both slots.
+
+        Space a transaction freed is reusable once *both* slots' tails are past it:
+        until then the older slot's recovery (if the newer slot were damaged) could
+        replay it over the reused blocks.
+        """
         self.dev.flush()  # every home write of committed transactions is durable
-        self.journal.checkpointed()
-        self._write_super(clean=False, state=state or self._last_state)
-        # No replay can reach the transactions written so far: their frees are reusable
-        # (list.extend is atomic; the allocator drains it under the metadata lock).
-        frees, self._written_frees = self._written_frees, []
-        self._released.extend(frees)
+        for _ in range(2 if full else 1):
+            self.journal.checkpointed()
+            self._write_super(clean=False, state=state or self._last_state)
+            # (list.extend is atomic; the allocator drains it under the metadata lock)
+            frees, self._ckpt_frees, self._written_frees = self._ckpt_frees, self._written_frees, []
+            self._released.extend(frees)
 
     def close(self) -> None:
+        if self.read_only:
+            return
         self._want_checkpoint = True
         self.commit()
         self.dev.flush()
@@ -812,10 +918,20 @@ class SharedStore(ExceptionStore):
             for k, ex in zip(leaf.keys, leaf.excs):
                 yield k, ex
 
-    def check(self) -> list[Finding]:
-        """Walk the on-disk tree and bitmap; the caller commits first when serving."""
+    def check(self, leaks: list[int] | None = None) -> list[Finding]:
+        """Walk the on-disk tree and bitmap; the caller commits first when serving.
+        Leaked (allocated, unreferenced) blocks are appended to ``leaks`` if given."""
         from .check import check_store
-        return check_store(self)
+        return check_store(self, leaks)
+
+    def free_leaked(self, blocks: list[int]) -> None:
+        """Free blocks ``check`` found allocated but unreferenced (``check --repair``).
+
+        Each goes back to the bitmap at once (no transaction can point at it); the
+        caller commits.
+        """
+        for b in blocks:
+            self.bitmap.unalloc_block(b)
 
 
 LEAF_FIXED = HEADER_SIZE + 16 + 8  # header, leaf head, sentinel
@@ -827,26 +943,93 @@ def _span_ok(a: Leaf, b: Leaf) -> bool:
     return b.keys[-1] - a.keys[0] < (1 << 32)
 
 
-def read_superblock(dev: BlockDevice) -> Superblock:
-    """Read both superblock slots and return the newest valid one.
+@dataclass
+class SlotReport:
+    """What one superblock slot holds: ``status`` is ``"ok"``, ``"stale"`` (valid but
+    older than the generation before the newest), ``"damaged"`` (fails its checks) or
+    ``"blank"`` (no ddsnap magic); ``generation`` when valid; ``why`` for the others."""
+
+    slot: int
+    status: str
+    generation: int | None = None
+    journal_tail: int | None = None
+    journal_seq: int | None = None
+    why: str = ""
+
+    def finding(self) -> Finding | None:
+        """A warning naming the slot, or None for a good one."""
+        if self.status == "ok":
+            return None
+        return Finding("warning", self.slot, f"superblock slot {self.slot} is {self.status}"
+                                             f"{': ' + self.why if self.why else ''}")
+
+
+def read_superblocks(dev: BlockDevice) -> tuple[Superblock, list[SlotReport]]:
+    """Read both superblock slots; return the newest valid one and a report per slot.
+
+    A slot that fails its checks while the other is valid is a warning, not an error:
+    the journal is never overwritten from the older slot's tail on and freed space is
+    not reused until both slots are past it, so recovery from the older slot is safe.
 
     Raises:
-        NotAStore: neither slot has the ddsnap magic.
-        CorruptMetadata: a slot has the magic but no slot checks out.
+        NotAStore: no slot has the ddsnap magic and nothing else says it is a store.
+        CorruptMetadata: no slot checks out (block 0 or the slot that failed), for a
+            device that is a ddsnap store by its other metadata.
+        FormatTooOld: a format-v1 store (``ddsnap upgrade`` converts it).
     """
     if dev.size < 2 * BLOCK_SIZE:
         raise NotAStore(dev.path, "too small")
-    found, errors = [], []
+    found: list[Superblock] = []
+    reports: list[SlotReport] = []
+    v1 = False
     for slot in (0, 1):
         buf = dev.pread(BLOCK_SIZE, slot * BLOCK_SIZE)
         if buf[:4] != MAGIC:
+            reports.append(SlotReport(slot, "blank", why="no ddsnap magic"))
             continue
         try:
-            found.append(Superblock.decode(buf, slot))
+            sb = Superblock.decode(buf, slot)
         except CorruptMetadata as e:
-            errors.append(e)
+            if header_version(buf) == VERSION_V1:
+                try:
+                    Superblock.decode(buf, slot, version=VERSION_V1)
+                    v1 = True
+                except CorruptMetadata:
+                    pass
+            reports.append(SlotReport(slot, "damaged", why=e.why))
+            continue
+        found.append(sb)
+        reports.append(SlotReport(slot, "ok", sb.generation, sb.journal_tail, sb.journal_seq))
     if not found:
-        if errors:
-            raise errors[0]
-        raise NotAStore(dev.path)
-    return max(found, key=lambda s: s.generation)
+        if v1:
+            raise FormatTooOld(dev.path)
+        if all(r.status == "blank" for r in reports):
+            # Both slots overwritten is damage, not "not a store", if the rest says store.
+            if _looks_like_store(dev):
+                raise CorruptMetadata(0, "both superblock slots are damaged (no ddsnap "
+                                         "magic), but the rest of the device is a store")
+            raise NotAStore(dev.path)
+        bad = next(r for r in reports if r.status == "damaged")
+        raise CorruptMetadata(bad.slot, f"no valid superblock: slot {bad.slot}: {bad.why}")
+    sb = max(found, key=lambda s: s.generation)
+    for r in reports:
+        if r.status == "ok" and r.generation != sb.generation and r.generation != sb.generation - 1:
+            r.status = "stale"
+            r.why = f"generation {r.generation}, the other slot has {sb.generation}"
+        elif r.status == "ok" and r.generation == sb.generation - 1 and sb.journal_tail < (r.journal_tail or 0):
+            r.status = "stale"
+            r.why = "its journal tail is past the newer slot's"
+    return sb, reports
+
+
+def read_superblock(dev: BlockDevice) -> Superblock:
+    """The newest valid superblock of ``dev`` (see :func:`read_superblocks`)."""
+    return read_superblocks(dev)[0]
+
+
+def _looks_like_store(dev: BlockDevice) -> bool:
+    """True if block 2 (the first snapshot table block) carries ddsnap's magic."""
+    if dev.size < 3 * BLOCK_SIZE:
+        return False
+    buf = dev.pread(BLOCK_SIZE, 2 * BLOCK_SIZE)
+    return buf[:4] == MAGIC and buf[4:6] == T_SNAPTABLE.to_bytes(2, "little")
