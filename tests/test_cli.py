@@ -497,10 +497,13 @@ def test_both_superblocks_damaged(used_store):
     assert p.returncode == 5
     assert json.loads(p.stdout)["findings"][0]["block"] in (0, 1)
     fails(5, "serve", env.store, "--listen", f"unix:{env.dir}/d.sock")
-    # with the magic itself gone it is no store at all
+    # with the magic itself gone, the snapshot table still says "store": damage, not
+    # "not a store" (issue 8)
     damage(env.store, 0, 0, 4)
     damage(env.store, 1, 0, 4)
-    fails(4, "status", env.store, match="not a ddsnap snapshot store")
+    fails(5, "status", env.store, match=r"block 0: both superblock slots are damaged")
+    p = ddsnap("check", env.store)
+    assert p.returncode == 5 and "both superblock slots" in p.stdout, p
 
 
 @pytest.mark.parametrize("slot", [0, 1])

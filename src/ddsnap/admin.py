@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass
 
 from .errors import (CorruptMetadata, DdsnapError, InvalidArgument, NoMerge, OriginMismatch,
-                     StoreBusy, StoreNotFound)
+                     ReadOnlyVolume, StoreBusy, StoreNotFound)
 from .store.api import Finding
 from .store.blockdev import FileDevice
 from .store.format import VERSION
@@ -36,6 +36,8 @@ class OpenStore:
     origin: FileDevice
     store: SharedStore
     service: MetadataService
+    #: opened with damage, read-only (``serve --force-degraded``)
+    degraded: bool = False
 
     def close(self) -> None:
         """Commit, mark the store clean, release the lock."""
@@ -46,23 +48,29 @@ class OpenStore:
             self.dev.close()
 
 
-def open_store(path: str) -> OpenStore:
+def open_store(path: str, degraded: bool = False) -> OpenStore:
     """Open, lock and recover the store at ``path``, and open its recorded origin.
+
+    With ``degraded`` (``serve --force-degraded``) the store and the origin are opened
+    read-only and nothing is ever written: a store whose journal is damaged is read
+    through the transactions recovery can trust, and whatever only a damaged block
+    could map reads as an error (EIO), never as data.
 
     Raises:
         StoreNotFound: ``path`` does not exist.
         StoreBusy: another process (``ddsnap serve``) holds the store.
-        NotAStore / CorruptMetadata: not a ddsnap store, or damaged.
+        NotAStore / FormatTooOld / CorruptMetadata: not a ddsnap store, an old format,
+            or damaged (naming the block).
         OriginMismatch: the recorded origin is missing or its size changed.
     """
-    dev = FileDevice(path)
+    dev = FileDevice(path, writable=not degraded)
     try:
         if not dev.lock_exclusive():
             raise StoreBusy(f"snapshot store {path} is in use by another ddsnap process "
                             "(is it being served?)")
-        store = SharedStore.open(dev)
+        store = SharedStore.open(dev, mode="degraded" if degraded else "rw")
         try:
-            origin = FileDevice(store.origin_path, what="origin")
+            origin = FileDevice(store.origin_path, writable=not degraded, what="origin")
         except StoreNotFound:
             raise OriginMismatch(f"the origin recorded in {path}, {store.origin_path}, "
                                  "does not exist") from None
@@ -75,7 +83,70 @@ def open_store(path: str) -> OpenStore:
     except BaseException:
         dev.close()
         raise
-    return OpenStore(os.path.abspath(path), dev, origin, store, service)
+    return OpenStore(os.path.abspath(path), dev, origin, store, service, degraded)
+
+
+def inspect_store(path: str, leaks: list[int] | None = None) -> dict:
+    """``ddsnap check`` on a store nobody serves: read-only and complete.
+
+    The device is opened read-only under a shared lock; the journal is replayed in
+    memory only; every superblock slot, the journal window, the table, the bitmap and
+    the tree are checked.  Returns the findings report (:func:`findings_report`).
+    Leaked blocks are appended to ``leaks`` if given.
+
+    Raises:
+        StoreNotFound, NotAStore, FormatTooOld: as for :func:`open_store`.
+        StoreBusy: a server holds the store (ask it instead).
+    """
+    dev = FileDevice(path, writable=False)
+    try:
+        if not dev.lock_shared():
+            raise StoreBusy(f"snapshot store {path} is in use by another ddsnap process "
+                            "(is it being served?)")
+        try:
+            store = SharedStore.open(dev, mode="inspect")
+        except CorruptMetadata as e:
+            return findings_report([Finding("fatal", e.block, e.why)])
+        return findings_report(store.check(leaks))
+    finally:
+        dev.close()
+
+
+def repair_store(path: str, say) -> dict:
+    """``ddsnap check --repair``: fix what is safely fixable, and nothing else.
+
+    Fixable: damaged or stale superblock slots (rewritten by the open's checkpoint),
+    leaked blocks (freed), space-accounting drift (the figures are recounted at every
+    open).  Anything else fatal is refused before anything is written.  ``say(text)``
+    is told each action before it is taken.  Returns the findings after the repair.
+
+    Raises:
+        CorruptMetadata: the store has damage the repair cannot fix (naming a block).
+        StoreBusy: the store is served (stop the server first).
+    """
+    leaks: list[int] = []
+    report = inspect_store(path, leaks)
+    fatal = [f for f in report["findings"] if f["severity"] == "fatal"
+             and "space accounting" not in f["message"] and "drift" not in f["message"]]
+    if fatal:
+        f = fatal[0]
+        raise CorruptMetadata(f["block"], f"{f['message']} (check --repair fixes only leaks, "
+                                          "superblock slots and space accounting)")
+    plans = [f["message"] for f in report["findings"]
+             if f["message"].startswith("superblock slot")]
+    for msg in plans:
+        say(f"rewrite: {msg}")
+    if leaks:
+        say(f"free {len(leaks)} leaked blocks ({leaks[0]}..{leaks[-1]})")
+    opened = open_store(path)
+    try:
+        if leaks:
+            with opened.service.lock:
+                opened.store.free_leaked(leaks)
+            opened.service.commit()
+    finally:
+        opened.close()
+    return inspect_store(path)
 
 
 # -- where a serving process can be reached ---------------------------------------------
@@ -280,19 +351,31 @@ OPERATIONS = {
 }
 
 
+#: operations that change the store (refused on a degraded, read-only store)
+CHANGING_OPS = ("snap_create", "snap_delete", "set", "merge_start", "merge_stop")
+
+
 def run_op(svc: MetadataService, op: str, args: dict, path: str, served: bool,
-           runner: MergeRunner | None = None):
+           runner: MergeRunner | None = None, degraded: bool = False):
     """Run operation ``op`` with ``args``; the one dispatcher for local and remote calls.
 
     ``runner`` is the server's merge worker (None when the CLI opened the store itself:
     a merge started then runs when the store is next served, or with ``merge --wait``).
 
     Raises:
-        DdsnapError: the operation's own errors; an unknown op is a ProtocolError.
+        DdsnapError: the operation's own errors; an unknown op is a ProtocolError;
+            a changing op on a ``degraded`` store is ReadOnlyVolume.
     """
+    if degraded and op in CHANGING_OPS:
+        raise ReadOnlyVolume(f"{path} is served read-only (--force-degraded: its metadata "
+                             "is damaged); run `ddsnap check` on it once the server stops")
     if op == "status":
         st = status(svc, path, served)
         st["merge"] = merge_status(svc, runner)
+        st["degraded"] = degraded
+        if degraded and svc.store.journal_scan is not None:
+            st["damage"] = [{"block": e.block, "message": e.why}
+                            for e in svc.store.journal_scan.damage]
         return st
     if op == "check":
         return check(svc)

@@ -201,7 +201,10 @@ def snap_delete(store, name):
               help="unix:PATH or tcp:HOST:PORT; may repeat [default: tcp:127.0.0.1:10809]")
 @click.option("--control", "control_path", help="Control socket path [default: STORE.ctl].")
 @click.option("-v", "--verbose", is_flag=True, help="Log connections and errors.")
-def serve(store, listen, control_path, verbose):
+@click.option("--force-degraded", is_flag=True,
+              help="Serve a store whose metadata is damaged, read-only: what only damaged "
+                   "metadata maps reads as EIO.")
+def serve(store, listen, control_path, verbose, force_degraded):
     """Serve the origin and every snapshot of STORE over NBD."""
     from .daemon import Daemon, tune_malloc
 
@@ -209,7 +212,8 @@ def serve(store, listen, control_path, verbose):
                         format="ddsnap: %(message)s")
     if not os.path.exists(store):
         raise StoreNotFound(store)
-    d = Daemon(store, list(listen) or ["tcp:127.0.0.1:10809"], control_path)
+    d = Daemon(store, list(listen) or ["tcp:127.0.0.1:10809"], control_path,
+               degraded=force_degraded)
     tune_malloc()
 
     def ready(daemon):
@@ -372,18 +376,38 @@ def _wait_remote(path: str, st: dict, no_progress: bool) -> None:
 @main.command()
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print findings as JSON.")
-def check(store, as_json):
-    """Check STORE's metadata; exit 0 only if nothing fatal is found."""
+@click.option("--repair", is_flag=True,
+              help="Fix leaks, damaged or stale superblock slots and space accounting "
+                   "(nothing else), saying what first; the store must not be served.")
+def check(store, as_json, repair):
+    """Check STORE's metadata, read-only; exit 0 only if nothing fatal is found.
+
+    A store nobody serves is checked without writing anything (its journal is replayed
+    in memory); a served one through its server.
+    """
     from .errors import CorruptMetadata
 
-    try:
-        report = _call(store, "check")
-    except CorruptMetadata as e:
-        from .admin import findings_report
-        from .store.api import Finding
+    if not os.path.exists(store):
+        raise StoreNotFound(store)
+    if repair:
+        report = admin.repair_store(store, lambda text: err.print(f"repair: {text}",
+                                                                   markup=False))
+    else:
+        try:
+            report = admin.inspect_store(store)
+        except StoreBusy:
+            from .daemon import find_server
 
-        report = findings_report([Finding("fatal", getattr(e, "block", None),
-                                          getattr(e, "why", str(e)))])
+            path = find_server(store)
+            if path is None:
+                raise
+            try:
+                report = control.call(path, "check")
+            except CorruptMetadata as e:
+                from .store.api import Finding
+
+                report = admin.findings_report([Finding("fatal", getattr(e, "block", None),
+                                                        getattr(e, "why", str(e)))])
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -394,6 +418,27 @@ def check(store, as_json):
                   f"{report['fatal']} fatal finding(s)", markup=False)
     if not report["clean"]:
         sys.exit(CorruptMetadata.exit_code)
+
+
+@main.command()
+@click.argument("store")
+def upgrade(store):
+    """Convert STORE from format v1 (ddsnap 0.1) to the current format, in place.
+
+    The store must have been shut down cleanly by ddsnap 0.1 and must not be served.
+    """
+    from .store.upgrade import upgrade_store
+
+    if not os.path.exists(store):
+        raise StoreNotFound(store)
+    dev = FileDevice(store)
+    try:
+        if not dev.lock_exclusive():
+            raise StoreBusy(f"snapshot store {store} is in use by another ddsnap process")
+        n = upgrade_store(dev)
+    finally:
+        dev.close()
+    out.print(f"upgraded {store} to format v2 ({n} metadata blocks rewritten)", markup=False)
 
 
 if __name__ == "__main__":

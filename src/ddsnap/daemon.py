@@ -61,6 +61,7 @@ class Exports:
 
     def __init__(self, opened: admin.OpenStore):
         self.opened = opened
+        self.read_only = opened.degraded  # every export read-only
 
     def names(self) -> list[str]:
         svc = self.opened.service
@@ -69,11 +70,13 @@ class Exports:
     def get(self, name: str):
         svc = self.opened.service
         if name in ("origin", ""):
-            return Origin(svc)
-        for s in svc.snapshots():
-            if s.name == name and not svc.is_merging(s):
-                return Snapshot(svc, s)
-        return None
+            vol = Origin(svc)
+        else:
+            vol = next((Snapshot(svc, s) for s in svc.snapshots()
+                        if s.name == name and not svc.is_merging(s)), None)
+        if vol is not None and self.read_only:
+            vol.read_only = True
+        return vol
 
 
 class Daemon:
@@ -85,8 +88,10 @@ class Daemon:
         control_path: the control socket (default :func:`admin.default_control_path`).
     """
 
-    def __init__(self, store_path: str, listen: list[str], control_path: str | None = None):
+    def __init__(self, store_path: str, listen: list[str], control_path: str | None = None,
+                 degraded: bool = False):
         self.store_path = os.path.abspath(store_path)
+        self.degraded = degraded
         self.listen = listen
         self.control_path = control_path or admin.default_control_path(store_path)
         self.opened: admin.OpenStore | None = None
@@ -98,12 +103,13 @@ class Daemon:
 
     def _handle(self, op: str, args: dict):
         return admin.run_op(self.opened.service, op, args, self.store_path, served=True,
-                            runner=self.merger)
+                            runner=self.merger, degraded=self.opened.degraded)
 
     async def start(self) -> None:
         """Open the store and start serving (raises StoreBusy, NotAStore, ...)."""
         loop = asyncio.get_running_loop()
-        self.opened = await loop.run_in_executor(None, admin.open_store, self.store_path)
+        self.opened = await loop.run_in_executor(None, admin.open_store, self.store_path,
+                                                 self.degraded)
         self.merger = admin.MergeRunner(self.opened.service)
         try:
             control = ControlServer(self.control_path, self._handle)
@@ -117,7 +123,8 @@ class Daemon:
                            "control": os.path.abspath(self.control_path),
                            "listen": self.nbd.addresses}, f)
             os.replace(self._registry_file + ".tmp", self._registry_file)
-            self.merger.ensure()  # a merge cut short by --stop, a restart or a crash resumes
+            if not self.opened.degraded:
+                self.merger.ensure()  # a merge cut short by --stop, a restart or a crash resumes
         except BaseException:
             await self.stop()
             raise

@@ -141,7 +141,8 @@ class MetadataService:
         #: snapshots the full-store policy deleted (name, id, time), newest last
         self.auto_deleted: list[dict] = []
         self._merge_progress = MergeProgress(self._count_merge_left()) if m is not None else None
-        self._finish_interrupted_delete()
+        if not getattr(store, "read_only", False):  # a degraded open never writes
+            self._finish_interrupted_delete()
 
     # -- commit ---------------------------------------------------------------------------
 
