@@ -352,7 +352,12 @@ class Journal:
                     if expect:
                         expect.pop(0)
                     continue
-                # A damaged block: the home it was meant for, if a descriptor says.
+                # A damaged block.  A descriptor (its raw header says so) hides no home:
+                # the images after it name their own.
+                if buf[4:6] == T_JOURNAL.to_bytes(2, "little") and buf[16:24] == b.to_bytes(8, "little"):
+                    expect = []
+                    continue
+                # An image: the home it was meant for, if a descriptor says.
                 if expect:
                     newest[expect.pop(0)] = False
                 else:

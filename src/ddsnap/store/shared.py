@@ -260,7 +260,7 @@ class SharedStore(ExceptionStore):
                 self.unreadable.append(e)
                 bits += b"\xff" * BITMAP_BYTES  # unknown: counted as in use
         self.bitmap = Bitmap(bits, sb.blocks, sb.blocks_per_chunk, data_start)
-        if mode == "rw" or not tolerant:
+        if mode == "rw":
             self._read_node(self.state.root)  # fail now, not mid-request, on a bad root
         self._count_space()
         if mode == "rw":

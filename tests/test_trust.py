@@ -1,0 +1,164 @@
+"""Issue 8, as a user meets it: the real ``ddsnap`` command and server on damaged stores.
+
+* the newcomer's finding: serve, snapshot, write the origin with flushes, ``kill -9``,
+  flip one byte in a journal block of the replay window, serve again: ``serve`` refuses
+  (exit 5 naming the block), ``check`` reports it, and ``serve --force-degraded`` serves
+  read-only where the snapshot reads its old data or EIO, never the new origin data;
+* ``check`` never writes (the store file's bytes and times are unchanged);
+* superblock slots: one overwritten is a warning naming it, ``check --repair`` rewrites
+  it; ``check --repair`` frees leaked blocks and refuses damage it cannot fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ddsnap.store.blockdev import FileDevice
+from ddsnap.store.format import BLOCK_SIZE, T_JOURNAL, peek_header
+from ddsnap.store.shared import SharedStore
+from served import MiB, Served, ddsnap, fails, make_origin, ok, ok_json, tool
+
+ORIGIN = 8 * MiB
+
+
+def _qemu_io(uri: str, *cmds: str):
+    args = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        args += ["-c", c]
+    return tool(*args, uri)
+
+
+def _flip(path: Path, block: int, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(block * BLOCK_SIZE + offset)
+        b = f.read(1)
+        f.seek(block * BLOCK_SIZE + offset)
+        f.write(bytes([b[0] ^ 0x20]))
+
+
+def _journal_window(path: Path) -> list[tuple[int, int]]:
+    """``(block, type)`` of each journal block recovery would read, in order."""
+    dev = FileDevice(str(path), writable=False)
+    try:
+        store = SharedStore.open(dev, mode="inspect")
+        j = store.journal
+        out = []
+        for pos in range(j.tail, j.head):
+            b = j.start + pos % j.size
+            h = peek_header(dev.pread(BLOCK_SIZE, b * BLOCK_SIZE))
+            out.append((b, h[0] if h else 7))
+        return out
+    finally:
+        dev.close()
+
+
+def _digest(path: Path) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mtime_ns, st.st_ctime_ns
+
+
+@pytest.fixture
+def killed(tmp_path):
+    """A store served, snapshot ``s1`` taken, the origin rewritten with flushes (every
+    write a copy-out), then the server SIGKILLed: recovery pending."""
+    origin = tmp_path / "origin.img"
+    store = tmp_path / "store.img"
+    data = make_origin(origin, ORIGIN, seed=5)
+    ok("init", store, "--origin", origin, "--size", "32M", "--chunk-size", "64K")
+    srv = Served(store).start()
+    ok("snap", "create", store, "s1")
+    _qemu_io(srv.uri("origin"), "write -P 0x5a 0 2M", "flush", "write -P 0x5b 3M 1M", "flush")
+    srv.kill()
+    return tmp_path, store, origin, data
+
+
+def test_check_never_writes(killed):
+    _dir, store, _origin, _data = killed
+    before = _digest(store)
+    report = ok_json("check", store)
+    assert report["clean"], report
+    assert _digest(store) == before, "check wrote to the store"
+
+
+@pytest.mark.parametrize("what", [T_JOURNAL, "image"])
+def test_flipped_journal_byte_is_refused_not_served(killed, what):
+    """The issue's campaign finding: recovery used to stop at the damaged transaction
+    as if torn and the snapshot then read the new origin data."""
+    tmp, store, _origin, data = killed
+    window = _journal_window(store)
+    if what == T_JOURNAL:
+        block = next(b for b, t in window if t == T_JOURNAL)
+    else:  # the image of a leaf: what maps the copy-outs
+        block = next(b for b, t in window if t == 4)
+    _flip(store, block, 1000)
+    line = fails(5, "serve", store, "--listen", f"unix:{tmp}/x.sock")
+    assert f"block {block}" in line and "committed" in line, line
+    p = ddsnap("check", store, "--json")
+    assert p.returncode == 5, p
+    assert any(f["block"] == block and f["severity"] == "fatal"
+               for f in json.loads(p.stdout)["findings"]), p.stdout
+    # Degraded, read-only: the snapshot reads its own data or fails; never new data.
+    with Served(store, extra=("--force-degraded",)) as srv:
+        st = srv.control("status")
+        assert st["degraded"] is True and st["damage"][0]["block"] == block
+        out = tmp / "s1.raw"
+        p = tool("nbdcopy", srv.uri("s1"), out, check=False)
+        if p.returncode == 0:
+            assert out.read_bytes() == data, "the degraded server served wrong bytes"
+        else:
+            assert "Input/output error" in p.stderr, p.stderr
+        w = tool("qemu-io", "-f", "raw", "-c", "write -P 1 0 4K", srv.uri("origin"),
+                 check=False)
+        assert w.returncode != 0 or "failed" in w.stdout + w.stderr, w
+        fails(13, "snap", "create", store, "s2")
+    fails(5, "serve", store, "--listen", f"unix:{tmp}/x.sock")  # still refused
+
+
+@pytest.mark.parametrize("slot", [0, 1])
+def test_damaged_superblock_slot_is_a_warning_and_repair_rewrites_it(tmp_path, slot):
+    origin = tmp_path / "origin.img"
+    store = tmp_path / "store.img"
+    make_origin(origin, ORIGIN, seed=6)
+    ok("init", store, "--origin", origin, "--size", "32M")
+    ok("snap", "create", store, "s1")
+    _flip(store, slot, 200)
+    p = ddsnap("check", store)
+    assert p.returncode == 0, p
+    assert f"warning (block {slot}): superblock slot {slot} is damaged" in p.stdout, p.stdout
+    p = ok("check", store, "--repair")
+    assert f"repair: rewrite: superblock slot {slot} is damaged" in p.stderr, p.stderr
+    assert ok_json("check", store) == {"clean": True, "fatal": 0, "warnings": 0,
+                                       "findings": []}
+    assert [s["name"] for s in ok_json("snap", "list", store)] == ["s1"]
+
+
+def test_repair_frees_leaks_and_refuses_real_damage(tmp_path):
+    origin = tmp_path / "origin.img"
+    store = tmp_path / "store.img"
+    make_origin(origin, ORIGIN, seed=7)
+    ok("init", store, "--origin", origin, "--size", "32M")
+    ok("snap", "create", store, "s1")
+    # Leak: mark a free block in use in the bitmap, through the store's own API.
+    dev = FileDevice(str(store))
+    try:
+        st = SharedStore.open(dev)
+        st.bitmap.alloc_block()
+        st.commit()
+        st.close()
+    finally:
+        dev.close()
+    report = ok_json("check", store)
+    assert report["warnings"] == 1 and "leaked" in report["findings"][0]["message"]
+    p = ok("check", store, "--repair")
+    assert "free 1 leaked blocks" in p.stderr, p.stderr
+    assert ok_json("check", store)["findings"] == []
+    # A damaged snapshot table is not something repair can fix: refused, unchanged.
+    _flip(store, 2, 300)
+    before = _digest(store)
+    fails(5, "check", store, "--repair", match=r"block 2: .*fixes only")
+    assert _digest(store) == before
