@@ -383,12 +383,18 @@ def test_origin_missing(env):
     ok("snap", "create", env.store, "s")
     moved = env.origin.with_name("moved.img")
     env.origin.rename(moved)
-    for cmd in (["status"], ["check"], ["snap", "list"], ["snap", "create"]):
+    for cmd in (["status"], ["snap", "list"], ["snap", "create"]):
         extra = ["t"] if cmd == ["snap", "create"] else []
         fails(10, *cmd, env.store, *extra, match=r"origin.*does not exist")
     fails(10, "serve", env.store, "--listen", f"unix:{env.dir}/o.sock",
           match="does not exist")
+    # check reads only the store's metadata (clean), and says what is wrong with the origin
+    report = ok_json("check", env.store)
+    assert report["clean"] and "does not exist" in report["findings"][0]["message"]
     moved.rename(env.origin)
+    # A rename changes the file's ctime: that is a change to acknowledge.
+    fails(10, "status", env.store, match=r"changed since \(ctime\)")
+    ok("set", env.store, f"origin={env.origin}")
     assert [s["name"] for s in ok_json("snap", "list", env.store)] == ["s"]
     assert ok_json("check", env.store)["clean"]
 
@@ -397,11 +403,16 @@ def test_origin_missing(env):
 def test_origin_resized(env, new_size):
     ok("snap", "create", env.store, "s")
     os.truncate(env.origin, new_size)
-    for cmd in (["status"], ["check"], ["snap", "list"]):
+    for cmd in (["status"], ["snap", "list"]):
         fails(10, *cmd, env.store, match=rf"{new_size} bytes but the store was made for "
                                          rf"{ORIGIN_SIZE} bytes")
+    assert "but the store was made for" in ok_json("check", env.store)["findings"][0]["message"]
     fails(10, "serve", env.store, "--listen", f"unix:{env.dir}/o.sock")
+    fails(10, "set", env.store, f"origin={env.origin}", match="but the store was made for")
     os.truncate(env.origin, ORIGIN_SIZE)
+    # Same size again, but changed behind the store's back: refused until acknowledged.
+    fails(10, "status", env.store, match=r"modified since \(mtime\)")
+    ok("set", env.store, f"origin={env.origin}")
     assert ok_json("check", env.store)["clean"]
 
 

@@ -137,6 +137,9 @@ def vol(template: Vol) -> Vol:
         (d / leftover).unlink(missing_ok=True)
     shutil.copyfile(d / "origin.tmpl", template.origin)
     tool("cp", "--sparse=always", d / "store.tmpl", template.store)
+    # Restoring the origin file changed its times: say it is the store's origin still
+    # (what a user does after restoring both from a backup).
+    ok("set", template.store, f"origin={template.origin}")
     return template
 
 

@@ -162,3 +162,66 @@ def test_repair_frees_leaks_and_refuses_real_damage(tmp_path):
     before = _digest(store)
     fails(5, "check", store, "--repair", match=r"block 2: .*fixes only")
     assert _digest(store) == before
+
+
+# --- the origin changed behind ddsnap's back (issue 8, item 4) ---------------------------
+
+
+@pytest.fixture
+def shut(tmp_path):
+    """A store with snapshot ``s1`` of an origin, cleanly shut down."""
+    origin = tmp_path / "origin.img"
+    store = tmp_path / "store.img"
+    data = make_origin(origin, ORIGIN, seed=9)
+    ok("init", store, "--origin", origin, "--size", "32M")
+    ok("snap", "create", store, "s1")
+    return tmp_path, store, origin, data
+
+
+def test_origin_written_while_unserved_is_refused_until_accepted(shut):
+    tmp, store, origin, data = shut
+    with open(origin, "r+b") as f:  # same size, new content: mtime changes
+        f.seek(MiB)
+        f.write(b"x" * 4096)
+    line = fails(10, "serve", store, "--listen", f"unix:{tmp}/x.sock")
+    assert "changed while" in line and "modified since (mtime)" in line, line
+    assert "--accept-origin-change" in line and "ddsnap set" in line, line
+    fails(10, "snap", "list", store, match="changed while")
+    # The refusal changed nothing: still refused.
+    fails(10, "status", store, match="changed while")
+    with Served(store, extra=("--accept-origin-change",)) as srv:
+        out = tmp / "s1.raw"
+        tool("nbdcopy", srv.uri("s1"), out)
+        # What the user accepted: the snapshot reads the new origin data there.
+        assert out.read_bytes()[MiB:MiB + 4096] == b"x" * 4096
+    assert ok_json("check", store)["clean"]
+    ok("status", store)  # the clean shutdown recorded the origin as it is now
+
+
+def test_moved_origin_is_repointed_with_set(shut):
+    tmp, store, origin, data = shut
+    moved = tmp / "moved.img"
+    origin.rename(moved)
+    fails(10, "serve", store, "--listen", f"unix:{tmp}/x.sock", match="does not exist")
+    fails(3, "set", store, f"origin={tmp / 'nowhere.img'}", match="not found")
+    p = ok("set", store, f"origin={moved}")
+    assert str(moved) in p.stdout
+    assert ok_json("status", store)["origin"] == str(moved)
+    with Served(store) as srv:
+        tool("nbdcopy", srv.uri("s1"), tmp / "s1.raw")
+    assert (tmp / "s1.raw").read_bytes() == data
+
+
+def test_origin_shrunk_while_served_fails_reads_and_writes_never_zeroes(shut):
+    tmp, store, origin, data = shut
+    with Served(store) as srv:
+        os.truncate(origin, ORIGIN // 2)
+        # The snapshot still reads the origin for the whole second half: EIO, not zeroes.
+        r = tool("qemu-io", "-f", "raw", "-r", "-c", f"read -v {ORIGIN - 4096} 4096",
+                 srv.uri("s1"), check=False)
+        assert "Input/output error" in r.stdout + r.stderr, r
+        w = tool("qemu-io", "-f", "raw", "-c", f"write -P 7 {ORIGIN - 8192} 4096",
+                 srv.uri("origin"), check=False)
+        assert "Input/output error" in w.stdout + w.stderr, w
+        assert os.path.getsize(origin) == ORIGIN // 2  # the write did not regrow it
+        assert "shrank" in srv.output()

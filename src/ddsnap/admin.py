@@ -20,9 +20,9 @@ from .errors import (CorruptMetadata, DdsnapError, InvalidArgument, NoMerge, Ori
                      ReadOnlyVolume, StoreBusy, StoreNotFound)
 from .store.api import Finding
 from .store.blockdev import FileDevice
-from .store.format import VERSION
+from .store.format import VERSION, OriginIdentity
 from .store.service import MetadataService
-from .store.shared import SharedStore
+from .store.shared import SharedStore, read_superblocks
 
 log = logging.getLogger("ddsnap.admin")
 
@@ -40,15 +40,115 @@ class OpenStore:
     degraded: bool = False
 
     def close(self) -> None:
-        """Commit, mark the store clean, release the lock."""
+        """Commit, record the origin's identity, mark the store clean, release the lock."""
         try:
+            if not self.degraded:
+                self.store.sb.identity = origin_identity(self.origin)
             self.service.close()
         finally:
             self.origin.close()
             self.dev.close()
 
 
-def open_store(path: str, degraded: bool = False) -> OpenStore:
+def origin_identity(dev: FileDevice) -> OriginIdentity:
+    """What identifies the origin ``dev`` now: its size, and for a regular file its
+    device, inode, modification and change times (``stat``)."""
+    if dev.is_block:
+        return OriginIdentity(dev.size)
+    st = os.fstat(dev.fd)
+    return OriginIdentity(dev.size, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def origin_changes(recorded: OriginIdentity, now: OriginIdentity) -> list[str]:
+    """What differs between the identity recorded at the last clean shutdown and now."""
+    out = []
+    if recorded.size != now.size:
+        out.append(f"size {recorded.size} -> {now.size} bytes")
+    if (recorded.dev, recorded.ino) != (now.dev, now.ino):
+        out.append("it is another file (device/inode differ)")
+    if recorded.mtime_ns != now.mtime_ns:
+        out.append("modified since (mtime)")
+    elif recorded.ctime_ns != now.ctime_ns:
+        out.append("changed since (ctime)")
+    return out
+
+
+def _origin_problem(path: str, sb) -> tuple[str, list[str]] | None:
+    """What is wrong with the origin ``sb`` records, if anything: ``(message, changes)``
+    (``changes`` empty when it is missing or resized)."""
+    try:
+        origin = FileDevice(sb.origin_path, writable=False, what="origin")
+    except StoreNotFound:
+        return (f"the origin recorded in {path}, {sb.origin_path}, does not exist (if it "
+                f"moved: `ddsnap set {path} origin=NEWPATH`)", [])
+    try:
+        if origin.size != sb.origin_size:
+            return (f"origin {sb.origin_path} is {origin.size} bytes but the store was made "
+                    f"for {sb.origin_size} bytes", [])
+        if not (sb.clean and sb.identity):
+            return None  # not shut down cleanly: the last writer may have been us
+        changes = origin_changes(sb.identity, origin_identity(origin))
+    finally:
+        origin.close()
+    if not changes:
+        return None
+    return (f"the origin {sb.origin_path} changed while {path} was not served: "
+            f"{'; '.join(changes)}. Snapshots may now read data that is not theirs. If the "
+            f"origin moved, `ddsnap set {path} origin=PATH`; to accept the change, serve "
+            "with --accept-origin-change", changes)
+
+
+def _check_origin(path: str, dev: FileDevice, accept: bool) -> None:
+    """Refuse an origin missing, resized or changed while nobody served the store
+    (before the open writes: the check must hold again if this open is refused)."""
+    sb, _slots = read_superblocks(dev)
+    problem = _origin_problem(path, sb)
+    if problem is None:
+        return
+    msg, changes = problem
+    if not changes:
+        raise OriginMismatch(msg)
+    if accept:
+        log.warning("origin %s changed while %s was not served (%s): accepted; snapshots "
+                    "may read the new data", sb.origin_path, path, "; ".join(changes))
+        return
+    raise OriginMismatch(msg)
+
+
+def set_origin(path: str, new_origin: str) -> dict:
+    """``ddsnap set STORE origin=PATH``: re-point the store at a moved origin (or accept
+    a changed one at the same path), recording its identity now.
+
+    Raises:
+        StoreBusy: the store is served (stop it first).
+        StoreNotFound: ``new_origin`` does not exist.
+        OriginMismatch: ``new_origin`` has another size than the store's origin.
+    """
+    new_origin = os.path.realpath(new_origin)
+    dev = FileDevice(path)
+    try:
+        if not dev.lock_exclusive():
+            raise StoreBusy(f"snapshot store {path} is served; stop the server to change "
+                            "its origin")
+        origin = FileDevice(new_origin, writable=False, what="origin")
+        try:
+            sb, _slots = read_superblocks(dev)  # refuse before the open writes anything
+            if origin.size != sb.origin_size:
+                raise OriginMismatch(f"{new_origin} is {origin.size} bytes but the store was "
+                                     f"made for {sb.origin_size} bytes")
+            store = SharedStore.open(dev)
+            store.set_origin_path(new_origin)
+            store.sb.identity = origin_identity(origin)
+            store.close()
+        finally:
+            origin.close()
+    finally:
+        dev.close()
+    return {"origin": new_origin}
+
+
+def open_store(path: str, degraded: bool = False, accept_origin_change: bool = False
+               ) -> OpenStore:
     """Open, lock and recover the store at ``path``, and open its recorded origin.
 
     With ``degraded`` (``serve --force-degraded``) the store and the origin are opened
@@ -61,16 +161,19 @@ def open_store(path: str, degraded: bool = False) -> OpenStore:
         StoreBusy: another process (``ddsnap serve``) holds the store.
         NotAStore / FormatTooOld / CorruptMetadata: not a ddsnap store, an old format,
             or damaged (naming the block).
-        OriginMismatch: the recorded origin is missing or its size changed.
+        OriginMismatch: the recorded origin is missing, its size changed, or (after a
+            clean shutdown) it changed while unserved, unless ``accept_origin_change``.
     """
     dev = FileDevice(path, writable=not degraded)
     try:
         if not dev.lock_exclusive():
             raise StoreBusy(f"snapshot store {path} is in use by another ddsnap process "
                             "(is it being served?)")
+        _check_origin(path, dev, accept_origin_change)
         store = SharedStore.open(dev, mode="degraded" if degraded else "rw")
         try:
-            origin = FileDevice(store.origin_path, writable=not degraded, what="origin")
+            origin = FileDevice(store.origin_path, writable=not degraded, what="origin",
+                                strict=True)
         except StoreNotFound:
             raise OriginMismatch(f"the origin recorded in {path}, {store.origin_path}, "
                                  "does not exist") from None
@@ -107,7 +210,11 @@ def inspect_store(path: str, leaks: list[int] | None = None) -> dict:
             store = SharedStore.open(dev, mode="inspect")
         except CorruptMetadata as e:
             return findings_report([Finding("fatal", e.block, e.why)])
-        return findings_report(store.check(leaks))
+        findings = store.check(leaks)
+        problem = _origin_problem(path, store.sb)
+        if problem is not None:  # not metadata damage: the origin is the user's to fix
+            findings.append(Finding("warning", None, problem[0]))
+        return findings_report(findings)
     finally:
         dev.close()
 
@@ -268,9 +375,12 @@ def findings_report(findings: list[Finding]) -> dict:
 
 
 def set_option(svc: MetadataService, key: str, value: str) -> dict:
-    """``ddsnap set STORE KEY=VALUE``; the only key is ``full-policy``."""
+    """``ddsnap set STORE KEY=VALUE`` on an open store; the key is ``full-policy``
+    (``origin`` is :func:`set_origin`, on a store nobody serves)."""
+    if key == "origin":
+        raise StoreBusy("the store is served; stop the server to change its origin")
     if key != "full-policy":
-        raise InvalidArgument(f"unknown setting {key!r} (settable: full-policy)")
+        raise InvalidArgument(f"unknown setting {key!r} (settable: full-policy, origin)")
     svc.set_full_policy(value)
     return {key: value}
 

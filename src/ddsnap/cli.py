@@ -141,6 +141,11 @@ def init(store, origin, size, chunk_size, max_snapshots, full_policy, force):
                 pass
         s = SharedStore.create(dev, osize, os.path.realpath(origin), chunk, max_snaps)
         s.set_full_policy(full_policy)
+        odev = FileDevice(origin, writable=False, what="origin")
+        try:
+            s.sb.identity = admin.origin_identity(odev)
+        finally:
+            odev.close()
         space = s.space()
         s.close()
     except BaseException:
@@ -204,7 +209,10 @@ def snap_delete(store, name):
 @click.option("--force-degraded", is_flag=True,
               help="Serve a store whose metadata is damaged, read-only: what only damaged "
                    "metadata maps reads as EIO.")
-def serve(store, listen, control_path, verbose, force_degraded):
+@click.option("--accept-origin-change", is_flag=True,
+              help="Serve even though the origin changed while nobody served the store "
+                   "(snapshots may then read the new data).")
+def serve(store, listen, control_path, verbose, force_degraded, accept_origin_change):
     """Serve the origin and every snapshot of STORE over NBD."""
     from .daemon import Daemon, tune_malloc
 
@@ -213,7 +221,7 @@ def serve(store, listen, control_path, verbose, force_degraded):
     if not os.path.exists(store):
         raise StoreNotFound(store)
     d = Daemon(store, list(listen) or ["tcp:127.0.0.1:10809"], control_path,
-               degraded=force_degraded)
+               degraded=force_degraded, accept_origin_change=accept_origin_change)
     tune_malloc()
 
     def ready(daemon):
@@ -270,6 +278,12 @@ def set_(store, setting):
     key, eq, value = setting.partition("=")
     if not eq:
         raise InvalidArgument(f"expected KEY=VALUE, not {setting!r}")
+    if key.strip() == "origin":
+        if not os.path.exists(store):
+            raise StoreNotFound(store)
+        res = admin.set_origin(store, value.strip())
+        out.print(f"origin = {res['origin']}", markup=False)
+        return
     _call(store, "set", key=key.strip(), value=value.strip())
     out.print(f"{key.strip()} = {value.strip()}", markup=False)
 

@@ -89,9 +89,10 @@ class Daemon:
     """
 
     def __init__(self, store_path: str, listen: list[str], control_path: str | None = None,
-                 degraded: bool = False):
+                 degraded: bool = False, accept_origin_change: bool = False):
         self.store_path = os.path.abspath(store_path)
         self.degraded = degraded
+        self.accept_origin_change = accept_origin_change
         self.listen = listen
         self.control_path = control_path or admin.default_control_path(store_path)
         self.opened: admin.OpenStore | None = None
@@ -109,7 +110,7 @@ class Daemon:
         """Open the store and start serving (raises StoreBusy, NotAStore, ...)."""
         loop = asyncio.get_running_loop()
         self.opened = await loop.run_in_executor(None, admin.open_store, self.store_path,
-                                                 self.degraded)
+                                                 self.degraded, self.accept_origin_change)
         self.merger = admin.MergeRunner(self.opened.service)
         try:
             control = ControlServer(self.control_path, self._handle)

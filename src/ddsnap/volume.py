@@ -115,6 +115,9 @@ class Origin(Volume):
         if not data:
             return
         first, last = self._range(offset, len(data))
+        # A shrunk origin file would grow again with a hole that snapshots then read as
+        # zeroes: such writes fail (EIO) instead.  One fstat per write or batch.
+        self.service.origin.check_size()
         self.service.prepare_origin_write(first, last)
         try:
             self.service.origin.pwrite(data, offset)
@@ -129,6 +132,10 @@ class Origin(Volume):
         (:meth:`MetadataService.prepare_origin_writes`).  Returns per write None or the
         exception it failed with; the others are not affected by it."""
         results: list[BaseException | None] = [None] * len(writes)
+        try:
+            self.service.origin.check_size()  # as in write()
+        except OSError as e:
+            return [e] * len(writes)
         todo, ranges = [], []
         for i, (offset, data, _fua) in enumerate(writes):
             if not data:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import random
 import stat
@@ -25,6 +26,8 @@ import threading
 from dataclasses import dataclass
 
 from ..errors import DdsnapError, InvalidArgument, StoreNotFound
+
+log = logging.getLogger("ddsnap.blockdev")
 
 BLKGETSIZE64 = 0x80081272
 #: preadv2 flag: fail with EAGAIN rather than wait for the disk (0: not available)
@@ -41,6 +44,10 @@ class BlockDevice:
 
     size: int = 0
     path: str = "<memory>"
+
+    def check_size(self) -> None:
+        """Raise ``OSError(EIO)`` if the device is now shorter than :attr:`size` (a file
+        truncated behind our back); a no-op where the size cannot change."""
 
     def pread(self, length: int, offset: int) -> bytes:
         """Return ``length`` bytes at byte ``offset``."""
@@ -144,8 +151,11 @@ class FileDevice(BlockDevice):
     """
 
     def __init__(self, path: str, writable: bool = True, create_size: int | None = None,
-                 what: str = "snapshot store"):
+                 what: str = "snapshot store", strict: bool = False):
         self.path = path
+        self.what = what
+        #: a read short of :attr:`size` (the file shrank) is EIO, not zeroes
+        self.strict = strict
         flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
         try:
             if create_size is not None and not os.path.exists(path):
@@ -169,6 +179,7 @@ class FileDevice(BlockDevice):
     def pread(self, length: int, offset: int) -> bytes:
         data = os.pread(self.fd, length, offset)
         if len(data) < length:
+            self._short(offset + len(data))
             # Short read at end of file: the rest reads as zeroes, like a sparse tail.
             data += bytes(length - len(data))
         return data
@@ -176,7 +187,26 @@ class FileDevice(BlockDevice):
     def preadinto(self, buf, offset: int) -> None:
         n = os.preadv(self.fd, [buf], offset)
         if n < len(buf):
+            self._short(offset + n)
             memoryview(buf)[n:] = bytes(len(buf) - n)
+
+    def _short(self, end: int) -> None:
+        """A read stopped at byte ``end``: for a strict device inside :attr:`size`, the
+        file shrank and the rest must not read as zeroes (EIO, logged once)."""
+        if self.strict and end < self.size:
+            self.check_size()
+
+    def check_size(self) -> None:
+        if not self.is_block:
+            now = os.fstat(self.fd).st_size
+            if now < self.size:
+                if not getattr(self, "_shrink_logged", False):
+                    self._shrink_logged = True
+                    log.error("%s %s shrank from %d to %d bytes while in use: its reads "
+                              "and writes now fail with EIO", self.what, self.path,
+                              self.size, now)
+                raise OSError(errno.EIO, f"{self.what} {self.path} shrank from {self.size} "
+                                         f"to {now} bytes while in use")
 
     def preadinto_nowait(self, buf, offset: int) -> bool:
         # preadv2(RWF_NOWAIT): the kernel copies from the page cache or answers EAGAIN

@@ -22,7 +22,7 @@ from .alloc import Bitmap
 from .api import ExceptionStore, Finding, NotCached, SnapshotInfo
 from .blockdev import BlockDevice
 from .format import (BITMAP_BYTES, BITS_PER_BITMAP, BLOCK_SHIFT, BLOCK_SIZE, HEADER_SIZE,
-                     MAGIC, NODE_MAX, SNAPS_PER_BLOCK, T_BITMAP, T_LEAF, T_NODE,
+                     MAGIC, MAX_ORIGIN_PATH, NODE_MAX, SNAPS_PER_BLOCK, T_BITMAP, T_LEAF, T_NODE,
                      T_SNAPTABLE, VERSION_V1, Leaf, Node, SnapSlot, State, Superblock,
                      check_header, decode_snaptable, encode_snaptable, header_version,
                      seal)
@@ -317,6 +317,17 @@ class SharedStore(ExceptionStore):
         if self._space is None:
             raise self._space_error or CorruptMetadata(self.state.root, "space not counted")
         return self._space
+
+    def set_origin_path(self, path: str) -> None:
+        """Record a new origin path (``ddsnap set STORE origin=PATH``); durable at the
+        next checkpoint (:meth:`close` makes one).
+
+        Raises:
+            InvalidArgument: the path is longer than the superblock holds.
+        """
+        if len(path.encode()) > MAX_ORIGIN_PATH:
+            raise InvalidArgument(f"origin path longer than {MAX_ORIGIN_PATH} bytes")
+        self.origin_path = self.sb.origin_path = path
 
     # -- superblock and images -----------------------------------------------------------
 
