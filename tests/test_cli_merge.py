@@ -58,8 +58,8 @@ Y_WRITES = [(0x6C, 2 * MiB, 64 * KiB), (0x6D, 15 * MiB, 1 * MiB)]
 #: chunks written after ``a``: its exceptions, what its merge copies
 A_CHUNKS = len({c for _p, off, n in [(0, FIO_OFFSET, FIO_SIZE), *X_WRITES, *Y_WRITES]
                 for c in range(off // CHUNK, (off + n - 1) // CHUNK + 1)})
-MERGE_FIELDS = {"snapshot", "keep", "chunks_done", "chunks_total", "cursor", "running",
-                "chunks_per_second", "eta_seconds"}
+MERGE_FIELDS = {"snapshot", "keep", "chunks_done", "chunks_total", "counted_from", "cursor",
+                "running", "chunks_per_second", "eta_seconds"}
 
 
 
@@ -154,8 +154,11 @@ def merge_of(store, name: str) -> dict:
     assert st["snapshot"] == name, st
     assert 0 <= st["chunks_done"] <= st["chunks_total"] <= A_CHUNKS, st
     assert 0 <= st["cursor"] <= N_CHUNKS, st
-    assert st["chunks_per_second"] >= 0, st
-    assert st["eta_seconds"] is None or st["eta_seconds"] >= 0, st
+    if st["running"]:
+        assert st["chunks_per_second"] >= 0, st
+        assert st["eta_seconds"] is None or st["eta_seconds"] >= 0, st
+    else:  # paused: no decaying rate
+        assert st["chunks_per_second"] is None and st["eta_seconds"] is None, st
     assert ok_json("status", store)["merge"] is not None
     return st
 
@@ -267,7 +270,7 @@ def test_merge_recorded_on_an_unserved_store_runs_when_served(vol):
                   "cursor": 0, "running": False}
     assert f"merging snapshot a into the origin: 0 of {A_CHUNKS} chunks" in \
         ok("merge", vol.store, "--status").stdout
-    assert "(not running)" in ok("status", vol.store).stdout
+    assert "(paused: it resumes when the store is served" in ok("status", vol.store).stdout
     # still recorded after another open and close
     assert merge_of(vol.store, "a")["chunks_total"] == A_CHUNKS
     with vol.served() as srv:
@@ -339,11 +342,10 @@ def test_a_stopped_merge_already_shows_the_snapshot_and_resumes(vol):
         st = merge_of(vol.store, "a")
         assert st["running"] is False and st["chunks_done"] == done
         text = ok("merge", vol.store, "--status").stdout
-        assert re.match(rf"merging snapshot a into the origin: {done} of {A_CHUNKS} chunks, "
-                        r"[\d.]+ chunks/s.*\(not running\)$", text.strip()), text
+        assert re.match(rf"merging snapshot a into the origin: {done} of {A_CHUNKS} chunks "
+                        r"\(paused: `ddsnap merge STORE NAME` resumes it\)$", text.strip()), text
         line = ok("status", vol.store).stdout
-        assert re.search(r"merge: merging snapshot a into the origin: .*\(not running\)",
-                         line), line
+        assert re.search(r"merge: merging snapshot a into the origin: .*\(paused", line), line
 
         # the same command again resumes it
         p = ok("merge", vol.store, "a")
@@ -385,7 +387,7 @@ def test_wait_reports_a_merge_stopped_by_someone_else(vol):
                        "the waiter to start the merge", interval=0.005)
             stopped = control_request(srv.ctl, "merge_stop")
             assert stopped["ok"], f"the merge finished before it could be stopped: {stopped}"
-            assert "(not running)" in ok("merge", vol.store, "--status").stdout
+            assert "(paused" in ok("merge", vol.store, "--status").stdout
             out, err = waiter.communicate(timeout=DEADLINE)
         finally:
             if waiter.poll() is None:

@@ -9,27 +9,54 @@ code; no traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import re
 import sys
 
 import click
 from humanfriendly import InvalidSize, format_size, parse_size
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import admin, control
 from .errors import from_dict as error_from_dict
-from .errors import (DdsnapError, InvalidArgument, MergeInProgress, StoreBusy, StoreExists,
+from .errors import (Cancelled, DdsnapError, DirectoryNotFound, InvalidArgument,
+                     MergeInProgress, SnapshotNotFound, StoreBusy, StoreExists,
                      StoreNotFound)
 from .store.blockdev import FileDevice
 from .store.format import FULL_POLICIES
 from .store.memory import check_geometry
 from .store.shared import SharedStore, read_superblock
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Names and paths are the user's text: never rich markup ("[red]x") or emoji codes
+# (":smile:"), so both are off for every print.
+out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
+
+#: seconds a command waits for a server to answer, unless ``--timeout`` says otherwise
+DEFAULT_TIMEOUT = 30.0
+
+#: ``-h`` as well as ``--help``, on every command (inherited by subcommands)
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _shown(text) -> str:
+    """``text`` safe to print on a terminal: control characters as escapes (``\\x1b``),
+    so a name from an older store, a path or an error message cannot move the cursor,
+    change colours or split a line."""
+    return _CONTROL_CHARS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"),
+                              str(text))
+
+
+def _human(n: int) -> str:
+    """A byte count for a message: ``1.5 MiB (1572864 bytes)``."""
+    return f"{format_size(n, binary=True)} ({n} bytes)" if n >= 1024 else f"{n} bytes"
 
 
 def _size(text: str, what: str) -> int:
@@ -37,6 +64,25 @@ def _size(text: str, what: str) -> int:
         return parse_size(text, binary=True)
     except InvalidSize:
         raise InvalidArgument(f"{what} {text!r} is not a size (try 64K, 1M, 10G)") from None
+
+
+class _Choice(click.Choice):
+    """click.Choice (help shows ``[error|delete-oldest]``) with ddsnap's one-line error,
+    exit 2: ``--full-policy must be one of error, delete-oldest``."""
+
+    def convert(self, value, param, ctx):
+        if value in self.choices:
+            return value
+        name = param.opts[0] if param is not None and param.opts else "value"
+        raise InvalidArgument(f"{name} must be one of {', '.join(self.choices)}, "
+                              f"not {value!r}")
+
+
+def _timeout() -> float | None:
+    """The ``--timeout`` in force (seconds; None: no limit)."""
+    ctx = click.get_current_context(silent=True)
+    t = (ctx.find_root().obj or {}).get("timeout", DEFAULT_TIMEOUT) if ctx else DEFAULT_TIMEOUT
+    return t or None
 
 
 def _open_or_server(store: str):
@@ -57,19 +103,47 @@ def _open_or_server(store: str):
         return None, path
 
 
-def _call(store: str, op: str, **args):
-    """Run ``op`` on a local store, or through the control socket of its server."""
+def _call_where(store: str, op: str, **args):
+    """Run ``op`` on a local store, or through the control socket of its server (waiting
+    at most ``--timeout`` for it).  Returns ``(result, served)``."""
     opened, path = _open_or_server(store)
     if opened is None:
-        return control.call(path, op, args)
+        return control.call(path, op, args, timeout=_timeout()), True
     try:
-        return admin.run_op(opened.service, op, args, opened.path, served=False)
+        return admin.run_op(opened.service, op, args, opened.path, served=False), False
     finally:
         opened.close()
 
 
+def _call(store: str, op: str, **args):
+    """Run ``op`` on a local store, or through the control socket of its server."""
+    return _call_where(store, op, **args)[0]
+
+
+def _can_ask(yes: bool) -> bool:
+    """True if a confirmation question should be asked: no ``--yes``, and someone can see
+    and answer it (stdin and stderr on a terminal).  Scripts and pipes are never asked."""
+    return not yes and sys.stdin.isatty() and sys.stderr.isatty()
+
+
+def _ask(question: str, refusal: str) -> None:
+    """Ask ``question`` on the terminal (default: no).
+
+    Raises:
+        Cancelled: the answer was no (or end of input, or Ctrl-C); ``refusal`` says what
+            was not done.
+    """
+    try:
+        answer = click.confirm(question, default=False, err=True)
+    except click.Abort:
+        answer = False
+        click.echo("", err=True)  # end the prompt's line
+    if not answer:
+        raise Cancelled(refusal)
+
+
 def _fail(e: DdsnapError):
-    err.print(f"ddsnap: {e}", markup=False)
+    err.print(f"ddsnap: {_shown(e)}")
     sys.exit(e.exit_code)
 
 
@@ -81,25 +155,43 @@ class _Group(click.Group):
             _fail(e)
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings=CONTEXT)
 @click.version_option(package_name="ddsnap")
-def main():
+@click.option("--timeout", default=str(int(DEFAULT_TIMEOUT)), show_default=True,
+              metavar="SECONDS",
+              help="How long a command waits for the server of a served store to answer "
+                   "(0: no limit); then it fails with exit code 15.")
+@click.pass_context
+def main(ctx, timeout):
     """ddsnap: many snapshots of a block volume in one shared copy-on-write store,
     served over NBD."""
+    try:
+        seconds = float(timeout)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise InvalidArgument(f"--timeout {timeout!r} is not a number of seconds (try 30, "
+                              "0.5, or 0 for no limit)")
+    ctx.ensure_object(dict)["timeout"] = seconds
 
 
 @main.command()
 @click.argument("store")
-@click.option("--origin", required=True, help="The volume to snapshot (file or block device).")
-@click.option("--size", help="Size of a new STORE file (default: the origin's size).")
-@click.option("--chunk-size", default="64K", show_default=True,
+@click.option("--origin", required=True, metavar="ORIGIN",
+              help="The volume to snapshot (file or block device).")
+@click.option("--size", metavar="SIZE",
+              help="Size of a new STORE file, e.g. 10G (default: the origin's size).")
+@click.option("--chunk-size", default="64K", show_default=True, metavar="SIZE",
               help="Copy-on-write unit, a power of two from 4K to 1M.")
-@click.option("--max-snapshots", default="64", show_default=True,
+@click.option("--max-snapshots", default="64", show_default=True, metavar="N",
               help="Sharemap width: a multiple of 64 up to 1024.")
-@click.option("--full-policy", default="error", show_default=True,
-              help="When the store is full: error (ENOSPC) or delete-oldest.")
+@click.option("--full-policy", type=_Choice(FULL_POLICIES), default="error",
+              show_default=True, help="When the store is full: fail the write (ENOSPC) or "
+                                      "delete the oldest snapshot.")
 @click.option("--force", is_flag=True, help="Overwrite an existing ddsnap store.")
-def init(store, origin, size, chunk_size, max_snapshots, full_policy, force):
+@click.option("-y", "--yes", is_flag=True,
+              help="With --force: do not ask before overwriting a store.")
+def init(store, origin, size, chunk_size, max_snapshots, full_policy, force, yes):
     """Create snapshot store STORE for ORIGIN."""
     if not os.path.exists(origin):
         raise StoreNotFound(origin, "origin")
@@ -110,9 +202,10 @@ def init(store, origin, size, chunk_size, max_snapshots, full_policy, force):
     except ValueError:
         raise InvalidArgument(f"--max-snapshots {max_snapshots!r} is not a number") from None
     chunk = _size(chunk_size, "--chunk-size")
+    if chunk < 4096 or chunk > 1 << 20 or chunk & (chunk - 1):
+        raise InvalidArgument(f"--chunk-size {_human(chunk)} is not a power of two "
+                              "from 4 KiB to 1 MiB")
     check_geometry(chunk, max_snaps)
-    if full_policy not in FULL_POLICIES:
-        raise InvalidArgument(f"--full-policy must be one of {', '.join(FULL_POLICIES)}")
     odev = FileDevice(origin, writable=False, what="origin")
     try:
         osize = odev.size
@@ -126,20 +219,36 @@ def init(store, origin, size, chunk_size, max_snapshots, full_policy, force):
             raise InvalidArgument(f"{store} exists; --size applies only to a new store file")
         dev = FileDevice(store)
     else:
+        parent = os.path.dirname(os.path.abspath(store))
+        if not os.path.isdir(parent):
+            if os.path.exists(parent):
+                raise InvalidArgument(f"{parent} is not a directory")
+            raise DirectoryNotFound(parent)
         ssize = _size(size, "--size") if size is not None else osize
-        dev = FileDevice(store, create_size=ssize)
+        try:
+            dev = FileDevice(store, create_size=ssize)
+        except OSError as e:  # e.g. EFBIG: bigger than the filesystem allows
+            if os.path.exists(store):
+                os.unlink(store)
+            raise InvalidArgument(f"cannot create {store} of {_human(ssize)}: "
+                                  f"{e.strerror or e}") from None
     try:
         if not dev.lock_exclusive():
             raise StoreBusy(f"snapshot store {store} is in use by another ddsnap process")
-        if not force:
-            try:
-                read_superblock(dev)
+        try:
+            old = read_superblock(dev)
+        except DdsnapError:
+            old = None
+        if old is not None:
+            if not force:
                 raise StoreExists(store)
-            except StoreExists:
-                raise
-            except DdsnapError:
-                pass
-        s = SharedStore.create(dev, osize, os.path.realpath(origin), chunk, max_snaps)
+            if _can_ask(yes):
+                _ask(f"{_shown(store)} holds a ddsnap snapshot store (origin "
+                     f"{_shown(old.origin_path)}): overwrite it, losing every snapshot in "
+                     "it?", f"{store} not overwritten")
+        with _init_progress() as progress:
+            s = SharedStore.create(dev, osize, os.path.realpath(origin), chunk, max_snaps,
+                                   progress=progress)
         s.set_full_policy(full_policy)
         odev = FileDevice(origin, writable=False, what="origin")
         try:
@@ -148,15 +257,41 @@ def init(store, origin, size, chunk_size, max_snapshots, full_policy, force):
             odev.close()
         space = s.space()
         s.close()
+        store_size = dev.size
     except BaseException:
         if created:  # a refused init leaves nothing behind
             os.unlink(store)
         raise
     finally:
         dev.close()
-    out.print(f"created snapshot store {store} for origin {origin} "
+    out.print(f"created snapshot store {_shown(store)} for origin {_shown(origin)} "
               f"({format_size(osize, binary=True)}): {space['chunks_free']} free chunks of "
               f"{format_size(chunk, binary=True)}, up to {max_snaps} snapshots")
+    if store_size < osize:
+        err.print(f"ddsnap: warning: the store is smaller than its origin: "
+                  f"{_human(store_size)} against {_human(osize)}; it can fill up before "
+                  "every origin chunk has been copied out once, and then writes fail (or, "
+                  "with --full-policy delete-oldest, the oldest snapshots are deleted)")
+
+
+@contextlib.contextmanager
+def _init_progress():
+    """A progress bar on stderr while ``SharedStore.create`` writes the metadata, on a
+    terminal only (a big store has a big allocation bitmap: 8192 blocks per TiB).
+    Yields the ``progress(done, total)`` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    task = None
+    with Progress(TextColumn("writing metadata"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("blocks"), console=err, transient=True,
+                  disable=not err.is_terminal) as bar:
+        def update(done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                task = bar.add_task("init", total=total)
+            bar.update(task, completed=done)
+
+        yield update
 
 
 @main.group(cls=_Group)
@@ -171,8 +306,7 @@ def snap():
 def snap_create(store, name, read_only):
     """Snapshot the origin of STORE as NAME (constant time)."""
     info = _call(store, "snap_create", name=name, read_only=read_only)
-    out.print(f"created snapshot {info['name']} (id {info['id']}) at {info['created']}",
-              markup=False)
+    out.print(f"created snapshot {_shown(info['name'])} (id {info['id']}) at {info['created']}")
 
 
 @snap.command("list")
@@ -186,7 +320,8 @@ def snap_list(store, as_json):
         return
     table = Table("name", "id", "created", "read-only", "exclusive", "shared", box=None)
     for s in snaps:
-        table.add_row(s["name"], str(s["id"]), s["created"], "yes" if s["read_only"] else "no",
+        table.add_row(Text(_shown(s["name"])), str(s["id"]), s["created"],
+                      "yes" if s["read_only"] else "no",
                       _bytes(s.get("exclusive")), _bytes(s.get("shared")))
     out.print(table)
 
@@ -194,10 +329,20 @@ def snap_list(store, as_json):
 @snap.command("delete")
 @click.argument("store")
 @click.argument("name")
-def snap_delete(store, name):
-    """Delete snapshot NAME and free the space only it used."""
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+def snap_delete(store, name, yes):
+    """Delete snapshot NAME and free the space only it used.
+
+    On a terminal it asks first (unless --yes); scripts are not asked.
+    """
+    if _can_ask(yes):
+        snap = next((s for s in _call(store, "snap_list") if s["name"] == name), None)
+        if snap is None:
+            raise SnapshotNotFound(name)
+        _ask(f"delete snapshot {_shown(name)} (taken {snap['created']}; frees "
+             f"{_bytes(snap.get('exclusive'))} only it uses)?", f"snapshot {name} not deleted")
     _call(store, "snap_delete", name=name)
-    out.print(f"deleted snapshot {name}", markup=False)
+    out.print(f"deleted snapshot {_shown(name)}")
 
 
 @main.command()
@@ -242,14 +387,14 @@ def serve(store, listen, control_path, verbose, force_degraded, accept_origin_ch
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(store, as_json):
     """Show STORE's geometry, space and snapshots."""
-    st = _call(store, "status")
+    st, served = _call_where(store, "status")
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return
     cs = st["chunk_size"]
     rows = [
-        ("store", f"{st['store']} ({format_size(st['store_size'], binary=True)})"),
-        ("origin", f"{st['origin']} ({format_size(st['origin_size'], binary=True)})"),
+        ("store", f"{_shown(st['store'])} ({format_size(st['store_size'], binary=True)})"),
+        ("origin", f"{_shown(st['origin'])} ({format_size(st['origin_size'], binary=True)})"),
         ("served", "yes" if st["served"] else "no"),
         ("chunk size", format_size(cs, binary=True)),
         ("chunks", f"{st['chunks_used']} used, {st['chunks_free']} free of {st['chunks_total']}"),
@@ -258,21 +403,21 @@ def status(store, as_json):
         ("when full", st["full_policy"]),
     ]
     for k, v in rows:
-        out.print(f"{k:>10}: {v}", markup=False)
+        out.print(f"{k:>10}: {v}")
     for s in st["snapshots"]:
-        out.print(f"{'':>10}  {s['name']} (id {s['id']}, {s['created']}"
+        out.print(f"{'':>10}  {_shown(s['name'])} (id {s['id']}, {s['created']}"
                   f"{', read-only' if s['read_only'] else ''}; {_bytes(s.get('exclusive'))} "
-                  f"exclusive, {_bytes(s.get('shared'))} shared)", markup=False)
+                  f"exclusive, {_bytes(s.get('shared'))} shared)")
     if st.get("merge"):
-        out.print(f"{'merge':>10}: {_merge_line(st['merge'])}", markup=False)
+        out.print(f"{'merge':>10}: {_merge_line(st['merge'], served)}")
     for d in st.get("auto_deleted", []):
-        out.print(f"{'deleted':>10}: {d['name']} at {d['deleted']} to make room "
-                  "(full-policy=delete-oldest)", markup=False)
+        out.print(f"{'deleted':>10}: {_shown(d['name'])} at {d['deleted']} to make room "
+                  "(full-policy=delete-oldest)")
 
 
 @main.command("set")
 @click.argument("store")
-@click.argument("setting")
+@click.argument("setting", metavar="full-policy=error|delete-oldest")
 def set_(store, setting):
     """Change a setting of STORE: full-policy=error|delete-oldest."""
     key, eq, value = setting.partition("=")
@@ -285,19 +430,35 @@ def set_(store, setting):
         out.print(f"origin = {res['origin']}", markup=False)
         return
     _call(store, "set", key=key.strip(), value=value.strip())
-    out.print(f"{key.strip()} = {value.strip()}", markup=False)
+    out.print(f"{_shown(key.strip())} = {_shown(value.strip())}")
 
 
 def _bytes(n) -> str:
     return "?" if n is None else format_size(n, binary=True)
 
 
-def _merge_line(st: dict) -> str:
-    eta = f", ETA {st['eta_seconds']:.0f} s" if st.get("eta_seconds") is not None else ""
-    state = "running" if st.get("running") else "not running"
-    return (f"merging snapshot {st['snapshot']} into the origin: {st['chunks_done']} of "
-            f"{st['chunks_total']} chunks, {st['chunks_per_second']:.1f} chunks/s{eta} "
-            f"({state})")
+def _merge_line(st: dict, served: bool) -> str:
+    """One line for a merge status (see ``MergeProgress``): counts, rate and ETA while it
+    runs; "paused" (no rate) when it does not; why it stopped after an error."""
+    counted = ("" if st.get("counted_from", "start") == "start" else
+               " (counted since the store was last opened: chunks merged before that are "
+               "not recorded)")
+    line = (f"merging snapshot {_shown(st['snapshot'])} into the origin: {st['chunks_done']} "
+            f"of {st['chunks_total']} chunks{counted}")
+    if st.get("running"):
+        rate = st.get("chunks_per_second")
+        if rate:
+            line += f", {rate:.1f} chunks/s"
+        if st.get("eta_seconds") is not None:
+            line += f", ETA {st['eta_seconds']:.0f} s"
+        return line + " (running)"
+    if st.get("error"):
+        return line + f" (stopped: {_shown(st['error'].get('message', 'error'))}; " \
+                      "`ddsnap merge STORE NAME` resumes it)"
+    if not served:
+        return line + " (paused: it resumes when the store is served, or with " \
+                      "`ddsnap merge STORE NAME --wait`)"
+    return line + " (paused: `ddsnap merge STORE NAME` resumes it)"
 
 
 @main.command()
@@ -308,7 +469,7 @@ def _merge_line(st: dict) -> str:
 @click.option("--keep", is_flag=True, help="Keep NAME as a snapshot after the merge.")
 @click.option("--status", "show_status", is_flag=True, help="Show the merge in progress.")
 @click.option("--json", "as_json", is_flag=True, help="With --status: print JSON.")
-@click.option("--stop", is_flag=True, help="Stop the merge (it resumes later).")
+@click.option("--stop", is_flag=True, help="Stop (pause) the merge; it resumes later.")
 def merge(store, name, wait, no_progress, keep, show_status, as_json, stop):
     """Merge snapshot NAME into the origin of STORE: an online rollback.
 
@@ -316,13 +477,13 @@ def merge(store, name, wait, no_progress, keep, show_status, as_json, stop):
     by the server in the background, or here with --wait if nobody serves STORE.
     """
     if show_status or stop:
-        st = _call(store, "merge_stop" if stop else "merge_status")
+        st, served = _call_where(store, "merge_stop" if stop else "merge_status")
         if as_json:
             click.echo(json.dumps(st, indent=2))
         elif st is None:
             out.print("no merge in progress")
         else:
-            out.print(_merge_line(st), markup=False)
+            out.print(_merge_line(st, served))
         return
     if not name:
         raise InvalidArgument("merge needs the snapshot NAME (or --status / --stop)")
@@ -332,19 +493,19 @@ def merge(store, name, wait, no_progress, keep, show_status, as_json, stop):
             st = admin.merge_start(opened.service, None, name, keep)
             if wait:
                 _run_merge_here(opened, st, no_progress)
-                out.print(f"merged snapshot {name} into the origin", markup=False)
+                out.print(f"merged snapshot {_shown(name)} into the origin")
             else:
-                out.print(f"merge of {name} started; it runs when {store} is served "
-                          "(or use --wait)", markup=False)
+                out.print(f"merge of {_shown(name)} started; it runs when {_shown(store)} "
+                          "is served (or use --wait)")
         finally:
             opened.close()
         return
-    st = control.call(path, "merge_start", {"name": name, "keep": keep})
+    st = control.call(path, "merge_start", {"name": name, "keep": keep}, timeout=_timeout())
     if not wait:
-        out.print(_merge_line(st), markup=False)
+        out.print(_merge_line(st, True))
         return
     _wait_remote(path, st, no_progress)
-    out.print(f"merged snapshot {name} into the origin", markup=False)
+    out.print(f"merged snapshot {_shown(name)} into the origin")
 
 
 def _progress(no_progress: bool, total: int):
@@ -374,7 +535,7 @@ def _wait_remote(path: str, st: dict, no_progress: bool) -> None:
     with _progress(no_progress, st["chunks_total"]) as bar:
         task = bar.add_task("merge", total=st["chunks_total"])
         while True:
-            s = control.call(path, "merge_status")
+            s = control.call(path, "merge_status", timeout=_timeout())
             if s is None:
                 bar.update(task, completed=st["chunks_total"])
                 return
@@ -427,9 +588,9 @@ def check(store, as_json, repair):
     else:
         for f in report["findings"]:
             where = f" (block {f['block']})" if f["block"] is not None else ""
-            out.print(f"{f['severity']}{where}: {f['message']}", markup=False)
+            out.print(f"{f['severity']}{where}: {_shown(f['message'])}")
         out.print("store is clean" if report["clean"] else
-                  f"{report['fatal']} fatal finding(s)", markup=False)
+                  f"{report['fatal']} fatal finding(s)")
     if not report["clean"]:
         sys.exit(CorruptMetadata.exit_code)
 

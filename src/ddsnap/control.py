@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import time
 
 from .errors import ControlError, DdsnapError, ProtocolError, from_dict
 
@@ -113,28 +114,65 @@ def _alive(path: str) -> bool:
 def call(path: str, op: str, args: dict | None = None, timeout: float | None = None):
     """Send one request to the control socket at ``path``; return its result.
 
+    Args:
+        timeout: seconds the whole exchange (connect, send, reply) may take; None waits
+            as long as the server takes.  A server that is stopped (SIGSTOP), hung or
+            overloaded then fails the call instead of hanging the caller.
+
     Raises:
-        ControlError: the socket cannot be reached or answered badly.
+        ControlError: the socket cannot be reached, answered badly, or did not answer
+            within ``timeout``.
         DdsnapError: the operation's own error, re-raised with its original class.
     """
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def remaining() -> float | None:
+        if deadline is None:
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        return left
+
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
     try:
         try:
+            s.settimeout(remaining())
             s.connect(path)
+        except TimeoutError:
+            raise
         except OSError as e:
             raise ControlError(f"cannot reach the ddsnap server at {path}: {e.strerror}") from None
-        s.sendall(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
-        f = s.makefile("rb")
-        line = f.readline()
+        try:
+            s.settimeout(remaining())
+            s.sendall(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
+            line = bytearray()
+            while not line.endswith(b"\n"):
+                s.settimeout(remaining())
+                data = s.recv(MAX_LINE)
+                if not data:
+                    break
+                line += data
+        except TimeoutError:
+            raise
+        except OSError as e:
+            raise ControlError(f"lost the connection to the ddsnap server at {path}: "
+                               f"{e.strerror or e}") from None
         if not line:
             raise ControlError(f"the ddsnap server at {path} closed the connection")
         try:
             reply = json.loads(line)
         except ValueError:
             raise ControlError(f"the ddsnap server at {path} sent a malformed reply") from None
+    except TimeoutError:
+        # The request may already be queued: a server that resumes still runs it.
+        raise ControlError(f"the ddsnap server at {path} did not answer in {timeout:g} s "
+                           "(is it stopped or hung? if it resumes, it may still carry out "
+                           "the request)") from None
     finally:
         s.close()
+    if not isinstance(reply, dict):
+        raise ControlError(f"the ddsnap server at {path} sent a malformed reply")
     if reply.get("ok"):
         return reply.get("result")
     raise from_dict(reply.get("error") or {})

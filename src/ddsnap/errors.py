@@ -212,6 +212,22 @@ class JournalError(CorruptMetadata):
     """The journal cannot be replayed (a commit record is inconsistent)."""
 
 
+class DirectoryNotFound(StoreNotFound):
+    """The directory a new file (a snapshot store) would be created in does not exist."""
+
+    def __init__(self, path: str):
+        self.path = path
+        DdsnapError.__init__(self, f"directory {path} does not exist")
+
+
+class Cancelled(DdsnapError):
+    """The user answered no when asked to confirm (``snap delete``, ``init --force``)."""
+
+    exit_code = 19
+    fault = "user"
+    errno = _errno.ECANCELED
+
+
 #: Every error class by name, for re-raising errors that crossed the control socket.
 BY_NAME: dict[str, type[DdsnapError]] = {}
 

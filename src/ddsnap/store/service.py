@@ -82,20 +82,58 @@ class ReadMap:
 
 @dataclass
 class MergeProgress:
-    """Progress of the merge, in chunks, since this process started or resumed it."""
+    """How far the merge has come, in chunks (exceptions of the merging snapshot).
+
+    What can be counted honestly: format v1 records which snapshot is being merged and
+    the merge cursor, but not how many exceptions the merge began with, and a merged
+    exception is gone.  So the count starts where this process met the merge:
+
+    * ``counted_from == "start"``: this process started the merge; ``total`` is every
+      exception the snapshot had then, so ``done`` and ``total`` cover the whole merge,
+      across ``merge --stop`` and resumes in this process.
+    * ``counted_from == "open"``: an earlier process started it (the store was reopened:
+      a server restart, crash recovery, a local ``merge --wait``); ``total`` is what was
+      left when this process opened the store, and what was merged before is not
+      counted.  (Below the merge cursor everything is merged.)
+
+    ``done`` counts the exceptions merged since, by merge steps and by origin writes that
+    merge their chunks first; ``total - done`` is what is left.
+
+    The rate is ``done`` over the seconds the merge was running since the count began:
+    a status taken while it is not running (stopped with ``--stop``, stopped by an
+    error, or nobody serving the store) marks it paused, the time until a status sees it
+    running again is left out, and a paused merge reports no rate and no ETA (None).  So
+    a pause never shows as a decaying rate.
+    """
 
     total: int
+    counted_from: str = "start"
     done: int = 0
-    started: float = field(default_factory=time.monotonic)
+    #: seconds of running time before :attr:`since`
+    active: float = 0.0
+    #: monotonic time the current running stretch began; None while paused
+    since: float | None = field(default_factory=time.monotonic)
 
     def to_dict(self, name: str, keep: bool, cursor: int, running: bool) -> dict:
-        elapsed = max(1e-9, time.monotonic() - self.started)
-        rate = self.done / elapsed
+        """The status dict (``merge --status --json``); ``running`` says whether a worker
+        is merging now.  Rate in chunks per second, ETA in seconds (None if unknown)."""
+        now = time.monotonic()
+        rate = eta = None
         left = max(0, self.total - self.done)
+        if running:
+            if self.since is None:
+                self.since = now
+            rate = self.done / max(1e-9, self.active + now - self.since)
+            if rate > 0:
+                eta = round(left / rate, 1)
+            rate = round(rate, 3)
+        elif self.since is not None:
+            self.active += now - self.since
+            self.since = None
         return {"snapshot": name, "keep": keep, "chunks_done": self.done,
-                "chunks_total": self.total, "cursor": cursor, "running": running,
-                "chunks_per_second": round(rate, 3),
-                "eta_seconds": round(left / rate, 1) if rate > 0 else None}
+                "chunks_total": self.total, "counted_from": self.counted_from,
+                "cursor": cursor, "running": running, "chunks_per_second": rate,
+                "eta_seconds": eta}
 
 
 class ServiceFailed(DdsnapError):
@@ -140,7 +178,8 @@ class MetadataService:
         self.merge_step_chunks = max(1, merge_step_bytes() // self.chunk_size)
         #: snapshots the full-store policy deleted (name, id, time), newest last
         self.auto_deleted: list[dict] = []
-        self._merge_progress = MergeProgress(self._count_merge_left()) if m is not None else None
+        self._merge_progress = (MergeProgress(self._count_merge_left(), "open")
+                                if m is not None else None)
         if not getattr(store, "read_only", False):  # a degraded open never writes
             self._finish_interrupted_delete()
 
@@ -811,7 +850,9 @@ class MetadataService:
         return f"#{bit}"
 
     def merge_status(self, running: bool = False) -> dict | None:
-        """The merge in progress as a dict (snapshot, chunks done/total, rate, ETA), or None."""
+        """The merge in progress as a dict (snapshot, chunks done/total and what they count
+        from, cursor, rate, ETA: see :class:`MergeProgress`), or None.  ``running`` says
+        whether a worker is merging now (without one, no rate or ETA is given)."""
         with self.lock:
             return self._merge_status_locked(running)
 

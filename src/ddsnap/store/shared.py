@@ -17,6 +17,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from humanfriendly import format_size
+
 from ..errors import CorruptMetadata, FormatTooOld, InvalidArgument, NotAStore, StoreFull
 from .alloc import Bitmap
 from .api import ExceptionStore, Finding, NotCached, SnapshotInfo
@@ -35,6 +37,58 @@ from .snapshots import (SnapshotTable, SpaceAccount, exc_add_snapshot, exc_looku
 CACHE_BLOCKS = 16384
 #: leaves one sweep step may visit before it commits
 SWEEP_BUDGET = 64
+
+
+def _layout(blocks: int, bpc: int, max_snapshots: int, journal_blocks: int | None):
+    """Where a store of ``blocks`` 4 KiB blocks puts its metadata: returns
+    ``(snaptable blocks, bitmap blocks, journal blocks, first data block)``."""
+    st_blocks = -(-max_snapshots // SNAPS_PER_BLOCK)
+    bm_blocks = -(-blocks // BITS_PER_BITMAP)
+    if journal_blocks is None:
+        journal_blocks = min(2048, max(256, blocks // 16))
+    j_start = 2 + st_blocks + bm_blocks
+    data_start = -(-(j_start + journal_blocks) // bpc) * bpc
+    return st_blocks, bm_blocks, journal_blocks, data_start
+
+
+def _fits(blocks: int, bpc: int, data_start: int) -> bool:
+    """The rule of :meth:`SharedStore.create`: the metadata, the tree's first two blocks
+    and at least one data chunk fit in ``blocks``."""
+    return data_start + 2 + bpc <= blocks
+
+
+def _human(n: int) -> str:
+    """A byte count for a message: ``1.19 MiB (1245184 bytes)``."""
+    return f"{format_size(n, binary=True)} ({n} bytes)" if n >= 1024 else f"{n} bytes"
+
+
+def min_store_size(chunk_size: int, max_snapshots: int = 64,
+                   journal_blocks: int | None = None) -> int:
+    """The smallest store, in bytes, :meth:`SharedStore.create` accepts for this geometry.
+
+    That store holds its metadata, the tree's first leaf and index node and one data
+    chunk; it is a whole number of chunks.  A bigger size is accepted too (the layout only
+    grows with the size by less than the size does).
+
+    Args:
+        chunk_size: bytes per chunk (a power of two from 4 KiB to 1 MiB).
+        max_snapshots: sharemap width in bits.
+        journal_blocks: journal size in 4 KiB blocks (default: as ``create`` chooses it).
+
+    Raises:
+        InvalidArgument: bad geometry.
+    """
+    check_geometry(chunk_size, max_snapshots)
+    bpc = chunk_size >> BLOCK_SHIFT
+    blocks = bpc
+    while True:
+        # The layout only grows with ``blocks``, so stepping up to what the last guess
+        # needs reaches the least size that fits, from below.
+        data_start = _layout(blocks, bpc, max_snapshots, journal_blocks)[3]
+        if _fits(blocks, bpc, data_start):
+            return blocks * BLOCK_SIZE
+        need = data_start + 2 + bpc
+        blocks = max(blocks + bpc, -(-need // bpc) * bpc)
 
 
 @dataclass
@@ -105,7 +159,7 @@ class SharedStore(ExceptionStore):
     @classmethod
     def create(cls, dev: BlockDevice, origin_size: int, origin_path: str = "",
                chunk_size: int = 65536, max_snapshots: int = 64,
-               journal_blocks: int | None = None) -> "SharedStore":
+               journal_blocks: int | None = None, progress=None) -> "SharedStore":
         """Write an empty format-v1 store onto ``dev`` and return it opened.
 
         Args:
@@ -115,10 +169,13 @@ class SharedStore(ExceptionStore):
             chunk_size: bytes per chunk; max_snapshots: sharemap width in bits.
             journal_blocks: journal size in 4 KiB blocks (default: 1/16 of the store,
                 clamped to 256..2048).
+            progress: if given, called as ``progress(done, total)`` while the metadata
+                is written, in 4 KiB blocks (the allocation bitmap makes most of it:
+                8192 blocks per TiB of store).
 
         Raises:
-            InvalidArgument: bad geometry, or the device is too small to hold the
-                metadata plus at least one data chunk.
+            InvalidArgument: bad geometry, or the device is smaller than
+                :func:`min_store_size` (the metadata plus at least one data chunk).
         """
         check_geometry(chunk_size, max_snapshots)
         if origin_size <= 0:
@@ -127,17 +184,18 @@ class SharedStore(ExceptionStore):
         bpc = chunk_size >> BLOCK_SHIFT
         chunks = dev.size // chunk_size
         blocks = chunks * bpc
-        st_blocks = -(-max_snapshots // SNAPS_PER_BLOCK)
-        bm_blocks = -(-blocks // BITS_PER_BITMAP)
-        if journal_blocks is None:
-            journal_blocks = min(2048, max(256, blocks // 16))
+        asked_journal = journal_blocks
+        st_blocks, bm_blocks, journal_blocks, data_start = _layout(
+            blocks, bpc, max_snapshots, journal_blocks)
         st_start = 2
         bm_start = st_start + st_blocks
         j_start = bm_start + bm_blocks
-        data_start = -(-(j_start + journal_blocks) // bpc) * bpc
-        if data_start + 2 + bpc > blocks:
+        if not _fits(blocks, bpc, data_start):
+            need = min_store_size(chunk_size, max_snapshots, asked_journal)
             raise InvalidArgument(
-                f"store device {dev.path} is too small ({dev.size} bytes) for this chunk size")
+                f"store too small: at least {_human(need)} for "
+                f"{format_size(chunk_size, binary=True)} chunks and up to {max_snapshots} "
+                f"snapshots; {dev.path} has {_human(dev.size)}")
         sb = Superblock(os.urandom(16), blocks, cshift, max_snapshots, origin_size,
                         time.time_ns(), st_start, st_blocks, bm_start, bm_blocks, j_start,
                         journal_blocks, journal_tail=0, journal_seq=1, clean=False,
@@ -159,12 +217,17 @@ class SharedStore(ExceptionStore):
         self.state.levels = 1
         self._space = SpaceAccount(max_snapshots)
         # Everything goes to its home location directly; the journal starts empty.
+        total = st_blocks + bm_blocks + len(self._dirty)
         for i in range(st_blocks):
             self._write_home(st_start + i, self._snaptable_image(i, 0))
         for i in range(bm_blocks):
             self._write_home(bm_start + i, self._bitmap_image(i, 0))
+            if progress is not None and i % 256 == 255:
+                progress(st_blocks + i + 1, total)
         for b, obj in self._dirty.items():
             self._write_home(b, self._node_image(b, obj, 0))
+        if progress is not None:
+            progress(total, total)
         self._dirty.clear()
         self.table.dirty.clear()
         self.bitmap.dirty.clear()

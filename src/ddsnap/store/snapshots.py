@@ -17,18 +17,41 @@ from .format import MAX_NAME, SLOT_DELETING, SLOT_FREE, SLOT_LIVE, SnapSlot
 
 
 def validate_name(name: str) -> None:
-    """Check a snapshot name: 1..255 bytes of UTF-8, no '/', no NUL, not ``origin``.
+    """Check a snapshot name: 1..255 bytes of UTF-8, no '/', not ``origin``, and no
+    character that would act on a terminal or split a line when the name is printed.
+
+    Refused characters: the C0 controls (U+0000..U+001F: NUL, newline, ESC of terminal
+    escape sequences, ...), DEL (U+007F), the C1 controls (U+0080..U+009F, CSI and NEL
+    among them) and the Unicode line and paragraph separators (U+2028, U+2029).  The
+    message names the first one and its position (counted in characters from 1).
 
     Raises:
         InvalidArgument: the name is not acceptable.
     """
-    raw = name.encode("utf-8", errors="strict") if isinstance(name, str) else b""
+    if not isinstance(name, str):
+        raise InvalidArgument(f"snapshot name must be 1 to {MAX_NAME} bytes of UTF-8")
+    try:
+        raw = name.encode("utf-8", errors="strict")
+    except UnicodeEncodeError as e:
+        # A command-line argument that was not UTF-8 (Python keeps its bytes as lone
+        # surrogates).
+        raise InvalidArgument(f"snapshot name is not valid UTF-8 (at position {e.start + 1})"
+                              ) from None
     if not raw or len(raw) > MAX_NAME:
         raise InvalidArgument(f"snapshot name must be 1 to {MAX_NAME} bytes of UTF-8")
-    if "/" in name or "\0" in name:
-        raise InvalidArgument("snapshot name must not contain '/' or NUL")
+    for i, ch in enumerate(name):
+        if _is_control(ch):
+            raise InvalidArgument(f"snapshot name contains a control character "
+                                  f"U+{ord(ch):04X} at position {i + 1}")
+    if "/" in name:
+        raise InvalidArgument("snapshot name must not contain '/'")
     if name == "origin":
         raise InvalidArgument("'origin' is the origin's export name, not a snapshot name")
+
+
+def _is_control(ch: str) -> bool:
+    c = ord(ch)
+    return c < 0x20 or 0x7F <= c <= 0x9F or c in (0x2028, 0x2029)
 
 
 class SnapshotTable:
