@@ -577,7 +577,7 @@ def check(store, as_json, repair):
             if path is None:
                 raise
             try:
-                report = control.call(path, "check")
+                report = control.call(path, "check", timeout=_timeout())
             except CorruptMetadata as e:
                 from .store.api import Finding
 
