@@ -213,9 +213,17 @@ def test_delete_oldest_chosen_at_init(tmp_path, stop_server):
     assert v.write(0x70, 7 * MiB, 64 * KiB, export="s5")
     assert v.write(0x71, 7 * MiB, 64 * KiB)
     v.verify()
+    before = ok_json("status", v.store)["auto_deleted"]
     v.srv.stop()
-    assert ok_json("status", v.store)["full_policy"] == "delete-oldest"
+    st = ok_json("status", v.store)
+    assert st["full_policy"] == "delete-oldest"
+    # The record of what the policy deleted survives the restart (issue 8).
+    assert st["auto_deleted"] == before and deleted_names(st) == left_deleted(before)
     v.verify()
+
+
+def left_deleted(events: list[dict]) -> list[str]:
+    return [e["name"] for e in events]
 
 
 def test_delete_oldest_switched_on_with_set(tmp_path, stop_server):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import datetime as _dt
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -84,6 +85,10 @@ class Finding:
         return {"severity": self.severity, "block": self.block, "message": self.message}
 
 
+def _utc(ns: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns / 1e9))
+
+
 class ExceptionStore(abc.ABC):
     """A store of exceptions shared by the snapshots of one origin.
 
@@ -106,6 +111,18 @@ class ExceptionStore(abc.ABC):
     def origin_chunks(self) -> int:
         """Logical chunks in the origin (the last one may be partial)."""
         return -(-self.origin_size // self.chunk_size)
+
+    def note_auto_deleted(self, info: SnapshotInfo, when_ns: int) -> None:
+        """Remember that the full-store policy deleted ``info`` at ``when_ns`` (ns since
+        the Unix epoch); a store that persists it (SharedStore: in the superblock, at
+        the delete's checkpoint) reports it after a restart."""
+        self.__dict__.setdefault("_auto_deleted", []).append(
+            {"name": info.name, "id": info.id, "deleted": _utc(when_ns)})
+
+    def auto_deleted(self) -> list[dict]:
+        """Snapshots the full-store policy deleted, oldest first: ``name``, ``id`` and
+        ``deleted`` (ISO 8601 UTC)."""
+        return list(self.__dict__.get("_auto_deleted", []))
 
     # -- snapshots -----------------------------------------------------------------------
 

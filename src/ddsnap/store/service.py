@@ -177,7 +177,7 @@ class MetadataService:
         #: most chunks one :meth:`merge_step` merges
         self.merge_step_chunks = max(1, merge_step_bytes() // self.chunk_size)
         #: snapshots the full-store policy deleted (name, id, time), newest last
-        self.auto_deleted: list[dict] = []
+        self.auto_deleted: list[dict] = store.auto_deleted()
         self._merge_progress = (MergeProgress(self._count_merge_left(), "open")
                                 if m is not None else None)
         if not getattr(store, "read_only", False):  # a degraded open never writes
@@ -772,14 +772,13 @@ class MetadataService:
         Logged and kept in :attr:`auto_deleted` for ``status`` (invariant 7: never silent).
         """
         victim = self._victim(exclude)
+        self.store.note_auto_deleted(victim, time.time_ns())  # durable with the delete
         self.store.begin_delete(victim.name)
         self._refresh_snaps()
         while not self.store.sweep_step():
             self._commit_now_locked()
         self._commit_now_locked()
-        event = {"name": victim.name, "id": victim.id,
-                 "deleted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        self.auto_deleted.append(event)
+        self.auto_deleted = self.store.auto_deleted()
         log.warning("snapshot store full: deleted the oldest snapshot %s "
                     "(full-policy=delete-oldest)", victim.name)
 

@@ -24,8 +24,9 @@ from .alloc import Bitmap
 from .api import ExceptionStore, Finding, NotCached, SnapshotInfo
 from .blockdev import BlockDevice
 from .format import (BITMAP_BYTES, BITS_PER_BITMAP, BLOCK_SHIFT, BLOCK_SIZE, HEADER_SIZE,
-                     MAGIC, MAX_ORIGIN_PATH, NODE_MAX, SNAPS_PER_BLOCK, T_BITMAP, T_LEAF, T_NODE,
-                     T_SNAPTABLE, VERSION_V1, Leaf, Node, SnapSlot, State, Superblock,
+                     AUTO_DELETED_MAX, MAGIC, MAX_ORIGIN_PATH, NODE_MAX, SNAPS_PER_BLOCK, T_BITMAP, T_LEAF, T_NODE,
+                     T_SNAPTABLE, VERSION_V1, AutoDeleted, Leaf, Node, SnapSlot, State,
+                     Superblock,
                      check_header, decode_snaptable, encode_snaptable, header_version,
                      seal)
 from .journal import Journal, Replay, Transaction
@@ -380,6 +381,17 @@ class SharedStore(ExceptionStore):
         if self._space is None:
             raise self._space_error or CorruptMetadata(self.state.root, "space not counted")
         return self._space
+
+    def note_auto_deleted(self, info: SnapshotInfo, when_ns: int) -> None:
+        # In the superblock (the newest AUTO_DELETED_MAX), written by the checkpoint
+        # that ends the victim's delete.
+        self.sb.auto_deleted.append(AutoDeleted(info.id, when_ns, info.name))
+        del self.sb.auto_deleted[:-AUTO_DELETED_MAX]
+
+    def auto_deleted(self) -> list[dict]:
+        from .api import _utc
+        return [{"name": r.name, "id": r.id, "deleted": _utc(r.deleted)}
+                for r in self.sb.auto_deleted]
 
     def set_origin_path(self, path: str) -> None:
         """Record a new origin path (``ddsnap set STORE origin=PATH``); durable at the
