@@ -221,8 +221,10 @@ def serve(store, listen, control_path, verbose):
     try:
         asyncio.run(d.run(ready))
     except OSError as e:
-        raise DdsnapError(f"cannot listen on {', '.join(d.listen)}: "
-                          f"{os.strerror(e.errno) if e.errno else e}") from None
+        # listen and control socket failures are ListenError / ControlPathError; this
+        # is anything else the system refused (the run directory, ...)
+        where = f" ({e.filename})" if e.filename else ""
+        raise DdsnapError(f"cannot serve {store}: {e.strerror or e}{where}") from None
 
 
 @main.command()

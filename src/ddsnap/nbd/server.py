@@ -34,7 +34,7 @@ import stat
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable
 
-from ddsnap.errors import DdsnapError, InvalidArgument
+from ddsnap.errors import DdsnapError, InvalidArgument, ListenError
 from ddsnap.nbd.protocol import (
     Abort,
     Command,
@@ -64,6 +64,10 @@ PARSE_BATCH = 32
 SEND_BUFFER = 4 * 1024 * 1024
 #: default bound on READ/WRITE bytes in flight per connection (256 MiB)
 DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
+#: connections the kernel queues for accept() per listener (capped by
+#: ``net.core.somaxconn``): asyncio's default of 100 refuses part of a burst of a few
+#: hundred clients connecting at once
+LISTEN_BACKLOG = 1024
 #: commands that change the export and so must precede a later FLUSH
 _WRITES = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
 
@@ -144,8 +148,15 @@ class NbdServer:
     async def start(self, listen: list[str]) -> None:
         """Bind and listen on each address (``unix:PATH``, ``tcp:HOST:PORT``, port 0 ok).
 
+        Each listener queues up to :data:`LISTEN_BACKLOG` connections not yet accepted.
         A unix socket path left over by a dead server is replaced; one still answered by
         a live server is refused (EADDRINUSE).  On error nothing stays bound.
+
+        Raises:
+            InvalidArgument: an address is malformed.
+            ListenError: an address cannot be listened on (in use, no such directory,
+                exists and is not a socket, permission denied, ...), naming it; its
+                ``errno`` is the OS error's.
         """
         if self._executor is None:
             self._executor = ThreadPoolExecutor(thread_name_prefix="ddsnap-nbd")
@@ -153,29 +164,37 @@ class NbdServer:
         try:
             for uri in listen:
                 kind, where = parse_listen(uri)
-                if kind == "unix":
-                    await self._listen_unix(where)
-                else:
-                    await self._listen_tcp(*where)
+                try:
+                    if kind == "unix":
+                        await self._listen_unix(where)
+                    else:
+                        await self._listen_tcp(*where)
+                except OSError as e:
+                    # os.strerror: asyncio's own text repeats the address
+                    raise ListenError(uri, os.strerror(e.errno) if e.errno else str(e),
+                                      e.errno) from None
         except BaseException:
             await self.close()
             raise
 
     async def _listen_unix(self, path: str) -> None:
-        if os.path.exists(path):
+        if os.path.lexists(path):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise InvalidArgument(f"{path} exists and is not a socket")
+                raise ListenError(f"unix:{path}", "exists and is not a socket",
+                                  errno.EEXIST)
             if await _unix_socket_alive(path):
-                raise OSError(errno.EADDRINUSE, f"{path} is in use by a running server")
+                raise ListenError(f"unix:{path}", "in use by a running server",
+                                  errno.EADDRINUSE)
         listener = await asyncio.start_unix_server(self._accept, path=path,
-                                                   limit=_STREAM_LIMIT)
+                                                   limit=_STREAM_LIMIT,
+                                                   backlog=LISTEN_BACKLOG)
         self._listeners.append(listener)
         self._unix_paths.append((path, os.stat(path).st_ino))
         self.addresses.append(f"unix:{path}")
 
     async def _listen_tcp(self, host: str | None, port: int) -> None:
         listener = await asyncio.start_server(self._accept, host=host, port=port,
-                                              limit=_STREAM_LIMIT)
+                                              limit=_STREAM_LIMIT, backlog=LISTEN_BACKLOG)
         self._listeners.append(listener)
         for sock in listener.sockets:
             addr = sock.getsockname()
