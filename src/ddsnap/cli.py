@@ -200,16 +200,24 @@ def snap_delete(store, name):
 @click.option("--listen", multiple=True,
               help="unix:PATH or tcp:HOST:PORT; may repeat [default: tcp:127.0.0.1:10809]")
 @click.option("--control", "control_path", help="Control socket path [default: STORE.ctl].")
-@click.option("-v", "--verbose", is_flag=True, help="Log connections and errors.")
-def serve(store, listen, control_path, verbose):
+@click.option("--max-reply-memory", default="256M", show_default=True,
+              help="Memory held for replies clients have not read, over all connections; "
+                   "past it, connections whose replies wait are not read from.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Log each connection as it ends and each error answered to a client.")
+def serve(store, listen, control_path, max_reply_memory, verbose):
     """Serve the origin and every snapshot of STORE over NBD."""
     from .daemon import Daemon, tune_malloc
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="ddsnap: %(message)s")
+    reply_memory = _size(max_reply_memory, "--max-reply-memory")
+    if reply_memory < 1:
+        raise InvalidArgument("--max-reply-memory must be more than 0")
     if not os.path.exists(store):
         raise StoreNotFound(store)
-    d = Daemon(store, list(listen) or ["tcp:127.0.0.1:10809"], control_path)
+    d = Daemon(store, list(listen) or ["tcp:127.0.0.1:10809"], control_path,
+               max_reply_memory=reply_memory)
     tune_malloc()
 
     def ready(daemon):
