@@ -556,7 +556,7 @@ def test_serve_bad_listen_addresses(env):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        fails(1, "serve", env.store, "--listen", f"tcp:127.0.0.1:{port}",
+        fails(22, "serve", env.store, "--listen", f"tcp:127.0.0.1:{port}",
               match="cannot listen.*in use")
     # nothing was left behind, and the store opens normally
     assert not env.store.with_name("store.img.ctl").exists()
@@ -567,7 +567,7 @@ def test_serve_refuses_another_servers_nbd_socket(env, tmp_path):
     (tmp_path / "b").mkdir()
     other = Env(tmp_path / "b")
     with env.served() as srv:
-        fails(1, "serve", other.store, "--listen", f"unix:{srv.sock}", match="in use")
+        fails(22, "serve", other.store, "--listen", f"unix:{srv.sock}", match="in use")
         assert srv.sock.exists()
         tool("nbdinfo", srv.uri("origin"))
         ok_json("status", env.store)
@@ -579,7 +579,7 @@ def test_serve_refuses_another_servers_control_socket(env, tmp_path):
     (tmp_path / "b").mkdir()
     other = Env(tmp_path / "b")
     with env.served() as srv:
-        fails(1, "serve", other.store, "--listen", f"unix:{tmp_path}/b/n.sock",
+        fails(20, "serve", other.store, "--listen", f"unix:{tmp_path}/b/n.sock",
               "--control", srv.ctl, match="in use by another server")
         assert srv.ctl.exists(), "the refused serve removed the first server's control socket"
         assert ok_json("status", env.store)["served"] is True

@@ -18,7 +18,7 @@ import threading
 
 import pytest
 
-from ddsnap.errors import InvalidArgument, ReadOnlyVolume, StoreFull
+from ddsnap.errors import InvalidArgument, ListenError, ReadOnlyVolume, StoreFull
 from ddsnap.nbd import protocol as P
 from ddsnap.nbd.protocol import Command
 from ddsnap.nbd.server import NbdServer, parse_listen
@@ -125,9 +125,9 @@ def test_listen_address_forms():
 
 def test_live_unix_socket_is_not_stolen_but_a_stale_one_is_replaced(srv, sockdir, origin):
     path = f"{sockdir}/nbd.sock"
-    with pytest.raises(OSError) as info:
+    with pytest.raises(ListenError) as info:
         ServerThread(Registry(origin), [f"unix:{path}"])
-    assert info.value.errno == errno.EADDRINUSE
+    assert info.value.errno == errno.EADDRINUSE and info.value.address == f"unix:{path}"
     assert os.path.exists(path)  # the running server keeps its socket
 
     stale = f"{sockdir}/stale.sock"

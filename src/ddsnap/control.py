@@ -10,13 +10,15 @@ re-raise the same error (and exit with the same code) as a local run would.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
 import socket
+import stat
 import time
 
-from .errors import ControlError, DdsnapError, ProtocolError, from_dict
+from .errors import ControlError, ControlPathError, DdsnapError, ProtocolError, from_dict
 
 log = logging.getLogger("ddsnap.control")
 
@@ -38,13 +40,44 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        if os.path.exists(self.path):
+        """Listen on the socket path (mode 0600).
+
+        A socket left by a dead server is replaced.
+
+        Raises:
+            ControlPathError: the path is in use by a live server, exists and is not a
+                socket, or cannot be bound (its directory does not exist, permission
+                denied, too long for a unix socket, ...).  Nothing is left behind.
+        """
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            mode = None
+        except OSError as e:
+            raise ControlPathError(self.path, _why(e), e.errno) from None
+        if mode is not None:
+            # never remove anything but a dead socket: the path may be a user's file
+            if not stat.S_ISSOCK(mode):
+                raise ControlPathError(self.path, "exists and is not a socket", errno.EEXIST)
             if _alive(self.path):
-                raise DdsnapError(f"control socket {self.path} is in use by another server")
-            os.unlink(self.path)
-        self._server = await asyncio.start_unix_server(self._client, path=self.path,
-                                                       limit=MAX_LINE)
-        os.chmod(self.path, 0o600)
+                raise ControlPathError(self.path, "in use by another server",
+                                       errno.EADDRINUSE)
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise ControlPathError(self.path, _why(e), e.errno) from None
+        try:
+            self._server = await asyncio.start_unix_server(self._client, path=self.path,
+                                                           limit=MAX_LINE)
+        except OSError as e:
+            raise ControlPathError(self.path, _why(e), e.errno) from None
+        try:
+            os.chmod(self.path, 0o600)
+        except OSError as e:
+            await self.close()
+            raise ControlPathError(self.path, _why(e), e.errno) from None
 
     async def close(self) -> None:
         if self._server is not None:
@@ -98,6 +131,11 @@ class ControlServer:
 
 def _reply_error(e: DdsnapError) -> bytes:
     return json.dumps({"ok": False, "error": e.to_dict()}).encode() + b"\n"
+
+
+def _why(e: OSError) -> str:
+    """The OS error's text without the path (the message names it already)."""
+    return os.strerror(e.errno) if e.errno else str(e)
 
 
 def _alive(path: str) -> bool:

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import admin
 from .control import ControlServer
-from .nbd.server import NbdServer
+from .nbd.server import DEFAULT_MAX_REPLY_MEMORY, NbdServer
 from .volume import Origin, Snapshot
 
 log = logging.getLogger("ddsnap.daemon")
@@ -54,6 +54,34 @@ def tune_malloc() -> bool:
                 and mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
 
 
+def trim_malloc() -> bool:
+    """Give the malloc heap's free pages back to the system (``malloc_trim(0)``); True if
+    done.  Does nothing off glibc.
+
+    :func:`tune_malloc` keeps freed READ buffers in the heap for reuse, and glibc trims
+    only the top of the heap: after clients that held hundreds of MiB of replies (see
+    ``--max-reply-memory``) have gone, that memory would stay with the process.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        malloc_trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    malloc_trim(0)
+    return True
+
+
+def _release_memory(high: int) -> None:
+    """``NbdServer.on_idle``: the server holds no reply memory any more; if it held more
+    than malloc keeps by itself, give the heap's free pages back."""
+    if high >= MALLOC_TRIM_THRESHOLD:
+        trim_malloc()
+
+
 class Exports:
     """The export registry: ``origin`` plus each live snapshot, looked up by name."""
 
@@ -86,15 +114,19 @@ class Daemon:
         store_path: the snapshot store.
         listen: NBD listen URIs (``unix:PATH``, ``tcp:HOST:PORT``).
         control_path: the control socket (default :func:`admin.default_control_path`).
+        max_reply_memory: bytes the NBD server may hold for replies its clients have
+            not read, over all connections (see ``NbdServer.reply_bytes_held``).
     """
 
     def __init__(self, store_path: str, listen: list[str], control_path: str | None = None,
-                 degraded: bool = False, accept_origin_change: bool = False):
+                 max_reply_memory: int = DEFAULT_MAX_REPLY_MEMORY, degraded: bool = False,
+                 accept_origin_change: bool = False):
         self.store_path = os.path.abspath(store_path)
         self.degraded = degraded
         self.accept_origin_change = accept_origin_change
         self.listen = listen
         self.control_path = control_path or admin.default_control_path(store_path)
+        self.max_reply_memory = max_reply_memory
         self.opened: admin.OpenStore | None = None
         self.merger: admin.MergeRunner | None = None
         self.nbd: NbdServer | None = None
@@ -107,7 +139,11 @@ class Daemon:
                             runner=self.merger, degraded=self.opened.degraded)
 
     async def start(self) -> None:
-        """Open the store and start serving (raises StoreBusy, NotAStore, ...)."""
+        """Open the store and start serving.
+
+        Raises StoreBusy, NotAStore, ... (opening the store), ControlPathError (the
+        control socket), ListenError (an NBD address); on error nothing stays open.
+        """
         loop = asyncio.get_running_loop()
         self.opened = await loop.run_in_executor(None, admin.open_store, self.store_path,
                                                  self.degraded, self.accept_origin_change)
@@ -117,7 +153,9 @@ class Daemon:
             await control.start()
             self.control = control  # only now is the socket ours to remove
             executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="ddsnap-io")
-            self.nbd = NbdServer(Exports(self.opened), executor)
+            self.nbd = NbdServer(Exports(self.opened), executor,
+                                 max_reply_memory=self.max_reply_memory,
+                                 on_idle=_release_memory)
             await self.nbd.start(self.listen)
             with open(self._registry_file + ".tmp", "w") as f:
                 json.dump({"pid": os.getpid(), "store": self.store_path,

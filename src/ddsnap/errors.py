@@ -228,6 +228,44 @@ class Cancelled(DdsnapError):
     errno = _errno.ECANCELED
 
 
+class ListenError(DdsnapError):
+    """``serve`` cannot listen on an NBD address (in use, no such directory, not a socket,
+    permission denied, ...).
+
+    Attributes:
+        address: the listen address as given (``unix:PATH``, ``tcp:HOST:PORT``).
+        reason: why, in words (the OS error's text).
+        errno: the OS errno of the failure (``EADDRINUSE``, ``ENOENT``, ...), or EIO.
+    """
+
+    exit_code = 22
+    fault = "user"
+
+    def __init__(self, address: str, reason: str, os_errno: int | None = None):
+        self.address = address
+        self.reason = reason
+        self.errno = os_errno or _errno.EIO
+        super().__init__(f"cannot listen on {address}: {reason}")
+
+
+class ControlPathError(ListenError):
+    """``serve`` cannot listen on its control socket path (``--control PATH``, by default
+    ``STORE.ctl``): its directory does not exist, another server uses it, it is not a
+    socket, ...  A :class:`ListenError` with an exit code of its own.
+
+    Attributes:
+        path: the control socket path; ``address`` is ``path`` too.
+    """
+
+    exit_code = 20
+
+    def __init__(self, path: str, reason: str, os_errno: int | None = None):
+        self.path = self.address = path
+        self.reason = reason
+        self.errno = os_errno or _errno.EIO
+        DdsnapError.__init__(self, f"cannot use control socket {path}: {reason}")
+
+
 #: Every error class by name, for re-raising errors that crossed the control socket.
 BY_NAME: dict[str, type[DdsnapError]] = {}
 

@@ -9,6 +9,9 @@ enforces the ordering rules of the spec's "Ordering of messages and writes":
   order;
 * in-flight requests are bounded (count and bytes): when the bound is reached the handler
   stops reading the socket, so a fast client is slowed down, not buffered without limit;
+* the memory held for replies clients have not read yet is bounded server-wide
+  (``max_reply_memory``, see :attr:`NbdServer.reply_bytes_held`): past it, connections
+  that hold some stop being read from until their own replies drain;
 * a FLUSH first waits for every WRITE, TRIM and WRITE_ZEROES received before it on the
   same connection, then calls ``backend.flush()``; so every write acknowledged before the
   FLUSH is durable when the FLUSH is acknowledged;
@@ -19,6 +22,11 @@ enforces the ordering rules of the spec's "Ordering of messages and writes":
 Backend errors are mapped to NBD errors: ``DdsnapError.errno`` or ``OSError.errno``
 through :func:`ddsnap.nbd.protocol.errno_to_nbd`; any other exception is logged and
 reported as EIO.  Nothing one connection does stops the server.
+
+Logging (logger ``ddsnap.nbd``, level INFO): every connection when it ends (peer, export,
+why it ended, duration, bytes read and written), every error answered to a request (the
+export and the request), ENOSPC once per episode of a full store (the first failure; the
+rest are counted until a write succeeds again).
 """
 
 from __future__ import annotations
@@ -27,14 +35,17 @@ import asyncio
 import collections
 import errno
 import functools
+import itertools
 import logging
 import os
 import socket
 import stat
+import struct
+import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable
 
-from ddsnap.errors import DdsnapError, InvalidArgument
+from ddsnap.errors import DdsnapError, InvalidArgument, ListenError
 from ddsnap.nbd.protocol import (
     Abort,
     Command,
@@ -64,6 +75,12 @@ PARSE_BATCH = 32
 SEND_BUFFER = 4 * 1024 * 1024
 #: default bound on READ/WRITE bytes in flight per connection (256 MiB)
 DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
+#: default server-wide bound on reply memory held (bytes; see NbdServer.reply_bytes_held)
+DEFAULT_MAX_REPLY_MEMORY = 256 * 1024 * 1024
+#: connections the kernel queues for accept() per listener (capped by
+#: ``net.core.somaxconn``): asyncio's default of 100 refuses part of a burst of a few
+#: hundred clients connecting at once
+LISTEN_BACKLOG = 1024
 #: commands that change the export and so must precede a later FLUSH
 _WRITES = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
 
@@ -108,28 +125,56 @@ class NbdServer:
             shut down) by this server.
         max_inflight_per_conn: requests of one connection being served at once; at the
             bound the connection's socket is not read until one completes.
-        max_inflight_bytes_per_conn: READ/WRITE payload bytes in flight per connection
-            before reading stops (a request is always admitted when none is in flight).
+        max_inflight_bytes_per_conn: bytes one connection may hold before reading stops:
+            READ/WRITE payloads in flight plus replies waiting to be sent (a request is
+            always admitted when none is in flight).
+        max_reply_memory: server-wide bound, in bytes, on :attr:`reply_bytes_held`.  Once
+            it is reached, a connection that holds any (a request in flight, or replies
+            its client has not read beyond the transport's 64 KiB high-water mark) is not
+            read from until its own replies drain; connections that hold none go on, so
+            clients that read their replies are still served.
+        on_idle: called on the event loop with the highest :attr:`reply_bytes_held` (bytes)
+            since its last call, whenever a connection ends and the server holds no
+            reply memory: the moment to give freed memory back to the system.
 
-    Use ``await start([...])`` then ``await close()`` (or ``async with``).
+    Raises InvalidArgument for a bound below 1.  Use ``await start([...])`` then
+    ``await close()`` (or ``async with``).
     """
 
     def __init__(self, registry: "ExportRegistry", executor: Executor | None = None,
                  max_inflight_per_conn: int = 64, *,
-                 max_inflight_bytes_per_conn: int = DEFAULT_MAX_INFLIGHT_BYTES):
+                 max_inflight_bytes_per_conn: int = DEFAULT_MAX_INFLIGHT_BYTES,
+                 max_reply_memory: int = DEFAULT_MAX_REPLY_MEMORY,
+                 on_idle: Callable[[int], None] | None = None):
         if max_inflight_per_conn < 1:
             raise InvalidArgument("max_inflight_per_conn must be at least 1")
+        if max_reply_memory < 1:
+            raise InvalidArgument("max_reply_memory must be at least 1 byte")
         self.registry = registry
         self._executor = executor
         self._own_executor = False
         self.max_inflight_per_conn = max_inflight_per_conn
         self.max_inflight_bytes_per_conn = max_inflight_bytes_per_conn
+        self.max_reply_memory = max_reply_memory
+        self.on_idle = on_idle
         self._listeners: list[asyncio.AbstractServer] = []
         self._unix_paths: list[tuple[str, int]] = []  # (path, inode) to remove on close
         self._connections: set[_Connection] = set()
         self._closing = False
         #: the bound addresses, ``unix:PATH`` or ``tcp:HOST:PORT`` with the real port
         self.addresses: list[str] = []
+        # reply memory: the sum over connections of inflight_bytes + buffered (each
+        # connection adds its changes), its highest value since the last on_idle call and
+        # ever, and whether reaching the bound was logged
+        self._held = 0
+        self._held_high = 0
+        self._held_peak = 0
+        self._bound_logged = False
+        self._conn_ids = itertools.count(1)
+        # a full store is logged once: set at the first ENOSPC, cleared by a write that
+        # succeeds; the ENOSPC errors answered meanwhile are counted
+        self._enospc = False
+        self._enospc_more = 0
 
     @property
     def executor(self) -> Executor | None:
@@ -141,11 +186,47 @@ class NbdServer:
         """Connections currently open."""
         return len(self._connections)
 
+    @property
+    def reply_bytes_held(self) -> int:
+        """Bytes this server holds for replies its clients have not read yet, in total.
+
+        That is, over every open connection: the transport's write buffer (replies
+        handed to the socket that the kernel has not taken: the client does not read),
+        plus the READ reply buffers and WRITE payloads of requests in flight.  Not
+        counted: bytes the kernel's socket buffers hold, and each connection's input
+        buffers (at most one request being received, bounded per connection).  This is
+        what ``max_reply_memory`` bounds; it is 0 when no connection holds anything.
+
+        Read it on the server's event loop thread (it looks at every connection).
+        """
+        for conn in list(self._connections):
+            conn._account_buffer()
+        return self._held
+
+    @property
+    def reply_bytes_peak(self) -> int:
+        """The highest :attr:`reply_bytes_held` seen since the server was created, bytes.
+
+        Updated whenever the total grows, so it catches peaks between two reads of
+        :attr:`reply_bytes_held`.  The total may pass ``max_reply_memory`` by what
+        connections had under way when it was reached: per connection at most one
+        request (READ or WRITE payload up to 32 MiB), the transport's high-water mark
+        (64 KiB) and one batch of small replies queued for one write (under 4 MiB).
+        """
+        return self._held_peak
+
     async def start(self, listen: list[str]) -> None:
         """Bind and listen on each address (``unix:PATH``, ``tcp:HOST:PORT``, port 0 ok).
 
+        Each listener queues up to :data:`LISTEN_BACKLOG` connections not yet accepted.
         A unix socket path left over by a dead server is replaced; one still answered by
         a live server is refused (EADDRINUSE).  On error nothing stays bound.
+
+        Raises:
+            InvalidArgument: an address is malformed.
+            ListenError: an address cannot be listened on (in use, no such directory,
+                exists and is not a socket, permission denied, ...), naming it; its
+                ``errno`` is the OS error's.
         """
         if self._executor is None:
             self._executor = ThreadPoolExecutor(thread_name_prefix="ddsnap-nbd")
@@ -153,29 +234,37 @@ class NbdServer:
         try:
             for uri in listen:
                 kind, where = parse_listen(uri)
-                if kind == "unix":
-                    await self._listen_unix(where)
-                else:
-                    await self._listen_tcp(*where)
+                try:
+                    if kind == "unix":
+                        await self._listen_unix(where)
+                    else:
+                        await self._listen_tcp(*where)
+                except OSError as e:
+                    # os.strerror: asyncio's own text repeats the address
+                    raise ListenError(uri, os.strerror(e.errno) if e.errno else str(e),
+                                      e.errno) from None
         except BaseException:
             await self.close()
             raise
 
     async def _listen_unix(self, path: str) -> None:
-        if os.path.exists(path):
+        if os.path.lexists(path):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise InvalidArgument(f"{path} exists and is not a socket")
+                raise ListenError(f"unix:{path}", "exists and is not a socket",
+                                  errno.EEXIST)
             if await _unix_socket_alive(path):
-                raise OSError(errno.EADDRINUSE, f"{path} is in use by a running server")
+                raise ListenError(f"unix:{path}", "in use by a running server",
+                                  errno.EADDRINUSE)
         listener = await asyncio.start_unix_server(self._accept, path=path,
-                                                   limit=_STREAM_LIMIT)
+                                                   limit=_STREAM_LIMIT,
+                                                   backlog=LISTEN_BACKLOG)
         self._listeners.append(listener)
         self._unix_paths.append((path, os.stat(path).st_ino))
         self.addresses.append(f"unix:{path}")
 
     async def _listen_tcp(self, host: str | None, port: int) -> None:
         listener = await asyncio.start_server(self._accept, host=host, port=port,
-                                              limit=_STREAM_LIMIT)
+                                              limit=_STREAM_LIMIT, backlog=LISTEN_BACKLOG)
         self._listeners.append(listener)
         for sock in listener.sockets:
             addr = sock.getsockname()
@@ -234,13 +323,75 @@ class NbdServer:
         if self._closing:
             writer.close()
             return
-        conn = _Connection(self, reader, writer)
+        conn = _Connection(self, reader, writer, _peer_name(writer, sock))
         self._connections.add(conn)
         conn.task = asyncio.current_task()
         try:
             await conn.run()
         finally:
             self._connections.discard(conn)
+
+
+def _peer_name(writer: asyncio.StreamWriter, sock) -> str:
+    """Who is connected, for the log: ``HOST:PORT``, or on a unix socket the client's
+    pid and uid (SO_PEERCRED) and the socket."""
+    if sock is not None and sock.family == socket.AF_UNIX:
+        where = f"unix:{writer.get_extra_info('sockname')}"
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", creds)
+            return f"pid {pid} (uid {uid}) on {where}"
+        except (OSError, AttributeError):  # not Linux
+            return f"a client on {where}"
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        v6 = sock is not None and sock.family == socket.AF_INET6
+        return f"[{peer[0]}]:{peer[1]}" if v6 else f"{peer[0]}:{peer[1]}"
+    return str(peer or "an unknown peer")
+
+
+def _errname(err: int) -> str:
+    """``ENOSPC`` for 28: errno values are what NBD errors are made of."""
+    if err == errno.ENOTSUP:
+        return "ENOTSUP"  # errorcode says EOPNOTSUPP, the same number
+    return errno.errorcode.get(err, str(err))
+
+
+def _describe(req: Request) -> str:
+    """A request, for the log: ``WRITE of 65536 bytes at offset 0 (handle 0x7)``."""
+    if req.command is Command.FLUSH:
+        return f"FLUSH (handle {req.handle:#x})"
+    return (f"{req.command.name} of {req.length} bytes at offset {req.offset} "
+            f"(handle {req.handle:#x})")
+
+
+class _Protocol(ServerConnection):
+    """The protocol object of one connection, which also reports the requests it refuses
+    by itself (validation: EPERM on a read-only export, EINVAL, ENOSPC past the end)
+    to ``refused(handle, nbd_error, message)``, for the log.
+
+    Errors the server answers through :meth:`send_error` are logged by the server, with
+    the whole request, so they are not reported again.
+    """
+
+    def __init__(self, registry: "ExportRegistry", refused: Callable[[int, int, str], None]):
+        super().__init__(registry)
+        self._refused = refused
+        self._answering = False
+
+    def send_error(self, request: Request, err: int, message: str = "") -> None:
+        self._answering = True
+        try:
+            super().send_error(request, err, message)
+        finally:
+            self._answering = False
+
+    def _reply_error(self, handle: int, nbd_err: int, message: str) -> None:
+        # only ever called for an error reply, so the replies that succeed pay nothing
+        super()._reply_error(handle, nbd_err, message)
+        if not self._answering:
+            self._refused(handle, nbd_err, message)
 
 
 def _grow_send_buffer(sock) -> None:
@@ -291,20 +442,39 @@ class _Stopped(Exception):
 
 
 class _Connection:
-    """One client connection: the read loop, the in-flight requests, the backend."""
+    """One client connection: the read loop, the in-flight requests, the backend.
+
+    Memory it holds (counted in ``server._held``, see :attr:`NbdServer.reply_bytes_held`):
+    ``inflight_bytes``, the payloads of READs being read and WRITEs being written (a
+    READ's bytes move to the transport when its reply is handed over), plus
+    ``buffered``, the transport's write buffer as last looked at.  It is looked at after
+    every hand-over (:meth:`_send`) and every wait for the socket to drain, so between
+    two looks it can only have shrunk.
+    """
 
     def __init__(self, server: NbdServer, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter):
+                 writer: asyncio.StreamWriter, peer: str = "a client"):
         self.server = server
         self.reader = reader
         self.writer = writer
-        self.proto = ServerConnection(server.registry)
-        self.peer = writer.get_extra_info("peername") or "unix client"
+        self.transport = writer.transport
+        self.proto = _Protocol(server.registry, self._refused)
+        self.id = next(server._conn_ids)
+        self.peer = f"#{self.id} from {peer}"
         self.task: asyncio.Task | None = None
         self.backend: "ExportBackend | None" = None
         # request tasks in flight, with the payload bytes each one holds
         self.inflight: dict[asyncio.Task, int] = {}
         self.inflight_bytes = 0
+        # the transport's write buffer at the last look, and its high-water mark (above
+        # it the transport pauses and drain() waits)
+        self.buffered = 0
+        self._high_water = self.transport.get_write_buffer_limits()[1]
+        # for the log line when the connection ends
+        self.started = time.monotonic()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.ended = "ended"
         # one future per WRITE/TRIM/WRITE_ZEROES whose backend call has not returned,
         # for a later FLUSH to wait on
         self.pending_writes: set[asyncio.Future] = set()
@@ -341,16 +511,25 @@ class _Connection:
             self._send()
             await self._interruptibly(self.writer.drain())
             await self._serve()
-        except (_Stopped, ConnectionError):
-            pass
+        except _Stopped:
+            self.ended = "closed by the server (shutting down)"
+        except ConnectionError as e:
+            self.ended = f"connection lost ({e.strerror or type(e).__name__})"
         except asyncio.CancelledError:
             # our own stop() cancels only interruptible waits; anything else is the
             # loop shutting down, which must still see the cancellation
             cancelled = not self.stopping
-        except Exception:
-            log.exception("NBD connection from %s failed", self.peer)
+            self.ended = "closed by the server (shutting down)"
+        except Exception as e:
+            log.exception("NBD connection %s failed", self.peer)
+            self.ended = f"failed ({e})"
         finally:
-            await self._finish()
+            try:
+                await self._finish()
+            finally:
+                log.info("NBD connection %s, %s: %s after %.3f s, %d bytes read, "
+                         "%d bytes written", self.peer, self._export, self.ended,
+                         time.monotonic() - self.started, self.bytes_in, self.bytes_out)
         if cancelled:
             raise asyncio.CancelledError
 
@@ -368,16 +547,28 @@ class _Connection:
 
     async def _serve(self) -> None:
         proto = self.proto
-        limit = self.server.max_inflight_per_conn
-        byte_limit = self.server.max_inflight_bytes_per_conn
+        server = self.server
+        transport = self.transport
+        limit = server.max_inflight_per_conn
+        byte_limit = server.max_inflight_bytes_per_conn
+        max_held = server.max_reply_memory
         parsed: collections.deque = collections.deque()
         while True:
             # back-pressure: do not start a request while the connection is at its bound
             while len(self.inflight) >= limit or (
-                    self.inflight and self.inflight_bytes >= byte_limit):
+                    self.inflight and self.inflight_bytes + self.buffered >= byte_limit):
+                self._send()  # nothing waits in the protocol object meanwhile
                 self.slot_freed.clear()
                 await self._interruptibly(self.slot_freed.wait())
+                self._account_buffer()
+            # ...nor while the server holds its bound of reply memory and this
+            # connection holds some: it waits for its own replies to drain, so clients
+            # that read theirs go on
+            if server._held >= max_held and self._holds_replies():
+                await self._wait_for_own_replies()
+                continue
             if self.stopping:
+                self.ended = "closed by the server (shutting down)"
                 return
             if not parsed:
                 # Parsed a few at a time: the requests buffered so far, not more.
@@ -387,10 +578,13 @@ class _Connection:
                 # replies to the requests that arrived together.
                 self._send()
                 await self._interruptibly(self.writer.drain())
+                self._account_buffer()
                 data = await self._interruptibly(self.reader.read(READ_CHUNK))
                 if not data:
-                    log.debug("NBD client %s closed the connection", self.peer)
+                    self.ended = "closed by the client"
+                    log.debug("NBD connection %s closed by the client", self.peer)
                     return
+                self.bytes_in += len(data)
                 parsed.extend(proto.receive_data(data, max_events=PARSE_BATCH))
                 continue
             event = parsed.popleft()
@@ -400,34 +594,96 @@ class _Connection:
                 return
             if proto.pending_output() >= SEND_BATCH_REPLIES:
                 self._send()
-            if self.writer.transport.get_write_buffer_size() > SEND_BUFFER:
+            buffered = transport.get_write_buffer_size()
+            if buffered > SEND_BUFFER:
                 # Replies answered on the loop hold no in-flight slot: this bounds their
                 # memory when the client does not read them as fast as it asks.
+                self._account_buffer()
                 await self._interruptibly(self.writer.drain())
+                self._account_buffer()
+            elif buffered != self.buffered:
+                self._account_buffer()
+
+    @property
+    def _export(self) -> str:
+        """``export 'NAME'`` or ``no export``, for the log."""
+        name = self.proto.export_name
+        return "no export" if name is None else f"export {name!r}"
+
+    def _holds_replies(self) -> bool:
+        """True if this connection holds reply memory the server-wide bound counts:
+        requests in flight, or replies its client has not read beyond the transport's
+        high-water mark.  What the protocol object has queued is handed over first."""
+        self._send()
+        return bool(self.inflight) or self._account_buffer() > self._high_water
+
+    async def _wait_for_own_replies(self) -> None:
+        """Wait, the server being at its reply-memory bound, until this connection holds
+        less: one of its requests completes, or its client reads its replies."""
+        server = self.server
+        if not server._bound_logged:
+            server._bound_logged = True
+            log.info("NBD: %d bytes held for replies clients have not read (bound %d): "
+                     "connections holding some are not read from until their replies "
+                     "drain", server._held, server.max_reply_memory)
+        if self.inflight:
+            self.slot_freed.clear()
+            await self._interruptibly(self.slot_freed.wait())
+        else:
+            # above the high-water mark the transport is paused: drain() returns once
+            # the client has read all but the low-water mark
+            await self._interruptibly(self.writer.drain())
+        self._account_buffer()
+        if server._held < server.max_reply_memory // 2:
+            server._bound_logged = False  # the next time is logged again
+
+    def _account_buffer(self) -> int:
+        """Look at the transport's write buffer; add its change to the server's count of
+        reply memory.  Returns its size in bytes."""
+        size = self.transport.get_write_buffer_size()
+        change = size - self.buffered
+        if change:
+            self.buffered = size
+            self._hold(change)
+        return size
+
+    def _hold(self, change: int) -> None:
+        """Add ``change`` bytes (negative: released) to the server's reply memory."""
+        server = self.server
+        held = server._held + change
+        server._held = held
+        if held > server._held_high:
+            server._held_high = held
+            if held > server._held_peak:
+                server._held_peak = held
 
     async def _handle(self, events) -> bool:
         """Act on events in order; True when the connection must end."""
         for event in events:
             if isinstance(event, Request):
                 if event.command is Command.DISC:
-                    log.debug("NBD client %s disconnected", self.peer)
+                    self.ended = "disconnected (NBD_CMD_DISC)"
+                    log.debug("NBD connection %s disconnected", self.peer)
                     return True
                 self._dispatch(event)
             elif isinstance(event, ExportSelected):
                 try:
                     await self._call(event.export.open)
                 except Exception as exc:
-                    log.warning("cannot open export %r for %s: %s", event.name, self.peer,
-                                exc)
+                    log.warning("cannot open export %r for NBD connection %s: %s",
+                                event.name, self.peer, exc)
                     self.proto.data_to_send()  # do not confirm the handshake
+                    self.ended = f"refused: export {event.name!r} cannot be opened"
                     return True
                 self.backend = event.export
                 self._nowait = getattr(event.export, "read_into_nowait", None)
-                log.debug("NBD client %s uses export %r", self.peer, event.name)
+                log.debug("NBD connection %s uses export %r", self.peer, event.name)
             elif isinstance(event, Abort):
+                self.ended = "ended the handshake (NBD_OPT_ABORT)"
                 return True
             elif isinstance(event, ProtocolViolation):
-                log.warning("NBD client %s: %s", self.peer, event.error)
+                log.warning("NBD connection %s: %s", self.peer, event.error)
+                self.ended = f"dropped: {event.error}"
                 return True
         return False
 
@@ -443,7 +699,7 @@ class _Connection:
                 try:
                     await self._call(backend.close)
                 except Exception:
-                    log.exception("closing export for %s failed", self.peer)
+                    log.exception("closing export for NBD connection %s failed", self.peer)
             self._send()
             if not self.writer.is_closing():
                 try:
@@ -456,6 +712,18 @@ class _Connection:
                 await self.writer.wait_closed()
             except (ConnectionError, OSError):
                 pass
+            # the transport's buffer is gone with it (sent, or dropped by an abort)
+            self.buffered, change = 0, -self.buffered
+            self._hold(change)
+            server = self.server
+            if server._held < server.max_reply_memory // 2:
+                server._bound_logged = False
+            if server._held == 0 and server.on_idle is not None:
+                high, server._held_high = server._held_high, 0
+                try:
+                    server.on_idle(high)
+                except Exception:
+                    log.exception("the NBD server's on_idle callback failed")
 
     # -- output ------------------------------------------------------------------------
 
@@ -469,8 +737,11 @@ class _Connection:
         if not buffers or self.writer.is_closing():
             return
         small: list = []
+        sent = 0
         for buf in buffers:
-            if len(buf) < SEND_BATCH:
+            n = len(buf)
+            sent += n
+            if n < SEND_BATCH:
                 small.append(buf)
                 continue
             if small:
@@ -479,6 +750,10 @@ class _Connection:
             self.writer.write(buf)
         if small:
             self.writer.write(small[0] if len(small) == 1 else b"".join(small))
+        self.bytes_out += sent
+        # what the socket did not take now stays in the transport: count it
+        if self.transport.get_write_buffer_size() != self.buffered:
+            self._account_buffer()
 
     # -- requests ----------------------------------------------------------------------
 
@@ -505,7 +780,7 @@ class _Connection:
             return
         if req.command is Command.WRITE_ZEROES and req.fast_zero:
             # the backend cannot promise zeroing faster than writing (spec: ENOTSUP)
-            self.proto.send_error(req, errno.ENOTSUP, "fast zero not supported")
+            self._send_error(req, errno.ENOTSUP, "fast zero not supported")
             return
         if req.command is Command.READ and self._read_inline(req):
             return
@@ -521,9 +796,11 @@ class _Connection:
             self.pending_writes.add(written)
             written.add_done_callback(self.pending_writes.discard)
         task = asyncio.create_task(self._serve_request(req, deps, written))
-        cost = req.length if req.command in (Command.READ, Command.WRITE) else 0
+        cost = req.length if req.command is Command.READ else 0
         self.inflight[task] = cost
-        self.inflight_bytes += cost
+        if cost:
+            self.inflight_bytes += cost
+            self._hold(cost)
         task.add_done_callback(self._request_done)
 
     def _read_inline(self, req: Request) -> bool:
@@ -565,6 +842,7 @@ class _Connection:
         written.add_done_callback(self.pending_writes.discard)
         self.inflight[written] = req.length
         self.inflight_bytes += req.length
+        self._hold(req.length)
         self._write_batch.append((req, written))
         if len(self._write_batch) == 1:
             loop.call_soon(self._submit_write_batch)
@@ -604,23 +882,67 @@ class _Connection:
     def _write_completions(self) -> None:
         """Reply to every WRITE the workers finished (on the loop), then send."""
         self._wake_pending = False
+        freed = 0
+        succeeded = False
         while self._completed:
             req, written, exc = self._completed.popleft()
             if exc is None:
                 self.proto.send_ok(req)
+                succeeded = True
             else:
-                err, message = error_for_exception(exc)
-                self.proto.send_error(req, err, message)
+                self._send_error(req, *error_for_exception(exc))
             written.set_result(None)
-            self.inflight_bytes -= self.inflight.pop(written, 0)
+            freed += self.inflight.pop(written, 0)
+        self.inflight_bytes -= freed
+        self._hold(-freed)
+        if succeeded and self.server._enospc:
+            self._writes_succeed_again()
         self.slot_freed.set()
         self._send()
 
     def _request_done(self, task: asyncio.Task) -> None:
-        self.inflight_bytes -= self.inflight.pop(task, 0)
+        cost = self.inflight.pop(task, 0)  # 0 once the reply was handed over
+        if cost:
+            self.inflight_bytes -= cost
+            self._hold(-cost)
         self.slot_freed.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("NBD request handler failed", exc_info=task.exception())
+
+    # -- errors answered, for the log --------------------------------------------------
+
+    def _send_error(self, req: Request, err: int, message: str) -> None:
+        """Answer ``req`` with the POSIX error ``err``, and log it (ENOSPC once for each
+        time the store fills up: the first one, until a write succeeds again)."""
+        server = self.server
+        if err == errno.ENOSPC:
+            if server._enospc:
+                server._enospc_more += 1
+                log.debug("NBD connection %s, %s: %s failed: ENOSPC (%s)",
+                          self.peer, self._export, _describe(req), message)
+            else:
+                server._enospc = True
+                server._enospc_more = 0
+                log.info("NBD connection %s, %s: %s failed: ENOSPC (%s); further "
+                         "ENOSPC errors are not logged until a write succeeds",
+                         self.peer, self._export, _describe(req), message)
+        else:
+            log.info("NBD connection %s, %s: %s failed: %s (%s)", self.peer,
+                     self._export, _describe(req), _errname(err), message)
+        self.proto.send_error(req, err, message)
+
+    def _writes_succeed_again(self) -> None:
+        """A write succeeded after ENOSPC errors: end the episode in the log."""
+        server = self.server
+        server._enospc = False
+        log.info("NBD: writes succeed again (%s); %d more ENOSPC error(s) were answered "
+                 "meanwhile", self._export, server._enospc_more)
+        server._enospc_more = 0
+
+    def _refused(self, handle: int, nbd_err: int, message: str) -> None:
+        """The protocol object refused a request by itself (see :class:`_Protocol`)."""
+        log.info("NBD connection %s, %s: request (handle %#x) refused: %s (%s)",
+                 self.peer, self._export, handle, _errname(nbd_err), message)
 
     async def _serve_request(self, req: Request, deps: list[asyncio.Future],
                              written: asyncio.Future | None) -> None:
@@ -631,11 +953,18 @@ class _Connection:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            err, message = error_for_exception(exc)
-            proto.send_error(req, err, message)
+            self._send_error(req, *error_for_exception(exc))
         finally:
             if written is not None and not written.done():
                 written.set_result(None)
+        # The READ buffer's bytes are now the reply's: whatever the socket does not take
+        # stays in the transport and is counted there (by _send).
+        task = asyncio.current_task()
+        cost = self.inflight.get(task)
+        if cost:
+            self.inflight[task] = 0
+            self.inflight_bytes -= cost
+            self._hold(-cost)
         self._send()
         if not self.writer.is_closing():
             try:
@@ -643,6 +972,30 @@ class _Connection:
                 await self.writer.drain()
             except (ConnectionError, OSError):
                 pass
+            self._account_buffer()
+
+    async def _room_for_reply(self) -> bool:
+        """Wait until the transport holds at most :data:`SEND_BUFFER` bytes; False if the
+        connection was lost meanwhile.
+
+        A READ reply handed to a transport that cannot send is copied into its buffer,
+        one bytearray grown by ``realloc``: for a client that does not read, many
+        replies handed over at once made that buffer, and the copies left behind as it
+        grew, twice the size of the replies (measured: 570 MiB of RSS for 256 MiB held).
+        Waiting keeps each reply in its own buffer (still counted in flight) until the
+        client has read what came before, as the loop does for replies it answers.
+        """
+        transport = self.transport
+        while transport.get_write_buffer_size() > SEND_BUFFER:
+            if transport.is_closing():
+                return False
+            try:
+                # above the high-water mark the transport is paused: drain() waits
+                await self.writer.drain()
+            except (ConnectionError, OSError):
+                return False
+            self._account_buffer()
+        return True
 
     async def _run_backend(self, req: Request, backend: "ExportBackend",
                            proto: ServerConnection, deps: list[asyncio.Future]) -> None:
@@ -652,17 +1005,21 @@ class _Connection:
             if hasattr(backend, "read_into"):
                 reply, payload = proto.read_reply_buffer(req)
                 await self._call(backend.read_into, req.offset, payload)
-                proto.send_read_reply(reply)
+                if await self._room_for_reply():
+                    proto.send_read_reply(reply)
                 return
             data = await self._call(backend.read, req.offset, req.length)
             if not isinstance(data, (bytes, bytearray, memoryview)) \
                     or len(data) != req.length:
                 raise RuntimeError(f"backend read of {req.length} bytes returned "
                                    f"{type(data).__name__} of wrong length")
-            proto.send_read_data(req, data)
+            if await self._room_for_reply():
+                proto.send_read_data(req, data)
         elif cmd is Command.WRITE:
             await self._call(backend.write, req.offset, req.data, fua=req.fua)
             proto.send_ok(req)
+            if self.server._enospc:
+                self._writes_succeed_again()
         elif cmd is Command.FLUSH:
             if deps:
                 # FLUSH covers every write received before it on this connection
@@ -676,6 +1033,8 @@ class _Connection:
             await self._call(backend.write_zeroes, req.offset, req.length,
                              fua=req.fua, no_hole=req.no_hole)
             proto.send_ok(req)
+            if self.server._enospc:
+                self._writes_succeed_again()
         elif cmd is Command.BLOCK_STATUS:
             extents = await self._call(backend.block_status, req.offset, req.length)
             proto.send_block_status(req, extents)
