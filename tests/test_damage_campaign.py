@@ -100,7 +100,7 @@ def kinds(image: bytes) -> dict[str, list[int]]:
 
     def walk(block: int, level: int) -> None:
         leaf = level == store.state.levels
-        if block not in store._overlay:  # a home recovery rewrites is the journal's
+        if block not in store.replayed:  # a home recovery rewrites is the journal's
             out["leaf" if leaf else "index node"].append(block)
         if not leaf:
             for child in store._read_node(block).children:

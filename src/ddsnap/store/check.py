@@ -55,7 +55,7 @@ def check_frame(store) -> tuple[list[Finding], list[range]]:
             if old.next_seq < j.tail_seq:
                 findings.append(Finding("warning", e.block, f"{e.why} (already checkpointed: "
                                         "only recovery from the older superblock slot needs it)"))
-    for block, img in sorted(store._overlay.items()):
+    for block, img in sorted(store.replayed.items()):
         # Recovery will overwrite these homes from the journal; damage to one loses
         # nothing, but it is still damage to report.
         home = store.dev.pread(len(img), block * len(img))
@@ -85,7 +85,7 @@ def check_frame(store) -> tuple[list[Finding], list[range]]:
 
 def _verify(store, block: int, kind: int, findings: list[Finding]) -> bool:
     try:
-        check_header(store._read_block(block), kind, block, store.uuid)
+        check_header(store.read_block(block), kind, block, store.uuid)
         return True
     except CorruptMetadata as e:
         findings.append(Finding("fatal", e.block, e.why))
@@ -131,7 +131,7 @@ def check_store(store, leaks: list[int] | None = None) -> list[Finding]:
         return True
 
     def load(block: int, kind: int):
-        buf = store._read_block(block)
+        buf = store.read_block(block)
         check_header(buf, kind, block, store.uuid)
         if kind == T_LEAF:
             return Leaf.decode(buf, block, store.smbytes)

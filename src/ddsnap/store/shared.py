@@ -138,9 +138,10 @@ class SharedStore(ExceptionStore):
         #: how the open went: superblock slot reports, the journal scan
         self.slot_reports: list[SlotReport] = []
         self.journal_scan: Replay | None = None
-        #: journal images recovery would apply, read instead of their homes (read-only
-        #: opens), and homes whose newest image is damaged (reading them is an error)
-        self._overlay: dict[int, bytes] = {}
+        #: read-only opens: block -> the journal image recovery would write to its
+        #: home, read instead of the home (the replay, in memory only)
+        self.replayed: dict[int, bytes] = {}
+        # homes whose newest image is damaged (reading them is an error)
         self._untrusted: set[int] = set()
         self._untrusted_all = False
         #: metadata blocks an inspection open could not read (table, bitmap)
@@ -285,7 +286,7 @@ class SharedStore(ExceptionStore):
             self.read_only = True
             for tx in scan.transactions + scan.later:
                 for t, img in tx.images:
-                    self._overlay[t] = img
+                    self.replayed[t] = img
             self._untrusted = set(scan.untrusted)
             self._untrusted_all = scan.unknown
         self.journal.head, self.journal.next_seq = scan.end, scan.next_seq
@@ -302,7 +303,7 @@ class SharedStore(ExceptionStore):
             b = sb.snaptable_start + i
             n = min(SNAPS_PER_BLOCK, sb.max_snapshots - i * SNAPS_PER_BLOCK)
             try:
-                buf = self._read_block(b)
+                buf = self.read_block(b)
                 check_header(buf, T_SNAPTABLE, b, sb.uuid)
                 slots.extend(decode_snaptable(buf, b, n))
             except CorruptMetadata as e:
@@ -315,7 +316,7 @@ class SharedStore(ExceptionStore):
         for i in range(sb.bitmap_blocks):
             b = sb.bitmap_start + i
             try:
-                buf = self._read_block(b)
+                buf = self.read_block(b)
                 check_header(buf, T_BITMAP, b, sb.uuid)
                 bits += buf[HEADER_SIZE:]
             except CorruptMetadata as e:
@@ -338,21 +339,21 @@ class SharedStore(ExceptionStore):
             self._write_super(clean=False)
         return self
 
-    def _read_block(self, block: int) -> bytes:
-        """The current image of metadata ``block``: the journal overlay's (read-only
-        opens) or its home's.
+    def read_block(self, block: int) -> bytes:
+        """The current 4 KiB image of metadata ``block``: the journal's (read-only opens,
+        :attr:`replayed`) or its home's.
 
         Raises:
             CorruptMetadata: a degraded open cannot trust the block (its newest journal
                 image is damaged).
         """
-        if self._untrusted_all and block not in self._overlay and block >= self.data_start:
+        if self._untrusted_all and block not in self.replayed and block >= self.data_start:
             raise CorruptMetadata(block, "a damaged journal transaction may have "
                                              "changed this block: it cannot be trusted")
         if block in self._untrusted:
             raise CorruptMetadata(block, "its newest journal image is damaged: the block "
                                          "cannot be trusted")
-        img = self._overlay.get(block)
+        img = self.replayed.get(block)
         if img is not None:
             return img
         return self.dev.pread(BLOCK_SIZE, block * BLOCK_SIZE)
@@ -473,7 +474,7 @@ class SharedStore(ExceptionStore):
     def _load(self, block: int, kind: int):
         if not self.bitmap.data_start <= block < self.sb.blocks:
             raise CorruptMetadata(block, "tree points outside the metadata area")
-        buf = self._read_block(block)
+        buf = self.read_block(block)
         check_header(buf, kind, block, self.uuid)
         if kind == T_LEAF:
             return Leaf.decode(buf, block, self.smbytes)
