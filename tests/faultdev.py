@@ -46,15 +46,23 @@ class FaultDevice(BlockDevice):
         self.injected = 0
         self._nth: dict[str, tuple[int, int]] = {}  # kind -> (op number, errno)
         self._always: dict[str, int] = {}  # kind -> errno
+        self._gate: threading.Event | None = None
+        #: set when an operation armed with a gate has been reached
+        self.reached = threading.Event()
         self._lock = threading.Lock()
 
     # -- arming ---------------------------------------------------------------------------
 
-    def fail_nth(self, kind: str, n: int, err: int = _errno.EIO) -> None:
-        """Fail the ``n``-th ``kind`` operation from now (n >= 1) with ``err``, once."""
+    def fail_nth(self, kind: str, n: int, err: int = _errno.EIO,
+                 gate: threading.Event | None = None) -> None:
+        """Fail the ``n``-th ``kind`` operation from now (n >= 1) with ``err``, once.
+
+        With ``gate``, that operation first sets :attr:`reached` and waits for ``gate``
+        to be set (a slow failing disk: other threads go on meanwhile)."""
         assert kind in KINDS and n >= 1
         with self._lock:
             self._nth[kind] = (self.counts[kind] + n, err)
+            self._gate = gate
 
     def fail_while(self, kind: str, err: int = _errno.ENOSPC) -> None:
         """Fail every ``kind`` operation with ``err`` until :meth:`clear`."""
@@ -78,12 +86,17 @@ class FaultDevice(BlockDevice):
             self.counts[kind] += 1
             err = self._always.get(kind)
             nth = self._nth.get(kind)
+            gate = None
             if err is None and nth is not None and nth[0] == self.counts[kind]:
                 err = nth[1]
                 del self._nth[kind]
+                gate, self._gate = self._gate, None
             if err is None:
                 return
             self.injected += 1
+        if gate is not None:
+            self.reached.set()
+            gate.wait()
         raise OSError(err, os.strerror(err))
 
     # -- the device -----------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from ddsnap import admin
 from ddsnap import errors as E
 from ddsnap.errors import DdsnapError, HostFull, HostIOError, ServiceFailed
 from ddsnap.nbd import protocol as P
@@ -36,6 +37,8 @@ from ddsnap.store.shared import SharedStore
 from ddsnap.volume import Origin, Snapshot
 
 from faultdev import KINDS, FaultDevice
+from nbd_helpers import RawClient
+from served import Served, fails, make_origin, ok, ok_json, tool, wait_until
 
 CS = 4096
 OSZ = 64 * CS
@@ -303,43 +306,87 @@ def test_failed_copy_outs_give_back_every_chunk():
 
 
 def test_concurrent_writers_survive_a_failed_commit():
-    """Writers on several threads while one commit fails: the ones that waited on it
-    fail (ServiceFailed with the host's errno, or the host's error for the committer),
-    the store is reopened once they have left, and every write after that succeeds."""
+    """Writers on several threads while a commit fails slowly: the one committing gets
+    the host's error, the ones whose copy-outs went into a batch behind it get
+    ServiceFailed with the same errno, the store is reopened once they have all left,
+    and every write after that succeeds."""
     w = World(cold_cache=False)
     w.svc.create_snapshot("all")
     w.snaps["all"] = bytearray(w.model)
-    w.dev.fail_nth("flush", 3, errno.EIO)
+    gate = threading.Event()
+    w.dev.fail_nth("flush", 1, errno.EIO, gate=gate)
     errors: list[BaseException] = []
     lock = threading.Lock()
 
     def writer(t: int) -> None:
-        for i in range(8):
-            off = ((t * 8 + i) % 60) * CS
-            data = _data(100 + t * 8 + i, CS)
+        for i in range(4):
+            off = (t * 4 + i) * CS  # every chunk still shared with "all": a copy-out
             try:
-                Origin(w.svc).write(off, data)
+                Origin(w.svc).write(off, _data(100 + t * 4 + i, CS))
             except (DdsnapError, OSError) as e:
                 with lock:
                     errors.append(e)
 
     threads = [threading.Thread(target=writer, args=(t,)) for t in range(6)]
+    writes = w.dev.counts["write"]
     for t in threads:
         t.start()
+    # The first commit's flush is held, failing.  No write waits for the disk before its
+    # copy-out is durable, so each writer copies its first chunk out (one store write)
+    # and then waits behind that commit.
+    wait_until(lambda: w.dev.reached.is_set() and w.dev.counts["write"] == writes + 6,
+               "every writer's first copy-out")
+    gate.set()
     for t in threads:
         t.join(120)
         assert not t.is_alive(), "a writer hung after the failed commit"
-    assert errors and all(e.errno == errno.EIO for e in errors), errors
+    assert all(e.errno == errno.EIO for e in errors), errors
+    kinds = {type(e) for e in errors}
+    assert HostIOError in kinds and ServiceFailed in kinds, errors
     assert w.svc.failures == 1
-    # Chunks the threads wrote hold one of the data written there (or the old data
-    # where a failed write did not get to the origin); the rest is as it was.
+    # Chunks the threads wrote hold the data written there, or the old data where a
+    # write failed before reaching the origin; the rest is as it was.
     now = Origin(w.svc).read(0, OSZ)
-    assert now[60 * CS:] == bytes(w.model[60 * CS:])
+    assert now[24 * CS:] == bytes(w.model[24 * CS:])
     w.model[:] = now
     w.verify()
     assert w.svc.reopens == 1
     for off in range(0, OSZ, CS):
         w.write(off, _data(999 + off, CS))
+    w.verify()
+
+
+def test_the_merge_worker_goes_on_after_a_failed_commit():
+    """A commit under the server's merge worker fails: the store is reopened and the
+    merge goes on from its durable cursor to completion, by itself."""
+    w = World()
+    setup_merge(w)
+    w.dev.fail_nth("flush", 2, errno.EIO)  # a flush of the store: always in a commit
+    runner = admin.MergeRunner(w.svc)
+    runner.ensure()
+    wait_until(lambda: not runner.running, "the merge worker to finish")
+    assert runner.error is None, runner.error
+    assert w.dev.injected == 1 and w.svc.failures == 1 and w.svc.reopens == 1
+    assert w.svc.merge_status() is None  # complete: s0 merged and deleted
+    w.verify()
+
+
+def test_the_merge_worker_stops_while_the_host_keeps_failing():
+    """While every store write fails the merge worker stops with the error (the merge
+    stays recorded); once the host is back, starting it again completes the merge."""
+    w = World()
+    setup_merge(w)
+    w.dev.fail_while("write", errno.ENOSPC)
+    runner = admin.MergeRunner(w.svc)
+    runner.ensure()
+    wait_until(lambda: not runner.running, "the merge worker to stop")
+    assert runner.error is not None and runner.error.errno == errno.ENOSPC, runner.error
+    w.dev.clear()
+    assert w.svc.merge_status() is not None
+    runner.ensure()
+    wait_until(lambda: not runner.running, "the merge worker to finish")
+    assert runner.error is None, runner.error
+    assert w.svc.merge_status() is None
     w.verify()
 
 
@@ -361,8 +408,6 @@ def test_error_classes_cross_the_control_socket_with_their_exit_codes():
 
 # -- the server on a host file system that fills up -----------------------------------------
 
-from served import Served, fails, make_origin, ok, ok_json, tool  # noqa: E402
-from nbd_helpers import RawClient  # noqa: E402
 
 
 @pytest.fixture
