@@ -153,6 +153,29 @@ def after_snap_delete(w: World) -> None:
         del w.snaps["s0"]  # the delete reached the journal; its sweep was resumed
 
 
+SNAP_AT, SNAP_LEN = 10 * CS + 10, 4 * CS - 20
+
+
+def op_snap_write(w: World) -> None:
+    """A write to s1 over chunks 10..13: copies of the exception s1 shares with s0
+    (10, 11) and of origin chunks s1 shares (12, 13) made unique to s1 first."""
+    w.snap_write("s1", SNAP_AT, _data(6, SNAP_LEN))
+
+
+def after_snap_write(w: World) -> None:
+    # The data goes to the chunks made unique one chunk at a time, after they all are:
+    # a failure leaves some first chunks written, the rest as they were.
+    now = Snapshot(w.svc, w.svc.snapshot("s1")).read(0, OSZ)
+    old, new = w.snaps["s1"], bytearray(w.snaps["s1"])
+    new[SNAP_AT: SNAP_AT + SNAP_LEN] = _data(6, SNAP_LEN)
+    written = [now[c * CS:(c + 1) * CS] == new[c * CS:(c + 1) * CS] for c in range(10, 14)]
+    assert written == sorted(written, reverse=True), written
+    for c, yes in zip(range(10, 14), written):
+        if not yes:
+            assert now[c * CS:(c + 1) * CS] == old[c * CS:(c + 1) * CS], c
+    w.snaps["s1"][:] = now
+
+
 def setup_merge(w: World) -> None:
     w.svc.merge_step_chunks = 4
     w.svc.start_merge("s0")
@@ -167,6 +190,7 @@ OPS = {
     "origin-write": (None, op_origin_write, after_origin_write),
     "snap-create": (None, op_snap_create, after_snap_create),
     "snap-delete": (None, op_snap_delete, after_snap_delete),
+    "snap-write": (None, op_snap_write, after_snap_write),
     "merge-step": (setup_merge, op_merge_step, None),
 }
 
@@ -233,7 +257,7 @@ def test_every_io_of_an_operation_can_fail(op, device, err):
                 after(w)
             w.verify()
             # The same operation again (what it already did durably is not redone).
-            if op == "origin-write":
+            if op in ("origin-write", "snap-write"):
                 run(w)
             elif op == "snap-create" and "new" not in w.snaps:
                 run(w)
