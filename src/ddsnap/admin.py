@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass
 
 from .errors import (CorruptMetadata, DdsnapError, InvalidArgument, NoMerge, OriginMismatch,
-                     ReadOnlyVolume, StoreBusy, StoreNotFound)
+                     ReadOnlyVolume, ServiceFailed, StoreBusy, StoreNotFound, host_error)
 from .store.api import Finding
 from .store.blockdev import FileDevice
 from .store.format import VERSION, OriginIdentity
@@ -38,6 +38,17 @@ class OpenStore:
     service: MetadataService
     #: opened with damage, read-only (``serve --force-degraded``)
     degraded: bool = False
+
+    def reopen(self) -> SharedStore:
+        """Open the store again from its device (journal recovery), for the service to
+        serve in place of one a failed commit left untrusted in memory.
+
+        Raises:
+            OSError / DdsnapError: the store cannot be read or recovered (yet).
+        """
+        store = SharedStore.open(self.dev)
+        self.store = store
+        return store
 
     def close(self) -> None:
         """Commit, record the origin's identity, mark the store clean, release the lock."""
@@ -186,7 +197,9 @@ def open_store(path: str, degraded: bool = False, accept_origin_change: bool = F
     except BaseException:
         dev.close()
         raise
-    return OpenStore(os.path.abspath(path), dev, origin, store, service, degraded)
+    opened = OpenStore(os.path.abspath(path), dev, origin, store, service, degraded)
+    service.reopen_store = opened.reopen
+    return opened
 
 
 def inspect_store(path: str, leaks: list[int] | None = None) -> dict:
@@ -324,7 +337,17 @@ def snap_delete(svc: MetadataService, name: str) -> dict:
 
 
 def status(svc: MetadataService, path: str, served: bool) -> dict:
-    """The store's geometry, space and snapshots (``ddsnap status --json``)."""
+    """The store's geometry, space and snapshots (``ddsnap status --json``).
+
+    ``failure`` is the last failed commit (None if none since the store was opened):
+    ``error``, ``type``, ``errno``, ``time``, ``reopened`` (the store was reopened from
+    its journal since) and ``reopen_error`` (why reopening it failed, if it did);
+    ``reopens`` counts the reopens.
+    """
+    try:
+        svc.recover()  # a store waiting to be reopened is reopened now, if it can be
+    except ServiceFailed:
+        pass  # reported in ``failure``
     with svc.lock:
         store = svc.store
         space = store.space()
@@ -347,6 +370,8 @@ def status(svc: MetadataService, path: str, served: bool) -> dict:
             "served": served,
             "full_policy": store.full_policy,
             "auto_deleted": list(svc.auto_deleted),
+            "failure": dict(svc.failure) if svc.failure is not None else None,
+            "reopens": svc.reopens,
         }
         if isinstance(store, SharedStore):
             out["uuid"] = store.uuid.hex()
@@ -357,7 +382,12 @@ def status(svc: MetadataService, path: str, served: bool) -> dict:
 
 
 def check(svc: MetadataService) -> dict:
-    """Commit, then check the on-disk metadata (``ddsnap check --json``)."""
+    """Commit, then check the on-disk metadata (``ddsnap check --json``).
+
+    Raises:
+        ServiceFailed: the store failed and cannot be reopened (yet).
+    """
+    svc.recover()
     svc.commit()
     with svc.lock:
         try:
@@ -409,14 +439,33 @@ class MergeRunner:
 
     def _run(self) -> None:
         self.error = None
-        try:
-            self.svc.run_merge(self._stop)
-        except DdsnapError as e:  # the merge stays recorded and resumable
-            self.error = e
-            log.warning("merge stopped: %s; `ddsnap merge STORE NAME` resumes it", e)
-        except Exception as e:  # noqa: BLE001 - a bug: keep the server up, say so
-            self.error = DdsnapError(f"internal error: {e}")
-            log.exception("merge stopped by an internal error")
+        cursor = None  # the durable merge cursor when it last went on after a failure
+        while True:
+            failures = self.svc.failures
+            try:
+                self.svc.run_merge(self._stop)
+                return
+            except DdsnapError as e:  # the merge stays recorded and resumable
+                if not self._stop.is_set() and self.svc.failures != failures:
+                    # A commit failed under the merge: the store is reopened and the
+                    # merge goes on from its durable cursor, unless it made no progress
+                    # since it last did (a host that keeps failing stops it instead).
+                    try:
+                        self.svc.recover()
+                    except ServiceFailed as again:
+                        e = again
+                    else:
+                        now = self.svc.store.state.merge_cursor
+                        if now != cursor:
+                            cursor = now
+                            continue
+                self.error = e
+                log.warning("merge stopped: %s; `ddsnap merge STORE NAME` resumes it", e)
+                return
+            except Exception as e:  # noqa: BLE001 - a bug: keep the server up, say so
+                self.error = DdsnapError(f"internal error: {e}")
+                log.exception("merge stopped by an internal error")
+                return
 
     def stop(self) -> None:
         """Stop after the current step (the merge stays recorded and resumable)."""
@@ -474,11 +523,21 @@ def run_op(svc: MetadataService, op: str, args: dict, path: str, served: bool,
 
     Raises:
         DdsnapError: the operation's own errors; an unknown op is a ProtocolError;
-            a changing op on a ``degraded`` store is ReadOnlyVolume.
+            a changing op on a ``degraded`` store is ReadOnlyVolume; an OSError from the
+            host is raised as HostIOError (HostFull for ENOSPC).
     """
     if degraded and op in CHANGING_OPS:
         raise ReadOnlyVolume(f"{path} is served read-only (--force-degraded: its metadata "
                              "is damaged); run `ddsnap check` on it once the server stops")
+    try:
+        return _run_op(svc, op, args, path, served, runner, degraded)
+    except OSError as e:
+        # The service names the device where it can; this is for the rest.
+        raise host_error(e, "snapshot store", path) from e
+
+
+def _run_op(svc: MetadataService, op: str, args: dict, path: str, served: bool,
+            runner: MergeRunner | None, degraded: bool):
     if op == "status":
         st = status(svc, path, served)
         st["merge"] = merge_status(svc, runner)

@@ -266,6 +266,68 @@ class ControlPathError(ListenError):
         DdsnapError.__init__(self, f"cannot use control socket {path}: {reason}")
 
 
+class ServiceFailed(DdsnapError):
+    """A commit failed, so the store's state in memory can no longer be trusted.
+
+    The store on disk is as of the last durable commit; the service reopens it from its
+    journal and serves again.  Requests that were waiting on the failed commit, or that
+    arrive while the store cannot be reopened, get this error.
+
+    Attributes:
+        errno: the errno of the failure behind it (ENOSPC when the host was full).
+    """
+
+    exit_code = 23
+    fault = "system"
+
+    def __init__(self, msg: str, errno: int = _errno.EIO):
+        self.errno = errno
+        super().__init__(msg)
+
+
+class HostIOError(DdsnapError):
+    """The host failed a read, write or flush of the snapshot store or the origin (EIO,
+    EROFS, ...): the device or the file system under it, not ddsnap's metadata.
+
+    Attributes:
+        path: the store or origin path the I/O was on.
+        errno: the host's errno.
+    """
+
+    exit_code = 24
+    fault = "system"
+
+    def __init__(self, msg: str, path: str = "", errno: int = _errno.EIO):
+        self.path = path
+        self.errno = errno
+        super().__init__(msg)
+
+
+class HostFull(HostIOError):
+    """The host has no space left for a write to the store or the origin (ENOSPC, or
+    EDQUOT): a sparse store file on a full file system, say.  Writes succeed again once
+    the host has room; nothing has to be restarted."""
+
+    exit_code = 25
+    errno = _errno.ENOSPC
+
+    def __init__(self, msg: str, path: str = ""):
+        super().__init__(msg, path, _errno.ENOSPC)
+
+
+def host_error(e: OSError, what: str, path: str, doing: str = "") -> HostIOError:
+    """The :class:`HostIOError` (:class:`HostFull` for ENOSPC/EDQUOT) for the OSError
+    ``e`` the host raised on an I/O of ``what`` (e.g. "snapshot store") at ``path``,
+    ``doing`` saying what for (e.g. "committing metadata")."""
+    reason = e.strerror or str(e)
+    during = f" while {doing}" if doing else ""
+    if e.errno in (_errno.ENOSPC, _errno.EDQUOT):
+        return HostFull(f"no space left on the host for the {what} {path}{during}: "
+                        f"{reason} (free space on its file system, then try again)", path)
+    return HostIOError(f"I/O error on the {what} {path}{during}: {reason}", path,
+                       e.errno or _errno.EIO)
+
+
 #: Every error class by name, for re-raising errors that crossed the control socket.
 BY_NAME: dict[str, type[DdsnapError]] = {}
 

@@ -20,6 +20,7 @@ inclusive ``first..last``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -29,8 +30,8 @@ from dataclasses import dataclass, field
 
 from humanfriendly import InvalidSize, parse_size
 
-from ..errors import (DdsnapError, InvalidArgument, MergeInProgress, ReadOnlyVolume,
-                      SnapshotBusy, SnapshotNotFound, StoreFull)
+from ..errors import (InvalidArgument, MergeInProgress, ReadOnlyVolume, ServiceFailed,
+                      SnapshotBusy, SnapshotNotFound, StoreFull, host_error)
 from .api import ExceptionStore, NotCached, SnapshotInfo
 from .blockdev import BlockDevice, copy_range
 
@@ -136,21 +137,25 @@ class MergeProgress:
                 "eta_seconds": eta}
 
 
-class ServiceFailed(DdsnapError):
-    """A commit failed; the store is left as of the last durable commit."""
-
-
 class MetadataService:
     """Decides mappings, copies out, commits and orders origin writes after snapshot reads.
+
+    A failed commit (the host's ENOSPC or EIO on the store, say) leaves the store's state
+    in memory untrusted: the service records the failure (:attr:`failure`, logged once)
+    and the next operation reopens the store with ``reopen`` (recovery from the journal)
+    once the operations in flight have left, then goes on with the reopened store.
 
     Args:
         store: the exception store (shared or memory).
         origin: the origin device.
+        reopen: ``() -> ExceptionStore``: the store opened afresh from its device (None:
+            a failed commit fails every later operation with ServiceFailed).
     """
 
-    def __init__(self, store: ExceptionStore, origin: BlockDevice):
+    def __init__(self, store: ExceptionStore, origin: BlockDevice, reopen=None):
         self.store = store
         self.origin = origin
+        self.reopen_store = reopen
         self.chunk_size = store.chunk_size
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
@@ -159,6 +164,15 @@ class MetadataService:
         self._committing = False
         self._commit_done = threading.Event()  # set when the running commit ends
         self._failed: BaseException | None = None
+        #: batches lost to failed commits: a wait for one of them fails
+        self._lost: set[int] = set()
+        self._waiting = 0  # threads waiting on ``cond`` in the middle of an operation
+        self._recovering = False
+        #: failed commits, and reopens of the store after them
+        self.failures = 0
+        self.reopens = 0
+        #: the last failure (``status``): error, type, errno, time, reopened, reopen_error
+        self.failure: dict | None = None
         #: (owner, chunk) -> epoch of the batch holding the latest change to the mapping
         #: of logical ``chunk``: owner -1 for any change of who shares the origin chunk
         #: (a copy-out, or a snapshot unsharing it), a snapshot's bit for its own
@@ -186,8 +200,124 @@ class MetadataService:
     # -- commit ---------------------------------------------------------------------------
 
     def _check(self) -> None:
+        """Raise ServiceFailed if a commit failed (lock held, in an operation's middle)."""
         if self._failed is not None:
-            raise ServiceFailed(f"the store failed earlier and must be reopened: {self._failed}")
+            self._raise_failed()
+
+    def _raise_failed(self):
+        f = self._failed
+        raise ServiceFailed(f"the snapshot store failed ({f}); it is reopened from its "
+                            "journal and this request did not complete",
+                            getattr(f, "errno", None) or errno.EIO)
+
+    def _enter(self) -> None:
+        """Start an operation (lock held, holding nothing yet): reopen the store first
+        if a commit failed.
+
+        Raises:
+            ServiceFailed: the store cannot be reopened (yet).
+        """
+        if self._failed is not None:
+            self._recover_locked()
+
+    def _wait(self) -> None:
+        """``cond.wait()`` in the middle of an operation (lock held).  Raises
+        ServiceFailed if a commit fails meanwhile: what the operation holds belongs to
+        the store state being discarded, so it must not go on after a reopen (which
+        waits until no such waiter is left)."""
+        if self._failed is not None:
+            self._raise_failed()
+        self._waiting += 1
+        try:
+            self.cond.wait()
+        finally:
+            self._waiting -= 1
+        if self._failed is not None:
+            self.cond.notify_all()  # a reopen may be waiting for us to leave
+            self._raise_failed()
+
+    def _fail_locked(self, error: BaseException) -> None:
+        """A commit failed (lock held): the state in memory is not the store's any more."""
+        if self._failed is not None:
+            return
+        self._failed = error
+        self.failures += 1
+        self.failure = {"error": str(error), "type": type(error).__name__,
+                        "errno": getattr(error, "errno", None),
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        "reopened": False, "reopen_error": None}
+        log.error("a commit to the snapshot store failed: %s; its state in memory cannot "
+                  "be trusted, it is reopened from its journal", error)
+
+    def recover(self) -> None:
+        """Reopen the store if a failed commit left it untrusted (no-op otherwise).
+
+        Raises:
+            ServiceFailed: it cannot be reopened (no ``reopen``, or reopening failed).
+        """
+        with self.lock:
+            self._enter()
+
+    def _recover_locked(self) -> None:
+        """Reopen the store from its journal (lock held, by a thread holding nothing).
+
+        Waits until the operations in flight have left (origin writes and merge steps,
+        the commit running, mid-operation waiters: each fails or finishes), opens the
+        store again and resets the state that described the old one.  Readers' locks
+        and open exports carry over: they count requests, not store state.
+        """
+        while self._recovering:
+            self.cond.wait()  # another thread is reopening it
+        if self._failed is None:
+            return
+        if self.reopen_store is None:
+            self._raise_failed()
+        self._recovering = True
+        try:
+            while self._origin_writes or self._committing or self._waiting:
+                self.cond.wait()
+            try:
+                store = self.reopen_store()
+            except Exception as e:
+                if self.failure["reopen_error"] != str(e):  # say it once, not per request
+                    log.error("reopening the snapshot store failed: %s; the next request "
+                              "tries again", e)
+                self.failure["reopen_error"] = str(e)
+                raise ServiceFailed(f"the snapshot store failed ({self._failed}) and "
+                                    f"cannot be reopened yet: {e}",
+                                    getattr(self._failed, "errno", None) or errno.EIO) from e
+            self._reset_locked(store)
+            # A delete whose sweep the failure cut short resumes (as at open).
+            while not self._sweep_step_locked():
+                self._commit_now_locked()
+            self._commit_now_locked()
+        finally:
+            self._recovering = False
+            self.cond.notify_all()
+
+    def _reset_locked(self, store: ExceptionStore) -> None:
+        """Serve ``store``, just reopened, in place of the failed one (lock held)."""
+        # Batches not durable at the failure are lost; their waiters must fail, also
+        # once later batches are durable.
+        self._lost.update(range(self.durable + 1, self.epoch + 1))
+        self.durable = self.epoch
+        self.epoch += 1
+        self.store = store
+        self._failed = None
+        self._pending.clear()
+        self._merge_busy.clear()
+        self._refresh_snaps()
+        m = store.merging_bit
+        self._merge_mask = 0 if m is None else 1 << m
+        if m is None:
+            self._merge_progress = None
+        elif self._merge_progress is None:
+            self._merge_progress = MergeProgress(self._count_merge_left())
+        self.reopens += 1
+        self.failure["reopened"] = True
+        self.failure["reopen_error"] = None
+        log.warning("snapshot store reopened from its journal after the failure; "
+                    "serving again")
 
     def _start_commit(self):
         """Capture the open batch (lock held); returns ``(batch or None, its epoch)``."""
@@ -202,7 +332,7 @@ class MetadataService:
         """Record a commit's outcome (lock held) and wake everyone waiting on it."""
         self._committing = False
         if error is not None:
-            self._failed = error
+            self._fail_locked(error)
         else:
             self.durable = target
             for key in [k for k, v in self._pending.items() if v <= target]:
@@ -218,10 +348,13 @@ class MetadataService:
         return without taking the lock (``durable`` only grows; reading it is atomic).
         """
         while True:
-            if self.durable >= epoch and self._failed is None:
+            if self.durable >= epoch and self._failed is None and epoch not in self._lost:
                 return
             with self.lock:
                 self._check()
+                if epoch in self._lost:
+                    raise ServiceFailed("a commit to the snapshot store failed and the "
+                                        "store was reopened without this change")
                 if self.durable >= epoch:
                     return
                 if self._committing:
@@ -240,6 +373,10 @@ class MetadataService:
         try:
             if batch is not None:
                 self.store.write_commit(batch)
+        except OSError as e:
+            error = host_error(e, "snapshot store", self.store.cow.path,
+                               "committing metadata")
+            raise error from e
         except BaseException as e:
             error = e
             raise
@@ -252,8 +389,9 @@ class MetadataService:
 
     def _commit_now_locked(self) -> None:
         """Make everything changed so far durable, holding the lock throughout."""
+        self._check()  # never commit a state a failed commit left untrusted
         while self._committing:
-            self.cond.wait()
+            self._wait()
         batch, target = self._start_commit()
         self._write_commit(batch, target, holding_lock=True)
 
@@ -268,7 +406,7 @@ class MetadataService:
         if self.store.pending_blocks() < self.store.commit_threshold:
             return
         while self._committing:
-            self.cond.wait()
+            self._wait()
         if self.store.pending_blocks() < self.store.commit_threshold:
             return
         self._commit_now_locked()
@@ -286,19 +424,33 @@ class MetadataService:
 
         Runs of consecutive sources and destinations move in one I/O of up to
         :data:`COPY_CHUNKS` chunks (csnap ``copyout``/``finish_copyout``).
+
+        Raises:
+            HostIOError: the host failed the read or the write (HostFull: ENOSPC).
         """
         cs = self.chunk_size
         cow = self.store.cow
         moves = sorted(moves)
         i = 0
-        while i < len(moves):
-            src, dst = moves[i]
-            n = 1
-            while (i + n < len(moves) and n < COPY_CHUNKS and moves[i + n][0] == src + n
-                   and moves[i + n][1] == dst + n):
-                n += 1
-            copy_range(source, src * cs, cow, dst * cs, n * cs)
-            i += n
+        try:
+            while i < len(moves):
+                src, dst = moves[i]
+                n = 1
+                while (i + n < len(moves) and n < COPY_CHUNKS and moves[i + n][0] == src + n
+                       and moves[i + n][1] == dst + n):
+                    n += 1
+                copy_range(source, src * cs, cow, dst * cs, n * cs)
+                i += n
+        except OSError as e:
+            raise host_error(e, "snapshot store", cow.path,
+                             f"copying chunks from {source.path}") from e
+
+    def _flush_origin(self) -> None:
+        """``origin.flush()``, a host failure raised as HostIOError naming the origin."""
+        try:
+            self.origin.flush()
+        except OSError as e:
+            raise host_error(e, "origin", self.origin.path, "flushing it") from e
 
     # -- origin writes ---------------------------------------------------------------------
 
@@ -313,8 +465,13 @@ class MetadataService:
 
         Raises:
             StoreFull: no room for a copy-out (ENOSPC; nothing already shared is lost).
+            HostIOError: the host failed a copy-out (HostFull: ENOSPC); the chunks it
+                took are given back.
+            ServiceFailed: the commit failed, or the store cannot be reopened after one.
         """
         with self.lock:
+            if self._failed is not None:
+                self._recover_locked()
             need = self._prepare_origin_locked(first, last)
         self._await_origin_write(first, last, need)
 
@@ -330,6 +487,8 @@ class MetadataService:
         out: list[BaseException | None] = []
         needs = []
         with self.lock:
+            if self._failed is not None:
+                self._recover_locked()
             for first, last in ranges:
                 if out and self._barrier:
                     break
@@ -353,61 +512,106 @@ class MetadataService:
         origin is written."""
         self._check()
         while self._barrier:
-            self.cond.wait()
+            self._wait()
         if self._merge_mask:
             # Chunks not merged yet are merged first: the write lands on the merged
             # content (seed 003 patches 09/10: writes to chunks under merge wait).
             self._merge_range_locked(first, last)
         while True:
+            need, moves, adds, err = self._origin_copyouts_locked(first, last)
+            if not moves:
+                break
+            try:
+                self._copy(moves, self.origin)
+            except BaseException:
+                # Nothing points at the chunks yet: they all go back (a host ENOSPC or
+                # EIO here must not leave them allocated for the next commit to keep).
+                for _c, sc in moves:
+                    self.store.release_chunk(sc)
+                raise
+            limit = self.store.commit_threshold
+            k, full = 0, False
+            try:
+                while k < len(adds):
+                    c, sc, sharers = adds[k]
+                    self.store.add_origin_exception(c, sc, sharers)
+                    self._pending[(-1, c)] = self.epoch
+                    k += 1
+                    if self.store.pending_blocks() >= limit:
+                        full = True
+                        break
+            except BaseException as e:
+                # Chunk k not recorded (no room for the metadata, or a tree block could
+                # not be read): it and the ones after it go back.
+                for _c, unused, _s in adds[k:]:
+                    self.store.release_chunk(unused)
+                if not isinstance(e, StoreFull):
+                    raise
+                err = e
+            if full:
+                # The batch must be committed now, and a commit must not make chunks not
+                # recorded yet durably allocated (a crash or a failed commit would leak
+                # them): they go back, and the rest of the request starts again.
+                for _c, unused, _s in adds[k:]:
+                    self.store.release_chunk(unused)
+                self._bound_batch()
+                if k < len(adds):
+                    continue
+            need = self.epoch
+            break
+        if err is not None:
+            raise err
+        self._origin_writes += 1
+        return need
+
+    def _origin_copyouts_locked(self, first: int, last: int):
+        """Allocate a store chunk for each of chunks ``first..last`` the origin still
+        shares with a snapshot (lock held; the full-store policy and reclaims applied).
+
+        Returns ``(need, moves, adds, err)``: the batch the chunks without sharers wait
+        for, ``[(chunk, store_chunk)]``, ``[(chunk, store_chunk, sharers)]``, and the
+        StoreFull that stopped the allocations early (the chunks before it are still
+        copied out), or None.  On any other error nothing is held.
+        """
+        while True:
             need = -1
             moves, adds = [], []
             err = None
             retry = False
-            for c in range(first, last + 1):
-                sharers = self.store.origin_sharers(c) & ~self._merge_mask
-                if sharers:
-                    try:
-                        sc = self._allocate_held(moves)
-                    except _Reclaim:
-                        retry = True  # gave back what it held, reclaimed: again
-                        break
-                    except StoreFull as e:
-                        err = e
-                        break
-                    moves.append((c, sc))
-                    adds.append((c, sc, sharers))
-                else:
-                    # No sharer now, but maybe only since a change not yet durable (a
-                    # copy-out, or a snapshot write unsharing the chunk): until it
-                    # is, a crash would bring the origin's sharers back.
-                    need = max(need, self._pending.get((-1, c), -1))
+            try:
+                for c in range(first, last + 1):
+                    sharers = self.store.origin_sharers(c) & ~self._merge_mask
+                    if sharers:
+                        try:
+                            sc = self._allocate_held(moves)
+                        except _Reclaim:
+                            retry = True  # gave back what it held, reclaimed: again
+                            break
+                        except StoreFull as e:
+                            err = e
+                            break
+                        moves.append((c, sc))
+                        adds.append((c, sc, sharers))
+                    else:
+                        # No sharer now, but maybe only since a change not yet durable
+                        # (a copy-out, or a snapshot write unsharing the chunk): until it
+                        # is, a crash would bring the origin's sharers back.
+                        need = max(need, self._pending.get((-1, c), -1))
+            except BaseException:
+                # A tree block could not be read, or a reclaim's commit failed: what
+                # this request took goes back.
+                for _c, sc in moves:
+                    self.store.release_chunk(sc)
+                raise
             if retry:
                 continue
             if err is None or not self._can_make_room():
-                break
+                return need, moves, adds, err
             # Full, and the policy deletes the oldest snapshot: give back what this
             # request took (its sharers may include the victim) and start again.
             for _c, sc in moves:
                 self.store.release_chunk(sc)
             self._make_room_locked()
-        if moves:
-            self._copy(moves, self.origin)
-            for k, (c, sc, sharers) in enumerate(adds):
-                try:
-                    self.store.add_origin_exception(c, sc, sharers)
-                except StoreFull as e:
-                    # No room for the metadata: the chunks not recorded go back.
-                    for _c, unused, _s in adds[k:]:
-                        self.store.release_chunk(unused)
-                    err = e
-                    break
-                self._pending[(-1, c)] = self.epoch
-                self._bound_batch()
-            need = self.epoch
-        if err is not None:
-            raise err
-        self._origin_writes += 1
-        return need
 
     def _await_origin_write(self, first: int, last: int, need: int) -> None:
         """The waiting part of :meth:`prepare_origin_write`: the copy-outs durable, and
@@ -445,7 +649,7 @@ class MetadataService:
         """Where snapshot ``snap`` reads chunks ``first..last`` (seed 000
         ``QUERY_SNAPSHOT_READ``); origin chunks stay read-locked until released."""
         with self.lock:
-            self._check()
+            self._enter()
             bit = self._bit(snap)
             sources, locked = [], []
             for c in range(first, last + 1):
@@ -466,7 +670,7 @@ class MetadataService:
         if self._merge_mask == 0:
             return None
         with self.lock:
-            self._check()
+            self._enter()
             m = self.store.merging_bit
             if m is None:
                 return None
@@ -584,11 +788,14 @@ class MetadataService:
         Raises:
             ReadOnlyVolume: the snapshot is read-only.
             StoreFull: no room (ENOSPC).
+            HostIOError: the host failed a copy (HostFull: ENOSPC); the chunk it took is
+                given back (chunks made unique before it stay so).
+            ServiceFailed: the commit failed, or the store cannot be reopened after one.
         """
         if snap.read_only:
             raise ReadOnlyVolume(f"snapshot {snap.name} is read-only")
         with self.lock:
-            self._check()
+            self._enter()
             bit = self._bit(snap)
             if (1 << bit) & self._merge_mask:
                 raise MergeInProgress(f"snapshot {snap.name} is being merged into the origin")
@@ -613,13 +820,15 @@ class MetadataService:
                             raise
                         self._make_room_locked(exclude=1 << bit)
                         sc, unique = self.store.snapshot_exception(bit, c)
-                if sc is None:
-                    self._copy([(c, new)], self.origin)
-                else:
-                    self._copy([(sc, new)], self.store.cow)
                 try:
+                    if sc is None:
+                        self._copy([(c, new)], self.origin)
+                    else:
+                        self._copy([(sc, new)], self.store.cow)
                     self.store.add_snapshot_exception(bit, c, new)
-                except StoreFull:
+                except BaseException:
+                    # Not recorded (the host failed the copy, no room for the metadata,
+                    # a tree block unreadable): the chunk goes back.
                     self.store.release_chunk(new)
                     raise
                 self._pending[(bit, c)] = self.epoch
@@ -654,19 +863,27 @@ class MetadataService:
 
         New origin writes wait while earlier ones drain, the origin is flushed, and the
         snapshot is committed: constant time in the size of the volume.
+
+        Raises:
+            SnapshotExists, TooManySnapshots, MergeInProgress: as the names say.
+            HostIOError: the host failed the origin flush (HostFull: ENOSPC); nothing
+                changed.
+            ServiceFailed: the commit failed (the committing request gets the host's
+                error instead); once the store is reopened the snapshot exists if that
+                commit reached the journal, and not otherwise.
         """
         with self.lock:
-            self._check()
+            self._enter()
             if self._merge_mask:
                 raise MergeInProgress("cannot take a snapshot while a snapshot is being "
                                       "merged into the origin")
             self._barrier += 1
             try:
                 while self._origin_writes:
-                    self.cond.wait()
+                    self._wait()
                 # Completed origin writes are part of the snapshot: make them durable so
                 # a crash cannot change what the snapshot reads (invariant 1).
-                self.origin.flush()
+                self._flush_origin()
                 info = self.store.create_snapshot(name, read_only)
                 self._refresh_snaps()
                 e = self.epoch
@@ -682,9 +899,12 @@ class MetadataService:
         Raises:
             SnapshotNotFound: no such snapshot.
             SnapshotBusy: clients have it open.
+            HostIOError / ServiceFailed: a commit failed (the committing request gets
+                the host's error); once the store is reopened the snapshot is gone if
+                the delete reached the journal (its sweep resumes then), else still there.
         """
         with self.lock:
-            self._check()
+            self._enter()
             info = self.store.snapshot(name)
             if (1 << info.bit) & self._merge_mask:
                 raise MergeInProgress(f"snapshot {name} is being merged into the origin")
@@ -701,8 +921,26 @@ class MetadataService:
         done = False
         while not done:
             with self.lock:
-                done = self.store.sweep_step()
+                self._check()
+                done = self._sweep_step_locked()
             self.commit()
+
+    def _sweep_step_locked(self) -> bool:
+        """``store.sweep_step()`` (lock held).  A step changes leaves as it reads the
+        next ones: one the host fails to read leaves the tree in memory half swept, so
+        that fails the service (the store is reopened and the sweep resumes there).
+
+        Raises:
+            HostIOError: as above.
+        """
+        try:
+            return self.store.sweep_step()
+        except OSError as e:
+            err = host_error(e, "snapshot store", self.store.cow.path,
+                             "sweeping a deleted snapshot")
+            self._fail_locked(err)
+            self.cond.notify_all()
+            raise err from e
 
     def _finish_interrupted_delete(self) -> None:
         """A delete cut short by a crash resumes when the store is next opened."""
@@ -775,7 +1013,7 @@ class MetadataService:
         self.store.note_auto_deleted(victim, time.time_ns())  # durable with the delete
         self.store.begin_delete(victim.name)
         self._refresh_snaps()
-        while not self.store.sweep_step():
+        while not self._sweep_step_locked():
             self._commit_now_locked()
         self._commit_now_locked()
         self.auto_deleted = self.store.auto_deleted()
@@ -785,6 +1023,7 @@ class MetadataService:
     def set_full_policy(self, policy: str) -> None:
         """Choose what a write does when the store is full (``error``/``delete-oldest``)."""
         with self.lock:
+            self._enter()
             self.store.set_full_policy(policy)
         self.commit()
 
@@ -807,7 +1046,7 @@ class MetadataService:
             SnapshotBusy: clients have ``name`` open.
         """
         with self.lock:
-            self._check()
+            self._enter()
             info = self.store.snapshot(name)
             m = self.store.merging_bit
             if m is not None:
@@ -823,7 +1062,7 @@ class MetadataService:
             self._barrier += 1
             try:
                 while self._origin_writes:
-                    self.cond.wait()
+                    self._wait()
             finally:
                 self._barrier -= 1
                 self.cond.notify_all()
@@ -888,7 +1127,7 @@ class MetadataService:
         left from there; from the cursor that completes the merge (committed, the
         snapshot deleted unless kept)."""
         with self.lock:
-            self._check()
+            self._enter()
             m = self.store.merging_bit
             if m is None:
                 return None
@@ -907,22 +1146,33 @@ class MetadataService:
         return None
 
     def _merge_copy_step(self, step: "_MergeStep") -> bool:
-        """Copy a prepared step's data into the origin (no lock, no flush); False if it
-        failed (the step's end then drops nothing)."""
+        """Copy a prepared step's data into the origin (no lock, no flush).
+
+        Raises:
+            HostIOError: the host failed the copy; the step is ended dropping nothing
+                (the snapshot's exceptions still serve those chunks).
+        """
         try:
             for run in step.runs:
                 self._merge_copy(run)
         except BaseException:
-            self._merge_end(step, False)
+            self._end_failed_step(step)
             raise
         return True
+
+    def _end_failed_step(self, step: "_MergeStep") -> None:
+        """End a step that failed, dropping nothing, while an error is being raised."""
+        try:
+            self._merge_end(step, False)
+        except Exception as e:  # noqa: BLE001 - the error being raised is the one to report
+            log.debug("ending a failed merge step failed too: %s", e)
 
     def _merge_end(self, step: "_MergeStep", copied: bool) -> None:
         """Finish a step: flush the origin, then drop the merged exceptions, move the
         merge cursor and commit."""
         try:
             if copied and step.runs:
-                self.origin.flush()
+                self._flush_origin()
         except BaseException:
             copied = False
             raise
@@ -930,21 +1180,24 @@ class MetadataService:
             m, todo, runs = step.m, step.todo, step.runs
             with self.lock:
                 self._origin_writes -= 1
-                if copied and self._failed is None:
+                try:
+                    if copied and self._failed is None:
+                        for run in runs:
+                            self._merge_drop_locked(m, run)
+                    # Up to the first exception not merged yet, never past one: a full
+                    # store may have let a step merge only part, and with pipelined steps
+                    # a later step can end while an earlier one's chunks are still to do.
+                    if self.store.merging_bit == m and self._failed is None:
+                        cursor = self.store.state.merge_cursor
+                        left = self.store.snapshot_exceptions_from(m, cursor, 1)
+                        cursor = max(cursor, min(left[0][0] if left else todo[-1][0] + 1,
+                                                 todo[-1][0] + 1))
+                        self.store.set_merge_cursor(cursor)
+                finally:
+                    # Whatever failed, the chunks must not stay busy (writes wait on them).
                     for run in runs:
-                        self._merge_drop_locked(m, run)
-                for run in runs:
-                    self._merge_busy.difference_update(c for c, _ in run)
-                # Up to the first exception not merged yet, never past one: a full store
-                # may have let a step merge only part, and with pipelined steps a later
-                # step can end while an earlier one's chunks are still to do.
-                if self.store.merging_bit == m:
-                    cursor = self.store.state.merge_cursor
-                    left = self.store.snapshot_exceptions_from(m, cursor, 1)
-                    cursor = max(cursor, min(left[0][0] if left else todo[-1][0] + 1,
-                                             todo[-1][0] + 1))
-                    self.store.set_merge_cursor(cursor)
-                self.cond.notify_all()
+                        self._merge_busy.difference_update(c for c, _ in run)
+                    self.cond.notify_all()
         self.commit()
 
     def _merge_range_locked(self, first: int, last: int) -> None:
@@ -970,7 +1223,7 @@ class MetadataService:
             for r in runs:
                 self._merge_copy(r)
             if runs:
-                self.origin.flush()
+                self._flush_origin()
                 for r in runs:
                     self._merge_drop_locked(m, r)
         finally:
@@ -997,10 +1250,11 @@ class MetadataService:
 
         Raises:
             StoreFull: no room for the copy-outs of even the first chunk.
+            HostIOError: the host failed a copy-out; the chunks it took are given back.
         """
         chunks = [c for c, _ in todo]
         while any(c in self._merge_busy for c in chunks):
-            self.cond.wait()
+            self._wait()
         # Re-read: another step may have merged some of these while we waited.
         todo = [(c, sc) for c, sc in todo if self.store.snapshot_exception(m, c)[0] == sc]
         if not todo:
@@ -1008,41 +1262,55 @@ class MetadataService:
         ready: list[tuple[int, int]] = []
         moves, adds = [], []
         full = None
-        for c, sc in todo:
-            sharers = self.store.origin_sharers(c) & ~(1 << m)
-            if sharers:
-                try:
-                    # With copy-outs held, no reclaim (its commit would leak them): the
-                    # part ready is merged, and the next step reclaims holding nothing.
-                    dst = self.store.allocate_chunk() if moves else self._allocate_locked()
-                except StoreFull as e:
-                    if not ready and self._can_make_room():
-                        # Full, and the policy deletes the oldest snapshot not being
-                        # merged: then count the sharers again (the victim may be one).
-                        self._make_room_locked()
-                        return self._merge_prepare_locked(m, todo)
-                    full = e
-                    break
-                moves.append((c, dst))
-                adds.append((c, dst, sharers))
-            ready.append((c, sc))
+        try:
+            for c, sc in todo:
+                sharers = self.store.origin_sharers(c) & ~(1 << m)
+                if sharers:
+                    try:
+                        # With copy-outs held, no reclaim (its commit would leak them):
+                        # the part ready is merged, and the next step reclaims holding
+                        # nothing.
+                        dst = (self.store.allocate_chunk() if moves
+                               else self._allocate_locked())
+                    except StoreFull as e:
+                        if not ready and self._can_make_room():
+                            # Full, and the policy deletes the oldest snapshot not being
+                            # merged: then count the sharers again (the victim may be one).
+                            self._make_room_locked()
+                            return self._merge_prepare_locked(m, todo)
+                        full = e
+                        break
+                    moves.append((c, dst))
+                    adds.append((c, dst, sharers))
+                ready.append((c, sc))
+        except BaseException:
+            for _c, dst in moves:  # a tree block could not be read: nothing kept
+                self.store.release_chunk(dst)
+            raise
         if not ready:
             raise full if full is not None else StoreFull()
         self._merge_busy.update(c for c, _ in ready)
         try:
             if moves:
-                self._copy(moves, self.origin)
-                for k, (c, dst, sharers) in enumerate(adds):
-                    try:
+                try:
+                    self._copy(moves, self.origin)
+                except BaseException:
+                    # Nothing points at the chunks yet: they all go back.
+                    for _c, dst in moves:
+                        self.store.release_chunk(dst)
+                    raise
+                k = 0
+                try:
+                    for k, (c, dst, sharers) in enumerate(adds):
                         self.store.add_origin_exception(c, dst, sharers)
-                    except StoreFull:
-                        for _c, unused, _s in adds[k:]:
-                            self.store.release_chunk(unused)
-                        raise
+                except BaseException:
+                    for _c, unused, _s in adds[k:]:
+                        self.store.release_chunk(unused)
+                    raise
             if moves or any(self._pending.get((-1, c), -1) > self.durable for c, _ in ready):
                 self._commit_now_locked()
             while any(self._readlocks.get(c) for c, _ in ready):
-                self.cond.wait()
+                self._wait()
         except BaseException:
             self._merge_busy.difference_update(c for c, _ in ready)
             self.cond.notify_all()
@@ -1059,18 +1327,23 @@ class MetadataService:
         :data:`COPY_CHUNKS` chunks per I/O.  Needs no lock: the chunks are busy."""
         cs = self.chunk_size
         size = self.store.origin_size
-        for i in range(0, len(run), COPY_CHUNKS):
-            first_c, first_sc = run[i]
-            n = min(COPY_CHUNKS, len(run) - i)
-            end = min(size, (first_c + n) * cs)
-            copy_range(self.store.cow, first_sc * cs, self.origin, first_c * cs,
-                       end - first_c * cs)
+        try:
+            for i in range(0, len(run), COPY_CHUNKS):
+                first_c, first_sc = run[i]
+                n = min(COPY_CHUNKS, len(run) - i)
+                end = min(size, (first_c + n) * cs)
+                copy_range(self.store.cow, first_sc * cs, self.origin, first_c * cs,
+                           end - first_c * cs)
+        except OSError as e:
+            raise host_error(e, "origin", self.origin.path,
+                             f"merging chunks from the snapshot store {self.store.cow.path}"
+                             ) from e
 
     def _merge_drop_locked(self, m: int, run: list[tuple[int, int]]) -> None:
         """After a run's data is durable in the origin: drop the merging snapshot's
         exceptions there (it reads the origin now), once no reader is using them."""
         while any(self._readlocks.get(c) for c, _ in run):
-            self.cond.wait()
+            self._wait()
         for c, _sc in run:
             self.store.drop_snapshot_exception(m, c)
             self._pending[(-1, c)] = self.epoch
@@ -1087,8 +1360,8 @@ class MetadataService:
             self._barrier += 1
             try:
                 while self._origin_writes:
-                    self.cond.wait()
-                self.origin.flush()
+                    self._wait()
+                self._flush_origin()
             finally:
                 self._barrier -= 1
                 self.cond.notify_all()
@@ -1152,7 +1425,13 @@ class MetadataService:
                         on_step(self.merge_status(running=False))
                     return True
                 self._merge_copy_step(step)
-                wait_end()
+                try:
+                    wait_end()
+                except BaseException:
+                    # The step before failed to end: this one, copied, ends dropping
+                    # nothing (its count and busy chunks must not outlive the error).
+                    self._end_failed_step(step)
+                    raise
                 start = step.todo[-1][0] + 1
                 ender = threading.Thread(target=end, args=(step,), name="ddsnap-merge-end")
                 ender.start()
@@ -1179,7 +1458,7 @@ class MetadataService:
         with self.lock:
             failed = self._failed
         if failed is None:
-            self.origin.flush()
+            self._flush_origin()
             self.commit()
             with self.lock:
                 self.store.close()
