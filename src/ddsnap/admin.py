@@ -46,7 +46,7 @@ class OpenStore:
         Raises:
             OSError / DdsnapError: the store cannot be read or recovered (yet).
         """
-        store = SharedStore.open(self.dev)
+        store = SharedStore.open(self.dev, mode="degraded" if self.degraded else "rw")
         self.store = store
         return store
 
