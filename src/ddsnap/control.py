@@ -127,6 +127,12 @@ class ControlServer:
             pass
         finally:
             writer.close()
+            try:
+                # Retrieves the transport's error, if any: a client that gave up (its
+                # --timeout) before the reply went out leaves a broken pipe behind.
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
 
 
 def _reply_error(e: DdsnapError) -> bytes:
