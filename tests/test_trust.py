@@ -62,16 +62,23 @@ def _digest(path: Path) -> tuple[str, int, int]:
     return hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mtime_ns, st.st_ctime_ns
 
 
+def new_store(tmp_path: Path, seed: int) -> tuple[Path, Path, bytes]:
+    """An origin of seeded random bytes and a 32 MiB store with snapshot ``s1`` of it,
+    cleanly shut down: ``(store, origin, origin data)``."""
+    origin = tmp_path / "origin.img"
+    store = tmp_path / "store.img"
+    data = make_origin(origin, ORIGIN, seed=seed)
+    ok("init", store, "--origin", origin, "--size", "32M")
+    ok("snap", "create", store, "s1")
+    return store, origin, data
+
+
 @pytest.fixture
 def killed(tmp_path):
     """A store served, snapshot ``s1`` taken, the origin rewritten with flushes (every
     write a copy-out), then the server SIGKILLed: recovery pending."""
-    origin = tmp_path / "origin.img"
-    store = tmp_path / "store.img"
-    data = make_origin(origin, ORIGIN, seed=5)
-    ok("init", store, "--origin", origin, "--size", "32M", "--chunk-size", "64K")
+    store, origin, data = new_store(tmp_path, 5)
     srv = Served(store).start()
-    ok("snap", "create", store, "s1")
     _qemu_io(srv.uri("origin"), "write -P 0x5a 0 2M", "flush", "write -P 0x5b 3M 1M", "flush")
     srv.kill()
     return tmp_path, store, origin, data
@@ -121,11 +128,7 @@ def test_flipped_journal_byte_is_refused_not_served(killed, what):
 
 @pytest.mark.parametrize("slot", [0, 1])
 def test_damaged_superblock_slot_is_a_warning_and_repair_rewrites_it(tmp_path, slot):
-    origin = tmp_path / "origin.img"
-    store = tmp_path / "store.img"
-    make_origin(origin, ORIGIN, seed=6)
-    ok("init", store, "--origin", origin, "--size", "32M")
-    ok("snap", "create", store, "s1")
+    store, _origin, _data = new_store(tmp_path, 6)
     _flip(store, slot, 200)
     p = ddsnap("check", store)
     assert p.returncode == 0, p
@@ -138,11 +141,7 @@ def test_damaged_superblock_slot_is_a_warning_and_repair_rewrites_it(tmp_path, s
 
 
 def test_repair_frees_leaks_and_refuses_real_damage(tmp_path):
-    origin = tmp_path / "origin.img"
-    store = tmp_path / "store.img"
-    make_origin(origin, ORIGIN, seed=7)
-    ok("init", store, "--origin", origin, "--size", "32M")
-    ok("snap", "create", store, "s1")
+    store, _origin, _data = new_store(tmp_path, 7)
     # Leak: mark a free block in use in the bitmap, through the store's own API.
     dev = FileDevice(str(store))
     try:
@@ -170,12 +169,7 @@ def test_repair_frees_leaks_and_refuses_real_damage(tmp_path):
 @pytest.fixture
 def shut(tmp_path):
     """A store with snapshot ``s1`` of an origin, cleanly shut down."""
-    origin = tmp_path / "origin.img"
-    store = tmp_path / "store.img"
-    data = make_origin(origin, ORIGIN, seed=9)
-    ok("init", store, "--origin", origin, "--size", "32M")
-    ok("snap", "create", store, "s1")
-    return tmp_path, store, origin, data
+    return (tmp_path, *new_store(tmp_path, 9))
 
 
 def test_origin_written_while_unserved_is_refused_until_accepted(shut):
