@@ -390,6 +390,10 @@ def check(svc: MetadataService) -> dict:
     svc.recover()
     svc.commit()
     with svc.lock:
+        # No commit may write the journal or home blocks while they are read: one can
+        # only start under the lock, so wait for the one running, if any.
+        while svc.committing:
+            svc.cond.wait()
         try:
             findings = svc.store.check()
         except CorruptMetadata as e:

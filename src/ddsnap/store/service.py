@@ -340,6 +340,12 @@ class MetadataService:
         self._commit_done.set()
         self.cond.notify_all()
 
+    @property
+    def committing(self) -> bool:
+        """True while a commit is being written (read it with :attr:`lock` held; one
+        ends with ``cond`` notified)."""
+        return self._committing
+
     def wait_durable(self, epoch: int) -> None:
         """Block until batch ``epoch`` is durable, committing it ourselves if nobody is.
 
