@@ -404,8 +404,8 @@ def test_origin_resized(env, new_size):
     ok("snap", "create", env.store, "s")
     os.truncate(env.origin, new_size)
     for cmd in (["status"], ["snap", "list"]):
-        fails(10, *cmd, env.store, match=rf"{new_size} bytes but the store was made for "
-                                         rf"{ORIGIN_SIZE} bytes")
+        fails(10, *cmd, env.store, match=rf"\({new_size} bytes\) but the store was made "
+                                         rf"for 16 MiB \({ORIGIN_SIZE} bytes\)")
     assert "but the store was made for" in ok_json("check", env.store)["findings"][0]["message"]
     fails(10, "serve", env.store, "--listen", f"unix:{env.dir}/o.sock")
     fails(10, "set", env.store, f"origin={env.origin}", match="but the store was made for")

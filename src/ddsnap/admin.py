@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from .errors import (CorruptMetadata, DdsnapError, InvalidArgument, NoMerge, OriginMismatch,
                      ReadOnlyVolume, ServiceFailed, StoreBusy, StoreNotFound, host_error)
 from .store.api import Finding
+from .units import human_bytes
 from .store.blockdev import FileDevice
 from .store.format import VERSION, OriginIdentity
 from .store.service import MetadataService
@@ -74,7 +75,7 @@ def origin_changes(recorded: OriginIdentity, now: OriginIdentity) -> list[str]:
     """What differs between the identity recorded at the last clean shutdown and now."""
     out = []
     if recorded.size != now.size:
-        out.append(f"size {recorded.size} -> {now.size} bytes")
+        out.append(f"size {human_bytes(recorded.size)} -> {human_bytes(now.size)}")
     if (recorded.dev, recorded.ino) != (now.dev, now.ino):
         out.append("it is another file (device/inode differ)")
     if recorded.mtime_ns != now.mtime_ns:
@@ -94,8 +95,8 @@ def _origin_problem(path: str, sb) -> tuple[str, list[str]] | None:
                 f"moved: `ddsnap set {path} origin=NEWPATH`)", [])
     try:
         if origin.size != sb.origin_size:
-            return (f"origin {sb.origin_path} is {origin.size} bytes but the store was made "
-                    f"for {sb.origin_size} bytes", [])
+            return (f"origin {sb.origin_path} is {human_bytes(origin.size)} but the store "
+                    f"was made for {human_bytes(sb.origin_size)}", [])
         if not (sb.clean and sb.identity):
             return None  # not shut down cleanly: the last writer may have been us
         changes = origin_changes(sb.identity, origin_identity(origin))
@@ -145,8 +146,8 @@ def set_origin(path: str, new_origin: str) -> dict:
         try:
             sb, _slots = read_superblocks(dev)  # refuse before the open writes anything
             if origin.size != sb.origin_size:
-                raise OriginMismatch(f"{new_origin} is {origin.size} bytes but the store was "
-                                     f"made for {sb.origin_size} bytes")
+                raise OriginMismatch(f"{new_origin} is {human_bytes(origin.size)} but the "
+                                     f"store was made for {human_bytes(sb.origin_size)}")
             store = SharedStore.open(dev)
             store.set_origin_path(new_origin)
             store.sb.identity = origin_identity(origin)
@@ -191,8 +192,8 @@ def open_store(path: str, degraded: bool = False, accept_origin_change: bool = F
         if origin.size != store.origin_size:
             origin.close()
             raise OriginMismatch(
-                f"origin {store.origin_path} is {origin.size} bytes but the store was made "
-                f"for {store.origin_size} bytes")
+                f"origin {store.origin_path} is {human_bytes(origin.size)} but the store "
+                f"was made for {human_bytes(store.origin_size)}")
         service = MetadataService(store, origin)
     except BaseException:
         dev.close()

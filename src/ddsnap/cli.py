@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import admin, control
+from .units import human_bytes
 from .errors import from_dict as error_from_dict
 from .errors import (Cancelled, DdsnapError, DirectoryNotFound, InvalidArgument,
                      MergeInProgress, SnapshotNotFound, StoreBusy, StoreExists,
@@ -52,11 +53,6 @@ def _shown(text) -> str:
     change colours or split a line."""
     return _CONTROL_CHARS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"),
                               str(text))
-
-
-def _human(n: int) -> str:
-    """A byte count for a message: ``1.5 MiB (1572864 bytes)``."""
-    return f"{format_size(n, binary=True)} ({n} bytes)" if n >= 1024 else f"{n} bytes"
 
 
 def _size(text: str, what: str) -> int:
@@ -203,7 +199,7 @@ def init(store, origin, size, chunk_size, max_snapshots, full_policy, force, yes
         raise InvalidArgument(f"--max-snapshots {max_snapshots!r} is not a number") from None
     chunk = _size(chunk_size, "--chunk-size")
     if chunk < 4096 or chunk > 1 << 20 or chunk & (chunk - 1):
-        raise InvalidArgument(f"--chunk-size {_human(chunk)} is not a power of two "
+        raise InvalidArgument(f"--chunk-size {human_bytes(chunk)} is not a power of two "
                               "from 4 KiB to 1 MiB")
     check_geometry(chunk, max_snaps)
     odev = FileDevice(origin, writable=False, what="origin")
@@ -230,7 +226,7 @@ def init(store, origin, size, chunk_size, max_snapshots, full_policy, force, yes
         except OSError as e:  # e.g. EFBIG: bigger than the filesystem allows
             if os.path.exists(store):
                 os.unlink(store)
-            raise InvalidArgument(f"cannot create {store} of {_human(ssize)}: "
+            raise InvalidArgument(f"cannot create {store} of {human_bytes(ssize)}: "
                                   f"{e.strerror or e}") from None
     try:
         if not dev.lock_exclusive():
@@ -269,7 +265,7 @@ def init(store, origin, size, chunk_size, max_snapshots, full_policy, force, yes
               f"{format_size(chunk, binary=True)}, up to {max_snaps} snapshots")
     if store_size < osize:
         err.print(f"ddsnap: warning: the store is smaller than its origin: "
-                  f"{_human(store_size)} against {_human(osize)}; it can fill up before "
+                  f"{human_bytes(store_size)} against {human_bytes(osize)}; it can fill up before "
                   "every origin chunk has been copied out once, and then writes fail (or, "
                   "with --full-policy delete-oldest, the oldest snapshots are deleted)")
 

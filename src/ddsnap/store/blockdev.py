@@ -26,6 +26,7 @@ import threading
 from dataclasses import dataclass
 
 from ..errors import DdsnapError, InvalidArgument, StoreNotFound
+from ..units import human_bytes
 
 log = logging.getLogger("ddsnap.blockdev")
 
@@ -88,7 +89,8 @@ class BlockDevice:
     def _check_write(self, length: int, offset: int) -> None:
         if offset < 0 or offset + length > self.size:
             raise InvalidArgument(
-                f"write of {length} bytes at {offset} is past the end of {self.path} ({self.size} bytes)"
+                f"write of {human_bytes(length)} at byte {offset} is past the end of "
+                f"{self.path} ({human_bytes(self.size)})"
             )
 
 
@@ -205,8 +207,9 @@ class FileDevice(BlockDevice):
                     log.error("%s %s shrank from %d to %d bytes while in use: its reads "
                               "and writes now fail with EIO", self.what, self.path,
                               self.size, now)
-                raise OSError(errno.EIO, f"{self.what} {self.path} shrank from {self.size} "
-                                         f"to {now} bytes while in use")
+                raise OSError(errno.EIO, f"{self.what} {self.path} shrank from "
+                                         f"{human_bytes(self.size)} to {human_bytes(now)} "
+                                         "while in use")
 
     def preadinto_nowait(self, buf, offset: int) -> bool:
         # preadv2(RWF_NOWAIT): the kernel copies from the page cache or answers EAGAIN

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from humanfriendly import format_size
 
 from ..errors import CorruptMetadata, FormatTooOld, InvalidArgument, NotAStore, StoreFull
+from ..units import human_bytes
 from .alloc import Bitmap
 from .api import ExceptionStore, Finding, NotCached, SnapshotInfo
 from .blockdev import BlockDevice
@@ -58,9 +59,6 @@ def _fits(blocks: int, bpc: int, data_start: int) -> bool:
     return data_start + 2 + bpc <= blocks
 
 
-def _human(n: int) -> str:
-    """A byte count for a message: ``1.19 MiB (1245184 bytes)``."""
-    return f"{format_size(n, binary=True)} ({n} bytes)" if n >= 1024 else f"{n} bytes"
 
 
 def min_store_size(chunk_size: int, max_snapshots: int = 64,
@@ -195,9 +193,9 @@ class SharedStore(ExceptionStore):
         if not _fits(blocks, bpc, data_start):
             need = min_store_size(chunk_size, max_snapshots, asked_journal)
             raise InvalidArgument(
-                f"store too small: at least {_human(need)} for "
+                f"store too small: at least {human_bytes(need)} for "
                 f"{format_size(chunk_size, binary=True)} chunks and up to {max_snapshots} "
-                f"snapshots; {dev.path} has {_human(dev.size)}")
+                f"snapshots; {dev.path} has {human_bytes(dev.size)}")
         sb = Superblock(os.urandom(16), blocks, cshift, max_snapshots, origin_size,
                         time.time_ns(), st_start, st_blocks, bm_start, bm_blocks, j_start,
                         journal_blocks, journal_tail=0, journal_seq=1, clean=False,
@@ -269,8 +267,8 @@ class SharedStore(ExceptionStore):
         if dev.size < sb.blocks * BLOCK_SIZE:
             # Chunks past the end would read as zeroes: never serve them as data.
             raise CorruptMetadata(sb.slot,
-                                  f"the store needs {sb.blocks * BLOCK_SIZE} bytes but "
-                                  f"{dev.path} has {dev.size} bytes (truncated?)")
+                                  f"the store needs {human_bytes(sb.blocks * BLOCK_SIZE)} "
+                                  f"but {dev.path} has {human_bytes(dev.size)} (truncated?)")
         tails = [r.journal_tail for r in reports if r.status == "ok" and r.journal_tail is not None]
         self = cls(dev, sb, old_tail=min(tails) if tails else None)
         self.slot_reports = reports
