@@ -380,7 +380,7 @@ def test_a_paused_merge_shows_paused_and_the_count_covers_the_whole_merge(mvol):
                          r"\(paused", ok("status", mvol.store).stdout, re.M)
         # resumed: the count goes on from where it was, over the whole merge
         p = ok("merge", mvol.store, "a")
-        assert p.stdout.startswith(f"merging snapshot a into the origin: ")
+        assert p.stdout.startswith("merging snapshot a into the origin: ")
         again = wait_until(lambda: (s := merge_status(mvol.store)) and
                            s["chunks_done"] > first["chunks_done"] and s,
                            "the resumed merge to make progress", interval=0.01)
