@@ -85,7 +85,7 @@ class ReadMap:
 class MergeProgress:
     """How far the merge has come, in chunks (exceptions of the merging snapshot).
 
-    What can be counted honestly: format v1 records which snapshot is being merged and
+    What can be counted honestly: the format records which snapshot is being merged and
     the merge cursor, but not how many exceptions the merge began with, and a merged
     exception is gone.  So the count starts where this process met the merge:
 
