@@ -429,7 +429,10 @@ class MetadataService:
         """Copy chunks ``src -> dst`` (store chunk numbers) from ``source`` to the store.
 
         Runs of consecutive sources and destinations move in one I/O of up to
-        :data:`COPY_CHUNKS` chunks (csnap ``copyout``/``finish_copyout``).
+        :data:`COPY_CHUNKS` chunks (csnap ``copyout``/``finish_copyout``).  The
+        destinations are chunks just allocated that nothing points at yet: if the copy
+        fails they all go back (a host ENOSPC or EIO must not leave them allocated for
+        the next commit to keep).
 
         Raises:
             HostIOError: the host failed the read or the write (HostFull: ENOSPC).
@@ -447,9 +450,13 @@ class MetadataService:
                     n += 1
                 copy_range(source, src * cs, cow, dst * cs, n * cs)
                 i += n
-        except OSError as e:
-            raise host_error(e, "snapshot store", cow.path,
-                             f"copying chunks from {source.path}") from e
+        except BaseException as e:
+            for _src, dst in moves:
+                self.store.release_chunk(dst)
+            if isinstance(e, OSError):
+                raise host_error(e, "snapshot store", cow.path,
+                                 f"copying chunks from {source.path}") from e
+            raise
 
     def _flush_origin(self) -> None:
         """``origin.flush()``, a host failure raised as HostIOError naming the origin."""
@@ -527,14 +534,7 @@ class MetadataService:
             need, moves, adds, err = self._origin_copyouts_locked(first, last)
             if not moves:
                 break
-            try:
-                self._copy(moves, self.origin)
-            except BaseException:
-                # Nothing points at the chunks yet: they all go back (a host ENOSPC or
-                # EIO here must not leave them allocated for the next commit to keep).
-                for _c, sc in moves:
-                    self.store.release_chunk(sc)
-                raise
+            self._copy(moves, self.origin)
             limit = self.store.commit_threshold
             k, full = 0, False
             try:
@@ -826,15 +826,15 @@ class MetadataService:
                             raise
                         self._make_room_locked(exclude=1 << bit)
                         sc, unique = self.store.snapshot_exception(bit, c)
+                if sc is None:
+                    self._copy([(c, new)], self.origin)
+                else:
+                    self._copy([(sc, new)], self.store.cow)
                 try:
-                    if sc is None:
-                        self._copy([(c, new)], self.origin)
-                    else:
-                        self._copy([(sc, new)], self.store.cow)
                     self.store.add_snapshot_exception(bit, c, new)
                 except BaseException:
-                    # Not recorded (the host failed the copy, no room for the metadata,
-                    # a tree block unreadable): the chunk goes back.
+                    # Not recorded (no room for the metadata, a tree block unreadable):
+                    # the chunk goes back.
                     self.store.release_chunk(new)
                     raise
                 self._pending[(bit, c)] = self.epoch
@@ -1298,13 +1298,7 @@ class MetadataService:
         self._merge_busy.update(c for c, _ in ready)
         try:
             if moves:
-                try:
-                    self._copy(moves, self.origin)
-                except BaseException:
-                    # Nothing points at the chunks yet: they all go back.
-                    for _c, dst in moves:
-                        self.store.release_chunk(dst)
-                    raise
+                self._copy(moves, self.origin)
                 k = 0
                 try:
                     for k, (c, dst, sharers) in enumerate(adds):
