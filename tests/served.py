@@ -18,15 +18,20 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import json
 import os
+import pty
 import re
+import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from pathlib import Path
 
@@ -394,3 +399,53 @@ def wait_merge_done(store: str | os.PathLike, deadline: float = 3 * DEADLINE) ->
         assert st is None or st["running"], f"the merge stopped before it completed: {st}"
         return st is None
     wait_until(done, f"the merge in {store} to complete", deadline=deadline, interval=0.25)
+
+
+# --- a user at a terminal ----------------------------------------------------------------
+
+
+def on_a_terminal(*args, answer: str | None = None, whole: bool = True,
+                  columns: int = 160) -> tuple[int, str, str]:
+    """Run ``ddsnap ARGS`` on a pseudo-terminal ``columns`` wide, as a user at a shell
+    does: with ``whole``, stdin, stdout and stderr are the terminal; without it only
+    stderr is (stdout is a pipe, stdin empty).  The first ``[y/N]`` question is answered
+    ``answer`` (or "n" when none was expected: the question then shows in the output
+    instead of hanging the test).  Returns (exit status, stdout when it is a pipe else
+    "", everything the terminal showed without escape sequences or carriage returns)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    env = {**ddsnap_env(), "TERM": "xterm-256color"}
+    env.pop("NO_COLOR", None)
+    streams = (dict(stdin=slave, stdout=slave, start_new_session=True) if whole else
+               dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE))
+    proc = subprocess.Popen([*DDSNAP, *map(str, args)], stderr=slave, env=env, **streams)
+    os.close(slave)
+    got = b""
+    answered = False
+    end = time.monotonic() + DEADLINE
+    try:
+        while time.monotonic() < end:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            got += data
+            if not answered and b"[y/N]" in got:
+                os.write(master, (answer or "n").encode() + b"\r")
+                answered = True
+        out = "" if whole else proc.stdout.read().decode()
+        proc.wait(DEADLINE)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", got.decode(errors="replace"))
+    return proc.returncode, out, text.replace("\r", "")

@@ -27,21 +27,16 @@ milliseconds, against the seconds the merge of ``a`` takes); everything else is 
 
 from __future__ import annotations
 
-import fcntl
-import os
-import pty
 import re
 import shutil
-import struct
 import subprocess
-import termios
 from pathlib import Path
 
 import pytest
 
 from served import (DDSNAP, DEADLINE, KiB, MiB, Served, control_request, ddsnap,
-                    ddsnap_env, export_names, fails, make_origin, merge_status, ok, ok_json, same_image, tool,
-                    wait_merge_done, wait_until)
+                    ddsnap_env, export_names, fails, make_origin, merge_status, ok, ok_json,
+                    on_a_terminal, same_image, tool, wait_merge_done, wait_until)
 
 pytestmark = pytest.mark.clients
 
@@ -502,32 +497,7 @@ def test_merge_of_a_snapshot_with_a_client_is_refused(vol):
 
 def run_on_a_terminal(*args) -> tuple[int, str, str]:
     """Run ``ddsnap ARGS`` with stderr on a pseudo-terminal; (status, stdout, stderr)."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    env = {**ddsnap_env(), "TERM": "xterm-256color"}
-    env.pop("NO_COLOR", None)
-    proc = subprocess.Popen([*DDSNAP, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=slave, stdin=subprocess.DEVNULL, env=env)
-    os.close(slave)
-    got = []
-    try:
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not data:
-                break
-            got.append(data)
-        out = proc.stdout.read().decode()
-        proc.wait(DEADLINE)
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(got).decode(errors="replace"))
-    return proc.returncode, out, text
+    return on_a_terminal(*args, whole=False, columns=120)
 
 
 @pytest.mark.parametrize("served", [False, True], ids=["local", "served"])

@@ -21,16 +21,10 @@ with its exit code and message:
 
 from __future__ import annotations
 
-import fcntl
 import os
-import pty
 import re
-import select
 import signal
-import struct
 import subprocess
-import termios
-import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +33,7 @@ from humanfriendly import format_size
 from ddsnap.errors import InvalidArgument
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.shared import SharedStore, min_store_size
+import served
 from served import (DDSNAP, DEADLINE, KiB, MiB, Served, ddsnap_env, fails, make_origin,
                     merge_status, ok, ok_json, tool, wait_merge_done, wait_until)
 
@@ -65,45 +60,10 @@ def env(tmp_path):
 
 
 def on_a_terminal(*args, answer: str | None = None) -> tuple[int, str]:
-    """Run ``ddsnap ARGS`` with stdin, stdout and stderr on a pseudo-terminal, as a user
-    at a shell does.  The first ``[y/N]`` question is answered ``answer`` (or "n" when
-    none was expected: the question then shows in the output instead of hanging the test).
-    Returns (exit status, everything the terminal showed, without escape sequences)."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
-    env = {**ddsnap_env(), "TERM": "xterm-256color"}
-    env.pop("NO_COLOR", None)
-    proc = subprocess.Popen([*DDSNAP, *map(str, args)], stdin=slave, stdout=slave,
-                            stderr=slave, env=env, start_new_session=True)
-    os.close(slave)
-    got = b""
-    answered = False
-    end = time.monotonic() + DEADLINE
-    try:
-        while time.monotonic() < end:
-            ready, _, _ = select.select([master], [], [], 0.5)
-            if not ready:
-                if proc.poll() is not None:
-                    break
-                continue
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not data:
-                break
-            got += data
-            if not answered and b"[y/N]" in got:
-                os.write(master, (answer or "n").encode() + b"\r")
-                answered = True
-        proc.wait(DEADLINE)
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", got.decode(errors="replace"))
-    return proc.returncode, text.replace("\r", "")
+    """``ddsnap ARGS`` wholly on a terminal (:func:`served.on_a_terminal`): (exit status,
+    what the terminal showed)."""
+    rc, _out, text = served.on_a_terminal(*args, answer=answer)
+    return rc, text
 
 
 # --- 1. snapshot names -----------------------------------------------------------------------

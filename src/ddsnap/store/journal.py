@@ -366,22 +366,30 @@ class Journal:
         out.untrusted = {b for b, ok in newest.items() if not ok}
 
     def replay(self) -> tuple[State | None, int]:
-        """Apply every committed transaction from the tail to its home blocks.
+        """Apply every committed transaction from the tail to its home blocks
+        (:meth:`scan`, then :meth:`apply`).
 
         Returns ``(state, count)``: the root state after the last applied transaction
-        (None if none applied) and how many were applied.  Home writes are not flushed;
-        the caller checkpoints.
+        (None if none applied) and how many were applied.
 
         Raises:
-            CorruptMetadata: a committed transaction is damaged (naming the block);
-                nothing was written.
+            CorruptMetadata: as :meth:`apply`.
         """
         r = self.scan()
+        self.apply(r)
+        return r.state, len(r.transactions)
+
+    def apply(self, r: Replay) -> None:
+        """Write the transactions of scan ``r`` to their home blocks and continue the
+        journal after them.  Home writes are not flushed; the caller checkpoints.
+
+        Raises:
+            CorruptMetadata: the scan found a committed transaction damaged (naming the
+                block); nothing was written.
+        """
         if r.damage:
             raise r.damage[0]
         for tx in r.transactions:
             for t, img in tx.images:
                 self.dev.pwrite(img, t * BLOCK_SIZE)
-        self.head = r.end
-        self.next_seq = r.next_seq
-        return r.state, len(r.transactions)
+        self.head, self.next_seq = r.end, r.next_seq

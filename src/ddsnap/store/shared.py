@@ -25,11 +25,10 @@ from .alloc import Bitmap
 from .api import ExceptionStore, Finding, NotCached, SnapshotInfo
 from .blockdev import BlockDevice
 from .format import (BITMAP_BYTES, BITS_PER_BITMAP, BLOCK_SHIFT, BLOCK_SIZE, HEADER_SIZE,
-                     AUTO_DELETED_MAX, MAGIC, MAX_ORIGIN_PATH, NODE_MAX, SNAPS_PER_BLOCK, T_BITMAP, T_LEAF, T_NODE,
-                     T_SNAPTABLE, VERSION_V1, AutoDeleted, Leaf, Node, SnapSlot, State,
-                     Superblock,
-                     check_header, decode_snaptable, encode_snaptable, header_version,
-                     seal)
+                     AUTO_DELETED_MAX, MAGIC, MAX_ORIGIN_PATH, NODE_MAX, SNAPS_PER_BLOCK,
+                     T_BITMAP, T_LEAF, T_NODE, T_SNAPTABLE, VERSION_V1, AutoDeleted, Leaf,
+                     Node, SnapSlot, State, Superblock, check_header, decode_snaptable,
+                     encode_snaptable, header_version, seal)
 from .journal import Journal, Replay, Transaction
 from .memory import check_geometry
 from .snapshots import (SnapshotTable, SpaceAccount, exc_add_snapshot, exc_lookup,
@@ -57,8 +56,6 @@ def _fits(blocks: int, bpc: int, data_start: int) -> bool:
     """The rule of :meth:`SharedStore.create`: the metadata, the tree's first two blocks
     and at least one data chunk fit in ``blocks``."""
     return data_start + 2 + bpc <= blocks
-
-
 
 
 def min_store_size(chunk_size: int, max_snapshots: int = 64,
@@ -275,11 +272,7 @@ class SharedStore(ExceptionStore):
         scan = self.journal.scan()
         self.journal_scan = scan
         if mode == "rw":
-            if scan.damage:
-                raise scan.damage[0]
-            for tx in scan.transactions:
-                for t, img in tx.images:
-                    dev.pwrite(img, t * BLOCK_SIZE)
+            self.journal.apply(scan)
         else:
             self.read_only = True
             for tx in scan.transactions + scan.later:
@@ -287,14 +280,12 @@ class SharedStore(ExceptionStore):
                     self.replayed[t] = img
             self._untrusted = set(scan.untrusted)
             self._untrusted_all = scan.unknown
-        self.journal.head, self.journal.next_seq = scan.end, scan.next_seq
+            self.journal.head, self.journal.next_seq = scan.end, scan.next_seq
         self.recovered = len(scan.transactions)
         state = scan.state
         if state is not None:
             self.state = state.copy()
             self._last_state = state.copy()
-        data_start_blocks = sb.journal_start + sb.journal_blocks
-        data_start = -(-data_start_blocks // sb.blocks_per_chunk) * sb.blocks_per_chunk
         tolerant = mode == "inspect"
         slots = []
         for i in range(sb.snaptable_blocks):
@@ -322,7 +313,7 @@ class SharedStore(ExceptionStore):
                     raise
                 self.unreadable.append(e)
                 bits += b"\xff" * BITMAP_BYTES  # unknown: counted as in use
-        self.bitmap = Bitmap(bits, sb.blocks, sb.blocks_per_chunk, data_start)
+        self.bitmap = Bitmap(bits, sb.blocks, sb.blocks_per_chunk, self.data_start)
         if mode == "rw":
             self._read_node(self.state.root)  # fail now, not mid-request, on a bad root
         self._count_space()
@@ -346,8 +337,8 @@ class SharedStore(ExceptionStore):
                 image is damaged).
         """
         if self._untrusted_all and block not in self.replayed and block >= self.data_start:
-            raise CorruptMetadata(block, "a damaged journal transaction may have "
-                                             "changed this block: it cannot be trusted")
+            raise CorruptMetadata(block, "a damaged journal transaction may have changed "
+                                         "this block: it cannot be trusted")
         if block in self._untrusted:
             raise CorruptMetadata(block, "its newest journal image is damaged: the block "
                                          "cannot be trusted")
