@@ -302,8 +302,10 @@ def default_control_path(store_path: str) -> str:
 
 # -- the operations -----------------------------------------------------------------------
 
-def snap_create(svc: MetadataService, name: str, read_only: bool = False) -> dict:
-    return svc.create_snapshot(name, read_only).to_dict()
+def snap_create(svc: MetadataService, name: str, read_only: bool = False,
+                parent: str | None = None) -> dict:
+    """Create snapshot ``name`` of the origin, or of the live snapshot ``parent``."""
+    return svc.create_snapshot(name, read_only, parent).to_dict()
 
 
 def _snapshot_dicts(svc: MetadataService) -> list[dict]:
@@ -319,7 +321,7 @@ def _snapshot_dicts(svc: MetadataService) -> list[dict]:
     for s in store.snapshots():
         d = s.to_dict()
         if space is not None:
-            excl, shared = space.get(s.bit, (0, 0))
+            excl, shared = space.get(s.id, (0, 0))
             d["exclusive"] = excl * store.chunk_size
             d["shared"] = shared * store.chunk_size
         else:
@@ -436,7 +438,7 @@ class MergeRunner:
 
     def ensure(self) -> None:
         """Start the worker if a merge is in progress and nobody is running it."""
-        if self.running or self.svc.store.merging_bit is None:
+        if self.running or self.svc.store.merging is None:
             return
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ddsnap-merge", daemon=True)

@@ -179,8 +179,8 @@ def main(ctx, timeout):
               help="Size of a new STORE file, e.g. 10G (default: the origin's size).")
 @click.option("--chunk-size", default="64K", show_default=True, metavar="SIZE",
               help="Copy-on-write unit, a power of two from 4K to 1M.")
-@click.option("--max-snapshots", default="64", show_default=True, metavar="N",
-              help="Sharemap width: a multiple of 64 up to 1024.")
+@click.option("--max-snapshots", default="0", show_default=True, metavar="N",
+              help="Most snapshots the store may hold; 0 for no limit.")
 @click.option("--full-policy", type=_Choice(FULL_POLICIES), default="error",
               show_default=True, help="When the store is full: fail the write (ENOSPC) or "
                                       "delete the oldest snapshot.")
@@ -299,10 +299,15 @@ def snap():
 @click.argument("store")
 @click.argument("name")
 @click.option("--read-only", is_flag=True, help="Refuse writes to the snapshot.")
-def snap_create(store, name, read_only):
-    """Snapshot the origin of STORE as NAME (constant time)."""
-    info = _call(store, "snap_create", name=name, read_only=read_only)
-    out.print(f"created snapshot {_shown(info['name'])} (id {info['id']}) at {info['created']}")
+@click.option("--from", "parent", metavar="SNAP",
+              help="Snapshot the snapshot SNAP instead of the origin (a clone).")
+def snap_create(store, name, read_only, parent):
+    """Snapshot the origin of STORE (or the snapshot given by --from) as NAME, in
+    constant time."""
+    info = _call(store, "snap_create", name=name, read_only=read_only, parent=parent)
+    of = "" if parent is None else f" of {_shown(parent)}"
+    out.print(f"created snapshot {_shown(info['name'])}{of} (id {info['id']}) at "
+              f"{info['created']}")
 
 
 @snap.command("list")
@@ -314,9 +319,13 @@ def snap_list(store, as_json):
     if as_json:
         click.echo(json.dumps(snaps, indent=2))
         return
-    table = Table("name", "id", "created", "read-only", "exclusive", "shared", box=None)
+    table = Table("name", "id", "parent", "created", "read-only", "exclusive", "shared",
+                  box=None)
     for s in snaps:
-        table.add_row(Text(_shown(s["name"])), str(s["id"]), s["created"],
+        parent = s.get("parent")
+        shown_parent = (_shown(parent) if parent is not None
+                        else f"#{s.get('parent_id')} (deleted)")
+        table.add_row(Text(_shown(s["name"])), str(s["id"]), Text(shown_parent), s["created"],
                       "yes" if s["read_only"] else "no",
                       _bytes(s.get("exclusive")), _bytes(s.get("shared")))
     out.print(table)
@@ -412,7 +421,8 @@ def status(store, as_json):
         ("chunk size", format_size(cs, binary=True)),
         ("chunks", f"{st['chunks_used']} used, {st['chunks_free']} free of {st['chunks_total']}"),
         ("space", f"{_bytes(st['used'])} used, {_bytes(st['free'])} free"),
-        ("snapshots", f"{len(st['snapshots'])} of {st['max_snapshots']}"),
+        ("snapshots", f"{len(st['snapshots'])}" + (f" of {st['max_snapshots']}"
+                                                   if st["max_snapshots"] else "")),
         ("when full", st["full_policy"]),
     ]
     for k, v in rows:

@@ -131,7 +131,7 @@ class OriginMismatch(DdsnapError):
 
 
 class TooManySnapshots(DdsnapError):
-    """Every sharemap bit is in use (``--max-snapshots`` reached)."""
+    """The store holds its ``--max-snapshots`` limit of snapshots."""
 
     exit_code = 11
     fault = "user"
@@ -204,7 +204,9 @@ class FormatTooOld(DdsnapError):
 
     def __init__(self, path: str, version: int = 1):
         self.path = path
-        super().__init__(f"{path} is a format-v{version} ddsnap store (ddsnap 0.1); run "
+        self.version = version
+        made_by = {1: "ddsnap 0.1", 2: "ddsnap 0.2"}.get(version, "an older ddsnap")
+        super().__init__(f"{path} is a format-v{version} ddsnap store ({made_by}); run "
                          f"`ddsnap upgrade {path}` to convert it to the current format")
 
 

@@ -5,13 +5,15 @@ behind a small API; seed 001 gives that API for a store shared by many snapshots
 (``prepare_exception``, ``commit_exception`` batched with callbacks,
 ``lookup_completed_exception``, ``fraction_full``, ``status``).  This module is that API
 in Python.  Two implementations satisfy it and pass one conformance suite:
-:class:`ddsnap.store.shared.SharedStore` (on disk, format v1) and
-:class:`ddsnap.store.memory.MemoryStore` (transient, in memory).
+:class:`ddsnap.store.shared.SharedStore` (on disk, format v3) and
+:class:`ddsnap.store.memory.MemoryStore` (transient, in memory); both keep their
+exceptions as versioned pointers (:mod:`ddsnap.store.versioned`).
 
 Units: a *chunk* is ``chunk_size`` bytes.  Logical chunks index the origin (chunk ``c`` is
 origin bytes ``[c * chunk_size, (c + 1) * chunk_size)``); store chunks index the store's
 data device :attr:`ExceptionStore.cow` the same way.  Snapshots are identified inside the
-store by their sharemap *bit* (0 .. max_snapshots-1); users see their names.
+store by their *version id* (1, 2, ..., never reused; the origin is 0); users see their
+names.
 
 Thread safety: none.  The caller (``ddsnap.store.service``) serialises every call under its
 metadata lock, except :meth:`ExceptionStore.write_commit`, which it serialises separately so
@@ -44,17 +46,22 @@ class SnapshotInfo:
 
     Attributes:
         name: the export name (1..255 bytes of UTF-8).
-        id: unique, never reused id.
-        bit: its sharemap bit inside the store.
+        id: its version id: unique, never reused.
         created: creation time, nanoseconds since the Unix epoch (UTC).
         read_only: writes are refused.
+        parent: the version it was taken of: 0 for the origin, else a snapshot's id.
+        parent_name: ``"origin"``, the parent snapshot's name, or None when the parent
+            was deleted (it lives on as a ghost for this snapshot's sake).
+        size: the volume's size in bytes (0: the origin's size).
     """
 
     name: str
     id: int
-    bit: int
     created: int
     read_only: bool
+    parent: int = 0
+    parent_name: str | None = "origin"
+    size: int = 0
 
     @property
     def created_iso(self) -> str:
@@ -64,7 +71,8 @@ class SnapshotInfo:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "id": self.id, "created": self.created_iso,
-                "read_only": self.read_only, "bit": self.bit}
+                "read_only": self.read_only, "parent": self.parent_name,
+                "parent_id": self.parent}
 
 
 @dataclass
@@ -96,7 +104,7 @@ class ExceptionStore(abc.ABC):
         chunk_size: bytes per chunk (a power of two, 4 KiB .. 1 MiB).
         origin_size: bytes of the origin this store snapshots.
         origin_path: where the origin was when the store was made.
-        max_snapshots: sharemap width in bits.
+        max_snapshots: most snapshots (versions) the store may hold, 0 for no limit.
         cow: the device holding exception data; store chunk ``s`` is at
             ``s * chunk_size``.
     """
@@ -145,18 +153,20 @@ class ExceptionStore(abc.ABC):
 
     @abc.abstractmethod
     def create_snapshot(self, name: str, read_only: bool = False,
-                        created: int | None = None) -> SnapshotInfo:
-        """Add a snapshot of the origin as it is now, in constant time.
+                        created: int | None = None, parent: int = 0) -> SnapshotInfo:
+        """Add a snapshot of the origin (``parent`` 0) or of the live snapshot with id
+        ``parent`` as it is now, in constant time.
 
         Raises:
             SnapshotExists: the name is taken.
-            TooManySnapshots: every sharemap bit is in use.
+            SnapshotNotFound: ``parent`` is not a live snapshot.
+            TooManySnapshots: the store's ``--max-snapshots`` limit is reached.
             InvalidArgument: the name is empty, too long or has a '/' or NUL.
         """
 
     @abc.abstractmethod
     def begin_delete(self, name: str) -> SnapshotInfo:
-        """Remove ``name`` from the live set; its bit stays reserved until swept.
+        """Remove ``name`` from the live snapshots; its exceptions are swept later.
 
         Raises:
             SnapshotNotFound: no such snapshot.
@@ -164,17 +174,11 @@ class ExceptionStore(abc.ABC):
 
     @abc.abstractmethod
     def sweep_step(self) -> bool:
-        """Do one bounded step of removing deleted snapshots' exceptions from the tree.
+        """Do one bounded step of removing exceptions no live snapshot reads any more.
 
-        Frees chunks no other snapshot uses and compacts the tree (seed 001
-        ``delete_tree_range``).  Returns True when nothing is left to sweep; the bits of
-        swept snapshots are then free for new snapshots.
+        Frees their chunks (seed 001 ``delete_tree_range``).  Returns True when nothing
+        is left to sweep.
         """
-
-    @property
-    @abc.abstractmethod
-    def live_mask(self) -> int:
-        """Sharemap bits of the live snapshots."""
 
     # -- root state: merge progress and the full-store policy ----------------------------
     #
@@ -188,15 +192,15 @@ class ExceptionStore(abc.ABC):
         """The root state changed: include it in the next commit."""
 
     @property
-    def merging_bit(self) -> int | None:
-        """Sharemap bit of the snapshot being merged into the origin, or None."""
-        bit = self.state.merge_bit
-        return None if bit == NO_MERGE else bit
+    def merging(self) -> int | None:
+        """Version id of the snapshot being merged into the origin, or None."""
+        v = self.state.merge_version
+        return None if v == NO_MERGE else v
 
-    def set_merge(self, bit: int | None, keep: bool = False, cursor: int = 0) -> None:
-        """Start (``bit``) or end (None) a merge into the origin (seed 003)."""
-        self.state.merge_bit = NO_MERGE if bit is None else bit
-        self.state.merge_keep = keep if bit is not None else False
+    def set_merge(self, version: int | None, keep: bool = False, cursor: int = 0) -> None:
+        """Start (``version``) or end (None) a merge into the origin (seed 003)."""
+        self.state.merge_version = NO_MERGE if version is None else version
+        self.state.merge_keep = keep if version is not None else False
         self.state.merge_cursor = cursor
         self._state_changed()
 
@@ -220,25 +224,24 @@ class ExceptionStore(abc.ABC):
         self.state.full_policy = FULL_POLICIES.index(policy)
         self._state_changed()
 
-    # -- mapping -------------------------------------------------------------------------
+    # -- mapping (versioned exceptions: docs/format.md) -----------------------------------
 
     @abc.abstractmethod
     def origin_sharers(self, chunk: int) -> int:
-        """Bits of live snapshots that still read logical ``chunk`` from the origin.
-
-        Non-zero means an origin write must copy the chunk out first (seed 000
-        ``origin_chunk_unique``).
-        """
+        """Whether an origin write to logical ``chunk`` must copy it out first (seed 000
+        ``origin_chunk_unique``): 0 if no live snapshot reads the origin there, else the
+        tag to give the copy-out (pass it to :meth:`add_origin_exception`)."""
 
     @abc.abstractmethod
-    def snapshot_exception(self, bit: int, chunk: int) -> tuple[int | None, bool]:
-        """``(store_chunk, unique)`` for snapshot ``bit`` at logical ``chunk``.
+    def snapshot_exception(self, version: int, chunk: int) -> tuple[int | None, bool]:
+        """``(store_chunk, unique)`` for snapshot ``version`` at logical ``chunk``.
 
         ``store_chunk`` is None when the snapshot reads the origin; ``unique`` is True when
-        the exception serves this snapshot alone (seed 000 ``snapshot_chunk_unique``).
+        the snapshot may write that store chunk in place: it is the snapshot's own and no
+        other live snapshot reads it (seed 000 ``snapshot_chunk_unique``).
         """
 
-    def snapshot_exception_nowait(self, bit: int, chunk: int) -> tuple[int | None, bool]:
+    def snapshot_exception_nowait(self, version: int, chunk: int) -> tuple[int | None, bool]:
         """:meth:`snapshot_exception` from metadata already in memory, never from disk.
 
         The NBD server answers reads on its event loop with this (and falls back to a
@@ -247,7 +250,14 @@ class ExceptionStore(abc.ABC):
         Raises:
             NotCached: a tree block on the way is not in memory.
         """
-        return self.snapshot_exception(bit, chunk)
+        return self.snapshot_exception(version, chunk)
+
+    @abc.abstractmethod
+    def snapshot_write_keeps(self, version: int, chunk: int) -> bool:
+        """Whether a write by ``version`` to ``chunk`` (not unique) must also keep a copy
+        of the current data for the snapshots taken of ``version`` that read it: True
+        when ``version`` has no exception of its own there (it reads an ancestor's data
+        or the origin) and some live snapshot taken of it reads through it."""
 
     @abc.abstractmethod
     def allocate_chunk(self) -> int:
@@ -263,8 +273,9 @@ class ExceptionStore(abc.ABC):
         (its exception could not be recorded)."""
 
     @abc.abstractmethod
-    def add_origin_exception(self, chunk: int, store_chunk: int, sharemap: int) -> None:
-        """Record that snapshots ``sharemap`` now read ``chunk`` from ``store_chunk``.
+    def add_origin_exception(self, chunk: int, store_chunk: int, tag: int) -> None:
+        """Record the copy-out of origin ``chunk`` to ``store_chunk``, with the ``tag``
+        :meth:`origin_sharers` gave: the snapshots that read the origin there read it.
 
         Raises:
             StoreFull: no room for the metadata; nothing was changed (the caller still
@@ -272,24 +283,34 @@ class ExceptionStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def snapshot_exceptions_from(self, bit: int, start: int, limit: int) -> list[tuple[int, int]]:
-        """Up to ``limit`` ``(chunk, store_chunk)`` of snapshot ``bit``'s exceptions with
-        ``chunk >= start``, in chunk order (what a merge copies, seed 003)."""
+    def add_snapshot_exception(self, version: int, chunk: int, store_chunk: int,
+                               kept: int | None = None) -> None:
+        """Make ``store_chunk`` the data of snapshot ``version`` alone at ``chunk``.
 
-    @abc.abstractmethod
-    def drop_snapshot_exception(self, bit: int, chunk: int) -> None:
-        """Snapshot ``bit`` reads the origin at ``chunk`` again: its bit leaves its
-        exception there, which is freed if no other snapshot uses it (a merge step)."""
-
-    @abc.abstractmethod
-    def add_snapshot_exception(self, bit: int, chunk: int, store_chunk: int) -> None:
-        """Make ``store_chunk`` the exception of snapshot ``bit`` alone at ``chunk``.
-
-        The snapshot's bit leaves whatever exception it shared before.
+        The data it read before stays for the snapshots taken of it: its own old
+        exception is kept for them, or, when :meth:`snapshot_write_keeps` said so,
+        ``kept`` (a chunk the caller filled with a copy of that data) is recorded.
 
         Raises:
-            StoreFull: as :meth:`add_origin_exception`.
+            StoreFull: as :meth:`add_origin_exception` (the caller still owns both).
         """
+
+    # -- merge (seed 003) ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def merge_source(self, chunk: int) -> int | None:
+        """During a merge: the store chunk the origin reads at ``chunk`` because the
+        merging snapshot's data there is not merged yet, or None (the origin device)."""
+
+    @abc.abstractmethod
+    def merge_todo(self, start: int, limit: int) -> list[tuple[int, int]]:
+        """Up to ``limit`` ``(chunk, store_chunk)`` of the merging snapshot's data not yet
+        merged into the origin, with ``chunk >= start``, ascending (what a merge copies,
+        seed 003)."""
+
+    @abc.abstractmethod
+    def mark_merged(self, chunk: int) -> None:
+        """The merging snapshot's data at ``chunk`` is in the origin now (durable)."""
 
     # -- durability ----------------------------------------------------------------------
 
@@ -339,7 +360,8 @@ class ExceptionStore(abc.ABC):
 
     @abc.abstractmethod
     def exceptions(self):
-        """Iterate ``(chunk, [[sharemap, store_chunk], ...])`` in logical chunk order."""
+        """Iterate ``(owner, chunk, tag, store_chunk)`` in key order: every exception
+        (docs/format.md, "Versioned exceptions")."""
 
     @abc.abstractmethod
     def check(self) -> list[Finding]:
@@ -355,9 +377,9 @@ class ExceptionStore(abc.ABC):
 
     # -- per-snapshot space (issue 3, "Space accounting") --------------------------------
     #
-    # Kept up to date incrementally by both stores wherever a sharemap changes (a
-    # :class:`~ddsnap.store.snapshots.SpaceAccount`): asking costs O(live snapshots), never
-    # a walk of the tree.  ``check()`` recounts them from the tree and reports drift.
+    # Kept up to date incrementally by both stores wherever an exception changes (a
+    # :class:`~ddsnap.store.snapshots.SpaceAccount` of exception groups): asking never
+    # walks the tree.  ``check()`` recounts them from the tree and reports drift.
 
     @abc.abstractmethod
     def _space_account(self) -> "SpaceAccount":
@@ -369,22 +391,20 @@ class ExceptionStore(abc.ABC):
         """
 
     def snapshot_space(self) -> dict[int, tuple[int, int]]:
-        """Space each live snapshot uses: ``{bit: (exclusive, shared)}``, in chunks
+        """Space each live snapshot uses: ``{id: (exclusive, shared)}``, in chunks
         (multiply by :attr:`chunk_size` for bytes).
 
-        ``exclusive``: store chunks only this snapshot uses, exactly what deleting it
-        frees (snapshots already being deleted do not count as users: their bits leave
-        every sharemap when swept).  ``shared``: store chunks it uses together with at
-        least one other live snapshot.  Chunks the snapshot reads from the origin are in
-        neither.  Metadata blocks are not counted.
+        ``exclusive``: store chunks only this snapshot reads, exactly what deleting it
+        frees.  ``shared``: store chunks it reads together with at least one other live
+        snapshot (snapshots taken of it included).  Chunks the snapshot reads from the
+        origin are in neither.  Metadata blocks are not counted.
 
         Exact and up to date after every call that changed the store, committed or not.
-        Costs O(max_snapshots).
 
         Raises:
             CorruptMetadata: as :meth:`_space_account`.
         """
-        return self._space_account().figures()
+        return self._space_account().figures(self.table)
 
     def exception_chunks(self) -> int:
         """Store chunks holding exception data that some exception references, in chunks;
@@ -397,10 +417,10 @@ class ExceptionStore(abc.ABC):
         return self._space_account().exceptions
 
     def unswept_chunks(self) -> int:
-        """Store chunks only deleted snapshots use, in chunks: the sweep in progress frees
-        them (0 when no delete is pending).
+        """Store chunks no live snapshot reads: the sweep in progress frees them (0 when
+        no delete is pending).
 
         Raises:
             CorruptMetadata: as :meth:`_space_account`.
         """
-        return self._space_account().orphans
+        return self._space_account().orphans(self.table)

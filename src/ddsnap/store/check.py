@@ -8,8 +8,8 @@ record, or damage in the older superblock slot's part of the window: a warning),
 snapshot table and bitmap block, and then checks
 DESIGN.md invariants 4 (self-identifying, checksummed blocks), 5 (bitmap and tree agree:
 every referenced block and chunk allocated exactly once; leaks are warnings) and 6 (every
-sharemap a non-empty subset of the live snapshots, seed 001 ``check_leaf``), plus the
-B-tree's key order and bounds.  Each finding names the block concerned.  It also recounts
+exception owned by a version in the table, tagged with a version that existed, seed 001
+``check_leaf``), plus the B-tree's key order and bounds.  Each finding names the block concerned.  It also recounts
 the per-snapshot space figures (issue 3) from the tree and reports, naming the snapshot,
 any drift of the figures the store keeps incrementally.
 """
@@ -18,9 +18,8 @@ from __future__ import annotations
 
 from ..errors import CorruptMetadata
 from .api import Finding
-from .format import (BITS_PER_BITMAP, SLOT_LIVE, T_BITMAP, T_LEAF, T_NODE, T_SNAPTABLE, Leaf,
-                     Node, check_header)
-from .snapshots import SpaceAccount
+from .format import (BITS_PER_BITMAP, MERGED, SLOT_LIVE, T_BITMAP, T_LEAF, T_NODE, T_SNAPTABLE,
+                     Leaf, Node, check_header, unpack_key)
 
 
 def check_frame(store) -> tuple[list[Finding], list[range]]:
@@ -72,8 +71,7 @@ def check_frame(store) -> tuple[list[Finding], list[range]]:
     for e in store.unreadable:
         findings.append(Finding("fatal", e.block, e.why))
     no_leak_count: list[range] = []
-    for i in range(sb.snaptable_blocks):
-        b = sb.snaptable_start + i
+    for b in store.table_blocks:
         if b not in unreadable:
             _verify(store, b, T_SNAPTABLE, findings)
     for i in range(sb.bitmap_blocks):
@@ -103,12 +101,11 @@ def check_store(store, leaks: list[int] | None = None) -> list[Finding]:
     sb = store.sb
     bpc = store.bpc
     bitmap = store.bitmap
-    allowed = store.table.live_mask | store.table.deleting_mask
     referenced_blocks: dict[int, str] = {}
-    referenced_chunks: dict[int, int] = {}
+    referenced_chunks: dict[int, tuple] = {}
     nchunks = sb.blocks // bpc
     first_data_chunk = -(-bitmap.data_start // bpc)
-    counted = SpaceAccount(store.max_snapshots, store.table.live_mask)
+    entries: list[tuple[int, int, int, int]] = []
     incomplete = []  # blocks the walk could not read: the recount is partial
 
     def fatal(block, msg):
@@ -130,12 +127,20 @@ def check_store(store, leaks: list[int] | None = None) -> list[Finding]:
             fatal(block, f"{what} is in use but free in the allocation bitmap")
         return True
 
+    for b in store.table_blocks[1:]:  # the first is in the fixed area
+        ref_block(b, "snapshot table block")
+
     def load(block: int, kind: int):
         buf = store.read_block(block)
         check_header(buf, kind, block, store.uuid)
         if kind == T_LEAF:
-            return Leaf.decode(buf, block, store.smbytes)
+            return Leaf.decode(buf, block)
         return Node.decode(buf, block)
+
+    def span(lo: int, hi: int | None) -> str:
+        a = unpack_key(lo)
+        b = "end" if hi is None else str(unpack_key(hi))
+        return f"exceptions from (version, chunk, tag) {a} to {b}"
 
     def walk(block: int, level: int, lo: int, hi: int | None) -> None:
         leaf_level = level == store.state.levels
@@ -146,72 +151,70 @@ def check_store(store, leaks: list[int] | None = None) -> list[Finding]:
         try:
             obj = load(block, T_LEAF if leaf_level else T_NODE)
         except CorruptMetadata as e:
-            fatal(e.block, f"{e.why} (this {what}: logical chunks [{lo}, "
-                           f"{'end' if hi is None else hi}) were not checked)")
+            fatal(e.block, f"{e.why} (this {what}: {span(lo, hi)} were not checked)")
             incomplete.append(block)
             return
         keys = obj.keys
         if keys and (keys[0] < lo or (hi is not None and keys[-1] >= hi)):
-            fatal(block, f"{what} keys {keys[0]}..{keys[-1]} outside its range [{lo}, {hi})")
+            fatal(block, f"{what} keys outside its range ({span(lo, hi)})")
         if leaf_level:
-            for k, excs in zip(obj.keys, obj.excs):
-                if k >= store.origin_chunks:
-                    fatal(block, f"exception for chunk {k} past the end of the origin")
-                if not excs:
-                    fatal(block, f"chunk {k} has an empty exception list")
-                union = 0
-                for share, c in excs:
-                    counted.change(0, share)
-                    if not share:
-                        fatal(block, f"chunk {k}: exception {c} has an empty sharemap")
-                    elif share & ~allowed:
-                        fatal(block, f"chunk {k}: sharemap {share:#x} names snapshots that do not exist")
-                    if share & union:
-                        fatal(block, f"chunk {k}: snapshots {share & union:#x} have more "
-                                     "than one exception")
-                    union |= share
-                    if not first_data_chunk <= c < nchunks:
-                        fatal(block, f"chunk {k}: store chunk {c} out of range")
-                        continue
-                    if c in referenced_chunks:
-                        fatal(block, f"store chunk {c} is the exception of both chunk "
-                                     f"{referenced_chunks[c]} and chunk {k}")
-                    referenced_chunks[c] = k
-                    for b in range(c * bpc, (c + 1) * bpc):
-                        if not bitmap.test(b):
-                            fatal(block, f"store chunk {c} (chunk {k}) is free in the bitmap")
-                            break
+            for k, sc in zip(obj.keys, obj.vals):
+                o, c, t = unpack_key(k)
+                if c >= store.origin_chunks:
+                    fatal(block, f"exception for chunk {c} past the end of the origin")
+                if o == MERGED:
+                    if t != 0 or sc != 0:
+                        fatal(block, f"malformed merge marker at chunk {c}")
+                    continue
+                entries.append((o, c, t, sc))
+                if not first_data_chunk <= sc < nchunks:
+                    fatal(block, f"chunk {c} (version {o}): store chunk {sc} out of range")
+                    continue
+                if sc in referenced_chunks:
+                    fatal(block, f"store chunk {sc} is the exception of both (version, "
+                                 f"chunk) {referenced_chunks[sc]} and {(o, c)}")
+                referenced_chunks[sc] = (o, c)
+                for b in range(sc * bpc, (sc + 1) * bpc):
+                    if not bitmap.test(b):
+                        fatal(block, f"store chunk {sc} (version {o}, chunk {c}) is free "
+                                     "in the bitmap")
+                        break
             return
+        if not keys:
+            fatal(block, "index node without children")
         for i, (k, child) in enumerate(zip(obj.keys, obj.children)):
             child_lo = lo if i == 0 else k
             child_hi = obj.keys[i + 1] if i + 1 < len(obj.keys) else hi
             walk(child, level + 1, child_lo, child_hi)
 
     walk(store.state.root, 0, 0, None)
+    for f in store.check_entries(entries):
+        findings.append(f)
 
     # The incremental space figures against a recount (only a complete one is exact).
     # They describe the tree as it is in memory: with changes not yet committed, recount
     # that tree instead of the one on disk.
-    if store._dirty or store._inflight:
-        try:
-            counted = SpaceAccount.from_exceptions(store.max_snapshots,
-                                                   store.table.live_mask,
-                                                   store.exceptions())
-        except CorruptMetadata as e:
-            incomplete.append(e.block)
-    if not incomplete:
+    counted = None
+    try:
+        if store._dirty or store._inflight:
+            counted, _n = store._count_groups()
+        elif not incomplete:
+            counted, _n = store._count_groups(entries)
+    except CorruptMetadata as e:
+        incomplete.append(e.block)
+    if not incomplete and counted is not None:
         if store._space is None:
             fatal(None, f"space accounting unavailable: {store._space_error}")
         else:
-            for msg in store._space.drift(counted, lambda b: store.table.slots[b].name):
+            for msg in store._space.drift(counted, store.table, _namer(store)):
                 fatal(None, msg)
 
     # A data chunk must not lie over a tree block (each allocated exactly once).
     for b, what in referenced_blocks.items():
         c = b // bpc
         if c in referenced_chunks:
-            fatal(b, f"store chunk {c} (chunk {referenced_chunks[c]}) overlaps the {what} "
-                     f"in block {b}")
+            fatal(b, f"store chunk {c} (version, chunk {referenced_chunks[c]}) overlaps the "
+                     f"{what} in block {b}")
 
     # Leaks: allocated blocks past the reserved area that nothing references.
     used_by_chunks = set()
@@ -236,3 +239,12 @@ def check_store(store, leaks: list[int] | None = None) -> list[Finding]:
         findings.append(Finding("warning", first_leak,
                                 f"{leaked} allocated blocks are not referenced (leaked space)"))
     return findings
+
+
+def _namer(store):
+    def name_of(v: int) -> str:
+        try:
+            return store.table.slot(v).name
+        except KeyError:
+            return f"#{v}"
+    return name_of

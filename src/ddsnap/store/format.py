@@ -1,4 +1,4 @@
-"""Format v2 of the snapshot store: every on-disk structure, encoded and decoded.
+"""Format v3 of the snapshot store: every on-disk structure, encoded and decoded.
 
 ``docs/format.md`` describes the same layout byte by byte; keep the two in step.  All
 integers are little-endian.  The store is an array of 4 KiB metadata blocks; a chunk of
@@ -27,9 +27,11 @@ from ..errors import CorruptMetadata
 BLOCK_SIZE = 4096
 BLOCK_SHIFT = 12
 MAGIC = b"DDSN"
-VERSION = 2
-#: the format ddsnap 0.1 wrote; ``ddsnap upgrade`` converts it (``store/upgrade.py``)
+VERSION = 3
+#: the formats ddsnap 0.1 and 0.2 wrote; ``ddsnap upgrade`` converts them
+#: (``store/upgrade.py``)
 VERSION_V1 = 1
+VERSION_V2 = 2
 
 # Block types
 T_SUPER = 1
@@ -130,7 +132,7 @@ class State:
         root: block number of the B-tree root (an index node).
         levels: number of index-node levels above the leaves (>= 1).
         next_snapshot_id: the id the next snapshot gets (ids are never reused).
-        merge_bit: sharemap bit of the snapshot being merged into the origin, or
+        merge_version: version id of the snapshot being merged into the origin, or
             :data:`NO_MERGE`.
         merge_keep: keep the merged snapshot when the merge completes.
         merge_cursor: logical chunks below this are merged (seed 003's progress).
@@ -140,18 +142,18 @@ class State:
     root: int = 0
     levels: int = 1
     next_snapshot_id: int = 1
-    merge_bit: int = NO_MERGE
+    merge_version: int = NO_MERGE
     merge_keep: bool = False
     merge_cursor: int = 0
     full_policy: int = 0
 
     def copy(self) -> "State":
-        return State(self.root, self.levels, self.next_snapshot_id, self.merge_bit,
+        return State(self.root, self.levels, self.next_snapshot_id, self.merge_version,
                      self.merge_keep, self.merge_cursor, self.full_policy)
 
     def pack_into(self, buf, off: int) -> None:
         _STATE.pack_into(buf, off, self.root, self.levels, self.next_snapshot_id,
-                         self.merge_bit, 1 if self.merge_keep else 0, self.merge_cursor,
+                         self.merge_version, 1 if self.merge_keep else 0, self.merge_cursor,
                          self.full_policy)
 
     @classmethod
@@ -160,7 +162,7 @@ class State:
         return cls(root, levels, next_id, mbit, bool(keep & 1), cursor, policy)
 
 
-#: root, levels, next_snapshot_id, merge_bit, merge_keep, merge_cursor, full_policy
+#: root, levels, next_snapshot_id, merge_version, merge_keep, merge_cursor, full_policy
 _STATE = struct.Struct("<QIQIIQI")  # 40 bytes
 _SB_STATE_OFF = _SB_OFF + _SB.size  # 136
 _SB_PATH_OFF = _SB_STATE_OFF + _STATE.size  # 176: path length, then the path
@@ -327,23 +329,41 @@ class Superblock:
 
 
 # ---------------------------------------------------------------------------------------
-# Snapshot table: one 288-byte slot per sharemap bit
+# Snapshot table (format v3): a chain of table blocks, 14 slots of 288 bytes each, one
+# slot per version (snapshot) of the origin; the chain grows as snapshots are made.
 
 SNAP_SLOT = 288
 SNAPS_PER_BLOCK = (BLOCK_SIZE - HEADER_SIZE) // SNAP_SLOT  # 14
-_SLOT = struct.Struct("<BBHIQQ")  # state flags namelen reserved id created_ns
+#: offset of the next table block's number (0: the last block of the chain)
+TABLE_NEXT_OFF = HEADER_SIZE + SNAPS_PER_BLOCK * SNAP_SLOT  # 4080
+#: state flags namelen id parent reserved created
+_SLOT = struct.Struct("<BBHIIIQ")
+_SLOT_SIZE_OFF = 280  # volume size in bytes (u64)
 
 SLOT_FREE = 0
 SLOT_LIVE = 1
 SLOT_DELETING = 2
+#: deleted by the user, kept because snapshots taken of it still read through it
+SLOT_GHOST = 3
 FLAG_READ_ONLY = 1
+
+#: the origin's version id; snapshots are 1, 2, ... (never reused)
+ORIGIN = 0
+#: the highest version id (ids are u32; :data:`INF` is reserved as a tag)
+MAX_VERSION = 0xFFFFFFFD
+#: the tag of a version's own current data (a "current" entry, see docs/format.md)
+INF = 0xFFFFFFFF
+#: owner of the merge's progress markers: chunks merged ahead of the merge cursor
+MERGED = 0xFFFFFFFE
 
 
 @dataclass
 class SnapSlot:
-    """One snapshot table slot; its index is the snapshot's sharemap bit.
+    """One snapshot table slot: a version of the origin (format v3).
 
-    ``created`` is nanoseconds since the Unix epoch (UTC).
+    ``id`` is the version id (1..:data:`MAX_VERSION`, never reused); ``parent`` the
+    version it was taken of (:data:`ORIGIN` or a snapshot's id); ``created`` is
+    nanoseconds since the Unix epoch (UTC); ``size`` the volume size in bytes.
     """
 
     state: int = SLOT_FREE
@@ -351,30 +371,44 @@ class SnapSlot:
     id: int = 0
     created: int = 0
     name: str = ""
+    parent: int = ORIGIN
+    size: int = 0
 
 
-def encode_snaptable(slots: list[SnapSlot]) -> bytearray:
-    """Encode up to :data:`SNAPS_PER_BLOCK` slots into a block body (header unsealed)."""
+def encode_snaptable(slots: list[SnapSlot], next_block: int = 0) -> bytearray:
+    """Encode up to :data:`SNAPS_PER_BLOCK` slots and the chain's next block number
+    into a block body (header unsealed)."""
     buf = bytearray(BLOCK_SIZE)
     for i, s in enumerate(slots):
         off = HEADER_SIZE + i * SNAP_SLOT
         name = s.name.encode()
         _SLOT.pack_into(buf, off, s.state, FLAG_READ_ONLY if s.read_only else 0, len(name),
-                        0, s.id, s.created)
+                        s.id, s.parent, 0, s.created)
         buf[off + _SLOT.size: off + _SLOT.size + len(name)] = name
+        struct.pack_into("<Q", buf, off + _SLOT_SIZE_OFF, s.size)
+    struct.pack_into("<Q", buf, TABLE_NEXT_OFF, next_block)
     return buf
 
 
-def decode_snaptable(buf: bytes, block: int, n: int) -> list[SnapSlot]:
+def decode_snaptable(buf: bytes, block: int) -> tuple[list[SnapSlot], int]:
+    """Decode a table block: its :data:`SNAPS_PER_BLOCK` slots and the next block of the
+    chain (0 if none).
+
+    Raises:
+        CorruptMetadata: a slot is malformed (naming ``block``).
+    """
     out = []
-    for i in range(n):
+    for i in range(SNAPS_PER_BLOCK):
         off = HEADER_SIZE + i * SNAP_SLOT
-        st, flags, nlen, _r, sid, created = _SLOT.unpack_from(buf, off)
-        if st not in (SLOT_FREE, SLOT_LIVE, SLOT_DELETING) or nlen > MAX_NAME:
+        st, flags, nlen, sid, parent, _r, created = _SLOT.unpack_from(buf, off)
+        (size,) = struct.unpack_from("<Q", buf, off + _SLOT_SIZE_OFF)
+        if (st not in (SLOT_FREE, SLOT_LIVE, SLOT_DELETING, SLOT_GHOST) or nlen > MAX_NAME
+                or (st != SLOT_FREE and not (0 < sid <= MAX_VERSION and parent < sid))):
             raise CorruptMetadata(block, f"snapshot slot {i} is malformed")
         name = bytes(buf[off + _SLOT.size: off + _SLOT.size + nlen]).decode(errors="replace")
-        out.append(SnapSlot(st, bool(flags & FLAG_READ_ONLY), sid, created, name))
-    return out
+        out.append(SnapSlot(st, bool(flags & FLAG_READ_ONLY), sid, created, name, parent, size))
+    (nxt,) = struct.unpack_from("<Q", buf, TABLE_NEXT_OFF)
+    return out, nxt
 
 
 # ---------------------------------------------------------------------------------------
@@ -385,114 +419,99 @@ BITS_PER_BITMAP = BITMAP_BYTES * 8  # 32384
 
 
 # ---------------------------------------------------------------------------------------
-# B-tree leaf (seed 000 ``struct eleaf``): directory map at the bottom, exceptions at top
+# B-tree of versioned exceptions (format v3).  A key is (owner version, logical chunk,
+# tag) packed into one 128-bit integer, so that one ordered map holds them all and the
+# lookups are successor/predecessor probes (docs/format.md, "Versioned exceptions").
 
-_LEAF_HEAD = struct.Struct("<IIQ")  # count, reserved, base_chunk
-LEAF_MAP_OFF = HEADER_SIZE + _LEAF_HEAD.size  # 64
-_MAP = struct.Struct("<II")  # offset, rchunk
+_OWNER_SHIFT = 96
+_CHUNK_SHIFT = 32
+_TAG_MASK = 0xFFFFFFFF
+_CHUNK_MASK = (1 << 64) - 1
+
+
+def pack_key(owner: int, chunk: int, tag: int) -> int:
+    """The B-tree key of an exception: ``owner`` version (u32), logical ``chunk`` (u64),
+    ``tag`` (u32; :data:`INF` for the owner's current data)."""
+    return (owner << _OWNER_SHIFT) | (chunk << _CHUNK_SHIFT) | tag
+
+
+def unpack_key(key: int) -> tuple[int, int, int]:
+    """``(owner, chunk, tag)`` of a packed key."""
+    return key >> _OWNER_SHIFT, (key >> _CHUNK_SHIFT) & _CHUNK_MASK, key & _TAG_MASK
+
+
+#: key u128 (two u64, low first), value u64
+_REC = struct.Struct("<QQQ")
+REC_SIZE = _REC.size  # 24
+_LEAF_HEAD = struct.Struct("<II")  # count, reserved
+LEAF_ENTRIES_OFF = HEADER_SIZE + _LEAF_HEAD.size  # 56
+LEAF_MAX = (BLOCK_SIZE - LEAF_ENTRIES_OFF) // REC_SIZE  # 168
+_NODE_HEAD = struct.Struct("<II")  # count, reserved
+NODE_ENTRIES_OFF = HEADER_SIZE + _NODE_HEAD.size  # 56
+NODE_MAX = (BLOCK_SIZE - NODE_ENTRIES_OFF) // REC_SIZE  # 168
+_LOW = (1 << 64) - 1
+
+
+def _pack_records(buf: bytearray, off: int, keys: list[int], vals: list[int]) -> None:
+    flat = []
+    for k, v in zip(keys, vals):
+        flat.append(k & _LOW)
+        flat.append(k >> 64)
+        flat.append(v)
+    struct.pack_into(f"<{len(flat)}Q", buf, off, *flat)
+
+
+def _unpack_records(buf: bytes, off: int, n: int, block: int, what: str):
+    flat = struct.unpack_from(f"<{3 * n}Q", buf, off)
+    keys = [flat[i] | (flat[i + 1] << 64) for i in range(0, 3 * n, 3)]
+    vals = list(flat[2::3])
+    for i in range(1, n):
+        if keys[i] <= keys[i - 1]:
+            raise CorruptMetadata(block, f"{what} keys out of order at entry {i}")
+    return keys, vals
 
 
 class Leaf:
-    """A decoded leaf: logical chunks in ascending order, each with its exceptions.
-
-    ``keys[i]`` is a logical chunk; ``excs[i]`` is a list of ``[sharemap, store_chunk]``
-    pairs (sharemap an int bitmask of snapshot bits).  Encoded, each exception takes
-    ``sharemap_bytes + 8`` bytes and each key an 8-byte map entry.
+    """A decoded leaf: ascending packed keys (:func:`pack_key`) and, for each, the store
+    chunk holding that exception's data.  Encoded as ``count`` and up to
+    :data:`LEAF_MAX` 24-byte records ``{key: u128, store_chunk: u64}``.
     """
 
-    __slots__ = ("keys", "excs")
+    __slots__ = ("keys", "vals")
 
-    def __init__(self, keys=None, excs=None):
+    def __init__(self, keys=None, vals=None):
         self.keys: list[int] = keys if keys is not None else []
-        self.excs: list[list[list[int]]] = excs if excs is not None else []
+        self.vals: list[int] = vals if vals is not None else []
 
-    def payload(self, exc_size: int) -> int:
-        """Bytes the map and exceptions take (without header and sentinel)."""
-        return 8 * len(self.keys) + exc_size * sum(map(len, self.excs))
-
-    def fits(self, exc_size: int) -> bool:
+    def fits(self) -> bool:
         """True if this leaf encodes into one block."""
-        if LEAF_MAP_OFF + 8 + self.payload(exc_size) > BLOCK_SIZE:
-            return False
-        return not self.keys or self.keys[-1] - self.keys[0] < (1 << 32)
+        return len(self.keys) <= LEAF_MAX
 
-    def encode(self, smbytes: int) -> bytearray:
-        buf = bytearray(BLOCK_SIZE)
+    def encode(self) -> bytearray:
         n = len(self.keys)
-        base = self.keys[0] if n else 0
-        _LEAF_HEAD.pack_into(buf, HEADER_SIZE, n, 0, base)
-        esize = smbytes + 8
-        counts = list(map(len, self.excs))
-        total = sum(counts)
-        top = BLOCK_SIZE - total * esize
-        if top < LEAF_MAP_OFF + 8 * (n + 1):
+        if n > LEAF_MAX:
             raise ValueError("leaf overflow")
-        # Packed in two struct calls, not per entry: every commit encodes each leaf it
-        # changed whole, and this loop was the biggest cost of a commit.
-        mapvals = []
-        off = top
-        for k, c in zip(self.keys, counts):
-            mapvals.append(off)
-            mapvals.append(k - base)
-            off += c * esize
-        mapvals.append(BLOCK_SIZE)  # sentinel
-        mapvals.append(0)
-        struct.pack_into(f"<{len(mapvals)}I", buf, LEAF_MAP_OFF, *mapvals)
-        if not total:
-            return buf
-        if smbytes == 8:  # sharemap and store chunk: two little-endian u64
-            struct.pack_into(f"<{2 * total}Q", buf, top,
-                             *[v for ex in self.excs for e in ex for v in e])
-        else:
-            buf[top:] = b"".join(share.to_bytes(smbytes, "little") + chunk.to_bytes(8, "little")
-                                 for ex in self.excs for share, chunk in ex)
+        buf = bytearray(BLOCK_SIZE)
+        _LEAF_HEAD.pack_into(buf, HEADER_SIZE, n, 0)
+        if n:
+            _pack_records(buf, LEAF_ENTRIES_OFF, self.keys, self.vals)
         return buf
 
     @classmethod
-    def decode(cls, buf: bytes, block: int, smbytes: int) -> "Leaf":
-        n, _r, base = _LEAF_HEAD.unpack_from(buf, HEADER_SIZE)
-        esize = smbytes + 8
-        if LEAF_MAP_OFF + 8 * (n + 1) > BLOCK_SIZE:
+    def decode(cls, buf: bytes, block: int) -> "Leaf":
+        n, _r = _LEAF_HEAD.unpack_from(buf, HEADER_SIZE)
+        if n > LEAF_MAX:
             raise CorruptMetadata(block, f"leaf count {n} out of range")
-        offs = [_MAP.unpack_from(buf, LEAF_MAP_OFF + 8 * i) for i in range(n + 1)]
-        if offs[n][0] != BLOCK_SIZE:
-            raise CorruptMetadata(block, "leaf sentinel does not mark the block end")
-        keys, excs = [], []
-        prev_key = -1
-        for i in range(n):
-            start, rchunk = offs[i]
-            end = offs[i + 1][0]
-            if (start < LEAF_MAP_OFF + 8 * (n + 1) or end < start or end > BLOCK_SIZE
-                    or (end - start) % esize):
-                raise CorruptMetadata(block, f"leaf map entry {i} has bad offsets")
-            key = base + rchunk
-            if key <= prev_key:
-                raise CorruptMetadata(block, f"leaf keys out of order at entry {i}")
-            prev_key = key
-            ex = []
-            for off in range(start, end, esize):
-                share = int.from_bytes(buf[off: off + smbytes], "little")
-                (chunk,) = struct.unpack_from("<Q", buf, off + smbytes)
-                ex.append([share, chunk])
-            keys.append(key)
-            excs.append(ex)
-        return cls(keys, excs)
-
-
-# ---------------------------------------------------------------------------------------
-# B-tree index node (seed 000 ``struct enode``)
-
-_NODE_HEAD = struct.Struct("<II")  # count, reserved
-NODE_ENTRIES_OFF = HEADER_SIZE + _NODE_HEAD.size  # 56
-_ENTRY = struct.Struct("<QQ")  # key, block
-NODE_MAX = (BLOCK_SIZE - NODE_ENTRIES_OFF) // _ENTRY.size  # 252
+        keys, vals = _unpack_records(buf, LEAF_ENTRIES_OFF, n, block, "leaf")
+        return cls(keys, vals)
 
 
 class Node:
-    """A decoded index node: ``keys[i]`` is the lowest logical chunk child ``i`` covers.
+    """A decoded index node: ``keys[i]`` is the lowest key child ``i`` covers.
 
-    ``keys[0]`` is stored (it equals the lower bound the parent gives this node) but
-    lookups never need it, as in seed 000.
+    Encoded as ``count`` (1..:data:`NODE_MAX`) and 24-byte records ``{key: u128,
+    child block: u64}``.  ``keys[0]`` equals the lower bound the parent gives this node
+    (0 for the root) but lookups never need it, as in seed 000.
     """
 
     __slots__ = ("keys", "children")
@@ -502,13 +521,12 @@ class Node:
         self.children: list[int] = children if children is not None else []
 
     def encode(self) -> bytearray:
-        buf = bytearray(BLOCK_SIZE)
         n = len(self.keys)
         if n > NODE_MAX:
             raise ValueError("node overflow")
+        buf = bytearray(BLOCK_SIZE)
         _NODE_HEAD.pack_into(buf, HEADER_SIZE, n, 0)
-        for i in range(n):
-            _ENTRY.pack_into(buf, NODE_ENTRIES_OFF + 16 * i, self.keys[i], self.children[i])
+        _pack_records(buf, NODE_ENTRIES_OFF, self.keys, self.children)
         return buf
 
     @classmethod
@@ -516,13 +534,7 @@ class Node:
         n, _r = _NODE_HEAD.unpack_from(buf, HEADER_SIZE)
         if not 1 <= n <= NODE_MAX:
             raise CorruptMetadata(block, f"index node count {n} out of range")
-        keys, children = [], []
-        for i in range(n):
-            k, c = _ENTRY.unpack_from(buf, NODE_ENTRIES_OFF + 16 * i)
-            if keys and k <= keys[-1]:
-                raise CorruptMetadata(block, f"index keys out of order at entry {i}")
-            keys.append(k)
-            children.append(c)
+        keys, children = _unpack_records(buf, NODE_ENTRIES_OFF, n, block, "index")
         return cls(keys, children)
 
 

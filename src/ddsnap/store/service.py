@@ -173,10 +173,10 @@ class MetadataService:
         self.reopens = 0
         #: the last failure (``status``): error, type, errno, time, reopened, reopen_error
         self.failure: dict | None = None
-        #: (owner, chunk) -> epoch of the batch holding the latest change to the mapping
-        #: of logical ``chunk``: owner -1 for any change of who shares the origin chunk
-        #: (a copy-out, or a snapshot unsharing it), a snapshot's bit for its own
-        #: unshare.  A write relying on that mapping waits for that batch.
+        #: (version, chunk) -> epoch of the batch holding the latest change to who reads
+        #: ``version``'s data at logical ``chunk`` (0: the origin): a copy-out, or a
+        #: snapshot write there (which changes it for the writer and its ancestors).  A
+        #: write relying on that mapping waits for that batch.
         self._pending: dict[tuple[int, int], int] = {}
         self._readlocks: Counter[int] = Counter()
         self._origin_writes = 0
@@ -184,9 +184,9 @@ class MetadataService:
         self._opens: Counter[str] = Counter()
         self._snaps: tuple[SnapshotInfo, ...] = ()
         self._refresh_snaps()
-        m = store.merging_bit
-        #: ``1 << bit`` of the snapshot being merged, 0 if none (read without the lock)
-        self._merge_mask = 0 if m is None else 1 << m
+        m = store.merging
+        #: version id of the snapshot being merged, None if none (read without the lock)
+        self._merging: int | None = m
         self._merge_busy: set[int] = set()  # chunks a merge step is working on
         #: most chunks one :meth:`merge_step` merges
         self.merge_step_chunks = max(1, merge_step_bytes() // self.chunk_size)
@@ -307,8 +307,8 @@ class MetadataService:
         self._pending.clear()
         self._merge_busy.clear()
         self._refresh_snaps()
-        m = store.merging_bit
-        self._merge_mask = 0 if m is None else 1 << m
+        m = store.merging
+        self._merging = m
         if m is None:
             self._merge_progress = None
         elif self._merge_progress is None:
@@ -526,7 +526,7 @@ class MetadataService:
         self._check()
         while self._barrier:
             self._wait()
-        if self._merge_mask:
+        if self._merging is not None:
             # Chunks not merged yet are merged first: the write lands on the merged
             # content (seed 003 patches 09/10: writes to chunks under merge wait).
             self._merge_range_locked(first, last)
@@ -541,7 +541,7 @@ class MetadataService:
                 while k < len(adds):
                     c, sc, sharers = adds[k]
                     self.store.add_origin_exception(c, sc, sharers)
-                    self._pending[(-1, c)] = self.epoch
+                    self._pending[(0, c)] = self.epoch
                     k += 1
                     if self.store.pending_blocks() >= limit:
                         full = True
@@ -586,7 +586,7 @@ class MetadataService:
             retry = False
             try:
                 for c in range(first, last + 1):
-                    sharers = self.store.origin_sharers(c) & ~self._merge_mask
+                    sharers = self.store.origin_sharers(c)
                     if sharers:
                         try:
                             sc = self._allocate_held(moves)
@@ -602,7 +602,7 @@ class MetadataService:
                         # No sharer now, but maybe only since a change not yet durable
                         # (a copy-out, or a snapshot write unsharing the chunk): until it
                         # is, a crash would bring the origin's sharers back.
-                        need = max(need, self._pending.get((-1, c), -1))
+                        need = max(need, self._pending.get((0, c), -1))
             except BaseException:
                 # A tree block could not be read, or a reclaim's commit failed: what
                 # this request took goes back.
@@ -645,10 +645,10 @@ class MetadataService:
 
     # -- snapshot reads and writes -----------------------------------------------------------
 
-    def _bit(self, snap: SnapshotInfo) -> int:
-        for s in self._snaps:
-            if s.id == snap.id:
-                return s.bit
+    def _version(self, snap: SnapshotInfo) -> int:
+        """``snap``'s version id, checking it is still live."""
+        if snap.id in self._ids:
+            return snap.id
         raise SnapshotNotFound(snap.name)
 
     def map_snapshot_read(self, snap: SnapshotInfo, first: int, last: int) -> ReadMap:
@@ -656,10 +656,10 @@ class MetadataService:
         ``QUERY_SNAPSHOT_READ``); origin chunks stay read-locked until released."""
         with self.lock:
             self._enter()
-            bit = self._bit(snap)
+            v = self._version(snap)
             sources, locked = [], []
             for c in range(first, last + 1):
-                sc, _u = self.store.snapshot_exception(bit, c)
+                sc, _u = self.store.snapshot_exception(v, c)
                 if sc is None:
                     self._readlocks[c] += 1
                     locked.append(c)
@@ -673,16 +673,15 @@ class MetadataService:
         not merged yet is read from that snapshot's exception (read-locked, so the merge
         step waits for the read) (seed 003: reads of the merging origin).
         """
-        if self._merge_mask == 0:
+        if self._merging is None:
             return None
         with self.lock:
             self._enter()
-            m = self.store.merging_bit
-            if m is None:
+            if self.store.merging is None:
                 return None
             sources, locked = [], []
             for c in range(first, last + 1):
-                sc, _u = self.store.snapshot_exception(m, c)
+                sc = self.store.merge_source(c)
                 if sc is not None:
                     self._readlocks[c] += 1
                     locked.append(c)
@@ -753,7 +752,7 @@ class MetadataService:
         origin can be overwritten before the read is done.  During a merge every read
         takes the locked path.
         """
-        if self._merge_mask:
+        if self._merging is not None:
             return False
         if snap is None:
             return self.origin.preadinto_nowait(view, offset)
@@ -763,20 +762,20 @@ class MetadataService:
         if not self.lock.acquire(timeout=NOWAIT_LOCK_WAIT):
             return False
         try:
-            if self._failed is not None or self._merge_mask:
+            if self._failed is not None or self._merging is not None:
                 return False
-            bit = self._bits.get(snap.id)
-            if bit is None:
+            v = snap.id
+            if v not in self._ids:
                 return False  # deleted: the locked path raises the error
             cs = self.chunk_size
             first, last = offset // cs, (offset + len(view) - 1) // cs
             lookup = self.store.snapshot_exception_nowait
             if first == last:  # the common small read, without building a map
-                sc = lookup(bit, first)[0]
+                sc = lookup(v, first)[0]
                 if sc is None:
                     return self.origin.preadinto_nowait(view, offset)
                 return self.store.cow.preadinto_nowait(view, sc * cs + offset - first * cs)
-            sources = [lookup(bit, c)[0] for c in range(first, last + 1)]
+            sources = [lookup(v, c)[0] for c in range(first, last + 1)]
             return self.read_runs(first, sources, offset, view, nowait=True)
         except NotCached:
             return False
@@ -786,64 +785,79 @@ class MetadataService:
     def prepare_snapshot_write(self, snap: SnapshotInfo, first: int, last: int) -> list[int]:
         """Make snapshot chunks ``first..last`` unique to ``snap``; return their store chunks.
 
-        A chunk the snapshot still shares (with the origin or other snapshots) gets a new
-        exception holding a copy of its current content, committed durably before this
-        returns (seed 000 ``make_unique`` for a snapshot).  The caller then writes the
-        returned store chunks.
+        A chunk the snapshot still shares (with the origin, other snapshots or snapshots
+        taken of it) gets a new exception holding a copy of its current content; when
+        snapshots taken of ``snap`` read that content through it, they keep a copy too.
+        Committed durably before this returns (seed 000 ``make_unique`` for a snapshot).
+        The caller then writes the returned store chunks.
 
         Raises:
             ReadOnlyVolume: the snapshot is read-only.
             StoreFull: no room (ENOSPC).
-            HostIOError: the host failed a copy (HostFull: ENOSPC); the chunk it took is
-                given back (chunks made unique before it stay so).
+            HostIOError: the host failed a copy (HostFull: ENOSPC); the chunks it took
+                are given back (chunks made unique before it stay so).
             ServiceFailed: the commit failed, or the store cannot be reopened after one.
         """
         if snap.read_only:
             raise ReadOnlyVolume(f"snapshot {snap.name} is read-only")
         with self.lock:
             self._enter()
-            bit = self._bit(snap)
-            if (1 << bit) & self._merge_mask:
+            v = self._version(snap)
+            if v == self._merging:
                 raise MergeInProgress(f"snapshot {snap.name} is being merged into the origin")
             need = -1
             out = []
             for c in range(first, last + 1):
-                sc, unique = self.store.snapshot_exception(bit, c)
+                sc, unique = self.store.snapshot_exception(v, c)
                 if unique:
-                    # Unique maybe only by a change not yet durable (its own unshare or
-                    # an origin write's copy-out): data written there before that commits
-                    # is lost to a crash.
-                    need = max(need, self._pending.get((bit, c), -1),
-                               self._pending.get((-1, c), -1))
+                    # Unique maybe only by a change not yet durable (its own unshare, or
+                    # a snapshot taken of it unsharing): data written there before that
+                    # commits is lost to a crash.
+                    need = max(need, self._pending.get((v, c), -1))
                     out.append(sc)
                     continue
                 while True:
                     try:
                         new = self._allocate_locked()
+                        kept = None
+                        if self.store.snapshot_write_keeps(v, c):
+                            try:
+                                kept = self._allocate_locked()
+                            except BaseException:
+                                self.store.release_chunk(new)
+                                raise
                         break
                     except StoreFull:
-                        if not self._can_make_room(exclude=1 << bit):
+                        if not self._can_make_room(exclude=v):
                             raise
-                        self._make_room_locked(exclude=1 << bit)
-                        sc, unique = self.store.snapshot_exception(bit, c)
+                        self._make_room_locked(exclude=v)
+                        sc, unique = self.store.snapshot_exception(v, c)
+                dests = [new] if kept is None else [new, kept]
+                # (a failed copy gives the chunks back itself)
                 if sc is None:
-                    self._copy([(c, new)], self.origin)
+                    self._copy([(c, d) for d in dests], self.origin)
                 else:
-                    self._copy([(sc, new)], self.store.cow)
+                    self._copy([(sc, d) for d in dests], self.store.cow)
                 try:
-                    self.store.add_snapshot_exception(bit, c, new)
+                    self.store.add_snapshot_exception(v, c, new, kept)
                 except BaseException:
                     # Not recorded (no room for the metadata, a tree block unreadable):
-                    # the chunk goes back.
-                    self.store.release_chunk(new)
+                    # the chunks go back.
+                    for d in dests:
+                        self.store.release_chunk(d)
                     raise
-                self._pending[(bit, c)] = self.epoch
-                self._pending[(-1, c)] = self.epoch  # the origin's sharers changed too
+                # Who reads this chunk changed for the writer and every version above it
+                # (an origin write or an ancestor's write may now skip its copy-out).
+                for a in [v] + self._ancestors(v):
+                    self._pending[(a, c)] = self.epoch
                 need = self.epoch
                 out.append(new)
                 self._bound_batch()
         self.wait_durable(need)
         return out
+
+    def _ancestors(self, version: int) -> list[int]:
+        return self.store.table.ancestors(version)
 
     # -- snapshots -----------------------------------------------------------------------
 
@@ -861,41 +875,54 @@ class MetadataService:
 
     def _refresh_snaps(self) -> None:
         self._snaps = tuple(self.store.snapshots())
-        #: snapshot id -> sharemap bit of the live snapshots (replaced, never changed)
-        self._bits = {s.id: s.bit for s in self._snaps}
+        #: version ids of the live snapshots (replaced, never changed)
+        self._ids = frozenset(s.id for s in self._snaps)
 
-    def create_snapshot(self, name: str, read_only: bool = False) -> SnapshotInfo:
-        """Snapshot the origin as of every origin write completed so far.
+    def create_snapshot(self, name: str, read_only: bool = False,
+                        parent: str | None = None) -> SnapshotInfo:
+        """Snapshot the origin (or, with ``parent``, the live snapshot of that name) as
+        of every write to it completed so far.
 
-        New origin writes wait while earlier ones drain, the origin is flushed, and the
-        snapshot is committed: constant time in the size of the volume.
+        For the origin, new origin writes wait while earlier ones drain and the origin is
+        flushed; for a snapshot, the store is flushed (writes to a snapshot land in it).
+        Then the snapshot is committed: constant time in the size of the volume and in
+        the number of snapshots.
 
         Raises:
             SnapshotExists, TooManySnapshots, MergeInProgress: as the names say.
-            HostIOError: the host failed the origin flush (HostFull: ENOSPC); nothing
-                changed.
+            SnapshotNotFound: no live snapshot called ``parent``.
+            HostIOError: the host failed the flush (HostFull: ENOSPC); nothing changed.
             ServiceFailed: the commit failed (the committing request gets the host's
                 error instead); once the store is reopened the snapshot exists if that
                 commit reached the journal, and not otherwise.
         """
         with self.lock:
             self._enter()
-            if self._merge_mask:
+            if self._merging is not None:
                 raise MergeInProgress("cannot take a snapshot while a snapshot is being "
                                       "merged into the origin")
-            self._barrier += 1
-            try:
-                while self._origin_writes:
-                    self._wait()
-                # Completed origin writes are part of the snapshot: make them durable so
-                # a crash cannot change what the snapshot reads (invariant 1).
-                self._flush_origin()
-                info = self.store.create_snapshot(name, read_only)
+            if parent is not None:
+                pv = self.store.snapshot(parent).id
+                # Completed writes to the parent are in the store: durable first, so a
+                # crash cannot change what the new snapshot reads (invariant 1).
+                self.flush_store()
+                info = self.store.create_snapshot(name, read_only, parent=pv)
                 self._refresh_snaps()
                 e = self.epoch
-            finally:
-                self._barrier -= 1
-                self.cond.notify_all()
+            else:
+                self._barrier += 1
+                try:
+                    while self._origin_writes:
+                        self._wait()
+                    # Completed origin writes are part of the snapshot: make them durable
+                    # so a crash cannot change what the snapshot reads (invariant 1).
+                    self._flush_origin()
+                    info = self.store.create_snapshot(name, read_only)
+                    self._refresh_snaps()
+                    e = self.epoch
+                finally:
+                    self._barrier -= 1
+                    self.cond.notify_all()
         self.wait_durable(e)
         return info
 
@@ -912,7 +939,7 @@ class MetadataService:
         with self.lock:
             self._enter()
             info = self.store.snapshot(name)
-            if (1 << info.bit) & self._merge_mask:
+            if info.id == self._merging:
                 raise MergeInProgress(f"snapshot {name} is being merged into the origin")
             if self._opens[name]:
                 raise SnapshotBusy(f"snapshot {name} is in use by {self._opens[name]} "
@@ -998,19 +1025,20 @@ class MetadataService:
 
     # -- the full-store policy -------------------------------------------------------------
 
-    def _victim(self, exclude: int = 0) -> SnapshotInfo | None:
-        """The oldest snapshot the ``delete-oldest`` policy may delete, if any."""
+    def _victim(self, exclude: int | None = None) -> SnapshotInfo | None:
+        """The oldest snapshot the ``delete-oldest`` policy may delete, if any: not
+        ``exclude`` (a version id), not the one being merged."""
         if self.store.full_policy != "delete-oldest":
             return None
         for s in self._snaps:  # oldest first
-            if not (1 << s.bit) & (exclude | self._merge_mask):
+            if s.id != exclude and s.id != self._merging:
                 return s
         return None
 
-    def _can_make_room(self, exclude: int = 0) -> bool:
+    def _can_make_room(self, exclude: int | None = None) -> bool:
         return self._victim(exclude) is not None
 
-    def _make_room_locked(self, exclude: int = 0) -> None:
+    def _make_room_locked(self, exclude: int | None = None) -> None:
         """Delete the oldest snapshot to make room (``full-policy=delete-oldest``), lock
         held: its chunks are swept, committed and checkpointed so they can be reused.
         Logged and kept in :attr:`auto_deleted` for ``status`` (invariant 7: never silent).
@@ -1036,8 +1064,8 @@ class MetadataService:
     # -- merge (seed 003): roll the origin back to a snapshot, online ---------------------
 
     def _count_merge_left(self) -> int:
-        m = self.store.merging_bit
-        return len(self.store.snapshot_exceptions_from(m, 0, 1 << 62)) if m is not None else 0
+        m = self.store.merging
+        return len(self.store.merge_todo(0, 1 << 62)) if m is not None else 0
 
     def start_merge(self, name: str, keep: bool = False) -> dict:
         """Start merging snapshot ``name`` into the origin (``lvconvert --merge``).
@@ -1054,9 +1082,9 @@ class MetadataService:
         with self.lock:
             self._enter()
             info = self.store.snapshot(name)
-            m = self.store.merging_bit
+            m = self.store.merging
             if m is not None:
-                if m == info.bit:
+                if m == info.id:
                     return self._merge_status_locked(True)
                 raise MergeInProgress(f"snapshot {self._name_of(m)} is already being merged "
                                       "into the origin")
@@ -1072,10 +1100,10 @@ class MetadataService:
             finally:
                 self._barrier -= 1
                 self.cond.notify_all()
-            if self.store.merging_bit is not None:  # another merge started meanwhile
+            if self.store.merging is not None:  # another merge started meanwhile
                 raise MergeInProgress("another merge started meanwhile")
-            self.store.set_merge(info.bit, keep)
-            self._merge_mask = 1 << info.bit
+            self.store.set_merge(info.id, keep)
+            self._merging = info.id
             self._merge_progress = MergeProgress(self._count_merge_left())
             log.info("merge of snapshot %s into the origin started (%d chunks)", name,
                      self._merge_progress.total)
@@ -1085,13 +1113,13 @@ class MetadataService:
 
     def is_merging(self, snap: SnapshotInfo) -> bool:
         """True if ``snap`` is being merged (it is not exported meanwhile)."""
-        return bool((1 << snap.bit) & self._merge_mask)
+        return snap.id == self._merging
 
-    def _name_of(self, bit: int) -> str:
+    def _name_of(self, version: int) -> str:
         for s in self._snaps:
-            if s.bit == bit:
+            if s.id == version:
                 return s.name
-        return f"#{bit}"
+        return f"#{version}"
 
     def merge_status(self, running: bool = False) -> dict | None:
         """The merge in progress as a dict (snapshot, chunks done/total and what they count
@@ -1101,7 +1129,7 @@ class MetadataService:
             return self._merge_status_locked(running)
 
     def _merge_status_locked(self, running: bool) -> dict | None:
-        m = self.store.merging_bit
+        m = self.store.merging
         if m is None or self._merge_progress is None:
             return None
         st = self.store.state
@@ -1134,12 +1162,12 @@ class MetadataService:
         snapshot deleted unless kept)."""
         with self.lock:
             self._enter()
-            m = self.store.merging_bit
+            m = self.store.merging
             if m is None:
                 return None
             cursor = self.store.state.merge_cursor
-            todo = self.store.snapshot_exceptions_from(
-                m, cursor if start is None else max(start, cursor), self.merge_step_chunks)
+            todo = self.store.merge_todo(
+                cursor if start is None else max(start, cursor), self.merge_step_chunks)
             if todo:
                 runs = self._merge_prepare_locked(m, todo)
                 self._origin_writes += 1  # a snapshot creation waits for the copy
@@ -1193,9 +1221,9 @@ class MetadataService:
                     # Up to the first exception not merged yet, never past one: a full
                     # store may have let a step merge only part, and with pipelined steps
                     # a later step can end while an earlier one's chunks are still to do.
-                    if self.store.merging_bit == m and self._failed is None:
+                    if self.store.merging == m and self._failed is None:
                         cursor = self.store.state.merge_cursor
-                        left = self.store.snapshot_exceptions_from(m, cursor, 1)
+                        left = self.store.merge_todo(cursor, 1)
                         cursor = max(cursor, min(left[0][0] if left else todo[-1][0] + 1,
                                                  todo[-1][0] + 1))
                         self.store.set_merge_cursor(cursor)
@@ -1208,14 +1236,14 @@ class MetadataService:
 
     def _merge_range_locked(self, first: int, last: int) -> None:
         """Merge every not-yet-merged chunk in ``first..last`` now (lock held)."""
-        m = self.store.merging_bit
+        m = self.store.merging
         if m is None:
             return
         while True:
             # Looked up again after every run: a run may be merged only in part (room for
             # part of its copy-outs), and other requests may merge chunks meanwhile.
             todo = [(c, sc) for c, sc in
-                    self.store.snapshot_exceptions_from(m, first, last - first + 1)
+                    self.store.merge_todo(first, last - first + 1)
                     if c <= last]
             if not todo:
                 return
@@ -1262,7 +1290,7 @@ class MetadataService:
         while any(c in self._merge_busy for c in chunks):
             self._wait()
         # Re-read: another step may have merged some of these while we waited.
-        todo = [(c, sc) for c, sc in todo if self.store.snapshot_exception(m, c)[0] == sc]
+        todo = [(c, sc) for c, sc in todo if self.store.merge_source(c) == sc]
         if not todo:
             return []
         ready: list[tuple[int, int]] = []
@@ -1270,7 +1298,7 @@ class MetadataService:
         full = None
         try:
             for c, sc in todo:
-                sharers = self.store.origin_sharers(c) & ~(1 << m)
+                sharers = self.store.origin_sharers(c)
                 if sharers:
                     try:
                         # With copy-outs held, no reclaim (its commit would leak them):
@@ -1307,7 +1335,7 @@ class MetadataService:
                     for _c, unused, _s in adds[k:]:
                         self.store.release_chunk(unused)
                     raise
-            if moves or any(self._pending.get((-1, c), -1) > self.durable for c, _ in ready):
+            if moves or any(self._pending.get((0, c), -1) > self.durable for c, _ in ready):
                 self._commit_now_locked()
             while any(self._readlocks.get(c) for c, _ in ready):
                 self._wait()
@@ -1340,35 +1368,23 @@ class MetadataService:
                              ) from e
 
     def _merge_drop_locked(self, m: int, run: list[tuple[int, int]]) -> None:
-        """After a run's data is durable in the origin: drop the merging snapshot's
-        exceptions there (it reads the origin now), once no reader is using them."""
+        """After a run's data is durable in the origin: mark its chunks merged (the origin
+        reads its own data there now), once no reader is using the exceptions."""
         while any(self._readlocks.get(c) for c, _ in run):
             self._wait()
         for c, _sc in run:
-            self.store.drop_snapshot_exception(m, c)
-            self._pending[(-1, c)] = self.epoch
+            self.store.mark_merged(c)
+            self._pending[(0, c)] = self.epoch
         if self._merge_progress is not None:
             self._merge_progress.done += len(run)
 
     def _finish_merge_locked(self, m: int) -> None:
         keep = self.store.state.merge_keep
         name = self._name_of(m)
-        if keep:
-            # The kept snapshot is a snapshot of the origin as of now: as for a snapshot
-            # creation, origin writes in flight finish and every completed one is made
-            # durable first, so that a crash cannot change what it reads (invariant 1).
-            self._barrier += 1
-            try:
-                while self._origin_writes:
-                    self._wait()
-                self._flush_origin()
-            finally:
-                self._barrier -= 1
-                self.cond.notify_all()
-            if self.store.merging_bit != m:
-                return  # another step completed the merge meanwhile
+        # The merging snapshot kept its own exceptions throughout, so a kept one still
+        # reads exactly what it did: the state the origin was rolled back to.
         self.store.set_merge(None)
-        self._merge_mask = 0
+        self._merging = None
         self._merge_progress = None
         log.info("merge of snapshot %s into the origin complete", name)
         if not keep:
@@ -1471,7 +1487,7 @@ class _Reclaim(Exception):
 
 @dataclass
 class _MergeStep:
-    """A prepared merge step: the merging bit, the exceptions it looked at
+    """A prepared merge step: the merging version, the exceptions it looked at
     (``[(chunk, store_chunk)]``) and the linear runs of them it prepared (busy)."""
 
     m: int

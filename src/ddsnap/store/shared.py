@@ -1,12 +1,13 @@
 """SharedStore: the on-disk snapshot store shared by every snapshot of an origin.
 
-Layout (format v1, ``docs/format.md``): superblocks in blocks 0 and 1, the snapshot table,
-the allocation bitmap and the journal, then chunks for exception data and 4 KiB blocks
-for the B-tree of exceptions.  The tree maps a logical chunk to its exceptions, each
-a store chunk with the sharemap of snapshots it serves (seed 000).  Changes go through
-journal transactions (:mod:`ddsnap.store.journal`); a deleted snapshot is swept from the
-tree in bounded, committed steps that free unshared chunks and merge under-full leaves and
-nodes (seed 001 ``delete_tree_range``); the sweep resumes after a crash.
+Layout (format v3, ``docs/format.md``): superblocks in blocks 0 and 1, the first snapshot
+table block, the allocation bitmap and the journal, then chunks for exception data and
+4 KiB blocks for the B-tree and further table blocks.  The tree is the ordered map of
+versioned exceptions (:mod:`ddsnap.store.versioned`): fixed 24-byte records keyed
+``(owner, chunk, tag)``.  Changes go through journal transactions
+(:mod:`ddsnap.store.journal`); a delete is swept in bounded, committed steps that free the
+exceptions no live snapshot reads (seed 001 ``delete_tree_range``); the sweep resumes
+after a crash.
 """
 
 from __future__ import annotations
@@ -22,28 +23,27 @@ from humanfriendly import format_size
 from ..errors import CorruptMetadata, FormatTooOld, InvalidArgument, NotAStore, StoreFull
 from ..units import human_bytes
 from .alloc import Bitmap
-from .api import ExceptionStore, Finding, NotCached, SnapshotInfo
+from .api import Finding, NotCached, SnapshotInfo
 from .blockdev import BlockDevice
 from .format import (BITMAP_BYTES, BITS_PER_BITMAP, BLOCK_SHIFT, BLOCK_SIZE, HEADER_SIZE,
-                     AUTO_DELETED_MAX, MAGIC, MAX_ORIGIN_PATH, NODE_MAX, SNAPS_PER_BLOCK,
-                     T_BITMAP, T_LEAF, T_NODE, T_SNAPTABLE, VERSION_V1, AutoDeleted, Leaf,
-                     Node, SnapSlot, State, Superblock, check_header, decode_snaptable,
-                     encode_snaptable, header_version, seal)
+                     AUTO_DELETED_MAX, LEAF_MAX, MAGIC, MAX_ORIGIN_PATH, NODE_MAX,
+                     SNAPS_PER_BLOCK, T_BITMAP, T_LEAF, T_NODE, T_SNAPTABLE, VERSION_V1,
+                     VERSION_V2, AutoDeleted, Leaf, Node, SnapSlot, State, Superblock,
+                     check_header, decode_snaptable, encode_snaptable, header_version, seal)
 from .journal import Journal, Replay, Transaction
 from .memory import check_geometry
-from .snapshots import (SnapshotTable, SpaceAccount, exc_add_snapshot, exc_lookup,
-                        exc_remove_bits, exc_sharers)
+from .snapshots import SpaceAccount, VersionTable
+from .versioned import VersionedStore
 
 #: decoded leaves and nodes kept in memory (clean ones are evicted beyond this)
 CACHE_BLOCKS = 16384
-#: leaves one sweep step may visit before it commits
-SWEEP_BUDGET = 64
 
 
 def _layout(blocks: int, bpc: int, max_snapshots: int, journal_blocks: int | None):
     """Where a store of ``blocks`` 4 KiB blocks puts its metadata: returns
-    ``(snaptable blocks, bitmap blocks, journal blocks, first data block)``."""
-    st_blocks = -(-max_snapshots // SNAPS_PER_BLOCK)
+    ``(snaptable blocks, bitmap blocks, journal blocks, first data block)``.  The table
+    starts as one block; it grows as a chain of blocks from the data area."""
+    st_blocks = 1
     bm_blocks = -(-blocks // BITS_PER_BITMAP)
     if journal_blocks is None:
         journal_blocks = min(2048, max(256, blocks // 16))
@@ -58,7 +58,7 @@ def _fits(blocks: int, bpc: int, data_start: int) -> bool:
     return data_start + 2 + bpc <= blocks
 
 
-def min_store_size(chunk_size: int, max_snapshots: int = 64,
+def min_store_size(chunk_size: int, max_snapshots: int = 0,
                    journal_blocks: int | None = None) -> int:
     """The smallest store, in bytes, :meth:`SharedStore.create` accepts for this geometry.
 
@@ -68,7 +68,7 @@ def min_store_size(chunk_size: int, max_snapshots: int = 64,
 
     Args:
         chunk_size: bytes per chunk (a power of two from 4 KiB to 1 MiB).
-        max_snapshots: sharemap width in bits.
+        max_snapshots: the snapshot limit (0: none; it does not change the layout).
         journal_blocks: journal size in 4 KiB blocks (default: as ``create`` chooses it).
 
     Raises:
@@ -94,7 +94,7 @@ class _Batch:
     quarantine: tuple  # (blocks, chunks) this transaction freed
 
 
-class SharedStore(ExceptionStore):
+class SharedStore(VersionedStore):
     """The on-disk shared exception store.  Use :meth:`create` or :meth:`open`."""
 
     # -- construction --------------------------------------------------------------------
@@ -108,8 +108,6 @@ class SharedStore(ExceptionStore):
         self.origin_path = sb.origin_path
         self.max_snapshots = sb.max_snapshots
         self.cow = dev
-        self.smbytes = sb.max_snapshots // 8
-        self.exc_size = self.smbytes + 8
         self.bpc = sb.blocks_per_chunk
         self.state = sb.state.copy()
         self._cache: OrderedDict[int, object] = OrderedDict()
@@ -141,9 +139,11 @@ class SharedStore(ExceptionStore):
         self._untrusted_all = False
         #: metadata blocks an inspection open could not read (table, bitmap)
         self.unreadable: list[CorruptMetadata] = []
-        self._sweep_resume = 0
-        #: leaves one sweep step may visit before it commits
-        self.sweep_budget = SWEEP_BUDGET
+        self._versioned_init()
+        #: the snapshot table's chain of blocks (slot i is in block i // 14)
+        self.table_blocks: list[int] = [sb.snaptable_start]
+        #: blocks reserved for the splits of the edit under way (see _kv_reserve)
+        self._spare: list[int] = []
         #: per-snapshot space figures, kept incrementally (None: the walk at open failed)
         self._space: SpaceAccount | None = None
         self._space_error: CorruptMetadata | None = None
@@ -155,15 +155,15 @@ class SharedStore(ExceptionStore):
 
     @classmethod
     def create(cls, dev: BlockDevice, origin_size: int, origin_path: str = "",
-               chunk_size: int = 65536, max_snapshots: int = 64,
+               chunk_size: int = 65536, max_snapshots: int = 0,
                journal_blocks: int | None = None, progress=None) -> "SharedStore":
-        """Write an empty format-v1 store onto ``dev`` and return it opened.
+        """Write an empty format-v3 store onto ``dev`` and return it opened.
 
         Args:
             dev: the store device; its whole size is used.
             origin_size: bytes of the origin.
             origin_path: recorded so ``open`` can find and verify the origin.
-            chunk_size: bytes per chunk; max_snapshots: sharemap width in bits.
+            chunk_size: bytes per chunk; max_snapshots: the snapshot limit (0: none).
             journal_blocks: journal size in 4 KiB blocks (default: 1/16 of the store,
                 clamped to 256..2048).
             progress: if given, called as ``progress(done, total)`` while the metadata
@@ -191,8 +191,8 @@ class SharedStore(ExceptionStore):
             need = min_store_size(chunk_size, max_snapshots, asked_journal)
             raise InvalidArgument(
                 f"store too small: at least {human_bytes(need)} for "
-                f"{format_size(chunk_size, binary=True)} chunks and up to {max_snapshots} "
-                f"snapshots; {dev.path} has {human_bytes(dev.size)}")
+                f"{format_size(chunk_size, binary=True)} chunks; {dev.path} has "
+                f"{human_bytes(dev.size)}")
         sb = Superblock(os.urandom(16), blocks, cshift, max_snapshots, origin_size,
                         time.time_ns(), st_start, st_blocks, bm_start, bm_blocks, j_start,
                         journal_blocks, journal_tail=0, journal_seq=1, clean=False,
@@ -203,7 +203,7 @@ class SharedStore(ExceptionStore):
         for b in range(blocks, bm_blocks * BITS_PER_BITMAP):
             bits[b >> 3] |= 1 << (b & 7)
         self = cls(dev, sb)
-        self.table = SnapshotTable([SnapSlot() for _ in range(max_snapshots)])
+        self.table = VersionTable([SnapSlot() for _ in range(SNAPS_PER_BLOCK)], max_snapshots)
         self.bitmap = Bitmap(bits, blocks, bpc, data_start)
         # The initial tree: a root index node over one empty leaf.
         leaf_block = self.bitmap.alloc_block()
@@ -212,7 +212,7 @@ class SharedStore(ExceptionStore):
         self._put(root_block, Node([0], [leaf_block]))
         self.state.root = root_block
         self.state.levels = 1
-        self._space = SpaceAccount(max_snapshots)
+        self._space = SpaceAccount()
         # Everything goes to its home location directly; the journal starts empty.
         total = st_blocks + bm_blocks + len(self._dirty)
         for i in range(st_blocks):
@@ -253,7 +253,7 @@ class SharedStore(ExceptionStore):
 
         Raises:
             NotAStore: no superblock.
-            FormatTooOld: a format-v1 store.
+            FormatTooOld: a format-v1 or v2 store.
             CorruptMetadata: (``"rw"``, and the other modes where nothing can be read)
                 a superblock, the journal, table or bitmap block fails its checks, or
                 the device is smaller than the store; the error names the block.
@@ -287,20 +287,8 @@ class SharedStore(ExceptionStore):
             self.state = state.copy()
             self._last_state = state.copy()
         tolerant = mode == "inspect"
-        slots = []
-        for i in range(sb.snaptable_blocks):
-            b = sb.snaptable_start + i
-            n = min(SNAPS_PER_BLOCK, sb.max_snapshots - i * SNAPS_PER_BLOCK)
-            try:
-                buf = self.read_block(b)
-                check_header(buf, T_SNAPTABLE, b, sb.uuid)
-                slots.extend(decode_snaptable(buf, b, n))
-            except CorruptMetadata as e:
-                if not tolerant:
-                    raise
-                self.unreadable.append(e)
-                slots.extend(SnapSlot() for _ in range(n))
-        self.table = SnapshotTable(slots)
+        slots, self.table_blocks = self._read_table(tolerant)
+        self.table = VersionTable(slots, sb.max_snapshots)
         bits = bytearray()
         for i in range(sb.bitmap_blocks):
             b = sb.bitmap_start + i
@@ -353,17 +341,53 @@ class SharedStore(ExceptionStore):
         end = self.sb.journal_start + self.sb.journal_blocks
         return -(-end // self.bpc) * self.bpc
 
+    def _read_table(self, tolerant: bool) -> tuple[list[SnapSlot], list[int]]:
+        """Read the snapshot table's chain of blocks from the first one.
+
+        Raises:
+            CorruptMetadata: a table block fails its checks, or the chain points outside
+                the store or loops (naming the block); in a ``tolerant`` (inspect) open
+                that ends the chain and is recorded in :attr:`unreadable` instead.
+        """
+        slots: list[SnapSlot] = []
+        blocks: list[int] = []
+        b = self.sb.snaptable_start
+        while b:
+            try:
+                if b in blocks:
+                    raise CorruptMetadata(blocks[-1], f"the snapshot table's chain loops "
+                                                      f"back to block {b}")
+                buf = self.read_block(b)
+                check_header(buf, T_SNAPTABLE, b, self.uuid)
+                part, nxt = decode_snaptable(buf, b)
+                if nxt and not self.data_start <= nxt < self.sb.blocks:
+                    raise CorruptMetadata(b, f"the snapshot table's next block {nxt} is "
+                                             "outside the metadata area")
+            except CorruptMetadata as e:
+                if not tolerant:
+                    raise
+                self.unreadable.append(e)
+                break
+            blocks.append(b)
+            slots.extend(part)
+            b = nxt
+        if not blocks:
+            blocks.append(self.sb.snaptable_start)
+            slots.extend(SnapSlot() for _ in range(SNAPS_PER_BLOCK))
+        return slots, blocks
+
     def _count_space(self) -> None:
-        """Count the per-snapshot space figures from the tree: the one full walk, at
-        open; from then on they are kept up to date incrementally.
+        """Count the per-snapshot space figures and the entries each snapshot owns from
+        the tree: the one full walk, at open; from then on they are kept up to date
+        incrementally.
 
         A damaged leaf or node does not refuse the open (the intact parts of the tree
-        still serve and ``check`` names the block): the figures are then unavailable.
+        still serve and ``check`` names the block): the figures are then unavailable,
+        and so is deleting (its sweep needs them).
         """
         try:
-            self._space = SpaceAccount.from_exceptions(self.max_snapshots,
-                                                       self.table.live_mask,
-                                                       self.exceptions())
+            self._space, counts = self._count_groups()
+            self._set_counts(counts)
         except CorruptMetadata as e:
             self._space, self._space_error = None, e
 
@@ -414,8 +438,9 @@ class SharedStore(ExceptionStore):
 
     def _snaptable_image(self, index: int, seq: int) -> bytearray:
         lo = index * SNAPS_PER_BLOCK
-        buf = encode_snaptable(self.table.slots[lo: lo + SNAPS_PER_BLOCK])
-        return seal(buf, T_SNAPTABLE, self.sb.snaptable_start + index, seq, self.uuid)
+        nxt = self.table_blocks[index + 1] if index + 1 < len(self.table_blocks) else 0
+        buf = encode_snaptable(self.table.slots[lo: lo + SNAPS_PER_BLOCK], nxt)
+        return seal(buf, T_SNAPTABLE, self.table_blocks[index], seq, self.uuid)
 
     def _bitmap_image(self, index: int, seq: int) -> bytearray:
         buf = bytearray(BLOCK_SIZE)
@@ -424,7 +449,7 @@ class SharedStore(ExceptionStore):
 
     def _node_image(self, block: int, obj, seq: int) -> bytearray:
         if isinstance(obj, Leaf):
-            return seal(obj.encode(self.smbytes), T_LEAF, block, seq, self.uuid)
+            return seal(obj.encode(), T_LEAF, block, seq, self.uuid)
         return seal(obj.encode(), T_NODE, block, seq, self.uuid)
 
     # -- block cache ---------------------------------------------------------------------
@@ -466,7 +491,7 @@ class SharedStore(ExceptionStore):
         buf = self.read_block(block)
         check_header(buf, kind, block, self.uuid)
         if kind == T_LEAF:
-            return Leaf.decode(buf, block, self.smbytes)
+            return Leaf.decode(buf, block)
         return Node.decode(buf, block)
 
     def _read_node(self, block: int) -> Node:
@@ -480,73 +505,252 @@ class SharedStore(ExceptionStore):
         # held it, and a later _get must find this one, not reload the old one.
         self._put(block, obj)
 
-    # -- tree walking --------------------------------------------------------------------
+    # -- the B-tree: the ordered map of versioned exceptions ---------------------------
 
-    def _probe(self, chunk: int):
-        """Path to the leaf covering ``chunk``: ``([(node_block, node, index)], leaf_block, leaf)``."""
+    def _probe(self, key: int, load: bool = True):
+        """Path to the leaf covering ``key``: ``([(node_block, node, index)], leaf_block,
+        leaf)``.  With ``load`` False a block not in memory raises NotCached."""
         path = []
         block = self.state.root
+        cache = self._cache
         for _ in range(self.state.levels):
-            node = self._read_node(block)
-            i = max(0, bisect.bisect_right(node.keys, chunk) - 1)
+            node = cache.get(block)
+            if type(node) is not Node:  # not cached (or a corrupt tree): the full check
+                node = self._get(block, T_NODE, load)
+            else:
+                cache.move_to_end(block)
+            i = bisect.bisect_right(node.keys, key) - 1
+            if i < 0:
+                i = 0
             path.append((block, node, i))
             block = node.children[i]
-        return path, block, self._read_leaf(block)
+        leaf = cache.get(block)
+        if type(leaf) is not Leaf:
+            leaf = self._get(block, T_LEAF, load)
+        else:
+            cache.move_to_end(block)
+        return path, block, leaf
 
-    def _leaf_excs(self, chunk: int):
-        _path, _b, leaf = self._probe(chunk)
-        i = bisect.bisect_left(leaf.keys, chunk)
-        if i < len(leaf.keys) and leaf.keys[i] == chunk:
-            return leaf.excs[i]
+    def _next_leaf(self, path, load: bool = True):
+        """The leaf after the one ``path`` leads to: ``(path, block, leaf)`` or None."""
+        path = list(path)
+        while path:
+            nblock, node, i = path.pop()
+            if i + 1 < len(node.children):
+                path.append((nblock, node, i + 1))
+                block = node.children[i + 1]
+                while len(path) < self.state.levels:
+                    node = self._get(block, T_NODE, load)
+                    path.append((block, node, 0))
+                    block = node.children[0]
+                return path, block, self._get(block, T_LEAF, load)
         return None
 
-    def _edit(self, chunk: int, fn) -> list[int]:
-        """Apply ``fn(excs) -> freed chunks`` to ``chunk``'s exception list, then rebalance.
+    def _prev_leaf(self, path):
+        """The leaf before the one ``path`` leads to, or None."""
+        path = list(path)
+        while path:
+            nblock, node, i = path.pop()
+            if i > 0:
+                path.append((nblock, node, i - 1))
+                block = node.children[i - 1]
+                while len(path) < self.state.levels:
+                    node = self._read_node(block)
+                    path.append((block, node, len(node.children) - 1))
+                    block = node.children[-1]
+                return path, block, self._read_leaf(block)
+        return None
+
+    def _kv_get(self, key, nowait=False):
+        _path, _b, leaf = self._probe(key, not nowait)
+        keys = leaf.keys
+        i = bisect.bisect_left(keys, key)
+        if i < len(keys) and keys[i] == key:
+            return leaf.vals[i]
+        return None
+
+    def _kv_succ(self, key, nowait=False):
+        path, _b, leaf = self._probe(key, not nowait)
+        i = bisect.bisect_left(leaf.keys, key)
+        while i == len(leaf.keys):
+            nxt = self._next_leaf(path, not nowait)
+            if nxt is None:
+                return None
+            path, _b, leaf = nxt
+            i = 0
+        return leaf.keys[i], leaf.vals[i]
+
+    def _kv_pred(self, key):
+        path, _b, leaf = self._probe(key)
+        i = bisect.bisect_right(leaf.keys, key) - 1
+        while i < 0:
+            prv = self._prev_leaf(path)
+            if prv is None:
+                return None
+            path, _b, leaf = prv
+            i = len(leaf.keys) - 1
+        return leaf.keys[i], leaf.vals[i]
+
+    def _kv_range(self, lo, hi, limit=None):
+        out = []
+        path, _b, leaf = self._probe(lo)
+        i = bisect.bisect_left(leaf.keys, lo)
+        while True:
+            keys, vals = leaf.keys, leaf.vals
+            while i < len(keys):
+                k = keys[i]
+                if k >= hi or (limit is not None and len(out) >= limit):
+                    return out
+                out.append((k, vals[i]))
+                i += 1
+            nxt = self._next_leaf(path)
+            if nxt is None:
+                return out
+            path, _b, leaf = nxt
+            i = 0
+
+    def _kv_reserve(self, keys) -> None:
+        """Make sure inserting ``keys`` cannot fail half way: when a leaf they go to
+        would split, allocate every block the splits may need now (all or none).
 
         Raises:
-            StoreFull: the leaf had to split and there was no free block; the tree is left
-                exactly as it was before the edit.
+            StoreFull: not enough free blocks; nothing was changed.
         """
-        path, lblock, leaf = self._probe(chunk)
-        i = bisect.bisect_left(leaf.keys, chunk)
-        found = i < len(leaf.keys) and leaf.keys[i] == chunk
-        saved = [list(e) for e in leaf.excs[i]] if found else None
-        if not found:
-            leaf.keys.insert(i, chunk)
-            leaf.excs.insert(i, [])
-        excs = leaf.excs[i]
-        freed = fn(excs)
-        if not excs:
-            del leaf.keys[i]
-            del leaf.excs[i]
-        self._mark(lblock, leaf)
-        if not leaf.fits(self.exc_size):
-            try:
-                self._split_leaf(path, lblock, leaf)
-            except StoreFull:
-                # Nothing changed: the space figures, counted below, stay as they were.
-                self._restore(chunk, saved)
-                raise
-        if self._space is not None:
-            self._space.diff(saved or (), excs)
-        return freed
+        per_leaf: dict[int, int] = {}
+        for k in keys:
+            _p, lb, leaf = self._probe(k)
+            per_leaf[lb] = per_leaf.get(lb, len(leaf.keys)) + 1
+        if all(n <= LEAF_MAX for n in per_leaf.values()):
+            return
+        self._spare.extend(self._alloc_blocks(len(keys) * (self.state.levels + 1) + 1))
 
-    def _restore(self, chunk: int, saved) -> None:
-        """Put ``chunk``'s exception list back to ``saved`` (None: no entry) after a
-        failed edit.  Every leaf then fits again: each holds a subset of what fitted."""
-        _path, lblock, leaf = self._probe(chunk)
-        i = bisect.bisect_left(leaf.keys, chunk)
-        found = i < len(leaf.keys) and leaf.keys[i] == chunk
-        if saved is None:
-            if found:
-                del leaf.keys[i]
-                del leaf.excs[i]
-        elif found:
-            leaf.excs[i] = saved
-        else:
-            leaf.keys.insert(i, chunk)
-            leaf.excs.insert(i, saved)
+    def _kv_release(self) -> None:
+        """Give back the blocks :meth:`_kv_reserve` took that no split used."""
+        while self._spare:
+            self.bitmap.unalloc_block(self._spare.pop())
+
+    def _take_block(self) -> int:
+        if self._spare:
+            return self._spare.pop()
+        return self.bitmap.alloc_block()
+
+    def _kv_put(self, key, value):
+        path, lblock, leaf = self._probe(key)
+        keys = leaf.keys
+        i = bisect.bisect_left(keys, key)
+        if i < len(keys) and keys[i] == key:
+            leaf.vals[i] = value
+            self._mark(lblock, leaf)
+            return
+        keys.insert(i, key)
+        leaf.vals.insert(i, value)
         self._mark(lblock, leaf)
+        if len(keys) > LEAF_MAX:
+            self._split_leaf(path, lblock, leaf, i)
+
+    def _split_leaf(self, path, lblock: int, leaf: Leaf, at: int) -> None:
+        """Split an overfull leaf; ``at`` is where the new key went.  A key added at the
+        end (copy-outs of a sequential write, new tags) leaves the left leaf full: the
+        tree then grows full leaves, not half-full ones."""
+        n = len(leaf.keys)
+        cut = n - 1 if at == n - 1 else n // 2
+        rblock = self._take_block()
+        right = Leaf(leaf.keys[cut:], leaf.vals[cut:])
+        del leaf.keys[cut:]
+        del leaf.vals[cut:]
+        self._put(rblock, right)
+        self._mark(lblock, leaf)
+        self._insert_child(path, len(path) - 1, right.keys[0], rblock)
+
+    def _insert_child(self, path, level: int, key: int, child: int) -> None:
+        """Insert ``child`` after ``path[level]``'s entry, splitting full nodes upward."""
+        nblock, node, i = path[level]
+        node.keys.insert(i + 1, key)
+        node.children.insert(i + 1, child)
+        self._mark(nblock, node)
+        if len(node.keys) <= NODE_MAX:
+            return
+        half = len(node.keys) // 2
+        right = Node(node.keys[half:], node.children[half:])
+        del node.keys[half:]
+        del node.children[half:]
+        rblock = self._take_block()
+        self._put(rblock, right)
+        if level > 0:
+            self._insert_child(path, level - 1, right.keys[0], rblock)
+        else:
+            # The root split: the tree grows a level (seed 000 add_exception_to_tree).
+            root = self._take_block()
+            self._put(root, Node([0, right.keys[0]], [nblock, rblock]))
+            self.state.root = root
+            self.state.levels += 1
+            self._state_dirty = True
+
+    def _kv_del(self, key):
+        path, lblock, leaf = self._probe(key)
+        i = bisect.bisect_left(leaf.keys, key)
+        if i == len(leaf.keys) or leaf.keys[i] != key:
+            raise CorruptMetadata(lblock, f"an exception the tree was asked to remove is "
+                                          f"not in leaf {lblock}")
+        del leaf.keys[i]
+        del leaf.vals[i]
+        self._mark(lblock, leaf)
+        if len(leaf.keys) < LEAF_MAX // 4:
+            self._rebalance(path, lblock, leaf)
+
+    def _rebalance(self, path, lblock: int, leaf: Leaf) -> None:
+        """An under-full leaf: merge it into a neighbour under the same index node when
+        both fit in three quarters of a leaf, or unlink it when empty; index nodes left
+        with no children are unlinked too, and a root with one child drops a level."""
+        nblock, node, i = path[-1]
+        if len(node.children) > 1:
+            j = i + 1 if i + 1 < len(node.children) else i - 1
+            other = self._read_leaf(node.children[j])
+            if len(other.keys) + len(leaf.keys) <= LEAF_MAX * 3 // 4:
+                lo, hi = min(i, j), max(i, j)
+                left = leaf if lo == i else other
+                right = other if lo == i else leaf
+                left.keys.extend(right.keys)
+                left.vals.extend(right.vals)
+                self._mark(node.children[lo], left)
+                self._free_meta(node.children[hi])
+                del node.keys[hi]
+                del node.children[hi]
+                self._mark(nblock, node)
+        elif not leaf.keys and len(path) > 1:
+            self._unlink(path, len(path) - 1)
+        self._collapse_root()
+
+    def _unlink(self, path, level: int) -> None:
+        """Remove the (empty) subtree ``path[level]`` points into from its parent."""
+        nblock, node, i = path[level]
+        self._free_meta(node.children[i])
+        lower = node.keys[0]
+        del node.keys[i]
+        del node.children[i]
+        if node.children:
+            node.keys[0] = lower  # the node still covers its whole range
+            self._mark(nblock, node)
+        elif level > 0:
+            self._unlink(path, level - 1)
+        else:
+            # The whole tree became empty: a root over one empty leaf again.
+            leaf_block = self._take_block()
+            self._put(leaf_block, Leaf())
+            node.keys[:] = [0]
+            node.children[:] = [leaf_block]
+            self._mark(nblock, node)
+
+    def _collapse_root(self) -> None:
+        while self.state.levels > 1:
+            root = self._read_node(self.state.root)
+            if len(root.children) != 1:
+                return
+            old = self.state.root
+            self.state.root = root.children[0]
+            self.state.levels -= 1
+            self._free_meta(old)
+            self._state_dirty = True
 
     def _alloc_blocks(self, n: int) -> list[int]:
         """Allocate ``n`` metadata blocks, all or none.
@@ -564,252 +768,57 @@ class SharedStore(ExceptionStore):
             raise
         return got
 
-    @staticmethod
-    def _split_cost(path) -> int:
-        """Index-node blocks inserting one more child under ``path[-1]`` may need."""
-        n = 0
-        for _b, node, _i in reversed(path):
-            if len(node.keys) < NODE_MAX:
-                return n
-            n += 1
-        return n + 1  # the root splits too: one more block for the new root
-
-    def _split_leaf(self, path, lblock: int, leaf: Leaf) -> None:
-        n = len(leaf.keys)
-        if n < 2:
-            # One logical chunk whose exceptions alone overflow a leaf: cannot be stored.
-            raise StoreFull(f"too many distinct exceptions for chunk {leaf.keys[0]} "
-                            f"to fit one leaf with a {self.max_snapshots}-bit sharemap")
-        # Split at the middle of the payload (seed 000's todo: "should split at middle of
-        # data instead of median exception").
-        total = leaf.payload(self.exc_size)
-        acc, cut = 0, 1
-        for j in range(n - 1):
-            acc += 8 + self.exc_size * len(leaf.excs[j])
-            if acc * 2 >= total:
-                cut = j + 1
-                break
-        else:
-            cut = n - 1
-        # Rollback-free ordering: allocate every block the split may need (the new leaf
-        # and any index nodes splitting above it) first, so StoreFull leaves the tree
-        # unchanged.
-        spare = self._alloc_blocks(1 + self._split_cost(path))
-        right = Leaf(leaf.keys[cut:], leaf.excs[cut:])
-        del leaf.keys[cut:]
-        del leaf.excs[cut:]
-        rblock = spare.pop()
-        self._put(rblock, right)
-        self._mark(lblock, leaf)
-        self._insert_child(path, len(path) - 1, right.keys[0], rblock, spare)
-        assert not spare
-        for half, hb in ((leaf, lblock), (right, rblock)):
-            if not half.fits(self.exc_size):
-                # A badly skewed leaf may need one more split; re-probe for a fresh path.
-                p2, b2, l2 = self._probe(half.keys[0])
-                self._split_leaf(p2, b2, l2)
-
-    def _insert_child(self, path, level: int, key: int, child: int, spare: list[int]) -> None:
-        """Insert ``child`` after ``path[level]``'s entry, splitting full nodes upward with
-        blocks taken from ``spare`` (allocated beforehand by the caller)."""
-        nblock, node, i = path[level]
-        node.keys.insert(i + 1, key)
-        node.children.insert(i + 1, child)
-        self._mark(nblock, node)
-        if len(node.keys) <= NODE_MAX:
-            return
-        half = len(node.keys) // 2
-        right = Node(node.keys[half:], node.children[half:])
-        del node.keys[half:]
-        del node.children[half:]
-        rblock = spare.pop()
-        self._put(rblock, right)
-        if level > 0:
-            self._insert_child(path, level - 1, right.keys[0], rblock, spare)
-        else:
-            # The root split: the tree grows a level (seed 000 add_exception_to_tree).
-            root = spare.pop()
-            self._put(root, Node([0, right.keys[0]], [nblock, rblock]))
-            self.state.root = root
-            self.state.levels += 1
-            self._state_dirty = True
-
-    # -- snapshots -----------------------------------------------------------------------
-
-    def snapshots(self) -> list[SnapshotInfo]:
-        return self.table.live()
-
-    def create_snapshot(self, name, read_only=False, created=None) -> SnapshotInfo:
-        info = self.table.create(name, read_only, self.state.next_snapshot_id, created)
-        self.state.next_snapshot_id += 1
-        self._state_dirty = True
-        if self._space is not None:
-            self._space.created(info.bit)
-        return info
-
-    def begin_delete(self, name) -> SnapshotInfo:
-        info = self.table.begin_delete(name)
-        self._sweep_resume = 0
-        if self._space is not None:
-            self._space.deleted(info.bit)
-        return info
-
-    @property
-    def live_mask(self) -> int:
-        return self.table.live_mask
-
-    def sweep_step(self) -> bool:
-        """Sweep the bits of deleted snapshots out of up to :attr:`sweep_budget` leaves.
-
-        Walks bottom-level index nodes in key order from where the previous step stopped;
-        in each, clears the bits from every leaf, frees chunks whose sharemap became
-        empty, and merges each leaf into its left neighbour when both fit one block.
-        When the walk passes the last leaf it merges under-full index nodes, drops root
-        levels with a single child, and frees the swept bits (seed 001
-        ``delete_tree_range``).
-        """
-        mask = self.table.deleting_mask
-        if not mask:
-            return True
-        visited = 0
-        while visited < self.sweep_budget:
-            path, upper = self._bottom_path(self._sweep_resume)
-            nblock, node, _ = path[-1]
-            visited += self._sweep_bottom(nblock, node, mask)
-            if upper is None:
-                self._compact_upper()
-                self.table.finish_delete(mask)
-                self._sweep_resume = 0
-                self._want_checkpoint = True
-                return True
-            self._sweep_resume = upper
-        self._want_checkpoint = True
-        return False
-
-    def _bottom_path(self, key: int):
-        """Path to the bottom index node covering ``key`` and the first key past it."""
-        path, upper = [], None
-        block = self.state.root
-        for level in range(self.state.levels):
-            node = self._read_node(block)
-            i = max(0, bisect.bisect_right(node.keys, key) - 1)
-            path.append((block, node, i))
-            if i + 1 < len(node.keys):
-                upper = node.keys[i + 1]
-            if level < self.state.levels - 1:
-                block = node.children[i]
-        return path, upper
-
-    def _sweep_bottom(self, nblock: int, node: Node, mask: int) -> int:
-        changed = False
-        merged_keys, merged_children = [], []
-        prev = None
-        for key, child in zip(node.keys, node.children):
-            leaf = self._read_leaf(child)
-            freed = []
-            dirty = False
-            for idx in range(len(leaf.keys) - 1, -1, -1):
-                excs = leaf.excs[idx]
-                if any(s & mask for s, _ in excs):
-                    if self._space is not None:
-                        for share, _sc in excs:
-                            if share & mask:
-                                self._space.change(share, share & ~mask)
-                    freed.extend(exc_remove_bits(excs, mask))
-                    dirty = True
-                    if not excs:
-                        del leaf.keys[idx]
-                        del leaf.excs[idx]
-            for c in freed:
-                self.bitmap.free_chunk(c)
-            if dirty:
-                self._mark(child, leaf)
-            if prev is not None:
-                pblock, pleaf = prev
-                if (LEAF_FIXED + pleaf.payload(self.exc_size) + leaf.payload(self.exc_size)
-                        <= BLOCK_SIZE and _span_ok(pleaf, leaf)):
-                    pleaf.keys.extend(leaf.keys)
-                    pleaf.excs.extend(leaf.excs)
-                    self._mark(pblock, pleaf)
-                    self._free_meta(child)
-                    changed = True
-                    continue
-            merged_keys.append(key)
-            merged_children.append(child)
-            prev = (child, leaf)
-        if changed:
-            node.keys[:] = merged_keys
-            node.children[:] = merged_children
-            self._mark(nblock, node)
-        return len(node.children)
-
     def _free_meta(self, block: int) -> None:
         self._cache.pop(block, None)
         self._dirty.pop(block, None)
         self.bitmap.free_block(block)
 
-    def _compact_upper(self) -> None:
-        """Merge under-full index nodes under each parent; drop single-child root levels."""
-        def compact(block: int, level: int) -> None:
-            node = self._read_node(block)
-            if level >= self.state.levels - 1:
-                return
-            for child in node.children:
-                compact(child, level + 1)
-            keys, children = [node.keys[0]], [node.children[0]]
-            changed = False
-            for key, child in zip(node.keys[1:], node.children[1:]):
-                prev = self._read_node(children[-1])
-                cur = self._read_node(child)
-                if len(prev.keys) + len(cur.keys) <= NODE_MAX:
-                    prev.keys.extend(cur.keys)
-                    prev.children.extend(cur.children)
-                    self._mark(children[-1], prev)
-                    self._free_meta(child)
-                    changed = True
-                    continue
-                keys.append(key)
-                children.append(child)
-            if changed:
-                node.keys[:] = keys
-                node.children[:] = children
-                self._mark(block, node)
+    def _free_data(self, store_chunk: int) -> None:
+        self.bitmap.free_chunk(store_chunk)
 
-        compact(self.state.root, 0)
-        while self.state.levels > 1:
-            root = self._read_node(self.state.root)
-            if len(root.children) != 1:
-                break
-            old = self.state.root
-            self.state.root = root.children[0]
-            self.state.levels -= 1
-            self._free_meta(old)
+    # -- snapshots -----------------------------------------------------------------------
+
+    def create_snapshot(self, name, read_only=False, created=None, parent=0) -> SnapshotInfo:
+        if not self.table.has_free_slot():
+            # The table grows by a block, linked from the last one, before the slot is
+            # taken: StoreFull leaves everything as it was.
+            block = self.bitmap.alloc_block()
+            self.table_blocks.append(block)
+            self.table.extend(SNAPS_PER_BLOCK)
+            self.table.dirty.add(len(self.table.slots) - SNAPS_PER_BLOCK - 1)
+        try:
+            return super().create_snapshot(name, read_only, created, parent)
+        except BaseException:
             self._state_dirty = True
+            raise
 
-    # -- mapping -------------------------------------------------------------------------
+    def _table_changed(self) -> None:
+        self._state_dirty = True
 
-    def origin_sharers(self, chunk: int) -> int:
-        return exc_sharers(self._leaf_excs(chunk), self.table.live_mask)
+    def _lookup(self, version, chunk, nowait):
+        if nowait:
+            # The event loop only needs the store chunk: never the uniqueness probes.
+            r = self._resolve(version, chunk, True)
+            return (None, False) if r is None else (r[1], False)
+        return super()._lookup(version, chunk, False)
 
-    def snapshot_exception(self, bit: int, chunk: int):
-        return exc_lookup(self._leaf_excs(chunk), bit)
+    def add_origin_exception(self, chunk, store_chunk, tag) -> None:
+        try:
+            super().add_origin_exception(chunk, store_chunk, tag)
+        finally:
+            self._kv_release()
 
-    def snapshot_exception_nowait(self, bit: int, chunk: int):
-        # The probe of _probe without loading: the event loop must never wait for disk.
-        cache = self._cache
-        block = self.state.root
-        for _ in range(self.state.levels):
-            node = cache.get(block)
-            if type(node) is not Node:  # not cached (or a corrupt tree): the full check
-                node = self._get(block, T_NODE, load=False)
-            block = node.children[max(0, bisect.bisect_right(node.keys, chunk) - 1)]
-        leaf = cache.get(block)
-        if type(leaf) is not Leaf:
-            leaf = self._get(block, T_LEAF, load=False)
-        i = bisect.bisect_left(leaf.keys, chunk)
-        if i < len(leaf.keys) and leaf.keys[i] == chunk:
-            return exc_lookup(leaf.excs[i], bit)
-        return None, False
+    def add_snapshot_exception(self, version, chunk, store_chunk, kept=None) -> None:
+        try:
+            super().add_snapshot_exception(version, chunk, store_chunk, kept)
+        finally:
+            self._kv_release()
+
+    def mark_merged(self, chunk: int) -> None:
+        try:
+            super().mark_merged(chunk)
+        finally:
+            self._kv_release()
 
     def allocate_chunk(self) -> int:
         self._drain_released()
@@ -836,67 +845,13 @@ class SharedStore(ExceptionStore):
             qb, qc = self._released.pop()
             self.bitmap.release_quarantine(qb, qc)
 
-    def add_origin_exception(self, chunk, store_chunk, sharemap) -> None:
-        def add(excs):
-            excs.append([sharemap, store_chunk])
-            return []
-        self._edit(chunk, add)
-
     def _state_changed(self) -> None:
         self._state_dirty = True
-
-    def snapshot_exceptions_from(self, bit, start, limit):
-        out = []
-        key = start
-        mask = 1 << bit
-        while len(out) < limit:
-            path, _lb, leaf = self._probe(key)
-            for k, excs in zip(leaf.keys, leaf.excs):
-                if k < key:
-                    continue
-                for share, sc in excs:
-                    if share & mask:
-                        out.append((k, sc))
-                        break
-                if len(out) >= limit:
-                    return out
-            upper = None
-            for _b, node, i in reversed(path):
-                if i + 1 < len(node.keys):
-                    upper = node.keys[i + 1]
-                    break
-            if upper is None:
-                return out
-            key = upper
-        return out
-
-    def drop_snapshot_exception(self, bit, chunk) -> None:
-        # _edit's work without its second probe: a removal always fits its leaf.
-        _path, lblock, leaf = self._probe(chunk)
-        i = bisect.bisect_left(leaf.keys, chunk)
-        if i == len(leaf.keys) or leaf.keys[i] != chunk:
-            return
-        excs = leaf.excs[i]
-        saved = [list(e) for e in excs]
-        freed = exc_remove_bits(excs, 1 << bit)
-        if not excs:
-            del leaf.keys[i]
-            del leaf.excs[i]
-        self._mark(lblock, leaf)
-        if self._space is not None:
-            self._space.diff(saved, excs)
-        for c in freed:
-            self.bitmap.free_chunk(c)
-
-    def add_snapshot_exception(self, bit, chunk, store_chunk) -> None:
-        freed = self._edit(chunk, lambda excs: exc_add_snapshot(excs, bit, store_chunk))
-        for c in freed:
-            self.bitmap.free_chunk(c)
 
     # -- commit --------------------------------------------------------------------------
 
     def pending_blocks(self) -> int:
-        tables = len({bit // SNAPS_PER_BLOCK for bit in self.table.dirty})
+        tables = len({i // SNAPS_PER_BLOCK for i in self.table.dirty})
         return len(self._dirty) + tables + len(self.bitmap.dirty)
 
     @property
@@ -913,8 +868,8 @@ class SharedStore(ExceptionStore):
         images = []
         for b, obj in self._dirty.items():
             images.append((b, bytes(self._node_image(b, obj, seq))))
-        for index in sorted({bit // SNAPS_PER_BLOCK for bit in self.table.dirty}):
-            images.append((self.sb.snaptable_start + index, bytes(self._snaptable_image(index, seq))))
+        for index in sorted({i // SNAPS_PER_BLOCK for i in self.table.dirty}):
+            images.append((self.table_blocks[index], bytes(self._snaptable_image(index, seq))))
         for index in sorted(self.bitmap.dirty):
             images.append((self.sb.bitmap_start + index, bytes(self._bitmap_image(index, seq))))
         self._inflight = dict(self._dirty)
@@ -989,11 +944,6 @@ class SharedStore(ExceptionStore):
                     yield from walk(child, level + 1)
         yield from walk(self.state.root, 0)
 
-    def exceptions(self):
-        for _b, leaf in self._leaves():
-            for k, ex in zip(leaf.keys, leaf.excs):
-                yield k, ex
-
     def check(self, leaks: list[int] | None = None) -> list[Finding]:
         """Walk the on-disk tree and bitmap; the caller commits first when serving.
         Leaked (allocated, unreferenced) blocks are appended to ``leaks`` if given."""
@@ -1008,15 +958,6 @@ class SharedStore(ExceptionStore):
         """
         for b in blocks:
             self.bitmap.unalloc_block(b)
-
-
-LEAF_FIXED = HEADER_SIZE + 16 + 8  # header, leaf head, sentinel
-
-
-def _span_ok(a: Leaf, b: Leaf) -> bool:
-    if not a.keys or not b.keys:
-        return True
-    return b.keys[-1] - a.keys[0] < (1 << 32)
 
 
 @dataclass
@@ -1051,13 +992,13 @@ def read_superblocks(dev: BlockDevice) -> tuple[Superblock, list[SlotReport]]:
         NotAStore: no slot has the ddsnap magic and nothing else says it is a store.
         CorruptMetadata: no slot checks out (block 0 or the slot that failed), for a
             device that is a ddsnap store by its other metadata.
-        FormatTooOld: a format-v1 store (``ddsnap upgrade`` converts it).
+        FormatTooOld: a format-v1 or v2 store (``ddsnap upgrade`` converts it).
     """
     if dev.size < 2 * BLOCK_SIZE:
         raise NotAStore(dev.path, "too small")
     found: list[Superblock] = []
     reports: list[SlotReport] = []
-    v1 = False
+    v1 = 0  # the older format version found, if any
     for slot in (0, 1):
         buf = dev.pread(BLOCK_SIZE, slot * BLOCK_SIZE)
         if buf[:4] != MAGIC:
@@ -1066,10 +1007,11 @@ def read_superblocks(dev: BlockDevice) -> tuple[Superblock, list[SlotReport]]:
         try:
             sb = Superblock.decode(buf, slot)
         except CorruptMetadata as e:
-            if header_version(buf) == VERSION_V1:
+            old = header_version(buf)
+            if old in (VERSION_V1, VERSION_V2):
                 try:
-                    Superblock.decode(buf, slot, version=VERSION_V1)
-                    v1 = True
+                    Superblock.decode(buf, slot, version=old)
+                    v1 = old
                 except CorruptMetadata:
                     pass
             reports.append(SlotReport(slot, "damaged", why=e.why))
@@ -1078,7 +1020,7 @@ def read_superblocks(dev: BlockDevice) -> tuple[Superblock, list[SlotReport]]:
         reports.append(SlotReport(slot, "ok", sb.generation, sb.journal_tail, sb.journal_seq))
     if not found:
         if v1:
-            raise FormatTooOld(dev.path)
+            raise FormatTooOld(dev.path, v1)
         if all(r.status == "blank" for r in reports):
             # Both slots overwritten is damage, not "not a store", if the rest says store.
             if _looks_like_store(dev):

@@ -1,19 +1,24 @@
-"""The snapshot table and the exception-list operations both stores share.
+"""The snapshot table (the versions of the origin and their tree) and the per-snapshot
+space accounting both stores share.
 
-The table maps sharemap bits to snapshots (seed 000 ``snaplist`` with ``tag``/``bit``;
-seed 001 wishes for a name table, which format v1 has).  The exception-list helpers work
-on one logical chunk's exceptions, a list of ``[sharemap, store_chunk]`` pairs, exactly as
-seed 000's leaf operations (``origin_chunk_unique``, ``snapshot_chunk_unique``,
-``add_exception_to_leaf``) do on the encoded leaf.
+The table maps version ids to snapshots (seed 000's ``snaplist`` with its ``tag``; seed
+001 wishes for a name table).  In format v3 a snapshot is a *version*: it has an id
+(1, 2, ... never reused), a parent version (the origin, 0, or another snapshot) and a
+state; a deleted snapshot that other snapshots were taken of stays as a *ghost* until
+the last of them is gone (the versioned pointers of the seed's author; docs/format.md,
+"Versioned exceptions").
 """
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import time
 
 from ..errors import InvalidArgument, SnapshotExists, SnapshotNotFound, TooManySnapshots
 from .api import SnapshotInfo
-from .format import MAX_NAME, SLOT_DELETING, SLOT_FREE, SLOT_LIVE, SnapSlot
+from .format import (INF, MAX_NAME, MAX_VERSION, ORIGIN, SLOT_DELETING, SLOT_FREE, SLOT_GHOST,
+                     SLOT_LIVE, SnapSlot)
 
 
 def validate_name(name: str) -> None:
@@ -54,303 +59,328 @@ def _is_control(ch: str) -> bool:
     return c < 0x20 or 0x7F <= c <= 0x9F or c in (0x2028, 0x2029)
 
 
-class SnapshotTable:
-    """Snapshot slots indexed by sharemap bit, with the changes since the last commit.
+class VersionTable:
+    """The snapshot table: slots (their index is where they are stored) holding the
+    versions of the origin, and the version tree they make.
+
+    Every version but the origin has a slot; ``children`` lists, per version, the ids of
+    the versions taken of it that are not free (live, ghost or being deleted), ascending.
+    The origin (id 0) has no slot.
 
     Attributes:
-        slots: one :class:`SnapSlot` per bit.
-        dirty: bits whose slot changed since :meth:`take_dirty`.
+        slots: one :class:`SnapSlot` per slot.
+        dirty: slot indexes changed since the last commit.
+        cap: most versions (live, ghosts, being deleted) the store may hold; 0 for no
+            limit (``ddsnap init --max-snapshots``).
     """
 
-    def __init__(self, slots: list[SnapSlot]):
+    def __init__(self, slots: list[SnapSlot], cap: int = 0):
         self.slots = slots
         self.dirty: set[int] = set()
-        self._live_mask: int | None = None  # cached: every origin write asks for it
+        self.cap = cap
+        self.index: dict[int, int] = {}  # version id -> slot index
+        self.children: dict[int, list[int]] = {ORIGIN: []}
+        self._free: list[int] = []  # free slot indexes (a heap)
+        #: bumped on every change of the tree or of a state (cached figures depend on it)
+        self.generation = 0
+        for i, s in enumerate(slots):
+            if s.state == SLOT_FREE:
+                self._free.append(i)
+            else:
+                self.index[s.id] = i
+        heapq.heapify(self._free)
+        for vid in sorted(self.index):
+            self.children.setdefault(vid, [])
+        for vid in sorted(self.index):
+            self.children.setdefault(self.slot(vid).parent, []).append(vid)
+
+    def problems(self) -> list[str]:
+        """What is wrong with the tree as read (``check``): duplicate ids, parents that
+        are not versions."""
+        out = []
+        seen: set[int] = set()
+        for s in self.slots:
+            if s.state != SLOT_FREE:
+                if s.id in seen:
+                    out.append(f"snapshot id {s.id} is in the table twice")
+                seen.add(s.id)
+        for vid in self.index:
+            p = self.slot(vid).parent
+            if p != ORIGIN and p not in self.index:
+                out.append(f"snapshot id {vid} was taken of version {p}, which is not in "
+                           "the table")
+        return out
+
+    # -- looking up ------------------------------------------------------------------------
+
+    def slot(self, vid: int) -> SnapSlot:
+        return self.slots[self.index[vid]]
+
+    def parent(self, vid: int) -> int:
+        return self.slots[self.index[vid]].parent
+
+    def state(self, vid: int) -> int:
+        i = self.index.get(vid)
+        return SLOT_FREE if i is None else self.slots[i].state
+
+    def is_live(self, vid: int) -> bool:
+        i = self.index.get(vid)
+        return i is not None and self.slots[i].state == SLOT_LIVE
+
+    def exists(self, vid: int) -> bool:
+        return vid == ORIGIN or vid in self.index
+
+    def ancestors(self, vid: int) -> list[int]:
+        """``vid``'s parent, grandparent, ... down to and including the origin."""
+        out = []
+        while vid != ORIGIN:
+            vid = self.parent(vid)
+            out.append(vid)
+        return out
+
+    def info(self, vid: int) -> SnapshotInfo:
+        s = self.slot(vid)
+        parent_name = None
+        if s.parent == ORIGIN:
+            parent_name = "origin"
+        elif self.is_live(s.parent):
+            parent_name = self.slot(s.parent).name
+        return SnapshotInfo(s.name, s.id, s.created, s.read_only, s.parent, parent_name,
+                            s.size)
 
     def live(self) -> list[SnapshotInfo]:
-        out = [SnapshotInfo(s.name, s.id, bit, s.created, s.read_only)
-               for bit, s in enumerate(self.slots) if s.state == SLOT_LIVE]
-        out.sort(key=lambda i: i.id)
-        return out
+        """Live snapshots, oldest (lowest id) first."""
+        return [self.info(vid) for vid in sorted(self.index) if self.is_live(vid)]
 
-    @property
-    def live_mask(self) -> int:
-        """Bits of the live snapshots (cached; the methods changing slots drop it)."""
-        m = self._live_mask
-        if m is None:
-            m = 0
-            for bit, s in enumerate(self.slots):
-                if s.state == SLOT_LIVE:
-                    m |= 1 << bit
-            self._live_mask = m
-        return m
+    def live_ids(self) -> list[int]:
+        return sorted(vid for vid in self.index if self.is_live(vid))
 
-    @property
-    def deleting_mask(self) -> int:
-        m = 0
-        for bit, s in enumerate(self.slots):
-            if s.state == SLOT_DELETING:
-                m |= 1 << bit
-        return m
+    def with_state(self, state: int) -> list[int]:
+        return sorted(vid for vid in self.index if self.state(vid) == state)
 
     def find(self, name: str) -> int:
-        for bit, s in enumerate(self.slots):
+        """The id of the live snapshot called ``name``.
+
+        Raises:
+            SnapshotNotFound: no such snapshot.
+        """
+        for vid, i in self.index.items():
+            s = self.slots[i]
             if s.state == SLOT_LIVE and s.name == name:
-                return bit
+                return vid
         raise SnapshotNotFound(name)
 
-    def create(self, name: str, read_only: bool, sid: int, created: int | None) -> SnapshotInfo:
-        """Take the lowest free bit for a new snapshot (seed 000 ``create_snapshot``)."""
+    # -- changing --------------------------------------------------------------------------
+
+    def has_free_slot(self) -> bool:
+        return bool(self._free)
+
+    def extend(self, n: int) -> None:
+        """Add ``n`` free slots at the end (a new table block)."""
+        base = len(self.slots)
+        self.slots.extend(SnapSlot() for _ in range(n))
+        for i in range(base, base + n):
+            heapq.heappush(self._free, i)
+            self.dirty.add(i)
+
+    def _touch(self, i: int) -> None:
+        self.dirty.add(i)
+        self.generation += 1
+
+    def create(self, name: str, read_only: bool, sid: int, created: int | None,
+               parent: int = ORIGIN, size: int = 0) -> SnapshotInfo:
+        """Add version ``sid`` taken of ``parent`` in a free slot (a new slot at the end
+        when none is free: the caller stores it), in O(log slots).
+
+        Raises:
+            SnapshotExists, InvalidArgument: as the names say.
+            TooManySnapshots: :attr:`cap` versions exist, or ids are exhausted.
+        """
         validate_name(name)
-        if any(s.state == SLOT_LIVE and s.name == name for s in self.slots):
-            raise SnapshotExists(name)
-        for bit, s in enumerate(self.slots):
-            if s.state == SLOT_FREE:
-                break
-        else:
-            deleting = sum(1 for s in self.slots if s.state == SLOT_DELETING)
-            more = f" ({deleting} still being deleted)" if deleting else ""
-            raise TooManySnapshots(
-                f"all {len(self.slots)} snapshot slots are in use{more}; delete a snapshot first")
+        for i in self.index.values():
+            s = self.slots[i]
+            if s.state == SLOT_LIVE and s.name == name:
+                raise SnapshotExists(name)
+        if sid > MAX_VERSION:
+            raise TooManySnapshots(f"snapshot ids are exhausted ({MAX_VERSION})")
+        if self.cap and len(self.index) >= self.cap:
+            pending = len(self.index) - len(self.live_ids())
+            more = f" ({pending} deleted but still needed or being swept)" if pending else ""
+            raise TooManySnapshots(f"the store holds its limit of {self.cap} snapshots"
+                                   f"{more}; delete a snapshot first")
+        if parent != ORIGIN and not self.is_live(parent):
+            raise SnapshotNotFound(f"#{parent}")
         created = time.time_ns() if created is None else created
-        self.slots[bit] = SnapSlot(SLOT_LIVE, read_only, sid, created, name)
-        self.dirty.add(bit)
-        self._live_mask = None
-        return SnapshotInfo(name, sid, bit, created, read_only)
+        if self._free:
+            i = heapq.heappop(self._free)
+        else:
+            i = len(self.slots)
+            self.slots.append(SnapSlot())
+        self.slots[i] = SnapSlot(SLOT_LIVE, read_only, sid, created, name, parent, size)
+        self.index[sid] = i
+        self.children[sid] = []
+        bisect.insort(self.children.setdefault(parent, []), sid)
+        self._touch(i)
+        return self.info(sid)
+
+    def set_state(self, vid: int, state: int) -> None:
+        """Move version ``vid`` to ``state`` (live, ghost or being deleted)."""
+        i = self.index[vid]
+        s = self.slots[i]
+        name = s.name if state == SLOT_LIVE else ""
+        self.slots[i] = SnapSlot(state, s.read_only and state == SLOT_LIVE, s.id, s.created,
+                                 name, s.parent, s.size)
+        self._touch(i)
 
     def begin_delete(self, name: str) -> SnapshotInfo:
-        bit = self.find(name)
-        s = self.slots[bit]
-        info = SnapshotInfo(s.name, s.id, bit, s.created, s.read_only)
-        self.slots[bit] = SnapSlot(SLOT_DELETING, False, s.id, s.created, "")
-        self.dirty.add(bit)
-        self._live_mask = None
+        """The live snapshot ``name`` becomes a version being deleted (its name is free
+        at once).
+
+        Raises:
+            SnapshotNotFound: no such snapshot.
+        """
+        vid = self.find(name)
+        info = self.info(vid)
+        self.set_state(vid, SLOT_DELETING)
         return info
 
-    def finish_delete(self, mask: int) -> None:
-        """Free the slots of the swept bits in ``mask``."""
-        for bit, s in enumerate(self.slots):
-            if mask >> bit & 1 and s.state == SLOT_DELETING:
-                self.slots[bit] = SnapSlot()
-                self.dirty.add(bit)
-        self._live_mask = None
+    def free(self, vid: int) -> None:
+        """Forget version ``vid`` (swept, no versions taken of it left)."""
+        i = self.index.pop(vid)
+        parent = self.slots[i].parent
+        self.slots[i] = SnapSlot()
+        heapq.heappush(self._free, i)
+        kids = self.children.get(parent)
+        if kids is not None:
+            k = bisect.bisect_left(kids, vid)
+            if k < len(kids) and kids[k] == vid:
+                del kids[k]
+        self.children.pop(vid, None)
+        self._touch(i)
 
 
-# -- one logical chunk's exceptions: a list of [sharemap, store_chunk] -------------------
-
-def exc_sharers(excs: list[list[int]] | None, live: int) -> int:
-    """Live bits that have no exception here and so read the origin."""
-    used = 0
-    for share, _c in excs or ():
-        used |= share
-    return live & ~used
-
-
-def exc_lookup(excs: list[list[int]] | None, bit: int) -> tuple[int | None, bool]:
-    """``(store_chunk, unique)`` of snapshot ``bit`` in this list."""
-    mask = 1 << bit
-    for share, c in excs or ():
-        if share & mask:
-            return c, share == mask
-    return None, False
-
-
-def exc_remove_bits(excs: list[list[int]], mask: int) -> list[int]:
-    """Clear ``mask`` from every sharemap; drop emptied exceptions; return their chunks."""
-    freed = []
-    keep = []
-    for e in excs:
-        if e[0] & mask:
-            e[0] &= ~mask
-            if not e[0]:
-                freed.append(e[1])
-                continue
-        keep.append(e)
-    excs[:] = keep
-    return freed
-
-
-def exc_add_snapshot(excs: list[list[int]], bit: int, store_chunk: int) -> list[int]:
-    """Move ``bit`` from its old exception (if any) to a new one at ``store_chunk``.
-
-    Returns store chunks whose exceptions became empty (normally none: a caller only
-    makes a chunk unique when it was shared).
-    """
-    freed = exc_remove_bits(excs, 1 << bit)
-    excs.append([1 << bit, store_chunk])
-    return freed
-
-
-# -- per-snapshot space accounting (issue 3, "Space accounting") -------------------------
-
-def _bits(mask: int):
-    """The set bits of ``mask``, lowest first (O(popcount))."""
-    while mask:
-        low = mask & -mask
-        yield low.bit_length() - 1
-        mask ^= low
-
+# -- per-snapshot space accounting (issue 3, "Space accounting"; format v3) -------------
 
 class SpaceAccount:
-    """Exact per-snapshot space figures, kept up to date as sharemaps change.
+    """Exact per-snapshot space figures of versioned exceptions.
 
-    An exception *belongs* to the live snapshots in its sharemap (``sharemap & live``).
-    For a live snapshot ``b``:
+    An exception is *read* by the live snapshots whose lookup ends at it.  For an
+    exception of owner ``o`` at a logical chunk with tag ``hi``, whose previous tag there
+    is ``lo`` (0 if none), those are: ``o`` itself when ``hi`` is :data:`INF` (its own
+    current data) and it is live, and every live version in the subtrees of ``o``'s
+    children with ids in ``(lo, hi]``, except the subtrees of the *shadow* set: the
+    versions in there that have exceptions of their own at that chunk (nearest first).
+    That tuple ``(o, lo, hi, shadow)`` is the exception's *group*; the figures follow
+    from how many exceptions each group holds and from the version tree, so creating a
+    snapshot changes no group (constant time) even when it becomes a reader of many.
 
-    * ``exclusive[b]``: exceptions whose live part is exactly ``{b}``.  Deleting ``b``
-      (and sweeping) frees exactly these: bits of snapshots already being deleted
-      (``SLOT_DELETING``, still in sharemaps until swept) do not keep a chunk alive.
-    * ``shared[b]``: exceptions whose live part holds ``b`` and at least one other
-      snapshot.
+    For a live snapshot ``v``: ``exclusive[v]`` counts exceptions read by ``v`` alone
+    (exactly what deleting it frees); ``shared[v]`` those it reads with at least one other
+    live snapshot.  ``orphans`` counts exceptions no live snapshot reads (the sweep of a
+    delete frees them) and ``exceptions`` all of them.  All in store chunks.
 
-    ``orphans`` counts exceptions with no live snapshot at all (only deleted snapshots'
-    bits, freed by the sweep in progress) and ``exceptions`` every exception.  All are in
-    store chunks: each exception holds one store chunk.
-
-    The figures follow from ``groups`` (how many exceptions carry each distinct sharemap)
-    and ``live``.  ``exclusive`` and ``orphans`` are kept as sharemaps change; ``shared``
-    is counted from ``groups`` when it is asked for (status), because keeping it would
-    cost every copy-out O(live snapshots) -- the one cost that grew with the number of
-    snapshots on the write path.  Costs: :meth:`change` is O(1);
-    :meth:`created` is O(1) (a free bit is in no sharemap, DESIGN.md invariant 6);
-    :meth:`deleted` is O(number of distinct sharemaps).  Memory is O(distinct sharemaps),
-    which copy-on-write makes small: sharemaps are born as the live set of one moment
-    (an origin copy-out) or a single bit (a snapshot write) and only lose bits after.
-
-    Source: issue 3 ("Space accounting"); seed 001 leaves ``shared_fraction_full`` a
-    FIXME.  ``exclusive`` is what ZFS reports as a snapshot's ``used`` ("space referenced
-    exclusively by this snapshot", freed if it is destroyed), made exact and incremental
-    for a shared store by counting sharemaps.
-
-    Args:
-        width: sharemap width in bits (``max_snapshots``).
-        live: the live snapshots' bits.
+    Costs: a group change is O(1); :meth:`figures` is O(groups x readers) and cached until
+    a group or the version tree changes.  Source: issue 3 and issue 9; ZFS's ``used`` of
+    a snapshot ("referenced exclusively") made exact for a tree of versions.
     """
 
-    def __init__(self, width: int, live: int = 0):
-        self.width = width
-        self.live = live
-        self.groups: dict[int, int] = {}
-        self.exclusive = [0] * width
-        self._shared: list[int] | None = None  # counted on demand, see shared
-        self.orphans = 0
+    def __init__(self):
+        self.groups: dict[tuple, int] = {}
         self.exceptions = 0
+        self._cache: tuple | None = None  # (groups generation, table generation, figures)
+        self._gen = 0
 
-    @classmethod
-    def from_exceptions(cls, width: int, live: int, exceptions) -> "SpaceAccount":
-        """Count ``exceptions`` (``(chunk, [[sharemap, store_chunk], ...])`` as
-        :meth:`ExceptionStore.exceptions` yields): the one full walk, at open or check."""
-        acc = cls(width, live)
-        for _chunk, excs in exceptions:
-            for share, _sc in excs:
-                acc.change(0, share)
-        return acc
-
-    @property
-    def shared(self) -> list[int]:
-        """Per bit, the exceptions its snapshot shares with another live one (chunks)."""
-        if self._shared is None:
-            shared = [0] * self.width
-            live = self.live
-            for share, n in self.groups.items():
-                m = share & live
-                if m & (m - 1):
-                    for b in _bits(m):
-                        shared[b] += n
-            self._shared = shared
-        return self._shared
-
-    def _live_add(self, m: int, n: int) -> None:
-        if not m:
-            self.orphans += n
-        elif not m & (m - 1):
-            self.exclusive[m.bit_length() - 1] += n
+    def add(self, key: tuple, n: int = 1) -> None:
+        """``n`` exceptions joined group ``key`` (negative: left it)."""
+        if not n:
+            return
+        m = self.groups.get(key, 0) + n
+        if m:
+            self.groups[key] = m
         else:
-            self._shared = None
+            del self.groups[key]
+        self.exceptions += n
+        self._gen += 1
 
-    def change(self, old: int, new: int) -> None:
-        """One exception's sharemap goes from ``old`` to ``new`` (0: no exception)."""
+    def move(self, old: tuple | None, new: tuple | None) -> None:
+        """One exception moved from group ``old`` to ``new`` (None: it did not exist /
+        no longer exists)."""
         if old == new:
             return
-        groups = self.groups
-        if old:
-            n = groups[old] - 1
-            if n:
-                groups[old] = n
+        if old is not None:
+            self.add(old, -1)
+        if new is not None:
+            self.add(new, 1)
+
+    def _compute(self, table: VersionTable):
+        key = (self._gen, table.generation)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        exclusive: dict[int, int] = {}
+        shared: dict[int, int] = {}
+        orphans = 0
+        for g, n in self.groups.items():
+            readers = region_readers(table, g)
+            if not readers:
+                orphans += n
+            elif len(readers) == 1:
+                exclusive[readers[0]] = exclusive.get(readers[0], 0) + n
             else:
-                del groups[old]
-            self.exceptions -= 1
-        if new:
-            groups[new] = groups.get(new, 0) + 1
-            self.exceptions += 1
-        om, nm = old & self.live, new & self.live
-        if old and new and om == nm:
-            return  # e.g. the sweep clearing deleted snapshots' bits
-        if old:
-            self._live_add(om, -1)
-        if new:
-            self._live_add(nm, 1)
+                for r in readers:
+                    shared[r] = shared.get(r, 0) + n
+        out = (exclusive, shared, orphans)
+        self._cache = (key, out)
+        return out
 
-    def diff(self, before, after) -> None:
-        """One logical chunk's exception list went from ``before`` to ``after`` (lists
-        of ``[sharemap, store_chunk]``); only the exceptions that changed cost anything."""
-        if len(before) == 1 and len(after) == 1 and before[0][1] == after[0][1]:
-            self.change(before[0][0], after[0][0])
-            return
-        old = {}
-        for share, sc in before:
-            old[(share, sc)] = old.get((share, sc), 0) + 1
-        for share, sc in after:
-            k = (share, sc)
-            if old.get(k):
-                old[k] -= 1
-            else:
-                self.change(0, share)
-        for (share, _sc), n in old.items():
-            for _ in range(n):
-                self.change(share, 0)
+    def figures(self, table: VersionTable) -> dict[int, tuple[int, int]]:
+        """``{id: (exclusive, shared)}`` in chunks for every live snapshot."""
+        exclusive, shared, _o = self._compute(table)
+        return {v: (exclusive.get(v, 0), shared.get(v, 0)) for v in table.live_ids()}
 
-    def created(self, bit: int) -> None:
-        """Snapshot ``bit`` became live.  Its bit was free, so no sharemap holds it."""
-        self.live |= 1 << bit
-        self._shared = None
+    def orphans(self, table: VersionTable) -> int:
+        """Exceptions no live snapshot reads (freed by the sweep in progress)."""
+        return self._compute(table)[2]
 
-    def deleted(self, bit: int) -> None:
-        """Snapshot ``bit`` left the live set (its bit may stay in sharemaps until swept):
-        the exceptions it shared may now be exclusive to another snapshot, or orphans."""
-        mask = 1 << bit
-        live = self.live
-        self.live = live & ~mask
-        self._shared = None
-        for share, n in self.groups.items():
-            if share & mask:
-                self._live_add(share & live, -n)
-                self._live_add(share & live & ~mask, n)
+    def orphan_groups(self, table: VersionTable) -> set[tuple]:
+        """The groups whose exceptions no live snapshot reads."""
+        return {g for g in self.groups if not region_readers(table, g)}
 
-    def figures(self) -> dict[int, tuple[int, int]]:
-        """``{bit: (exclusive, shared)}`` in chunks for every live snapshot."""
-        return {b: (self.exclusive[b], self.shared[b]) for b in _bits(self.live)}
-
-    def drift(self, truth: "SpaceAccount", name_of) -> list[str]:
+    def drift(self, truth: "SpaceAccount", table: VersionTable, name_of) -> list[str]:
         """How these figures differ from ``truth`` (recounted from the tree); one message
-        per wrong figure, naming the snapshot (``name_of(bit)``)."""
+        per wrong figure, naming the snapshot (``name_of(id)``)."""
         out = []
-        if self.live != truth.live:
-            out.append(f"space accounting: live snapshots {self.live:#x} counted, "
-                       f"{truth.live:#x} in the snapshot table")
-        mine, real = self.figures(), truth.figures()
-        for b in sorted(set(mine) | set(real)):
-            if mine.get(b) != real.get(b):
-                me, tr = mine.get(b, (0, 0)), real.get(b, (0, 0))
-                out.append(f"space accounting of snapshot {name_of(b)!r} (bit {b}) "
+        mine, real = self.figures(table), truth.figures(table)
+        for v in sorted(set(mine) | set(real)):
+            if mine.get(v) != real.get(v):
+                me, tr = mine.get(v, (0, 0)), real.get(v, (0, 0))
+                out.append(f"space accounting of snapshot {name_of(v)!r} (id {v}) "
                            f"drifted: exclusive {me[0]}, shared {me[1]} chunks counted, "
                            f"exclusive {tr[0]}, shared {tr[1]} in the tree")
-        if (self.exceptions, self.orphans) != (truth.exceptions, truth.orphans):
+        if (self.exceptions, self.orphans(table)) != (truth.exceptions, truth.orphans(table)):
             out.append(f"space accounting drifted: {self.exceptions} exception chunks "
-                       f"({self.orphans} of deleted snapshots) counted, "
-                       f"{truth.exceptions} ({truth.orphans}) in the tree")
+                       f"({self.orphans(table)} of deleted snapshots) counted, "
+                       f"{truth.exceptions} ({truth.orphans(table)}) in the tree")
         if self.groups != truth.groups:
-            diff = sorted(set(self.groups.items()) ^ set(truth.groups.items()))
-            out.append(f"space accounting drifted: {len(diff)} sharemap counts differ "
-                       f"from the tree, first sharemap {diff[0][0]:#x}")
+            diff = sorted(set(self.groups.items()) ^ set(truth.groups.items()), key=repr)
+            out.append(f"space accounting drifted: {len(diff)} exception group counts "
+                       f"differ from the tree, first {diff[0][0]!r}")
         return out
+
+
+def region_readers(table: VersionTable, group: tuple) -> list[int]:
+    """The live versions reading the exceptions of ``group`` ``(owner, lo, hi, shadow)``
+    (see :class:`SpaceAccount`), in no particular order."""
+    owner, lo, hi, shadow = group
+    out = []
+    if hi == INF and owner != ORIGIN and table.is_live(owner):
+        out.append(owner)
+    kids = table.children.get(owner, ())
+    i = bisect.bisect_right(kids, lo)
+    j = len(kids) if hi == INF else bisect.bisect_right(kids, hi)
+    stack = [y for y in kids[i:j] if y not in shadow]
+    while stack:
+        y = stack.pop()
+        if table.is_live(y):
+            out.append(y)
+        stack.extend(z for z in table.children.get(y, ()) if z not in shadow)
+    return out

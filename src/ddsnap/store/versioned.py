@@ -1,0 +1,562 @@
+"""Versioned exceptions: the snapshot logic both stores share (format v3).
+
+Every snapshot is a *version* of the origin, with an id (1, 2, ... never reused) and a
+parent: the origin (version 0) or the snapshot it was taken of.  An exception is one
+entry of an ordered map, keyed ``(owner, chunk, tag)`` (:func:`~.format.pack_key`), whose
+value is the store chunk holding the data:
+
+* tag :data:`~.format.INF`: the owner's own *current* data at that logical chunk (only
+  snapshots have these: the origin's current data is the origin device itself);
+* any other tag ``t``: a *history* entry, the data the owner had at that chunk before a
+  write, kept for the versions taken of the owner.  ``t`` is the newest version taken
+  of the owner when that write happened; the entry serves those of its children whose
+  id lies between the previous tag at that chunk (exclusive) and ``t`` (inclusive).
+
+So the data of version ``v`` at chunk ``c`` is its own current entry if it has one, else
+its parent's data *as of v's creation*: the parent's first entry at ``c`` with a tag
+``>= v`` (a successor probe), else, in turn, the grandparent's as of the parent's
+creation, and so on; reaching the origin with no entry means "read the origin device".
+For a snapshot of the origin that is one probe, whatever the number of snapshots; a
+logical chunk can have any number of exceptions (they are separate entries of one tree).
+
+This is the *versioned pointers* idea of seed 000's author (exceptions labelled with the
+version they belong to, found by the nearest ancestor), with the origin kept in place as
+in seed 000 (ddsnap's origin is a real device the copy-outs are taken from).  The
+subclasses give the ordered map: :class:`~.memory.MemoryStore` a sorted dict,
+:class:`~.shared.SharedStore` the on-disk B-tree.  docs/format.md ("Versioned
+exceptions") has the reasoning and the costs.
+"""
+
+from __future__ import annotations
+
+import abc
+import bisect
+
+from sortedcontainers import SortedList
+
+from ..errors import CorruptMetadata, StoreFull
+from .api import ExceptionStore, Finding, SnapshotInfo
+from .format import (INF, MERGED, ORIGIN, SLOT_DELETING, SLOT_FREE, SLOT_GHOST, SLOT_LIVE,
+                     pack_key, unpack_key)
+from .snapshots import SpaceAccount, VersionTable, region_readers
+
+_EMPTY: frozenset = frozenset()
+#: entries one sweep step may look at before it commits
+SWEEP_BUDGET = 4096
+
+
+def _prefix(owner: int, chunk: int) -> int:
+    """The part of a key that names ``(owner, chunk)`` (the key without its tag)."""
+    return (owner << 64) | chunk
+
+
+class VersionedStore(ExceptionStore):
+    """:class:`ExceptionStore` over an ordered map of versioned exceptions.
+
+    Subclasses provide the map (``_kv_*``), freeing data chunks (:meth:`_free_data`),
+    the :class:`VersionTable` in ``self.table``, the root state in ``self.state`` and
+    the space account in ``self._space`` (None when it could not be counted).
+    """
+
+    table: VersionTable
+    _space: SpaceAccount | None
+
+    def _versioned_init(self) -> None:
+        #: entries each snapshot owns (its own current data and history kept for its
+        #: children); the origin and merge markers are not counted
+        self._own: dict[int, int] = {}
+        #: snapshots owning at least one entry, ascending (only they can shadow)
+        self._writers = SortedList()
+        self._sweep_pos: int | None = None
+        self._sweep_orphans: dict[tuple, bool] = {}
+        self.sweep_budget = SWEEP_BUDGET
+
+    # -- the ordered map (subclasses) ------------------------------------------------------
+
+    @abc.abstractmethod
+    def _kv_get(self, key: int, nowait: bool = False) -> int | None:
+        """The value at ``key``, or None.  ``nowait``: raise NotCached rather than read."""
+
+    @abc.abstractmethod
+    def _kv_succ(self, key: int, nowait: bool = False) -> tuple[int, int] | None:
+        """The first ``(key, value)`` with a key ``>= key``, or None."""
+
+    @abc.abstractmethod
+    def _kv_pred(self, key: int) -> tuple[int, int] | None:
+        """The last ``(key, value)`` with a key ``<= key``, or None."""
+
+    @abc.abstractmethod
+    def _kv_put(self, key: int, value: int) -> None:
+        """Insert or replace.  Must not fail after :meth:`_kv_reserve` allowed it."""
+
+    @abc.abstractmethod
+    def _kv_del(self, key: int) -> None:
+        """Remove ``key`` (present)."""
+
+    @abc.abstractmethod
+    def _kv_range(self, lo: int, hi: int, limit: int | None = None) -> list[tuple[int, int]]:
+        """``(key, value)`` with ``lo <= key < hi``, ascending, at most ``limit``."""
+
+    def _kv_reserve(self, keys: list[int]) -> None:
+        """Raise StoreFull unless inserting ``keys`` surely fits (no change made)."""
+
+    @abc.abstractmethod
+    def _free_data(self, store_chunk: int) -> None:
+        """An exception's data chunk is no longer referenced."""
+
+    # -- entries ---------------------------------------------------------------------------
+
+    def _put_entry(self, owner: int, chunk: int, tag: int, sc: int) -> None:
+        self._kv_put(pack_key(owner, chunk, tag), sc)
+        if owner != ORIGIN:
+            n = self._own.get(owner, 0)
+            self._own[owner] = n + 1
+            if not n:
+                self._writers.add(owner)
+
+    def _del_entry(self, owner: int, chunk: int, tag: int) -> None:
+        self._kv_del(pack_key(owner, chunk, tag))
+        if owner != ORIGIN:
+            n = self._own[owner] - 1
+            if n:
+                self._own[owner] = n
+            else:
+                del self._own[owner]
+                self._writers.remove(owner)
+
+    def _has_entries(self, owner: int, chunk: int) -> bool:
+        if owner != ORIGIN and owner not in self._own:
+            return False
+        r = self._kv_succ(pack_key(owner, chunk, 0))
+        return r is not None and r[0] >> 32 == _prefix(owner, chunk)
+
+    def _prev_tag(self, owner: int, chunk: int, tag: int) -> int:
+        """The tag of the entry before ``(owner, chunk, tag)`` at that chunk, 0 if none."""
+        r = self._kv_pred(pack_key(owner, chunk, tag) - 1)
+        if r is not None and r[0] >> 32 == _prefix(owner, chunk):
+            return r[0] & INF
+        return 0
+
+    def _newest_child(self, version: int) -> int:
+        kids = self.table.children.get(version)
+        return kids[-1] if kids else 0
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def _resolve(self, version: int, chunk: int, nowait: bool = False
+                 ) -> tuple[int, int] | None:
+        """``(key, store_chunk)`` of the entry ``version`` reads at ``chunk``, or None for
+        the origin device (see the module docstring)."""
+        if version in self._own:
+            k = pack_key(version, chunk, INF)
+            sc = self._kv_get(k, nowait)
+            if sc is not None:
+                return k, sc
+        return self._resolve_above(version, chunk, nowait)
+
+    def _resolve_above(self, version: int, chunk: int, nowait: bool = False
+                       ) -> tuple[int, int] | None:
+        """What ``version`` reads at ``chunk`` from its ancestors (as if it had no entry
+        of its own there)."""
+        parent = self.table.parent
+        s, x = version, parent(version)
+        while True:
+            r = self._kv_succ(pack_key(x, chunk, s), nowait)
+            if r is not None and r[0] >> 32 == _prefix(x, chunk):
+                return r
+            if x == ORIGIN:
+                return None
+            s, x = x, parent(x)
+
+    def _reads(self, version: int, chunk: int) -> bool:
+        """True if some live version in ``version``'s subtree (``version`` included)
+        reads at ``chunk`` what ``version`` inherits there: not past an entry of its own
+        there, or of a version between."""
+        if self._has_entries(version, chunk):
+            return False
+        if self.table.is_live(version):
+            return True
+        return any(self._reads(y, chunk) for y in self.table.children.get(version, ()))
+
+    def _readers_after(self, owner: int, lo: int, chunk: int) -> bool:
+        """True if a live version in the subtree of a child of ``owner`` with id > ``lo``
+        reads ``owner``'s current data at ``chunk``."""
+        kids = self.table.children.get(owner, ())
+        for i in range(len(kids) - 1, bisect.bisect_right(kids, lo) - 1, -1):
+            if self._reads(kids[i], chunk):
+                return True
+        return False
+
+    # -- the groups of the space account ---------------------------------------------------
+
+    def _shadow(self, owner: int, chunk: int, lo: int, hi: int,
+                candidates=None) -> frozenset:
+        """The versions below ``owner`` that have entries of their own at ``chunk`` and
+        would otherwise read the entry ``(owner, chunk, hi)`` (previous tag ``lo``): the
+        nearest ones (see :class:`SpaceAccount`)."""
+        ws = self._writers if candidates is None else candidates
+        if not ws:
+            return _EMPTY
+        parent = self.table.parent
+        found = []
+        start = ws.bisect_right(lo) if candidates is None else 0
+        for w in (ws.islice(start) if candidates is None else ws):
+            if w <= lo or w == owner:
+                continue
+            x, y = w, None
+            while x != ORIGIN:
+                p = parent(x)
+                if p == owner:
+                    y = x
+                    break
+                x = p
+            if y is None or y <= lo or (hi != INF and y > hi):
+                continue
+            if candidates is None and not self._has_entries(w, chunk):
+                continue
+            found.append(w)
+        if not found:
+            return _EMPTY
+        if len(found) > 1:
+            fs = set(found)
+            keep = []
+            for w in found:
+                x = parent(w)
+                while x != owner and x not in fs:
+                    x = parent(x)
+                if x == owner:
+                    keep.append(w)
+            found = keep
+        return frozenset(found)
+
+    def _gkey(self, owner: int, chunk: int, tag: int) -> tuple:
+        lo = self._prev_tag(owner, chunk, tag)
+        return (owner, lo, tag, self._shadow(owner, chunk, lo, tag))
+
+    def _gkey_of(self, key: int) -> tuple:
+        return self._gkey(*unpack_key(key))
+
+    def _count_groups(self, entries=None) -> tuple[SpaceAccount, dict]:
+        """Count the groups of every exception: the one full walk of the map (at open;
+        ``check`` does it again, over the ``entries`` it read from disk, to compare).
+        Returns the account and the entry counts per owner.
+
+        Raises:
+            CorruptMetadata: a tree block could not be read.
+        """
+        def all_entries():
+            if entries is not None:
+                return iter(entries)
+            return self._entries(0, pack_key(MERGED, 0, 0))
+
+        by_chunk: dict[int, list[int]] = {}
+        counts: dict[int, int] = {}
+        for o, c, _t, _sc in all_entries():
+            if o == ORIGIN:
+                continue
+            counts[o] = counts.get(o, 0) + 1
+            lst = by_chunk.setdefault(c, [])
+            if not lst or lst[-1] != o:
+                lst.append(o)
+        acc = SpaceAccount()
+        prev = None
+        for o, c, t, _sc in all_entries():
+            lo = prev[2] if prev is not None and prev[0] == o and prev[1] == c else 0
+            cand = by_chunk.get(c)
+            shadow = self._shadow(o, c, lo, t, sorted(cand)) if cand else _EMPTY
+            acc.add((o, lo, t, shadow))
+            prev = (o, c, t)
+        return acc, counts
+
+    def _entries(self, lo: int, hi: int, batch: int = 4096):
+        """Iterate ``(owner, chunk, tag, store_chunk)`` with keys in ``[lo, hi)``."""
+        while True:
+            part = self._kv_range(lo, hi, batch)
+            for k, v in part:
+                o, c, t = unpack_key(k)
+                yield o, c, t, v
+            if len(part) < batch:
+                return
+            lo = part[-1][0] + 1
+
+    def _set_counts(self, counts: dict[int, int]) -> None:
+        self._own = {o: n for o, n in counts.items() if o != ORIGIN}
+        self._writers = SortedList(self._own)
+
+    def exceptions(self):
+        yield from self._entries(0, pack_key(MERGED, 0, 0))
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        return self.table.live()
+
+    def create_snapshot(self, name, read_only=False, created=None, parent=ORIGIN) -> SnapshotInfo:
+        info = self.table.create(name, read_only, self.state.next_snapshot_id, created,
+                                 parent, self.origin_size)
+        self.state.next_snapshot_id += 1
+        self._state_changed()
+        self._table_changed()
+        return info
+
+    def begin_delete(self, name) -> SnapshotInfo:
+        info = self.table.begin_delete(name)
+        self._sweep_pos = None
+        self._table_changed()
+        return info
+
+    def _table_changed(self) -> None:
+        """A slot changed (the subclass records it for the next commit)."""
+
+    # -- mapping ---------------------------------------------------------------------------
+
+    def origin_sharers(self, chunk: int) -> int:
+        kids = self.table.children[ORIGIN]
+        if not kids:
+            return 0
+        lo = self._prev_tag(ORIGIN, chunk, INF)
+        if kids[-1] <= lo or not self._readers_after(ORIGIN, lo, chunk):
+            return 0
+        return kids[-1]
+
+    def snapshot_exception(self, version: int, chunk: int):
+        return self._lookup(version, chunk, False)
+
+    def snapshot_exception_nowait(self, version: int, chunk: int):
+        return self._lookup(version, chunk, True)
+
+    def _lookup(self, version: int, chunk: int, nowait: bool):
+        r = self._resolve(version, chunk, nowait)
+        if r is None:
+            return None, False
+        key, sc = r
+        if key >> 96 != version:
+            return sc, False
+        if not self.table.children.get(version):
+            return sc, True
+        lo = self._prev_tag(version, chunk, INF)
+        return sc, not self._readers_after(version, lo, chunk)
+
+    def snapshot_write_keeps(self, version: int, chunk: int) -> bool:
+        return (not self._has_entries(version, chunk)
+                and self._readers_after(version, 0, chunk))
+
+    def add_origin_exception(self, chunk, store_chunk, tag) -> None:
+        self._kv_reserve([pack_key(ORIGIN, chunk, tag)])
+        self._put_entry(ORIGIN, chunk, tag, store_chunk)
+        if self._space is not None:
+            self._space.add(self._gkey(ORIGIN, chunk, tag))
+
+    def add_snapshot_exception(self, version, chunk, store_chunk, kept=None) -> None:
+        sp = self._space
+        r = self._resolve(version, chunk)
+        newest = self._newest_child(version)
+        self._kv_reserve([pack_key(version, chunk, newest), pack_key(version, chunk, INF)])
+        if r is not None and r[0] >> 96 == version:
+            # Its own current data, read by snapshots taken of it: that becomes history
+            # for them (tagged with the newest), the write gets the new chunk.
+            old = self._gkey(version, chunk, INF) if sp is not None else None
+            tag = self._newest_child(version)
+            self._del_entry(version, chunk, INF)
+            self._put_entry(version, chunk, tag, r[1])
+            self._put_entry(version, chunk, INF, store_chunk)
+            if sp is not None:
+                sp.move(old, self._gkey(version, chunk, tag))
+                sp.add(self._gkey(version, chunk, INF))
+            return
+        before = self._gkey_of(r[0]) if r is not None and sp is not None else None
+        added = []
+        if kept is not None:
+            tag = self._newest_child(version)
+            self._put_entry(version, chunk, tag, kept)
+            added.append(tag)
+        self._put_entry(version, chunk, INF, store_chunk)
+        added.append(INF)
+        if sp is not None:
+            if r is not None:
+                sp.move(before, self._gkey_of(r[0]))
+            for t in added:
+                sp.add(self._gkey(version, chunk, t))
+
+    # -- removing entries (the sweep) ------------------------------------------------------
+
+    def _remove_entry(self, owner: int, chunk: int, tag: int) -> None:
+        """Remove one exception whose data nobody reads, free its chunk, and regroup the
+        entries whose group it changes: the next one at that chunk (its previous tag) and,
+        when it was the owner's last entry there, the ancestor's entry the owner's subtree
+        reads again (its shadow)."""
+        sp = self._space
+        key = pack_key(owner, chunk, tag)
+        sc = self._kv_get(key)
+        pfx = _prefix(owner, chunk)
+        nxt = self._kv_succ(key + 1)
+        if nxt is not None and nxt[0] >> 32 != pfx:
+            nxt = None
+        last = nxt is None and self._prev_tag(owner, chunk, tag) == 0
+        anc = self._resolve_above(owner, chunk) if last and owner != ORIGIN else None
+        if sp is not None:
+            gk = self._gkey(owner, chunk, tag)
+            gnext = self._gkey_of(nxt[0]) if nxt is not None else None
+            ganc = self._gkey_of(anc[0]) if anc is not None else None
+        self._del_entry(owner, chunk, tag)
+        self._free_data(sc)
+        if sp is not None:
+            sp.move(gk, None)
+            if nxt is not None:
+                sp.move(gnext, self._gkey_of(nxt[0]))
+            if anc is not None:
+                sp.move(ganc, self._gkey_of(anc[0]))
+
+    def sweep_step(self) -> bool:
+        """Remove up to :attr:`sweep_budget` exceptions no live snapshot reads.
+
+        Only the owners of groups no live snapshot reads are walked (their key ranges,
+        in order, resumable); a delete that frees nothing walks nothing.  When the walk
+        is through, deleted versions no other version was taken of are forgotten (their
+        parent, if a ghost left without children, is then swept in turn), the others
+        stay as ghosts.
+
+        Raises:
+            CorruptMetadata: the space figures could not be counted at open (a damaged
+                tree block), so what is unread cannot be told.
+        """
+        deleting = self.table.with_state(SLOT_DELETING)
+        if not deleting:
+            return True
+        sp = self._space_account()
+        if self._sweep_pos is None:
+            self._sweep_orphans = {g: True for g in sp.orphan_groups(self.table)}
+            owners = sorted({g[0] for g in self._sweep_orphans})
+            self._sweep_owners = owners
+            self._sweep_pos = pack_key(owners[0], 0, 0) if owners else None
+        seen = 0
+        while self._sweep_pos is not None and seen < self.sweep_budget:
+            owner = self._sweep_pos >> 96
+            end = pack_key(owner + 1, 0, 0)
+            part = self._kv_range(self._sweep_pos, end, min(256, self.sweep_budget - seen))
+            if not part:
+                later = [o for o in self._sweep_owners if o > owner]
+                self._sweep_pos = pack_key(later[0], 0, 0) if later else None
+                continue
+            for k, _sc in part:
+                seen += 1
+                o, c, t = unpack_key(k)
+                g = self._gkey(o, c, t)
+                orphan = self._sweep_orphans.get(g)
+                if orphan is None:
+                    orphan = not region_readers(self.table, g)
+                    self._sweep_orphans[g] = orphan
+                if orphan:
+                    self._remove_entry(o, c, t)
+            self._sweep_pos = part[-1][0] + 1
+        if self._sweep_pos is not None:
+            return False
+        # Walk done: forget the deleted versions nothing was taken of; keep the others.
+        again = False
+        for v in deleting:
+            if self.table.children.get(v):
+                self.table.set_state(v, SLOT_GHOST)
+                continue
+            parent = self.table.parent(v)
+            self.table.free(v)
+            if (parent != ORIGIN and self.table.state(parent) == SLOT_GHOST
+                    and not self.table.children.get(parent)):
+                self.table.set_state(parent, SLOT_DELETING)
+                again = True
+        self._table_changed()
+        self._sweep_pos = None
+        if again:
+            return False
+        return True
+
+    # -- merge -----------------------------------------------------------------------------
+
+    def _merged(self, chunk: int) -> bool:
+        return (chunk < self.state.merge_cursor
+                or self._kv_get(pack_key(MERGED, chunk, 0)) is not None)
+
+    def merge_source(self, chunk: int) -> int | None:
+        m = self.merging
+        if m is None or self._merged(chunk):
+            return None
+        r = self._resolve(m, chunk)
+        return None if r is None else r[1]
+
+    def merge_todo(self, start: int, limit: int) -> list[tuple[int, int]]:
+        m = self.merging
+        if m is None:
+            return []
+        path = [m] + self.table.ancestors(m)
+        pos = max(start, self.state.merge_cursor)
+        out: list[tuple[int, int]] = []
+        while len(out) < limit:
+            nxt = None
+            for o in path:
+                r = self._kv_succ(pack_key(o, pos, 0))
+                if r is not None and r[0] >> 96 == o:
+                    c = unpack_key(r[0])[1]
+                    if nxt is None or c < nxt:
+                        nxt = c
+            if nxt is None:
+                break
+            if self._kv_get(pack_key(MERGED, nxt, 0)) is None:
+                r = self._resolve(m, nxt)
+                if r is not None:
+                    out.append((nxt, r[1]))
+            pos = nxt + 1
+        return out
+
+    def mark_merged(self, chunk: int) -> None:
+        if chunk >= self.state.merge_cursor:
+            self._kv_reserve([pack_key(MERGED, chunk, 0)])
+            self._kv_put(pack_key(MERGED, chunk, 0), 0)
+
+    def set_merge_cursor(self, cursor: int) -> None:
+        old = self.state.merge_cursor
+        super().set_merge_cursor(cursor)
+        self._drop_markers(pack_key(MERGED, old, 0), pack_key(MERGED, cursor, 0))
+
+    def set_merge(self, version, keep=False, cursor=0) -> None:
+        super().set_merge(version, keep, cursor)
+        if version is None:
+            self._drop_markers(pack_key(MERGED, 0, 0), pack_key(MERGED + 1, 0, 0))
+
+    def _drop_markers(self, lo: int, hi: int) -> None:
+        for k, _v in self._kv_range(lo, hi):
+            self._kv_del(k)
+
+    # -- checks ----------------------------------------------------------------------------
+
+    def check_entries(self, entries=None) -> list[Finding]:
+        """The rules of versioned exceptions, over ``entries`` (default: all): every
+        owner is a version in the table, every history tag names a version taken of the
+        owner, only snapshots have current entries, no store chunk is referenced twice;
+        merge markers only while a merge runs; and the space figures match a recount.
+        (The on-disk store adds the block-level checks.)"""
+        out: list[Finding] = []
+        t = self.table
+        for msg in t.problems():
+            out.append(Finding("fatal", None, msg))
+        seen: set[int] = set()
+        for o, c, tag, sc in (self.exceptions() if entries is None else entries):
+            where = f"exception (version {o}, chunk {c}, tag {_tag(tag)})"
+            if not t.exists(o):
+                out.append(Finding("fatal", None, f"{where}: version {o} is not in the "
+                                                  "snapshot table"))
+            elif tag == INF and o == ORIGIN:
+                out.append(Finding("fatal", None, f"{where}: the origin has no current "
+                                                  "entries (its data is the origin)"))
+            elif tag != INF and not 0 < tag < self.state.next_snapshot_id:
+                out.append(Finding("fatal", None, f"{where}: tag names no version yet"))
+            if sc in seen:
+                out.append(Finding("fatal", None, f"{where}: store chunk {sc} is "
+                                                  "referenced twice"))
+            seen.add(sc)
+        if self.merging is None and self._kv_range(pack_key(MERGED, 0, 0),
+                                                   pack_key(MERGED + 1, 0, 0), 1):
+            out.append(Finding("fatal", None, "merge progress markers without a merge"))
+        return out
+
+
+def _tag(tag: int) -> str:
+    return "current" if tag == INF else str(tag)
