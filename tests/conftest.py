@@ -51,7 +51,7 @@ def make_store(tmp_path):
     opened = []
 
     def make(kind: str, origin_size: int = 1 << 20, store_size: int = 4 << 20,
-             chunk_size: int = 4096, max_snapshots: int = 64,
+             chunk_size: int = 4096, max_snapshots: int = 0,
              journal_blocks: int | None = None):
         if kind == "memory":
             return MemoryStore(origin_size, store_size, chunk_size, max_snapshots)

@@ -17,7 +17,7 @@ import pytest
 from ddsnap.errors import (InvalidArgument, ReadOnlyVolume, SnapshotBusy, SnapshotExists,
                            SnapshotNotFound, StoreFull, TooManySnapshots)
 from ddsnap.store.blockdev import MemoryDevice
-from ddsnap.store.format import NODE_MAX, Leaf
+from ddsnap.store.format import INF, LEAF_MAX, NODE_MAX, pack_key
 from ddsnap.store.memory import MemoryStore
 from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
@@ -49,8 +49,13 @@ def no_fatal(store) -> None:
 
 
 def exc_dict(store) -> dict:
-    """The store's exceptions as ``{chunk: sorted [(sharemap, store_chunk)]}``."""
-    return {c: sorted(tuple(e) for e in ex) for c, ex in store.exceptions()}
+    """The store's exceptions as ``{(owner, chunk, tag): store_chunk}``."""
+    return {(o, c, t): sc for o, c, t, sc in store.exceptions()}
+
+
+def cur(version: int, chunk: int) -> tuple:
+    """The key of ``version``'s own current data at ``chunk``."""
+    return (version, chunk, INF)
 
 
 # =======================================================================================
@@ -58,11 +63,10 @@ def exc_dict(store) -> dict:
 
 def test_no_snapshots_means_no_sharers(make_store, kind):
     store = make_store(kind)
-    assert store.snapshots() == [] and store.live_mask == 0
+    assert store.snapshots() == []
     assert store.origin_chunks == (1 << 20) // 4096
     for c in (0, 1, 255):
         assert store.origin_sharers(c) == 0
-        assert store.snapshot_exception(0, c) == (None, False)
     assert list(store.exceptions()) == []
     assert store.check() == []
 
@@ -71,135 +75,186 @@ def test_sharers_follow_the_live_snapshots(make_store, kind):
     store = make_store(kind)
     a = store.create_snapshot("a")
     b = store.create_snapshot("b", read_only=True, created=123456789)
-    assert a.bit != b.bit and b.id > a.id
+    assert b.id > a.id > 0
     assert (b.read_only, b.created, a.read_only) == (True, 123456789, False)
-    mask = (1 << a.bit) | (1 << b.bit)
-    assert store.live_mask == mask
+    assert (a.parent, a.parent_name) == (0, "origin")
     assert [s.name for s in store.snapshots()] == ["a", "b"]
     assert store.snapshot("b") == b
     for c in (0, 17, 255):
-        assert store.origin_sharers(c) == mask
-        assert store.snapshot_exception(a.bit, c) == (None, False)
+        # A copy-out is tagged with the newest snapshot: it serves every older one too.
+        assert store.origin_sharers(c) == b.id
+        assert store.snapshot_exception(a.id, c) == (None, False)
 
 
 def test_origin_and_snapshot_exceptions(make_store, kind):
     store = make_store(kind)
     a = store.create_snapshot("a")
     b = store.create_snapshot("b")
-    ab = (1 << a.bit) | (1 << b.bit)
     sc = store.allocate_chunk()
-    store.add_origin_exception(5, sc, ab)
+    store.add_origin_exception(5, sc, store.origin_sharers(5))
     assert store.origin_sharers(5) == 0
-    assert store.origin_sharers(4) == ab and store.origin_sharers(6) == ab
-    assert store.snapshot_exception(a.bit, 5) == (sc, False)
-    assert store.snapshot_exception(b.bit, 5) == (sc, False)
-    # a takes a chunk of its own: it leaves the shared exception, which b now owns alone.
+    assert store.origin_sharers(4) == b.id and store.origin_sharers(6) == b.id
+    assert store.snapshot_exception(a.id, 5) == (sc, False)
+    assert store.snapshot_exception(b.id, 5) == (sc, False)
+    # a takes a chunk of its own: the copy-out stays, b alone reads it now (in place).
+    assert not store.snapshot_write_keeps(a.id, 5)
     mine = store.allocate_chunk()
     assert mine != sc
-    store.add_snapshot_exception(a.bit, 5, mine)
-    assert store.snapshot_exception(a.bit, 5) == (mine, True)
-    assert store.snapshot_exception(b.bit, 5) == (sc, True)
+    store.add_snapshot_exception(a.id, 5, mine)
+    assert store.snapshot_exception(a.id, 5) == (mine, True)
+    assert store.snapshot_exception(b.id, 5) == (sc, True)
     # A snapshot can also diverge at a chunk it still shares with the origin.
     own = store.allocate_chunk()
-    store.add_snapshot_exception(b.bit, 9, own)
-    assert store.snapshot_exception(b.bit, 9) == (own, True)
-    assert store.origin_sharers(9) == 1 << a.bit
+    store.add_snapshot_exception(b.id, 9, own)
+    assert store.snapshot_exception(b.id, 9) == (own, True)
+    assert store.origin_sharers(9) == b.id  # a still reads the origin there
     # A snapshot created now reads the origin everywhere.
     c = store.create_snapshot("c")
-    assert store.origin_sharers(5) == 1 << c.bit
-    assert store.origin_sharers(9) == (1 << a.bit) | (1 << c.bit)
-    assert store.snapshot_exception(c.bit, 5) == (None, False)
+    assert store.origin_sharers(5) == c.id
+    assert store.origin_sharers(9) == c.id
+    assert store.snapshot_exception(c.id, 5) == (None, False)
     store.commit()
-    assert exc_dict(store) == {5: sorted([(1 << a.bit, mine), (1 << b.bit, sc)]),
-                               9: [(1 << b.bit, own)]}
+    want = {(0, 5, b.id): sc, cur(a.id, 5): mine, cur(b.id, 9): own}
+    assert exc_dict(store) == want
+    assert store.snapshot_space() == {a.id: (1, 0), b.id: (2, 0), c.id: (0, 0)}
     no_fatal(store)
     store = make_store.reopen(store)
-    assert exc_dict(store) == {5: sorted([(1 << a.bit, mine), (1 << b.bit, sc)]),
-                               9: [(1 << b.bit, own)]}
+    assert exc_dict(store) == want
     assert [s.name for s in store.snapshots()] == ["a", "b", "c"]
+    assert store.snapshot_space() == {a.id: (1, 0), b.id: (2, 0), c.id: (0, 0)}
     assert store.check() == []
 
 
-def test_unsharing_the_last_sharer_frees_the_old_chunk(make_store, kind):
+def test_a_copy_out_one_snapshot_reads_is_written_in_place(make_store, kind):
     store = make_store(kind)
     a = store.create_snapshot("a")
     sc = store.allocate_chunk()
-    store.add_origin_exception(3, sc, 1 << a.bit)
-    free = store.space()["chunks_free"]
-    new = store.allocate_chunk()
-    store.add_snapshot_exception(a.bit, 3, new)
-    assert store.space()["chunks_free"] == free  # one taken, one given back
-    assert exc_dict(store) == {3: [(1 << a.bit, new)]}
+    store.add_origin_exception(3, sc, store.origin_sharers(3))
+    assert store.snapshot_exception(a.id, 3) == (sc, True)
     store.commit()
     assert store.check() == []
 
 
-def test_allocate_chunk_until_full(make_store, kind):
-    store = make_store(kind, store_size=2 << 20)
-    space = store.space()
-    assert space["chunks_total"] == space["chunks_free"] + space["chunks_used"]
-    n = space["chunks_free"]
-    assert n > 100
-    got = []
-    for i in range(n):
-        got.append(store.allocate_chunk())
-        assert store.space()["chunks_free"] == n - i - 1
-    assert len(set(got)) == n
-    for sc in got:  # every chunk lies inside the data device
-        assert 0 <= sc and (sc + 1) * store.chunk_size <= store.cow.size
-    with pytest.raises(StoreFull) as e:
-        store.allocate_chunk()
-    assert e.value.errno == errno.ENOSPC
-    assert store.space()["chunks_free"] == 0
-    with pytest.raises(StoreFull):
-        store.allocate_chunk()
+def test_snapshots_of_snapshots(make_store, kind):
+    store = make_store(kind)
+    a = store.create_snapshot("a")
+    store.add_origin_exception(1, store.allocate_chunk(), store.origin_sharers(1))
+    ca = store.create_snapshot("ca", parent=a.id)
+    assert (ca.parent, ca.parent_name) == (a.id, "a")
+    assert store.snapshot_exception(ca.id, 1) == store.snapshot_exception(a.id, 1)
+    assert store.snapshot_exception(ca.id, 2) == (None, False)  # both read the origin
+    assert store.origin_sharers(2) == a.id  # a copy-out for a serves ca through it
+    # a writes chunk 1, which only a and ca read: the copy-out becomes ca's (no copy).
+    assert not store.snapshot_write_keeps(a.id, 1)
+    old = store.snapshot_exception(a.id, 1)[0]
+    new = store.allocate_chunk()
+    store.add_snapshot_exception(a.id, 1, new)
+    assert store.snapshot_exception(a.id, 1) == (new, True)
+    assert store.snapshot_exception(ca.id, 1) == (old, True)
+    # a writes chunk 2, where both read the origin: ca keeps a copy of the origin data.
+    assert store.snapshot_write_keeps(a.id, 2)
+    new2, kept = store.allocate_chunk(), store.allocate_chunk()
+    store.add_snapshot_exception(a.id, 2, new2, kept)
+    assert store.snapshot_exception(ca.id, 2) == (kept, True)
+    assert store.snapshot_exception(a.id, 2) == (new2, True)
+    # ca writes chunk 3 (reads the origin through a): a is not concerned.
+    assert not store.snapshot_write_keeps(ca.id, 3)
+    store.add_snapshot_exception(ca.id, 3, store.allocate_chunk())
+    assert store.snapshot_exception(a.id, 3) == (None, False)
+    assert store.snapshot_space() == {a.id: (2, 0), ca.id: (3, 0)}
+    store.commit()
+    no_fatal(store)
+    # Deleting the parent keeps the child whole: a lives on as a ghost.
+    before = {c: store.snapshot_exception(ca.id, c)[0] for c in range(5)}
+    store.begin_delete("a")
+    sweep_all(store)
+    assert [s.name for s in store.snapshots()] == ["ca"]
+    assert store.snapshots()[0].parent_name is None
+    assert {c: store.snapshot_exception(ca.id, c)[0] for c in range(5)} == before
+    assert store.snapshot_space() == {ca.id: (3, 0)}
+    assert store.space()["chunks_used"] == 3 + (store.space()["chunks_used"] - 3)
+    no_fatal(store)
+    store = make_store.reopen(store)
+    assert {c: store.snapshot_exception(ca.id, c)[0] for c in range(5)} == before
+    assert store.snapshot_space() == {ca.id: (3, 0)}
+    store.begin_delete("ca")
+    sweep_all(store)
+    assert list(store.exceptions()) == [] and store.table.index == {}
+    assert store.check() == []
 
 
-def test_allocated_chunks_do_not_overlap_store_metadata(make_store):
-    store = make_store("shared-memory", store_size=2 << 20, chunk_size=16384)
-    got = []
-    while True:
-        try:
-            got.append(store.allocate_chunk())
-        except StoreFull:
-            break
-    meta = {store.state.root, *store._read_node(store.state.root).children}
-    for sc in got:
-        blocks = set(range(sc * store.bpc, (sc + 1) * store.bpc))
-        assert blocks.isdisjoint(meta)
-        assert sc * store.bpc >= store.bitmap.data_start
+def test_many_exceptions_of_one_chunk(make_store, kind):
+    """No per-chunk cap: the same chunk copied out between 600 snapshot creations."""
+    store = make_store(kind, store_size=8 << 20)
+    ids = []
+    for i in range(600):
+        ids.append(store.create_snapshot(f"s{i}").id)
+        tag = store.origin_sharers(7)
+        assert tag == ids[-1]
+        store.add_origin_exception(7, store.allocate_chunk(), tag)
+        if i % 100 == 99:
+            store.commit()
+    store.commit()
+    assert len(exc_dict(store)) == 600
+    chunks = {store.snapshot_exception(v, 7)[0] for v in ids}
+    assert len(chunks) == 600
+    assert all(store.snapshot_exception(v, 7)[1] for v in ids)
+    no_fatal(store)
+    store = make_store.reopen(store)
+    assert {store.snapshot_exception(v, 7)[0] for v in ids} == chunks
+    assert store.check() == []
+
+
+def test_unsharing_a_copy_out_with_other_readers_leaves_it_to_them(make_store, kind):
+    store = make_store(kind)
+    a = store.create_snapshot("a")
+    b = store.create_snapshot("b")
+    sc = store.allocate_chunk()
+    store.add_origin_exception(3, sc, store.origin_sharers(3))
+    free = store.space()["chunks_free"]
+    new = store.allocate_chunk()
+    store.add_snapshot_exception(a.id, 3, new)
+    assert store.space()["chunks_free"] == free - 1
+    assert exc_dict(store) == {(0, 3, b.id): sc, cur(a.id, 3): new}
+    store.commit()
+    assert store.check() == []
 
 
 def test_delete_and_sweep(make_store, kind):
     store = make_store(kind)
     a = store.create_snapshot("a")
+    only_a = []
+    for c in (1, 2, 3):  # copy-outs only a reads
+        only_a.append(store.allocate_chunk())
+        store.add_origin_exception(c, only_a[-1], store.origin_sharers(c))
     b = store.create_snapshot("b")
-    A, B = 1 << a.bit, 1 << b.bit
-    shared, only_a, only_b = (store.allocate_chunk() for _ in range(3))
-    store.add_origin_exception(1, shared, A | B)
-    store.add_origin_exception(2, only_a, A)
-    store.add_origin_exception(3, only_b, B)
+    only_b = store.allocate_chunk()
+    store.add_origin_exception(3, only_b, store.origin_sharers(3))  # a has its own
+    both = store.allocate_chunk()
+    store.add_origin_exception(4, both, store.origin_sharers(4))  # a and b
     store.commit()
     free = store.space()["chunks_free"]
+    assert store.snapshot_space() == {a.id: (3, 1), b.id: (1, 1)}
     info = store.begin_delete("a")
-    assert info.name == "a" and info.bit == a.bit
+    assert info.name == "a" and info.id == a.id
     assert [s.name for s in store.snapshots()] == ["b"]
-    assert store.live_mask == B
+    assert store.unswept_chunks() == 3
     with pytest.raises(SnapshotNotFound):
         store.snapshot("a")
     with pytest.raises(SnapshotNotFound):
         store.begin_delete("a")
     store.commit()
     sweep_all(store)
-    assert exc_dict(store) == {1: [(B, shared)], 3: [(B, only_b)]}
-    assert store.space()["chunks_free"] == free + 1  # only a's own chunk came back
+    assert exc_dict(store) == {(0, 3, b.id): only_b, (0, 4, b.id): both}
+    assert store.space()["chunks_free"] == free + 3  # a's own chunks came back
+    assert store.snapshot_space() == {b.id: (2, 0)}
     assert store.check() == []
-    # The swept bit is free again, and the snapshot that takes it sees none of a's data.
+    # A new snapshot gets a new id and sees none of a's data.
     c = store.create_snapshot("c")
-    assert c.bit == a.bit and c.id > b.id
-    assert store.snapshot_exception(c.bit, 2) == (None, False)
-    assert store.snapshot_exception(c.bit, 1) == (None, False)
-    assert store.origin_sharers(2) == (1 << c.bit) | B
+    assert c.id > b.id
+    assert store.snapshot_exception(c.id, 2) == (None, False)
+    assert store.snapshot_exception(c.id, 4) == (None, False)
+    assert store.origin_sharers(2) == c.id
     # The old name is free too.
     store.create_snapshot("a")
     store.commit()
@@ -238,41 +293,59 @@ def test_snapshot_name_rules(make_store, kind):
     assert [s.name for s in store.snapshots()] == [longest, "Origin", "origin2", "snap shot", "日本"]
 
 
-def test_too_many_snapshots(make_store, kind):
-    store = make_store(kind, max_snapshots=64)
-    for i in range(64):
+def test_snapshot_limit(make_store, kind):
+    """``--max-snapshots`` is a limit the user chose (none by default)."""
+    store = make_store(kind, max_snapshots=20)
+    for i in range(20):
         store.create_snapshot(f"s{i}")
-    assert store.live_mask == (1 << 64) - 1
     with pytest.raises(TooManySnapshots):
         store.create_snapshot("one-more")
     store.begin_delete("s10")
-    # The bit stays reserved until the delete is swept.
+    # The version stays until the delete is swept.
     with pytest.raises(TooManySnapshots):
         store.create_snapshot("one-more")
     sweep_all(store)
     info = store.create_snapshot("one-more")
-    assert info.bit == 10
+    assert info.id == 21
     store.commit()
     store = make_store.reopen(store)
-    assert len(store.snapshots()) == 64
+    assert len(store.snapshots()) == 20
+    assert store.check() == []
+
+
+def test_no_snapshot_limit_by_default(make_store, kind):
+    """More snapshots than any v2 store held (1,024), kept in a table that grows."""
+    store = make_store(kind, store_size=4 << 20)
+    for i in range(1100):
+        store.create_snapshot(f"s{i}")
+        if i % 200 == 0:
+            store.commit()
+    store.begin_delete("s3")
+    sweep_all(store)
+    store.create_snapshot("again")
+    store.commit()
+    store = make_store.reopen(store)
+    names = [s.name for s in store.snapshots()]
+    assert len(names) == 1100 and names[-1] == "again" and "s3" not in names
     assert store.check() == []
 
 
 def test_create_is_constant_time(make_store, kind):
     """Creating a snapshot touches no per-chunk state: the exceptions are unchanged and
-    the new snapshot shares every chunk with the origin without any tree change."""
-    store = make_store(kind, origin_size=4 << 20, store_size=8 << 20, max_snapshots=1024)
+    the new snapshot reads the origin everywhere without any tree change."""
+    store = make_store(kind, origin_size=4 << 20, store_size=8 << 20)
     a = store.create_snapshot("a")
     for c in range(0, 1024, 2):
-        store.add_origin_exception(c, store.allocate_chunk(), 1 << a.bit)
+        store.add_origin_exception(c, store.allocate_chunk(), store.origin_sharers(c))
     store.commit()
     before = exc_dict(store)
     space = store.space()
     b = store.create_snapshot("b")
     assert exc_dict(store) == before
     assert store.space() == space
-    assert store.origin_sharers(2) == 1 << b.bit
-    assert store.origin_sharers(3) == (1 << a.bit) | (1 << b.bit)
+    assert store.origin_sharers(2) == b.id
+    assert store.origin_sharers(3) == b.id
+    assert store.snapshot_exception(b.id, 2) == (None, False)
 
 
 @pytest.mark.parametrize("kind", SHARED_KINDS)
@@ -280,18 +353,20 @@ def test_create_commit_size_does_not_depend_on_the_tree(make_store, kind):
     """A SharedStore commits a snapshot creation as one snapshot-table block, whether the
     tree is a single leaf or hundreds."""
     sizes = []
-    for exceptions in (0, 2000):
-        store = make_store(kind, origin_size=16 << 20, store_size=16 << 20, max_snapshots=1024)
+    for exceptions in (0, 20000):
+        store = make_store(kind, origin_size=128 << 20, store_size=128 << 20)
         a = store.create_snapshot("a")
         for c in range(exceptions):
-            store.add_origin_exception(c, store.allocate_chunk(), 1 << a.bit)
+            store.add_origin_exception(c, store.allocate_chunk(), a.id)
+            if c % 5000 == 0:
+                store.commit()
         store.commit()
         store.create_snapshot("b")
         batch = store.begin_commit()
         sizes.append(len(batch.tx.images))
         store.write_commit(batch)
         if exceptions:
-            assert store.state.levels >= 1 and sum(1 for _ in store._leaves()) > 50
+            assert sum(1 for _ in store._leaves()) > 100
     assert sizes == [1, 1]
 
 
@@ -308,7 +383,7 @@ class Rig:
     """
 
     def __init__(self, make_store, kind, origin_size=256 << 10, store_size=4 << 20,
-                 chunk_size=4096, max_snapshots=64, seed=0, journal_blocks=None):
+                 chunk_size=4096, max_snapshots=0, seed=0, journal_blocks=None):
         self.make_store = make_store
         self.kind = kind
         self.store = make_store(kind, origin_size=origin_size, store_size=store_size,
@@ -382,9 +457,9 @@ def test_copy_out_once_for_many_snapshots(rig):
     base = rig.used()
     rig.write("origin", 3 * cs + 100, b"N" * 50)
     assert rig.used() == base + 1, "N snapshots sharing a chunk need ONE copy-out"
-    excs = exc_dict(rig.store)
-    allbits = sum(1 << rig.infos[n].bit for n in names)
-    assert list(excs) == [3] and len(excs[3]) == 1 and excs[3][0][0] == allbits
+    newest = rig.infos[names[-1]].id
+    assert list(exc_dict(rig.store)) == [(0, 3, newest)]
+    assert rig.store.snapshot_space()[newest] == (0, 1)
     # Writing the now-unique origin chunk again copies nothing.
     rig.write("origin", 3 * cs, b"M" * cs)
     assert rig.used() == base + 1
@@ -410,18 +485,20 @@ def test_snapshot_writes_unshare(rig):
     assert rig.used() == base + 1
     assert rig.read("s2", 0, 10) == rig.model["s2"][:10] != rig.model["s1"][:10]
     assert rig.read("origin", 0, 10) == b"o" * 10
-    assert rig.store.snapshot_exception(s1.bit, 0)[1] is True
-    assert rig.store.snapshot_exception(s2.bit, 0)[1] is True
+    assert rig.store.snapshot_exception(s1.id, 0)[1] is True
+    assert rig.store.snapshot_exception(s2.id, 0)[1] is True
     rig.write("s1", 6, b"again")  # already unique: no new chunk
     assert rig.used() == base + 1
     # Diverging from the origin at chunk 7 leaves the origin and s2 alone.
     rig.write("s1", 7 * cs + 1, b"seven")
     assert rig.used() == base + 2
-    assert rig.store.origin_sharers(7) == 1 << s2.bit
+    assert rig.store.origin_sharers(7) == s2.id
     # ...so an origin write there copies out for s2 only.
     rig.write("origin", 7 * cs, b"X" * cs)
-    assert exc_dict(rig.store)[7] == sorted([(1 << s1.bit, rig.store.snapshot_exception(s1.bit, 7)[0]),
-                                             (1 << s2.bit, rig.store.snapshot_exception(s2.bit, 7)[0])])
+    excs = exc_dict(rig.store)
+    assert excs[(s1.id, 7, INF)] == rig.store.snapshot_exception(s1.id, 7)[0]
+    assert excs[(0, 7, s2.id)] == rig.store.snapshot_exception(s2.id, 7)[0]
+    assert rig.store.snapshot_space() == {s1.id: (2, 0), s2.id: (2, 0)}
     assert rig.used() == base + 3
     rig.verify()
     rig.reopen()
@@ -576,41 +653,42 @@ def test_delete_frees_only_the_chunks_that_snapshot_used(rig):
 
 @pytest.mark.parametrize("kind", SHARED_KINDS)
 def test_delete_compacts_the_tree(make_store, kind):
-    """Enough exceptions for a two-level tree (4 KiB chunks, 1024-bit sharemaps make
-    leaves small); deleting shrinks the tree back and frees every block it used."""
-    cs = 4096
-    size = 16 << 20
-    rig = Rig(make_store, kind, origin_size=size, store_size=24 << 20, chunk_size=cs,
-              max_snapshots=1024)
-    store = rig.store
-    base = rig.used()
+    """Enough exceptions for a two-level tree; deleting shrinks the tree back and frees
+    every block it used."""
+    n = 30000
+    store = make_store(kind, origin_size=n * 4096, store_size=(n + n // 8 + 3000) * 4096)
+    base = store.space()["chunks_used"]
     assert store.state.levels == 1
-    rig.create("a")
-    step = 1 << 20
-    for off in range(0, size, step):
-        rig.write("origin", off, bytes([off // step + 1]) * step)
+    a = store.create_snapshot("a")
+    for c in range(n):
+        store.add_origin_exception(c, store.allocate_chunk(), a.id)
+        if c % 5000 == 4999:
+            store.commit()
     assert store.state.levels >= 2, "the tree did not grow a level"
     leaves_before = sum(1 for _ in store._leaves())
-    assert leaves_before > 252
-    rig.create("b")
-    for c in range(0, size // cs, 8):
-        rig.write("origin", c * cs, b"second")
-    b_chunks = size // cs // 8
+    assert leaves_before > NODE_MAX
+    b = store.create_snapshot("b")
+    b_chunks = 0
+    for c in range(0, n, 8):
+        store.add_origin_exception(c, store.allocate_chunk(), b.id)
+        b_chunks += 1
+    store.commit()
     assert store.check() == []
-    rig.delete("a")
+    store.begin_delete("a")
+    sweep_all(store)
     assert store.state.levels == 1, "the tree kept its levels after the delete"
     leaves_after = sum(1 for _ in store._leaves())
-    assert leaves_after <= -(-b_chunks // 27) + 2 <= leaves_before // 10
+    assert leaves_after <= b_chunks // (LEAF_MAX // 4) + 2
+    assert leaves_after < leaves_before // 2
     assert store.check() == []
-    assert rig.used() == base + b_chunks + leaves_after + 1 - 2  # data + leaves + root
-    rig.verify()
-    rig.reopen()
-    store = rig.store
-    rig.verify()
+    assert store.space()["chunks_used"] == base + b_chunks + leaves_after + 1 - 2
+    store = make_store.reopen(store)
     assert store.check() == []
-    rig.delete("b")
+    assert all(store.snapshot_exception(b.id, c)[0] is not None for c in range(0, n, 8))
+    store.begin_delete("b")
+    sweep_all(store)
     assert store.state.levels == 1 and sum(1 for _ in store._leaves()) == 1
-    assert rig.used() == base
+    assert store.space()["chunks_used"] == base
     assert store.check() == []
 
 
@@ -620,24 +698,20 @@ def test_split_without_room_changes_nothing(make_store, kind, spare):
     """An exception whose leaf must split, with the root index node full too, when fewer
     free blocks remain than the split needs (new leaf, new index node, new root): it is
     refused with StoreFull and the tree, the bitmap and the space are as they were."""
-    store = make_store(kind, origin_size=64 << 20, store_size=20 << 20, max_snapshots=1024)
+    store = make_store(kind, origin_size=1 << 30, store_size=140 << 20)
     a = store.create_snapshot("a")
-    bit = 1 << a.bit
     nxt = 0
 
     def add():
         nonlocal nxt
-        store.add_origin_exception(nxt, store.allocate_chunk(), bit)
+        store.add_origin_exception(nxt, store.allocate_chunk(), a.id)
         nxt += 1
-        if nxt % 200 == 0:
+        if nxt % 5000 == 0:
             store.commit()
 
     while len(store._read_node(store.state.root).keys) < NODE_MAX:
         add()
-    while True:  # fill the last leaf: the next exception splits it
-        _p, _b, leaf = store._probe(nxt)
-        if not Leaf(leaf.keys + [nxt], leaf.excs + [[[bit, 0]]]).fits(store.exc_size):
-            break
+    while len(store._probe(pack_key(0, nxt, a.id))[2].keys) < LEAF_MAX:  # it would split
         add()
     store.commit()
     assert store.state.levels == 1
@@ -647,7 +721,7 @@ def test_split_without_room_changes_nothing(make_store, kind, spare):
     before, space = exc_dict(store), store.space()
     sc = store.allocate_chunk()
     with pytest.raises(StoreFull):
-        store.add_origin_exception(nxt, sc, bit)
+        store.add_origin_exception(nxt, sc, a.id)
     store.release_chunk(sc)
     assert exc_dict(store) == before and store.space() == space
     assert store.state.levels == 1
@@ -658,7 +732,7 @@ def test_split_without_room_changes_nothing(make_store, kind, spare):
     store = make_store.reopen(store)
     assert exc_dict(store) == before and store.check() == []
     # With room, the same exception goes in and the tree grows a level.
-    store.add_origin_exception(nxt, store.allocate_chunk(), bit)
+    store.add_origin_exception(nxt, store.allocate_chunk(), a.id)
     store.commit()
     assert store.state.levels == 2 and store.check() == []
 
@@ -695,14 +769,14 @@ def test_space_freed_by_a_sweep_is_not_reused_before_its_checkpoint(make_store, 
     """Chunks and blocks a sweep frees stay quarantined until the sweep's commit has
     checkpointed the journal: until then recovery could replay a transaction that still
     uses them (the revoke problem), so handing them out would let new data be lost."""
-    store = make_store(kind, origin_size=8 << 20, store_size=8 << 20, max_snapshots=1024)
+    store = make_store(kind, origin_size=8 << 20, store_size=8 << 20)
     a = store.create_snapshot("a")
-    b = store.create_snapshot("b")
     mine = []
-    for c in range(120):  # several leaves of a's own exceptions, one shared exception
+    for c in range(1200):  # several leaves of a's own exceptions, one shared exception
         mine.append(store.allocate_chunk())
-        store.add_origin_exception(c, mine[-1], 1 << a.bit)
-    store.add_origin_exception(500, store.allocate_chunk(), (1 << a.bit) | (1 << b.bit))
+        store.add_origin_exception(c, mine[-1], a.id)
+    b = store.create_snapshot("b")
+    store.add_origin_exception(1500, store.allocate_chunk(), b.id)
     store.commit()
     leaves = {blk for blk, _ in store._leaves()}
     assert len(leaves) > 3
@@ -738,7 +812,7 @@ def test_snapshot_info_survives_reopen_and_formats(make_store, kind):
     info = store.create_snapshot("nightly", read_only=True, created=created)
     assert info.created_iso == "2026-01-01T00:00:00.123457Z"
     assert info.to_dict() == {"name": "nightly", "id": info.id, "created": info.created_iso,
-                              "read_only": True, "bit": info.bit}
+                              "read_only": True, "parent": "origin", "parent_id": 0}
     store.commit()
     store = make_store.reopen(store)
     assert store.snapshot("nightly") == info
@@ -768,21 +842,22 @@ def test_nowait_lookup_matches_and_never_reads_metadata_from_disk(make_store, ki
     with the tree's blocks evicted it raises NotCached instead of reading the disk."""
     from ddsnap.store.api import NotCached
 
-    store = make_store(kind)
+    store = make_store(kind, origin_size=16 << 20, store_size=16 << 20)
     a = store.create_snapshot("a")
     b = store.create_snapshot("b")
-    for c in range(0, 400, 3):
-        store.add_origin_exception(c, store.allocate_chunk(), (1 << a.bit) | (1 << b.bit))
-    store.add_snapshot_exception(a.bit, 3, store.allocate_chunk())
+    for c in range(0, 4000, 3):
+        store.add_origin_exception(c, store.allocate_chunk(), b.id)
+    store.add_snapshot_exception(a.id, 3, store.allocate_chunk())
     store.commit()
-    for bit in (a.bit, b.bit):
-        for c in range(400):
-            assert store.snapshot_exception_nowait(bit, c) == store.snapshot_exception(bit, c)
+    for v in (a.id, b.id):
+        for c in range(4000):
+            assert (store.snapshot_exception_nowait(v, c)[0]
+                    == store.snapshot_exception(v, c)[0])
     if isinstance(store, MemoryStore):
         return  # nothing ever leaves memory
     assert store.state.levels >= 1, "the test wants a tree with index nodes"
     store._cache.clear()
     with pytest.raises(NotCached):
-        store.snapshot_exception_nowait(a.bit, 3)
-    assert store.snapshot_exception(a.bit, 3)[1] is True  # loads the path
-    assert store.snapshot_exception_nowait(a.bit, 3) == store.snapshot_exception(a.bit, 3)
+        store.snapshot_exception_nowait(a.id, 3)
+    assert store.snapshot_exception(a.id, 3)[1] is True  # loads the path
+    assert store.snapshot_exception_nowait(a.id, 3)[0] == store.snapshot_exception(a.id, 3)[0]

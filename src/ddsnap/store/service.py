@@ -810,10 +810,12 @@ class MetadataService:
             for c in range(first, last + 1):
                 sc, unique = self.store.snapshot_exception(v, c)
                 if unique:
-                    # Unique maybe only by a change not yet durable (its own unshare, or
-                    # a snapshot taken of it unsharing): data written there before that
-                    # commits is lost to a crash.
-                    need = max(need, self._pending.get((v, c), -1))
+                    # Unique maybe only by a change not yet durable (its own unshare, a
+                    # snapshot taken of it unsharing, or another reader of an ancestor's
+                    # exception leaving it): data written there before that commits is
+                    # lost to a crash.
+                    for a in [v] + self._ancestors(v):
+                        need = max(need, self._pending.get((a, c), -1))
                     out.append(sc)
                     continue
                 while True:

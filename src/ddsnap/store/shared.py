@@ -695,18 +695,18 @@ class SharedStore(VersionedStore):
         del leaf.keys[i]
         del leaf.vals[i]
         self._mark(lblock, leaf)
-        if len(leaf.keys) < LEAF_MAX // 4:
+        if len(leaf.keys) < LEAF_MAX // 2:
             self._rebalance(path, lblock, leaf)
 
     def _rebalance(self, path, lblock: int, leaf: Leaf) -> None:
-        """An under-full leaf: merge it into a neighbour under the same index node when
-        both fit in three quarters of a leaf, or unlink it when empty; index nodes left
-        with no children are unlinked too, and a root with one child drops a level."""
+        """An under-full leaf: merge it with a neighbour under the same index node when
+        both fit in three quarters of a leaf (an empty one always goes); index nodes are
+        merged the same way up the path, and a root with one child drops a level."""
         nblock, node, i = path[-1]
         if len(node.children) > 1:
             j = i + 1 if i + 1 < len(node.children) else i - 1
             other = self._read_leaf(node.children[j])
-            if len(other.keys) + len(leaf.keys) <= LEAF_MAX * 3 // 4:
+            if not leaf.keys or len(other.keys) + len(leaf.keys) <= LEAF_MAX * 3 // 4:
                 lo, hi = min(i, j), max(i, j)
                 left = leaf if lo == i else other
                 right = other if lo == i else leaf
@@ -717,29 +717,35 @@ class SharedStore(VersionedStore):
                 del node.keys[hi]
                 del node.children[hi]
                 self._mark(nblock, node)
+                self._rebalance_node(path, len(path) - 1)
         elif not leaf.keys and len(path) > 1:
             self._unlink(path, len(path) - 1)
         self._collapse_root()
 
-    def _unlink(self, path, level: int) -> None:
-        """Remove the (empty) subtree ``path[level]`` points into from its parent."""
-        nblock, node, i = path[level]
-        self._free_meta(node.children[i])
-        lower = node.keys[0]
-        del node.keys[i]
-        del node.children[i]
-        if node.children:
-            node.keys[0] = lower  # the node still covers its whole range
-            self._mark(nblock, node)
-        elif level > 0:
-            self._unlink(path, level - 1)
-        else:
-            # The whole tree became empty: a root over one empty leaf again.
-            leaf_block = self._take_block()
-            self._put(leaf_block, Leaf())
-            node.keys[:] = [0]
-            node.children[:] = [leaf_block]
-            self._mark(nblock, node)
+    def _rebalance_node(self, path, level: int) -> None:
+        """Index node ``path[level]`` lost a child: merge it with a neighbour under its
+        parent when both fit in three quarters of a node, and go on up."""
+        if level == 0:
+            return
+        nblock, node, _i = path[level]
+        pblock, parent, i = path[level - 1]
+        if len(parent.children) < 2:
+            return
+        j = i + 1 if i + 1 < len(parent.children) else i - 1
+        other = self._read_node(parent.children[j])
+        if len(other.children) + len(node.children) > NODE_MAX * 3 // 4:
+            return
+        lo, hi = min(i, j), max(i, j)
+        left = node if lo == i else other
+        right = other if lo == i else node
+        left.keys.extend(parent.keys[hi:hi + 1] + right.keys[1:])
+        left.children.extend(right.children)
+        self._mark(parent.children[lo], left)
+        self._free_meta(parent.children[hi])
+        del parent.keys[hi]
+        del parent.children[hi]
+        self._mark(pblock, parent)
+        self._rebalance_node(path, level - 1)
 
     def _collapse_root(self) -> None:
         while self.state.levels > 1:
@@ -794,6 +800,12 @@ class SharedStore(VersionedStore):
 
     def _table_changed(self) -> None:
         self._state_dirty = True
+
+    def sweep_step(self) -> bool:
+        done = super().sweep_step()
+        # What it freed is reusable once both superblock slots are past it.
+        self._want_checkpoint = True
+        return done
 
     def _lookup(self, version, chunk, nowait):
         if nowait:

@@ -12,6 +12,7 @@ the last of them is gone (the versioned pointers of the seed's author; docs/form
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import heapq
 import time
 
@@ -81,6 +82,7 @@ class VersionTable:
         self.index: dict[int, int] = {}  # version id -> slot index
         self.children: dict[int, list[int]] = {ORIGIN: []}
         self._free: list[int] = []  # free slot indexes (a heap)
+        self.names: dict[str, int] = {}  # live snapshot name -> version id
         #: bumped on every change of the tree or of a state (cached figures depend on it)
         self.generation = 0
         for i, s in enumerate(slots):
@@ -88,11 +90,15 @@ class VersionTable:
                 self._free.append(i)
             else:
                 self.index[s.id] = i
+                if s.state == SLOT_LIVE:
+                    self.names[s.name] = s.id
         heapq.heapify(self._free)
         for vid in sorted(self.index):
             self.children.setdefault(vid, [])
         for vid in sorted(self.index):
             self.children.setdefault(self.slot(vid).parent, []).append(vid)
+        #: the live snapshots' descriptions, by id (ascending: ids only grow)
+        self._live: dict[int, SnapshotInfo] = {vid: self.info(vid) for vid in sorted(self.names.values())}
 
     def problems(self) -> list[str]:
         """What is wrong with the tree as read (``check``): duplicate ids, parents that
@@ -150,10 +156,10 @@ class VersionTable:
 
     def live(self) -> list[SnapshotInfo]:
         """Live snapshots, oldest (lowest id) first."""
-        return [self.info(vid) for vid in sorted(self.index) if self.is_live(vid)]
+        return list(self._live.values())
 
     def live_ids(self) -> list[int]:
-        return sorted(vid for vid in self.index if self.is_live(vid))
+        return list(self._live)
 
     def with_state(self, state: int) -> list[int]:
         return sorted(vid for vid in self.index if self.state(vid) == state)
@@ -164,11 +170,10 @@ class VersionTable:
         Raises:
             SnapshotNotFound: no such snapshot.
         """
-        for vid, i in self.index.items():
-            s = self.slots[i]
-            if s.state == SLOT_LIVE and s.name == name:
-                return vid
-        raise SnapshotNotFound(name)
+        vid = self.names.get(name)
+        if vid is None:
+            raise SnapshotNotFound(name)
+        return vid
 
     # -- changing --------------------------------------------------------------------------
 
@@ -197,10 +202,8 @@ class VersionTable:
             TooManySnapshots: :attr:`cap` versions exist, or ids are exhausted.
         """
         validate_name(name)
-        for i in self.index.values():
-            s = self.slots[i]
-            if s.state == SLOT_LIVE and s.name == name:
-                raise SnapshotExists(name)
+        if name in self.names:
+            raise SnapshotExists(name)
         if sid > MAX_VERSION:
             raise TooManySnapshots(f"snapshot ids are exhausted ({MAX_VERSION})")
         if self.cap and len(self.index) >= self.cap:
@@ -218,15 +221,24 @@ class VersionTable:
             self.slots.append(SnapSlot())
         self.slots[i] = SnapSlot(SLOT_LIVE, read_only, sid, created, name, parent, size)
         self.index[sid] = i
+        self.names[name] = sid
         self.children[sid] = []
         bisect.insort(self.children.setdefault(parent, []), sid)
         self._touch(i)
-        return self.info(sid)
+        info = self._live[sid] = self.info(sid)
+        return info
 
     def set_state(self, vid: int, state: int) -> None:
         """Move version ``vid`` to ``state`` (live, ghost or being deleted)."""
         i = self.index[vid]
         s = self.slots[i]
+        if s.state == SLOT_LIVE and state != SLOT_LIVE:
+            self.names.pop(s.name, None)
+            del self._live[vid]
+            for child in self.children.get(vid, ()):
+                if child in self._live:  # its parent has no name any more
+                    self._live[child] = dataclasses.replace(self._live[child],
+                                                            parent_name=None)
         name = s.name if state == SLOT_LIVE else ""
         self.slots[i] = SnapSlot(state, s.read_only and state == SLOT_LIVE, s.id, s.created,
                                  name, s.parent, s.size)
@@ -247,6 +259,9 @@ class VersionTable:
     def free(self, vid: int) -> None:
         """Forget version ``vid`` (swept, no versions taken of it left)."""
         i = self.index.pop(vid)
+        if self.slots[i].state == SLOT_LIVE:
+            self.names.pop(self.slots[i].name, None)
+            del self._live[vid]
         parent = self.slots[i].parent
         self.slots[i] = SnapSlot()
         heapq.heappush(self._free, i)
@@ -367,9 +382,9 @@ class SpaceAccount:
         return out
 
 
-def region_readers(table: VersionTable, group: tuple) -> list[int]:
+def region_readers(table: VersionTable, group: tuple, limit: int | None = None) -> list[int]:
     """The live versions reading the exceptions of ``group`` ``(owner, lo, hi, shadow)``
-    (see :class:`SpaceAccount`), in no particular order."""
+    (see :class:`SpaceAccount`), in no particular order; at most ``limit`` of them."""
     owner, lo, hi, shadow = group
     out = []
     if hi == INF and owner != ORIGIN and table.is_live(owner):
@@ -378,7 +393,7 @@ def region_readers(table: VersionTable, group: tuple) -> list[int]:
     i = bisect.bisect_right(kids, lo)
     j = len(kids) if hi == INF else bisect.bisect_right(kids, hi)
     stack = [y for y in kids[i:j] if y not in shadow]
-    while stack:
+    while stack and (limit is None or len(out) < limit):
         y = stack.pop()
         if table.is_live(y):
             out.append(y)

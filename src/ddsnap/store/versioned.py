@@ -330,16 +330,34 @@ class VersionedStore(ExceptionStore):
         if r is None:
             return None, False
         key, sc = r
-        if key >> 96 != version:
-            return sc, False
-        if not self.table.children.get(version):
-            return sc, True
-        lo = self._prev_tag(version, chunk, INF)
-        return sc, not self._readers_after(version, lo, chunk)
+        owner, _c, tag = unpack_key(key)
+        if owner == version:  # its own current data: unique unless a child reads it
+            if not self.table.children.get(version):
+                return sc, True
+            lo = self._prev_tag(version, chunk, INF)
+            return sc, not self._readers_after(version, lo, chunk)
+        # An ancestor's exception (a copy-out, say) that no other live snapshot reads:
+        # the snapshot may write it in place, as seed 000 does with a unique exception.
+        readers = region_readers(self.table, self._gkey(owner, chunk, tag), limit=2)
+        return sc, readers == [version]
+
+    def _within(self, group: tuple, version: int) -> bool:
+        """True if every live reader of ``group`` is ``version`` or taken (directly or
+        not) of it."""
+        for r in region_readers(self.table, group):
+            while r != version and r != ORIGIN:
+                r = self.table.parent(r)
+            if r != version:
+                return False
+        return True
 
     def snapshot_write_keeps(self, version: int, chunk: int) -> bool:
-        return (not self._has_entries(version, chunk)
-                and self._readers_after(version, 0, chunk))
+        if self._has_entries(version, chunk) or not self._readers_after(version, 0, chunk):
+            return False
+        # The snapshots taken of it read an ancestor's exception through it: when nobody
+        # else reads that one, it becomes theirs as it is (no copy).
+        r = self._resolve_above(version, chunk)
+        return r is None or not self._within(self._gkey_of(r[0]), version)
 
     def add_origin_exception(self, chunk, store_chunk, tag) -> None:
         self._kv_reserve([pack_key(ORIGIN, chunk, tag)])
@@ -364,8 +382,21 @@ class VersionedStore(ExceptionStore):
                 sp.move(old, self._gkey(version, chunk, tag))
                 sp.add(self._gkey(version, chunk, INF))
             return
-        before = self._gkey_of(r[0]) if r is not None and sp is not None else None
         added = []
+        if (kept is None and r is not None and self._readers_after(version, 0, chunk)
+                and self._within(self._gkey_of(r[0]), version)):
+            # Only this snapshot's subtree reads the ancestor's exception: it becomes the
+            # history kept for the snapshots taken of it (re-keyed, not copied).
+            old_g = self._gkey_of(r[0]) if sp is not None else None
+            tag = self._newest_child(version)
+            self._del_entry(*unpack_key(r[0]))
+            self._put_entry(version, chunk, tag, r[1])
+            self._put_entry(version, chunk, INF, store_chunk)
+            if sp is not None:
+                sp.move(old_g, self._gkey(version, chunk, tag))
+                sp.add(self._gkey(version, chunk, INF))
+            return
+        before = self._gkey_of(r[0]) if r is not None and sp is not None else None
         if kept is not None:
             tag = self._newest_child(version)
             self._put_entry(version, chunk, tag, kept)
