@@ -2,12 +2,14 @@
 plain bytes model of every volume.
 
 A hypothesis RuleBasedStateMachine writes unaligned ranges to the origin and to writable
-snapshots, reads any volume, creates and deletes snapshots, flushes, and closes and
+snapshots, reads any volume, creates snapshots of the origin and of snapshots (clones),
+deletes snapshots (parents too: their clones stay whole), flushes, and closes and
 reopens the store (SharedStore: ``svc.close()``, ``SharedStore.open`` on the same device,
 a new MetadataService; also an unclean reopen that replays the journal; a no-op for a
 MemoryStore).  Every read must equal the model.  After every step the store's exceptions
-must be consistent with the live snapshots, its space accounting exact (no leaks) and its
-per-snapshot space figures equal to a brute-force count; at teardown ``check()`` finds
+must follow the rules of versioned exceptions, its space accounting exact (no leaks) and
+its per-snapshot space figures equal to a brute-force count (who reads each store chunk,
+found by looking every snapshot up at every chunk); at teardown ``check()`` finds
 nothing fatal, before and after a final reopen.
 
 The stores are kept small so that StoreFull happens: a write that fails with it may
@@ -25,6 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from conftest import examples
 from ddsnap.errors import ReadOnlyVolume, StoreFull
 from ddsnap.store.blockdev import MemoryDevice
+from ddsnap.store.format import LEAF_MAX
 from ddsnap.store.memory import MemoryStore
 from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
@@ -48,7 +51,7 @@ class StoreMachine(RuleBasedStateMachine):
     CHUNK = 4096
     ORIGIN = 25 * 4096 + 1000  # the last chunk is partial
     STORE = 66 * 4096  # shared: device bytes (32 data chunks); memory: data bytes
-    MAX_SNAPSHOTS = 64
+    MAX_SNAPSHOTS = 0
     JOURNAL = 24
     MAX_WRITE = 3 * 4096 + 17
     CACHE_BLOCKS = None  # None: the store's default
@@ -179,6 +182,17 @@ class StoreMachine(RuleBasedStateMachine):
         self.infos[name] = self.svc.create_snapshot(name, read_only=read_only)
         self.model[name] = bytearray(self.model["origin"])
 
+    @precondition(lambda self: 0 < len(self.infos) < 8)
+    @rule(data=st.data(), read_only=st.sampled_from([False, False, True]))
+    def create_from(self, data, read_only):
+        """A snapshot of a snapshot: it reads what its parent reads now."""
+        parent = data.draw(st.sampled_from(sorted(self.infos)), label="parent")
+        self.counter += 1
+        name = f"c{self.counter}"
+        self.infos[name] = self.svc.create_snapshot(name, read_only=read_only, parent=parent)
+        assert self.infos[name].parent == self.infos[parent].id
+        self.model[name] = bytearray(self.model[parent])
+
     @precondition(lambda self: self.infos)
     @rule(data=st.data())
     def delete(self, data):
@@ -221,8 +235,8 @@ class StoreMachine(RuleBasedStateMachine):
         live = {s.name: s for s in self.svc.snapshots()}
         assert set(live) == set(self.infos), "snapshots changed across a reopen"
         for name, info in self.infos.items():
-            assert (live[name].id, live[name].bit, live[name].read_only,
-                    live[name].created) == (info.id, info.bit, info.read_only, info.created)
+            assert (live[name].id, live[name].parent, live[name].read_only,
+                    live[name].created) == (info.id, info.parent, info.read_only, info.created)
         self.infos = live
 
     # -- invariants --------------------------------------------------------------------------
@@ -230,44 +244,43 @@ class StoreMachine(RuleBasedStateMachine):
     @invariant()
     def exceptions_are_consistent_and_nothing_leaks(self):
         store = self.store
-        live = store.live_mask
-        assert live == sum(1 << i.bit for i in self.infos.values())
+        assert [s.id for s in store.snapshots()] == sorted(i.id for i in self.infos.values())
+        assert not store.check_entries(), store.check_entries()
         seen = set()
-        for chunk, excs in store.exceptions():
+        for owner, chunk, _tag, sc in store.exceptions():
             assert 0 <= chunk < store.origin_chunks
-            union = 0
-            for share, sc in excs:
-                assert share and not share & ~live, f"chunk {chunk}: sharemap {share:#x}"
-                assert not share & union, f"chunk {chunk}: a snapshot has two exceptions"
-                union |= share
-                assert sc not in seen, f"store chunk {sc} used twice"
-                seen.add(sc)
+            assert sc not in seen, f"store chunk {sc} used twice"
+            seen.add(sc)
         used = store.space()["chunks_used"]
         if self.SHARED:
             if self.CHUNK == 4096:
-                assert used == len(seen) + tree_blocks(store), "space leaked or double-counted"
+                meta = tree_blocks(store) + len(store.table_blocks) - 1
+                assert used == len(seen) + meta, "space leaked or double-counted"
         else:
             assert used == len(seen), "space leaked or double-counted"
 
     @invariant()
     def space_figures_are_exact(self):
         """The incremental per-snapshot space figures (issue 3) against a brute-force
-        count over the exceptions: exclusive = live part of the sharemap is that snapshot
-        alone, shared = it and at least one other."""
+        count: look every live snapshot up at every chunk, count the readers of each
+        store chunk; exclusive = read by that snapshot alone, shared = by it and another,
+        and exceptions nobody reads are the sweep's (none once a delete returned)."""
         store = self.store
-        live = store.live_mask
-        want = {i.bit: [0, 0] for i in self.infos.values()}
-        total = orphans = 0
-        for _chunk, excs in store.exceptions():
-            for share, _sc in excs:
-                total += 1
-                users = [b for b in want if (share & live) >> b & 1]
-                if not users:
-                    orphans += 1
-                for b in users:
-                    want[b][len(users) > 1] += 1
-        assert store.snapshot_space() == {b: tuple(v) for b, v in want.items()}
-        assert (store.exception_chunks(), store.unswept_chunks()) == (total, orphans)
+        readers: dict[int, list[int]] = {}
+        ids = [i.id for i in self.infos.values()]
+        for v in ids:
+            for c in range(store.origin_chunks):
+                sc = store.snapshot_exception(v, c)[0]
+                if sc is not None:
+                    readers.setdefault(sc, []).append(v)
+        want = {v: [0, 0] for v in ids}
+        for sc, vs in readers.items():
+            for v in vs:
+                want[v][len(vs) > 1] += 1
+        total = sum(1 for _ in store.exceptions())
+        assert store.snapshot_space() == {v: tuple(x) for v, x in want.items()}
+        assert (store.exception_chunks(), store.unswept_chunks()) == (total, total - len(readers))
+        assert store.unswept_chunks() == 0
 
     def teardown(self):
         for name, want in self.model.items():
@@ -295,14 +308,14 @@ class MemoryMachine(StoreMachine):
 
 
 class SharedWideMachine(StoreMachine):
-    """1024-bit sharemaps make leaves hold ~27 chunks: leaf splits and merges happen."""
+    """A bigger origin and long writes: hundreds of exceptions, so leaves split and
+    merge (a leaf holds 168)."""
 
     SHARED = True
-    ORIGIN = 120 * 4096 + 333
-    STORE = 270 * 4096
-    MAX_SNAPSHOTS = 1024
+    ORIGIN = 400 * 4096 + 333
+    STORE = 600 * 4096
     JOURNAL = 48
-    MAX_WRITE = 40 * 4096
+    MAX_WRITE = 120 * 4096
 
 
 class SharedBigChunkMachine(StoreMachine):

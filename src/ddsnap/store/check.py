@@ -127,8 +127,9 @@ def check_store(store, leaks: list[int] | None = None) -> list[Finding]:
             fatal(block, f"{what} is in use but free in the allocation bitmap")
         return True
 
-    for b in store.table_blocks[1:]:  # the first is in the fixed area
-        ref_block(b, "snapshot table block")
+    for b in store.table_blocks:  # the first may be in the fixed area (not counted)
+        if b >= bitmap.data_start:
+            ref_block(b, "snapshot table block")
 
     def load(block: int, kind: int):
         buf = store.read_block(block)

@@ -137,6 +137,13 @@ class VersionedStore(ExceptionStore):
             return r[0] & INF
         return 0
 
+    def _next_entry(self, key: int) -> int | None:
+        """The key of the next entry of the same owner at the same chunk, or None."""
+        r = self._kv_succ(key + 1)
+        if r is not None and r[0] >> 32 == key >> 32:
+            return r[0]
+        return None
+
     def _newest_child(self, version: int) -> int:
         kids = self.table.children.get(version)
         return kids[-1] if kids else 0
@@ -387,7 +394,10 @@ class VersionedStore(ExceptionStore):
                 and self._within(self._gkey_of(r[0]), version)):
             # Only this snapshot's subtree reads the ancestor's exception: it becomes the
             # history kept for the snapshots taken of it (re-keyed, not copied).
-            old_g = self._gkey_of(r[0]) if sp is not None else None
+            nxt = self._next_entry(r[0])
+            if sp is not None:
+                old_g = self._gkey_of(r[0])
+                old_next = self._gkey_of(nxt) if nxt is not None else None
             tag = self._newest_child(version)
             self._del_entry(*unpack_key(r[0]))
             self._put_entry(version, chunk, tag, r[1])
@@ -395,6 +405,8 @@ class VersionedStore(ExceptionStore):
             if sp is not None:
                 sp.move(old_g, self._gkey(version, chunk, tag))
                 sp.add(self._gkey(version, chunk, INF))
+                if nxt is not None:  # its previous tag changed
+                    sp.move(old_next, self._gkey_of(nxt))
             return
         before = self._gkey_of(r[0]) if r is not None and sp is not None else None
         if kept is not None:
@@ -419,22 +431,19 @@ class VersionedStore(ExceptionStore):
         sp = self._space
         key = pack_key(owner, chunk, tag)
         sc = self._kv_get(key)
-        pfx = _prefix(owner, chunk)
-        nxt = self._kv_succ(key + 1)
-        if nxt is not None and nxt[0] >> 32 != pfx:
-            nxt = None
+        nxt = self._next_entry(key)
         last = nxt is None and self._prev_tag(owner, chunk, tag) == 0
         anc = self._resolve_above(owner, chunk) if last and owner != ORIGIN else None
         if sp is not None:
             gk = self._gkey(owner, chunk, tag)
-            gnext = self._gkey_of(nxt[0]) if nxt is not None else None
+            gnext = self._gkey_of(nxt) if nxt is not None else None
             ganc = self._gkey_of(anc[0]) if anc is not None else None
         self._del_entry(owner, chunk, tag)
         self._free_data(sc)
         if sp is not None:
             sp.move(gk, None)
             if nxt is not None:
-                sp.move(gnext, self._gkey_of(nxt[0]))
+                sp.move(gnext, self._gkey_of(nxt))
             if anc is not None:
                 sp.move(ganc, self._gkey_of(anc[0]))
 
