@@ -31,13 +31,14 @@ import pytest
 
 from ddsnap.errors import DdsnapError, FormatTooOld, OriginMismatch, StoreFull
 from ddsnap.store import upgrade as upgrade_mod
-from ddsnap.store.blockdev import CrashClock, CrashNow, MemoryDevice, RecordingDevice
+from ddsnap.store.blockdev import CrashClock, CrashNow, FileDevice, MemoryDevice, RecordingDevice
 from ddsnap.store.format import (BLOCK_SIZE, NO_MERGE, VERSION, VERSION_V2, header_version)
 from ddsnap.store.journal import Journal
 from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
 from ddsnap.store.upgrade import upgrade_store
 from ddsnap.volume import Origin, Snapshot
+from served import fails, ok, on_a_terminal
 
 DATA = Path(__file__).parent / "data"
 CS = 4096
@@ -278,6 +279,40 @@ def test_upgrade_interrupted_at_every_write_and_flush_finishes_on_a_second_run(n
         assert findings(svc.store) == [], (mode, k)
     assert k > 6  # at least: metadata, flush, bitmap, flush, two superblocks and flushes
     assert outcomes == {"converted again", "already v3"}
+
+
+def test_cli_refuses_v1_and_upgrades(tmp_path):
+    store = tmp_path / "old.img"
+    store.write_bytes(image("v1-clean"))
+    fails(21, "status", store, match=r"format-v1 ddsnap store.*ddsnap upgrade")
+    p = ok("upgrade", store)
+    assert "upgraded" in p.stdout and "from format v1 to v3: 2 snapshot(s)" in p.stdout
+    assert "0 chunk(s) copied" in p.stdout
+    fails(1, "upgrade", store, match="already format v3")
+    # The recorded origin does not exist here: the store is v3 and says so.
+    fails(10, "status", store, match="does not exist")
+    dev = FileDevice(str(store), writable=False)
+    try:
+        assert header_version(dev.pread(4096, 0)) == VERSION
+    finally:
+        dev.close()
+
+
+def test_cli_upgrades_v2_with_the_origin_given(tmp_path):
+    store = tmp_path / "old.img"
+    store.write_bytes(image("v2-unclean"))
+    fails(21, "status", store, match=r"format-v2 ddsnap store \(ddsnap 0\.2\)")
+    fails(10, "upgrade", store, match=r"cannot be opened.*--origin PATH.*Nothing was changed")
+    assert store.read_bytes() == image("v2-unclean")
+    origin = tmp_path / "origin.img"
+    want = expected("v2-unclean")
+    origin.write_bytes(want["origin_device"])
+    status, _out, shown = on_a_terminal("upgrade", "--origin", origin, store)
+    assert status == 0, shown
+    assert "from format v2 to v3: 4 snapshot(s)" in shown
+    assert "1 snapshot(s) being deleted were dropped" in shown
+    dev = MemoryDevice(SIZE, store.read_bytes())
+    read_back(dev, want, "cli")
 
 
 def test_v1_store_half_resealed_by_the_v2_upgrade():
