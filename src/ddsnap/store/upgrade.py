@@ -660,7 +660,8 @@ def upgrade_store(dev: BlockDevice, origin: BlockDevice | str | None = None,
         raise StoreFull(
             f"{dev.path} has no room to upgrade: the conversion needs {len(copies)} "
             f"chunk(s) for copies and {table_n + sum(shape)} blocks for the new metadata, "
-            f"and {free} chunk(s) are free. Nothing was changed") from None
+            f"and {free} chunk(s) are free. Nothing was changed: free some space with the "
+            f"ddsnap that made the store (delete a snapshot), then upgrade again") from None
     entries = [(k, dst[-v - 1] if v < 0 else v) for k, v in entries]
 
     src = None
