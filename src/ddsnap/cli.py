@@ -620,23 +620,52 @@ def check(store, as_json, repair):
 
 @main.command()
 @click.argument("store")
-def upgrade(store):
-    """Convert STORE from format v1 (ddsnap 0.1) to the current format, in place.
+@click.option("--origin", metavar="ORIGIN",
+              help="The origin, if it is not where STORE records it.  Read only when the "
+                   "conversion must copy some of its chunks (after a merge made by "
+                   "ddsnap 0.2); never written.")
+def upgrade(store, origin):
+    """Convert STORE from format v1 (ddsnap 0.1) or v2 (ddsnap 0.2) to the current
+    format, in place.
 
-    The store must have been shut down cleanly by ddsnap 0.1 and must not be served.
+    STORE must not be served.  A store that was not shut down cleanly is recovered from
+    its journal first.  If the upgrade is interrupted (a crash, a power cut), run it
+    again: the store is either converted already or converted from the start.
     """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from .store.format import VERSION
     from .store.upgrade import upgrade_store
 
     if not os.path.exists(store):
         raise StoreNotFound(store)
+    if origin is not None and not os.path.exists(origin):
+        raise StoreNotFound(origin, "origin")
     dev = FileDevice(store)
     try:
         if not dev.lock_exclusive():
             raise StoreBusy(f"snapshot store {store} is in use by another ddsnap process")
-        n = upgrade_store(dev)
+        # A bar on stderr on a terminal only: reading the old tree, then writing the new
+        # one (the total grows once the conversion knows what it writes).
+        with Progress(TextColumn("upgrading"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("blocks"), console=err, transient=True,
+                      disable=not err.is_terminal) as bar:
+            task = bar.add_task("upgrade", total=None)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            r = upgrade_store(dev, origin=os.path.realpath(origin) if origin else None,
+                              progress=progress)
     finally:
         dev.close()
-    out.print(f"upgraded {store} to format v2 ({n} metadata blocks rewritten)", markup=False)
+    extra = ""
+    if r.dropped_snapshots:
+        extra = (f"; {r.dropped_snapshots} snapshot(s) being deleted were dropped, with "
+                 f"{r.dropped_exceptions} exception(s) only they used")
+    out.print(f"upgraded {_shown(store)} from format v{r.from_version} to v{VERSION}: "
+              f"{r.snapshots} snapshot(s), {r.exceptions} exception(s), {r.copies} "
+              f"chunk(s) copied{extra}")
 
 
 if __name__ == "__main__":

@@ -592,23 +592,27 @@ class CommitRecord:
     state: State
 
 
-def encode_commit(rec: CommitRecord, block: int, uuid: bytes) -> bytearray:
-    """The commit block for ``rec`` written at journal block ``block``: two copies."""
+def encode_commit(rec: CommitRecord, block: int, uuid: bytes,
+                  version: int = VERSION) -> bytearray:
+    """The commit block for ``rec`` written at journal block ``block``: two copies
+    (``version``: the format version it carries)."""
     half = bytearray(COMMIT_COPY)
-    _COMMIT.pack_into(half, 0, MAGIC, T_COMMIT, VERSION, 0, 0, block, rec.seq, uuid,
+    _COMMIT.pack_into(half, 0, MAGIC, T_COMMIT, version, 0, 0, block, rec.seq, uuid,
                       rec.start, rec.blocks, 0)
     rec.state.pack_into(half, _COMMIT_STATE_OFF)
     struct.pack_into("<I", half, _COMMIT_CRC_OFF, crc32c.crc32c(half))
     return half + half
 
 
-def decode_commit(buf: bytes, block: int, uuid: bytes) -> tuple[CommitRecord | None, list[int]]:
+def decode_commit(buf: bytes, block: int, uuid: bytes,
+                  version: int = VERSION) -> tuple[CommitRecord | None, list[int]]:
     """Decode the commit block read from journal block ``block``.
 
     Returns ``(record, bad)``: the record from the first copy that checks out (None if
     neither does) and the indexes (0, 1) of copies that do not check out.  A copy checks
-    out when its magic, type, version, crc32c, block number and UUID are right; a copy
-    that disagrees with the other one is reported bad too.
+    out when its magic, type, version (``version``: the format being read), crc32c,
+    block number and UUID are right; a copy that disagrees with the other one is
+    reported bad too.
     """
     recs: list[CommitRecord | None] = []
     for k in (0, 1):
@@ -617,7 +621,7 @@ def decode_commit(buf: bytes, block: int, uuid: bytes) -> tuple[CommitRecord | N
         if half[:4] == MAGIC:
             magic, t, ver, crc, _r, bno, seq, buuid, start, blocks, _f = _COMMIT.unpack_from(half, 0)
             struct.pack_into("<I", half, _COMMIT_CRC_OFF, 0)
-            if (t == T_COMMIT and ver == VERSION and bno == block and buuid == uuid
+            if (t == T_COMMIT and ver == version and bno == block and buuid == uuid
                     and crc32c.crc32c(half) == crc):
                 rec = CommitRecord(seq, start, blocks, State.unpack_from(half, _COMMIT_STATE_OFF))
         recs.append(rec)

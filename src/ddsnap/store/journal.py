@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 from ..errors import CorruptMetadata, JournalError
 from .blockdev import BlockDevice
-from .format import (BLOCK_SIZE, JD_MAX, MAGIC, T_JOURNAL, CommitRecord, State,
+from .format import (BLOCK_SIZE, JD_MAX, MAGIC, T_JOURNAL, VERSION, CommitRecord, State,
                      check_header, decode_commit, decode_descriptor, encode_commit,
                      encode_descriptor, peek_header, seal)
 
@@ -111,12 +111,16 @@ class Journal:
         tail: the checkpointed position; seq: the sequence expected there.
         old_tail: the tail the other superblock slot records (default ``tail``):
             slots from there on are never overwritten.
+        version: the format version every journal block carries and must carry (the
+            current one; ``ddsnap upgrade`` reads a format-v2 journal with 2).  Blocks
+            of another version are not this journal's: never replayed.
     """
 
     def __init__(self, dev: BlockDevice, uuid: bytes, start: int, size: int, tail: int,
-                 seq: int, old_tail: int | None = None):
+                 seq: int, old_tail: int | None = None, version: int = VERSION):
         self.dev = dev
         self.uuid = uuid
+        self.version = version
         self.start = start
         self.size = size
         self.tail = tail
@@ -156,7 +160,8 @@ class Journal:
         blocks: list[bytes] = []  # the transaction's journal blocks, from slot ``head``
         for gi, group in enumerate(groups):
             desc = encode_descriptor([b for b, _ in group], gi == len(groups) - 1, tx.state)
-            seal(desc, T_JOURNAL, self._slot_block(pos + len(blocks)), tx.seq, self.uuid)
+            seal(desc, T_JOURNAL, self._slot_block(pos + len(blocks)), tx.seq, self.uuid,
+                 self.version)
             blocks.append(desc)
             blocks.extend(img for _b, img in group)
         self._write_slots(pos, blocks)
@@ -168,7 +173,7 @@ class Journal:
         start = self.head - tx.body_blocks
         block = self._slot_block(self.head)
         rec = CommitRecord(tx.seq, start, tx.body_blocks, tx.state)
-        self._write_slots(self.head, [encode_commit(rec, block, self.uuid)])
+        self._write_slots(self.head, [encode_commit(rec, block, self.uuid, self.version)])
         self.head += 1
         self.next_seq += 1
 
@@ -233,7 +238,7 @@ class Journal:
             buf = window[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]
             if buf[:4] != MAGIC and buf[half:half + 4] != MAGIC:
                 continue
-            rec, _bad = decode_commit(buf, self.start + i, self.uuid)
+            rec, _bad = decode_commit(buf, self.start + i, self.uuid, self.version)
             if rec is not None and rec.seq >= first_seq:
                 pos = self._pos_of(i, rec, tail)
                 if pos is not None:
@@ -293,7 +298,7 @@ class Journal:
                                                 "journal transaction longer than the journal"), []
             dblock, buf = slot(p)
             try:
-                check_header(buf, T_JOURNAL, dblock, self.uuid, seq)
+                check_header(buf, T_JOURNAL, dblock, self.uuid, seq, self.version)
                 targets, final, st = decode_descriptor(buf)
             except (CorruptMetadata, ValueError) as e:
                 why = e.why if isinstance(e, CorruptMetadata) else str(e)
@@ -301,7 +306,7 @@ class Journal:
             p += 1
             for t in targets:
                 iblock, img = slot(p)
-                h = peek_header(img)
+                h = peek_header(img, self.version)
                 if h is None or h[1] != t or h[2] != seq or img[32:48] != self.uuid:
                     return None, 0, CorruptMetadata(
                         iblock, f"journal image of block {t} fails its check"), []
@@ -312,7 +317,7 @@ class Journal:
                 break
         body = p - pos
         cblock, cbuf = slot(p)
-        rec, bad = decode_commit(cbuf, cblock, self.uuid)
+        rec, bad = decode_commit(cbuf, cblock, self.uuid, self.version)
         tx = Transaction(seq, images, state)
         if rec is None or rec.seq != seq or rec.start != pos or rec.blocks != body:
             return tx, body, CorruptMetadata(cblock, f"journal transaction {seq} has no "
@@ -338,7 +343,7 @@ class Journal:
             expect: list[int] = []  # homes the last intact descriptor says follow
             for p in range(rec.start, cpos):
                 b, buf = slot(p)
-                h = peek_header(buf)
+                h = peek_header(buf, self.version)
                 ours = h is not None and h[2] == seq and buf[32:48] == self.uuid
                 if ours and h[0] == T_JOURNAL and h[1] == b:
                     try:

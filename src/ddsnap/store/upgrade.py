@@ -1,62 +1,223 @@
-"""``ddsnap upgrade``: convert a format-v1 store (ddsnap 0.1) to format v2, in place.
+"""``ddsnap upgrade``: convert a format-v1 (ddsnap 0.1) or format-v2 (ddsnap 0.2) store to
+format v3, in place.
 
-The two formats lay out every block the same way; v2 adds the journal's commit block,
-the superblock's origin identity and auto-deleted records (both empty after an upgrade)
-and new version numbers.  So the upgrade is: recover the v1 journal if the store was not
-shut down cleanly (v1's rule: a transaction counts when every block through its FINAL
-descriptor checks out), re-seal every reachable metadata block with version 2 (the
-snapshot table, the bitmap, every index node and leaf), flush, then write both superblock
-slots as v2, one after the other with a flush between.
+Formats v1 and v2 keep a snapshot's exceptions as sharemaps: per logical chunk, a list of
+``[sharemap, store_chunk]`` (bit ``s`` set: the snapshot in table slot ``s`` reads that
+chunk), in a B-tree keyed by logical chunk, and a fixed table of ``max_snapshots`` slots.
+Format v3 keeps *versioned* exceptions, one 24-byte record each, keyed ``(owner, chunk,
+tag)`` (:mod:`ddsnap.store.versioned`), and a chain of table blocks.  The upgrade:
 
-A crash at any point leaves a store that a second ``ddsnap upgrade`` finishes: blocks
-already re-sealed are accepted as v2, and once one superblock slot is v2 the store opens
-as v2 (the other slot is reported stale-or-damaged and rewritten by the next open).
+1. reads the newest superblock slot of version 1 or 2 and, if the store was not shut
+   down cleanly, its journal (v1's rule: a transaction counts when every block through
+   its FINAL descriptor checks out; v2's: :class:`~ddsnap.store.journal.Journal` with
+   ``version=2``), *in memory*: the committed images are read in place of their home
+   blocks and nothing is written;
+2. reads the old snapshot table and the whole old tree, and recomputes the allocation
+   from them (the old bitmap on disk is never read: see below);
+3. converts every logical chunk's exceptions (:func:`_convert_chunk`): an exception read
+   by exactly one live snapshot ``v`` becomes ``v``'s own entry ``(v, c, INF)``; the
+   other live snapshots, in id order, are cut into runs reading the same thing, and each
+   run but a last one reading the origin becomes one origin entry ``(0, c, newest id of
+   the run)``: the old chunk itself the first time, else a *copy* in a new chunk (a
+   chunk read by runs that are not adjacent, or the origin's data read by a run between
+   runs reading copies: both only after a v2 merge).  Exceptions only snapshots being
+   deleted read are dropped;
+4. refuses before writing anything if the store has no room for the copies and the new
+   metadata (:class:`~ddsnap.errors.StoreFull`) or copies of the origin are needed and
+   it cannot be opened (:class:`~ddsnap.errors.OriginMismatch`);
+5. writes the copies, the new table chain and the new tree (full leaves, then the index
+   levels) into space *free in the old store*, flushes; writes the v3 bitmap over the
+   old one, flushes; then superblock slot ``g + 1`` as v3 (an empty journal from position
+   0, shut down cleanly), flushes, and slot ``g + 2``, flushes.
+
+Crash safety: until a v3 superblock slot is durable, the old superblock describes the
+old store, and everything it uses (its tree, its data, its journal) is intact: new
+blocks only go where the old tree has nothing, and the old journal is not written.  The
+only old block overwritten before then is the bitmap, which is why the allocation is
+recomputed from the tree and never read: a second ``ddsnap upgrade`` after a crash
+converts the store again from the start.  Once slot ``g + 1`` is durable the store
+opens as v3 (the other slot, still old, is reported damaged and rewritten by the first
+open); a torn slot ``g + 1`` is not valid, and the old slot ``g`` still is.  The old
+journal's blocks stay in the journal area: their version differs, so the v3 journal
+(which starts at position 0, sequence 1) never accepts them.
+
+The first table block of an upgraded store is in the data area (the old table's blocks
+stay reserved and unused): the superblock says where it is.
 """
 
 from __future__ import annotations
 
-from ..errors import CorruptMetadata, DdsnapError
-from .blockdev import BlockDevice
-from .format import (BLOCK_SIZE, HEADER, MAGIC, T_BITMAP, T_JOURNAL, T_LEAF, T_NODE,
-                     T_SNAPTABLE, VERSION, VERSION_V1, Node, Superblock,
-                     check_header, decode_descriptor, header_version, peek_header, seal)
+import struct
+from dataclasses import dataclass
+
+from ..errors import (CorruptMetadata, DdsnapError, NotAStore, OriginMismatch, StoreFull,
+                      StoreNotFound)
+from ..units import human_bytes
+from .alloc import Bitmap
+from .blockdev import BlockDevice, FileDevice
+from .format import (BITMAP_BYTES, BITS_PER_BITMAP, BLOCK_SIZE, HEADER_SIZE, INF,
+                     LEAF_MAX, MAGIC, MAX_NAME, MAX_VERSION, NO_MERGE, NODE_MAX, ORIGIN,
+                     SLOT_LIVE, SNAPS_PER_BLOCK, T_BITMAP, T_JOURNAL, T_LEAF, T_NODE,
+                     T_SNAPTABLE, VERSION, VERSION_V1, VERSION_V2, Leaf, Node, SnapSlot,
+                     State, Superblock, check_header, decode_descriptor,
+                     encode_snaptable, header_version, pack_key, peek_header, seal)
+from .journal import Journal
+
+#: the formats ``upgrade_store`` converts
+OLD_VERSIONS = (VERSION_V1, VERSION_V2)
+#: most blocks written by one ``pwrite`` (consecutive metadata blocks are batched)
+_WRITE_RUN = 256
 
 
-def _read_v1_superblock(dev: BlockDevice) -> Superblock:
-    found = []
+# ---------------------------------------------------------------------------------------
+# Formats v1 and v2 (the same layout; only the header version differs): the decoders of
+# ddsnap 0.2's format.py, as far as the upgrade reads.
+
+#: state flags namelen reserved id created_ns
+_V2_SLOT = struct.Struct("<BBHIQQ")
+_V2_SNAP_SLOT = 288
+_V2_SLOT_FREE, _V2_SLOT_LIVE, _V2_SLOT_DELETING = 0, 1, 2
+_V2_FLAG_READ_ONLY = 1
+#: count, reserved, base_chunk; then the map of ``{offset: u32, rchunk: u32}``
+_V2_LEAF_HEAD = struct.Struct("<IIQ")
+_V2_LEAF_MAP_OFF = HEADER_SIZE + _V2_LEAF_HEAD.size  # 64
+_V2_MAP = struct.Struct("<II")
+#: count, reserved; then entries ``{key: u64, child: u64}``
+_V2_NODE_HEAD = struct.Struct("<II")
+_V2_NODE_ENTRIES_OFF = HEADER_SIZE + _V2_NODE_HEAD.size  # 56
+_V2_ENTRY = struct.Struct("<QQ")
+_V2_NODE_MAX = (BLOCK_SIZE - _V2_NODE_ENTRIES_OFF) // _V2_ENTRY.size  # 252
+
+
+@dataclass
+class _V2Slot:
+    """A v1/v2 snapshot table slot (its index is the snapshot's sharemap bit)."""
+
+    state: int
+    read_only: bool
+    id: int
+    created: int
+    name: str
+
+
+def _v2_decode_snaptable(buf: bytes, block: int, n: int) -> list[_V2Slot]:
+    out = []
+    for i in range(n):
+        off = HEADER_SIZE + i * _V2_SNAP_SLOT
+        st, flags, nlen, _r, sid, created = _V2_SLOT.unpack_from(buf, off)
+        if st not in (_V2_SLOT_FREE, _V2_SLOT_LIVE, _V2_SLOT_DELETING) or nlen > MAX_NAME:
+            raise CorruptMetadata(block, f"snapshot slot {i} is malformed")
+        name = bytes(buf[off + _V2_SLOT.size: off + _V2_SLOT.size + nlen]).decode(
+            errors="replace")
+        out.append(_V2Slot(st, bool(flags & _V2_FLAG_READ_ONLY), sid, created, name))
+    return out
+
+
+def _v2_decode_leaf(buf: bytes, block: int, smbytes: int
+                    ) -> tuple[list[int], list[list[tuple[int, int]]]]:
+    """A v1/v2 leaf: its logical chunks, ascending, and each one's ``(sharemap,
+    store_chunk)`` exceptions."""
+    n, _r, base = _V2_LEAF_HEAD.unpack_from(buf, HEADER_SIZE)
+    esize = smbytes + 8
+    if _V2_LEAF_MAP_OFF + 8 * (n + 1) > BLOCK_SIZE:
+        raise CorruptMetadata(block, f"leaf count {n} out of range")
+    offs = [_V2_MAP.unpack_from(buf, _V2_LEAF_MAP_OFF + 8 * i) for i in range(n + 1)]
+    if offs[n][0] != BLOCK_SIZE:
+        raise CorruptMetadata(block, "leaf sentinel does not mark the block end")
+    keys: list[int] = []
+    excs: list[list[tuple[int, int]]] = []
+    prev = -1
+    for i in range(n):
+        start, rchunk = offs[i]
+        end = offs[i + 1][0]
+        if (start < _V2_LEAF_MAP_OFF + 8 * (n + 1) or end < start or end > BLOCK_SIZE
+                or (end - start) % esize):
+            raise CorruptMetadata(block, f"leaf map entry {i} has bad offsets")
+        key = base + rchunk
+        if key <= prev:
+            raise CorruptMetadata(block, f"leaf keys out of order at entry {i}")
+        prev = key
+        ex = []
+        for off in range(start, end, esize):
+            share = int.from_bytes(buf[off: off + smbytes], "little")
+            (chunk,) = struct.unpack_from("<Q", buf, off + smbytes)
+            ex.append((share, chunk))
+        keys.append(key)
+        excs.append(ex)
+    return keys, excs
+
+
+def _v2_decode_node(buf: bytes, block: int) -> list[int]:
+    """A v1/v2 index node's children (its keys are not needed: the walk is in order)."""
+    n, _r = _V2_NODE_HEAD.unpack_from(buf, HEADER_SIZE)
+    if not 1 <= n <= _V2_NODE_MAX:
+        raise CorruptMetadata(block, f"index node count {n} out of range")
+    keys, children = [], []
+    for i in range(n):
+        k, c = _V2_ENTRY.unpack_from(buf, _V2_NODE_ENTRIES_OFF + _V2_ENTRY.size * i)
+        if keys and k <= keys[-1]:
+            raise CorruptMetadata(block, f"index keys out of order at entry {i}")
+        keys.append(k)
+        children.append(c)
+    return children
+
+
+# ---------------------------------------------------------------------------------------
+# Reading the old store
+
+def _read_old_superblock(dev: BlockDevice) -> tuple[Superblock, int]:
+    """The newest valid superblock slot and its format version (1 or 2).
+
+    Raises:
+        NotAStore: neither slot has ddsnap's magic.
+        CorruptMetadata: no slot checks out.
+        DdsnapError: the newest slot is already format v3.
+    """
+    if dev.size < 2 * BLOCK_SIZE:
+        raise NotAStore(dev.path, "too small")
+    found: list[tuple[int, int, Superblock]] = []
+    magic = False
     for slot in (0, 1):
         buf = dev.pread(BLOCK_SIZE, slot * BLOCK_SIZE)
-        for version in (VERSION_V1, VERSION):
-            try:
-                sb = Superblock.decode(buf, slot, version=version)
-            except CorruptMetadata:
-                continue
-            found.append((sb.generation, version, sb))
+        magic = magic or buf[:4] == MAGIC
+        version = header_version(buf)
+        if version not in (*OLD_VERSIONS, VERSION):
+            continue
+        try:
+            sb = Superblock.decode(buf, slot, version=version)
+        except CorruptMetadata:
+            continue
+        found.append((sb.generation, version, sb))
+    if not magic:
+        raise NotAStore(dev.path)
     if not found:
-        raise CorruptMetadata(0, "no valid v1 superblock to upgrade")
+        raise CorruptMetadata(0, "no valid superblock of format v1, v2 or v3 to upgrade")
     _gen, version, sb = max(found, key=lambda t: t[0])
     if version == VERSION:
         raise DdsnapError(f"{dev.path} is already format v{VERSION}")
-    return sb
+    return sb, version
 
 
-def _replay_v1(dev: BlockDevice, sb: Superblock) -> tuple[int, int]:
-    """Apply the v1 journal's complete transactions to their homes (v1's rule);
-    returns the journal head and the next sequence."""
+def _v1_journal(dev: BlockDevice, sb: Superblock) -> tuple[dict[int, bytes], State | None]:
+    """The v1 journal's complete transactions from the tail (v1's rule: every block
+    through the FINAL descriptor checks out): ``(home block -> newest image, root state
+    after the last one)``.  Writes nothing."""
     size, start, uuid = sb.journal_blocks, sb.journal_start, sb.uuid
     pos, seq = sb.journal_tail, sb.journal_seq
+    overlay: dict[int, bytes] = {}
+    state = None
 
     def read(p: int) -> tuple[int, bytes]:
         b = start + p % size
         return b, dev.pread(BLOCK_SIZE, b * BLOCK_SIZE)
 
-    while True:
-        images, p, done = [], pos, False
+    while pos - sb.journal_tail < size:
+        images, p, done, st = [], pos, False, None
         while p - pos < size:
             dblock, buf = read(p)
             try:
                 check_header(buf, T_JOURNAL, dblock, uuid, seq, version=VERSION_V1)
-                targets, final, state = decode_descriptor(buf)
+                targets, final, st = decode_descriptor(buf)
             except (CorruptMetadata, ValueError):
                 break
             p += 1
@@ -73,74 +234,529 @@ def _replay_v1(dev: BlockDevice, sb: Superblock) -> tuple[int, int]:
                 break
             if final:
                 done = True
-                sb.state = state
                 break
         if not done:
-            return pos, seq
+            break
         for t, img in images:
-            dev.pwrite(img, t * BLOCK_SIZE)
+            overlay[t] = img
+        state = st
         pos, seq = p, seq + 1
+    return overlay, state
 
 
-def _reseal(dev: BlockDevice, block: int, kind: int, uuid: bytes) -> bytes:
-    """Re-seal ``block`` (a v1 or already-v2 block of ``kind``) as v2; return it."""
-    buf = dev.pread(BLOCK_SIZE, block * BLOCK_SIZE)
-    if header_version(buf) == VERSION:
-        check_header(buf, kind, block, uuid)
+def _v2_journal(dev: BlockDevice, sb: Superblock) -> tuple[dict[int, bytes], State | None]:
+    """The v2 journal's committed transactions from the tail, as v2's recovery reads
+    them: ``(home block -> newest image, root state after the last one)``.  Writes
+    nothing.
+
+    Raises:
+        CorruptMetadata: a committed transaction is damaged (naming the block).
+    """
+    j = Journal(dev, sb.uuid, sb.journal_start, sb.journal_blocks, sb.journal_tail,
+                sb.journal_seq, version=VERSION_V2)
+    scan = j.scan()
+    if scan.damage:
+        raise scan.damage[0]
+    overlay: dict[int, bytes] = {}
+    for tx in scan.transactions:
+        for t, img in tx.images:
+            overlay[t] = img
+    return overlay, scan.state
+
+
+@dataclass
+class _Old:
+    """The old store as read: superblock, format version, root state (journal applied),
+    table slots (index = sharemap bit), every tree block, and per logical chunk (in
+    order) its ``(sharemap, store_chunk)`` exceptions and the leaf they are in."""
+
+    sb: Superblock
+    version: int
+    state: State
+    slots: list[_V2Slot]
+    tree_blocks: list[int]
+    chunks: list[int]
+    excs: list[list[tuple[int, int]]]
+    leaf_of: list[int]
+
+
+def _data_start(sb: Superblock) -> int:
+    """First block of the data area: past the journal, chunk aligned (all formats)."""
+    bpc = sb.blocks_per_chunk
+    return -(-(sb.journal_start + sb.journal_blocks) // bpc) * bpc
+
+
+def _read_old(dev: BlockDevice, sb: Superblock, version: int, progress) -> _Old:
+    """Read the old store's table and tree (through its journal if not shut down
+    cleanly).
+
+    Raises:
+        CorruptMetadata: a block fails its checks or the tree is inconsistent (naming
+            the block), or a committed v2 journal transaction is damaged.
+    """
+    overlay: dict[int, bytes] = {}
+    state = sb.state
+    if not sb.clean:
+        overlay, st = (_v1_journal if version == VERSION_V1 else _v2_journal)(dev, sb)
+        if st is not None:
+            state = st
+    uuid = sb.uuid
+    # ddsnap 0.2's own upgrade (v1 to v2) re-sealed a v1 store's blocks as v2 before it
+    # wrote a v2 superblock: one it left half done has both.
+    accepted = OLD_VERSIONS if version == VERSION_V1 else (version,)
+
+    def read(block: int, kind: int) -> bytes:
+        buf = overlay.get(block)
+        if buf is None:
+            buf = dev.pread(BLOCK_SIZE, block * BLOCK_SIZE)
+        v = header_version(buf)
+        check_header(buf, kind, block, uuid, version=v if v in accepted else version)
         return buf
-    check_header(buf, kind, block, uuid, version=VERSION_V1)
-    seq = HEADER.unpack_from(buf, 0)[6]
-    out = seal(bytearray(buf), kind, block, seq, uuid)
-    dev.pwrite(out, block * BLOCK_SIZE)
-    return bytes(out)
+
+    nslots = sb.max_snapshots
+    if nslots <= 0 or nslots % 8 or -(-nslots // SNAPS_PER_BLOCK) != sb.snaptable_blocks:
+        raise CorruptMetadata(sb.slot, f"max_snapshots {nslots} does not fit a v{version} "
+                                       f"table of {sb.snaptable_blocks} blocks")
+    slots: list[_V2Slot] = []
+    for k in range(sb.snaptable_blocks):
+        b = sb.snaptable_start + k
+        slots += _v2_decode_snaptable(read(b, T_SNAPTABLE), b,
+                                      min(SNAPS_PER_BLOCK, nslots - k * SNAPS_PER_BLOCK))
+
+    data_start = _data_start(sb)
+    seen: set[int] = set()
+
+    def tree_block(b: int, parent: int) -> int:
+        if not data_start <= b < sb.blocks:
+            raise CorruptMetadata(parent, f"tree points at block {b}, outside the data area")
+        if b in seen:
+            raise CorruptMetadata(parent, f"tree block {b} is referenced twice")
+        seen.add(b)
+        return b
+
+    level = [tree_block(state.root, sb.slot)]
+    done = 0
+    for _ in range(state.levels):
+        nxt = []
+        for b in level:
+            nxt += [tree_block(c, b) for c in _v2_decode_node(read(b, T_NODE), b)]
+        done += len(level)
+        if progress is not None:
+            progress(done, done + len(nxt))
+        level = nxt
+    smbytes = nslots // 8
+    chunks: list[int] = []
+    excs: list[list[tuple[int, int]]] = []
+    leaf_of: list[int] = []
+    total = done + len(level)
+    for i, b in enumerate(level):
+        keys, ex = _v2_decode_leaf(read(b, T_LEAF), b, smbytes)
+        if keys and chunks and keys[0] <= chunks[-1]:
+            raise CorruptMetadata(b, "leaf keys out of order with the previous leaf")
+        chunks += keys
+        excs += ex
+        leaf_of += [b] * len(keys)
+        if progress is not None and (i % 64 == 63 or i == len(level) - 1):
+            progress(done + i + 1, total)
+    return _Old(sb, version, state, slots, sorted(seen), chunks, excs, leaf_of)
 
 
-def upgrade_store(dev: BlockDevice) -> int:
-    """Convert the v1 store on ``dev`` to format v2; returns the blocks re-sealed.
+def _mark(bits: bytearray, first: int, n: int) -> None:
+    """Set bits ``first .. first + n - 1``."""
+    end = first + n
+    while first < end and first & 7:
+        bits[first >> 3] |= 1 << (first & 7)
+        first += 1
+    whole = (end - first) >> 3
+    if whole:
+        bits[first >> 3: (first >> 3) + whole] = b"\xff" * whole
+        first += whole << 3
+    while first < end:
+        bits[first >> 3] |= 1 << (first & 7)
+        first += 1
+
+
+def _reserved_bits(sb: Superblock) -> bytearray:
+    """A bitmap with only the fixed area (superblocks, table, bitmap, journal, up to the
+    data area) and the bits past the store's end set."""
+    bits = bytearray(sb.bitmap_blocks * BITMAP_BYTES)
+    _mark(bits, 0, _data_start(sb))
+    _mark(bits, sb.blocks, sb.bitmap_blocks * BITS_PER_BITMAP - sb.blocks)
+    return bits
+
+
+# ---------------------------------------------------------------------------------------
+# The conversion
+
+#: a copy to make: ``(source, number)``, source "origin" (a logical chunk of the origin)
+#: or "store" (a store chunk)
+_Copy = tuple[str, int]
+
+
+def _convert_chunk(chunk: int, excs: list[tuple[int, int]], rank_of: list[int],
+                   ids: list[int], live_mask: int, out: list[tuple[int, int]],
+                   copies: list[_Copy], leaf: int) -> int:
+    """Convert the exceptions of logical ``chunk`` (see the module docstring), read from
+    old leaf block ``leaf`` (named by errors).
+
+    ``rank_of[bit]`` is the id order of the live snapshot in slot ``bit`` (-1 if not
+    live), ``ids[rank]`` its id.  Appends ``(key, store_chunk)`` entries to ``out``; an
+    entry that needs a copy gets the placeholder ``-k`` as its store chunk, where
+    ``copies[k - 1]`` says what to copy.  Returns the exceptions dropped (read by no
+    live snapshot).
+    """
+    dropped = 0
+    own = 0  # ranks (as a mask) of snapshots with an entry of their own here
+    members: list[tuple[int, int]] = []  # (rank, store chunk) of shared exceptions
+    seen = 0
+    for share, sc in excs:
+        if not share or share & seen:
+            raise CorruptMetadata(leaf, f"logical chunk {chunk}: an exception with an empty "
+                                        "sharemap, or two sharing a snapshot")
+        seen |= share
+        lb = share & live_mask
+        if not lb:
+            dropped += 1
+        elif not lb & (lb - 1):
+            r = rank_of[lb.bit_length() - 1]
+            own |= 1 << r
+            out.append((pack_key(ids[r], chunk, INF), sc))
+        else:
+            while lb:
+                low = lb & -lb
+                members.append((rank_of[low.bit_length() - 1], sc))
+                lb ^= low
+    if not members:
+        return dropped  # the others all read the origin: the newest ones, no entry
+    members.sort()
+    shared = 0
+    for r, _sc in members:
+        shared |= 1 << r
+    all_ranks = (1 << len(ids)) - 1
+    from_origin = all_ranks & ~own & ~shared
+    runs: list[list] = []  # [source (store chunk, or None: the origin), newest rank]
+    prev = -1
+    for r, sc in members:
+        between = from_origin & ((1 << r) - 1) & ~((1 << (prev + 1)) - 1)
+        if between:
+            runs.append([None, between.bit_length() - 1])
+        if runs and runs[-1][0] == sc:
+            runs[-1][1] = r
+        else:
+            runs.append([sc, r])
+        prev = r
+    used: set[int] = set()
+    for src, r in runs:
+        key = pack_key(ORIGIN, chunk, ids[r])
+        if src is not None and src not in used:
+            used.add(src)
+            out.append((key, src))
+            continue
+        copies.append(("origin", chunk) if src is None else ("store", src))
+        out.append((key, -len(copies)))
+    return dropped
+
+
+def _tree_shape(n: int) -> list[int]:
+    """Blocks per level of a bulk-loaded tree of ``n`` entries: leaves first, then each
+    index level up to the root (always at least one index level)."""
+    shape = [max(1, -(-n // LEAF_MAX))]
+    while True:
+        shape.append(-(-shape[-1] // NODE_MAX))
+        if shape[-1] == 1:
+            return shape
+
+
+def _build_tree(entries: list[tuple[int, int]], blocks: list[int], uuid: bytes
+                ) -> tuple[int, int, dict[int, bytearray]]:
+    """Bulk-load ``entries`` (sorted ``(key, store_chunk)``) into full leaves and full
+    index nodes in ``blocks`` (as many as :func:`_tree_shape` says, in its order).
+    Returns the root block, the index levels and ``{block: sealed v3 image}``."""
+    images: dict[int, bytearray] = {}
+    it = iter(blocks)
+    level: list[tuple[int, int]] = []  # (lower bound, block) of the level just built
+    for i in range(0, max(1, len(entries)), LEAF_MAX):
+        part = entries[i:i + LEAF_MAX]
+        leaf = Leaf([k for k, _v in part], [v for _k, v in part])
+        b = next(it)
+        images[b] = seal(leaf.encode(), T_LEAF, b, 0, uuid)
+        level.append((part[0][0] if i else 0, b))
+    levels = 0
+    while True:
+        up = []
+        for i in range(0, len(level), NODE_MAX):
+            part = level[i:i + NODE_MAX]
+            node = Node([lo for lo, _b in part], [b for _lo, b in part])
+            b = next(it)
+            images[b] = seal(node.encode(), T_NODE, b, 0, uuid)
+            up.append((part[0][0], b))
+        levels += 1
+        level = up
+        if len(level) == 1:
+            return level[0][1], levels, images
+
+
+class UpgradeResult(int):
+    """What :func:`upgrade_store` did.  Its value is the 4 KiB blocks it wrote (data
+    copies, table, tree, bitmap and superblocks); the attributes say the rest.
+
+    Attributes:
+        from_version: the format the store was in (1 or 2).
+        snapshots: live snapshots kept.
+        dropped_snapshots: snapshots being deleted, dropped (their space is free).
+        exceptions: exceptions (entries) in the v3 tree.
+        copies: chunks copied to keep the old sharing (0 unless a v2 merge left a
+            snapshot reading the origin between snapshots reading a copy-out).
+        dropped_exceptions: exceptions only snapshots being deleted read (not carried
+            over: their chunks are free).
+        replayed: the store was not shut down cleanly: its journal was read (and the
+            transactions committed in it converted).
+    """
+
+    from_version: int
+    snapshots: int
+    dropped_snapshots: int
+    exceptions: int
+    dropped_exceptions: int
+    copies: int
+    replayed: bool
+
+
+def _result(blocks: int, **attrs) -> UpgradeResult:
+    r = UpgradeResult(blocks)
+    for k, v in attrs.items():
+        setattr(r, k, v)
+    return r
+
+
+def _open_origin(origin, sb: Superblock, store_path: str, ncopies: int
+                 ) -> tuple[BlockDevice, bool]:
+    """The origin device to copy ``ncopies`` chunks from, and whether it was opened here.
+
+    Raises:
+        OriginMismatch: it cannot be opened, or its size is not the store's origin size.
+    """
+    opened = False
+    if origin is None or isinstance(origin, str):
+        path = sb.origin_path if origin is None else origin
+        try:
+            origin = FileDevice(path, writable=False, what="origin")
+            opened = True
+        except (StoreNotFound, DdsnapError, OSError) as e:
+            raise OriginMismatch(
+                f"upgrading {store_path} needs copies of {ncopies} chunk(s) of its origin, "
+                f"but the origin {path or '(none recorded)'} cannot be opened ({e}); give "
+                "its path with `ddsnap upgrade --origin PATH`. Nothing was changed") from None
+    if origin.size != sb.origin_size:
+        if opened:
+            origin.close()
+        raise OriginMismatch(
+            f"upgrading {store_path} needs copies of {ncopies} chunk(s) of its origin, but "
+            f"the origin {origin.path} is {human_bytes(origin.size)} and the store was made "
+            f"for {human_bytes(sb.origin_size)}. Nothing was changed")
+    return origin, opened
+
+
+def upgrade_store(dev: BlockDevice, origin: BlockDevice | str | None = None,
+                  progress=None) -> UpgradeResult:
+    """Convert the format-v1 or v2 store on ``dev`` to format v3, in place (see the module
+    docstring for how, and why a crash at any point is safe: run it again).
+
+    Args:
+        dev: the store device, writable; nobody may be serving it.
+        origin: where to read origin chunks the conversion must copy (rare: only after a
+            v2 merge, see :func:`_convert_chunk`): a device, a path, or None for the path
+            the store records.  Opened only if copies of the origin are needed.
+        progress: if given, called as ``progress(done, total)`` in 4 KiB blocks read
+            (the old tree) and written; ``total`` grows once, when the conversion knows
+            what it writes.
+
+    Returns:
+        An :class:`UpgradeResult`: an int, the blocks written, with the counts of
+        snapshots, exceptions and copies.
 
     Raises:
         NotAStore: no ddsnap superblock.
-        CorruptMetadata: a v1 block fails its checks (naming it); nothing was changed
-            that a second run would not redo.
-        DdsnapError: the store is already v2.
+        DdsnapError: the store is already format v3.
+        CorruptMetadata: an old block fails its checks or the old tree is inconsistent
+            (naming the block), the old journal is damaged, or the device is smaller
+            than the store; nothing was written.
+        StoreFull: no room for the copies or the new metadata; nothing was written.
+        OriginMismatch: origin chunks must be copied and the origin cannot be opened or
+            has the wrong size; nothing was written.
     """
-    first = dev.pread(4, 0)
-    second = dev.pread(4, BLOCK_SIZE)
-    if first != MAGIC and second != MAGIC:
-        from ..errors import NotAStore
-        raise NotAStore(dev.path)
-    sb = _read_v1_superblock(dev)
+    sb, version = _read_old_superblock(dev)
+    if dev.size < sb.blocks * BLOCK_SIZE:
+        raise CorruptMetadata(sb.slot, f"the store needs {human_bytes(sb.blocks * BLOCK_SIZE)} "
+                                       f"but {dev.path} has {human_bytes(dev.size)} "
+                                       "(truncated?)")
+    old = _read_old(dev, sb, version, progress)
+    state = old.state
+    read_blocks = len(old.tree_blocks)
+
+    live = sorted((s.id, bit) for bit, s in enumerate(old.slots) if s.state == _V2_SLOT_LIVE)
+    ids = [sid for sid, _b in live]
+    if len(set(ids)) != len(ids) or (ids and not 0 < ids[-1] <= MAX_VERSION):
+        raise CorruptMetadata(sb.snaptable_start, "snapshot ids in the table are not unique "
+                                                  "or out of range")
+    if ids and state.next_snapshot_id <= ids[-1]:
+        raise CorruptMetadata(sb.slot, f"next snapshot id {state.next_snapshot_id} is not "
+                                       f"past snapshot id {ids[-1]}")
+    rank_of = [-1] * len(old.slots)
+    live_mask = 0
+    for r, (_sid, bit) in enumerate(live):
+        rank_of[bit] = r
+        live_mask |= 1 << bit
+    merge = NO_MERGE
+    if state.merge_version != NO_MERGE:
+        bit = state.merge_version
+        if bit >= len(old.slots) or rank_of[bit] < 0:
+            raise CorruptMetadata(sb.slot, f"the snapshot being merged (slot {bit}) is not a "
+                                           "live snapshot")
+        merge = old.slots[bit].id
+
+    # Allocation as the old store has it, recomputed from its tree (never read: a crashed
+    # upgrade may have overwritten the old bitmap blocks already).
+    bpc = sb.blocks_per_chunk
+    nchunks = sb.blocks // bpc
+    data_start = _data_start(sb)
+    bits = _reserved_bits(sb)
+    meta_chunks = set()
+    for b in old.tree_blocks:
+        _mark(bits, b, 1)
+        meta_chunks.add(b // bpc)
+    origin_chunks = -(-sb.origin_size // sb.chunk_size)
+    refs: dict[int, int] = {}
+    entries: list[tuple[int, int]] = []
+    copies: list[_Copy] = []
+    dropped = 0
+    for c, excs, leaf in zip(old.chunks, old.excs, old.leaf_of):
+        if c >= origin_chunks:
+            raise CorruptMetadata(leaf, f"exception for logical chunk {c}, past the end of "
+                                        "the origin")
+        for _share, sc in excs:
+            if not data_start // bpc <= sc < nchunks:
+                raise CorruptMetadata(leaf, f"chunk {c}: store chunk {sc} out of range")
+            if sc in refs or sc in meta_chunks:
+                what = (f"logical chunk {refs[sc]}" if sc in refs else "a tree block")
+                raise CorruptMetadata(leaf, f"store chunk {sc} of logical chunk {c} is also "
+                                            f"used by {what}")
+            refs[sc] = c
+            _mark(bits, sc * bpc, bpc)
+        dropped += _convert_chunk(c, excs, rank_of, ids, live_mask, entries, copies, leaf)
+    entries.sort()
+
+    # Everything new goes where the old store has nothing: allocate it all now, so a
+    # full store is refused before anything is written.
+    bm = Bitmap(bits, sb.blocks, bpc, data_start)
+    shape = _tree_shape(len(entries))
+    table_n = max(1, -(-len(ids) // SNAPS_PER_BLOCK))
+    free = bm.free_chunks
+    try:
+        dst = [bm.alloc_chunk() for _ in copies]
+        table_blocks = [bm.alloc_block() for _ in range(table_n)]
+        tree_blocks = [bm.alloc_block() for _ in range(sum(shape))]
+    except StoreFull:
+        raise StoreFull(
+            f"{dev.path} has no room to upgrade: the conversion needs {len(copies)} "
+            f"chunk(s) for copies and {table_n + sum(shape)} blocks for the new metadata, "
+            f"and {free} chunk(s) are free. Nothing was changed: free some space with the "
+            f"ddsnap that made the store (delete a snapshot), then upgrade again") from None
+    entries = [(k, dst[-v - 1] if v < 0 else v) for k, v in entries]
+
+    src = None
+    opened = False
+    if any(what == "origin" for what, _n in copies):
+        src, opened = _open_origin(origin, sb, dev.path, len(copies))
+
+    # The v3 metadata, sealed.
     uuid = sb.uuid
-    head, seq = sb.journal_tail, sb.journal_seq
-    if not sb.clean:
-        head, seq = _replay_v1(dev, sb)
-        dev.flush()
-    n = 0
-    for i in range(sb.snaptable_blocks):
-        _reseal(dev, sb.snaptable_start + i, T_SNAPTABLE, uuid)
-        n += 1
-    for i in range(sb.bitmap_blocks):
-        _reseal(dev, sb.bitmap_start + i, T_BITMAP, uuid)
-        n += 1
+    slots = [SnapSlot(SLOT_LIVE, old.slots[bit].read_only, sid, old.slots[bit].created,
+                      old.slots[bit].name, ORIGIN, sb.origin_size) for sid, bit in live]
+    images: dict[int, bytearray] = {}
+    for k, b in enumerate(table_blocks):
+        nxt = table_blocks[k + 1] if k + 1 < len(table_blocks) else 0
+        buf = encode_snaptable(slots[k * SNAPS_PER_BLOCK:(k + 1) * SNAPS_PER_BLOCK], nxt)
+        images[b] = seal(buf, T_SNAPTABLE, b, 0, uuid)
+    root, levels, tree = _build_tree(entries, tree_blocks, uuid)
+    images.update(tree)
+    new_bits = _reserved_bits(sb)
+    for b in list(images):
+        _mark(new_bits, b, 1)
+    for _k, sc in entries:
+        _mark(new_bits, sc * bpc, bpc)
 
-    def walk(block: int, level: int) -> None:
-        nonlocal n
-        leaf = level == sb.state.levels
-        buf = _reseal(dev, block, T_LEAF if leaf else T_NODE, uuid)
-        n += 1
-        if not leaf:
-            for child in Node.decode(buf, block).children:
-                walk(child, level + 1)
+    total = read_blocks + len(copies) * bpc + len(images) + sb.bitmap_blocks + 2
+    done = read_blocks
+    written = 0
 
-    walk(sb.state.root, 0)
+    def step(n: int) -> None:
+        nonlocal done, written
+        done += n
+        written += n
+        if progress is not None:
+            progress(done, total)
+
+    try:
+        cs = sb.chunk_size
+        for (what, n), d in zip(copies, dst):
+            data = src.pread(cs, n * cs) if what == "origin" else dev.pread(cs, n * cs)
+            dev.pwrite(data, d * cs)
+            step(bpc)
+    finally:
+        if opened:
+            src.close()
+    for first, run in _runs(sorted(images.items())):
+        dev.pwrite(b"".join(run), first * BLOCK_SIZE)
+        step(len(run))
     dev.flush()
-    sb.journal_tail, sb.journal_seq = head, seq
-    sb.clean = False  # the next open checkpoints (and records the origin identity)
+
+    bm_images = []
+    for i in range(sb.bitmap_blocks):
+        buf = bytearray(BLOCK_SIZE)
+        buf[HEADER_SIZE:] = new_bits[i * BITMAP_BYTES:(i + 1) * BITMAP_BYTES]
+        bm_images.append((sb.bitmap_start + i, seal(buf, T_BITMAP, sb.bitmap_start + i, 0,
+                                                    uuid)))
+    for first, run in _runs(bm_images):
+        dev.pwrite(b"".join(run), first * BLOCK_SIZE)
+        step(len(run))
+    dev.flush()
+
+    new = Superblock(
+        uuid, sb.blocks, sb.chunk_shift, 0, sb.origin_size, sb.created, table_blocks[0], 1,
+        sb.bitmap_start, sb.bitmap_blocks, sb.journal_start, sb.journal_blocks,
+        journal_tail=0, journal_seq=1, clean=True,
+        state=State(root, levels, state.next_snapshot_id, merge, state.merge_keep,
+                    state.merge_cursor if merge != NO_MERGE else 0, state.full_policy),
+        origin_path=sb.origin_path, generation=sb.generation,
+        # The identity recorded at the last clean shutdown still describes the origin
+        # only if the store was shut down cleanly since (else the origin may have been
+        # written after it): without one the next open does not compare.
+        identity=sb.identity if sb.clean else None, auto_deleted=list(sb.auto_deleted))
     for _ in range(2):
-        sb.generation += 1
-        dev.pwrite(sb.encode(), sb.slot * BLOCK_SIZE)
+        new.generation += 1
+        dev.pwrite(new.encode(), new.slot * BLOCK_SIZE)
         dev.flush()
-    return n
+        step(1)
+    return _result(written, from_version=version, snapshots=len(ids),
+                   dropped_snapshots=sum(1 for s in old.slots if s.state == _V2_SLOT_DELETING),
+                   exceptions=len(entries), copies=len(copies), dropped_exceptions=dropped,
+                   replayed=not sb.clean)
 
 
-__all__ = ["upgrade_store"]
+def _runs(items):
+    """Group ``(block, image)`` pairs (ascending blocks) into runs of consecutive
+    blocks, at most :data:`_WRITE_RUN` long: yields ``(first block, [images])``."""
+    first, run = None, []
+    for b, img in items:
+        if run and (b != first + len(run) or len(run) >= _WRITE_RUN):
+            yield first, run
+            run = []
+        if not run:
+            first = b
+        run.append(img)
+    if run:
+        yield first, run
+
+
+__all__ = ["UpgradeResult", "upgrade_store"]
