@@ -83,20 +83,6 @@ def origin_of(want: dict[str, bytes]) -> MemoryDevice:
     return MemoryDevice(64 * CS, want["origin_device"])
 
 
-def findings(store: SharedStore) -> list:
-    """``store.check()``, less one false finding: check.py does not count the *first*
-    snapshot table block as referenced (``for b in store.table_blocks[1:]``: "the first
-    is in the fixed area"), but an upgraded store's first table block is in the data
-    area (the superblock says where), so check calls it leaked.  Only that block's leak
-    warning is left out; :func:`test_check_counts_the_first_table_block` fails (XPASS)
-    once check.py is fixed, and then this filter goes."""
-    first = store.table_blocks[0]
-    return [f for f in store.check()
-            if not (first >= store.data_start and f.severity == "warning"
-                    and f.block == first and f.message == "1 allocated blocks are not "
-                                                          "referenced (leaked space)")]
-
-
 def read_back(dev, want: dict[str, bytes], what) -> MetadataService:
     """Open ``dev`` as v3 and read every volume against the model ``want``."""
     svc = MetadataService(SharedStore.open(dev), origin_of(want))
@@ -132,7 +118,7 @@ def test_upgrade_keeps_every_snapshot(name):
     assert header_version(dev.pread(BLOCK_SIZE, BLOCK_SIZE)) == VERSION
     svc = read_back(dev, want, name)
     store = svc.store
-    assert findings(store) == []
+    assert store.check() == []
     assert all(s.parent == 0 for s in svc.snapshots())
     assert store.sb.max_snapshots == 0 and store.sb.journal_tail == 0
     if name == "v2-unclean":
@@ -157,15 +143,14 @@ def test_upgrade_keeps_every_snapshot(name):
         if s == "s1":
             v[41 * CS:42 * CS] = b"W" * CS
         assert Snapshot(svc, svc.snapshot(s)).read(0, 64 * CS) == bytes(v), s
-    assert findings(svc.store) == []
+    assert svc.store.check() == []
     svc.close()
-    assert findings(SharedStore.open(dev)) == []
+    assert SharedStore.open(dev).check() == []
 
 
-@pytest.mark.xfail(strict=True, reason="check.py counts table_blocks[1:] only: an upgraded "
-                                       "store's first table block, in the data area, is "
-                                       "reported leaked (and check --repair would free it)")
 def test_check_counts_the_first_table_block():
+    """An upgraded store's first table block lies in the data area (the superblock says
+    where): check counts it as referenced, so check --repair can never free it."""
     dev = MemoryDevice(SIZE, image("v1-clean"))
     upgrade_store(dev)
     store = SharedStore.open(dev)
@@ -276,7 +261,7 @@ def test_upgrade_interrupted_at_every_write_and_flush_finishes_on_a_second_run(n
             assert "already format v3" in str(e), (k, e)
             outcomes.add("already v3")
         svc = read_back(after, want, (mode, k))
-        assert findings(svc.store) == [], (mode, k)
+        assert svc.store.check() == [], (mode, k)
     assert k > 6  # at least: metadata, flush, bitmap, flush, two superblocks and flushes
     assert outcomes == {"converted again", "already v3"}
 
