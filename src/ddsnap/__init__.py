@@ -1,3 +1,3 @@
 """ddsnap: a shared copy-on-write snapshot store for block volumes, served over NBD."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
