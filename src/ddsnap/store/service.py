@@ -530,6 +530,13 @@ class MetadataService:
             # Chunks not merged yet are merged first: the write lands on the merged
             # content (seed 003 patches 09/10: writes to chunks under merge wait).
             self._merge_range_locked(first, last)
+            # Every chunk written is merged from now on, also where the target read the
+            # origin: a copy-out this write makes for the target must not become what
+            # the origin reads there.
+            for c in range(max(first, self.store.state.merge_cursor), last + 1):
+                if self.store.merge_source(c) is None:
+                    self.store.mark_merged(c)
+                    self._pending[(0, c)] = self.epoch
         while True:
             need, moves, adds, err = self._origin_copyouts_locked(first, last)
             if not moves:

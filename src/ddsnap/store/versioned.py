@@ -547,6 +547,16 @@ class VersionedStore(ExceptionStore):
         return out
 
     def mark_merged(self, chunk: int) -> None:
+        m = self.merging
+        if m is not None and not self.state.merge_keep:
+            # The target goes when the merge completes and is not exported meanwhile:
+            # an exception only it reads is not needed once merged, and freeing it now
+            # lets a merge in a nearly full store make room for the next copy-outs.
+            r = self._resolve(m, chunk)
+            if r is not None:
+                g = self._gkey_of(r[0])
+                if region_readers(self.table, g, limit=2) == [m]:
+                    self._remove_entry(*unpack_key(r[0]))
         if chunk >= self.state.merge_cursor:
             self._kv_reserve([pack_key(MERGED, chunk, 0)])
             self._kv_put(pack_key(MERGED, chunk, 0), 0)
