@@ -142,9 +142,9 @@ def test_snapshot_read_holds_back_origin_write(kind):
     t.start()
     # The writer copies out, commits, then must wait for our read lock.
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and svc.store.snapshot_exception(info.bit, 0)[0] is None:
+    while time.monotonic() < deadline and svc.store.snapshot_exception(info.id, 0)[0] is None:
         time.sleep(0.01)
-    assert svc.store.snapshot_exception(info.bit, 0)[0] is not None
+    assert svc.store.snapshot_exception(info.id, 0)[0] is not None
     # Our in-flight read still sees the old origin data: the write has not been issued.
     assert origin.pread(CS, 0) == b"x" * CS
     assert not done.is_set()

@@ -10,8 +10,10 @@ resumed) and must check clean and hold:
 * the origin: every byte as of its last acknowledged flush (origin flush or FUA write),
   or the data of a write issued since (DESIGN.md invariant 2);
 * every snapshot whose creation was acknowledged and whose delete was not: its content
-  exactly as the origin was when it was taken, plus its own writes under the same rule
-  (invariant 1: origin writes, deletes of other snapshots and crashes never change it);
+  exactly as the origin (or, for a snapshot of a snapshot, its parent) was when it was
+  taken, plus its own writes under the same rule (invariant 1: origin writes, writes to
+  its parent, deletes of other snapshots, its parent's included, and crashes never
+  change it);
 * the snapshot being created at the crash may exist or not, and if it exists it holds
   the origin as of its creation; the snapshot being deleted may still exist, intact;
 * no other snapshot exists; nothing reads as garbage.
@@ -124,13 +126,14 @@ class Geometry:
     origin_size: int = 40 * 4096 + 1000
     store_blocks: int = 170
     chunk_size: int = 4096
-    max_snapshots: int = 64
+    max_snapshots: int = 0
     journal_blocks: int = 24
 
 
 def make_workload(seed: int, n: int, g: Geometry) -> list[tuple]:
     """A deterministic list of ``n`` operations: origin and snapshot writes (some FUA),
-    flushes, snapshot creates and deletes, and a clean close-and-reopen."""
+    flushes, snapshot creates (of the origin and of snapshots) and deletes (parents
+    too), and a clean close-and-reopen."""
     rng = random.Random(seed)
     ops: list[tuple] = []
     live: list[str] = []
@@ -147,6 +150,11 @@ def make_workload(seed: int, n: int, g: Geometry) -> list[tuple]:
             made += 1
             live.append(f"s{made}")
             ops.append(("create", live[-1]))
+        elif r < 0.18 and len(live) < 6:
+            made += 1
+            parent = rng.choice(live)
+            live.append(f"c{made}")
+            ops.append(("clone", live[-1], parent))
         elif r < 0.45:
             off, ln = rand_range()
             ops.append(("owrite", off, rng.randbytes(ln), rng.random() < 0.2))
@@ -244,6 +252,12 @@ class Run:
             name = op[1]
             t.creating = (name, Vol.exact(t.origin.current))
             self.infos[name] = self.svc.create_snapshot(name)
+            t.snaps[name] = t.creating[1]
+            t.creating = None
+        elif kind == "clone":
+            _, name, parent = op
+            t.creating = (name, Vol.exact(t.snaps[parent].current))
+            self.infos[name] = self.svc.create_snapshot(name, parent=parent)
             t.snaps[name] = t.creating[1]
             t.creating = None
         elif kind == "delete":
@@ -383,7 +397,8 @@ def test_workload_without_crash_matches_the_model():
     for name, vol in t.snaps.items():
         assert Snapshot(run.svc, run.infos[name]).read(0, size) == vol.current
     kinds = {op[0] for op in ops}
-    assert kinds == {"create", "owrite", "swrite", "oflush", "sflush", "delete", "reopen"}
+    assert kinds == {"create", "clone", "owrite", "swrite", "oflush", "sflush", "delete",
+                     "reopen"}
     # "all" images are the devices as they are: recovery must give the same content.
     recover_and_verify(t, g, *run.images("all", 0), "no crash", exercise=True)
 
@@ -484,11 +499,13 @@ def _delete_workload():
     cs = 4096
     rng = random.Random(5)
     ops = [("create", "s1")]
-    # s1 alone gets copy-outs of 1000 chunks, 8 per write: ~70 leaves of 1024-bit
-    # exceptions; then a few copy-outs shared with s2 and a write of s2's own.
+    # s1 alone gets copy-outs of 1000 chunks, 8 per write (6 leaves); then a few
+    # copy-outs shared with s2, writes of s2's own and of a clone of s2.
     for c in range(0, 1000, 8):
         ops.append(("owrite", c * cs, rng.randbytes(8 * cs), False))
     ops.append(("create", "s2"))
+    ops.append(("clone", "k2", "s2"))
+    ops.append(("swrite", "k2", 9 * cs, b"k2 data" * 100, True))
     for c in range(3, 1000, 97):
         ops.append(("owrite", c * cs, rng.randbytes(cs + 7), False))
     ops.append(("swrite", "s2", 5 * cs, b"s2 data" * 100, True))
@@ -497,17 +514,17 @@ def _delete_workload():
     return ops
 
 
-def test_crash_during_a_multi_step_delete():
-    """A tree of more than SWEEP_BUDGET leaves: deleting a snapshot takes several
-    committed sweep steps, and a crash between them leaves the delete to be finished
-    when the store is next opened."""
-    from ddsnap.store.shared import SWEEP_BUDGET
+def test_crash_during_a_multi_step_delete(monkeypatch):
+    """A delete that frees more exceptions than one sweep step may look at: it takes
+    several committed sweep steps, and a crash between them leaves the delete to be
+    finished when the store is next opened."""
+    from ddsnap.store import versioned
 
-    g = Geometry(origin_size=1000 * 4096, store_blocks=1600, max_snapshots=1024,
-                 journal_blocks=300)
+    monkeypatch.setattr(versioned, "SWEEP_BUDGET", 128)
+    g = Geometry(origin_size=1000 * 4096, store_blocks=1600, journal_blocks=300)
     ops = _delete_workload()
     before = Run(g, ops[:-2])
-    assert sum(1 for _ in before.svc.store._leaves()) > SWEEP_BUDGET
+    assert before.svc.store.exception_chunks() > 3 * versioned.SWEEP_BUDGET
     start = before.ops_done
     total = Run(g, ops).ops_done
     checked = []
@@ -524,7 +541,7 @@ def test_crash_during_a_multi_step_delete():
 
     run = Run(g, ops, observer=observe)
     assert checked == list(range(start - 3, total + 1))
-    assert sum(1 for _ in run.svc.store._leaves()) < SWEEP_BUDGET
+    assert run.svc.store.exception_chunks() < 3 * versioned.SWEEP_BUDGET
 
 
 def test_crash_during_recovery():
