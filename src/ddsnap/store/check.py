@@ -106,6 +106,7 @@ def check_store(store, leaks: list[int] | None = None) -> list[Finding]:
     nchunks = sb.blocks // bpc
     first_data_chunk = -(-bitmap.data_start // bpc)
     entries: list[tuple[int, int, int, int]] = []
+    markers = [0]
     incomplete = []  # blocks the walk could not read: the recount is partial
 
     def fatal(block, msg):
@@ -164,6 +165,7 @@ def check_store(store, leaks: list[int] | None = None) -> list[Finding]:
                 if c >= store.origin_chunks:
                     fatal(block, f"exception for chunk {c} past the end of the origin")
                 if o == MERGED:
+                    markers[0] += 1
                     if t != 0 or sc != 0:
                         fatal(block, f"malformed merge marker at chunk {c}")
                     continue
@@ -189,7 +191,7 @@ def check_store(store, leaks: list[int] | None = None) -> list[Finding]:
             walk(child, level + 1, child_lo, child_hi)
 
     walk(store.state.root, 0, 0, None)
-    for f in store.check_entries(entries):
+    for f in store.check_entries(entries, markers[0]):
         findings.append(f)
 
     # The incremental space figures against a recount (only a complete one is exact).

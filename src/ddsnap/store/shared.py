@@ -390,6 +390,7 @@ class SharedStore(VersionedStore):
             self._set_counts(counts)
         except CorruptMetadata as e:
             self._space, self._space_error = None, e
+            self._set_counts(None)
 
     def _space_account(self) -> SpaceAccount:
         if self._space is None:

@@ -67,6 +67,9 @@ class VersionedStore(ExceptionStore):
         self._own: dict[int, int] = {}
         #: snapshots owning at least one entry, ascending (only they can shadow)
         self._writers = SortedList()
+        #: False while :attr:`_own` is not known (the walk at open failed): then every
+        #: lookup probes for a snapshot's own entries instead of trusting it
+        self._own_known = True
         self._sweep_pos: int | None = None
         self._sweep_orphans: dict[tuple, bool] = {}
         self.sweep_budget = SWEEP_BUDGET
@@ -117,15 +120,15 @@ class VersionedStore(ExceptionStore):
     def _del_entry(self, owner: int, chunk: int, tag: int) -> None:
         self._kv_del(pack_key(owner, chunk, tag))
         if owner != ORIGIN:
-            n = self._own[owner] - 1
-            if n:
+            n = self._own.get(owner, 1) - 1  # (unknown counts: see _own_known)
+            if n > 0:
                 self._own[owner] = n
             else:
-                del self._own[owner]
-                self._writers.remove(owner)
+                self._own.pop(owner, None)
+                self._writers.discard(owner)
 
     def _has_entries(self, owner: int, chunk: int) -> bool:
-        if owner != ORIGIN and owner not in self._own:
+        if owner != ORIGIN and owner not in self._own and self._own_known:
             return False
         r = self._kv_succ(pack_key(owner, chunk, 0))
         return r is not None and r[0] >> 32 == _prefix(owner, chunk)
@@ -154,7 +157,7 @@ class VersionedStore(ExceptionStore):
                  ) -> tuple[int, int] | None:
         """``(key, store_chunk)`` of the entry ``version`` reads at ``chunk``, or None for
         the origin device (see the module docstring)."""
-        if version in self._own:
+        if version in self._own or not self._own_known:
             k = pack_key(version, chunk, INF)
             sc = self._kv_get(k, nowait)
             if sc is not None:
@@ -204,6 +207,7 @@ class VersionedStore(ExceptionStore):
         ws = self._writers if candidates is None else candidates
         if not ws:
             return _EMPTY
+        index = self.table.index
         parent = self.table.parent
         found = []
         start = ws.bisect_right(lo) if candidates is None else 0
@@ -211,7 +215,7 @@ class VersionedStore(ExceptionStore):
             if w <= lo or w == owner:
                 continue
             x, y = w, None
-            while x != ORIGIN:
+            while x != ORIGIN and x in index:  # (an owner not in the table: damage)
                 p = parent(x)
                 if p == owner:
                     y = x
@@ -229,7 +233,7 @@ class VersionedStore(ExceptionStore):
             keep = []
             for w in found:
                 x = parent(w)
-                while x != owner and x not in fs:
+                while x != owner and x not in fs and x in index:
                     x = parent(x)
                 if x == owner:
                     keep.append(w)
@@ -286,9 +290,15 @@ class VersionedStore(ExceptionStore):
                 return
             lo = part[-1][0] + 1
 
-    def _set_counts(self, counts: dict[int, int]) -> None:
+    def _set_counts(self, counts: dict[int, int] | None) -> None:
+        """The entries each snapshot owns, from the walk at open; None: unknown (the walk
+        failed), so lookups must not trust them."""
+        if counts is None:
+            self._own, self._writers, self._own_known = {}, SortedList(), False
+            return
         self._own = {o: n for o, n in counts.items() if o != ORIGIN}
         self._writers = SortedList(self._own)
+        self._own_known = True
 
     def exceptions(self):
         yield from self._entries(0, pack_key(MERGED, 0, 0))
@@ -577,12 +587,13 @@ class VersionedStore(ExceptionStore):
 
     # -- checks ----------------------------------------------------------------------------
 
-    def check_entries(self, entries=None) -> list[Finding]:
+    def check_entries(self, entries=None, markers: int | None = None) -> list[Finding]:
         """The rules of versioned exceptions, over ``entries`` (default: all): every
         owner is a version in the table, every history tag names a version taken of the
         owner, only snapshots have current entries, no store chunk is referenced twice;
-        merge markers only while a merge runs; and the space figures match a recount.
-        (The on-disk store adds the block-level checks.)"""
+        merge markers (``markers`` of them, default: counted from the map) only while a
+        merge runs.  (The on-disk store adds the block-level checks and the recount of
+        the space figures.)"""
         out: list[Finding] = []
         t = self.table
         for msg in t.problems():
@@ -602,8 +613,9 @@ class VersionedStore(ExceptionStore):
                 out.append(Finding("fatal", None, f"{where}: store chunk {sc} is "
                                                   "referenced twice"))
             seen.add(sc)
-        if self.merging is None and self._kv_range(pack_key(MERGED, 0, 0),
-                                                   pack_key(MERGED + 1, 0, 0), 1):
+        if markers is None:
+            markers = len(self._kv_range(pack_key(MERGED, 0, 0), pack_key(MERGED + 1, 0, 0), 1))
+        if self.merging is None and markers:
             out.append(Finding("fatal", None, "merge progress markers without a merge"))
         return out
 
