@@ -198,7 +198,8 @@ class Flip:
     @property
     def reported(self) -> bool:
         """Check did not pass it over: a fatal finding, one naming the block, or no
-        report at all because check failed (loudly: see the xfail below)."""
+        report at all because check failed (loudly; test_check_returns_findings_for_every_
+        flip asserts that never happens)."""
         return self.fatal or any(f.block == self.block for f in self.findings) or bool(
             self.raised)
 
@@ -232,18 +233,10 @@ def campaign(state: str) -> tuple[Flip, ...]:
     return tuple(flips)
 
 
-BUG_OWN_WRITES_HIDDEN = (
-    "bug (see test_store_format's test_a_damaged_leaf_does_not_hide_a_snapshots_writes_"
-    "elsewhere): a damaged leaf leaves VersionedStore._own empty (the space count at "
-    "open failed) and _resolve then skips every snapshot's own writes: snapshots that "
-    "wrote read their inherited data instead")
 
 
 @pytest.mark.parametrize("state,kind", [
-    pytest.param(state, kind, marks=[pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason=BUG_OWN_WRITES_HIDDEN)]
-        if kind == "leaf" else [])
-    for state in KINDS for kind in KINDS[state]])
+    (state, kind) for state in KINDS for kind in KINDS[state]])
 def test_flips_are_never_served_as_other_bytes(state, kind):
     """Serving refuses the store or reads each volume's recorded content or EIO."""
     flips = [f for f in campaign(state) if f.kind == kind]
@@ -271,15 +264,6 @@ def test_every_flip_is_reported_by_check(state):
     assert {f.kind for f in flips} == set(KINDS[state])
 
 
-BUG_CHECK_FAILS = (
-    "bugs (see test_store_format): check raises CorruptMetadata for damage on the path "
-    "from the root to the last leaf (check_entries' merge-marker probe) instead of "
-    "returning findings; the inspection open raises KeyError when a damaged table "
-    "block held snapshots that own exceptions (_count_groups -> _shadow -> "
-    "VersionTable.parent)")
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=BUG_CHECK_FAILS)
 @pytest.mark.parametrize("state", list(KINDS))
 def test_check_returns_findings_for_every_flip(state):
     """Check reports damage as findings (``ddsnap check --json`` prints them all); it

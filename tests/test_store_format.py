@@ -1052,15 +1052,8 @@ def test_corrupt_leaf_fails_reads_and_check_names_it(kind):
     assert Snapshot(svc, snap).read(end, 4096) == views["s"][end:]
 
 
-BUG_CHECK_RAISES = (
-    "bug: check_store (store/check.py) ends with store.check_entries(entries), whose "
-    "merge-marker probe (VersionedStore.check_entries: self._kv_range(pack_key(MERGED, "
-    "0, 0), ...)) walks the tree from the root to its last leaf and lets the "
-    "CorruptMetadata of a damaged block on that path escape: check() raises instead of "
-    "returning the findings its walk made (ddsnap check prints no report)")
 
 
-@pytest.mark.xfail(strict=True, raises=CorruptMetadata, reason=BUG_CHECK_RAISES)
 @pytest.mark.parametrize("which", ["root", "last-leaf"])
 def test_check_reports_damage_on_the_path_to_the_last_leaf(which):
     """Damage anywhere in the tree is a finding naming the block: check's walk catches
@@ -1074,16 +1067,8 @@ def test_check_reports_damage_on_the_path_to_the_last_leaf(which):
     assert fatal and all(f.block == block for f in fatal), fatal
 
 
-BUG_OWN_WRITES_HIDDEN = (
-    "bug: with a leaf damaged (the root intact) SharedStore.open succeeds, but "
-    "_count_space fails and leaves VersionedStore._own empty; VersionedStore._resolve "
-    "(store/versioned.py) looks a snapshot's own current entry up only when the "
-    "snapshot is in self._own, so every snapshot's own writes are skipped and its reads "
-    "return the data it inherited (the origin's or a copy-out): silent wrong bytes, "
-    "even where every block the read needs is intact")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=BUG_OWN_WRITES_HIDDEN)
 @pytest.mark.parametrize("mode", ["rw", "degraded"])
 def test_a_damaged_leaf_does_not_hide_a_snapshots_writes_elsewhere(mode):
     """A snapshot's own write lives in an intact leaf while another leaf is damaged:
@@ -1409,17 +1394,8 @@ def test_check_of_an_open_store_rereads_every_table_block():
     assert store.check() == []
 
 
-BUG_LOST_TABLE_KEYERROR = (
-    "bug: SharedStore.open(mode='inspect') (store/shared.py) with a damaged snapshot "
-    "table block reads the table without that block's slots; _count_space then calls "
-    "VersionedStore._count_groups, whose _shadow walks VersionTable.parent() of a "
-    "snapshot that owns an exception but lost its slot: KeyError escapes "
-    "(_count_space catches only CorruptMetadata, as does check_store's recount in "
-    "store/check.py), so ddsnap check crashes with a traceback instead of naming the "
-    "block")
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=BUG_LOST_TABLE_KEYERROR)
 @pytest.mark.parametrize("which", [0, 1])
 def test_check_names_a_damaged_table_block_holding_snapshots_with_writes(which):
     """As above, where the snapshots whose slots are lost wrote to chunks that also

@@ -132,17 +132,11 @@ def test_flipped_journal_byte_is_refused_not_served(killed, what):
     fails(5, "serve", store, "--listen", f"unix:{tmp}/x.sock")  # still refused
 
 
-BUG_CHECK_RAISES = (
-    "bug: check_store (store/check.py) ends with VersionedStore.check_entries, whose "
-    "merge-marker probe (_kv_range from pack_key(MERGED, 0, 0)) reads the leaf the "
-    "damaged journal image made untrusted and lets its CorruptMetadata escape: "
-    "ddsnap check --json exits 5 with one error line and prints no report")
 
 
 @pytest.mark.parametrize("what", [
     "descriptor",
-    pytest.param("image", marks=pytest.mark.xfail(strict=True, raises=AssertionError,
-                                                  reason=BUG_CHECK_RAISES))])
+    "image"])
 def test_flipped_journal_byte_is_reported_by_check(killed, what):
     _tmp, store, _origin, _data = killed
     block = _flip_in_window(store, what)
@@ -230,15 +224,8 @@ def test_damaged_chained_table_block_is_refused_and_named(tmp_path):
     assert _digest(store) == before
 
 
-BUG_LOST_TABLE_KEYERROR = (
-    "bug: with a snapshot table block damaged, SharedStore.open(mode='inspect') "
-    "(store/shared.py, _count_space -> VersionedStore._count_groups -> _shadow -> "
-    "VersionTable.parent) raises KeyError for a snapshot that owns an exception but "
-    "lost its slot: ddsnap check prints a traceback and exits 1 instead of naming the "
-    "block")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=BUG_LOST_TABLE_KEYERROR)
 def test_damaged_table_of_snapshots_that_wrote_is_named_by_check(tmp_path):
     store, _origin, _data = new_store(tmp_path, 10)
     ok("snap", "create", store, "s2")
@@ -255,13 +242,8 @@ def test_damaged_table_of_snapshots_that_wrote_is_named_by_check(tmp_path):
                for f in json.loads(p.stdout)["findings"]), p.stdout
 
 
-BUG_OWN_WRITES_HIDDEN = (
-    "bug: a damaged leaf leaves VersionedStore._own empty (the space count at open "
-    "failed) and VersionedStore._resolve (store/versioned.py) then skips every "
-    "snapshot's own writes: serve answers the origin's data where s1 wrote its own")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=BUG_OWN_WRITES_HIDDEN)
 def test_damaged_leaf_never_serves_other_bytes_than_a_snapshots_own(tmp_path):
     origin = tmp_path / "origin.img"
     store = tmp_path / "store.img"
