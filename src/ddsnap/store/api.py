@@ -241,11 +241,17 @@ class ExceptionStore(abc.ABC):
         other live snapshot reads it (seed 000 ``snapshot_chunk_unique``).
         """
 
+    def snapshot_chunk(self, version: int, chunk: int) -> int | None:
+        """Only the store chunk of :meth:`snapshot_exception` (what a read needs; cheaper:
+        uniqueness is not worked out)."""
+        return self.snapshot_exception(version, chunk)[0]
+
     def snapshot_exception_nowait(self, version: int, chunk: int) -> tuple[int | None, bool]:
         """:meth:`snapshot_exception` from metadata already in memory, never from disk.
 
         The NBD server answers reads on its event loop with this (and falls back to a
-        worker thread), so it must not block.
+        worker thread), so it must not block.  ``unique`` may be False when it is not
+        (reads do not need it).
 
         Raises:
             NotCached: a tree block on the way is not in memory.

@@ -665,8 +665,9 @@ class MetadataService:
             self._enter()
             v = self._version(snap)
             sources, locked = [], []
+            lookup = self.store.snapshot_chunk
             for c in range(first, last + 1):
-                sc, _u = self.store.snapshot_exception(v, c)
+                sc = lookup(v, c)
                 if sc is None:
                     self._readlocks[c] += 1
                     locked.append(c)

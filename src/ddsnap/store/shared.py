@@ -808,13 +808,6 @@ class SharedStore(VersionedStore):
         self._want_checkpoint = True
         return done
 
-    def _lookup(self, version, chunk, nowait):
-        if nowait:
-            # The event loop only needs the store chunk: never the uniqueness probes.
-            r = self._resolve(version, chunk, True)
-            return (None, False) if r is None else (r[1], False)
-        return super()._lookup(version, chunk, False)
-
     def add_origin_exception(self, chunk, store_chunk, tag) -> None:
         try:
             super().add_origin_exception(chunk, store_chunk, tag)

@@ -342,11 +342,17 @@ class VersionedStore(ExceptionStore):
     def snapshot_exception_nowait(self, version: int, chunk: int):
         return self._lookup(version, chunk, True)
 
+    def snapshot_chunk(self, version: int, chunk: int) -> int | None:
+        r = self._resolve(version, chunk)
+        return None if r is None else r[1]
+
     def _lookup(self, version: int, chunk: int, nowait: bool):
         r = self._resolve(version, chunk, nowait)
         if r is None:
             return None, False
         key, sc = r
+        if nowait:
+            return sc, False  # the event loop only reads: no uniqueness probes
         owner, _c, tag = unpack_key(key)
         if owner == version:  # its own current data: unique unless a child reads it
             if not self.table.children.get(version):
