@@ -338,6 +338,7 @@ def test_create_is_constant_time(make_store, kind):
     for c in range(0, 1024, 2):
         store.add_origin_exception(c, store.allocate_chunk(), store.origin_sharers(c))
     store.commit()
+    assert store.snapshot_space()[a.id] == (512, 0)
     before = exc_dict(store)
     space = store.space()
     b = store.create_snapshot("b")

@@ -27,7 +27,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from conftest import examples
 from ddsnap.errors import ReadOnlyVolume, StoreFull
 from ddsnap.store.blockdev import MemoryDevice
-from ddsnap.store.format import LEAF_MAX
 from ddsnap.store.memory import MemoryStore
 from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore

@@ -18,8 +18,8 @@ import time
 
 from ..errors import InvalidArgument, SnapshotExists, SnapshotNotFound, TooManySnapshots
 from .api import SnapshotInfo
-from .format import (INF, MAX_NAME, MAX_VERSION, ORIGIN, SLOT_DELETING, SLOT_FREE, SLOT_GHOST,
-                     SLOT_LIVE, SnapSlot)
+from .format import (INF, MAX_NAME, MAX_VERSION, ORIGIN, SLOT_DELETING, SLOT_FREE, SLOT_LIVE,
+                     SnapSlot)
 
 
 def validate_name(name: str) -> None:

@@ -34,10 +34,8 @@ import bisect
 
 from sortedcontainers import SortedList
 
-from ..errors import CorruptMetadata, StoreFull
 from .api import ExceptionStore, Finding, SnapshotInfo
-from .format import (INF, MERGED, ORIGIN, SLOT_DELETING, SLOT_FREE, SLOT_GHOST, SLOT_LIVE,
-                     pack_key, unpack_key)
+from .format import INF, MERGED, ORIGIN, SLOT_DELETING, SLOT_GHOST, pack_key, unpack_key
 from .snapshots import SpaceAccount, VersionTable, region_readers
 
 _EMPTY: frozenset = frozenset()
