@@ -533,8 +533,9 @@ class MetadataService:
             # Every chunk written is merged from now on, also where the target read the
             # origin: a copy-out this write makes for the target must not become what
             # the origin reads there.
+            # (The merge may have completed while this waited for chunks.)
             for c in range(max(first, self.store.state.merge_cursor), last + 1):
-                if self.store.merge_source(c) is None:
+                if self.store.merging is not None and self.store.merge_source(c) is None:
                     self.store.mark_merged(c)
                     self._pending[(0, c)] = self.epoch
         while True:

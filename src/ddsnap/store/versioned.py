@@ -562,7 +562,9 @@ class VersionedStore(ExceptionStore):
 
     def mark_merged(self, chunk: int) -> None:
         m = self.merging
-        if m is not None and not self.state.merge_keep:
+        if m is None:
+            return  # the merge completed meanwhile: nothing to mark
+        if not self.state.merge_keep:
             # The target goes when the merge completes and is not exported meanwhile:
             # an exception only it reads is not needed once merged, and freeing it now
             # lets a merge in a nearly full store make room for the next copy-outs.
