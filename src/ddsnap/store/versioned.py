@@ -408,12 +408,18 @@ class VersionedStore(ExceptionStore):
                 and self._within(self._gkey_of(r[0]), version)):
             # Only this snapshot's subtree reads the ancestor's exception: it becomes the
             # history kept for the snapshots taken of it (re-keyed, not copied).
+            owner, _c, etag = unpack_key(r[0])
             nxt = self._next_entry(r[0])
+            # The owner's last entry there: the ancestor's entry its subtree falls back
+            # to loses it from its shadow (a ghost's, say).
+            last = nxt is None and self._prev_tag(owner, chunk, etag) == 0
+            anc = self._resolve_above(owner, chunk) if last and owner != ORIGIN else None
             if sp is not None:
                 old_g = self._gkey_of(r[0])
                 old_next = self._gkey_of(nxt) if nxt is not None else None
+                old_anc = self._gkey_of(anc[0]) if anc is not None else None
             tag = self._newest_child(version)
-            self._del_entry(*unpack_key(r[0]))
+            self._del_entry(owner, chunk, etag)
             self._put_entry(version, chunk, tag, r[1])
             self._put_entry(version, chunk, INF, store_chunk)
             if sp is not None:
@@ -421,6 +427,8 @@ class VersionedStore(ExceptionStore):
                 sp.add(self._gkey(version, chunk, INF))
                 if nxt is not None:  # its previous tag changed
                     sp.move(old_next, self._gkey_of(nxt))
+                if anc is not None:
+                    sp.move(old_anc, self._gkey_of(anc[0]))
             return
         before = self._gkey_of(r[0]) if r is not None and sp is not None else None
         if kept is not None:
