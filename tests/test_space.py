@@ -530,14 +530,6 @@ def test_chained_deletes_of_a_line_of_clones(make_store, kind):
     assert store.check() == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: VersionedStore.add_snapshot_exception, re-key branch (only the writer's subtree "
-    "reads an ancestor's exception, which becomes the writer's history): when that was "
-    "the ancestor's (a ghost's) last entry at the chunk, the entry the ghost's subtree "
-    "reads through to (the origin's copy-out, whose shadow named the ghost) is not "
-    "regrouped as _remove_entry does; the account keeps group (0, 0, tag, {ghost}) while "
-    "the tree says {writer}, so check() reports fatal drift on a healthy store, and "
-    "later sweeps leave a group at -1 (stale groups even when no exception is left)"))
 def test_rekeying_a_ghosts_last_entry_regroups_what_its_subtree_reads(make_store, kind):
     store = make_store(kind)
     a = store.create_snapshot("a")
@@ -843,11 +835,7 @@ def test_damaged_leaf_makes_the_figures_unavailable(which):
 
 @pytest.mark.parametrize("which", [
     "first",
-    pytest.param("last", marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: VersionedStore.check_entries probes the tree for merge markers "
-        "(_kv_range over the MERGED keys) outside check_store's guarded walk, so a "
-        "damaged last leaf makes SharedStore.check() raise CorruptMetadata instead of "
-        "returning a fatal finding naming the leaf"))),
+    "last",
 ])
 def test_check_names_a_damaged_leaf(which):
     """``check`` reports the damaged leaf as a fatal finding (the recount of the figures
