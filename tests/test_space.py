@@ -27,7 +27,9 @@ Covered here, for SharedStore (on a MemoryDevice and a FileDevice) and MemorySto
 * a hypothesis state machine over origin writes, snapshot writes, creates of snapshots
   of the origin and of snapshots, deletes (parents too; swept at once, step by step or
   later), commits and reopens, checking the incremental figures against the brute-force
-  count after every step, and ``check()`` at the end.
+  count after every step (with ``exception_chunks`` the number of exceptions and
+  ``unswept_chunks`` those nobody reads), ``check()`` after every step that left nothing
+  uncommitted, and ``check()`` at the end.
 """
 
 from __future__ import annotations
