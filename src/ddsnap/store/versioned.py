@@ -182,9 +182,15 @@ class VersionedStore(ExceptionStore):
         there, or of a version between."""
         if self._has_entries(version, chunk):
             return False
-        if self.table.is_live(version):
+        if self.table.is_live(version) and not self._leaving(version):
             return True
         return any(self._reads(y, chunk) for y in self.table.children.get(version, ()))
+
+    def _leaving(self, version: int) -> bool:
+        """True for the target of a merge without ``keep``: it is deleted when the merge
+        completes and not exported meanwhile, so no copy-out is made for it alone (the
+        snapshots taken of it still get theirs)."""
+        return version == self.state.merge_version and not self.state.merge_keep
 
     def _readers_after(self, owner: int, lo: int, chunk: int) -> bool:
         """True if a live version in the subtree of a child of ``owner`` with id > ``lo``
