@@ -262,7 +262,8 @@ def init(store, origin, size, chunk_size, max_snapshots, full_policy, force, yes
         dev.close()
     out.print(f"created snapshot store {_shown(store)} for origin {_shown(origin)} "
               f"({format_size(osize, binary=True)}): {space['chunks_free']} free chunks of "
-              f"{format_size(chunk, binary=True)}, up to {max_snaps} snapshots")
+              f"{format_size(chunk, binary=True)}"
+              + (f", up to {max_snaps} snapshots" if max_snaps else ", no snapshot limit"))
     if store_size < osize:
         err.print(f"ddsnap: warning: the store is smaller than its origin: "
                   f"{human_bytes(store_size)} against {human_bytes(osize)}; it can fill up before "

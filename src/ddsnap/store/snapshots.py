@@ -358,7 +358,7 @@ class SpaceAccount:
 
     def orphan_groups(self, table: VersionTable) -> set[tuple]:
         """The groups whose exceptions no live snapshot reads."""
-        return {g for g in self.groups if not region_readers(table, g)}
+        return {g for g in self.groups if not region_readers(table, g, limit=1)}
 
     def drift(self, truth: "SpaceAccount", table: VersionTable, name_of) -> list[str]:
         """How these figures differ from ``truth`` (recounted from the tree); one message

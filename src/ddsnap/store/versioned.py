@@ -512,7 +512,7 @@ class VersionedStore(ExceptionStore):
                 g = self._gkey(o, c, t)
                 orphan = self._sweep_orphans.get(g)
                 if orphan is None:
-                    orphan = not region_readers(self.table, g)
+                    orphan = not region_readers(self.table, g, limit=1)
                     self._sweep_orphans[g] = orphan
                 if orphan:
                     self._remove_entry(o, c, t)
