@@ -45,8 +45,9 @@ figure issue 9's criteria name, as ddsnap at N over ddsnap at 1; every ddsnap st
 also counted read-only after its server stopped (``bench/metaprobe.py``) for the
 metadata bytes per exception.
 
-With ``--profile``, py-spy samples the ddsnap server during each ddsnap fio job and the
-served merge; the report then lists the hottest functions.
+With ``--profile``, py-spy samples the ddsnap server during each ddsnap fio job, the
+served merge and, in the scaling workload, the creations timed at N and each delete; the
+report then lists the hottest functions.
 
 Run it through ``bench/run`` (which installs what it needs first); ``bench/run --help``
 lists the parameters.  Results go to stdout and to a markdown file (``--out``), headed by
@@ -1644,7 +1645,9 @@ class Bench:
                     f"({n / r.create_s:,.0f}/s), {r.written_chunks} chunks written "
                     f"between them in {r.write_s:.1f} s")
                 os.sync()
-                r.at_n_ms = self.snap_create_ctl(store, a.create_samples, prefix="lat")
+                r.at_n_ms = self.profiled(
+                    srv, f"snapcreate-at-{n}-fill{extra}",
+                    lambda: self.snap_create_ctl(store, a.create_samples, prefix="lat"))
                 say(f"{label}: snap_create with {n} snapshots: "
                     f"{stats_text(r.at_n_ms, lambda v: f'{v:.2f}')} ms")
                 t0 = time.perf_counter()
@@ -1660,7 +1663,8 @@ class Bench:
                                      f"`snap_list` says {e}")
                     before = ctl_call(ctl, "status", timeout=600)["chunks_used"]
                     t0 = time.perf_counter()
-                    ctl_call(ctl, "snap_delete", {"name": name}, timeout=3600)
+                    self.profiled(srv, f"delete-k{k}-fill{extra}", lambda: ctl_call(
+                        ctl, "snap_delete", {"name": name}, timeout=3600))
                     ms = (time.perf_counter() - t0) * 1000
                     after = ctl_call(ctl, "status", timeout=600)["chunks_used"]
                     r.deletes.append(DeleteRun(name, k, e, ms, before - after))
@@ -2362,6 +2366,10 @@ f"{a.repeat} runs: median (min–max); each ratio is merge / copy of the same ru
         note = (f"the k={kmax} delete took {growth:,.1f}× as long on the fuller store, "
                 f"whose exceptions were {store_growth} as many; met = at most 2× (time "
                 f"follows k, not the store)")
+        t0_lo, t0_hi = t(lo, 0), t(hi, 0)
+        if t0_lo is not None and t0_hi is not None:
+            note += (f"; the delete of a snapshot with no exclusive data: {t0_lo:,.1f} ms "
+                     f"and {t0_hi:,.1f} ms")
         if any(f.bad for f in fills):
             return measured, "no (see problems)", note
         return measured, "yes" if ok else "no", note
@@ -2643,8 +2651,9 @@ W/8 + 8 bytes (W-bit sharemap, store chunk) plus an 8-byte map entry per logical
             return "(--profile was given, but no profile was recorded; see problems)"
         out = [f"{b.pyspy_version} sampled the ddsnap server "
                f"(`py-spy record --pid PID --format raw --rate {a.profile_rate} --nonblocking "
-               f"--function`, stopped with SIGINT after the job) during each ddsnap fio job "
-               f"and the served merge; the figures measured meanwhile are marked "
+               f"--function`, stopped with SIGINT after the job) during each ddsnap fio job, "
+               f"the served merge and, in the scaling workload, the `snap_create` requests "
+               f"timed at N and each `snap_delete`; the figures measured meanwhile are marked "
                f"\"py-spy attached\" and are lower than unprofiled ones.  Idle threads "
                f"(waiting for a request, a lock or I/O) are not sampled, so the percentages "
                f"are of the samples in which a thread was running Python code or a system "
@@ -3081,8 +3090,9 @@ def parse_args(argv: list[str]):
                    help="rss workload: range of the origin / snapshot covered by the 1 MiB "
                         "sequential jobs, from offset 0 [4G; 256M with --quick]")
     p.add_argument("--profile", action="store_true",
-                   help="sample the ddsnap server with py-spy during each ddsnap fio job and "
-                        "the served merge; raw stacks go to bench/out/profiles/ and the "
+                   help="sample the ddsnap server with py-spy during each ddsnap fio job, "
+                        "the served merge and the scaling workload's timed creations and "
+                        "deletes; raw stacks go to bench/out/profiles/ and the "
                         "report lists the hottest functions (profiled figures are lower)")
     p.add_argument("--profile-rate", type=int, default=250,
                    help="py-spy samples per second [250]")
