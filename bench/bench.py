@@ -604,7 +604,7 @@ class Bench:
         self.rss_runs: list[RssRun] = []
         self.rss_errors: list[str] = []
         self.rss_notes: list[str] = []
-        self.qcow2_template: tuple[int, Path] | None = None  # (N, image with N snapshots)
+        self.qcow2_templates: dict[int, Path] = {}  # N -> image with N snapshots
         self.profiles: dict[str, collections.Counter] = {}  # label -> stack -> samples
         self.profile_runs: dict[str, int] = {}  # label -> number of profiled runs
         self.pyspy = shutil.which("py-spy", path=str(ROOT / ".venv" / "bin")) or \
@@ -813,8 +813,10 @@ class Bench:
 
     # ---- ddsnap
 
-    def ddsnap_up(self, n: int) -> tuple[Server, Path]:
-        origin, store = self.tmp / "ddsnap-origin.raw", self.tmp / "ddsnap-store"
+    def ddsnap_up(self, n: int, tag: str = "") -> tuple[Server, Path]:
+        """A fresh store (files ``ddsnap-store<tag>``, ``ddsnap-origin<tag>.raw``) served
+        on ``self.sock``, with N snapshots snap1..snapN."""
+        origin, store = self.tmp / f"ddsnap-origin{tag}.raw", self.tmp / f"ddsnap-store{tag}"
         drop_file(store)
         self.copy_pristine(origin)
         # Format v3: no snapshot limit (`--max-snapshots` defaults to 0, none), so the
@@ -825,7 +827,7 @@ class Bench:
         srv = self.procs.start("ddsnap serve",
                                [*self.ddsnap_cmd, "serve", str(store), "--listen",
                                 f"unix:{self.sock}"],
-                               self.sock, self.tmp / "ddsnap-serve.log",
+                               self.sock, self.tmp / f"ddsnap-serve{tag}.log",
                                ready_path=Path(f"{store}.ctl"))
         t0 = time.monotonic()
         try:
@@ -881,7 +883,7 @@ class Bench:
         if case is not None and not bad:
             self.meta_probe(store, case, n, label)
         drop_file(store)
-        drop_file(self.tmp / "ddsnap-origin.raw")
+        drop_file(store.with_name(store.name.replace("ddsnap-store", "ddsnap-origin") + ".raw"))
 
     def meta_probe(self, store: Path, case: str, n: int, label: str) -> MetaSample | None:
         """Open the stopped store read-only (bench/metaprobe.py, with the Python ddsnap
@@ -1002,10 +1004,9 @@ class Bench:
         freshly made image."""
         img = self.tmp / "image.qcow2"
         drop_file(img)
-        if self.qcow2_template is None or self.qcow2_template[0] != n:
-            if self.qcow2_template is not None:
-                drop_file(self.qcow2_template[1])
-                self.qcow2_template = None
+        if n not in self.qcow2_templates:
+            if not self.args.interleave:  # one N at a time: the last N's is done with
+                self.drop_qcow2_templates()
             tpl = self.tmp / f"template-N{n}.qcow2"
             drop_file(tpl)
             t0 = time.monotonic()
@@ -1016,15 +1017,20 @@ class Bench:
             for i in range(1, n + 1):
                 run(["qemu-img", "snapshot", "-c", f"snap{i}", str(tpl)], "qemu-img snapshot -c")
             t2 = time.monotonic()
-            self.qcow2_template = (n, tpl)
+            self.qcow2_templates[n] = tpl
             self.notes.append(
                 f"N={n}: the qcow2 image was made once (`qemu-img convert` {t1 - t0:.1f} s, "
                 f"then {n} × `qemu-img snapshot -c` {t2 - t1:.1f} s) and copied for every "
                 f"qemu-nbd run at this N")
             say(f"qcow2: {n} internal snapshot(s) taken with qemu-img in {t2 - t1:.1f} s "
                 f"(template, copied for every run)")
-        shutil.copyfile(self.qcow2_template[1], img)
+        shutil.copyfile(self.qcow2_templates[n], img)
         return img
+
+    def drop_qcow2_templates(self) -> None:
+        for tpl in self.qcow2_templates.values():
+            drop_file(tpl)
+        self.qcow2_templates.clear()
 
     def qemu_up(self, img: Path, snapshot: str | None = None) -> Server:
         argv = ["qemu-nbd", f"--socket={self.sock}", "--format=qcow2", "--persistent",
@@ -1172,12 +1178,75 @@ class Bench:
         return self.fio(uri, name, wl.rw, wl.bs, wl.iodepth, runtime=self.args.duration,
                         time_based=True, readonly=True)
 
-    def reads(self, n: int, rws: list[Workload]) -> None:
+    def read_setup(self, n: int, srv: Server, store: Path) -> list[str]:
+        """After taking N snapshots: overwrite every other chunk of the origin through
+        NBD, so half of each snapshot comes from exceptions and half from the origin;
+        then check the snapshots.  Returns the checks' complaints."""
+        t0 = time.monotonic()
+        ow = self.overwrite_half(self.uri("origin"), f"ddsnap-overwrite-N{n}")
+        used = self.ddsnap_used(store)
+        self.notes.append(
+            f"N={n}: overwriting every other {fmt_size(self.args.chunk_size)} chunk of "
+            f"the ddsnap origin ({fmt_size(self.args.size // 2)}) took "
+            f"{time.monotonic() - t0:.1f} s ({ow.mibs:.1f} MiB/s); the store then held "
+            f"{used} used chunks, so half of each snapshot is read from exceptions and "
+            f"half from the origin")
+        return self.check_ddsnap(n, f"before the reads (N={n})")
+
+    def reads_interleaved(self, rws: list[Workload]) -> None:
+        """ddsnap's reads at every N with one server per N up at once (each on its own
+        socket and files), so that run i of a workload is measured at every N back to
+        back."""
+        a = self.args
+        main_sock = self.sock
+        up: dict[int, tuple[Server, Path, Path, list[str]]] = {}
+        try:
+            for n in a.snapshots:
+                say(f"--- snapshot reads, N={n}: ddsnap setup")
+                self.sock = self.tmp / f"nbd-{n}.sock"
+                try:
+                    srv, store = self.ddsnap_up(n, tag=f"-{n}")
+                except BenchError as e:
+                    for wl in rws:
+                        self.errors[(wl.key, n, "ddsnap")] = str(e).splitlines()[0]
+                    self.problem(f"read setup, N={n}, ddsnap: {e}")
+                    continue
+                up[n] = (srv, store, self.sock, [])
+                try:
+                    up[n][3].extend(self.read_setup(n, srv, store))
+                except BenchError as e:
+                    self.problem(f"reads N={n} ddsnap: {e}")
+                    for wl in rws:
+                        self.errors.setdefault((wl.key, n, "ddsnap"), str(e).splitlines()[0])
+                    self.sock = main_sock
+                    self.ddsnap_down(srv, store, f"reads N={n} ddsnap")
+                    del up[n]
+            os.sync()
+            for rep in range(a.repeat):
+                for wl in rws:
+                    for n, (srv, store, sock, bad) in up.items():
+                        self.sock = sock
+                        say(f"--- {wl.title}, N={n} (run {rep + 1} of {a.repeat})")
+                        self.record(wl, n, "ddsnap", lambda wl=wl, n=n, srv=srv: self.profiled(
+                            srv, f"{wl.key}-N{n}", lambda: self.read_fio(
+                                self.uri(wl.export(n)), wl, f"ddsnap-{wl.key}-N{n}")), bad,
+                            rep)
+        finally:
+            for n, (srv, store, sock, _bad) in up.items():
+                self.sock = sock
+                self.ddsnap_down(srv, store, f"reads N={n} ddsnap", n, case="halfread")
+            self.sock = main_sock
+
+    def reads(self, n: int, rws: list[Workload], ddsnap: bool = True) -> None:
         reps = range(self.args.repeat)
         # ddsnap: N snapshots, then overwrite every other chunk of the origin through NBD,
         # so half of snap1 comes from exceptions and half from the origin.
         try:
+            if not ddsnap:
+                raise Skip
             srv, store = self.ddsnap_up(n)
+        except Skip:
+            pass
         except BenchError as e:
             for wl in rws:
                 self.errors[(wl.key, n, "ddsnap")] = str(e).splitlines()[0]
@@ -1185,16 +1254,7 @@ class Bench:
         else:
             label = f"reads N={n} ddsnap"
             try:
-                t0 = time.monotonic()
-                ow = self.overwrite_half(self.uri("origin"), f"ddsnap-overwrite-N{n}")
-                used = self.ddsnap_used(store)
-                self.notes.append(
-                    f"N={n}: overwriting every other {fmt_size(self.args.chunk_size)} chunk of "
-                    f"the ddsnap origin ({fmt_size(self.args.size // 2)}) took "
-                    f"{time.monotonic() - t0:.1f} s ({ow.mibs:.1f} MiB/s); the store then held "
-                    f"{used} used chunks, so half of snap1 is read from exceptions and half "
-                    f"from the origin")
-                bad = self.check_ddsnap(n, f"before the reads (N={n})")
+                bad = self.read_setup(n, srv, store)
                 os.sync()
                 for rep in reps:
                     for wl in rws:
@@ -1823,22 +1883,39 @@ class Bench:
         if set(a.workloads) & (set(ALL_FIO) | {"merge"}):
             self.make_pristine()  # snapcreate and rss use sparse origins instead
         wls = workloads(a)
-        for n in a.snapshots:
-            for wl in (w for w in wls if w.kind in ("write", "overwrite")):
-                dd, qq = ((self.write_ddsnap, self.write_qemu) if wl.kind == "write"
-                          else (self.overwrite_ddsnap, self.overwrite_qemu))
+        writes = [w for w in wls if w.kind in ("write", "overwrite")]
+        rws = [w for w in wls if w.kind == "read"]
+
+        def write_runs(wl: Workload, n: int, rep: int) -> None:
+            dd, qq = ((self.write_ddsnap, self.write_qemu) if wl.kind == "write"
+                      else (self.overwrite_ddsnap, self.overwrite_qemu))
+            say(f"--- {wl.title}, N={n} (run {rep + 1} of {a.repeat})")
+            self.record(wl, n, "ddsnap", lambda: dd(wl, n), (), rep)
+            if self.qemu_ok(n):
+                self.record(wl, n, "qemu", lambda: qq(wl, n), (), rep)
+
+        if a.interleave:
+            # Run i of every N back to back, so that the ratios at N over N=1 pair runs
+            # made minutes apart, not tens of minutes (a busy machine drifts).
+            for wl in writes:
                 for rep in range(a.repeat):
-                    say(f"--- {wl.title}, N={n} (run {rep + 1} of {a.repeat})")
-                    self.record(wl, n, "ddsnap", lambda: dd(wl, n), (), rep)
-                    if self.qemu_ok(n):
-                        self.record(wl, n, "qemu", lambda: qq(wl, n), (), rep)
-            rws = [w for w in wls if w.kind == "read"]
+                    for n in a.snapshots:
+                        write_runs(wl, n, rep)
             if rws:
-                say(f"--- snapshot reads, N={n}")
-                self.reads(n, rws)
-            if self.qcow2_template is not None:
-                drop_file(self.qcow2_template[1])
-                self.qcow2_template = None
+                self.reads_interleaved(rws)
+                for n in a.snapshots:
+                    say(f"--- snapshot reads, N={n}: the peers")
+                    self.reads(n, rws, ddsnap=False)
+            self.drop_qcow2_templates()
+        else:
+            for n in a.snapshots:
+                for wl in writes:
+                    for rep in range(a.repeat):
+                        write_runs(wl, n, rep)
+                if rws:
+                    say(f"--- snapshot reads, N={n}")
+                    self.reads(n, rws)
+                self.drop_qcow2_templates()
         if "merge" in a.workloads:
             self.merges()
         if "snapcreate" in a.workloads:
@@ -1908,7 +1985,8 @@ def report_from_state(path: Path, out: str | None) -> int:
                           ("scale_errors", []), ("qcow2_skipped", set())):
         if not hasattr(state, name):
             setattr(state, name, default)
-    for name, default in (("scaling", False), ("qcow2_max_snapshots", DEFAULT_QCOW2_MAX),
+    for name, default in (("scaling", False), ("interleave", False),
+                          ("qcow2_max_snapshots", DEFAULT_QCOW2_MAX),
                           ("scaling_count", 10000), ("create_samples", 50),
                           ("delete_fills", [0, 100000]), ("delete_exclusive", [100, 1000]),
                           ("delete_chunk_size", 4 * KiB), ("delete_write_points", 100),
@@ -2421,8 +2499,8 @@ f"{a.repeat} runs: median (min–max); each ratio is merge / copy of the same ru
                 f"| {met}{'' if p99 < 10 else ' (p99 is not)'} "
                 f"| {len(f.at_n_ms)} requests, each on its own control connection{first} |")
         if not any(f.at_n_ms for f in b.scale_fills):
-            rows.append("| `snap_create` with 10,000 snapshots in the store | – | < 10 ms "
-                        "| not measured | the scaling workload was not in the run |")
+            rows.append(f"| `snap_create` with {a.scaling_count:,} snapshots in the store | – "
+                        f"| < 10 ms | not measured | the scaling workload was not in the run |")
         m, met, note = self.delete_verdict()
         rows.append(f"| deleting one snapshot among {a.scaling_count:,} in time proportional "
                     f"to its own exceptions | {m} | ∝ k | {met} | {note} |")
@@ -2577,9 +2655,16 @@ f"{a.repeat} runs: median (min–max); each ratio is merge / copy of the same ru
         ncpu = len(os.sched_getaffinity(0))
         caveat = (f"  **Caveat:** the 1-minute load average reached {busy:.1f} on {ncpu} "
                   f"CPUs around this run: other work competed for the CPUs, so the figures "
-                  f"(and the ratios between runs made minutes apart) are rough."
+                  f"and the ratios are rough."
                   if busy > 0.5 * ncpu else "")
         ks = ", ".join(str(k) for k in a.delete_exclusive)
+        order = ("Runs interleaved (`--interleave`): for each write workload, run i at "
+                 "every N back to back, each on a fresh store; for the reads one ddsnap "
+                 "server per N, all up at once, and run i of each read workload at every N "
+                 "back to back, so each ratio pairs runs made close together in time."
+                 if a.interleave else
+                 "Runs in the order N by N (`--no-interleave`): the runs at N and at N=1 "
+                 "that a ratio pairs may be far apart in time.")
         qskip = (f"  qemu-nbd qcow2 ran up to N = {a.qcow2_max_snapshots:,} only "
                  f"(`--qcow2-max-snapshots`): its image is made with one `qemu-img snapshot "
                  f"-c` per snapshot, each slower than the last as the image's snapshot "
@@ -2594,7 +2679,7 @@ Run {b.started.strftime('%Y-%m-%d %H:%M UTC')} with `{cmd}`: volume {fmt_size(a.
 chunk {fmt_size(a.chunk_size)}, N = {", ".join(f"{n:,}" for n in a.snapshots)},
 {a.duration:g} s per fio run, {a.repeat} run(s) per cell; ratios pair run i at N with
 run i at N=1 and give the median (min–max) of those per-run ratios; "met" is judged on
-the median.{caveat}{qskip}
+the median.  {order}{caveat}{qskip}
 
 {self.scaling_criteria()}
 
@@ -3046,6 +3131,11 @@ def parse_args(argv: list[str]):
                    help=f"comma-separated subset of {','.join(ALL_WORKLOADS)} "
                         f"[{','.join(DEFAULT_WORKLOADS)}; with --scaling "
                         f"{','.join(SCALING_WORKLOADS)}]")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction,
+                   help="run repetition i of a workload at every N back to back (ddsnap's "
+                        "reads with one server per N up at once), so that the ratios at N "
+                        "over N=1 pair runs made close together in time [on with "
+                        "--scaling, else off]")
     p.add_argument("--qcow2-max-snapshots", type=int, default=DEFAULT_QCOW2_MAX,
                    help="largest N at which the qemu-nbd qcow2 peer runs (its image is made "
                         "with one `qemu-img snapshot -c` per snapshot, each slower than the "
@@ -3136,6 +3226,8 @@ def parse_args(argv: list[str]):
         p.error("--repeat must be at least 1")
     a.out = a.out or str(ROOT / ("docs/benchmarks-scaling.md" if a.scaling else
                                  "bench/out/quick.md" if q else "docs/benchmarks.md"))
+    if a.interleave is None:
+        a.interleave = a.scaling
     a.workloads = a.workloads or ",".join(SCALING_WORKLOADS if a.scaling
                                           else DEFAULT_WORKLOADS)
     a.workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
