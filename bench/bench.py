@@ -194,6 +194,16 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+def proc_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) a live process used so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def say(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -356,6 +366,13 @@ class Measure:
     bad: list[str] = field(default_factory=list)  # data checks that failed around this run
     rep: int = 0  # repetition index (ratios pair rep i of ddsnap with rep i of the peer)
     profiled: bool = False  # py-spy was sampling the server during the run
+    server_cpu_s: float | None = None  # CPU time (user + system) the ddsnap server used
+
+    def cpu_us_per_io(self, bs: str) -> float | None:
+        """The ddsnap server's CPU time per I/O of the job (µs); unlike IOPS, it hardly
+        depends on what else the machine runs."""
+        ios = self.io_bytes / parse_size(bs)
+        return None if self.server_cpu_s is None or not ios else self.server_cpu_s * 1e6 / ios
 
     def value(self, metric: str) -> float:
         return self.iops if metric == "iops" else self.mibs
@@ -933,7 +950,18 @@ class Bench:
 
     def profiled(self, srv: Server, label: str, fn):
         """Run ``fn()``; with --profile, py-spy samples the ddsnap server meanwhile and its
-        raw (collapsed) stacks are added to ``self.profiles[label]``."""
+        raw (collapsed) stacks are added to ``self.profiles[label]``.  A Measure returned
+        gets the CPU time the server used meanwhile."""
+        inner = fn
+
+        def fn():
+            c0 = proc_cpu(srv.popen.pid)
+            result = inner()
+            c1 = proc_cpu(srv.popen.pid)
+            if isinstance(result, Measure) and c0 is not None and c1 is not None:
+                result.server_cpu_s = c1 - c0
+            return result
+
         if not self.args.profile:
             return fn()
         self.fio_n += 1
@@ -2469,6 +2497,13 @@ f"{a.repeat} runs: median (min–max); each ratio is merge / copy of the same ru
                 medn = [m.value(wl.metric) for m in self.runs(key, n, "ddsnap")]
                 note = (f"medians: N=1 {statistics.median(med1):,.0f} IOPS, N={n} "
                         f"{statistics.median(medn):,.0f} IOPS" if med1 and medn else "")
+                c1 = [c for c in (m.cpu_us_per_io(wl.bs) for m in self.runs(key, 1, "ddsnap"))
+                      if c is not None]
+                cn = [c for c in (m.cpu_us_per_io(wl.bs) for m in self.runs(key, n, "ddsnap"))
+                      if c is not None]
+                if c1 and cn:
+                    note += (f"; server CPU per I/O {statistics.median(c1):,.0f} µs at N=1, "
+                             f"{statistics.median(cn):,.0f} µs at N={n}")
                 q = self.ratio_cell(self.runs(key, n, "qemu"), self.runs(key, 1, "qemu"),
                                     wl.metric)
                 if q != "–":
@@ -2517,8 +2552,9 @@ f"{a.repeat} runs: median (min–max); each ratio is merge / copy of the same ru
         a = self.a
         W = {w.key: w for w in all_workloads(a)}
         rows = ["| workload | N | ddsnap: median (min–max) | ddsnap at N / at N=1 "
-                "| ≥ 0.9 | qemu-nbd qcow2 | qcow2 at N / at N=1 (information) |",
-                "|---|---:|---:|---:|---|---:|---:|"]
+                "| ≥ 0.9 | ddsnap server CPU per I/O | qemu-nbd qcow2 "
+                "| qcow2 at N / at N=1 (information) |",
+                "|---|---:|---:|---:|---|---:|---:|---:|"]
         for key, title in self.SCALING_FIO_ROWS:
             if key not in a.workloads:
                 continue
@@ -2528,8 +2564,11 @@ f"{a.repeat} runs: median (min–max); each ratio is merge / copy of the same ru
                 q, _ = self.cell(wl, n, "qemu")
                 if n in self.b.qcow2_skipped:
                     q = "not run (N > --qcow2-max-snapshots)"
+                cpu = [m.cpu_us_per_io(wl.bs) for m in self.runs(key, n, "ddsnap")]
+                cpu = [c for c in cpu if c is not None]
+                cpu_t = stats_text(cpu, lambda v: f"{v:,.0f}") + " µs" if cpu else "–"
                 if n == 1:
-                    rows.append(f"| {title} | 1 | {d} | 1 (reference) | | {q} | |")
+                    rows.append(f"| {title} | 1 | {d} | 1 (reference) | | {cpu_t} | {q} | |")
                     continue
                 vals, bad = self.scaling_ratio(key, n)
                 r = stats_text(vals, lambda v: f"{v:.2f}") if vals else "–"
@@ -2537,7 +2576,7 @@ f"{a.repeat} runs: median (min–max); each ratio is merge / copy of the same ru
                        "met" if statistics.median(vals) >= self.CRITERION else "NOT met")
                 rq = self.ratio_cell(self.runs(key, n, "qemu"), self.runs(key, 1, "qemu"),
                                      wl.metric)
-                rows.append(f"| {title} | {n:,} | {d} | {r} | {met} | {q} | {rq} |")
+                rows.append(f"| {title} | {n:,} | {d} | {r} | {met} | {cpu_t} | {q} | {rq} |")
         return "\n".join(rows)
 
     def scaling_create_table(self) -> str:
@@ -2690,6 +2729,11 @@ limit; N snapshots taken through the control socket, then the job):
 {self.scaling_fio_table() if set(k for k, _ in self.SCALING_FIO_ROWS) & set(a.workloads)
  else "(none of these workloads was in the run)"}
 
+*Server CPU per I/O*: CPU time (user + system, all threads, from `/proc/PID/stat`) the
+`ddsnap serve` process used during the job, divided by the job's I/Os; unlike IOPS it
+hardly changes with the machine's other load, so a cost that grows with N shows there
+even when the IOPS of runs minutes apart are noisy.
+
 **Snapshot creation** (`scaling` workload; each timed request is a `snap_create` on its
 own control connection, connect to reply, like the operation behind `ddsnap snap
 create`, including its origin flush and commit):
@@ -2790,7 +2834,9 @@ W/8 + 8 bytes (W-bit sharemap, store chunk) plus an 8-byte map entry per logical
                             f"| {m.mibs:,.1f} | {m.io_bytes / MiB:,.0f} MiB "
                             f"| {m.runtime_ms / 1000:.1f} s | {m.lat_mean_us:,.0f} µs "
                             f"| {m.lat_p99_us:,.0f} µs | {m.extra}"
-                            f"{' (py-spy attached)' if m.profiled else ''}"
+                            + (f"; server CPU {m.cpu_us_per_io(wl.bs):,.1f} µs per I/O"
+                               if m.cpu_us_per_io(wl.bs) is not None else "")
+                            + f"{' (py-spy attached)' if m.profiled else ''}"
                             f"{' ⚠ wrong data (see problems)' if m.bad else ''} |")
         return "\n".join(rows)
 
