@@ -369,8 +369,8 @@ class Measure:
     server_cpu_s: float | None = None  # CPU time (user + system) the ddsnap server used
 
     def cpu_us_per_io(self, bs: str) -> float | None:
-        """The ddsnap server's CPU time per I/O of the job (µs); unlike IOPS, it hardly
-        depends on what else the machine runs."""
+        """The ddsnap server's CPU time per I/O of the job (µs); what else the machine
+        runs moves it less than it moves IOPS."""
         ios = self.io_bytes / parse_size(bs)
         return None if self.server_cpu_s is None or not ios else self.server_cpu_s * 1e6 / ios
 
@@ -2730,9 +2730,9 @@ limit; N snapshots taken through the control socket, then the job):
  else "(none of these workloads was in the run)"}
 
 *Server CPU per I/O*: CPU time (user + system, all threads, from `/proc/PID/stat`) the
-`ddsnap serve` process used during the job, divided by the job's I/Os; unlike IOPS it
-hardly changes with the machine's other load, so a cost that grows with N shows there
-even when the IOPS of runs minutes apart are noisy.
+`ddsnap serve` process used during the job, divided by the job's I/Os.  Other load on
+the machine moves it less than it moves IOPS (not to zero: a busy host's shared caches
+still make every instruction dearer), so a cost that grows with N shows there too.
 
 **Snapshot creation** (`scaling` workload; each timed request is a `snap_create` on its
 own control connection, connect to reply, like the operation behind `ddsnap snap
