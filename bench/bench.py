@@ -2,10 +2,12 @@
 
 Peers:
 
-* ``ddsnap``  -- ``ddsnap serve`` on a store (``--chunk-size``) whose origin is a raw file;
+* ``ddsnap``  -- ``ddsnap serve`` on a store (``--chunk-size``, format v3: no snapshot
+                 limit) whose origin is a raw file;
 * ``qemu``    -- ``qemu-nbd`` on a qcow2 image (cluster size = ``--chunk-size``) holding the
-                 same number of internal snapshots; the active layer for writes, the
-                 snapshot (``-l``, read-only) for reads;
+                 same number of internal snapshots (up to ``--qcow2-max-snapshots``:
+                 ``qemu-img snapshot -c`` slows down as they accumulate); the active
+                 layer for writes, the snapshot (``-l``, read-only) for reads;
 * ``nbdkit``  -- nbdkit's file plugin on a raw file holding the snapshot's bytes (the read
                  baseline).
 
@@ -24,8 +26,28 @@ Workloads, at each snapshot count N of ``--snapshots``:
 7. ``rss``: peak RSS (``VmHWM``) of ``ddsnap serve`` on a sparse 1 TiB origin with one
    snapshot while the four fio jobs run against it.
 
-With ``--profile``, py-spy samples the ddsnap server during each ddsnap fio job and the
-served merge; the report then lists the hottest functions.
+Issue 9 (snapshot count scaling; ``--scaling`` selects them with N = 1, 1024, 10000 and
+writes the report's "Snapshot count scaling (issue 9)" section, to
+``docs/benchmarks-scaling.md`` by default):
+
+8. ``overwrite4k``: 4 KiB random writes to the origin after one 1 MiB pass over all of
+   it, so that no write copies out (fresh setup, ``time_based``);
+9. ``randread4k-newest``: 4 KiB random reads of snapshot N (``randread4k`` reads snap1);
+10. ``scaling``: on stores of ``--scaling-count`` snapshots (4 KiB chunks, sparse
+   origin, ``--delete-fills`` extra origin history entries each), ``snap_create``
+   round trips timed on the empty store and with all of them there, then deletes of a
+   snapshot with no exclusive data and of snapshots with k exclusive copy-outs
+   (``--delete-exclusive``), each ``snap_delete`` timed (its reply comes after the
+   sweep).
+
+With ``randwrite4k`` (copy-on-write) and ``randread4k`` (oldest snapshot) that is every
+figure issue 9's criteria name, as ddsnap at N over ddsnap at 1; every ddsnap store is
+also counted read-only after its server stopped (``bench/metaprobe.py``) for the
+metadata bytes per exception.
+
+With ``--profile``, py-spy samples the ddsnap server during each ddsnap fio job, the
+served merge and, in the scaling workload, the creations timed at N and each delete; the
+report then lists the hottest functions.
 
 Run it through ``bench/run`` (which installs what it needs first); ``bench/run --help``
 lists the parameters.  Results go to stdout and to a markdown file (``--out``), headed by
@@ -71,10 +93,20 @@ STATE_FIELDS = (
     "merge_errors", "merge_notes", "cache_mode", "merge_bytes", "cp_version",
     "snapcreate_runs", "snapcreate_errors", "rss_runs", "rss_errors", "rss_notes",
     "profiles", "profile_runs", "pyspy_version", "started", "elapsed", "load_start",
-    "load_end", "machine_rows")
+    "load_end", "machine_rows", "create_rates", "meta", "scale_fills", "scale_errors",
+    "qcow2_skipped")
 DEFAULT_RUN_MINUTES = 30  # a default `bench/run`, for the text (2 busy CPUs, 2026-11)
-FIO_WORKLOADS = ("randwrite4k", "seqwrite1m", "seqread1m", "randread4k")
-ALL_WORKLOADS = FIO_WORKLOADS + ("merge", "snapcreate", "rss")
+FIO_WORKLOADS = ("randwrite4k", "seqwrite1m", "seqread1m", "randread4k")  # issue 4's
+SCALING_FIO = ("overwrite4k", "randread4k-newest")  # issue 9's, with randwrite4k, randread4k
+ALL_FIO = FIO_WORKLOADS + SCALING_FIO
+DEFAULT_WORKLOADS = FIO_WORKLOADS + ("merge", "snapcreate", "rss")
+ALL_WORKLOADS = ALL_FIO + ("merge", "snapcreate", "rss", "scaling")
+# --scaling: what issue 9's criteria name (the fio jobs at each N, then `scaling`: snapshot
+# creation at --scaling-count, deletes among them, metadata per exception)
+SCALING_WORKLOADS = ("randwrite4k", "overwrite4k", "randread4k", "randread4k-newest",
+                     "scaling")
+SCALING_SNAPSHOTS = "1,1024,10000"
+DEFAULT_QCOW2_MAX = 1024  # qemu-img snapshot -c grows linearly: 10,000 would take hours
 
 PEER_NAMES = {
     "ddsnap": "ddsnap",
@@ -85,6 +117,10 @@ PEER_NAMES = {
 
 class BenchError(Exception):
     """A step failed; the message says what was run and what it printed."""
+
+
+class Skip(Exception):
+    """A step left out on purpose (e.g. qcow2 beyond --qcow2-max-snapshots)."""
 
 
 class Stop(BaseException):
@@ -126,9 +162,13 @@ def tail(text: str, lines: int = 25) -> str:
     return "\n".join(t)
 
 
-def store_max(n: int) -> int:
-    """``--max-snapshots`` of the store made for N snapshots: N rounded up to 64, >= 64."""
-    return max(64, -(-n // 64) * 64)
+def spread(n: int, k: int) -> list[int]:
+    """Up to ``k`` of 1..n, evenly spread, always with 1 and n (all of them if n <= k)."""
+    if n <= k:
+        return list(range(1, n + 1))
+    if k < 2:
+        return [1][:k]
+    return sorted({1 + round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
 def stats_text(vals: list[float], fmt) -> str:
@@ -152,6 +192,16 @@ def proc_status(pid: int) -> dict[str, int]:
     except OSError:
         pass
     return out
+
+
+def proc_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) a live process used so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def say(msg: str) -> None:
@@ -271,8 +321,14 @@ class Workload:
     rw: str
     bs: str
     iodepth: int
-    kind: str  # "write" (origin, fresh setup) or "read" (snapshot)
+    kind: str  # "write" (origin, fresh setup: copy-on-write), "overwrite" (origin, fresh
+    #            setup, every chunk written once first) or "read" (snapshot)
     metric: str  # "iops" or "bw"
+    snap: str = "oldest"  # reads: of snap1 ("oldest") or of snapN ("newest")
+
+    def export(self, n: int) -> str:
+        """The snapshot a read workload reads at N snapshots."""
+        return "snap1" if self.snap == "oldest" else f"snap{n}"
 
 
 def workloads(args) -> list[Workload]:
@@ -290,6 +346,11 @@ def all_workloads(args) -> list[Workload]:
                  args.iodepth_seq, "read", "bw"),
         Workload("randread4k", "4 KiB random reads of a snapshot", "randread", "4k",
                  args.iodepth_rand, "read", "iops"),
+        Workload("overwrite4k", "4 KiB random overwrites of the origin (every chunk "
+                 "already copied out)", "randwrite", "4k", args.iodepth_rand, "overwrite",
+                 "iops"),
+        Workload("randread4k-newest", "4 KiB random reads of the newest snapshot",
+                 "randread", "4k", args.iodepth_rand, "read", "iops", snap="newest"),
     ]
 
 
@@ -305,6 +366,13 @@ class Measure:
     bad: list[str] = field(default_factory=list)  # data checks that failed around this run
     rep: int = 0  # repetition index (ratios pair rep i of ddsnap with rep i of the peer)
     profiled: bool = False  # py-spy was sampling the server during the run
+    server_cpu_s: float | None = None  # CPU time (user + system) the ddsnap server used
+
+    def cpu_us_per_io(self, bs: str) -> float | None:
+        """The ddsnap server's CPU time per I/O of the job (µs); what else the machine
+        runs moves it less than it moves IOPS."""
+        ios = self.io_bytes / parse_size(bs)
+        return None if self.server_cpu_s is None or not ios else self.server_cpu_s * 1e6 / ios
 
     def value(self, metric: str) -> float:
         return self.iops if metric == "iops" else self.mibs
@@ -366,6 +434,70 @@ class RssRun:
     bad: list[str] = field(default_factory=list)
 
 
+@dataclass
+class MetaSample:
+    """A store's B-tree counted read-only after its server stopped (bench/metaprobe.py)."""
+
+    case: str  # how the store was filled (a key of Report.META_CASES)
+    n: int  # snapshots
+    chunk_size: int
+    levels: int  # index levels above the leaves
+    leaves: int
+    index_nodes: int
+    records: int  # leaf records (exceptions, plus merge markers during a merge)
+    exceptions: int  # store.exception_chunks()
+    origin_entries: int  # records owned by the origin (its history entries)
+    table_blocks: int  # the snapshot table's chain (not tree blocks; information)
+    leaf_max: int  # records a full leaf holds
+
+    @property
+    def tree_blocks(self) -> int:
+        return self.leaves + self.index_nodes
+
+    @property
+    def bytes_per_exception(self) -> float | None:
+        return self.tree_blocks * 4096 / self.exceptions if self.exceptions else None
+
+
+@dataclass
+class DeleteRun:
+    """One `snap_delete` among the snapshots of a ScaleFill."""
+
+    name: str
+    k: int  # exclusive copy-outs the fill gave it
+    exclusive: int | None  # its `exclusive` figure before the delete (chunks; snap_list)
+    ms: float  # control socket round trip (the reply comes after the sweep)
+    freed: int  # chunks_used before minus after (exception chunks and tree blocks)
+
+
+@dataclass
+class ScaleFill:
+    """A store with N snapshots of a sparse origin (chunk --delete-chunk-size), `extra`
+    origin history entries spread over them and snapshots with k exclusive copy-outs;
+    snapshot creation timed on it, then one snapshot of each kind deleted."""
+
+    extra: int
+    n: int
+    chunk_size: int
+    create_s: float = 0.0  # wall time of the pipelined snap_create requests (all N)
+    write_s: float = 0.0  # wall time of the origin writes between them
+    first_ms: list[float] = field(default_factory=list)  # the first creations, timed alone
+    at_n_ms: list[float] = field(default_factory=list)  # creations timed when N existed
+    list_s: float | None = None  # one `snap_list` round trip at N (figures computed)
+    written_chunks: int = 0  # origin chunks written after a snapshot (copy-outs made)
+    deletes: list[DeleteRun] = field(default_factory=list)
+    meta: MetaSample | None = None  # after the deletes, server stopped
+    bad: list[str] = field(default_factory=list)
+
+    @property
+    def exceptions_before(self) -> int | None:
+        """Exceptions when the deletes started: those left plus those the deletes freed
+        (each snapshot's exclusive figure)."""
+        if self.meta is None or any(d.exclusive is None for d in self.deletes):
+            return None
+        return self.meta.exceptions + sum(d.exclusive for d in self.deletes)
+
+
 def data_extents(path: Path) -> list[tuple[int, int]]:
     """``[(offset, length), ...]`` of the allocated (non-hole) ranges of a file."""
     out = []
@@ -389,6 +521,50 @@ def data_extents(path: Path) -> list[tuple[int, int]]:
 def allocated_in(extents: list[tuple[int, int]], start: int, length: int) -> int:
     end = start + length
     return sum(max(0, min(end, d + n) - max(start, d)) for d, n in extents)
+
+
+CTL_DEPTH = 32  # control requests in flight on one connection (snap_create_pipelined)
+
+
+def ctl_pipeline(path: Path, requests, depth: int = CTL_DEPTH, timeout: float = 120) -> int:
+    """Send ``(op, args)`` requests on one control connection, up to ``depth`` ahead of
+    their replies (docs/protocol.md: a connection may carry several requests, answered
+    in order); raise BenchError on the first failure.  Returns how many were answered."""
+    sent = done = 0
+    it = iter(requests)
+    more = True
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            f = s.makefile("rb")
+            ops = collections.deque()
+            while more or done < sent:
+                while more and sent - done < depth:
+                    try:
+                        op, args = next(it)
+                    except StopIteration:
+                        more = False
+                        break
+                    s.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+                    ops.append((op, args))
+                    sent += 1
+                if done == sent:
+                    break
+                line = f.readline()
+                op, args = ops.popleft()
+                if not line:
+                    raise BenchError(f"control socket {path}: connection closed without a "
+                                     f"reply to {op} {args}")
+                reply = json.loads(line)
+                if not reply.get("ok"):
+                    raise BenchError(f"control socket {path}: {op} {args} failed: "
+                                     f"{reply.get('error')}")
+                done += 1
+    except (OSError, ValueError) as e:
+        raise BenchError(f"control socket {path}: pipelined requests: {e} (after {done} "
+                         f"replies)") from None
+    return done
 
 
 def ctl_call(path: Path, op: str, args: dict | None = None, timeout: float = 30):
@@ -436,11 +612,16 @@ class Bench:
         self.cp_version = subprocess.run(["cp", "--version"], capture_output=True,
                                          text=True).stdout.split("\n")[0].strip() or "cp"
         self.snapcreate_runs: list[SnapCreateRun] = []
+        self.create_rates: dict[int, list[float]] = {}  # N -> seconds to take N (setups)
+        self.meta: list[MetaSample] = []
+        self.scale_fills: list[ScaleFill] = []
+        self.scale_errors: list[str] = []
+        self.qcow2_skipped: set[int] = set()
         self.snapcreate_errors: dict[int, str] = {}
         self.rss_runs: list[RssRun] = []
         self.rss_errors: list[str] = []
         self.rss_notes: list[str] = []
-        self.qcow2_template: tuple[int, Path] | None = None  # (N, image with N snapshots)
+        self.qcow2_templates: dict[int, Path] = {}  # N -> image with N snapshots
         self.profiles: dict[str, collections.Counter] = {}  # label -> stack -> samples
         self.profile_runs: dict[str, int] = {}  # label -> number of profiled runs
         self.pyspy = shutil.which("py-spy", path=str(ROOT / ".venv" / "bin")) or \
@@ -636,67 +817,110 @@ class Bench:
         return issues
 
     def check_ddsnap(self, n: int, what: str) -> list[str]:
-        """Full compare of the first and last snapshot, sampled compare of all of them."""
+        """Full compare of the first and last snapshot, sampled compare of up to
+        --sample-snapshots of them (all of them when there are no more)."""
         issues = []
         for s in sorted({1, n}):
             issues += self.verify(self.uri(f"snap{s}"), f"ddsnap snap{s} {what}")
-        issues += self.sample_check([f"snap{i}" for i in range(1, n + 1)], f"ddsnap {what}")
+        issues += self.sample_check([f"snap{i}" for i in spread(n, self.args.sample_snapshots)],
+                                    f"ddsnap {what}")
         for i in issues:
             self.problem(i)
         return issues
 
     # ---- ddsnap
 
-    def ddsnap_up(self, n: int) -> tuple[Server, Path]:
-        origin, store = self.tmp / "ddsnap-origin.raw", self.tmp / "ddsnap-store"
+    def ddsnap_up(self, n: int, tag: str = "") -> tuple[Server, Path]:
+        """A fresh store (files ``ddsnap-store<tag>``, ``ddsnap-origin<tag>.raw``) served
+        on ``self.sock``, with N snapshots snap1..snapN."""
+        origin, store = self.tmp / f"ddsnap-origin{tag}.raw", self.tmp / f"ddsnap-store{tag}"
         drop_file(store)
         self.copy_pristine(origin)
-        maxs = store_max(n)
+        # Format v3: no snapshot limit (`--max-snapshots` defaults to 0, none), so the
+        # same store serves any N.
         self.ddsnap("init", str(store), "--origin", str(origin),
                     "--size", str(2 * self.args.size + 64 * MiB),
-                    "--chunk-size", str(self.args.chunk_size), "--max-snapshots", str(maxs),
-                    what="ddsnap init")
+                    "--chunk-size", str(self.args.chunk_size), what="ddsnap init")
         srv = self.procs.start("ddsnap serve",
                                [*self.ddsnap_cmd, "serve", str(store), "--listen",
                                 f"unix:{self.sock}"],
-                               self.sock, self.tmp / "ddsnap-serve.log",
+                               self.sock, self.tmp / f"ddsnap-serve{tag}.log",
                                ready_path=Path(f"{store}.ctl"))
         t0 = time.monotonic()
         try:
-            self.snap_create_ctl(store, n)
+            self.snap_create_pipelined(store, n)
         except BaseException:
             self.procs.stop(srv)
             raise
+        dt_ = time.monotonic() - t0
+        self.create_rates.setdefault(n, []).append(dt_)
         say(f"ddsnap: {n} snapshot(s) taken through the control socket "
-            f"in {time.monotonic() - t0:.1f} s")
+            f"in {dt_:.1f} s")
         return srv, store
 
     @staticmethod
     def ctl_path(store: Path) -> Path:
         return Path(f"{store}.ctl")
 
-    def snap_create_ctl(self, store: Path, n: int, prefix: str = "snap") -> list[float]:
-        """Take snapshots PREFIX1..PREFIXn with `snap_create` requests sent straight to the
-        control socket (the operation behind `ddsnap snap create`, without a Python
-        start-up per snapshot); returns each round trip's wall time in ms."""
+    def snap_create_ctl(self, store: Path, n: int, prefix: str = "snap",
+                        first: int = 1) -> list[float]:
+        """Take snapshots PREFIX<first>..PREFIX<first+n-1> with `snap_create` requests
+        sent straight to the control socket (the operation behind `ddsnap snap create`,
+        without a Python start-up per snapshot), one connection each, one at a time;
+        returns each round trip's wall time in ms (connect to reply)."""
         ctl = self.ctl_path(store)
         times = []
-        for i in range(1, n + 1):
+        for i in range(first, first + n):
             t0 = time.perf_counter()
             ctl_call(ctl, "snap_create", {"name": f"{prefix}{i}", "read_only": False})
             times.append((time.perf_counter() - t0) * 1000)
         return times
 
+    def snap_create_pipelined(self, store: Path, n: int, prefix: str = "snap",
+                              first: int = 1) -> None:
+        """The same snapshots, for a setup: every `snap_create` request on one control
+        connection, up to CTL_DEPTH of them sent ahead of their replies (the server
+        still runs them one after the other, each a real, committed `snap_create`)."""
+        ctl_pipeline(self.ctl_path(store), (
+            ("snap_create", {"name": f"{prefix}{i}", "read_only": False})
+            for i in range(first, first + n)))
+
     def ddsnap_used(self, store: Path) -> int:
         st = json.loads(self.ddsnap("status", str(store), "--json", what="ddsnap status").stdout)
         return st["chunks_used"]
 
-    def ddsnap_down(self, srv: Server, store: Path, label: str) -> None:
+    def ddsnap_down(self, srv: Server, store: Path, label: str, n: int = 0,
+                    case: str | None = None) -> None:
+        """Stop the server, `ddsnap check` the store; with ``case``, count its B-tree
+        (metadata bytes per exception) before the files are removed."""
         self.ddsnap_stop(srv, label)
-        for x in self.check_stopped(store, label):
+        bad = self.check_stopped(store, label)
+        for x in bad:
             self.problem(x)
+        if case is not None and not bad:
+            self.meta_probe(store, case, n, label)
         drop_file(store)
-        drop_file(self.tmp / "ddsnap-origin.raw")
+        drop_file(store.with_name(store.name.replace("ddsnap-store", "ddsnap-origin") + ".raw"))
+
+    def meta_probe(self, store: Path, case: str, n: int, label: str) -> MetaSample | None:
+        """Open the stopped store read-only (bench/metaprobe.py, with the Python ddsnap
+        runs under) and record its tree blocks and exceptions."""
+        try:
+            p = run([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "bench" / "metaprobe.py"),
+                     str(store)], f"{label}: metadata count", timeout=600)
+            d = json.loads(p.stdout)
+        except (BenchError, ValueError) as e:
+            self.problem(f"{label}: counting the store's metadata: {e}")
+            return None
+        m = MetaSample(case, n, d["chunk_size"], d["levels"], d["leaves"], d["index_nodes"],
+                       d["records"], d["exceptions"], d["origin_entries"], d["table_blocks"],
+                       d["leaf_max"])
+        self.meta.append(m)
+        bpe = m.bytes_per_exception
+        say(f"metadata ({case}, N={n}): {m.exceptions} exceptions in {m.leaves} leaves + "
+            f"{m.index_nodes} index node(s)"
+            + (f" = {bpe:.1f} bytes per exception" if bpe else ""))
+        return m
 
     def check_stopped(self, store: Path, label: str, timeout: float = 600) -> list[str]:
         """``ddsnap check`` on a store no server holds; what went wrong, if anything."""
@@ -726,7 +950,18 @@ class Bench:
 
     def profiled(self, srv: Server, label: str, fn):
         """Run ``fn()``; with --profile, py-spy samples the ddsnap server meanwhile and its
-        raw (collapsed) stacks are added to ``self.profiles[label]``."""
+        raw (collapsed) stacks are added to ``self.profiles[label]``.  A Measure returned
+        gets the CPU time the server used meanwhile."""
+        inner = fn
+
+        def fn():
+            c0 = proc_cpu(srv.popen.pid)
+            result = inner()
+            c1 = proc_cpu(srv.popen.pid)
+            if isinstance(result, Measure) and c0 is not None and c1 is not None:
+                result.server_cpu_s = c1 - c0
+            return result
+
         if not self.args.profile:
             return fn()
         self.fio_n += 1
@@ -797,10 +1032,9 @@ class Bench:
         freshly made image."""
         img = self.tmp / "image.qcow2"
         drop_file(img)
-        if self.qcow2_template is None or self.qcow2_template[0] != n:
-            if self.qcow2_template is not None:
-                drop_file(self.qcow2_template[1])
-                self.qcow2_template = None
+        if n not in self.qcow2_templates:
+            if not self.args.interleave:  # one N at a time: the last N's is done with
+                self.drop_qcow2_templates()
             tpl = self.tmp / f"template-N{n}.qcow2"
             drop_file(tpl)
             t0 = time.monotonic()
@@ -811,15 +1045,20 @@ class Bench:
             for i in range(1, n + 1):
                 run(["qemu-img", "snapshot", "-c", f"snap{i}", str(tpl)], "qemu-img snapshot -c")
             t2 = time.monotonic()
-            self.qcow2_template = (n, tpl)
+            self.qcow2_templates[n] = tpl
             self.notes.append(
                 f"N={n}: the qcow2 image was made once (`qemu-img convert` {t1 - t0:.1f} s, "
                 f"then {n} × `qemu-img snapshot -c` {t2 - t1:.1f} s) and copied for every "
                 f"qemu-nbd run at this N")
             say(f"qcow2: {n} internal snapshot(s) taken with qemu-img in {t2 - t1:.1f} s "
                 f"(template, copied for every run)")
-        shutil.copyfile(self.qcow2_template[1], img)
+        shutil.copyfile(self.qcow2_templates[n], img)
         return img
+
+    def drop_qcow2_templates(self) -> None:
+        for tpl in self.qcow2_templates.values():
+            drop_file(tpl)
+        self.qcow2_templates.clear()
 
     def qemu_up(self, img: Path, snapshot: str | None = None) -> Server:
         argv = ["qemu-nbd", f"--socket={self.sock}", "--format=qcow2", "--persistent",
@@ -881,7 +1120,72 @@ class Bench:
             m.bad = self.check_ddsnap(n, f"after {wl.key} (N={n})")
             return m
         finally:
-            self.ddsnap_down(srv, store, label)
+            self.ddsnap_down(srv, store, label, n, case=wl.key)
+
+    def overwrite_pass(self, uri: str, name: str) -> Measure:
+        """One sequential pass of 1 MiB writes over the whole volume (not timed as a
+        workload): afterwards every chunk is the origin's own, nothing left to copy out."""
+        return self.fio(uri, name, "write", "1m", self.args.iodepth_seq, runtime=None,
+                        time_based=False)
+
+    def overwrite_fio(self, uri: str, wl: Workload, name: str) -> Measure:
+        # time_based: the chunks stay unique however often they are written again.
+        return self.fio(uri, name, wl.rw, wl.bs, wl.iodepth, runtime=self.args.duration,
+                        time_based=True)
+
+    def overwrite_ddsnap(self, wl: Workload, n: int) -> Measure:
+        srv, store = self.ddsnap_up(n)
+        label = f"{wl.key} N={n} ddsnap"
+        try:
+            t0 = time.monotonic()
+            pre = self.overwrite_pass(self.uri("origin"), f"ddsnap-{wl.key}-pass-N{n}")
+            pre_s = time.monotonic() - t0
+            before = self.ddsnap_used(store)
+            os.sync()
+            m = self.profiled(srv, f"{wl.key}-N{n}", lambda: self.overwrite_fio(
+                self.uri("origin"), wl, f"ddsnap-{wl.key}-N{n}"))
+            if srv.popen.poll() is not None:
+                raise BenchError("ddsnap serve exited during the fio run")
+            after = self.ddsnap_used(store)
+            m.extra = (f"first a 1 MiB sequential pass over the volume ({pre_s:.1f} s, "
+                       f"{pre.mibs:,.1f} MiB/s, every chunk copied out); {after - before} "
+                       f"store chunks allocated during the timed job (expected 0)")
+            if after != before:
+                self.problem(f"{label}: the store grew from {before} to {after} used chunks "
+                             f"during the overwrites, though every chunk had been copied out")
+            m.bad = self.check_ddsnap(n, f"after {wl.key} (N={n})")
+            return m
+        finally:
+            self.ddsnap_down(srv, store, label, n, case=wl.key)
+
+    def overwrite_qemu(self, wl: Workload, n: int) -> Measure:
+        img = self.qcow2_make(n)
+        srv = self.qemu_up(img)
+        try:
+            t0 = time.monotonic()
+            pre = self.overwrite_pass(self.uri("origin"), f"qemu-{wl.key}-pass-N{n}")
+            os.sync()
+            m = self.overwrite_fio(self.uri("origin"), wl, f"qemu-{wl.key}-N{n}")
+            m.extra = (f"first a 1 MiB sequential pass over the volume "
+                       f"({time.monotonic() - t0:.1f} s, {pre.mibs:,.1f} MiB/s)")
+            return m
+        finally:
+            self.server_down(srv, f"{wl.key} N={n} qemu-nbd")
+            drop_file(img)
+
+    def qemu_ok(self, n: int) -> bool:
+        """qcow2 is the peer at N only up to --qcow2-max-snapshots: `qemu-img snapshot -c`
+        takes longer with every snapshot the image holds."""
+        if n <= self.args.qcow2_max_snapshots:
+            return True
+        if n not in self.qcow2_skipped:
+            self.qcow2_skipped.add(n)
+            self.notes.append(
+                f"N={n}: qemu-nbd qcow2 not run (N > --qcow2-max-snapshots "
+                f"{self.args.qcow2_max_snapshots}): each `qemu-img snapshot -c` rewrites the "
+                f"image's snapshot table, so it gets slower as snapshots accumulate (the "
+                f"whole image takes time quadratic in N: hours at 10,000)")
+        return False
 
     def write_qemu(self, wl: Workload, n: int) -> Measure:
         img = self.qcow2_make(n)
@@ -902,12 +1206,75 @@ class Bench:
         return self.fio(uri, name, wl.rw, wl.bs, wl.iodepth, runtime=self.args.duration,
                         time_based=True, readonly=True)
 
-    def reads(self, n: int, rws: list[Workload]) -> None:
+    def read_setup(self, n: int, srv: Server, store: Path) -> list[str]:
+        """After taking N snapshots: overwrite every other chunk of the origin through
+        NBD, so half of each snapshot comes from exceptions and half from the origin;
+        then check the snapshots.  Returns the checks' complaints."""
+        t0 = time.monotonic()
+        ow = self.overwrite_half(self.uri("origin"), f"ddsnap-overwrite-N{n}")
+        used = self.ddsnap_used(store)
+        self.notes.append(
+            f"N={n}: overwriting every other {fmt_size(self.args.chunk_size)} chunk of "
+            f"the ddsnap origin ({fmt_size(self.args.size // 2)}) took "
+            f"{time.monotonic() - t0:.1f} s ({ow.mibs:.1f} MiB/s); the store then held "
+            f"{used} used chunks, so half of each snapshot is read from exceptions and "
+            f"half from the origin")
+        return self.check_ddsnap(n, f"before the reads (N={n})")
+
+    def reads_interleaved(self, rws: list[Workload]) -> None:
+        """ddsnap's reads at every N with one server per N up at once (each on its own
+        socket and files), so that run i of a workload is measured at every N back to
+        back."""
+        a = self.args
+        main_sock = self.sock
+        up: dict[int, tuple[Server, Path, Path, list[str]]] = {}
+        try:
+            for n in a.snapshots:
+                say(f"--- snapshot reads, N={n}: ddsnap setup")
+                self.sock = self.tmp / f"nbd-{n}.sock"
+                try:
+                    srv, store = self.ddsnap_up(n, tag=f"-{n}")
+                except BenchError as e:
+                    for wl in rws:
+                        self.errors[(wl.key, n, "ddsnap")] = str(e).splitlines()[0]
+                    self.problem(f"read setup, N={n}, ddsnap: {e}")
+                    continue
+                up[n] = (srv, store, self.sock, [])
+                try:
+                    up[n][3].extend(self.read_setup(n, srv, store))
+                except BenchError as e:
+                    self.problem(f"reads N={n} ddsnap: {e}")
+                    for wl in rws:
+                        self.errors.setdefault((wl.key, n, "ddsnap"), str(e).splitlines()[0])
+                    self.sock = main_sock
+                    self.ddsnap_down(srv, store, f"reads N={n} ddsnap")
+                    del up[n]
+            os.sync()
+            for rep in range(a.repeat):
+                for wl in rws:
+                    for n, (srv, store, sock, bad) in up.items():
+                        self.sock = sock
+                        say(f"--- {wl.title}, N={n} (run {rep + 1} of {a.repeat})")
+                        self.record(wl, n, "ddsnap", lambda wl=wl, n=n, srv=srv: self.profiled(
+                            srv, f"{wl.key}-N{n}", lambda: self.read_fio(
+                                self.uri(wl.export(n)), wl, f"ddsnap-{wl.key}-N{n}")), bad,
+                            rep)
+        finally:
+            for n, (srv, store, sock, _bad) in up.items():
+                self.sock = sock
+                self.ddsnap_down(srv, store, f"reads N={n} ddsnap", n, case="halfread")
+            self.sock = main_sock
+
+    def reads(self, n: int, rws: list[Workload], ddsnap: bool = True) -> None:
         reps = range(self.args.repeat)
         # ddsnap: N snapshots, then overwrite every other chunk of the origin through NBD,
         # so half of snap1 comes from exceptions and half from the origin.
         try:
+            if not ddsnap:
+                raise Skip
             srv, store = self.ddsnap_up(n)
+        except Skip:
+            pass
         except BenchError as e:
             for wl in rws:
                 self.errors[(wl.key, n, "ddsnap")] = str(e).splitlines()[0]
@@ -915,50 +1282,50 @@ class Bench:
         else:
             label = f"reads N={n} ddsnap"
             try:
-                t0 = time.monotonic()
-                ow = self.overwrite_half(self.uri("origin"), f"ddsnap-overwrite-N{n}")
-                used = self.ddsnap_used(store)
-                self.notes.append(
-                    f"N={n}: overwriting every other {fmt_size(self.args.chunk_size)} chunk of "
-                    f"the ddsnap origin ({fmt_size(self.args.size // 2)}) took "
-                    f"{time.monotonic() - t0:.1f} s ({ow.mibs:.1f} MiB/s); the store then held "
-                    f"{used} used chunks, so half of snap1 is read from exceptions and half "
-                    f"from the origin")
-                bad = self.check_ddsnap(n, f"before the reads (N={n})")
+                bad = self.read_setup(n, srv, store)
                 os.sync()
                 for rep in reps:
                     for wl in rws:
                         self.record(wl, n, "ddsnap", lambda wl=wl: self.profiled(
                             srv, f"{wl.key}-N{n}", lambda: self.read_fio(
-                                self.uri("snap1"), wl, f"ddsnap-{wl.key}-N{n}")), bad, rep)
+                                self.uri(wl.export(n)), wl, f"ddsnap-{wl.key}-N{n}")), bad,
+                            rep)
             except BenchError as e:
                 self.problem(f"reads N={n} ddsnap: {e}")
                 for wl in rws:
                     self.errors.setdefault((wl.key, n, "ddsnap"), str(e).splitlines()[0])
             finally:
-                self.ddsnap_down(srv, store, label)
+                self.ddsnap_down(srv, store, label, n, case="halfread")
 
-        # qemu-nbd: the same on qcow2, then serve snap1 read-only.
+        # qemu-nbd: the same on qcow2, then serve each snapshot read (snap1, snapN)
+        # read-only in turn.
         img = None
         try:
+            if not self.qemu_ok(n):
+                raise Skip
             img = self.qcow2_make(n)
             srv = self.qemu_up(img)
             try:
                 self.overwrite_half(self.uri("origin"), f"qemu-overwrite-N{n}")
             finally:
                 self.server_down(srv, f"reads N={n} qemu-nbd overwrite")
-            srv = self.qemu_up(img, snapshot="snap1")
-            try:
-                bad = self.verify(self.uri("snap1"), f"qcow2 snap1 before the reads (N={n})")
-                for i in bad:
-                    self.problem(i)
-                os.sync()
-                for rep in reps:
-                    for wl in rws:
-                        self.record(wl, n, "qemu", lambda wl=wl: self.read_fio(
-                            self.uri("snap1"), wl, f"qemu-{wl.key}-N{n}"), bad, rep)
-            finally:
-                self.server_down(srv, f"reads N={n} qemu-nbd")
+            for export in sorted({wl.export(n) for wl in rws}, key=lambda e: int(e[4:])):
+                wls = [wl for wl in rws if wl.export(n) == export]
+                srv = self.qemu_up(img, snapshot=export)
+                try:
+                    bad = self.verify(self.uri(export),
+                                      f"qcow2 {export} before the reads (N={n})")
+                    for i in bad:
+                        self.problem(i)
+                    os.sync()
+                    for rep in reps:
+                        for wl in wls:
+                            self.record(wl, n, "qemu", lambda wl=wl: self.read_fio(
+                                self.uri(export), wl, f"qemu-{wl.key}-N{n}"), bad, rep)
+                finally:
+                    self.server_down(srv, f"reads N={n} qemu-nbd {export}")
+        except Skip:
+            pass
         except BenchError as e:
             self.problem(f"reads N={n} qemu-nbd: {e}")
             for wl in rws:
@@ -1260,6 +1627,152 @@ class Bench:
             f"{stats_text(r.cli_ms, lambda v: f'{v:.0f}')} ms")
         return r
 
+    # ---- snapshot count scaling (issue 9): creation at N, deletes among N
+
+    def scaling(self) -> None:
+        a = self.args
+        for extra in a.delete_fills:
+            say(f"--- scaling: {a.scaling_count} snapshots, {extra} extra origin history "
+                f"entries; snapshot creation and deletes")
+            try:
+                self.scale_fills.append(self.scale_one(extra))
+            except BenchError as e:
+                self.scale_errors.append(f"fill with {extra} extra entries: "
+                                         f"{str(e).splitlines()[0]}")
+                self.problem(f"scaling, fill with {extra} extra origin history entries: {e}")
+
+    def scale_plan(self, extra: int) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:
+        """Where the fill writes.  Returns the snapshots to delete, ``[(position, k)]``
+        (first one with no exclusive data, then one per --delete-exclusive k), and the
+        origin writes ``[(after snapshot, first chunk, chunks)]``, in order:
+
+        * snapshot with k exclusive copy-outs at position P: chunks ``[c, c + k)`` (each k
+          its own range, from chunk 0) are written before P is taken (copy-outs tagged
+          P-1, read by snapshots 1..P-1) and again after (tagged P, read by P alone);
+        * ``extra`` further chunks, written in --delete-write-points equal parts spread
+          over the N snapshots, consecutive ranges cycling through the upper three
+          quarters of the origin: each written chunk is one more origin history entry,
+          read by every snapshot taken since that chunk's previous write (so by many).
+        """
+        a = self.args
+        n, cs = a.scaling_count, a.delete_chunk_size
+        nchunks = a.size // cs
+        ks = a.delete_exclusive
+        targets = [(round(n * (j + 1) / (len(ks) + 2)), k) for j, k in enumerate([0] + ks)]
+        writes: list[tuple[int, int, int]] = []
+        c = 0
+        for pos, k in targets[1:]:
+            writes.append((pos - 1, c, k))
+            writes.append((pos, c, k))
+            c += k
+        if extra:
+            points = min(a.delete_write_points, n)
+            lo = nchunks // 4
+            pos = lo
+            for i in range(points):
+                part = extra // points + (1 if i < extra % points else 0)
+                after = max(1, round((i + 0.5) * n / points))
+                while part:
+                    m = min(part, nchunks - pos)
+                    writes.append((after, pos, m))
+                    part -= m
+                    pos += m
+                    if pos >= nchunks:
+                        pos = lo
+        writes.sort(key=lambda w: w[0])
+        return targets, writes
+
+    def scale_one(self, extra: int) -> ScaleFill:
+        a = self.args
+        n, cs = a.scaling_count, a.delete_chunk_size
+        targets, writes = self.scale_plan(extra)
+        r = ScaleFill(extra, n, cs)
+        origin, store = self.tmp / "scale-origin.raw", self.tmp / "scale-store"
+        label = f"scaling fill ({extra} extra entries)"
+        drop_file(store)
+        drop_file(origin)
+        os.sync()  # earlier work's writeback must not slow this store's fsyncs
+        with open(origin, "wb") as f:
+            f.truncate(a.size)  # sparse; copy-outs read it all the same
+        data_bytes = sum(m for _a, _c, m in writes) * cs
+        store_size = -(-(data_bytes * 5 // 4 + 256 * MiB) // MiB) * MiB
+        blob = os.urandom(MiB)
+        names = {pos: f"snap{pos}" for pos, _k in targets}
+        try:
+            self.ddsnap("init", str(store), "--origin", str(origin), "--size", str(store_size),
+                        "--chunk-size", str(cs), what=f"{label}: ddsnap init")
+            srv = self.serve_store(store, "ddsnap serve")
+            ctl = self.ctl_path(store)
+            try:
+                taken = 0
+
+                def take(upto: int) -> None:
+                    nonlocal taken
+                    if upto <= taken:
+                        return
+                    t0 = time.perf_counter()
+                    timed = min(upto, a.create_samples) - taken
+                    if timed > 0:  # the first ones one at a time, timed (empty store)
+                        r.first_ms += self.snap_create_ctl(store, timed, first=taken + 1)
+                        taken += timed
+                    if upto > taken:
+                        self.snap_create_pipelined(store, upto - taken, first=taken + 1)
+                        taken = upto
+                    r.create_s += time.perf_counter() - t0
+
+                with NbdClient(str(self.sock), "origin") as c:
+                    for after, first, m in writes:
+                        take(after)
+                        t0 = time.perf_counter()
+                        lo, hi = first * cs, (first + m) * cs
+                        c.pwrite_many(((o, blob[:min(MiB, hi - o)])
+                                       for o in range(lo, hi, MiB)), depth=8)
+                        r.written_chunks += m
+                        r.write_s += time.perf_counter() - t0
+                    take(n)
+                say(f"{label}: {n} snapshots in {r.create_s:.1f} s "
+                    f"({n / r.create_s:,.0f}/s), {r.written_chunks} chunks written "
+                    f"between them in {r.write_s:.1f} s")
+                os.sync()
+                r.at_n_ms = self.profiled(
+                    srv, f"snapcreate-at-{n}-fill{extra}",
+                    lambda: self.snap_create_ctl(store, a.create_samples, prefix="lat"))
+                say(f"{label}: snap_create with {n} snapshots: "
+                    f"{stats_text(r.at_n_ms, lambda v: f'{v:.2f}')} ms")
+                t0 = time.perf_counter()
+                listed = ctl_call(ctl, "snap_list", timeout=600)
+                r.list_s = time.perf_counter() - t0
+                excl = {x["name"]: x.get("exclusive") for x in listed}
+                for pos, k in targets:
+                    name = names[pos]
+                    e = excl.get(name)
+                    e = None if e is None else e // cs
+                    if e != k:
+                        r.bad.append(f"{label}: {name} should have {k} exclusive chunks; "
+                                     f"`snap_list` says {e}")
+                    before = ctl_call(ctl, "status", timeout=600)["chunks_used"]
+                    t0 = time.perf_counter()
+                    self.profiled(srv, f"delete-k{k}-fill{extra}", lambda: ctl_call(
+                        ctl, "snap_delete", {"name": name}, timeout=3600))
+                    ms = (time.perf_counter() - t0) * 1000
+                    after = ctl_call(ctl, "status", timeout=600)["chunks_used"]
+                    r.deletes.append(DeleteRun(name, k, e, ms, before - after))
+                    say(f"{label}: snap_delete {name} ({k} exclusive copy-outs, `exclusive` "
+                        f"{e}): {ms:,.1f} ms, {before - after} chunks freed")
+            finally:
+                self.ddsnap_stop(srv, label)
+            bad = self.check_stopped(store, label, timeout=1200)
+            r.bad += bad
+            if not bad:
+                r.meta = self.meta_probe(store, f"fill{extra}", n + a.create_samples - len(targets),
+                                         label)
+        finally:
+            drop_file(store)
+            drop_file(origin)
+        for x in r.bad:
+            self.problem(x)
+        return r
+
     # ---- peak RSS on a huge sparse origin
 
     def server_process_note(self, srv: Server) -> str:
@@ -1396,28 +1909,50 @@ class Bench:
         self.pick_access()
         if a.rev:
             self.use_rev(a.rev)
-        if set(a.workloads) & (set(FIO_WORKLOADS) | {"merge"}):
+        if set(a.workloads) & (set(ALL_FIO) | {"merge"}):
             self.make_pristine()  # snapcreate and rss use sparse origins instead
         wls = workloads(a)
-        for n in a.snapshots:
-            for wl in (w for w in wls if w.kind == "write"):
+        writes = [w for w in wls if w.kind in ("write", "overwrite")]
+        rws = [w for w in wls if w.kind == "read"]
+
+        def write_runs(wl: Workload, n: int, rep: int) -> None:
+            dd, qq = ((self.write_ddsnap, self.write_qemu) if wl.kind == "write"
+                      else (self.overwrite_ddsnap, self.overwrite_qemu))
+            say(f"--- {wl.title}, N={n} (run {rep + 1} of {a.repeat})")
+            self.record(wl, n, "ddsnap", lambda: dd(wl, n), (), rep)
+            if self.qemu_ok(n):
+                self.record(wl, n, "qemu", lambda: qq(wl, n), (), rep)
+
+        if a.interleave:
+            # Run i of every N back to back, so that the ratios at N over N=1 pair runs
+            # made minutes apart, not tens of minutes (a busy machine drifts).
+            for wl in writes:
                 for rep in range(a.repeat):
-                    say(f"--- {wl.title}, N={n} (run {rep + 1} of {a.repeat})")
-                    self.record(wl, n, "ddsnap", lambda: self.write_ddsnap(wl, n), (), rep)
-                    self.record(wl, n, "qemu", lambda: self.write_qemu(wl, n), (), rep)
-            rws = [w for w in wls if w.kind == "read"]
+                    for n in a.snapshots:
+                        write_runs(wl, n, rep)
             if rws:
-                say(f"--- snapshot reads, N={n}")
-                self.reads(n, rws)
-            if self.qcow2_template is not None:
-                drop_file(self.qcow2_template[1])
-                self.qcow2_template = None
+                self.reads_interleaved(rws)
+                for n in a.snapshots:
+                    say(f"--- snapshot reads, N={n}: the peers")
+                    self.reads(n, rws, ddsnap=False)
+            self.drop_qcow2_templates()
+        else:
+            for n in a.snapshots:
+                for wl in writes:
+                    for rep in range(a.repeat):
+                        write_runs(wl, n, rep)
+                if rws:
+                    say(f"--- snapshot reads, N={n}")
+                    self.reads(n, rws)
+                self.drop_qcow2_templates()
         if "merge" in a.workloads:
             self.merges()
         if "snapcreate" in a.workloads:
             self.snapcreates()
         if "rss" in a.workloads:
             self.rss()
+        if "scaling" in a.workloads:
+            self.scaling()
         self.write_profiles()
         self.elapsed = time.monotonic() - t_start
         self.load_end = open("/proc/loadavg").read().split()[:3]
@@ -1453,6 +1988,11 @@ def write_report(b, out: Path) -> int:
           "over run i:\n")
     print(rep.targets_table())
     print()
+    if "<!-- scaling-start -->" in report:
+        print("Snapshot count scaling (issue 9):\n")
+        print(report.split("<!-- scaling-end -->")[0].split("<!-- scaling-start -->")[-1]
+              .strip())
+        print()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
     say(f"wrote {out} (the run took {b.elapsed:.0f} s)")
@@ -1469,6 +2009,19 @@ def report_from_state(path: Path, out: str | None) -> int:
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as e:
         print(f"bench: cannot read the saved run {path}: {e}", file=sys.stderr)
         return 1
+    # a run saved before the scaling workloads existed
+    for name, default in (("create_rates", {}), ("meta", []), ("scale_fills", []),
+                          ("scale_errors", []), ("qcow2_skipped", set())):
+        if not hasattr(state, name):
+            setattr(state, name, default)
+    for name, default in (("scaling", False), ("interleave", False),
+                          ("qcow2_max_snapshots", DEFAULT_QCOW2_MAX),
+                          ("scaling_count", 10000), ("create_samples", 50),
+                          ("delete_fills", [0, 100000]), ("delete_exclusive", [100, 1000]),
+                          ("delete_chunk_size", 4 * KiB), ("delete_write_points", 100),
+                          ("sample_snapshots", 64)):
+        if not hasattr(state.args, name):
+            setattr(state.args, name, default)
     return write_report(state, Path(out or state.args.out))
 
 
@@ -1565,7 +2118,7 @@ class Report:
             for n in self.a.snapshots:
                 d, _ = self.cell(wl, n, "ddsnap")
                 dm = self.runs(wl.key, n, "ddsnap")
-                if wl.kind == "write":
+                if wl.kind in ("write", "overwrite"):
                     p, _ = self.cell(wl, n, "qemu")
                     r = self.ratio_cell(dm, self.runs(wl.key, n, "qemu"), wl.metric)
                     rows.append(f"| {wl.title} | {n} | {d} | qemu-nbd qcow2 active layer "
@@ -1581,23 +2134,23 @@ class Report:
 
     def flatness_table(self) -> str:
         a = self.a
-        wls = [w for w in workloads(a) if w.kind == "write"]
+        wls = [w for w in workloads(a) if w.kind in ("write", "overwrite")]
         ns = [n for n in a.snapshots if n > 1]
         if not wls or 1 not in a.snapshots or not ns:
             return ""
-        rows = ["| workload | N | store's maximum | ddsnap at N / at N=1 "
+        rows = ["| workload | N | ddsnap at N / at N=1 "
                 "| qemu-nbd qcow2 at N / at N=1 (information) |",
-                "|---|---:|---:|---:|---:|"]
+                "|---|---:|---:|---:|"]
         for wl in wls:
             for n in ns:
                 d = self.ratio_cell(self.runs(wl.key, n, "ddsnap"),
                                     self.runs(wl.key, 1, "ddsnap"), wl.metric)
                 q = self.ratio_cell(self.runs(wl.key, n, "qemu"),
                                     self.runs(wl.key, 1, "qemu"), wl.metric)
-                rows.append(f"| {wl.title} | {n} | {store_max(n)} | {d} | {q} |")
+                rows.append(f"| {wl.title} | {n} | {d} | {q} |")
         return ("\n**Flatness**: each write figure at N snapshots divided by the same at N=1 "
-                "(run i over run i; the N=1 store is made with `--max-snapshots 64`).\n\n"
-                + "\n".join(rows) + "\n")
+                "(run i over run i; every store is made with no snapshot limit, format "
+                "v3).\n\n" + "\n".join(rows) + "\n")
 
     # ---- the targets of issue 4
 
@@ -1643,7 +2196,7 @@ class Report:
                       f"medians: ddsnap {med(xs, wl.metric)}, qcow2 {med(ys, wl.metric)}",
                       why="needs N=1 and this workload in the run")
         # flatness
-        flat_ns = sorted({64, 1024} | {n for n in a.snapshots if n > 1 and n == store_max(n)})
+        flat_ns = [64, 1024]
         for n in flat_ns:
             for key, what in (("randwrite4k", "4 KiB random write IOPS"),
                               ("seqwrite1m", "1 MiB sequential write MiB/s")):
@@ -1651,8 +2204,8 @@ class Report:
                 xs, ys = self.runs(key, n, "ddsnap"), self.runs(key, 1, "ddsnap")
                 q = self.ratio_cell(self.runs(key, n, "qemu"), self.runs(key, 1, "qemu"),
                                     wl.metric)
-                fio_ratio(f"{what} at N={n} snapshots (store maximum {store_max(n)}) / at N=1, "
-                          f"ddsnap", xs, ys, wl.metric, "≥ 0.9", 0.9,
+                fio_ratio(f"{what} at N={n} snapshots / at N=1, ddsnap", xs, ys, wl.metric,
+                          "≥ 0.9", 0.9,
                           f"qemu-nbd qcow2's own ratio: {q} (information)",
                           why=f"needs N=1 and N={n} in --snapshots")
         # snapshot reads against nbdkit
@@ -1857,6 +2410,368 @@ f"{a.repeat} runs: median (min–max); each ratio is merge / copy of the same ru
                 f"origin ({fmt_size(a.rss_store_size)} sparse store, 1 snapshot) through the "
                 f"four fio jobs:\n\n" + "\n".join(rows) + "\n")
 
+    # ---- issue 9: snapshot count scaling
+
+    SCALING_FIO_ROWS = (
+        ("randwrite4k", "4 KiB random copy-on-write writes to the origin (right after the "
+                        "N-th snapshot)"),
+        ("overwrite4k", "4 KiB random overwrites of the origin (every chunk already copied "
+                        "out)"),
+        ("randread4k", "4 KiB random reads of the oldest snapshot (snap1)"),
+        ("randread4k-newest", "4 KiB random reads of the newest snapshot (snapN)"),
+    )
+    META_CASES = {
+        "seqwrite1m": "1 MiB sequential writes right after the N-th snapshot (sequential "
+                      "copy-outs, key order)",
+        "overwrite4k": "a 1 MiB sequential pass over the whole volume, then 4 KiB random "
+                       "overwrites (sequential copy-outs)",
+        "halfread": "every other chunk written once, in order (the read setup; sequential)",
+        "randwrite4k": "4 KiB random writes right after the N-th snapshot (random copy-outs)",
+    }
+    CRITERION = 0.9
+
+    def scaling_wanted(self) -> bool:
+        a = self.a
+        return bool(getattr(a, "scaling", False) or "scaling" in a.workloads
+                    or set(SCALING_FIO) & set(a.workloads))
+
+    def scaling_ratio(self, key: str, n: int) -> tuple[list[float], bool]:
+        """ddsnap at N over ddsnap at 1, run i over run i; and whether a data check
+        failed around any of those runs."""
+        W = {w.key: w for w in all_workloads(self.a)}
+        xs, ys = self.runs(key, n, "ddsnap"), self.runs(key, 1, "ddsnap")
+        return self.paired(xs, ys, W[key].metric), any(m.bad for m in xs + ys)
+
+    @staticmethod
+    def pct(vals: list[float], q: float) -> float:
+        v = sorted(vals)
+        return v[min(len(v) - 1, max(0, round(q * (len(v) - 1))))]
+
+    def delete_verdict(self) -> tuple[str, str, str]:
+        """``(measured, met, note)`` for "delete one snapshot among N in time
+        proportional to its own exceptions": the largest-k delete timed on the least and
+        the most filled store (same k, same N); proportional to its own exceptions means
+        about the same time on both."""
+        fills = sorted((f for f in self.b.scale_fills if f.deletes), key=lambda f: f.extra)
+        if not fills:
+            return "–", "not measured", "the scaling workload was not in the run"
+        kmax = max(d.k for d in fills[0].deletes)
+
+        def t(f, k):
+            return next((d.ms for d in f.deletes if d.k == k), None)
+
+        lo, hi = fills[0], fills[-1]
+        parts = [f"{f.extra:,} extra entries: " + ", ".join(
+            f"k={d.k}: {d.ms:,.0f} ms" for d in f.deletes) for f in fills]
+        measured = "; ".join(parts)
+        if len(fills) < 2 or t(lo, kmax) is None or t(hi, kmax) is None:
+            return measured, "not judged", "needs two store fills (--delete-fills)"
+        growth = t(hi, kmax) / max(t(lo, kmax), 1e-3)
+        eb_lo, eb_hi = lo.exceptions_before, hi.exceptions_before
+        store_growth = (f"{eb_hi / eb_lo:,.0f}×" if eb_lo and eb_hi else "?")
+        ok = growth <= 2
+        note = (f"the k={kmax} delete took {growth:,.1f}× as long on the fuller store, "
+                f"whose exceptions were {store_growth} as many; met = at most 2× (time "
+                f"follows k, not the store)")
+        t0_lo, t0_hi = t(lo, 0), t(hi, 0)
+        if t0_lo is not None and t0_hi is not None:
+            note += (f"; the delete of a snapshot with no exclusive data: {t0_lo:,.1f} ms "
+                     f"and {t0_hi:,.1f} ms")
+        if any(f.bad for f in fills):
+            return measured, "no (see problems)", note
+        return measured, "yes" if ok else "no", note
+
+    def scaling_criteria(self) -> str:
+        a, b = self.a, self.b
+        rows = ["| criterion (issue 9) | measured: median (min–max) | target | met | notes |",
+                "|---|---:|---:|---|---|"]
+        ns = [n for n in a.snapshots if n > 1]
+        W = {w.key: w for w in all_workloads(a)}
+        for key, title in self.SCALING_FIO_ROWS:
+            if key not in a.workloads:
+                continue
+            wl = W[key]
+            for n in ns:
+                vals, bad = self.scaling_ratio(key, n)
+                med1 = [m.value(wl.metric) for m in self.runs(key, 1, "ddsnap")]
+                medn = [m.value(wl.metric) for m in self.runs(key, n, "ddsnap")]
+                note = (f"medians: N=1 {statistics.median(med1):,.0f} IOPS, N={n} "
+                        f"{statistics.median(medn):,.0f} IOPS" if med1 and medn else "")
+                c1 = [c for c in (m.cpu_us_per_io(wl.bs) for m in self.runs(key, 1, "ddsnap"))
+                      if c is not None]
+                cn = [c for c in (m.cpu_us_per_io(wl.bs) for m in self.runs(key, n, "ddsnap"))
+                      if c is not None]
+                if c1 and cn:
+                    note += (f"; server CPU per I/O {statistics.median(c1):,.0f} µs at N=1, "
+                             f"{statistics.median(cn):,.0f} µs at N={n}")
+                q = self.ratio_cell(self.runs(key, n, "qemu"), self.runs(key, 1, "qemu"),
+                                    wl.metric)
+                if q != "–":
+                    note += f"; qemu-nbd qcow2's own ratio {q} (information)"
+                if not vals:
+                    why = ("needs N=1 in --snapshots" if 1 not in a.snapshots
+                           else "FAILED (see problems)")
+                    rows.append(f"| {title}, ddsnap at N={n} / at N=1 | – | ≥ 0.9 "
+                                f"| not measured | {why} |")
+                    continue
+                med = statistics.median(vals)
+                met = ("no (wrong data)" if bad else
+                       "yes" if med >= self.CRITERION else "no")
+                rows.append(f"| {title}, ddsnap at N={n} / at N=1 "
+                            f"| {stats_text(vals, lambda v: f'{v:.2f}')} | ≥ 0.9 | {met} "
+                            f"| {note} |")
+        for f in b.scale_fills:
+            if not f.at_n_ms:
+                continue
+            med = statistics.median(f.at_n_ms)
+            p99 = self.pct(f.at_n_ms, 0.99)
+            first = (f"; the first {len(f.first_ms)} on the empty store: "
+                     f"{statistics.median(f.first_ms):.2f} ms median" if f.first_ms else "")
+            met = ("no (see problems)" if f.bad else "yes" if med < 10 else "no")
+            rows.append(
+                f"| `snap_create` with {f.n:,} snapshots in the store ({f.extra:,} extra "
+                f"origin history entries) | {med:.2f} ms, p99 {p99:.2f} ms "
+                f"({min(f.at_n_ms):.2f}–{max(f.at_n_ms):.2f}) | < 10 ms "
+                f"| {met}{'' if p99 < 10 else ' (p99 is not)'} "
+                f"| {len(f.at_n_ms)} requests, each on its own control connection{first} |")
+        if not any(f.at_n_ms for f in b.scale_fills):
+            rows.append(f"| `snap_create` with {a.scaling_count:,} snapshots in the store | – "
+                        f"| < 10 ms | not measured | the scaling workload was not in the run |")
+        m, met, note = self.delete_verdict()
+        rows.append(f"| deleting one snapshot among {a.scaling_count:,} in time proportional "
+                    f"to its own exceptions | {m} | ∝ k | {met} | {note} |")
+        bpe = [x.bytes_per_exception for x in b.meta
+               if x.bytes_per_exception and not x.case.startswith("fill")]
+        rows.append(f"| metadata bytes per exception (tree blocks × 4096 / exceptions) "
+                    f"| {min(bpe):.1f}–{max(bpe):.1f} bytes | (table) | information "
+                    f"| see the table below |" if bpe else
+                    "| metadata bytes per exception | – | (table) | not measured | |")
+        return "\n".join(rows)
+
+    def scaling_fio_table(self) -> str:
+        a = self.a
+        W = {w.key: w for w in all_workloads(a)}
+        rows = ["| workload | N | ddsnap: median (min–max) | ddsnap at N / at N=1 "
+                "| ≥ 0.9 | ddsnap server CPU per I/O | qemu-nbd qcow2 "
+                "| qcow2 at N / at N=1 (information) |",
+                "|---|---:|---:|---:|---|---:|---:|---:|"]
+        for key, title in self.SCALING_FIO_ROWS:
+            if key not in a.workloads:
+                continue
+            wl = W[key]
+            for n in a.snapshots:
+                d, _ = self.cell(wl, n, "ddsnap")
+                q, _ = self.cell(wl, n, "qemu")
+                if n in self.b.qcow2_skipped:
+                    q = "not run (N > --qcow2-max-snapshots)"
+                cpu = [m.cpu_us_per_io(wl.bs) for m in self.runs(key, n, "ddsnap")]
+                cpu = [c for c in cpu if c is not None]
+                cpu_t = stats_text(cpu, lambda v: f"{v:,.0f}") + " µs" if cpu else "–"
+                if n == 1:
+                    rows.append(f"| {title} | 1 | {d} | 1 (reference) | | {cpu_t} | {q} | |")
+                    continue
+                vals, bad = self.scaling_ratio(key, n)
+                r = stats_text(vals, lambda v: f"{v:.2f}") if vals else "–"
+                met = ("" if not vals else "⚠ wrong data" if bad else
+                       "met" if statistics.median(vals) >= self.CRITERION else "NOT met")
+                rq = self.ratio_cell(self.runs(key, n, "qemu"), self.runs(key, 1, "qemu"),
+                                     wl.metric)
+                rows.append(f"| {title} | {n:,} | {d} | {r} | {met} | {cpu_t} | {q} | {rq} |")
+        return "\n".join(rows)
+
+    def scaling_create_table(self) -> str:
+        b = self.b
+        rows = ["| store | snapshots already there | requests | median | p99 | min–max |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for f in b.scale_fills:
+            what = (f"{f.extra:,} extra origin history entries, chunk "
+                    f"{fmt_size(f.chunk_size)}")
+            for label, vals in ((f"0–{len(f.first_ms) - 1}", f.first_ms),
+                                (f"{f.n:,}", f.at_n_ms)):
+                if vals:
+                    rows.append(f"| {what} | {label} "
+                                f"| {len(vals)} | {statistics.median(vals):.2f} ms "
+                                f"| {self.pct(vals, 0.99):.2f} ms "
+                                f"| {min(vals):.2f}–{max(vals):.2f} ms |")
+        out = "\n".join(rows)
+        setup = []
+        for f in b.scale_fills:
+            if f.create_s:
+                setup.append(f"the {f.extra:,}-entry store's {f.n:,} snapshots took "
+                             f"{f.create_s:.1f} s of `snap_create` requests "
+                             f"({f.n / f.create_s:,.0f}/s; origin writes between them "
+                             f"{f.write_s:.1f} s more), `snap_list` at {f.n:,} "
+                             f"{f.list_s:.2f} s" if f.list_s is not None else "")
+        for n, secs in sorted(b.create_rates.items()):
+            if n >= 1000:
+                med = statistics.median(secs)
+                setup.append(f"the fio setups took N={n:,} snapshots in "
+                             f"{stats_text(secs, lambda v: f'{v:.1f}')} s ({n / med:,.0f}/s, "
+                             f"{len(secs)} setup(s))")
+        if setup:
+            out += ("\n\nTaking snapshots for a setup (every request a real `snap_create`, "
+                    f"up to {CTL_DEPTH} in flight on one control connection, run one after "
+                    "the other by the server): " + "; ".join(x for x in setup if x) + ".")
+        return out
+
+    def scaling_delete_table(self) -> str:
+        b = self.b
+        rows = ["| store | exceptions before the deletes (origin history entries) "
+                "| snapshot deleted | k: exclusive copy-outs made | its `exclusive` "
+                "| `snap_delete` round trip | chunks freed | per exclusive chunk "
+                "| per store exception |",
+                "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for f in b.scale_fills:
+            eb = f.exceptions_before
+            ob = (f.meta.origin_entries + sum(d.exclusive or 0 for d in f.deletes)
+                  if f.meta else None)
+            store = (f"{f.n:,} snapshots, {f.extra:,} extra entries, chunk "
+                     f"{fmt_size(f.chunk_size)}")
+            ex = f"{eb:,} ({ob:,})" if eb is not None and ob is not None else "?"
+            for d in f.deletes:
+                e = "?" if d.exclusive is None else f"{d.exclusive:,}"
+                per_k = f"{d.ms / d.k:.3f} ms" if d.k else "–"
+                per_e = f"{d.ms * 1000 / eb:.2f} µs" if eb else "–"
+                rows.append(f"| {store} | {ex} | {d.name} | {d.k:,} | {e} "
+                            f"| {d.ms:,.1f} ms | {d.freed:,} | {per_k} | {per_e} |")
+        for e in b.scale_errors:
+            rows.append(f"| FAILED: {e} | | | | | | | | |")
+        return "\n".join(rows)
+
+    @staticmethod
+    def v2_bytes(n: int) -> str:
+        """Format v2's metadata per exception, computed from its layout (docs/format.md
+        at ddsnap 0.2): a leaf record of W/8 + 8 bytes (sharemap, store chunk) and an
+        8-byte map entry per logical chunk, 4024 bytes of records and map per 4096-byte
+        leaf; W = N rounded up to 64 (64..1024), one exception per logical chunk."""
+        if n > 1024:
+            return "impossible: v2 held at most 1,024 snapshots"
+        w = max(64, -(-n // 64) * 64)
+        per = w // 8 + 8 + 8
+        full = 4096 / (4024 // per)
+        return f"W={w}: {per} B raw; {full:.1f} B in a full leaf, {2 * full:.1f} half-full"
+
+    def scaling_meta_table(self) -> str:
+        b = self.b
+        rows = ["| store filled by | N | chunk | exceptions | leaves | index nodes "
+                "(levels) | leaf fill | tree bytes per exception (measured) "
+                "| v2 (computed, not measured) |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        groups: dict[tuple[str, int], list[MetaSample]] = {}
+        for m in b.meta:
+            groups.setdefault((m.case, m.n), []).append(m)
+        order = list(self.META_CASES)
+
+        def sort_key(item):
+            (case, n), _ = item
+            return (order.index(case) if case in order else len(order), case, n)
+
+        for (case, n), ms in sorted(groups.items(), key=sort_key):
+            if case.startswith("fill"):
+                what = (f"the scaling workload's store with {int(case[4:]):,} extra origin "
+                        f"history entries, after its deletes")
+            else:
+                what = self.META_CASES.get(case, case)
+            ms = [m for m in ms if m.exceptions]
+            if not ms:
+                continue
+            ex = stats_text([m.exceptions for m in ms], lambda v: f"{v:,.0f}")
+            lv = stats_text([m.leaves for m in ms], lambda v: f"{v:,.0f}")
+            nodes = stats_text([m.index_nodes for m in ms], lambda v: f"{v:,.0f}")
+            fill = stats_text([m.records / (m.leaves * m.leaf_max) for m in ms],
+                              lambda v: f"{v:.0%}")
+            bpe = stats_text([m.bytes_per_exception for m in ms], lambda v: f"{v:.1f}")
+            rows.append(f"| {what} | {n:,} | {fmt_size(ms[0].chunk_size)} | {ex} | {lv} "
+                        f"| {nodes} ({ms[0].levels}) | {fill} | {bpe} B "
+                        f"| {self.v2_bytes(n)} |")
+        return "\n".join(rows)
+
+    def scaling_section(self) -> str:
+        if not self.scaling_wanted():
+            return ""
+        a, b = self.a, self.b
+        cmd = "bench/run" + ("" if not a.argv else " " + shlex.join(a.argv))
+        busy = max(float(b.load_start[0]), float(b.load_end[0]))
+        ncpu = len(os.sched_getaffinity(0))
+        caveat = (f"  **Caveat:** the 1-minute load average reached {busy:.1f} on {ncpu} "
+                  f"CPUs around this run: other work competed for the CPUs, so the figures "
+                  f"and the ratios are rough."
+                  if busy > 0.5 * ncpu else "")
+        ks = ", ".join(str(k) for k in a.delete_exclusive)
+        order = ("Runs interleaved (`--interleave`): for each write workload, run i at "
+                 "every N back to back, each on a fresh store; for the reads one ddsnap "
+                 "server per N, all up at once, and run i of each read workload at every N "
+                 "back to back, so each ratio pairs runs made close together in time."
+                 if a.interleave else
+                 "Runs in the order N by N (`--no-interleave`): the runs at N and at N=1 "
+                 "that a ratio pairs may be far apart in time.")
+        qskip = (f"  qemu-nbd qcow2 ran up to N = {a.qcow2_max_snapshots:,} only "
+                 f"(`--qcow2-max-snapshots`): its image is made with one `qemu-img snapshot "
+                 f"-c` per snapshot, each slower than the last as the image's snapshot "
+                 f"table grows (see the setup notes for the time at the largest N it ran), "
+                 f"so 10,000 would take hours; the criterion is ddsnap at N over ddsnap at "
+                 f"1 anyway." if b.qcow2_skipped else "")
+        return f"""
+## Snapshot count scaling (issue 9)
+
+<!-- scaling-start -->
+Run {b.started.strftime('%Y-%m-%d %H:%M UTC')} with `{cmd}`: volume {fmt_size(a.size)},
+chunk {fmt_size(a.chunk_size)}, N = {", ".join(f"{n:,}" for n in a.snapshots)},
+{a.duration:g} s per fio run, {a.repeat} run(s) per cell; ratios pair run i at N with
+run i at N=1 and give the median (min–max) of those per-run ratios; "met" is judged on
+the median.  {order}{caveat}{qskip}
+
+{self.scaling_criteria()}
+
+**The fio workloads at each N** (every store made by `ddsnap init` with no snapshot
+limit; N snapshots taken through the control socket, then the job):
+
+{self.scaling_fio_table() if set(k for k, _ in self.SCALING_FIO_ROWS) & set(a.workloads)
+ else "(none of these workloads was in the run)"}
+
+*Server CPU per I/O*: CPU time (user + system, all threads, from `/proc/PID/stat`) the
+`ddsnap serve` process used during the job, divided by the job's I/Os.  Other load on
+the machine moves it less than it moves IOPS (not to zero: a busy host's shared caches
+still make every instruction dearer), so a cost that grows with N shows there too.
+
+**Snapshot creation** (`scaling` workload; each timed request is a `snap_create` on its
+own control connection, connect to reply, like the operation behind `ddsnap snap
+create`, including its origin flush and commit):
+
+{self.scaling_create_table() if b.scale_fills else "(the scaling workload was not in the run)"}
+
+**Deleting one snapshot among {a.scaling_count:,}** (`scaling` workload; the
+`snap_delete` reply comes after the sweep).  Each store: a sparse {fmt_size(a.size)}
+origin, chunk {fmt_size(a.delete_chunk_size)}, {a.scaling_count:,} snapshots of the
+origin; at a quarter of them, one with no exclusive data; further on, for each k of
+{ks}, a snapshot P whose k chunks were written just before it was taken and again just
+after (so their second copy-outs are read by P alone: its `exclusive` figure is k);
+and, in the fuller stores, the extra origin history entries written in
+{a.delete_write_points} bursts spread over the snapshots (each read by many snapshots).
+Then {a.create_samples} timed creations, then the deletes in that order:
+
+{self.scaling_delete_table() if b.scale_fills or b.scale_errors
+ else "(the scaling workload was not in the run)"}
+
+What the sweep walks (docs/format.md, "Why versioned pointers, and what they cost"): a
+delete that frees nothing walks nothing; deleting a snapshot of the origin that had
+exclusive copy-outs walks **all of the origin's history entries**, so its time follows
+the origin's history entries, not k; "per store exception" divides the round trip by the
+exceptions the store held.
+
+**Metadata bytes per exception**: each store opened read-only after its server stopped
+(`bench/metaprobe.py`: `SharedStore.open(..., mode="inspect")`, leaves from
+`store._leaves()` plus the index nodes above them, exceptions from
+`store.exception_chunks()`); bytes = (leaves + index nodes) × 4096 / exceptions.  The
+snapshot table's blocks are not tree blocks and are left out (one per 14 snapshots: 715
+at 10,000).  v2's figure is computed from its layout, not measured: a leaf record of
+W/8 + 8 bytes (W-bit sharemap, store chunk) plus an 8-byte map entry per logical chunk,
+4,024 usable bytes per leaf, W = N rounded up to 64, one exception per logical chunk.
+
+{self.scaling_meta_table() if b.meta else "(no store was counted)"}
+<!-- scaling-end -->
+"""
+
     def profile_section(self) -> str:
         b, a = self.b, self.a
         if not a.profile:
@@ -1866,8 +2781,9 @@ f"{a.repeat} runs: median (min–max); each ratio is merge / copy of the same ru
             return "(--profile was given, but no profile was recorded; see problems)"
         out = [f"{b.pyspy_version} sampled the ddsnap server "
                f"(`py-spy record --pid PID --format raw --rate {a.profile_rate} --nonblocking "
-               f"--function`, stopped with SIGINT after the job) during each ddsnap fio job "
-               f"and the served merge; the figures measured meanwhile are marked "
+               f"--function`, stopped with SIGINT after the job) during each ddsnap fio job, "
+               f"the served merge and, in the scaling workload, the `snap_create` requests "
+               f"timed at N and each `snap_delete`; the figures measured meanwhile are marked "
                f"\"py-spy attached\" and are lower than unprofiled ones.  Idle threads "
                f"(waiting for a request, a lock or I/O) are not sampled, so the percentages "
                f"are of the samples in which a thread was running Python code or a system "
@@ -1918,7 +2834,9 @@ f"{a.repeat} runs: median (min–max); each ratio is merge / copy of the same ru
                             f"| {m.mibs:,.1f} | {m.io_bytes / MiB:,.0f} MiB "
                             f"| {m.runtime_ms / 1000:.1f} s | {m.lat_mean_us:,.0f} µs "
                             f"| {m.lat_p99_us:,.0f} µs | {m.extra}"
-                            f"{' (py-spy attached)' if m.profiled else ''}"
+                            + (f"; server CPU {m.cpu_us_per_io(wl.bs):,.1f} µs per I/O"
+                               if m.cpu_us_per_io(wl.bs) is not None else "")
+                            + f"{' (py-spy attached)' if m.profiled else ''}"
                             f"{' ⚠ wrong data (see problems)' if m.bad else ''} |")
         return "\n".join(rows)
 
@@ -1965,6 +2883,19 @@ f"{a.repeat} runs: median (min–max); each ratio is merge / copy of the same ru
    (< 10 ms on a 64 GiB origin) is for the operation.  The table gives the first request
    on its own (a cold start).  Checks: the control socket's `snap_list` must list every
    snapshot in order, and `ddsnap check` must be clean after the server stopped.
+
+"""
+        scaling_howto = "" if not set(SCALING_FIO) & set(a.workloads) else f"""\
+   Issue 9's workloads (with `--scaling`; see its section for the criteria):
+   - **4 KiB random overwrites** (`overwrite4k`: `rw=randwrite bs=4k
+     iodepth={a.iodepth_rand}`, `time_based` for {a.duration:g} s): fresh setup as for the
+     writes, then one sequential pass of 1 MiB writes over the whole volume (not timed:
+     every chunk copied out once), `sync`, then the timed job, in which every write
+     lands on a chunk that is already the origin's own (no copy-out; the store must not
+     grow, else a problem is reported).  The qcow2 image gets the same.
+   - **4 KiB random reads of the newest snapshot** (`randread4k-newest`: as 4., of
+     `snapN` instead of `snap1`, in the same setup): the copy-outs the setup made are
+     read by every snapshot, so the oldest and the newest read the same exceptions.
 
 """
         rss_howto = "" if "rss" not in a.workloads else f"""\
@@ -2039,7 +2970,8 @@ against established NBD servers, how the write figures hold up with many snapsho
 fast `ddsnap merge` rolls the origin back to a snapshot compared with plain `dd` / `cp`
 copies of the same number of bytes, how long taking a snapshot takes, and how much
 memory the server uses for a 1 TiB origin.  The first table compares the results with
-the targets of issue 4; nothing fails the run on a threshold.
+the targets of issue 4; with `--scaling`, the section "Snapshot count scaling (issue 9)"
+judges issue 9's criteria instead.  Nothing fails the run on a threshold.
 
 ## Latest results
 
@@ -2073,7 +3005,7 @@ The whole run took {b.elapsed / 60:.1f} minutes.
 | data directory | `{a.tmpdir}` on {fs} (temporary directory, removed afterwards) |
 | I/O path | {b.access_text} |
 | load average (1, 5, 15 min) | {' '.join(b.load_start)} at the start, {' '.join(b.load_end)} at the end (other work on the machine shows here) |
-
+{self.scaling_section()}
 ## How to run it
 
 ```
@@ -2083,20 +3015,28 @@ bench/run --snapshots 1,64 --size 4G --duration 30 --out /tmp/b.md
 bench/run --workloads merge --size 1G --merge-fraction 0.5 --out /tmp/m.md   # merge only
 bench/run --workloads snapcreate,rss --out /tmp/s.md       # snapshot creation and peak RSS only
 bench/run --profile --repeat 1 --out /tmp/p.md            # py-spy profiles of the ddsnap server
+bench/run --scaling            # issue 9: N = 1,1024,10000, to docs/benchmarks-scaling.md
+bench/run --scaling --duration 2 --repeat 1 --size 64M --out /tmp/s.md    # its smoke run
 ```
 
 `bench/run` first runs `scripts/setup` (fio, qemu-utils, nbdkit, libnbd-bin, the venv) and
 installs the `bench` extra of `pyproject.toml` (py-spy) into the venv, then runs
 `bench/bench.py` with the project's venv.  A default run takes about {DEFAULT_RUN_MINUTES}
 minutes on a 2-CPU machine.  Other parameters: `--chunk-size` (ddsnap chunk and qcow2
-cluster, default 64K), `--iodepth-rand`, `--iodepth-seq`, `--workloads` (default all:
-`{",".join(FIO_WORKLOADS)},`
-`{",".join(ALL_WORKLOADS[len(FIO_WORKLOADS):])}`), `--merge-fraction` (share of the
+cluster, default 64K), `--iodepth-rand`, `--iodepth-seq`, `--workloads` (default
+`{",".join(DEFAULT_WORKLOADS[:4])},`
+`{",".join(DEFAULT_WORKLOADS[4:])}`; also `{",".join(SCALING_FIO)},scaling`, the
+default with `--scaling`: `{",".join(SCALING_WORKLOADS)}`), `--qcow2-max-snapshots`
+(largest N the qcow2 peer runs at, default {DEFAULT_QCOW2_MAX}), `--merge-fraction` (share of the
 origin overwritten after the snapshot and so merged back, default 1), `--merge-modes` (`local,served`),
 `--snap-creates` (K, default 20), `--cli-creates` (default 3), `--snapcreate-origins`
 (default `64G,1G`), `--rss-origin-size` (default 1T), `--rss-store-size` (default 64G),
 `--rss-seq-size` (default 4G), `--profile` and `--profile-rate` (default 250 samples/s),
-`--tmpdir`, `--access` (`nbd` engine or `nbdfuse`), `--samples`, `--no-verify`, `--keep`,
+`--scaling-count` (default 10000), `--create-samples` (default 50), `--delete-fills`
+(default `0,100000`), `--delete-exclusive` (default `100,1000`), `--delete-chunk-size`
+(default 4K), `--delete-write-points` (default 100),
+`--tmpdir`, `--access` (`nbd` engine or `nbdfuse`), `--samples`, `--sample-snapshots`
+(default 64), `--no-verify`, `--keep`,
 and `--rev REV` to benchmark ddsnap as committed in REV (run from a `git archive` in the
 temporary directory) rather than the working tree.
 Every server is stopped and the temporary directory removed on exit, also on failure
@@ -2107,18 +3047,20 @@ from them without running anything.
 ## What is compared
 
 - **ddsnap**: `ddsnap serve STORE --listen unix:SOCK` on a store made with
-  `ddsnap init --chunk-size {fmt_size(a.chunk_size)} --max-snapshots M` for a raw origin
-  file, where M is N rounded up to a multiple of 64 (at least 64: the default store for
-  N ≤ 64, a 1024-snapshot store for N = 1024).  Snapshots are taken while the store is
-  served, with `snap_create` requests sent straight to its control socket (the operation
-  `ddsnap snap create` sends), so that 1024 snapshots do not cost 1024 Python start-ups.
+  `ddsnap init --chunk-size {fmt_size(a.chunk_size)}` for a raw origin file (format v3:
+  no snapshot limit, the same kind of store for every N).  Snapshots are taken while the
+  store is served, with `snap_create` requests sent straight to its control socket (the
+  operation `ddsnap snap create` sends), so that 10,000 snapshots do not cost 10,000
+  Python start-ups; a setup sends them on one connection, up to {CTL_DEPTH} ahead of
+  their replies (the server still runs each, committed, one after the other).
 - **qemu-nbd qcow2**: a qcow2 image (`qemu-img convert -O qcow2 -o cluster_size=...` of
   the same raw bytes) with the same number of internal snapshots (`qemu-img snapshot -c`,
   taken offline since qemu-nbd locks the image; for each N the image is made once and
   copied for every run, since each `qemu-img snapshot -c` gets slower as snapshots
-  accumulate and 1024 of them take minutes), served with `qemu-nbd --cache=writeback
+  accumulate and 1024 of them take minutes; beyond N = {a.qcow2_max_snapshots}
+  (`--qcow2-max-snapshots`) qcow2 is not run), served with `qemu-nbd --cache=writeback
   --aio=threads` (qemu's defaults): the active layer for writes, `--read-only
-  --load-snapshot=snapshot.name=snap1` for reads.  The peer for the write workloads.
+  --load-snapshot=snapshot.name=SNAP` for reads.  The peer for the write workloads.
 - **nbdkit file**: `nbdkit --readonly file file=RAW` on a raw file holding exactly the bytes
   of the snapshot being read.  The peer for the read workloads (the cost of serving the
   same bytes with no snapshot machinery at all); the qcow2 snapshot read is shown
@@ -2147,8 +3089,7 @@ The origin is {fmt_size(a.size)} of random bytes (`os.urandom`), so reads are re
    4 KiB writes, a {fmt_size(a.chunk_size)} chunk is copied out on the first write to it
    and later writes to the same chunk do not copy).  After each ddsnap run the data is
    checked (see below).  **Flatness** divides each figure at N by the same at N=1, run i
-   by run i; the targets use the N that fill their store (64, and 1024 on a
-   `--max-snapshots 1024` store), always over N=1 on the default (64-snapshot) store.
+   by run i; issue 4's targets use N = 64 and 1024.
 3. **1 MiB sequential reads** (`rw=read bs=1m iodepth={a.iodepth_seq}`) and
 4. **4 KiB random reads** (`rw=randread bs=4k iodepth={a.iodepth_rand}`) of snapshot
    `snap1`, each `time_based` for {a.duration:g} s.  Setup: take N snapshots, then
@@ -2160,10 +3101,12 @@ The origin is {fmt_size(a.size)} of random bytes (`os.urandom`), so reads are re
    read back whole with `nbdcopy` and compared with the raw file, and the ddsnap
    snapshots are checked as below.  The read targets use N=1.
 
-{merge_howto}{snapcreate_howto}{rss_howto}**Data checks** (not timed): after every ddsnap write run and before the ddsnap reads,
+{scaling_howto}{merge_howto}{snapcreate_howto}{rss_howto}**Data checks** (not timed): after every ddsnap write run and before the ddsnap reads,
 the first and the last snapshot are read back whole with `nbdcopy` and compared with the
 original bytes (`cmp`), and {a.samples} chunks at random offsets (the same for all) are read
-from *every* snapshot with a small NBD client (`bench/nbdclient.py`) and compared too.
+from every snapshot (from {a.sample_snapshots} of them, evenly spread from the first to the
+last, when there are more: `--sample-snapshots`) with a small NBD client
+(`bench/nbdclient.py`) and compared too.
 A figure measured on a server that then failed a check is marked "⚠ wrong data" (and its
 target row says "no (wrong data)"); the check's output is under *Problems seen*.
 `ddsnap check` runs on every store after its server stopped.
@@ -2202,13 +3145,20 @@ def parse_args(argv: list[str]):
                     "nbdkit (file), time `ddsnap merge` against dd/cp copies of the same "
                     "bytes, time snapshot creation, measure the server's peak RSS on a "
                     "sparse 1 TiB origin, and write a markdown report headed by issue 4's "
-                    "targets.",
+                    "targets; with --scaling, issue 9's snapshot count scaling instead "
+                    "(N = 1, 1024, 10000: copy-on-write, overwrite and snapshot read "
+                    "figures at N over N=1, creation at 10,000, deletes, metadata per "
+                    "exception).",
         epilog="`bench/run --from-state bench/out/last-run.pickle [--out FILE]` writes the "
                "report of the last run again (every run saves its results there) without "
                "running anything.")
-    p.add_argument("--snapshots", help="comma-separated snapshot counts N; the store for N "
-                                       "is made with --max-snapshots N rounded up to 64 "
-                                       "[1,64,1024; 1,64 with --quick]")
+    p.add_argument("--snapshots", help="comma-separated snapshot counts N (any N: format v3 "
+                                       "stores have no snapshot limit) [1,64,1024; 1,64 "
+                                       f"with --quick; {SCALING_SNAPSHOTS} with --scaling]")
+    p.add_argument("--scaling", action="store_true",
+                   help="issue 9's snapshot count scaling: the defaults become --snapshots "
+                        f"{SCALING_SNAPSHOTS} --workloads {','.join(SCALING_WORKLOADS)} "
+                        "--out docs/benchmarks-scaling.md (each can still be given)")
     p.add_argument("--chunk-size", type=parse_size,
                    help="ddsnap chunk size and qcow2 cluster size [64K]")
     p.add_argument("--duration", type=float, help="seconds per fio run [10; 2 with --quick]")
@@ -2224,8 +3174,37 @@ def parse_args(argv: list[str]):
                         "--snapshots 1,64 --repeat 1 --snap-creates 5 --rss-seq-size 256M")
     p.add_argument("--iodepth-rand", type=int, default=32, help="iodepth of 4 KiB jobs [32]")
     p.add_argument("--iodepth-seq", type=int, default=16, help="iodepth of 1 MiB jobs [16]")
-    p.add_argument("--workloads", default=",".join(ALL_WORKLOADS),
-                   help=f"comma-separated subset of {','.join(ALL_WORKLOADS)} [all]")
+    p.add_argument("--workloads",
+                   help=f"comma-separated subset of {','.join(ALL_WORKLOADS)} "
+                        f"[{','.join(DEFAULT_WORKLOADS)}; with --scaling "
+                        f"{','.join(SCALING_WORKLOADS)}]")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction,
+                   help="run repetition i of a workload at every N back to back (ddsnap's "
+                        "reads with one server per N up at once), so that the ratios at N "
+                        "over N=1 pair runs made close together in time [on with "
+                        "--scaling, else off]")
+    p.add_argument("--qcow2-max-snapshots", type=int, default=DEFAULT_QCOW2_MAX,
+                   help="largest N at which the qemu-nbd qcow2 peer runs (its image is made "
+                        "with one `qemu-img snapshot -c` per snapshot, each slower than the "
+                        f"last); 0 never [{DEFAULT_QCOW2_MAX}]")
+    p.add_argument("--scaling-count", type=int, default=10000,
+                   help="scaling workload: snapshots in the stores where creation and "
+                        "deletes are timed [10000]")
+    p.add_argument("--create-samples", type=int, default=50,
+                   help="scaling workload: `snap_create` requests timed one by one on the "
+                        "empty store and again once --scaling-count snapshots exist [50]")
+    p.add_argument("--delete-fills", default="0,100000",
+                   help="scaling workload: one store per value, with that many extra origin "
+                        "history entries (copy-outs) spread over its snapshots [0,100000]")
+    p.add_argument("--delete-exclusive", default="100,1000",
+                   help="scaling workload: k of the snapshots made with k exclusive "
+                        "copy-outs and deleted (after one with none) [100,1000]")
+    p.add_argument("--delete-chunk-size", type=parse_size, default=4 * KiB,
+                   help="scaling workload: chunk size of those stores (small, so that 10^5 "
+                        "copy-outs are 400 MiB, not 6 GiB) [4K]")
+    p.add_argument("--delete-write-points", type=int, default=100,
+                   help="scaling workload: the extra entries are written in this many "
+                        "bursts, spread over the snapshots [100]")
     p.add_argument("--merge-fraction", type=float, default=1.0,
                    help="merge workload: fraction of the origin overwritten after the "
                         "snapshot, i.e. merged back [1.0]")
@@ -2248,8 +3227,9 @@ def parse_args(argv: list[str]):
                    help="rss workload: range of the origin / snapshot covered by the 1 MiB "
                         "sequential jobs, from offset 0 [4G; 256M with --quick]")
     p.add_argument("--profile", action="store_true",
-                   help="sample the ddsnap server with py-spy during each ddsnap fio job and "
-                        "the served merge; raw stacks go to bench/out/profiles/ and the "
+                   help="sample the ddsnap server with py-spy during each ddsnap fio job, "
+                        "the served merge and the scaling workload's timed creations and "
+                        "deletes; raw stacks go to bench/out/profiles/ and the "
                         "report lists the hottest functions (profiled figures are lower)")
     p.add_argument("--profile-rate", type=int, default=250,
                    help="py-spy samples per second [250]")
@@ -2258,7 +3238,11 @@ def parse_args(argv: list[str]):
     p.add_argument("--access", choices=("auto", "nbd", "nbdfuse"), default="auto",
                    help="fio's nbd engine, or nbdfuse + libaio on the FUSE file [auto]")
     p.add_argument("--samples", type=int, default=64,
-                   help="chunks read from every snapshot by the sampled data check [64]")
+                   help="chunks read from each checked snapshot by the sampled data check "
+                        "[64]")
+    p.add_argument("--sample-snapshots", type=int, default=64,
+                   help="snapshots the sampled data check reads, evenly spread from the "
+                        "first to the last (all of them when N is not larger) [64]")
     p.add_argument("--rev", help="benchmark ddsnap as committed in git revision REV (git "
                                  "archive into the temporary directory) instead of the "
                                  "working tree")
@@ -2268,15 +3252,14 @@ def parse_args(argv: list[str]):
     a = p.parse_args(argv)
     a.argv = argv
     q = a.quick
-    a.snapshots = a.snapshots or ("1,64" if q else "1,64,1024")
+    a.snapshots = a.snapshots or (SCALING_SNAPSHOTS if a.scaling else
+                                  "1,64" if q else "1,64,1024")
     try:
         a.snapshots = [int(x) for x in a.snapshots.split(",") if x.strip()]
     except ValueError:
         p.error("--snapshots takes comma-separated integers, e.g. 1,64")
     if not a.snapshots or min(a.snapshots) < 1:
         p.error("--snapshots: each N must be at least 1")
-    if max(a.snapshots) > 1024:
-        p.error("--snapshots: a store holds at most 1024 snapshots")
     a.snapshots = sorted(set(a.snapshots))
     a.chunk_size = a.chunk_size or 64 * KiB
     if a.chunk_size & (a.chunk_size - 1) or not 4 * KiB <= a.chunk_size <= MiB:
@@ -2288,7 +3271,12 @@ def parse_args(argv: list[str]):
     a.repeat = a.repeat or (1 if q else 3)
     if a.repeat < 1:
         p.error("--repeat must be at least 1")
-    a.out = a.out or str(ROOT / ("bench/out/quick.md" if q else "docs/benchmarks.md"))
+    a.out = a.out or str(ROOT / ("docs/benchmarks-scaling.md" if a.scaling else
+                                 "bench/out/quick.md" if q else "docs/benchmarks.md"))
+    if a.interleave is None:
+        a.interleave = a.scaling
+    a.workloads = a.workloads or ",".join(SCALING_WORKLOADS if a.scaling
+                                          else DEFAULT_WORKLOADS)
     a.workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
     if not a.workloads or set(a.workloads) - set(ALL_WORKLOADS):
         p.error(f"--workloads: choose from {','.join(ALL_WORKLOADS)}")
@@ -2298,9 +3286,28 @@ def parse_args(argv: list[str]):
     if not a.merge_modes or set(a.merge_modes) - {"local", "served"}:
         p.error("--merge-modes: local, served or local,served")
     a.snap_creates = a.snap_creates or (5 if q else 20)
-    if a.snap_creates < 1 or a.cli_creates < 0 or a.snap_creates + a.cli_creates > 64:
-        p.error("--snap-creates must be at least 1 and, with --cli-creates, at most 64 "
-                "(the store's maximum)")
+    if a.snap_creates < 1 or a.cli_creates < 0:
+        p.error("--snap-creates must be at least 1, --cli-creates at least 0")
+    try:
+        a.delete_fills = [int(x) for x in a.delete_fills.split(",") if x.strip()]
+        a.delete_exclusive = [int(x) for x in a.delete_exclusive.split(",") if x.strip()]
+    except ValueError:
+        p.error("--delete-fills and --delete-exclusive take comma-separated integers")
+    if not a.delete_fills or min(a.delete_fills) < 0:
+        p.error("--delete-fills: give at least one count, each at least 0")
+    if min(a.delete_exclusive, default=1) < 1:
+        p.error("--delete-exclusive: each k must be at least 1")
+    dcs = a.delete_chunk_size
+    if dcs & (dcs - 1) or not 4 * KiB <= dcs <= MiB or a.size % dcs:
+        p.error("--delete-chunk-size must be a power of two from 4K to 1M dividing --size")
+    if sum(a.delete_exclusive) > a.size // dcs // 4:
+        p.error("--delete-exclusive: the k ranges must fit in the first quarter of the "
+                "origin (--size / --delete-chunk-size / 4 chunks)")
+    if a.scaling_count < 10 * (len(a.delete_exclusive) + 2):
+        p.error("--scaling-count is too small for the snapshots to delete")
+    if a.create_samples < 1 or a.delete_write_points < 1 or a.sample_snapshots < 2:
+        p.error("--create-samples and --delete-write-points must be at least 1, "
+                "--sample-snapshots at least 2")
     try:
         a.snapcreate_origins = [parse_size(x) for x in a.snapcreate_origins.split(",")
                                 if x.strip()]

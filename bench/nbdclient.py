@@ -1,8 +1,10 @@
 """A minimal NBD client (standard library only) for the benchmark's data checks.
 
-Fixed newstyle handshake, ``NBD_OPT_GO`` for one export, simple replies, one request at
-a time: enough to read sampled ranges of a snapshot and compare them with the bytes it
-must hold.  Not used for any measurement.
+Fixed newstyle handshake, ``NBD_OPT_GO`` for one export, simple replies: enough to read
+sampled ranges of a snapshot and compare them with the bytes it must hold, and to write
+the origin while a store is being filled for the snapshot-count scaling runs
+(:meth:`NbdClient.pwrite_many` keeps several writes in flight).  Not used for any
+measured figure.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ REP_ACK = 1
 REP_INFO = 3
 INFO_EXPORT = 0
 CMD_READ = 0
+CMD_WRITE = 1
 CMD_DISC = 2
+CMD_FLUSH = 3
 
 
 class NbdError(Exception):
@@ -84,6 +88,36 @@ class NbdClient:
         if error:
             raise NbdError(f"read of {length} bytes at {offset} failed: error {error}")
         return self._recv(length)
+
+    def _reply(self, want: dict) -> None:
+        magic, error, handle = struct.unpack(">IIQ", self._recv(16))
+        if magic != SIMPLE_REPLY_MAGIC or handle not in want:
+            raise NbdError("bad reply (magic or handle)")
+        what = want.pop(handle)
+        if error:
+            raise NbdError(f"{what} failed: error {error}")
+
+    def pwrite_many(self, writes, depth: int = 16) -> int:
+        """Write ``(offset, data)`` pairs, up to ``depth`` requests in flight, then flush.
+        Returns the number of bytes written."""
+        want: dict[int, str] = {}
+        total = 0
+        for offset, data in writes:
+            while len(want) >= depth:
+                self._reply(want)
+            self.handle += 1
+            want[self.handle] = f"write of {len(data)} bytes at {offset}"
+            self.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, self.handle,
+                                          offset, len(data)) + data)
+            total += len(data)
+        while want:
+            self._reply(want)
+        self.handle += 1
+        want[self.handle] = "flush"
+        self.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_FLUSH, self.handle,
+                                      0, 0))
+        self._reply(want)
+        return total
 
     def close(self) -> None:
         try:
