@@ -623,7 +623,8 @@ class SharedStore(VersionedStore):
             per_leaf[lb] = per_leaf.get(lb, len(leaf.keys)) + 1
         if all(n <= LEAF_MAX for n in per_leaf.values()):
             return
-        self._spare.extend(self._alloc_blocks(len(keys) * (self.state.levels + 1) + 1))
+        # Per key, at worst: the new leaf, a new node at each index level, a new root.
+        self._spare.extend(self._alloc_blocks(len(keys) * (self.state.levels + 2)))
 
     def _kv_release(self) -> None:
         """Give back the blocks :meth:`_kv_reserve` took that no split used."""
@@ -722,6 +723,27 @@ class SharedStore(VersionedStore):
         elif not leaf.keys and len(path) > 1:
             self._unlink(path, len(path) - 1)
         self._collapse_root()
+
+    def _unlink(self, path, level: int) -> None:
+        """Remove the empty subtree ``path[level]`` points into from its node, and the
+        node too when that leaves it without children.  The tree's last leaf stays
+        (empty), so a removal never needs a new block."""
+        nblock, node, i = path[level]
+        if level == 0 and len(node.children) == 1:
+            return
+        if len(node.children) == 1:
+            self._unlink(path, level - 1)
+            return
+        # The subtree below: single-child nodes down to the empty leaf.
+        for b, n, k in path[level + 1:]:
+            self._free_meta(b)
+        last_b, last_n, last_i = path[-1]
+        self._free_meta(last_n.children[last_i])
+        lower = node.keys[0]
+        del node.keys[i]
+        del node.children[i]
+        node.keys[0] = lower  # the node still covers its whole range
+        self._mark(nblock, node)
 
     def _rebalance_node(self, path, level: int) -> None:
         """Index node ``path[level]`` lost a child: merge it with a neighbour under its
