@@ -1386,8 +1386,14 @@ class MetadataService:
         for c, _sc in run:
             self.store.mark_merged(c)
             self._pending[(0, c)] = self.epoch
-        if self._merge_progress is not None:
-            self._merge_progress.done += len(run)
+        p = self._merge_progress
+        if p is not None:
+            p.done += len(run)
+            if p.done > p.total:
+                # More was left than counted: a write by an ancestor of the target kept
+                # its old data for the target where the target read the origin (a chunk
+                # to merge that was not one when the count began).  Count what is left.
+                p.total = p.done + len(self.store.merge_todo(0, 1 << 62))
 
     def _finish_merge_locked(self, m: int) -> None:
         keep = self.store.state.merge_keep
