@@ -1342,6 +1342,28 @@ class MetadataService:
                 try:
                     for k, (c, dst, sharers) in enumerate(adds):
                         self.store.add_origin_exception(c, dst, sharers)
+                except StoreFull:
+                    # No room for the metadata of copy-out k: the step's data chunks took
+                    # the last free blocks.  The later copy-outs' chunks go back, which
+                    # may make room for it; the chunks from the first copy-out not
+                    # recorded are left to a later step.
+                    for _c, unused, _s in adds[k + 1:]:
+                        self.store.release_chunk(unused)
+                    c, dst, sharers = adds[k]
+                    try:
+                        self.store.add_origin_exception(c, dst, sharers)
+                    except StoreFull:
+                        self.store.release_chunk(dst)
+                    except BaseException:
+                        self.store.release_chunk(dst)
+                        raise
+                    else:
+                        c += 1
+                    self._merge_busy.difference_update(x for x, _ in ready if x >= c)
+                    self.cond.notify_all()
+                    ready = [(x, sc) for x, sc in ready if x < c]
+                    if not ready:
+                        raise
                 except BaseException:
                     for _c, unused, _s in adds[k:]:
                         self.store.release_chunk(unused)
