@@ -1406,6 +1406,14 @@ class MetadataService:
         while any(self._readlocks.get(c) for c, _ in run):
             self._wait()
         for c, _sc in run:
+            cursor = self.store.state.merge_cursor
+            if c >= cursor:
+                left = self.store.merge_todo(cursor, 1)
+                if left and left[0][0] == c:
+                    # The first chunk left to merge: the cursor moves past it rather
+                    # than a marker being added, which a full store may have no room
+                    # for (merging in order from the cursor needs no metadata).
+                    self.store.set_merge_cursor(c + 1)
             self.store.mark_merged(c)
             self._pending[(0, c)] = self.epoch
         p = self._merge_progress
