@@ -42,6 +42,7 @@ import pytest
 
 from ddsnap.errors import StoreFull
 from ddsnap.store.blockdev import CrashClock, MemoryDevice, RecordingDevice
+from ddsnap.store.format import LEAF_MAX, MERGED, pack_key
 from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
 from ddsnap.volume import Origin, Snapshot
@@ -754,3 +755,56 @@ def test_a_step_whose_copy_outs_take_the_room_their_metadata_needs(monkeypatch):
     assert Origin(svc).read(0, size) == target
     assert Snapshot(svc, s2).read(0, size) == before
     assert [s.name for s in svc.snapshots()] == ["s2", "filler"]
+
+
+def test_a_merge_in_a_store_with_no_free_block_moves_its_cursor(monkeypatch):
+    """A kept merge that needs no copy-out (nothing else reads the origin where the target
+    has data) in a store without a single free block, whose full last leaves hold the
+    merge markers of origin writes ahead of the cursor: merging in order from the cursor
+    needs no metadata (the cursor moves; no marker is added), so the merge completes
+    rather than failing with no room for metadata every time (the target cannot be
+    deleted during its merge: nothing would ever make room).  A crash at any point
+    recovers clean."""
+    monkeypatch.setenv("DDSNAP_MERGE_STEP", str(8 * CS))
+    clock = CrashClock()
+    size = 400 * CS
+    origin = RecordingDevice(size, random.Random(9).randbytes(size), "origin", clock)
+    dev = RecordingDevice(440 * CS, None, "store", clock)
+    store = SharedStore.create(dev, size, "o", CS, 0, journal_blocks=24)
+    svc = MetadataService(store, origin)
+    s1 = svc.create_snapshot("s1")
+    for c in random.Random(5).sample(range(100), 100):  # no linear runs
+        Origin(svc).write(c * CS, bytes([c]) * CS)
+    filler = svc.create_snapshot("filler")
+    Snapshot(svc, filler).write(0, b"f" * 100 * CS)  # reads no origin chunk s1 has
+    kept = Snapshot(svc, s1).read(0, size)
+    svc.start_merge("s1", keep=True)
+    c = 150
+    while True:  # copy-outs for both and a marker each, until not a block is left
+        try:
+            Origin(svc).write(c * CS, b"o" * CS)
+        except StoreFull:
+            break
+        c += 1
+    assert store.space()["chunks_free"] == 0 and c > 150 + LEAF_MAX
+    _path, _block, leaf = store._probe(pack_key(MERGED, 0, 0))
+    assert len(leaf.keys) == LEAF_MAX, "a marker below the cursor's would fit"
+    Origin(svc).flush()
+    origin_now = Origin(svc).read(0, size)
+    filled = Snapshot(svc, filler).read(0, size)
+    checked = []
+
+    def observe(n, what, path):
+        svc2 = _after_crash(dev, origin, n, what, path)
+        assert Origin(svc2).read(0, size) == origin_now
+        assert Snapshot(svc2, svc2.snapshot("s1")).read(0, size) == kept
+        assert Snapshot(svc2, filler).read(0, size) == filled
+        checked.append(n)
+
+    clock.observer = observe
+    assert svc.run_merge() is True
+    clock.observer = None
+    assert len(checked) > 20
+    assert svc.store.check() == []
+    assert Origin(svc).read(0, size) == origin_now
+    assert Snapshot(svc, svc.snapshot("s1")).read(0, size) == kept
