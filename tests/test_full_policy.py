@@ -12,7 +12,9 @@ origin must equal the model (acknowledged writes there, refused writes not), and
 * ``delete-oldest`` (at ``init``, or switched on with ``ddsnap set``): writes keep
   succeeding; the oldest snapshots are deleted, oldest first, and each deletion shows in
   ``status`` (``auto_deleted``) and the server's log; the snapshot being merged is never
-  the victim.
+  the victim (format v3: until its merge completes it is a snapshot like the others,
+  origin writes copy out for it, and once it alone is left a write that needs room gets
+  ENOSPC).
 * a merge in a full store: under ``delete-oldest`` it makes room like a write does; under
   ``error`` it stops with StoreFull (``merge --wait`` exits 6, ``merge --status`` says
   why) and resumes once the user frees room; and it reuses the chunks it frees itself.
