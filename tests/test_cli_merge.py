@@ -12,11 +12,15 @@ built once per module:
 * snapshot ``b``; a few writes (``O2``); read-only snapshot ``c``; a few more writes.
 
 Raw copies of ``a``, ``b``, ``c`` and the final origin are saved; after a merge of NAME the
-origin must equal NAME's copy (``qemu-img compare``) and every other snapshot its own copy.
+origin must equal NAME's copy (``qemu-img compare``) and every other snapshot its own copy;
+NAME is gone or, merged with ``--keep``, still equals its copy (what it read when the merge
+started, whatever was written to the origin since: format v3).
 
 Covered: ``merge --wait`` locally and served, ``merge`` without ``--wait`` (recorded on
 an unserved store and run when it is served; polled with ``--status --json`` on a served
-one), ``--keep``, ``--status``/``--stop`` and resuming (the same command again, a clean
+one), ``--keep`` (also with origin writes during the merge), the merge of a snapshot of a
+snapshot (``snap create --from``) whose parent was deleted, ``--status``/``--stop`` and
+resuming (the same command again, a clean
 server restart, a SIGKILL), origin writes while a merge runs, ``status --json`` during and
 after, the merging snapshot missing from ``nbdinfo --list``, the exit codes of every
 refusal, and the progress bar (only on a terminal).
@@ -161,13 +165,13 @@ def merge_of(store, name: str) -> dict:
 def verify_merged(v: Vol, srv: Served, merged: str, keep: bool = False,
                   origin: Path | None = None) -> None:
     """After the merge of ``merged``: the origin equals its copy (or ``origin``), every
-    other snapshot its own, ``merged`` is gone (or kept, equal to the origin), the
-    exports and ``status`` say so, and ``check`` is clean."""
+    other snapshot its own, ``merged`` is gone (or kept, as it was when the merge
+    started: its own copy, whatever the origin), the exports and ``status`` say so, and
+    ``check`` is clean."""
     same_image(origin or v.raw[merged], srv.uri("origin"), "the origin")
     left = [n for n in SNAPS if n != merged or keep]
     for name in left:
-        same_image(origin if name == merged and origin else v.raw[name], srv.uri(name),
-                   f"snapshot {name}")
+        same_image(v.raw[name], srv.uri(name), f"snapshot {name}")
     assert v.names() == left
     assert export_names(srv) == ["origin", *left]
     st = ok_json("status", v.store)
@@ -285,6 +289,61 @@ def test_merge_keep(vol):
         qemu_io(srv.uri("origin"), "write -P 0x99 0 1M", "write -P 0x98 8M 4K")
         same_image(vol.raw["a"], srv.uri("a"), "kept snapshot a")
         assert ok_json("check", vol.store)["clean"]
+
+
+def test_merge_keep_with_origin_writes_during_the_merge(vol):
+    """The origin is written while ``a`` is merged with ``--keep`` (over chunks merged,
+    not merged yet and ones ``a`` has no exception in): the origin ends as ``a`` plus the
+    writes, and ``a`` as it was when the merge started (v2 left it equal to the origin)."""
+    writes = [(0x81, FIO_OFFSET + 100 * KiB, 300 * KiB), (0x82, 7 * MiB, 64 * KiB),
+              (0x83, 0, 8 * KiB)]
+    expected = bytearray(vol.raw["a"].read_bytes())
+    apply(expected, writes)
+    want = vol.dir / "expected.raw"
+    want.write_bytes(expected)
+    with vol.served() as srv:
+        start_stopped(srv, "a", keep=True)
+        write_all(srv.uri("origin"), writes[:2])
+        srv.control("merge_start", name="a", keep=True)  # resumed, running
+        write_all(srv.uri("origin"), writes[2:])
+        wait_merge_done(vol.store)
+        verify_merged(vol, srv, "a", keep=True, origin=want)
+        # a copy-out for a as for any snapshot: the next origin write does not reach it
+        qemu_io(srv.uri("origin"), f"write -P 0x84 {FIO_OFFSET} 64K")
+        same_image(vol.raw["a"], srv.uri("a"), "kept snapshot a")
+    assert ok_json("check", vol.store)["clean"]
+
+
+def test_merge_of_a_clone_whose_parent_was_deleted(vol):
+    """``a2``, a snapshot of ``a`` (``snap create --from``), written over NBD; ``a`` is
+    deleted (it lives on for ``a2``); merging ``a2`` makes the origin ``a2``'s content
+    (``a``'s data as of ``a2``'s creation and ``a2``'s own writes), changes no other
+    snapshot, and deletes ``a2`` and what was left of ``a``."""
+    with vol.served() as srv:
+        p = ok("snap", "create", vol.store, "a2", "--from", "a")
+        assert "a2" in p.stdout and "of a" in p.stdout, p.stdout
+        a2_writes = [(0x91, FIO_OFFSET + 12 * KiB, 20 * KiB), (0x92, 11 * MiB, 128 * KiB)]
+        write_all(srv.uri("a2"), a2_writes)
+        expected = bytearray(vol.raw["a"].read_bytes())
+        apply(expected, a2_writes)
+        want = vol.dir / "a2.raw"
+        want.write_bytes(expected)
+        same_image(want, srv.uri("a2"), "snapshot a2")
+        ok("snap", "delete", vol.store, "a")
+        listed = ok_json("snap", "list", vol.store)
+        assert [s["name"] for s in listed] == ["b", "c", "a2"]
+        assert listed[-1]["parent"] is None, listed[-1]  # its parent is deleted
+        same_image(want, srv.uri("a2"), "snapshot a2 after its parent was deleted")
+        p = ok("merge", vol.store, "a2", "--wait", "--no-progress")
+        assert p.stdout.strip().endswith("merged snapshot a2 into the origin"), p.stdout
+        same_image(want, srv.uri("origin"), "the origin")
+        for name in ("b", "c"):
+            same_image(vol.raw[name], srv.uri(name), f"snapshot {name}")
+        assert vol.names() == ["b", "c"] and export_names(srv) == ["origin", "b", "c"]
+        assert merge_status(vol.store) is None
+        assert ok_json("check", vol.store) == {"clean": True, "fatal": 0, "warnings": 0,
+                                               "findings": []}
+    same_image(want, vol.origin, "the origin file")
 
 
 # --- during a merge -----------------------------------------------------------------------

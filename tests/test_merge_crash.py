@@ -20,11 +20,17 @@ a crash could leave ("drop", "subset", "torn"; fixed seeds) are recovered
   origin writes made during the merge: every byte as of the last acknowledged flush or
   FUA write, or from a write issued since (acknowledged and flushed writes survive);
 * every other snapshot byte-identical to its model (its own writes under the same rule);
-  the snapshot being deleted may survive intact; after the merge the target is gone, or
-  with ``keep`` equals the origin as of the completion;
+  the snapshot being deleted may survive intact; a target merged with ``keep`` reads,
+  during the merge and after it, exactly what it read when the merge started (the state
+  the origin was rolled back to); without ``keep`` it is gone after the merge;
 * resuming (``run_merge``) completes the merge without changing what any volume reads,
-  leaves the target deleted (or kept, equal to the origin), checks clean, and a clean
-  reopen reads the same.
+  leaves the target deleted (or kept, as it was), checks clean, and a clean reopen reads
+  the same.
+
+Variants: a target that is a snapshot of a snapshot (a clone of ``old``, whose parent is
+deleted during the merge), and a tree of several leaves that split and merge as the
+merge adds copy-outs and frees the target's own exceptions (format v3 leaves hold 168
+records).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import pytest
 
 from ddsnap.errors import StoreFull
 from ddsnap.store.blockdev import CrashClock, MemoryDevice, RecordingDevice
+from ddsnap.store.format import LEAF_MAX, MERGED, pack_key
 from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
 from ddsnap.volume import Origin, Snapshot
@@ -67,11 +74,20 @@ class Geometry:
 # ---------------------------------------------------------------------------------------
 # Workloads
 
-def make_workload(seed: int, g: Geometry, keep: bool = False, n: int = 40) -> tuple:
+def make_workload(seed: int, g: Geometry, keep: bool = False, n: int = 40,
+                  clone: bool = False, bulk: int = 0) -> tuple:
     """``(setup, merge)`` operation lists.  The setup makes ``old``, the target ``t``,
     ``young`` and ``ro`` with shared exceptions and their own writes and flushes
     everything; the merge phase starts the merge of ``t`` and mixes ``n`` operations
-    with its steps, then finishes it and writes on."""
+    with its steps, then finishes it and writes on.
+
+    ``clone``: ``t`` is taken of ``old`` (not of the origin), ``old`` writes after that
+    (history kept for ``t``), and the merge phase deletes ``old`` (``t``'s parent lives
+    on as a ghost) rather than ``ro``.  ``bulk``: that many chunks from chunk 0 are
+    written in the origin after ``t`` (copy-outs ``old`` and ``t`` share), and ``old``
+    overwrites the first half of them (so ``t`` alone reads those): a tree of several
+    leaves, whose records the merge adds (copy-outs for ``young`` and ``ro``) and
+    removes (``t``'s own, merged without ``keep``)."""
     rng = random.Random(seed)
     size = g.size
 
@@ -87,9 +103,23 @@ def make_workload(seed: int, g: Geometry, keep: bool = False, n: int = 40) -> tu
         return out
 
     setup = [("create", "old")] + owrites(5)
+    if clone:
+        setup.append(("create", "t", "old"))
+        for _ in range(3):  # old's writes: its data before them is kept for t
+            off, ln = rand_range(2 * CS)
+            setup.append(("swrite", "old", off, rng.randbytes(ln), False))
+    else:
+        setup.append(("create", "t"))
+    if bulk:
+        for off in range(0, bulk * CS, 16 * CS):
+            ln = min(16 * CS, bulk * CS - off)
+            setup.append(("owrite", off, rng.randbytes(ln), False))
+        for off in range(0, bulk // 2 * CS, 16 * CS):
+            ln = min(16 * CS, bulk // 2 * CS - off)
+            setup.append(("swrite", "old", off, rng.randbytes(ln), False))
     # Small copy-outs in random order: the target's store chunks mostly do not follow its
     # logical chunks, so the merge takes many steps; a few longer ones make runs.
-    setup += [("create", "t")] + owrites(14, CS + 200) + owrites(2)
+    setup += owrites(14, CS + 200) + owrites(2)
     for _ in range(4):  # the target's own writes: some whole runs, some partial chunks
         c = rng.randrange(g.chunks - 3)
         setup.append(("swrite", "t", c * CS, rng.randbytes(3 * CS), False))
@@ -104,6 +134,7 @@ def make_workload(seed: int, g: Geometry, keep: bool = False, n: int = 40) -> tu
 
     merge = [("start", keep)]
     deleted = False
+    writers = ["old", "young"]
     for _ in range(n):
         r = rng.random()
         if r < 0.35:
@@ -115,12 +146,16 @@ def make_workload(seed: int, g: Geometry, keep: bool = False, n: int = 40) -> tu
             merge.append(("oflush",))
         elif r < 0.82:
             off, ln = rand_range()
-            merge.append(("swrite", rng.choice(["old", "young"]), off, rng.randbytes(ln),
+            merge.append(("swrite", rng.choice(writers), off, rng.randbytes(ln),
                           rng.random() < 0.3))
         elif r < 0.87:
-            merge.append(("sflush", rng.choice(["old", "young"])))
+            merge.append(("sflush", rng.choice(writers)))
         elif r < 0.91 and not deleted:
-            merge.append(("delete", "ro"))
+            if clone:  # the target's parent: a ghost from now on
+                merge.append(("delete", "old"))
+                writers.remove("old")
+            else:
+                merge.append(("delete", "ro"))
             deleted = True
         elif r < 0.95:
             merge.append(("resume",))
@@ -141,6 +176,7 @@ class Expect:
     merging: bool = False
     target: bytes | None = None  # during the start: the target's content
     keep: bool = False
+    kept: bytes | None = None  # with keep: the target's content when the merge started
     pre_origin: bytes | None = None  # during the start: the origin before it
     op: tuple = ("-",)
     step: int = -1  # index into the merge phase of the op in flight (-1: setup)
@@ -186,8 +222,7 @@ class Run:
     def left(self) -> frozenset:
         if not self.e.merging:
             return frozenset()
-        bit = self.infos["t"].bit
-        return frozenset(c for c, _ in self.svc.store.snapshot_exceptions_from(bit, 0, 1 << 30))
+        return frozenset(c for c, _ in self.svc.store.merge_todo(0, 1 << 30))
 
     def _write(self, vol: Vol, volume, off: int, data: bytes, fua: bool) -> None:
         vol.issue(off, data)
@@ -217,8 +252,11 @@ class Run:
             e.snaps[op[1]].flushed()
         elif kind == "create":
             name = op[1]
-            self.infos[name] = self.svc.create_snapshot(name, read_only=name == "ro")
-            e.snaps[name] = Vol.exact(e.origin.current)
+            parent = op[2] if len(op) > 2 else None
+            self.infos[name] = self.svc.create_snapshot(name, read_only=name == "ro",
+                                                        parent=parent)
+            e.snaps[name] = Vol.exact(e.origin.current if parent is None
+                                      else e.snaps[parent].current)
         elif kind == "delete":
             name = op[1]
             e.deleting = name
@@ -232,6 +270,7 @@ class Run:
             e.pre_origin, e.target = bytes(e.origin.current), bytes(t.current)
             self.svc.start_merge("t", keep=op[1])
             e.merging, e.keep = True, op[1]
+            e.kept = bytes(t.current) if e.keep else None
             e.origin = Vol.exact(t.current)  # the origin reads as the target from now on
             del e.snaps["t"]
             e.pre_origin = e.target = None
@@ -255,9 +294,9 @@ class Run:
     def _finished(self) -> None:
         e = self.e
         e.merging = False
-        if e.keep:
+        if e.keep:  # as it was when the merge started
             self.infos["t"] = self.svc.snapshot("t")
-            e.snaps["t"] = Vol.exact(e.origin.current)
+            e.snaps["t"] = Vol.exact(e.kept)
         else:
             del self.infos["t"]
 
@@ -289,6 +328,7 @@ def recover_and_verify(run: Run, pre_left: frozenset, post_left: frozenset, pre_
 
     # The merge: recorded as before or after the operation in flight.
     origin_vol = e.origin
+    kept = e.kept
     if kind == "start":
         if st is None:  # not started: the origin exactly as before
             assert Origin(svc).read(0, size) == e.pre_origin, f"{what}: origin before start"
@@ -296,13 +336,13 @@ def recover_and_verify(run: Run, pre_left: frozenset, post_left: frozenset, pre_
             return
         origin_vol = Vol.exact(e.target)  # started: the origin reads as the target
         assert st["keep"] == e.op[1], what
+        kept = e.target if st["keep"] else None
     elif (st is not None) != pre_merging:
         # Only the operation in flight may have completed the merge.
         assert pre_merging and not post_merging, f"{what}: merge status {st}"
     if st is not None:
         assert st["snapshot"] == "t" and (kind == "start" or st["keep"] == e.keep), what
-        left = frozenset(c for c, _ in store.snapshot_exceptions_from(present["t"].bit, 0,
-                                                                      1 << 30))
+        left = frozenset(c for c, _ in store.merge_todo(0, 1 << 30))
         assert left <= pre_left, f"{what}: chunks merged before came back {left - pre_left}"
         assert post_left <= left, f"{what}: chunks merged ahead {post_left - left}"
 
@@ -322,11 +362,11 @@ def recover_and_verify(run: Run, pre_left: frozenset, post_left: frozenset, pre_
     for name, info in present.items():
         got = Snapshot(svc, info).read(0, size)
         content[name] = got
-        if name == "t" and st is not None:
-            continue  # merging: not exported
-        if name == "t" and "t" not in e.snaps:
-            # The merge completed at this crash (keep): t equals the origin.
-            assert got == content["origin"], f"{what}: kept target is not the origin"
+        if name == "t" and (st is not None or "t" not in e.snaps):
+            # Merging (not exported), or the merge completed at this crash: with keep it
+            # reads what it did when the merge started; without, it is going away.
+            if st is None or st["keep"]:
+                assert got == kept, f"{what}: the kept target changed"
             continue
         e.snaps[name].assert_allowed(got, f"{what}: snapshot {name}")
     if resume:
@@ -340,8 +380,7 @@ def resume_and_verify(svc, store, origin, present, content, st, e, size, what):
     if st is not None and not st["keep"]:
         assert "t" not in {s.name for s in svc.snapshots()}, f"{what}: t not deleted"
         del content["t"]
-    elif st is not None:
-        content["t"] = content["origin"]  # kept: equal to the new origin
+    # (kept: t still reads what it read during the merge, checked above)
     assert store.check() == [], what
     svc.close()
     svc2 = MetadataService(SharedStore.open(store.dev), origin)
@@ -395,6 +434,14 @@ def crash_everywhere(g: Geometry, setup: list, merge: list, budget: int | None =
     return stats
 
 
+def nearly(points: int) -> int:
+    """The crash points a run must pass of the ``points`` chosen from the reference run:
+    all but a few (``run_merge`` ends a step in a second thread while the next one
+    copies: two operations issued at once by both threads can be observed as the same
+    operation number, and the one after it is then not observed)."""
+    return points - 5
+
+
 # ---------------------------------------------------------------------------------------
 # The tests
 
@@ -407,12 +454,16 @@ def test_workload_without_crash_matches_the_model():
     assert {"start", "step", "owrite", "oflush", "swrite", "sflush", "delete", "resume",
             "reopen", "finish"} <= kinds
     run = Run(g, setup, [])
-    t_bit = run.infos["t"].bit
-    excs = dict(run.svc.store.exceptions())
-    assert any(sm & (1 << t_bit) and sm != 1 << t_bit for c in excs for sm, _ in excs[c])
-    young = run.infos["young"].bit
-    assert any(run.svc.store.snapshot_exception(young, c)[0] is None
-               for c, _ in run.svc.store.snapshot_exceptions_from(t_bit, 0, 1 << 30))
+    store = run.svc.store
+    ids = {name: info.id for name, info in run.infos.items()}
+    t_reads = {c: store.snapshot_exception(ids["t"], c)[0] for c in range(g.chunks + 1)}
+    t_chunks = {c for c, sc in t_reads.items() if sc is not None}
+    # t shares an exception with old, and young reads the origin where t reads the store
+    assert any(store.snapshot_exception(ids["old"], c)[0] == t_reads[c] for c in t_chunks)
+    assert any(store.snapshot_exception(ids["young"], c)[0] is None for c in t_chunks)
+    # t has its own (current) exceptions and reads copy-outs of the origin
+    owners = {o for o, _c, _t, sc in store.exceptions() if sc in t_reads.values()}
+    assert {0, ids["t"]} <= owners
     run = Run(g, setup, merge)
     assert Origin(run.svc).read(0, g.size) == run.e.origin.current
     for name, vol in run.e.snaps.items():
@@ -439,12 +490,34 @@ def test_the_checker_rejects_a_wrong_origin():
     # The target's data where it was never merged: pretend the origin device is read.
     c = sorted(run.left_after[1])[-1]
     store = SharedStore.open(MemoryDevice(len(store_img), store_img))
-    assert store.snapshot_exception(run.infos["t"].bit, c)[0] is not None
+    assert store.merge_source(c) is not None
+    assert store.snapshot_exception(run.infos["t"].id, c)[0] == store.merge_source(c)
     wrong = Vol.exact(origin_img)
     run.e.origin, saved = wrong, run.e.origin
     with pytest.raises(AssertionError, match="origin"):
         recover_and_verify(*args, store_img, origin_img, "origin device", resume=False)
     run.e.origin = saved
+
+
+def test_the_checker_rejects_a_changed_kept_target():
+    """The harness itself: a target merged with ``keep`` that reads anything but its
+    content at the start of the merge (say, the origin as of now, v2's semantics) fails,
+    during the merge and after it."""
+    g = Geometry()
+    setup, _ = make_workload(1, g)
+    write = ("owrite", 100, b"W" * 100, True)
+    for merge in ([("start", True), write, ("step",)], [("start", True), write, ("finish",)]):
+        run = Run(g, setup, merge)
+        assert run.e.kept != bytes(run.e.origin.current)
+        store_img, origin_img = run.images("all", 0)
+        args = (run, run.left_after[0], run.left_after[-1], True, run.merging_after[-1],
+                store_img, origin_img)
+        recover_and_verify(*args, "intact", resume=True)
+        run.e.kept = bytes(run.e.origin.current)
+        if not run.merging_after[-1]:
+            run.e.snaps["t"] = Vol.exact(run.e.kept)
+        with pytest.raises(AssertionError, match="snapshot t|kept target"):
+            recover_and_verify(*args, "the origin as kept target", resume=False)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -471,35 +544,63 @@ def test_crash_during_a_merge_with_a_tiny_journal():
     g = Geometry(journal_blocks=8, store_blocks=200)
     setup, merge = make_workload(5, g)
     stats = crash_everywhere(g, setup, merge, budget=1500)
-    assert stats["points"] >= min(1500, stats["total"])
+    assert stats["points"] >= nearly(min(1500, stats["total"]))
 
 
-def test_crash_during_a_merge_with_wide_sharemaps():
-    """1024-bit sharemaps: leaves of ~27 chunks split and merge while the target's
-    exceptions are dropped and copy-outs for the others are added."""
-    g = Geometry(chunks=120, store_blocks=500, max_snapshots=1024, journal_blocks=64)
-    setup, merge = make_workload(6, g, n=30)
+def test_crash_during_a_merge_over_many_leaves(monkeypatch):
+    """(v2 tested 1024-bit sharemaps, leaves of ~27 chunks, here.)  A tree of several
+    168-record leaves: they split as the merge adds copy-outs for young and ro and merge
+    as it frees the exceptions only t reads."""
+    monkeypatch.setenv("DDSNAP_MERGE_STEP", str(16 * CS))
+    g = Geometry(chunks=420, store_blocks=1300, max_snapshots=0, journal_blocks=64)
+    setup, merge = make_workload(6, g, n=30, bulk=400)
+    records = sum(1 for _ in Run(g, setup, []).svc.store.exceptions())
+    assert records > 3 * 168, f"{records} records fit in fewer than 4 leaves"
     stats = crash_everywhere(g, setup, merge, budget=1200, resume_every=3)
-    assert stats["points"] >= min(1200, stats["total"])
+    assert stats["points"] >= nearly(min(1200, stats["total"]))
 
 
-def test_a_kept_target_survives_a_crash_as_it_was_at_the_completion():
-    """With ``keep`` the completed merge leaves the target as a snapshot of the origin as
-    of then, origin writes not yet flushed included (as a snapshot creation does, it must
-    make them durable): a crash afterwards must not change what the target reads
-    (DESIGN.md invariant 1), whatever it does to the origin's unflushed writes."""
+def test_crash_during_the_merge_of_a_clone_whose_parent_is_deleted():
+    """The target is a snapshot of ``old``: it reads old's history (kept for it when old
+    wrote) and, through old, the origin's copy-outs; old is deleted during the merge and
+    lives on as a ghost while t is merged, then goes with t."""
+    g = Geometry()
+    setup, merge = make_workload(7, g, clone=True)
+    assert ("delete", "old") in merge
+    stats = crash_everywhere(g, setup, merge)
+    assert stats["points"] == stats["total"] and stats["completion"] > 3
+    assert "delete" in stats["in_flight"]
+
+
+def test_crash_during_the_kept_merge_of_a_clone():
+    g = Geometry()
+    setup, merge = make_workload(8, g, clone=True, keep=True)
+    stats = crash_everywhere(g, setup, merge, budget=1500)
+    assert stats["points"] >= nearly(min(1500, stats["total"])) and stats["completion"] > 0
+
+
+def test_a_kept_target_survives_a_crash_as_it_was_when_the_merge_started():
+    """With ``keep`` the completed merge leaves the target as it was when the merge
+    started (the state the origin was rolled back to): origin writes during the merge,
+    also one after the last step that is not flushed, copy out for it like for any
+    snapshot, and a crash afterwards must not change what it reads (DESIGN.md
+    invariant 1), whatever it does to the origin's unflushed writes."""
     g = Geometry()
     setup, _ = make_workload(1, g)
     run = Run(g, setup, [("start", True)])
     svc = run.svc
-    bit = run.infos["t"].bit
-    while svc.store.snapshot_exceptions_from(bit, 0, 1):
+    kept = run.e.kept
+    assert kept is not None and kept != bytes(run.e.snaps["old"].current)
+    t = svc.snapshot("t")
+    Origin(svc).write(11 * CS + 5, b"during the merge" * 300)  # over unmerged chunks too
+    while svc.store.merge_todo(0, 1):
         assert svc.merge_step() is False
     # Every chunk merged, the completion not yet done: an origin write, not flushed.
     Origin(svc).write(5 * CS + 7, b"after the last step" * 50)
+    assert Snapshot(svc, t).read(0, g.size) == kept
     assert svc.merge_step() is True
-    kept = Snapshot(svc, svc.snapshot("t")).read(0, g.size)
-    assert kept[5 * CS + 7: 5 * CS + 26] == b"after the last step"
+    assert Snapshot(svc, svc.snapshot("t")).read(0, g.size) == kept
+    assert Origin(svc).read(5 * CS + 7, 19) == b"after the last step"
     for mode in MODES:
         store_img, origin_img = run.images(mode, seed=3)
         store = SharedStore.open(MemoryDevice(len(store_img), store_img))
@@ -590,7 +691,9 @@ def test_crash_while_an_origin_write_reclaims_the_space_a_merge_freed(monkeypatc
     Snapshot(svc, filler).write(20 * CS, b"f" * (free - 2) * CS)
     filled = Snapshot(svc, filler).read(0, size)
     svc.flush_store()
-    svc.start_merge("t", keep=True)  # t's exceptions are dropped: freed, not yet reusable
+    # Without keep, the exceptions only t reads are freed as they are merged (not yet
+    # reusable); with keep, t would keep them.
+    svc.start_merge("t")
     while not svc.merge_step():
         pass
     assert svc.store.reclaimable()
@@ -602,7 +705,7 @@ def test_crash_while_an_origin_write_reclaims_the_space_a_merge_freed(monkeypatc
         svc2 = _after_crash(dev, origin, n, what, path)
         assert Snapshot(svc2, young).read(0, size) == before
         assert Snapshot(svc2, filler).read(0, size) == filled
-        assert Snapshot(svc2, svc2.snapshot("t")).read(0, size) == before
+        assert [s.name for s in svc2.snapshots()] == ["filler", "young"]
         checked.append(n)
 
     clock.observer = observe
@@ -612,3 +715,104 @@ def test_crash_while_an_origin_write_reclaims_the_space_a_merge_freed(monkeypatc
     assert svc.store.check() == []
     assert Snapshot(svc, young).read(0, size) == before
     assert Origin(svc).read(40 * CS, 2 * CS) == b"o" * 2 * CS
+
+
+def test_a_step_whose_copy_outs_take_the_room_their_metadata_needs(monkeypatch):
+    """One big merge step (4 KiB chunks: data and tree blocks come from the same free
+    blocks) whose copy-outs for s2 take every free block while the leaf their records go
+    to is full: the step merges the part whose metadata fits (the rest of its chunks go
+    back first) and the next steps go on, rather than failing with no room for metadata
+    every time.  A crash at any point recovers clean with every volume intact."""
+    monkeypatch.setenv("DDSNAP_MERGE_STEP", str(1 << 20))
+    clock = CrashClock()
+    size = 256 * CS
+    origin = RecordingDevice(size, random.Random(9).randbytes(size), "origin", clock)
+    dev = RecordingDevice(450 * CS, None, "store", clock)
+    svc = MetadataService(SharedStore.create(dev, size, "o", CS, 0, journal_blocks=24),
+                          origin)
+    s1 = svc.create_snapshot("s1")
+    Origin(svc).write(0, random.Random(1).randbytes(200 * CS))  # 200 copy-outs for s1
+    target = Snapshot(svc, s1).read(0, size)
+    s2 = svc.create_snapshot("s2")  # reads the origin there: the merge copies out
+    before = Origin(svc).read(0, size)
+    filler = svc.create_snapshot("filler")
+    free = svc.store.space()["chunks_free"]
+    assert 20 < free - 20 <= 256
+    Snapshot(svc, filler).write(0, b"F" * (free - 20) * CS)  # about 20 blocks left
+    filled = Snapshot(svc, filler).read(0, size)
+    svc.flush_store()
+    svc.start_merge("s1")
+    total = svc.merge_status()["chunks_total"]
+    assert total == 200
+    checked = []
+
+    def observe(n, what, path):
+        svc2 = _after_crash(dev, origin, n, what, path)
+        assert Origin(svc2).read(0, size) == target
+        assert Snapshot(svc2, s2).read(0, size) == before
+        assert Snapshot(svc2, filler).read(0, size) == filled
+        checked.append(n)
+
+    clock.observer = observe
+    steps = 1
+    while not svc.merge_step():
+        steps += 1
+    clock.observer = None
+    assert steps > 2 and len(checked) > 50, (steps, len(checked))
+    assert svc.store.check() == []
+    assert Origin(svc).read(0, size) == target
+    assert Snapshot(svc, s2).read(0, size) == before
+    assert [s.name for s in svc.snapshots()] == ["s2", "filler"]
+
+
+def test_a_merge_in_a_store_with_no_free_block_moves_its_cursor(monkeypatch):
+    """A kept merge that needs no copy-out (nothing else reads the origin where the target
+    has data) in a store without a single free block, whose full last leaves hold the
+    merge markers of origin writes ahead of the cursor: merging in order from the cursor
+    needs no metadata (the cursor moves; no marker is added), so the merge completes
+    rather than failing with no room for metadata every time (the target cannot be
+    deleted during its merge: nothing would ever make room).  A crash at any point
+    recovers clean."""
+    monkeypatch.setenv("DDSNAP_MERGE_STEP", str(8 * CS))
+    clock = CrashClock()
+    size = 400 * CS
+    origin = RecordingDevice(size, random.Random(9).randbytes(size), "origin", clock)
+    dev = RecordingDevice(440 * CS, None, "store", clock)
+    store = SharedStore.create(dev, size, "o", CS, 0, journal_blocks=24)
+    svc = MetadataService(store, origin)
+    s1 = svc.create_snapshot("s1")
+    for c in random.Random(5).sample(range(100), 100):  # no linear runs
+        Origin(svc).write(c * CS, bytes([c]) * CS)
+    filler = svc.create_snapshot("filler")
+    Snapshot(svc, filler).write(0, b"f" * 100 * CS)  # reads no origin chunk s1 has
+    kept = Snapshot(svc, s1).read(0, size)
+    svc.start_merge("s1", keep=True)
+    c = 150
+    while True:  # copy-outs for both and a marker each, until not a block is left
+        try:
+            Origin(svc).write(c * CS, b"o" * CS)
+        except StoreFull:
+            break
+        c += 1
+    assert store.space()["chunks_free"] == 0 and c > 150 + LEAF_MAX
+    _path, _block, leaf = store._probe(pack_key(MERGED, 0, 0))
+    assert len(leaf.keys) == LEAF_MAX, "a marker below the cursor's would fit"
+    Origin(svc).flush()
+    origin_now = Origin(svc).read(0, size)
+    filled = Snapshot(svc, filler).read(0, size)
+    checked = []
+
+    def observe(n, what, path):
+        svc2 = _after_crash(dev, origin, n, what, path)
+        assert Origin(svc2).read(0, size) == origin_now
+        assert Snapshot(svc2, svc2.snapshot("s1")).read(0, size) == kept
+        assert Snapshot(svc2, filler).read(0, size) == filled
+        checked.append(n)
+
+    clock.observer = observe
+    assert svc.run_merge() is True
+    clock.observer = None
+    assert len(checked) > 20
+    assert svc.store.check() == []
+    assert Origin(svc).read(0, size) == origin_now
+    assert Snapshot(svc, svc.snapshot("s1")).read(0, size) == kept

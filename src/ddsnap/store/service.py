@@ -1342,6 +1342,28 @@ class MetadataService:
                 try:
                     for k, (c, dst, sharers) in enumerate(adds):
                         self.store.add_origin_exception(c, dst, sharers)
+                except StoreFull:
+                    # No room for the metadata of copy-out k: the step's data chunks took
+                    # the last free blocks.  The later copy-outs' chunks go back, which
+                    # may make room for it; the chunks from the first copy-out not
+                    # recorded are left to a later step.
+                    for _c, unused, _s in adds[k + 1:]:
+                        self.store.release_chunk(unused)
+                    c, dst, sharers = adds[k]
+                    try:
+                        self.store.add_origin_exception(c, dst, sharers)
+                    except StoreFull:
+                        self.store.release_chunk(dst)
+                    except BaseException:
+                        self.store.release_chunk(dst)
+                        raise
+                    else:
+                        c += 1
+                    self._merge_busy.difference_update(x for x, _ in ready if x >= c)
+                    self.cond.notify_all()
+                    ready = [(x, sc) for x, sc in ready if x < c]
+                    if not ready:
+                        raise
                 except BaseException:
                     for _c, unused, _s in adds[k:]:
                         self.store.release_chunk(unused)
@@ -1384,10 +1406,24 @@ class MetadataService:
         while any(self._readlocks.get(c) for c, _ in run):
             self._wait()
         for c, _sc in run:
+            cursor = self.store.state.merge_cursor
+            if c >= cursor:
+                left = self.store.merge_todo(cursor, 1)
+                if left and left[0][0] == c:
+                    # The first chunk left to merge: the cursor moves past it rather
+                    # than a marker being added, which a full store may have no room
+                    # for (merging in order from the cursor needs no metadata).
+                    self.store.set_merge_cursor(c + 1)
             self.store.mark_merged(c)
             self._pending[(0, c)] = self.epoch
-        if self._merge_progress is not None:
-            self._merge_progress.done += len(run)
+        p = self._merge_progress
+        if p is not None:
+            p.done += len(run)
+            if p.done > p.total:
+                # More was left than counted: a write by an ancestor of the target kept
+                # its old data for the target where the target read the origin (a chunk
+                # to merge that was not one when the count began).  Count what is left.
+                p.total = p.done + len(self.store.merge_todo(0, 1 << 62))
 
     def _finish_merge_locked(self, m: int) -> None:
         keep = self.store.state.merge_keep
