@@ -341,12 +341,6 @@ def test_delete_oldest_never_deletes_the_merging_snapshot(tmp_path, stop_server)
     assert deleted_names(st) == ["s2", "s3", "s4"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "not the merge code: versioned.py VersionedStore.origin_sharers (through _reads) "
-    "counts the target of a merge without keep as a reader of the origin at chunks "
-    "already merged, so origin writes there copy out for a snapshot that is deleted when "
-    "the merge completes and is not exported meanwhile; once s2..s4 are deleted, s1 "
-    "alone holds those copy-outs and the writes get ENOSPC"))
 def test_delete_oldest_never_deletes_the_merging_snapshot_nor_fills_up_for_it(tmp_path,
                                                                             stop_server):
     """Without ``keep`` s1 goes when its merge completes: once the policy deleted the

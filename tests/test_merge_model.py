@@ -126,8 +126,7 @@ class MergeMachine(RuleBasedStateMachine):
         self.kept: bytes | None = None  # with keep: the target's content at the start
         self.counter = 0
         self.stats = {"merges": 0, "finished": 0, "crashes": 0, "full": 0, "clones": 0,
-                      "clone_merges": 0, "cloned_targets": 0, "parents_deleted": 0,
-                      "left_out": 0}
+                      "clone_merges": 0, "cloned_targets": 0, "parents_deleted": 0}
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -180,15 +179,6 @@ class MergeMachine(RuleBasedStateMachine):
             assert name not in {s.name for s in self.svc.snapshots()}
             del self.infos[name]
         self.target, self.kept = None, None
-
-    def _hits_ghost_rekey_bug(self, name) -> bool:
-        """A write the machines leave out until the bug that
-        :func:`test_a_write_to_a_clone_of_a_deleted_snapshot` shows is fixed: to a
-        snapshot that has snapshots taken of it and a deleted (ghost) ancestor."""
-        table = self.svc.store.table
-        v = self.infos[name].id
-        return bool(table.children.get(v)) and any(
-            a and not table.is_live(a) for a in table.ancestors(v))
 
     def _children(self, name) -> list[str]:
         v = self.infos[name].id
@@ -324,9 +314,6 @@ class MergeMachine(RuleBasedStateMachine):
             except ReadOnlyVolume:
                 return
             raise AssertionError("a read-only snapshot accepted a write")
-        if self._hits_ghost_rekey_bug(name):
-            self.stats["left_out"] += 1
-            return
         self._write(name, off, payload)
 
     @rule(data=st.data())
@@ -744,19 +731,10 @@ def test_a_clones_parent_deleted(one_chunk_steps, cls, when):
     s.done()
 
 
-GHOST_REKEY_BUG = (
-    "not a merge bug: versioned.py VersionedStore.add_snapshot_exception, re-key branch: "
-    "when the entry the writer re-keys as its own history is the last entry a deleted "
-    "(ghost) ancestor had at that chunk, the entries that ancestor shadowed (here the "
-    "origin's copy-out, group (0, 0, 4, {s1})) are not regrouped (shadow {s1} -> {s2}), "
-    "so check() finds the space accounting drifted")
-
-
-@pytest.mark.xfail(strict=True, reason=GHOST_REKEY_BUG)
 @pytest.mark.parametrize("cls", MACHINES, ids=["shared", "memory"])
 def test_a_write_to_a_clone_of_a_deleted_snapshot(one_chunk_steps, cls):
     """A clone whose parent is deleted, with a clone of its own, writes where it reads
-    its parent's data, then is merged (the hypothesis machines leave such writes out)."""
+    its parent's data, then is merged."""
     s = Scenario(cls)
     s1 = s.create()
     s.write(s1, 0, 1)  # (s1, 0, current)
