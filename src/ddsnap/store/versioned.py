@@ -35,7 +35,8 @@ import bisect
 from sortedcontainers import SortedList
 
 from .api import ExceptionStore, Finding, SnapshotInfo
-from .format import INF, MERGED, ORIGIN, SLOT_DELETING, SLOT_GHOST, pack_key, unpack_key
+from .format import (INF, MERGED, NO_MERGE, ORIGIN, SLOT_DELETING, SLOT_GHOST, pack_key,
+                     unpack_key)
 from .snapshots import SpaceAccount, VersionTable, region_readers
 
 _EMPTY: frozenset = frozenset()
@@ -176,28 +177,23 @@ class VersionedStore(ExceptionStore):
                 return None
             s, x = x, parent(x)
 
-    def _reads(self, version: int, chunk: int) -> bool:
-        """True if some live version in ``version``'s subtree (``version`` included)
-        reads at ``chunk`` what ``version`` inherits there: not past an entry of its own
-        there, or of a version between."""
+    def _reads(self, version: int, chunk: int, skip: int | None = None) -> bool:
+        """True if some live version in ``version``'s subtree (``version`` included,
+        unless it is ``skip``) reads at ``chunk`` what ``version`` inherits there: not
+        past an entry of its own there, or of a version between."""
         if self._has_entries(version, chunk):
             return False
-        if self.table.is_live(version) and not self._leaving(version):
+        if version != skip and self.table.is_live(version):
             return True
-        return any(self._reads(y, chunk) for y in self.table.children.get(version, ()))
+        return any(self._reads(y, chunk, skip) for y in self.table.children.get(version, ()))
 
-    def _leaving(self, version: int) -> bool:
-        """True for the target of a merge without ``keep``: it is deleted when the merge
-        completes and not exported meanwhile, so no copy-out is made for it alone (the
-        snapshots taken of it still get theirs)."""
-        return version == self.state.merge_version and not self.state.merge_keep
-
-    def _readers_after(self, owner: int, lo: int, chunk: int) -> bool:
-        """True if a live version in the subtree of a child of ``owner`` with id > ``lo``
-        reads ``owner``'s current data at ``chunk``."""
+    def _readers_after(self, owner: int, lo: int, chunk: int, skip: int | None = None
+                       ) -> bool:
+        """True if a live version (not ``skip``) in the subtree of a child of ``owner``
+        with id > ``lo`` reads ``owner``'s current data at ``chunk``."""
         kids = self.table.children.get(owner, ())
         for i in range(len(kids) - 1, bisect.bisect_right(kids, lo) - 1, -1):
-            if self._reads(kids[i], chunk):
+            if self._reads(kids[i], chunk, skip):
                 return True
         return False
 
@@ -336,7 +332,13 @@ class VersionedStore(ExceptionStore):
         if not kids:
             return 0
         lo = self._prev_tag(ORIGIN, chunk, INF)
-        if kids[-1] <= lo or not self._readers_after(ORIGIN, lo, chunk):
+        # The target of a merge without keep reads the origin device only where its data
+        # is the origin's already (merged, or never different): it is deleted when the
+        # merge completes and not exported meanwhile, so no copy-out is made for it alone
+        # (as v2 did; the snapshots taken of it still get theirs).
+        m = self.state.merge_version
+        skip = m if m != NO_MERGE and not self.state.merge_keep else None
+        if kids[-1] <= lo or not self._readers_after(ORIGIN, lo, chunk, skip):
             return 0
         return kids[-1]
 
