@@ -17,9 +17,9 @@ while it merges, and when it completes the target is deleted or, with ``keep``, 
 exactly what it read when the merge started (the state the origin was rolled back to),
 whatever was written to the origin meanwhile.  A kept target is checked against that
 during the merge too.  A clone reads as its parent did when it was taken, whatever
-happens to the parent afterwards (writes, a merge of it, its deletion).  (Writes to a
-snapshot that has clones and a deleted ancestor are left out: they hit a bug outside the
-merge, pinned by :func:`test_a_write_to_a_clone_of_a_deleted_snapshot`.)
+happens to the parent afterwards (writes, a merge of it, its deletion).  (Writes by an
+ancestor of the target of a merge without keep are left out: they hit a bug outside the
+merge code, :data:`LEAVING_TARGET_BUG`, pinned by a strict xfail.)
 
 After every step every volume reads exactly as the model, the merge status matches,
 refused operations are refused (MergeInProgress for a second merge, a snapshot create, a
@@ -181,14 +181,14 @@ class MergeMachine(RuleBasedStateMachine):
             del self.infos[name]
         self.target, self.kept = None, None
 
-    def _hits_ghost_rekey_bug(self, name) -> bool:
-        """A write the machines leave out until the bug that
-        :func:`test_a_write_to_a_clone_of_a_deleted_snapshot` shows is fixed: to a
-        snapshot that has snapshots taken of it and a deleted (ghost) ancestor."""
-        table = self.svc.store.table
-        v = self.infos[name].id
-        return bool(table.children.get(v)) and any(
-            a and not table.is_live(a) for a in table.ancestors(v))
+    def _hits_leaving_target_bug(self, name) -> bool:
+        """A write the machines leave out until the bug :data:`LEAVING_TARGET_BUG`
+        (pinned by :func:`test_a_clone_merged_into_the_origin`) is fixed: by an ancestor
+        of the target of a merge without keep."""
+        if self.target is None or self.keep:
+            return False
+        return self.infos[name].id in self.svc.store.table.ancestors(
+            self.infos[self.target].id)
 
     def _children(self, name) -> list[str]:
         v = self.infos[name].id
@@ -324,7 +324,7 @@ class MergeMachine(RuleBasedStateMachine):
             except ReadOnlyVolume:
                 return
             raise AssertionError("a read-only snapshot accepted a write")
-        if self._hits_ghost_rekey_bug(name):
+        if self._hits_leaving_target_bug(name):
             self.stats["left_out"] += 1
             return
         self._write(name, off, payload)
@@ -673,27 +673,46 @@ def test_clones_taken_before_a_merge(one_chunk_steps, cls, keep):
     s.done()
 
 
+LEAVING_TARGET_BUG = (
+    "not the merge code: versioned.py VersionedStore._reads/_leaving (a3b0c9e) count the "
+    "target of a merge without keep as no reader at every chunk, also those not merged "
+    "yet, whose data the origin reads from the target's entries: a write by the target's "
+    "parent where the target reads the parent's current entry is made in place "
+    "(snapshot_exception says unique), and where the target reads through the parent no "
+    "copy is kept for it (snapshot_write_keeps says no), so the origin reads the "
+    "parent's new data (and is merged with it); _leaving should hold only at merged "
+    "chunks")
+
+
+@pytest.mark.parametrize("own_clone", [True, False], ids=["cloned", "uncloned"])
 @pytest.mark.parametrize("keep", [False, True], ids=["delete", "keep"])
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("cls", MACHINES, ids=["shared", "memory"])
-def test_a_clone_merged_into_the_origin(one_chunk_steps, cls, depth, keep):
+def test_a_clone_merged_into_the_origin(request, one_chunk_steps, cls, depth, keep,
+                                        own_clone):
     """The target is a clone (``depth`` 1) or a clone of a clone: the origin reads as the
     target's own data, its parents' data as of when it was taken, and the origin's
     copy-outs, by the chunk; every other volume (the parents, written during the merge,
-    and the target's own clone) stays as it was."""
+    and the target's own clone, if it has one) stays as it was."""
+    if not keep and not own_clone:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=LEAVING_TARGET_BUG))
     s = Scenario(cls)
     s.write("origin", 0, 3)
     p = s.create()
     s.write("origin", 1, 3)  # p's copy-outs
+    par = p  # the target's parent
+    s.write(p, 15, 1)  # p's own data, which the target reads
     c = s.create(p)
     s.write(p, 2, 2)  # p's data as of c is kept for c
     s.write(c, 6, 1.5)  # c's own
     s.write("origin", 5, 4)  # more copy-outs p (and through it c) read
     if depth == 2:
+        par = c
+        s.write(c, 15, 1)
         c = s.create(c)
         s.write("origin", 12, 1)
         s.write(c, 13, 1)
-    child = s.create(c)  # a clone of the target
+    child = s.create(c) if own_clone else None  # a clone of the target
     s.write(c, 14, 1)
     other = s.create()  # reads the origin where the target reads the store
 
@@ -702,10 +721,12 @@ def test_a_clone_merged_into_the_origin(one_chunk_steps, cls, depth, keep):
         if i == 1:
             # where the target reads the origin: p's old data is kept for it, one more
             # chunk to merge (the same data) than when the merge started
-            s.write(p, 16, 1)
+            s.write(par, 16, 1)
+            s.write(par, 15, 0.5, at=7)  # where the target reads its parent's own data
         if i == 2:
             s.write(other, 2, 2)
-            s.write(child, 14, 0.5, at=10)
+            if child is not None:
+                s.write(child, 14, 0.5, at=10)
             s.write("origin", 4, 2)
 
     s.merge(c, keep, during)
@@ -744,19 +765,12 @@ def test_a_clones_parent_deleted(one_chunk_steps, cls, when):
     s.done()
 
 
-GHOST_REKEY_BUG = (
-    "not a merge bug: versioned.py VersionedStore.add_snapshot_exception, re-key branch: "
-    "when the entry the writer re-keys as its own history is the last entry a deleted "
-    "(ghost) ancestor had at that chunk, the entries that ancestor shadowed (here the "
-    "origin's copy-out, group (0, 0, 4, {s1})) are not regrouped (shadow {s1} -> {s2}), "
-    "so check() finds the space accounting drifted")
 
-
-@pytest.mark.xfail(strict=True, reason=GHOST_REKEY_BUG)
 @pytest.mark.parametrize("cls", MACHINES, ids=["shared", "memory"])
 def test_a_write_to_a_clone_of_a_deleted_snapshot(one_chunk_steps, cls):
     """A clone whose parent is deleted, with a clone of its own, writes where it reads
-    its parent's data, then is merged (the hypothesis machines leave such writes out)."""
+    its parent's data (the parent's entry becomes its history, kept for its clone), then
+    is merged.  (Space accounting drifted here before 59ca047.)"""
     s = Scenario(cls)
     s1 = s.create()
     s.write(s1, 0, 1)  # (s1, 0, current)
