@@ -12,9 +12,9 @@ origin must equal the model (acknowledged writes there, refused writes not), and
 * ``delete-oldest`` (at ``init``, or switched on with ``ddsnap set``): writes keep
   succeeding; the oldest snapshots are deleted, oldest first, and each deletion shows in
   ``status`` (``auto_deleted``) and the server's log; the snapshot being merged is never
-  the victim (format v3: until its merge completes it is a snapshot like the others,
-  origin writes copy out for it, and once it alone is left a write that needs room gets
-  ENOSPC).
+  the victim (format v3: merged with ``keep`` it is a snapshot like the others until the
+  merge completes, origin writes copy out for it, and once it alone is left a write that
+  needs room gets ENOSPC; without ``keep`` nothing is copied out for it alone).
 * a merge in a full store: under ``delete-oldest`` it makes room like a write does; under
   ``error`` it stops with StoreFull (``merge --wait`` exits 6, ``merge --status`` says
   why) and resumes once the user frees room; and it reuses the chunks it frees itself.
@@ -291,7 +291,7 @@ def merging_oldest(tmp_path: Path, stop_server, policy: str, keep: bool = False)
     s1's exceptions are all shared with s2, so merging them frees nothing, while s3 and
     s4 share the origin there: the merge needs 256 new chunks for their copy-outs.  All
     four read the origin in the last 5 MiB: writes there copy it out for them (for s1
-    too: the target of a merge is a snapshot like the others until it completes).
+    too when it is merged with ``keep``: it stays as it was).
     """
     v = Vol(tmp_path, "6M", "--full-policy", policy)
     stop_server(v)
@@ -343,8 +343,9 @@ def test_delete_oldest_never_deletes_the_merging_snapshot(tmp_path, stop_server)
 
 def test_delete_oldest_never_deletes_the_merging_snapshot_nor_fills_up_for_it(tmp_path,
                                                                             stop_server):
-    """Without ``keep`` s1 goes when its merge completes: once the policy deleted the
-    others, writing the origin needs no room (v2's behaviour)."""
+    """Without ``keep`` s1 goes when its merge completes: no copy-out is made for it
+    alone, so once the policy deleted the others, writing the origin needs no room (as
+    in v2)."""
     v = merging_oldest(tmp_path, stop_server, "delete-oldest")
     # fill the half of the origin s1 has no exceptions in, twice over
     for rnd in range(2):
