@@ -573,10 +573,12 @@ def test_crash_during_a_merge_over_many_leaves(monkeypatch):
 
 def test_crash_during_the_merge_of_a_clone_whose_parent_is_deleted():
     """The target is a snapshot of ``old``: it reads old's history (kept for it when old
-    wrote) and, through old, the origin's copy-outs; old is deleted during the merge and
-    lives on as a ghost while t is merged, then goes with t."""
+    wrote) and, through old, the origin's copy-outs; old writes during the merge (where t
+    reads old's data, and through old the origin's: t's data is kept for it, which may
+    add a chunk to merge), then is deleted and lives on as a ghost while t is merged,
+    then goes with t."""
     g = Geometry()
-    setup, merge = make_workload(7, g, clone=True)
+    setup, merge = make_workload(7, g, clone=True, parent_writes=4)
     assert ("delete", "old") in merge
     stats = crash_everywhere(g, setup, merge)
     assert stats["points"] == stats["total"] and stats["completion"] > 3
@@ -584,10 +586,7 @@ def test_crash_during_the_merge_of_a_clone_whose_parent_is_deleted():
 
 
 def test_crash_during_the_kept_merge_of_a_clone():
-    """As above with ``keep``, and old (t's parent) writes during the merge, where t
-    reads old's data or, through old, the origin's: t's data is kept for it.  (Without
-    keep such writes hit a bug outside the merge code: test_merge_model's
-    LEAVING_TARGET_BUG.)"""
+    """As above with ``keep``."""
     g = Geometry()
     setup, merge = make_workload(8, g, clone=True, keep=True, parent_writes=4)
     stats = crash_everywhere(g, setup, merge, budget=1500)
