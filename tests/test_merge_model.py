@@ -662,12 +662,14 @@ def test_clones_taken_before_a_merge(one_chunk_steps, cls, keep):
 @pytest.mark.parametrize("keep", [False, True], ids=["delete", "keep"])
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("cls", MACHINES, ids=["shared", "memory"])
-def test_a_clone_merged_into_the_origin(request, one_chunk_steps, cls, depth, keep,
-                                        own_clone):
+def test_a_clone_merged_into_the_origin(one_chunk_steps, cls, depth, keep, own_clone):
     """The target is a clone (``depth`` 1) or a clone of a clone: the origin reads as the
     target's own data, its parents' data as of when it was taken, and the origin's
     copy-outs, by the chunk; every other volume (the parents, written during the merge,
-    and the target's own clone, if it has one) stays as it was."""
+    and the target's own clone, if it has one) stays as it was.  The target's parent
+    writes during the merge where the target reads the parent's own data and where it
+    reads the origin through the parent: the target's data is kept for it (a3b0c9e
+    wrote in place, or kept nothing, for a target without keep and without clones)."""
     s = Scenario(cls)
     s.write("origin", 0, 3)
     p = s.create()
@@ -691,8 +693,8 @@ def test_a_clone_merged_into_the_origin(request, one_chunk_steps, cls, depth, ke
     def during(i):
         s.write(p, 6, 1)
         if i == 1:
-            # where the target reads the origin: p's old data is kept for it, one more
-            # chunk to merge (the same data) than when the merge started
+            # where the target reads the origin: the parent's old data is kept for it,
+            # one more chunk to merge (the same data) than when the merge started
             s.write(par, 16, 1)
             s.write(par, 15, 0.5, at=7)  # where the target reads its parent's own data
         if i == 2:
