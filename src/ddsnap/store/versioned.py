@@ -399,39 +399,29 @@ class VersionedStore(ExceptionStore):
         r = self._resolve(version, chunk)
         newest = self._newest_child(version)
         self._kv_reserve([pack_key(version, chunk, newest), pack_key(version, chunk, INF)])
-        if r is not None and r[0] >> 96 == version:
-            # Its own current data, read by snapshots taken of it: that becomes history
-            # for them (tagged with the newest), the write gets the new chunk.
-            old = self._gkey(version, chunk, INF) if sp is not None else None
-            tag = self._newest_child(version)
-            self._del_entry(version, chunk, INF)
-            self._put_entry(version, chunk, tag, r[1])
-            self._put_entry(version, chunk, INF, store_chunk)
-            if sp is not None:
-                sp.move(old, self._gkey(version, chunk, tag))
-                sp.add(self._gkey(version, chunk, INF))
-            return
         added = []
-        if (kept is None and r is not None and self._readers_after(version, 0, chunk)
-                and self._within(self._gkey_of(r[0]), version)):
-            # Only this snapshot's subtree reads the ancestor's exception: it becomes the
-            # history kept for the snapshots taken of it (re-keyed, not copied).
+        own = r is not None and r[0] >> 96 == version
+        if own or (kept is None and r is not None and self._readers_after(version, 0, chunk)
+                   and self._within(self._gkey_of(r[0]), version)):
+            # The exception it read stays, as it is, for the snapshots taken of it: its
+            # own current data (they read it), or an ancestor's exception only its subtree
+            # reads; it becomes history tagged with the newest of them (re-keyed, not
+            # copied), and the write gets the new chunk.
             owner, _c, etag = unpack_key(r[0])
-            nxt = self._next_entry(r[0])
-            # The owner's last entry there: the ancestor's entry its subtree falls back
-            # to loses it from its shadow (a ghost's, say).
-            last = nxt is None and self._prev_tag(owner, chunk, etag) == 0
+            nxt = None if own else self._next_entry(r[0])  # (current data sorts last)
+            # An ancestor's last entry there: the entry its subtree falls back to loses
+            # it from its shadow (a ghost's, say).
+            last = not own and nxt is None and self._prev_tag(owner, chunk, etag) == 0
             anc = self._resolve_above(owner, chunk) if last and owner != ORIGIN else None
             if sp is not None:
                 old_g = self._gkey_of(r[0])
                 old_next = self._gkey_of(nxt) if nxt is not None else None
                 old_anc = self._gkey_of(anc[0]) if anc is not None else None
-            tag = self._newest_child(version)
             self._del_entry(owner, chunk, etag)
-            self._put_entry(version, chunk, tag, r[1])
+            self._put_entry(version, chunk, newest, r[1])
             self._put_entry(version, chunk, INF, store_chunk)
             if sp is not None:
-                sp.move(old_g, self._gkey(version, chunk, tag))
+                sp.move(old_g, self._gkey(version, chunk, newest))
                 sp.add(self._gkey(version, chunk, INF))
                 if nxt is not None:  # its previous tag changed
                     sp.move(old_next, self._gkey_of(nxt))
@@ -440,9 +430,8 @@ class VersionedStore(ExceptionStore):
             return
         before = self._gkey_of(r[0]) if r is not None and sp is not None else None
         if kept is not None:
-            tag = self._newest_child(version)
-            self._put_entry(version, chunk, tag, kept)
-            added.append(tag)
+            self._put_entry(version, chunk, newest, kept)
+            added.append(newest)
         self._put_entry(version, chunk, INF, store_chunk)
         added.append(INF)
         if sp is not None:
