@@ -22,6 +22,7 @@ import errno
 import os
 import random
 import subprocess
+import time
 import threading
 from pathlib import Path
 
@@ -539,3 +540,42 @@ def test_server_answers_enospc_while_the_host_is_full_and_recovers(tmp_path, tin
         assert out.count("a commit to the snapshot store failed") == 1, out
     report = ok_json("check", store)
     assert report["clean"] and report["findings"] == [], report
+
+
+def test_a_merge_stop_while_the_worker_starts(monkeypatch):
+    """Control requests run on executor threads, so `merge --stop` can arrive while
+    `merge NAME` is starting the worker (CI saw this after a SIGCONT released both):
+    the stop waits for the start and stops the worker (a small merge may have finished by
+    then); starting again completes the merge."""
+    w = World()
+    setup_merge(w)
+    runner = admin.MergeRunner(w.svc)
+    starting = threading.Event()
+    real_start = threading.Thread.start
+
+    def slow_start(thread):  # widen the window between creating and starting the worker
+        if thread.name == "ddsnap-merge":
+            starting.set()
+            time.sleep(0.2)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", slow_start)
+    errors = []
+
+    def start():
+        try:
+            runner.ensure()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=start)
+    t.start()
+    assert starting.wait(10)
+    runner.stop()  # raised "cannot join thread before it is started" before the fix
+    t.join(10)
+    assert errors == [] and not runner.running
+    runner.ensure()  # resumes the merge if the stop came before its end
+    wait_until(lambda: not runner.running, "the merge worker to finish")
+    assert runner.error is None, runner.error
+    assert w.svc.merge_status() is None
+    w.verify()

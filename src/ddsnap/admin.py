@@ -429,6 +429,9 @@ class MergeRunner:
         self.svc = svc
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Control requests run on executor threads: a merge start and a merge stop can
+        # arrive together, and stop must not see a thread that is not started yet.
+        self._lock = threading.Lock()
         #: the error that stopped the last merge run, if any
         self.error: DdsnapError | None = None
 
@@ -438,11 +441,13 @@ class MergeRunner:
 
     def ensure(self) -> None:
         """Start the worker if a merge is in progress and nobody is running it."""
-        if self.running or self.svc.store.merging is None:
-            return
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ddsnap-merge", daemon=True)
-        self._thread.start()
+        with self._lock:
+            if self.running or self.svc.store.merging is None:
+                return
+            self._stop = threading.Event()
+            thread = threading.Thread(target=self._run, name="ddsnap-merge", daemon=True)
+            thread.start()
+            self._thread = thread
 
     def _run(self) -> None:
         self.error = None
@@ -476,10 +481,11 @@ class MergeRunner:
 
     def stop(self) -> None:
         """Stop after the current step (the merge stays recorded and resumable)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        with self._lock:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+                self._thread = None
 
 
 def merge_start(svc: MetadataService, runner: MergeRunner | None, name: str,
