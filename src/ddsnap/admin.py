@@ -74,7 +74,10 @@ def origin_identity(dev: FileDevice) -> OriginIdentity:
 def origin_changes(recorded: OriginIdentity, now: OriginIdentity) -> list[str]:
     """What differs between the identity recorded at the last clean shutdown and now."""
     out = []
-    if recorded.size != now.size:
+    # A block device may grow (lvextend) before `ddsnap resize` records it; a file that
+    # grew changed its times as well.
+    grown_device = not (recorded.dev or recorded.ino) and now.size > recorded.size
+    if recorded.size != now.size and not grown_device:
         out.append(f"size {human_bytes(recorded.size)} -> {human_bytes(now.size)}")
     if (recorded.dev, recorded.ino) != (now.dev, now.ino):
         out.append("it is another file (device/inode differ)")
@@ -94,7 +97,7 @@ def _origin_problem(path: str, sb) -> tuple[str, list[str]] | None:
         return (f"the origin recorded in {path}, {sb.origin_path}, does not exist (if it "
                 f"moved: `ddsnap set {path} origin=NEWPATH`)", [])
     try:
-        if origin.size != sb.origin_size:
+        if origin.size < sb.origin_size:
             return (f"origin {sb.origin_path} is {human_bytes(origin.size)} but the store "
                     f"was made for {human_bytes(sb.origin_size)}", [])
         if not (sb.clean and sb.identity):
@@ -145,7 +148,7 @@ def set_origin(path: str, new_origin: str) -> dict:
         origin = FileDevice(new_origin, writable=False, what="origin")
         try:
             sb, _slots = read_superblocks(dev)  # refuse before the open writes anything
-            if origin.size != sb.origin_size:
+            if origin.size < sb.origin_size:
                 raise OriginMismatch(f"{new_origin} is {human_bytes(origin.size)} but the "
                                      f"store was made for {human_bytes(sb.origin_size)}")
             store = SharedStore.open(dev)
@@ -189,7 +192,7 @@ def open_store(path: str, degraded: bool = False, accept_origin_change: bool = F
         except StoreNotFound:
             raise OriginMismatch(f"the origin recorded in {path}, {store.origin_path}, "
                                  "does not exist") from None
-        if origin.size != store.origin_size:
+        if origin.size < store.origin_size:
             origin.close()
             raise OriginMismatch(
                 f"origin {store.origin_path} is {human_bytes(origin.size)} but the store "
@@ -422,6 +425,26 @@ def set_option(svc: MetadataService, key: str, value: str) -> dict:
     return {key: value}
 
 
+def resize(svc: MetadataService, origin_size: int | None = None,
+           store_size: int | None = None) -> dict:
+    """``ddsnap resize STORE``: the origin to ``origin_size`` bytes and/or the store to
+    ``store_size`` bytes (either may be None), in that order.  Returns the outcome of
+    each (``MetadataService.resize_origin`` / ``resize_store``).
+
+    Raises:
+        InvalidArgument: neither size given, or as the service methods raise.
+        ShrinkRefused, MergeInProgress, StoreFull, HostIOError: as those methods raise.
+    """
+    if origin_size is None and store_size is None:
+        raise InvalidArgument("give --origin-size SIZE, --store-size SIZE, or both")
+    out: dict = {}
+    if origin_size is not None:
+        out["origin"] = svc.resize_origin(int(origin_size))
+    if store_size is not None:
+        out["store"] = svc.resize_store(int(store_size))
+    return out
+
+
 class MergeRunner:
     """Runs a merge in a background thread (the server's merge worker)."""
 
@@ -520,11 +543,12 @@ OPERATIONS = {
     "snap_list": snap_list,
     "snap_delete": snap_delete,
     "set": set_option,
+    "resize": resize,
 }
 
 
 #: operations that change the store (refused on a degraded, read-only store)
-CHANGING_OPS = ("snap_create", "snap_delete", "set", "merge_start", "merge_stop")
+CHANGING_OPS = ("snap_create", "snap_delete", "set", "merge_start", "merge_stop", "resize")
 
 
 def run_op(svc: MetadataService, op: str, args: dict, path: str, served: bool,

@@ -429,7 +429,9 @@ def status(store, as_json):
     for k, v in rows:
         out.print(f"{k:>10}: {v}")
     for s in st["snapshots"]:
-        out.print(f"{'':>10}  {_shown(s['name'])} (id {s['id']}, {s['created']}"
+        size = s.get("size")
+        resized = f", {_bytes(size)}" if size and size != st["origin_size"] else ""
+        out.print(f"{'':>10}  {_shown(s['name'])} (id {s['id']}, {s['created']}{resized}"
                   f"{', read-only' if s['read_only'] else ''}; {_bytes(s.get('exclusive'))} "
                   f"exclusive, {_bytes(s.get('shared'))} shared)")
     if st.get("merge"):
@@ -455,6 +457,36 @@ def set_(store, setting):
         return
     _call(store, "set", key=key.strip(), value=value.strip())
     out.print(f"{_shown(key.strip())} = {_shown(value.strip())}")
+
+
+@main.command()
+@click.argument("store")
+@click.option("--origin-size", help="New size of the origin (e.g. 20G); a file grows or "
+                                    "shrinks, a block device must have grown already.")
+@click.option("--store-size", help="New size of the snapshot store (whole chunks).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def resize(store, origin_size, store_size, as_json):
+    """Grow (or shrink) the origin and/or the snapshot store of STORE, served or not.
+
+    Snapshots keep their size; new snapshots and NBD connections opened afterwards see
+    the new origin size.  A shrink is refused while something lives past the new end."""
+    args = {}
+    if origin_size is not None:
+        args["origin_size"] = _size(origin_size, "--origin-size")
+    if store_size is not None:
+        args["store_size"] = _size(store_size, "--store-size")
+    res = _call(store, "resize", **args)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    if "origin" in res:
+        o = res["origin"]
+        out.print(f"origin: {_bytes(o['old_size'])} -> {_bytes(o['origin_size'])}",
+                  markup=False)
+    if "store" in res:
+        st = res["store"]
+        out.print(f"store: {_bytes(st['old_size'])} -> {_bytes(st['store_size'])} "
+                  f"({st['chunks_total']} chunks for data and metadata)", markup=False)
 
 
 def _bytes(n) -> str:

@@ -317,6 +317,15 @@ class HostFull(HostIOError):
         super().__init__(msg, path, _errno.ENOSPC)
 
 
+class ShrinkRefused(DdsnapError):
+    """A shrink of the origin or the store would cut off what still lives past the new
+    end (the message names it); nothing was changed."""
+
+    exit_code = 26
+    fault = "user"
+    errno = _errno.EBUSY
+
+
 def host_error(e: OSError, what: str, path: str, doing: str = "") -> HostIOError:
     """The :class:`HostIOError` (:class:`HostFull` for ENOSPC/EDQUOT) for the OSError
     ``e`` the host raised on an I/O of ``what`` (e.g. "snapshot store") at ``path``,

@@ -32,6 +32,7 @@ class Volume:
     def __init__(self, service: MetadataService):
         self.service = service
         self.chunk_size = service.chunk_size
+        #: bytes; fixed for the volume's life (a resize shows in volumes opened after it)
         self.size = service.store.origin_size
 
     def read(self, offset: int, length: int) -> bytes:
@@ -185,6 +186,7 @@ class Snapshot(Volume):
     def __init__(self, service: MetadataService, info: SnapshotInfo):
         super().__init__(service)
         self.info = info
+        self.size = info.size  # as the origin was when it was taken (resize keeps it)
         self.name = info.name
         self.read_only = info.read_only
 

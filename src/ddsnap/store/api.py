@@ -72,7 +72,7 @@ class SnapshotInfo:
     def to_dict(self) -> dict:
         return {"name": self.name, "id": self.id, "created": self.created_iso,
                 "read_only": self.read_only, "parent": self.parent_name,
-                "parent_id": self.parent}
+                "parent_id": self.parent, "size": self.size}
 
 
 @dataclass

@@ -83,6 +83,15 @@ class BlockDevice:
         The default does nothing, which is always correct.
         """
 
+    def resize(self, size: int) -> None:
+        """Make the device ``size`` bytes long (``ddsnap resize``): a file is truncated
+        or extended (the new part reads as zeroes); durable at the next :meth:`flush`.
+
+        Raises:
+            InvalidArgument: this device cannot change its size.
+        """
+        raise InvalidArgument(f"{self.path} cannot be resized")
+
     def close(self) -> None:
         """Release the device; further I/O is an error."""
 
@@ -249,6 +258,28 @@ class FileDevice(BlockDevice):
     def flush(self) -> None:
         os.fdatasync(self.fd)
 
+    def resize(self, size: int) -> None:
+        """A file: ``ftruncate`` to ``size`` bytes (the size is durable at the next
+        :meth:`flush`, an ``fdatasync``, which writes the metadata a later read needs).
+        A block device cannot be resized from here: it must already hold ``size``
+        bytes (grown with ``lvextend`` and the like), which this records.
+
+        Raises:
+            InvalidArgument: a block device smaller than ``size``.
+            OSError: the host refused the truncate.
+        """
+        if self.is_block:
+            now = device_size(self.fd)
+            if now < size:
+                raise InvalidArgument(
+                    f"{self.what} {self.path} is a block device of {human_bytes(now)}: "
+                    f"grow the device itself to at least {human_bytes(size)} first")
+            self.size = now
+            return
+        os.ftruncate(self.fd, size)
+        self.size = size
+        self._shrink_logged = False
+
     def discard(self, offset: int, length: int) -> None:
         if self.is_block or length <= 0:
             return
@@ -320,10 +351,17 @@ class MemoryDevice(BlockDevice):
     def flush(self) -> None:
         self.flushes += 1
 
+    def resize(self, size: int) -> None:
+        if size < self.size:
+            del self.data[size:]
+        else:
+            self.data.extend(bytes(size - self.size))
+        self.size = size
+
 
 @dataclass
 class _Op:
-    kind: str  # "write" or "flush"
+    kind: str  # "write", "flush" or "resize" (offset: the new size)
     offset: int = 0
     data: bytes = b""
 
@@ -453,8 +491,19 @@ class RecordingDevice(BlockDevice):
             self.clock.tick("flush", self.path)
             if self.pending:
                 for op in self.pending:
-                    self.durable[op.offset: op.offset + len(op.data)] = op.data
+                    _apply(self.durable, op)
                 self.pending.clear()
+
+    def resize(self, size: int) -> None:
+        """Truncate or extend, as a file does: one operation of the clock (a crash point),
+        durable at the next :meth:`flush`."""
+        self.clock.before("resize", self.path)
+        with self._lock:
+            self.clock.tick("resize", self.path)
+            op = _Op("resize", size)
+            _apply(self.current, op)
+            self.pending.append(op)
+            self.size = size
 
     def crash_image(self, rng: random.Random | None = None, mode: str = "drop") -> bytearray:
         """Return a device image a crash now could leave.
@@ -475,8 +524,12 @@ class RecordingDevice(BlockDevice):
             keep = ops
         else:
             keep = [op for op in ops if rng.random() < 0.5]
-        torn = rng.randrange(len(keep)) if (mode == "torn" and keep) else -1
+        writes = [i for i, op in enumerate(keep) if op.kind == "write"]
+        torn = rng.choice(writes) if (mode == "torn" and writes) else -1
         for i, op in enumerate(keep):
+            if op.kind == "resize":
+                _apply(img, op)
+                continue
             data = op.data
             if i == torn:
                 # Sectors are device-aligned: tear at a 512-byte boundary of the device
@@ -488,3 +541,14 @@ class RecordingDevice(BlockDevice):
                     data = data[: cut - op.offset]
             img[op.offset: op.offset + len(data)] = data
         return img
+
+
+def _apply(img: bytearray, op: _Op) -> None:
+    """Apply a recorded write or resize to the image ``img``."""
+    if op.kind == "resize":
+        if op.offset < len(img):
+            del img[op.offset:]
+        else:
+            img.extend(bytes(op.offset - len(img)))
+    else:
+        img[op.offset: op.offset + len(op.data)] = op.data

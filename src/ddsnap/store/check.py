@@ -131,6 +131,10 @@ def check_store(store, leaks: list[int] | None = None) -> list[Finding]:
     for b in store.table_blocks:  # the first may be in the fixed area (not counted)
         if b >= bitmap.data_start:
             ref_block(b, "snapshot table block")
+    # After a resize the bitmap may live in the data area (docs/format.md "Resizing").
+    for b in range(sb.bitmap_start, sb.bitmap_start + sb.bitmap_blocks):
+        if b >= bitmap.data_start:
+            ref_block(b, "bitmap block")
 
     def load(block: int, kind: int):
         buf = store.read_block(block)

@@ -13,7 +13,7 @@ import heapq
 
 from sortedcontainers import SortedDict
 
-from ..errors import InvalidArgument, StoreFull
+from ..errors import InvalidArgument, ShrinkRefused, StoreFull
 from .api import Finding
 from .blockdev import MemoryDevice
 from .format import State
@@ -115,6 +115,33 @@ class MemoryStore(VersionedStore):
 
     def write_commit(self, batch) -> None:
         self.commits += 1
+
+    def resize_store(self, size: int) -> int:
+        """Grow or shrink the chunks available to ``size // chunk_size``; return the new
+        size in bytes.
+
+        Raises:
+            InvalidArgument: not even one chunk.
+            ShrinkRefused: chunks past the new end are in use.
+        """
+        n = size // self.chunk_size
+        if n < 1:
+            raise InvalidArgument(f"a store of {size} bytes holds no chunk")
+        if n < self._nchunks:
+            used = sorted({sc for _o, _c, _t, sc in self.exceptions() if sc >= n})
+            if used:
+                raise ShrinkRefused(f"cannot shrink the store to {n} chunks: {len(used)} "
+                                    f"chunks past the new end are in use (e.g. store chunk "
+                                    f"{used[0]}); nothing was changed")
+            self._free = [c for c in self._free if c < n]
+            heapq.heapify(self._free)
+        else:
+            for c in range(self._nchunks, n):
+                heapq.heappush(self._free, c)
+        self.cow.resize(n * self.chunk_size)
+        self._nchunks = n
+        self._dirty = True
+        return n * self.chunk_size
 
     def space(self) -> dict:
         free = len(self._free)

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from humanfriendly import InvalidSize, parse_size
 
 from ..errors import (InvalidArgument, MergeInProgress, ReadOnlyVolume, ServiceFailed,
-                      SnapshotBusy, SnapshotNotFound, StoreFull, host_error)
+                      ShrinkRefused, SnapshotBusy, SnapshotNotFound, StoreFull, host_error)
+from ..units import human_bytes
 from .api import ExceptionStore, NotCached, SnapshotInfo
 from .blockdev import BlockDevice, copy_range
 
@@ -1102,6 +1103,11 @@ class MetadataService:
             if self._opens[name]:
                 raise SnapshotBusy(f"snapshot {name} is in use by {self._opens[name]} "
                                    "connection(s); disconnect them before merging it")
+            if info.size != self.store.origin_size:
+                raise InvalidArgument(
+                    f"snapshot {name} is {human_bytes(info.size)} but the origin is now "
+                    f"{human_bytes(self.store.origin_size)}: resize the origin back to "
+                    f"{human_bytes(info.size)} to merge it")
             # Origin writes in flight finish first (seed 003 patch 10); new ones wait and
             # then see the merge.
             self._barrier += 1
@@ -1501,6 +1507,126 @@ class MetadataService:
         finally:
             wait_end()
         return False
+
+    # -- resize ---------------------------------------------------------------------------
+
+    def _quiesce_origin_locked(self) -> None:
+        """Wait (lock held) until no origin write is in flight; the caller has raised
+        ``_barrier`` so new ones wait behind it."""
+        while self._origin_writes:
+            self._wait()
+
+    def resize_origin(self, size: int) -> dict:
+        """Grow or shrink the origin to ``size`` bytes, online (``lvextend``/``lvreduce``
+        of the origin; docs/format.md "Resizing").
+
+        Existing snapshots keep their size; snapshots taken from now on have the new
+        one; exports opened from now on show it.  A file origin is extended (or
+        truncated) here; a block device must have grown already.  Growing extends the
+        device and makes that durable before the superblock records the size, and a
+        shrink records it before truncating, so a crash in between leaves an origin
+        bigger than recorded, which is served at the recorded size.
+
+        Returns ``{"origin_size": bytes, "old_size": bytes}``.
+
+        Raises:
+            InvalidArgument: ``size`` is not a positive multiple of 512, or a block
+                device origin is smaller than ``size``.
+            MergeInProgress: a merge is running (it needs one size throughout).
+            ShrinkRefused: a snapshot (or a version kept for its clones) is bigger than
+                ``size``, or the origin export is open; nothing was changed.
+            HostIOError: the host failed the truncate or the flush (HostFull: ENOSPC).
+            ServiceFailed: the commit failed.
+        """
+        if size <= 0 or size % 512:
+            raise InvalidArgument(f"the origin size must be a positive multiple of 512 "
+                                  f"bytes, not {size}")
+        with self.lock:
+            self._enter()
+            old = self.store.origin_size
+            if self._merging is not None:
+                raise MergeInProgress("cannot resize the origin while a snapshot is being "
+                                      "merged into it")
+            if size < old:
+                past = self.store.versions_past(size)
+                if past:
+                    names = ", ".join(f"{s.name or f'#{s.id}'} ({human_bytes(s.size)})"
+                                      for s in past[:5])
+                    more = f" and {len(past) - 5} more" if len(past) > 5 else ""
+                    raise ShrinkRefused(
+                        f"cannot shrink the origin to {human_bytes(size)}: snapshot(s) "
+                        f"{names}{more} read past the new end; delete them first. "
+                        "Nothing was changed")
+                if self._opens["origin"]:
+                    raise ShrinkRefused(
+                        f"cannot shrink the origin while {self._opens['origin']} "
+                        "connection(s) have it open (they could write past the new end); "
+                        "disconnect them first. Nothing was changed")
+            if size != old:
+                self._barrier += 1
+                try:
+                    self._quiesce_origin_locked()
+                    if size > old:
+                        self._resize_origin_device(size)
+                    self.store.set_origin_size(size)
+                    self._commit_now_locked()
+                    if size < old:
+                        self._resize_origin_device(size)
+                finally:
+                    self._barrier -= 1
+                    self.cond.notify_all()
+                log.info("origin resized from %d to %d bytes", old, size)
+        return {"origin_size": size, "old_size": old}
+
+    def _resize_origin_device(self, size: int) -> None:
+        try:
+            self.origin.resize(size)
+            self.origin.flush()  # the new size durable (before the superblock says so)
+        except OSError as e:
+            raise host_error(e, "origin", self.origin.path, "resizing it") from e
+
+    def resize_store(self, size: int) -> dict:
+        """Grow or shrink the snapshot store to ``size`` bytes (whole chunks), online;
+        new chunks are free at once (``lvextend`` of a snapshot's COW device).
+
+        Everything changed so far is committed and checkpointed first, with origin
+        writes held, so the new bitmap written by the store's resize is the whole truth.
+        Returns ``{"store_size": bytes, "old_size": bytes, "chunks_total": n}``.
+
+        Raises:
+            InvalidArgument: too small for the metadata, or a block device store
+                smaller than ``size``.
+            ShrinkRefused: chunks past the new end are in use (named); nothing changed.
+            StoreFull: no room for the bigger bitmap.
+            HostIOError: the host failed a write, a flush or the truncate; nothing
+                switched (the service fails over to a reopen of the store).
+            ServiceFailed: the commit failed.
+        """
+        with self.lock:
+            self._enter()
+            old = self.store.space()["chunks_total"]
+            old_size = self.store.cow.size
+            self._barrier += 1
+            try:
+                self._quiesce_origin_locked()
+                self.store.request_checkpoint()
+                self._commit_now_locked()
+                try:
+                    new_size = self.store.resize_store(size)
+                except OSError as e:
+                    # A write of the new bitmap (or the truncate) failed: the old geometry
+                    # is still what the superblocks say, but the store in memory may not
+                    # match it any more: reopen it from disk.
+                    err = host_error(e, "snapshot store", self.store.cow.path,
+                                     "resizing it")
+                    self._fail_locked(err)
+                    raise err from e
+            finally:
+                self._barrier -= 1
+                self.cond.notify_all()
+            chunks = self.store.space()["chunks_total"]
+            log.info("snapshot store resized from %d to %d chunks", old, chunks)
+        return {"store_size": new_size, "old_size": old_size, "chunks_total": chunks}
 
     def export_open(self, name: str) -> None:
         with self.lock:

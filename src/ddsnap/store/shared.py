@@ -419,6 +419,20 @@ class SharedStore(VersionedStore):
             raise InvalidArgument(f"origin path longer than {MAX_ORIGIN_PATH} bytes")
         self.origin_path = self.sb.origin_path = path
 
+    def set_origin_size(self, size: int) -> None:
+        """Record the origin's new size (bytes) in the superblock: the next commit makes
+        a full checkpoint, so both slots carry it once that commit is durable."""
+        super().set_origin_size(size)
+        self.sb.origin_size = size
+        self.request_checkpoint()
+
+    def resize_store(self, size: int) -> int:
+        """Grow or shrink the store to ``size`` bytes (whole chunks); return the new size.
+        Call with every change committed and checkpointed (the service does).  See
+        :func:`ddsnap.store.resize.resize_shared_store` for the steps and errors."""
+        from .resize import resize_shared_store
+        return resize_shared_store(self, size, _fits)
+
     # -- superblock and images -----------------------------------------------------------
 
     def _write_super(self, clean: bool, state: State | None = None) -> None:

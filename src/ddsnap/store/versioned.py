@@ -35,8 +35,8 @@ import bisect
 from sortedcontainers import SortedList
 
 from .api import ExceptionStore, Finding, SnapshotInfo
-from .format import (INF, MERGED, NO_MERGE, ORIGIN, SLOT_DELETING, SLOT_GHOST, pack_key,
-                     unpack_key)
+from .format import (INF, MERGED, NO_MERGE, ORIGIN, SLOT_DELETING, SLOT_FREE, SLOT_GHOST,
+                     pack_key, unpack_key)
 from .snapshots import SpaceAccount, VersionTable, region_readers
 
 _EMPTY: frozenset = frozenset()
@@ -309,12 +309,28 @@ class VersionedStore(ExceptionStore):
         return self.table.live()
 
     def create_snapshot(self, name, read_only=False, created=None, parent=ORIGIN) -> SnapshotInfo:
+        # A snapshot of a snapshot has its parent's size (the origin's may have changed
+        # since the parent was taken).
+        size = self.origin_size if parent == ORIGIN else self.table.slot(parent).size
         info = self.table.create(name, read_only, self.state.next_snapshot_id, created,
-                                 parent, self.origin_size)
+                                 parent, size)
         self.state.next_snapshot_id += 1
         self._state_changed()
         self._table_changed()
         return info
+
+    def set_origin_size(self, size: int) -> None:
+        """Record the origin's new size in bytes (``ddsnap resize --origin-size``).  The
+        caller (the service) grew the device first, or shrinks it after, and made sure
+        no version is bigger than a smaller size.  Durable at the next commit."""
+        self.origin_size = size
+        self._state_changed()
+
+    def versions_past(self, size: int) -> list[SnapshotInfo]:
+        """Every version (live, being deleted, or kept for its clones) whose volume is
+        bigger than ``size`` bytes: what a shrink of the origin to ``size`` would cut."""
+        return [self.table.info(s.id) for s in self.table.slots
+                if s.state != SLOT_FREE and s.size > size]
 
     def begin_delete(self, name) -> SnapshotInfo:
         info = self.table.begin_delete(name)
@@ -330,6 +346,11 @@ class VersionedStore(ExceptionStore):
     def origin_sharers(self, chunk: int) -> int:
         kids = self.table.children[ORIGIN]
         if not kids:
+            return 0
+        # Snapshots taken before the origin grew end before the new chunks: nobody reads
+        # a chunk past the newest snapshot's end (sizes only grow with the id, as a
+        # shrink is refused while a bigger version exists).
+        if self.table.slot(kids[-1]).size <= chunk * self.chunk_size:
             return 0
         lo = self._prev_tag(ORIGIN, chunk, INF)
         # The target of a merge without keep reads the origin device only where its data
