@@ -399,7 +399,24 @@ def test_origin_missing(env):
     assert ok_json("check", env.store)["clean"]
 
 
-@pytest.mark.parametrize("new_size", [ORIGIN_SIZE + MiB, ORIGIN_SIZE - 64 * KiB])
+def test_origin_grown_while_unserved(env):
+    """An origin file grown behind the store's back is a change to acknowledge (as any
+    other); once acknowledged it is served at the recorded size until `resize`."""
+    ok("snap", "create", env.store, "s")
+    os.truncate(env.origin, ORIGIN_SIZE + MiB)
+    for cmd in (["status"], ["snap", "list"]):
+        fails(10, *cmd, env.store, match=rf"size 16 MiB \({ORIGIN_SIZE} bytes\) -> 17 MiB "
+                                         rf"\({ORIGIN_SIZE + MiB} bytes\)")
+    fails(10, "serve", env.store, "--listen", f"unix:{env.dir}/o.sock")
+    ok("set", env.store, f"origin={env.origin}")
+    assert ok_json("status", env.store)["origin_size"] == ORIGIN_SIZE
+    assert ok_json("check", env.store)["clean"]
+    ok("resize", env.store, "--origin-size", str(ORIGIN_SIZE + MiB))
+    assert ok_json("status", env.store)["origin_size"] == ORIGIN_SIZE + MiB
+    assert [s["size"] for s in ok_json("snap", "list", env.store)] == [ORIGIN_SIZE]
+
+
+@pytest.mark.parametrize("new_size", [ORIGIN_SIZE - 64 * KiB])
 def test_origin_resized(env, new_size):
     ok("snap", "create", env.store, "s")
     os.truncate(env.origin, new_size)

@@ -813,7 +813,8 @@ def test_snapshot_info_survives_reopen_and_formats(make_store, kind):
     info = store.create_snapshot("nightly", read_only=True, created=created)
     assert info.created_iso == "2026-01-01T00:00:00.123457Z"
     assert info.to_dict() == {"name": "nightly", "id": info.id, "created": info.created_iso,
-                              "read_only": True, "parent": "origin", "parent_id": 0}
+                              "read_only": True, "parent": "origin", "parent_id": 0,
+                              "size": store.origin_size}
     store.commit()
     store = make_store.reopen(store)
     assert store.snapshot("nightly") == info

@@ -1557,6 +1557,13 @@ class MetadataService:
                         f"cannot shrink the origin to {human_bytes(size)}: snapshot(s) "
                         f"{names}{more} read past the new end; delete them first. "
                         "Nothing was changed")
+                kept = self.store.origin_kept_past(size)
+                if kept:
+                    raise ShrinkRefused(
+                        f"cannot shrink the origin to {human_bytes(size)}: snapshot(s) "
+                        f"{', '.join(self._name_of(v) for v in kept[:5])} still hold "
+                        "copy-outs past the new end; delete them first. Nothing was "
+                        "changed")
                 if self._opens["origin"]:
                     raise ShrinkRefused(
                         f"cannot shrink the origin while {self._opens['origin']} "

@@ -71,6 +71,7 @@ class VersionedStore(ExceptionStore):
         self._own_known = True
         self._sweep_pos: int | None = None
         self._sweep_orphans: dict[tuple, bool] = {}
+        self._sweep_reach: dict[tuple, int] = {}
         self.sweep_budget = SWEEP_BUDGET
 
     # -- the ordered map (subclasses) ------------------------------------------------------
@@ -506,7 +507,11 @@ class VersionedStore(ExceptionStore):
         sp = self._space_account()
         if self._sweep_pos is None:
             self._sweep_orphans = {g: True for g in sp.orphan_groups(self.table)}
-            owners = sorted({g[0] for g in self._sweep_orphans})
+            self._sweep_reach = {}
+            owners = {g[0] for g in self._sweep_orphans}
+            if self._origin_kids_differ():
+                owners.add(ORIGIN)  # copy-outs only smaller snapshots share (below)
+            owners = sorted(owners)
             self._sweep_owners = owners
             self._sweep_pos = pack_key(owners[0], 0, 0) if owners else None
         seen = 0
@@ -526,7 +531,7 @@ class VersionedStore(ExceptionStore):
                 if orphan is None:
                     orphan = not region_readers(self.table, g, limit=1)
                     self._sweep_orphans[g] = orphan
-                if orphan:
+                if orphan or (o == ORIGIN and self._past_readers(g, c)):
                     self._remove_entry(o, c, t)
             self._sweep_pos = part[-1][0] + 1
         if self._sweep_pos is not None:
@@ -548,6 +553,36 @@ class VersionedStore(ExceptionStore):
         if again:
             return False
         return True
+
+    def _origin_kids_differ(self) -> bool:
+        """True if the origin's snapshots are not all one size (the origin grew between
+        them).  Their sizes only grow with the id (a shrink is refused while a bigger
+        version exists), so the first and the last tell."""
+        kids = self.table.children.get(ORIGIN, ())
+        return bool(kids) and self.table.slot(kids[0]).size < self.table.slot(kids[-1]).size
+
+    def _past_readers(self, group: tuple, chunk: int) -> bool:
+        """True if every version reading the origin-owned ``group`` ends at or before
+        logical ``chunk``: a copy-out made for a bigger snapshot, grouped with older,
+        smaller ones (docs/format.md "Resizing"), that nobody reads once the bigger ones
+        are gone.  Cached per group for one sweep walk."""
+        reach = self._sweep_reach.get(group)
+        if reach is None:
+            reach = max((self.table.slot(v).size for v in region_readers(self.table, group)),
+                        default=0)
+            self._sweep_reach[group] = reach
+        return reach <= chunk * self.chunk_size
+
+    def origin_kept_past(self, size: int) -> list[int]:
+        """Live versions reading a copy-out the origin keeps at a chunk wholly past
+        ``size`` bytes (none once the snapshots bigger than ``size`` are deleted and
+        swept): what a shrink of the origin to ``size`` must not cut."""
+        first = -(-size // self.chunk_size)
+        out: set[int] = set()
+        for k, _sc in self._kv_range(pack_key(ORIGIN, first, 0), pack_key(ORIGIN + 1, 0, 0),
+                                     64):
+            out.update(region_readers(self.table, self._gkey_of(k)))
+        return sorted(out)
 
     # -- merge -----------------------------------------------------------------------------
 
