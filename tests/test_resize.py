@@ -26,9 +26,9 @@ Covered, on an unserved store and through a server's control socket:
 
 ``check`` must find the store clean after every change.
 
-Two strict xfails record bugs found here (each reason says what): copy-outs made past the
-old end for a deleted snapshot are kept for an older, smaller one; a store on a block
-device reports the device's size instead of its own.
+Two tests record bugs found here and fixed: copy-outs made past the old end for a deleted
+snapshot were kept for an older, smaller one; a store on a block device reported the
+device's size instead of its own.
 """
 
 from __future__ import annotations
@@ -412,12 +412,6 @@ def test_sizes_survive_a_restart(tmp_path, how):
     e.assert_clean()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the copy-outs an origin write past the old end made for the only snapshot that reads "
-    "there stay after that snapshot is deleted: the sweep keeps them for an older, smaller "
-    "snapshot (region_readers does not know sizes), which is charged for them as "
-    "exclusive; shrinking the origin back then leaves `check` reporting fatal "
-    "'exception for chunk N past the end of the origin'"))
 def test_deleting_the_snapshot_that_reads_past_the_old_end_frees_its_copy_outs(tmp_path):
     e = Env(tmp_path)
     ok("snap", "create", e.store, "small")
@@ -543,10 +537,6 @@ def test_block_device_store_grows_with_the_device(tmp_path):
 
 
 @pytest.mark.root
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a store on a block device reports the device's size, not the store's: after the "
-    "device grew, `resize --store-size` says the old size was the device's and `status` "
-    "keeps showing the device's size (store.cow.size) instead of the resized store's"))
 def test_block_device_store_reports_its_own_size_not_the_device_s(tmp_path):
     need("losetup")
     why = _loop_devices_work()

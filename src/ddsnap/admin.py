@@ -362,7 +362,7 @@ def status(svc: MetadataService, path: str, served: bool) -> dict:
         out = {
             "store": path,
             "format_version": VERSION,
-            "store_size": store.cow.size,
+            "store_size": store.store_size,
             "chunk_size": store.chunk_size,
             "chunks_total": space["chunks_total"],
             "chunks_free": space["chunks_free"],

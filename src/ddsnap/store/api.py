@@ -115,6 +115,9 @@ class ExceptionStore(abc.ABC):
     max_snapshots: int
     cow: BlockDevice
 
+    #: bytes the store uses for exceptions and metadata (whole chunks)
+    store_size: int
+
     @property
     def origin_chunks(self) -> int:
         """Logical chunks in the origin (the last one may be partial)."""

@@ -116,6 +116,11 @@ class MemoryStore(VersionedStore):
     def write_commit(self, batch) -> None:
         self.commits += 1
 
+    @property
+    def store_size(self) -> int:
+        """Bytes of exception data space (whole chunks)."""
+        return self._nchunks * self.chunk_size
+
     def resize_store(self, size: int) -> int:
         """Grow or shrink the chunks available to ``size // chunk_size``; return the new
         size in bytes.

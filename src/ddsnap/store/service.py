@@ -1612,7 +1612,7 @@ class MetadataService:
         with self.lock:
             self._enter()
             old = self.store.space()["chunks_total"]
-            old_size = self.store.cow.size
+            old_size = self.store.store_size
             self._barrier += 1
             try:
                 self._quiesce_origin_locked()

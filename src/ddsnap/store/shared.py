@@ -426,6 +426,11 @@ class SharedStore(VersionedStore):
         self.sb.origin_size = size
         self.request_checkpoint()
 
+    @property
+    def store_size(self) -> int:
+        """Bytes the store uses (whole chunks; its device may be bigger)."""
+        return self.sb.blocks * BLOCK_SIZE
+
     def resize_store(self, size: int) -> int:
         """Grow or shrink the store to ``size`` bytes (whole chunks); return the new size.
         Call with every change committed and checkpointed (the service does).  See
