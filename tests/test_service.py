@@ -294,3 +294,23 @@ def test_batched_origin_writes_with_snapshots_taken_meanwhile(kind):
     assert vol.read(0, OSZ) == bytes(model)
     for info in taken:
         assert Snapshot(svc, info).read(0, OSZ) in states, info.name
+
+
+@pytest.mark.parametrize("kind", ["shared", "memory"])
+def test_a_grown_origin_starts_with_zeroes_past_the_recorded_end(kind):
+    """A shrink records the size before it truncates the origin file: a crash between
+    leaves the old bytes past the recorded end.  A later grow must not show them."""
+    cs = 65536
+    origin = MemoryDevice(16 * cs, bytes([7]) * 16 * cs)
+    store = (SharedStore.create(MemoryDevice(64 * cs), origin.size, chunk_size=cs)
+             if kind == "shared" else MemoryStore(origin.size, 32 * cs, cs))
+    svc = MetadataService(store, origin)
+    svc.resize_origin(8 * cs)
+    assert origin.size == 8 * cs
+    origin.resize(16 * cs)  # what the crash left: the tail not truncated yet ...
+    origin.pwrite(bytes([9]) * 8 * cs, 8 * cs)  # ... holding the old bytes
+    svc.resize_origin(12 * cs)
+    vol = Origin(svc)
+    assert vol.size == 12 * cs
+    assert vol.read(0, 8 * cs) == bytes([7]) * 8 * cs
+    assert vol.read(8 * cs, 4 * cs) == bytes(4 * cs)

@@ -1574,6 +1574,11 @@ class MetadataService:
                 try:
                     self._quiesce_origin_locked()
                     if size > old:
+                        # Bytes a file holds past the recorded end are not the volume's
+                        # (a shrink cut short by a crash leaves them): the new part
+                        # starts as zeroes.
+                        if not getattr(self.origin, "is_block", False):
+                            self._resize_origin_device(old)
                         self._resize_origin_device(size)
                     self.store.set_origin_size(size)
                     self._commit_now_locked()
