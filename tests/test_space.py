@@ -42,7 +42,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from conftest import examples
 from ddsnap.errors import CorruptMetadata, StoreFull
 from ddsnap.store.blockdev import MemoryDevice
-from ddsnap.store.format import BLOCK_SIZE, INF, LEAF_MAX, SLOT_DELETING, SLOT_FREE, SLOT_GHOST
+from ddsnap.store.format import (BLOCK_SIZE, INDEX, INF, LEAF_MAX, SLOT_DELETING, SLOT_FREE,
+                                 SLOT_GHOST)
 from ddsnap.store.memory import MemoryStore
 from ddsnap.store.shared import SharedStore
 
@@ -668,7 +669,8 @@ def test_failed_split_leaves_the_figures(make_store, kind):
         except StoreFull:
             break
     before = store.snapshot_space()
-    assert before == {a.id: (0, LEAF_MAX), b.id: (0, LEAF_MAX), ca.id: (0, LEAF_MAX)}
+    # (the leaf holds the copy-outs and their tag index records)
+    assert before == {a.id: (0, nxt), b.id: (0, nxt), ca.id: (0, nxt)}
     exceptions = exc_dict(store)
     for who, chunk in ((None, nxt), (b, 1), (a, 2), (ca, 3)):
         new, kept = filler.pop(), filler.pop()
@@ -691,8 +693,8 @@ def test_failed_split_leaves_the_figures(make_store, kind):
     # With room the same write goes in: a's new chunk and the copy kept for ca are
     # theirs, the copy-out b's alone; the leaf split.
     snapshot_write(store, a.id, 2)
-    assert store.snapshot_space() == {a.id: (1, LEAF_MAX - 1), b.id: (1, LEAF_MAX - 1),
-                                      ca.id: (1, LEAF_MAX - 1)}
+    assert store.snapshot_space() == {a.id: (1, nxt - 1), b.id: (1, nxt - 1),
+                                      ca.id: (1, nxt - 1)}
     assert len(store._read_node(store.state.root).children) == 2
     assert_exact(store)
     store.commit()
@@ -806,9 +808,10 @@ def test_check_reports_drift_naming_the_snapshot(make_store, kind):
 
 
 def damaged_store(which: str):
-    """A closed store with a three-leaf tree (a, its clone ca, 400 chunks) and a copy of
-    it with one byte of its ``which`` ("first" or "last") leaf flipped; returns ``(store,
-    damaged image, the leaf)``."""
+    """A closed store with a tree of several leaves (a, its clone ca, 400 chunks) and a
+    copy of it with one byte of its ``which`` leaf flipped: "first", "last" (the last
+    holding exceptions) or "index" (the last, holding tag index records only); returns
+    ``(store, damaged image, the leaf)``."""
     store = SharedStore.create(MemoryDevice(4 << 20), origin_size=2 << 20, chunk_size=4096)
     a = store.create_snapshot("a")
     for c in range(400):
@@ -817,9 +820,11 @@ def damaged_store(which: str):
     snapshot_write(store, a.id, 2)
     store.close()
     assert store.snapshot_space() == {a.id: (1, 399), ca.id: (1, 399)}
-    leaves = store._read_node(store.state.root).children
-    assert len(leaves) == 3
-    leaf = leaves[0 if which == "first" else -1]
+    node = store._read_node(store.state.root)
+    leaves = node.children
+    entry_leaves = [b for k, b in zip(node.keys, leaves) if k >> 96 != INDEX]
+    assert len(entry_leaves) >= 3 and len(leaves) > len(entry_leaves)
+    leaf = {"first": leaves[0], "last": entry_leaves[-1], "index": leaves[-1]}[which]
     image = image_of(store)
     image.data[leaf * BLOCK_SIZE + BLOCK_SIZE - 3] ^= 4
     return store, image, leaf
@@ -845,6 +850,7 @@ def test_damaged_leaf_makes_the_figures_unavailable(which):
 @pytest.mark.parametrize("which", [
     "first",
     "last",
+    "index",
 ])
 def test_check_names_a_damaged_leaf(which):
     """``check`` reports the damaged leaf as a fatal finding (the recount of the figures

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from ..errors import CorruptMetadata
 from .api import Finding
-from .format import (BITS_PER_BITMAP, MERGED, SLOT_LIVE, T_BITMAP, T_LEAF, T_NODE, T_SNAPTABLE,
-                     Leaf, Node, check_header, unpack_key)
+from .format import (BITS_PER_BITMAP, INDEX, MERGED, SLOT_LIVE, T_BITMAP, T_LEAF, T_NODE,
+                     T_SNAPTABLE, Leaf, Node, check_header, unpack_index, unpack_key)
 
 
 def check_frame(store) -> tuple[list[Finding], list[range]]:
@@ -107,6 +107,7 @@ def check_store(store, leaks: list[int] | None = None) -> list[Finding]:
     first_data_chunk = -(-bitmap.data_start // bpc)
     entries: list[tuple[int, int, int, int]] = []
     markers = [0]
+    index: list[tuple[int, int, int]] = []  # the tag index: (tag, chunk, store chunk)
     incomplete = []  # blocks the walk could not read: the recount is partial
 
     def fatal(block, msg):
@@ -165,6 +166,9 @@ def check_store(store, leaks: list[int] | None = None) -> list[Finding]:
             fatal(block, f"{what} keys outside its range ({span(lo, hi)})")
         if leaf_level:
             for k, sc in zip(obj.keys, obj.vals):
+                if k >> 96 == INDEX:
+                    index.append((*unpack_index(k), sc))
+                    continue
                 o, c, t = unpack_key(k)
                 if c >= store.origin_chunks:
                     fatal(block, f"exception for chunk {c} past the end of the origin")
@@ -197,6 +201,8 @@ def check_store(store, leaks: list[int] | None = None) -> list[Finding]:
     walk(store.state.root, 0, 0, None)
     for f in store.check_entries(entries, markers[0]):
         findings.append(f)
+    if not incomplete:
+        findings += store.check_index(entries, index)
 
     # The incremental space figures against a recount (only a complete one is exact).
     # They describe the tree as it is in memory: with changes not yet committed, recount

@@ -440,6 +440,25 @@ def unpack_key(key: int) -> tuple[int, int, int]:
     return key >> _OWNER_SHIFT, (key >> _CHUNK_SHIFT) & _CHUNK_MASK, key & _TAG_MASK
 
 
+#: the owner field of a *tag index* record: ``(INDEX, tag, chunk)`` for every history
+#: entry of the origin ``(ORIGIN, chunk, tag)``, with the same value, so that a delete
+#: finds the copy-outs tagged with a version without walking all of them
+#: (docs/format.md, "Versioned exceptions").  No version has this id.
+INDEX = INF
+_INDEX_BASE = INDEX << _OWNER_SHIFT
+
+
+def index_key(tag: int, chunk: int) -> int:
+    """The key of the tag index record of the origin's history entry ``(chunk, tag)``:
+    owner :data:`INDEX`, then ``tag`` (u32) and ``chunk`` (u64) in the 96 bits below."""
+    return _INDEX_BASE | (tag << 64) | chunk
+
+
+def unpack_index(key: int) -> tuple[int, int]:
+    """``(tag, chunk)`` of a tag index key."""
+    return (key >> 64) & _TAG_MASK, key & _CHUNK_MASK
+
+
 #: key u128 (two u64, low first), value u64
 _REC = struct.Struct("<QQQ")
 REC_SIZE = _REC.size  # 24

@@ -158,6 +158,7 @@ class MemoryStore(VersionedStore):
 
     def check(self) -> list[Finding]:
         findings = self.check_entries()
+        findings += self.check_index(list(self.exceptions()), self.index_records())
         used = {sc for _o, _c, _t, sc in self.exceptions()}
         if used & set(self._free):
             findings.append(Finding("fatal", None, "a referenced chunk is on the free list"))

@@ -672,9 +672,18 @@ class SharedStore(VersionedStore):
     def _split_leaf(self, path, lblock: int, leaf: Leaf, at: int) -> None:
         """Split an overfull leaf; ``at`` is where the new key went.  A key added at the
         end (copy-outs of a sequential write, new tags) leaves the left leaf full: the
-        tree then grows full leaves, not half-full ones."""
+        tree then grows full leaves, not half-full ones.  So does a key added at the end
+        of its owner's run in the second half of the leaf (the origin's copy-outs, the
+        merge markers and the tag index grow at three places near the end of the key
+        space): the cut goes between the owners."""
         n = len(leaf.keys)
-        cut = n - 1 if at == n - 1 else n // 2
+        keys = leaf.keys
+        if at == n - 1:
+            cut = n - 1
+        elif at >= n // 2 and keys[at + 1] >> 96 != keys[at] >> 96:
+            cut = at + 1
+        else:
+            cut = n // 2
         rblock = self._take_block()
         right = Leaf(leaf.keys[cut:], leaf.vals[cut:])
         del leaf.keys[cut:]

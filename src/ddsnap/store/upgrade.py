@@ -60,7 +60,7 @@ from .format import (BITMAP_BYTES, BITS_PER_BITMAP, BLOCK_SIZE, HEADER_SIZE, INF
                      SLOT_LIVE, SNAPS_PER_BLOCK, T_BITMAP, T_JOURNAL, T_LEAF, T_NODE,
                      T_SNAPTABLE, VERSION, VERSION_V1, VERSION_V2, Leaf, Node, SnapSlot,
                      State, Superblock, check_header, decode_descriptor,
-                     encode_snaptable, header_version, pack_key, peek_header, seal)
+                     encode_snaptable, header_version, index_key, pack_key, peek_header, seal)
 from .journal import Journal
 
 #: the formats ``upgrade_store`` converts
@@ -649,7 +649,9 @@ def upgrade_store(dev: BlockDevice, origin: BlockDevice | str | None = None,
     # Everything new goes where the old store has nothing: allocate it all now, so a
     # full store is refused before anything is written.
     bm = Bitmap(bits, sb.blocks, bpc, data_start)
-    shape = _tree_shape(len(entries))
+    # Each history entry of the origin also has its tag index record (format.index_key).
+    n_index = sum(1 for k, _v in entries if k >> 96 == ORIGIN)
+    shape = _tree_shape(len(entries) + n_index)
     table_n = max(1, -(-len(ids) // SNAPS_PER_BLOCK))
     free = bm.free_chunks
     try:
@@ -663,6 +665,9 @@ def upgrade_store(dev: BlockDevice, origin: BlockDevice | str | None = None,
             f"and {free} chunk(s) are free. Nothing was changed: free some space with the "
             f"ddsnap that made the store (delete a snapshot), then upgrade again") from None
     entries = [(k, dst[-v - 1] if v < 0 else v) for k, v in entries]
+    index = sorted((index_key(k & 0xFFFFFFFF, (k >> 32) & ((1 << 64) - 1)), v)
+                   for k, v in entries if k >> 96 == ORIGIN)
+    entries += index  # index keys sort after every entry
 
     src = None
     opened = False

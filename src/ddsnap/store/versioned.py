@@ -35,8 +35,8 @@ import bisect
 from sortedcontainers import SortedList
 
 from .api import ExceptionStore, Finding, SnapshotInfo
-from .format import (INF, MERGED, NO_MERGE, ORIGIN, SLOT_DELETING, SLOT_FREE, SLOT_GHOST,
-                     pack_key, unpack_key)
+from .format import (INDEX, INF, MERGED, NO_MERGE, ORIGIN, SLOT_DELETING, SLOT_FREE,
+                     SLOT_GHOST, index_key, pack_key, unpack_index, unpack_key)
 from .snapshots import SpaceAccount, VersionTable, region_readers
 
 _EMPTY: frozenset = frozenset()
@@ -72,6 +72,9 @@ class VersionedStore(ExceptionStore):
         self._sweep_pos: int | None = None
         self._sweep_orphans: dict[tuple, bool] = {}
         self._sweep_reach: dict[tuple, int] = {}
+        #: key ranges the sweep walks (owners' entries, tag index ranges), and which
+        self._sweep_ranges: list[tuple[int, int]] = []
+        self._sweep_i = 0
         self.sweep_budget = SWEEP_BUDGET
 
     # -- the ordered map (subclasses) ------------------------------------------------------
@@ -110,8 +113,12 @@ class VersionedStore(ExceptionStore):
     # -- entries ---------------------------------------------------------------------------
 
     def _put_entry(self, owner: int, chunk: int, tag: int, sc: int) -> None:
+        """Add an entry (and, for the origin's history, its tag index record; the
+        caller reserved room for both)."""
         self._kv_put(pack_key(owner, chunk, tag), sc)
-        if owner != ORIGIN:
+        if owner == ORIGIN:
+            self._kv_put(index_key(tag, chunk), sc)
+        else:
             n = self._own.get(owner, 0)
             self._own[owner] = n + 1
             if not n:
@@ -119,7 +126,9 @@ class VersionedStore(ExceptionStore):
 
     def _del_entry(self, owner: int, chunk: int, tag: int) -> None:
         self._kv_del(pack_key(owner, chunk, tag))
-        if owner != ORIGIN:
+        if owner == ORIGIN:
+            self._kv_del(index_key(tag, chunk))
+        else:
             n = self._own.get(owner, 1) - 1  # (unknown counts: see _own_known)
             if n > 0:
                 self._own[owner] = n
@@ -411,7 +420,7 @@ class VersionedStore(ExceptionStore):
         return r is None or not self._within(self._gkey_of(r[0]), version)
 
     def add_origin_exception(self, chunk, store_chunk, tag) -> None:
-        self._kv_reserve([pack_key(ORIGIN, chunk, tag)])
+        self._kv_reserve([pack_key(ORIGIN, chunk, tag), index_key(tag, chunk)])
         self._put_entry(ORIGIN, chunk, tag, store_chunk)
         if self._space is not None:
             self._space.add(self._gkey(ORIGIN, chunk, tag))
@@ -506,26 +515,40 @@ class VersionedStore(ExceptionStore):
             return True
         sp = self._space_account()
         if self._sweep_pos is None:
-            self._sweep_orphans = {g: True for g in sp.orphan_groups(self.table)}
+            orphans = sp.orphan_groups(self.table)
+            self._sweep_orphans = {g: True for g in orphans}
             self._sweep_reach = {}
-            owners = {g[0] for g in self._sweep_orphans}
+            owners = sorted({g[0] for g in orphans if g[0] != ORIGIN})
+            ranges = [(pack_key(o, 0, 0), pack_key(o + 1, 0, 0)) for o in owners]
             if self._origin_kids_differ():
-                owners.add(ORIGIN)  # copy-outs only smaller snapshots share (below)
-            owners = sorted(owners)
-            self._sweep_owners = owners
-            self._sweep_pos = pack_key(owners[0], 0, 0) if owners else None
+                # Copy-outs only smaller snapshots share (below) can carry any tag: walk
+                # all of the origin's (a store whose origin grew between snapshots).
+                ranges.append((pack_key(ORIGIN, 0, 0), pack_key(ORIGIN + 1, 0, 0)))
+            else:
+                # The origin's entries in orphan groups carry those groups' tags: the tag
+                # index lists them, so a delete walks what it frees (and what shares its
+                # tags), not every copy-out.
+                tags = sorted({g[2] for g in orphans if g[0] == ORIGIN})
+                ranges += [(index_key(t, 0), index_key(t + 1, 0)) for t in tags]
+            self._sweep_ranges = ranges
+            self._sweep_i = 0
+            self._sweep_pos = ranges[0][0] if ranges else None
         seen = 0
         while self._sweep_pos is not None and seen < self.sweep_budget:
-            owner = self._sweep_pos >> 96
-            end = pack_key(owner + 1, 0, 0)
+            end = self._sweep_ranges[self._sweep_i][1]
             part = self._kv_range(self._sweep_pos, end, min(256, self.sweep_budget - seen))
             if not part:
-                later = [o for o in self._sweep_owners if o > owner]
-                self._sweep_pos = pack_key(later[0], 0, 0) if later else None
+                self._sweep_i += 1
+                self._sweep_pos = (self._sweep_ranges[self._sweep_i][0]
+                                   if self._sweep_i < len(self._sweep_ranges) else None)
                 continue
             for k, _sc in part:
                 seen += 1
-                o, c, t = unpack_key(k)
+                if k >> 96 == INDEX:
+                    t, c = unpack_index(k)
+                    o = ORIGIN
+                else:
+                    o, c, t = unpack_key(k)
                 g = self._gkey(o, c, t)
                 orphan = self._sweep_orphans.get(g)
                 if orphan is None:
@@ -653,6 +676,38 @@ class VersionedStore(ExceptionStore):
             self._kv_del(k)
 
     # -- checks ----------------------------------------------------------------------------
+
+    def index_records(self):
+        """Iterate the tag index as ``(tag, chunk, store_chunk)``."""
+        lo = index_key(0, 0)
+        while True:
+            part = self._kv_range(lo, index_key(INF, 0) + (1 << 64), 4096)
+            for k, v in part:
+                t, c = unpack_index(k)
+                yield t, c, v
+            if len(part) < 4096:
+                return
+            lo = part[-1][0] + 1
+
+    def check_index(self, entries, index) -> list[Finding]:
+        """The tag index against the entries: exactly one record ``(tag, chunk)`` with
+        the same store chunk per history entry of the origin, and nothing else.
+        ``entries`` as ``(owner, chunk, tag, store_chunk)``, ``index`` as ``(tag, chunk,
+        store_chunk)``."""
+        want = {(c, t): sc for o, c, t, sc in entries if o == ORIGIN}
+        out = []
+        have = 0
+        for t, c, sc in index:
+            have += 1
+            if want.get((c, t)) != sc:
+                out.append(Finding("fatal", None, f"tag index record (tag {t}, chunk {c}) "
+                                                  "names no copy-out of the origin"))
+            else:
+                del want[(c, t)]
+        for (c, t) in list(want)[:10]:
+            out.append(Finding("fatal", None, f"the origin's copy-out (chunk {c}, tag {t}) "
+                                              "is missing from the tag index"))
+        return out
 
     def check_entries(self, entries=None, markers: int | None = None) -> list[Finding]:
         """The rules of versioned exceptions, over ``entries`` (default: all): every
