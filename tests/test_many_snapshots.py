@@ -92,3 +92,37 @@ def test_a_chain_of_snapshots_of_snapshots():
         svc.delete_snapshot(name)
     assert list(store.exceptions()) == [] and store.table.index == {}
     assert store.check() == []
+
+
+def test_a_delete_looks_at_the_copy_outs_it_frees_not_at_all_of_them():
+    """Deleting a snapshot among many walks its own copy-outs (through the tag index),
+    not every copy-out of the origin: the cost criterion of issue 9, counted in entries
+    the sweep looks at (no timing).  The big snapshot's copy-outs and one snapshot with
+    none are there to be ignored."""
+    cs = 4096
+    n_big, k = 3000, 25
+    origin = MemoryDevice(4 * n_big * cs)
+    store = SharedStore.create(MemoryDevice((2 * n_big + 600) * cs), origin.size,
+                               chunk_size=cs, journal_blocks=256)
+    svc = MetadataService(store, origin)
+    vol = Origin(svc)
+    svc.create_snapshot("big")
+    vol.write(0, b"b" * n_big * cs)  # n_big copy-outs tagged big
+    svc.create_snapshot("small")
+    for i in range(k):  # k copy-outs tagged small (only it reads them), spread out
+        vol.write(97 * i * cs, b"s" * cs)
+    svc.create_snapshot("quiet")  # reads the origin: frees nothing
+    for _ in range(20):
+        svc.create_snapshot(f"later{_}")
+    store.commit()
+    before = store.space()["chunks_used"]
+    seen = store.sweep_seen
+    svc.delete_snapshot("quiet")
+    assert store.sweep_seen == seen  # nothing to free: nothing walked
+    svc.delete_snapshot("small")
+    assert store.sweep_seen - seen == k  # only its own copy-outs (their index records)
+    assert store.space()["chunks_used"] <= before - k
+    seen = store.sweep_seen
+    svc.delete_snapshot("big")
+    assert store.sweep_seen - seen == n_big
+    assert [f for f in store.check() if f.severity == "fatal"] == []

@@ -76,6 +76,8 @@ class VersionedStore(ExceptionStore):
         self._sweep_ranges: list[tuple[int, int]] = []
         self._sweep_i = 0
         self.sweep_budget = SWEEP_BUDGET
+        #: entries the sweep has looked at since the store was opened (its cost)
+        self.sweep_seen = 0
 
     # -- the ordered map (subclasses) ------------------------------------------------------
 
@@ -557,6 +559,7 @@ class VersionedStore(ExceptionStore):
                 if orphan or (o == ORIGIN and self._past_readers(g, c)):
                     self._remove_entry(o, c, t)
             self._sweep_pos = part[-1][0] + 1
+        self.sweep_seen += seen
         if self._sweep_pos is not None:
             return False
         # Walk done: forget the deleted versions nothing was taken of; keep the others.
