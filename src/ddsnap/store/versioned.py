@@ -502,8 +502,10 @@ class VersionedStore(ExceptionStore):
     def sweep_step(self) -> bool:
         """Remove up to :attr:`sweep_budget` exceptions no live snapshot reads.
 
-        Only the owners of groups no live snapshot reads are walked (their key ranges,
-        in order, resumable); a delete that frees nothing walks nothing.  When the walk
+        Only what groups no live snapshot reads can hold is walked, resumably: a
+        snapshot owner's key range; for the origin, the tag index ranges of those
+        groups' tags (so deleting a snapshot of the origin looks at the copy-outs it
+        frees, not at all of them); a delete that frees nothing walks nothing.  When the walk
         is through, deleted versions no other version was taken of are forgotten (their
         parent, if a ghost left without children, is then swept in turn), the others
         stay as ghosts.
