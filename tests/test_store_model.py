@@ -441,15 +441,19 @@ class StoreMachine(RuleBasedStateMachine):
     def space_figures_are_exact(self):
         """The incremental per-snapshot space figures (issue 3) against a brute-force
         count: look every live snapshot up at every chunk that has an exception (at
-        others every volume reads the origin), count the readers of each store chunk;
+        others every volume reads the origin) within its size (a snapshot smaller than
+        the origin reads nothing past its end), count the readers of each store chunk;
         exclusive = read by that snapshot alone, shared = by it and another, and
         exceptions nobody reads are the sweep's (none once a delete returned)."""
         store = self.store
         readers: dict[int, list[int]] = {}
         ids = [i.id for i in self.infos.values()]
         chunks = sorted({c for _o, c, _t, _sc in store.exceptions()})
-        for v in ids:
+        for info in self.infos.values():
+            v = info.id
             for c in chunks:
+                if c * self.CHUNK >= info.size:
+                    break
                 sc = store.snapshot_exception(v, c)[0]
                 if sc is not None:
                     readers.setdefault(sc, []).append(v)
