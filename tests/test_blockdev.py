@@ -327,6 +327,36 @@ def test_torn_unaligned_write_tears_at_device_sector_boundaries():
     assert outcomes == {0, 1024 - 700, 513}
 
 
+def test_crash_images_of_a_grow_and_a_write_in_the_grown_part():
+    """A resize is one pending operation like a write.  A crash image that keeps a write
+    past the old end but not the grow before it is what a file shows when its extension
+    was lost but the write (which extends it again) landed: the write at its own offset,
+    zeroes before it.  The write never lands anywhere else."""
+    dev = RecordingDevice(4096, b"\x11" * 4096)
+    dev.resize(8192)
+    dev.pwrite(b"\xaa" * 512, 6144)
+    assert dev.size == 8192
+    assert dev.crash_image(mode="drop") == b"\x11" * 4096
+    assert dev.crash_image(mode="all") == b"\x11" * 4096 + bytes(2048) + b"\xaa" * 512 + bytes(1536)
+    seen = set()
+    for seed in range(64):
+        for mode in ("subset", "torn"):
+            img = bytes(dev.crash_image(random.Random(seed), mode))
+            assert img[:4096] == b"\x11" * 4096, (seed, mode)
+            assert img[4096:6144] == bytes(len(img[4096:6144])), (seed, mode)
+            assert len(img) in (4096, 6656, 8192), (seed, mode, len(img))
+            if len(img) == 6656:  # the write kept, the grow lost
+                assert img[6144:] == b"\xaa" * 512, (seed, mode)
+            seen.add(len(img))
+    assert seen == {4096, 6656, 8192}
+    dev.flush()
+    dev.resize(1024)  # a shrink: pending until the next flush
+    assert dev.crash_image(mode="drop") == b"\x11" * 4096 + bytes(2048) + b"\xaa" * 512 + bytes(1536)
+    assert dev.crash_image(mode="all") == b"\x11" * 1024
+    dev.flush()
+    assert dev.crash_image(mode="drop") == b"\x11" * 1024 and dev.size == 1024
+
+
 def test_clock_observer_sees_each_operation_before_it_happens():
     seen = []
     clock = CrashClock()

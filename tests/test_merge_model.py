@@ -21,7 +21,8 @@ happens to the parent afterwards (writes, a merge of it, its deletion).
 
 After every step every volume reads exactly as the model, the merge status matches,
 refused operations are refused (MergeInProgress for a second merge, a snapshot create, a
-write to or delete of the target), and ``check()`` finds nothing fatal; at teardown it
+write to or delete of the target, a resize of the origin; InvalidArgument for a merge of
+a snapshot whose size is not the origin's, after the origin grew), and ``check()`` finds nothing fatal; at teardown it
 finds nothing at all after a clean reopen.  StoreFull may happen (the stores are small):
 a refused write leaves its own range old or new byte by byte and changes nothing else; a
 refused merge step changes nothing.
@@ -44,7 +45,8 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
                                  rule)
 
 from conftest import examples
-from ddsnap.errors import MergeInProgress, ReadOnlyVolume, StoreFull
+from ddsnap.errors import (InvalidArgument, MergeInProgress, ReadOnlyVolume, ShrinkRefused,
+                           StoreFull)
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.memory import MemoryStore
 from ddsnap.store.service import MetadataService
@@ -99,7 +101,7 @@ class TapDevice(MemoryDevice):
 class MergeMachine(RuleBasedStateMachine):
     SHARED = True
     CHUNK = 4096
-    ORIGIN = 18 * 4096 + 700  # the last chunk is partial
+    ORIGIN = 18 * 4096 + 512  # the last chunk is partial; sectors (resize_origin) whole
     STORE = 70 * 4096  # shared: device bytes (~40 data chunks); memory: data bytes
     JOURNAL = 24
     MAX_WRITE = 3 * 4096 + 17
@@ -124,7 +126,8 @@ class MergeMachine(RuleBasedStateMachine):
         self.kept: bytes | None = None  # with keep: the target's content at the start
         self.counter = 0
         self.stats = {"merges": 0, "finished": 0, "crashes": 0, "full": 0, "clones": 0,
-                      "clone_merges": 0, "cloned_targets": 0, "parents_deleted": 0}
+                      "clone_merges": 0, "cloned_targets": 0, "parents_deleted": 0,
+                      "resizes": 0}
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -412,6 +415,66 @@ class MergeMachine(RuleBasedStateMachine):
         assert "error" not in result, result["error"]
         if result.get("done"):
             self._finished()
+
+    # -- rules: resizes ----------------------------------------------------------------------
+
+    @rule(data=st.data(), sectors=st.integers(1, 24), seed=st.integers(0, 1 << 16))
+    def resize_origin(self, data, sectors, seed):
+        """During a merge a resize of the origin is refused (MergeInProgress), changing
+        nothing.  Otherwise the origin grows by ``sectors``: a merge of any snapshot is
+        refused then (its size is not the origin's), a write to the grown part reads back
+        and copies nothing out (no snapshot reads there), a shrink below the snapshots'
+        size is refused; the origin shrinks back and every volume reads as before."""
+        old = self.ORIGIN
+        store = self.svc.store
+        if self.target is not None:
+            for size in (old + 512 * sectors, 512 * sectors):
+                try:
+                    self.svc.resize_origin(size)
+                except MergeInProgress:
+                    continue
+                raise AssertionError(f"the origin was resized to {size} during a merge")
+            assert store.origin_size == old and self.origin_dev.size == old
+            return
+        big = old + 512 * sectors
+        self.svc.resize_origin(big)
+        assert store.origin_size == big and self.origin_dev.size == big
+        if self.infos:
+            name = data.draw(st.sampled_from(sorted(self.infos)), label="snapshot")
+            assert self.infos[name].size == old
+            try:
+                self.svc.start_merge(name, keep=data.draw(st.booleans(), label="keep"))
+            except InvalidArgument:
+                pass
+            else:
+                raise AssertionError(f"a merge of {name} ({old} bytes) into an origin of "
+                                     f"{big} bytes started")
+            assert self.svc.merge_status() is None
+            try:
+                self.svc.resize_origin(512 * data.draw(st.integers(1, old // 512 - 1)))
+            except ShrinkRefused:
+                pass
+            else:
+                raise AssertionError("the origin shrank below its snapshots' size")
+        grown = Origin(self.svc)
+        assert grown.read(old, big - old) == bytes(big - old), "the grown part is not zeroes"
+        # The last old chunk is partial: a write to the grown part of it copies that chunk
+        # out (the snapshots read its head); past it nothing is copied out.
+        off = data.draw(st.integers(old, big - 1), label="offset")
+        payload = self._payload(big - off, seed)
+        copies = store.exception_chunks()
+        try:
+            grown.write(off, payload)
+        except StoreFull:
+            self.stats["full"] += 1
+        else:
+            assert grown.read(off, big - off) == payload
+        shared_chunk = off < -(-old // self.CHUNK) * self.CHUNK and self.infos
+        assert store.exception_chunks() <= copies + (1 if shared_chunk else 0), \
+            "a write past the snapshots' end copied out"
+        self.svc.resize_origin(old)
+        assert store.origin_size == old and self.origin_dev.size == old
+        self.stats["resizes"] += 1
 
     # -- rules: restarts and crashes ---------------------------------------------------------
 

@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from conftest import examples
-from ddsnap.errors import CorruptMetadata, StoreFull
+from ddsnap.errors import CorruptMetadata, ShrinkRefused, StoreFull
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.format import (BLOCK_SIZE, INDEX, INF, LEAF_MAX, SLOT_DELETING, SLOT_FREE,
                                  SLOT_GHOST)
@@ -1014,6 +1014,42 @@ class SpaceMachine(RuleBasedStateMachine):
         assert self.store.snapshot_space() == figures
         assert self.store.unswept_chunks() == unswept
 
+    @rule(data=st.data())
+    def resize_store(self, data):
+        """Grow or shrink the store (as the service does it: everything committed and
+        checkpointed first), also with a delete half swept: refused or not, no lookup,
+        no figure and nothing unswept changes; the chunk total moves by the change."""
+        store = self.store
+        if self.SHARED:
+            bpc = store.bpc
+            now = store.sb.blocks // bpc
+            least = -(-(store.data_start + 2 + bpc) // bpc)  # metadata, tree, one chunk
+        else:
+            now, least = store.space()["chunks_total"], 1
+        new = data.draw(st.integers(least, now + 8), label="chunks")
+        before = lookups(store)
+        figures = store.snapshot_space()
+        unswept = store.unswept_chunks()
+        total = store.space()["chunks_total"]
+        store.request_checkpoint()
+        store.commit()
+        try:
+            store.resize_store(new * self.CHUNK)
+        except ShrinkRefused:
+            event("store shrink refused")
+            assert new < now
+            new = now
+        except StoreFull:  # no free run for the new bitmap
+            event("store resize: no room for the bitmap")
+            assert self.SHARED
+            new = now
+        else:
+            event("store grown" if new > now else "store shrunk" if new < now else "same")
+        assert store.space()["chunks_total"] == total + new - now
+        assert lookups(store) == before
+        assert store.snapshot_space() == figures
+        assert store.unswept_chunks() == unswept
+
     @invariant()
     def figures_are_exact(self):
         assert_exact(self.store)
@@ -1024,7 +1060,11 @@ class SpaceMachine(RuleBasedStateMachine):
         used = self.store.space()["chunks_used"]
         if self.SHARED:
             # Data chunks, tree blocks, and table blocks past the first (4 KiB chunks).
-            meta = tree_blocks(self.store) + len(self.store.table_blocks) - 1
+            # After a store resize the bitmap may live in the data area.
+            sb = self.store.sb
+            meta = (tree_blocks(self.store) + len(self.store.table_blocks) - 1
+                    + sum(1 for b in range(sb.bitmap_start, sb.bitmap_start + sb.bitmap_blocks)
+                          if b >= self.store.data_start))
             assert used == self.store.exception_chunks() + meta
         else:
             assert used == self.store.exception_chunks()

@@ -539,7 +539,7 @@ class RecordingDevice(BlockDevice):
                 if first <= last:
                     cut = rng.randrange(first, last + 1) * self.SECTOR
                     data = data[: cut - op.offset]
-            img[op.offset: op.offset + len(data)] = data
+            _apply(img, _Op("write", op.offset, data))
         return img
 
 
@@ -551,4 +551,8 @@ def _apply(img: bytearray, op: _Op) -> None:
         else:
             img.extend(bytes(op.offset - len(img)))
     else:
+        # A write past the end (its resize not kept in a crash image) extends the image
+        # as it extends a file: zeroes up to its offset, not the data at the old end.
+        if op.offset > len(img):
+            img.extend(bytes(op.offset - len(img)))
         img[op.offset: op.offset + len(op.data)] = op.data
