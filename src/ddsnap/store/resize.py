@@ -157,8 +157,9 @@ def _free_run(bits: bytearray, old: Bitmap, count: int, lo: int, hi: int,
     while True:
         m = pat.search(bits, pos, hi >> 3)
         if m is None:
-            raise StoreFull(f"no room for the new allocation bitmap ({count} free blocks "
-                            "in a row)")
+            raise StoreFull(f"no room for the new allocation bitmap: it needs {count} "
+                            f"free blocks in a row ({want * 8}, as whole bitmap bytes); "
+                            "delete a snapshot first, or grow the store by more")
         start = m.start() * 8
         run = range(start, start + count)
         bad = [b for b in run
