@@ -2753,16 +2753,18 @@ Then {a.create_samples} timed creations, then the deletes in that order:
 {self.scaling_delete_table() if b.scale_fills or b.scale_errors
  else "(the scaling workload was not in the run)"}
 
-What the sweep walks (docs/format.md, "Why versioned pointers, and what they cost"): a
-delete that frees nothing walks nothing; deleting a snapshot of the origin that had
-exclusive copy-outs walks **all of the origin's history entries**, so its time follows
-the origin's history entries, not k; "per store exception" divides the round trip by the
-exceptions the store held.
+What the sweep walks (docs/format.md, "Tag index" and "Why versioned pointers, and what
+they cost"): a delete that frees nothing walks no entry; deleting a snapshot of the
+origin that had exclusive copy-outs walks the tag index ranges of the groups nobody reads
+any more (its k copy-outs), not all of the origin's history entries; every delete also
+looks at every group once to find those; "per store exception" divides the round trip by
+the exceptions the store held.
 
 **Metadata bytes per exception**: each store opened read-only after its server stopped
 (`bench/metaprobe.py`: `SharedStore.open(..., mode="inspect")`, leaves from
 `store._leaves()` plus the index nodes above them, exceptions from
-`store.exception_chunks()`); bytes = (leaves + index nodes) × 4096 / exceptions.  The
+`store.exception_chunks()`); bytes = (leaves + index nodes) × 4096 / exceptions, the
+leaves holding each copy-out of the origin twice (its entry and its tag index record).  The
 snapshot table's blocks are not tree blocks and are left out (one per 14 snapshots: 715
 at 10,000).  v2's figure is computed from its layout, not measured: a leaf record of
 W/8 + 8 bytes (W-bit sharemap, store chunk) plus an 8-byte map entry per logical chunk,
