@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from conftest import examples
 from ddsnap.errors import InvalidArgument, StoreNotFound
-from ddsnap.store.blockdev import (CrashClock, CrashNow, FileDevice, MemoryDevice,
-                                   RecordingDevice, copy_range)
+from ddsnap.store.blockdev import FileDevice, MemoryDevice, copy_range
+from ddsnap.testing.crash import CrashClock, CrashNow, RecordingDevice
 
 SIZE = 64 << 10
 

@@ -41,10 +41,11 @@ from dataclasses import dataclass, field
 import pytest
 
 from ddsnap.errors import StoreFull
-from ddsnap.store.blockdev import CrashClock, MemoryDevice, RecordingDevice
+from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.format import LEAF_MAX, MERGED, pack_key
 from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
+from ddsnap.testing.crash import CrashClock, RecordingDevice
 from ddsnap.volume import Origin, Snapshot
 from test_store_crash import MODES, Vol, crash_points
 

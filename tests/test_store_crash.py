@@ -36,9 +36,10 @@ from dataclasses import dataclass, field
 import pytest
 
 from ddsnap.errors import ShrinkRefused, StoreFull
-from ddsnap.store.blockdev import CrashClock, CrashNow, MemoryDevice, RecordingDevice
+from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
+from ddsnap.testing.crash import CrashClock, CrashNow, RecordingDevice
 from ddsnap.volume import Origin, Snapshot
 
 MODES = ("drop", "subset", "torn")

@@ -21,7 +21,7 @@ from conftest import examples
 from ddsnap.errors import CorruptMetadata, InvalidArgument, JournalError, NotAStore, StoreFull
 from ddsnap.store import format as fmt
 from ddsnap.store.alloc import Bitmap
-from ddsnap.store.blockdev import CrashNow, FileDevice, MemoryDevice, RecordingDevice
+from ddsnap.store.blockdev import FileDevice, MemoryDevice
 from ddsnap.store.format import (BLOCK_SIZE, HEADER_SIZE, INF, JD_MAX, LEAF_MAX, NODE_MAX,
                                  SNAPS_PER_BLOCK, T_JOURNAL, T_LEAF, T_NODE, T_SNAPTABLE,
                                  T_SUPER, TABLE_NEXT_OFF, Leaf, Node, SnapSlot, State,
@@ -32,6 +32,7 @@ from ddsnap.store.journal import Journal, Transaction
 from ddsnap.store.memory import MemoryStore
 from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore, read_superblock
+from ddsnap.testing.crash import CrashNow, RecordingDevice
 from ddsnap.volume import Origin, Snapshot
 
 UUID = bytes(range(16))

@@ -31,12 +31,13 @@ import pytest
 
 from ddsnap.errors import DdsnapError, FormatTooOld, OriginMismatch, StoreFull
 from ddsnap.store import upgrade as upgrade_mod
-from ddsnap.store.blockdev import CrashClock, CrashNow, FileDevice, MemoryDevice, RecordingDevice
+from ddsnap.store.blockdev import FileDevice, MemoryDevice
 from ddsnap.store.format import (BLOCK_SIZE, NO_MERGE, VERSION, VERSION_V2, header_version)
 from ddsnap.store.journal import Journal
 from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
 from ddsnap.store.upgrade import upgrade_store
+from ddsnap.testing.crash import CrashClock, CrashNow, RecordingDevice
 from ddsnap.volume import Origin, Snapshot
 from served import fails, ok, on_a_terminal
 

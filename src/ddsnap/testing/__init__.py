@@ -1,0 +1,1 @@
+"""Test rigs that the tests and the benchmark share (not used by the server)."""
