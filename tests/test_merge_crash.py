@@ -649,6 +649,22 @@ def _after_crash(dev, origin, n: int, what: str, path: str) -> MetadataService:
     return svc2
 
 
+def _crash_checker(dev, origin, want: dict) -> tuple:
+    """A crash-clock observer that recovers the images a crash at each operation leaves
+    (:func:`_after_crash`) and reads every volume of ``want`` (``"origin"`` or a snapshot
+    name -> its expected bytes from offset 0); returns ``(observer, points checked)``."""
+    checked: list[int] = []
+
+    def observe(n, what, path):
+        svc2 = _after_crash(dev, origin, n, what, path)
+        for name, data in want.items():
+            vol = Origin(svc2) if name == "origin" else Snapshot(svc2, svc2.snapshot(name))
+            assert vol.read(0, len(data)) == data, f"{name} after a crash at op {n}"
+        checked.append(n)
+
+    return observe, checked
+
+
 def test_crash_while_a_step_reclaims_the_space_a_merge_freed(monkeypatch):
     """A nearly full store: the first step's copy-outs use most of the free chunks and its
     drops free the target's (reusable only after a checkpoint); the second step's copy-outs
@@ -662,7 +678,7 @@ def test_crash_while_a_step_reclaims_the_space_a_merge_freed(monkeypatch):
     Snapshot(svc, t).write(5 * CS, b"t" * 5 * CS)  # t's chunks 5..9, then 0..4: two runs
     Snapshot(svc, t).write(0, b"T" * 5 * CS)
     target = Snapshot(svc, t).read(0, size)
-    young = svc.create_snapshot("young")  # reads the origin at 0..9: needs copy-outs
+    svc.create_snapshot("young")  # reads the origin at 0..9: needs copy-outs
     filler = svc.create_snapshot("filler")
     free = svc.store.space()["chunks_free"]
     Snapshot(svc, filler).write(20 * CS, b"f" * (free - 7) * CS)  # 7 chunks left
@@ -670,15 +686,8 @@ def test_crash_while_a_step_reclaims_the_space_a_merge_freed(monkeypatch):
     svc.flush_store()
     svc.start_merge("t")
     assert svc.merge_step() is False  # run 0..4: 5 copy-outs, t's 5 chunks freed
-    checked = []
-
-    def observe(n, what, path):
-        svc2 = _after_crash(dev, origin, n, what, path)
-        assert Origin(svc2).read(0, size) == target
-        assert Snapshot(svc2, young).read(0, size) == bytes(size)
-        assert Snapshot(svc2, filler).read(0, size) == filled
-        checked.append(n)
-
+    observe, checked = _crash_checker(dev, origin, {"origin": target, "young": bytes(size),
+                                                    "filler": filled})
     clock.observer = observe
     # run 5..9: room for 2 copy-outs, so 2 chunks merge; the next step holds nothing
     # when it checkpoints to reuse t's freed chunks, and merges the rest.
@@ -759,15 +768,8 @@ def test_a_step_whose_copy_outs_take_the_room_their_metadata_needs(monkeypatch):
     svc.start_merge("s1")
     total = svc.merge_status()["chunks_total"]
     assert total == 200
-    checked = []
-
-    def observe(n, what, path):
-        svc2 = _after_crash(dev, origin, n, what, path)
-        assert Origin(svc2).read(0, size) == target
-        assert Snapshot(svc2, s2).read(0, size) == before
-        assert Snapshot(svc2, filler).read(0, size) == filled
-        checked.append(n)
-
+    observe, checked = _crash_checker(dev, origin, {"origin": target, "s2": before,
+                                                    "filler": filled})
     clock.observer = observe
     steps = 1
     while not svc.merge_step():
@@ -815,15 +817,8 @@ def test_a_merge_in_a_store_with_no_free_block_moves_its_cursor(monkeypatch):
     Origin(svc).flush()
     origin_now = Origin(svc).read(0, size)
     filled = Snapshot(svc, filler).read(0, size)
-    checked = []
-
-    def observe(n, what, path):
-        svc2 = _after_crash(dev, origin, n, what, path)
-        assert Origin(svc2).read(0, size) == origin_now
-        assert Snapshot(svc2, svc2.snapshot("s1")).read(0, size) == kept
-        assert Snapshot(svc2, filler).read(0, size) == filled
-        checked.append(n)
-
+    observe, checked = _crash_checker(dev, origin, {"origin": origin_now, "s1": kept,
+                                                    "filler": filled})
     clock.observer = observe
     assert svc.run_merge() is True
     clock.observer = None

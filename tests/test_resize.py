@@ -444,6 +444,14 @@ def _loop_devices_work() -> str | None:
     return None
 
 
+def _need_loop_devices() -> None:
+    """Skip (with the reason) unless losetup and loop devices work here."""
+    need("losetup")
+    why = _loop_devices_work()
+    if why:
+        pytest.skip(why)
+
+
 def _device_size(dev: str) -> int:
     with open(dev, "rb") as f:
         return f.seek(0, os.SEEK_END)
@@ -451,10 +459,7 @@ def _device_size(dev: str) -> int:
 
 @pytest.mark.root
 def test_block_device_origin_grows_with_the_device(tmp_path):
-    need("losetup")
-    why = _loop_devices_work()
-    if why:
-        pytest.skip(why)
+    _need_loop_devices()
     backing = tmp_path / "disk.img"
     data = make_origin(backing, SIZE, seed=9)
     store = tmp_path / "store.img"
@@ -500,10 +505,7 @@ def test_block_device_origin_grows_with_the_device(tmp_path):
 
 @pytest.mark.root
 def test_block_device_store_grows_with_the_device(tmp_path):
-    need("losetup")
-    why = _loop_devices_work()
-    if why:
-        pytest.skip(why)
+    _need_loop_devices()
     origin = tmp_path / "origin.img"
     data = make_origin(origin, SIZE, seed=11)
     backing = tmp_path / "store-disk.img"
@@ -538,10 +540,7 @@ def test_block_device_store_grows_with_the_device(tmp_path):
 
 @pytest.mark.root
 def test_block_device_store_reports_its_own_size_not_the_device_s(tmp_path):
-    need("losetup")
-    why = _loop_devices_work()
-    if why:
-        pytest.skip(why)
+    _need_loop_devices()
     origin = tmp_path / "origin.img"
     make_origin(origin, SIZE, seed=12)
     backing = tmp_path / "store-disk.img"

@@ -1020,12 +1020,7 @@ class SpaceMachine(RuleBasedStateMachine):
         checkpointed first), also with a delete half swept: refused or not, no lookup,
         no figure and nothing unswept changes; the chunk total moves by the change."""
         store = self.store
-        if self.SHARED:
-            bpc = store.bpc
-            now = store.sb.blocks // bpc
-            least = -(-(store.data_start + 2 + bpc) // bpc)  # metadata, tree, one chunk
-        else:
-            now, least = store.space()["chunks_total"], 1
+        now, least = store.store_size // self.CHUNK, store.min_size // self.CHUNK
         new = data.draw(st.integers(least, now + 8), label="chunks")
         before = lookups(store)
         figures = store.snapshot_space()

@@ -315,15 +315,8 @@ class StoreMachine(RuleBasedStateMachine):
 
     def _store_geometry(self) -> tuple[int, int, int]:
         """(chunks now, fewest chunks a resize accepts, most this machine tries)."""
-        store = self.store
-        cs = self.CHUNK
-        if self.SHARED:
-            bpc = store.bpc
-            now = store.sb.blocks // bpc
-            least = -(-(store.data_start + 2 + bpc) // bpc)  # metadata, tree, one chunk
-        else:
-            now, least = store.space()["chunks_total"], 1
-        return now, least, self.STORE // cs + 8
+        store, cs = self.store, self.CHUNK
+        return store.store_size // cs, store.min_size // cs, self.STORE // cs + 8
 
     @rule(data=st.data(), grow=st.booleans())
     def resize_store(self, data, grow):

@@ -117,6 +117,8 @@ class ExceptionStore(abc.ABC):
 
     #: bytes the store uses for exceptions and metadata (whole chunks)
     store_size: int
+    #: the fewest bytes ``resize_store`` accepts (whole chunks)
+    min_size: int
 
     @property
     def origin_chunks(self) -> int:

@@ -121,6 +121,11 @@ class MemoryStore(VersionedStore):
         """Bytes of exception data space (whole chunks)."""
         return self._nchunks * self.chunk_size
 
+    @property
+    def min_size(self) -> int:
+        """The fewest bytes a resize may leave: one chunk."""
+        return self.chunk_size
+
     def resize_store(self, size: int) -> int:
         """Grow or shrink the chunks available to ``size // chunk_size``; return the new
         size in bytes.
@@ -130,7 +135,7 @@ class MemoryStore(VersionedStore):
             ShrinkRefused: chunks past the new end are in use.
         """
         n = size // self.chunk_size
-        if n < 1:
+        if size < self.min_size:
             raise InvalidArgument(f"a store of {size} bytes holds no chunk")
         if n < self._nchunks:
             used = sorted({sc for _o, _c, _t, sc in self.exceptions() if sc >= n})

@@ -34,13 +34,11 @@ from .format import (BITMAP_BYTES, BITS_PER_BITMAP, BLOCK_SIZE, HEADER_SIZE, INF
                      T_BITMAP, pack_key, seal)
 
 
-def resize_shared_store(store, size: int, fits) -> int:
+def resize_shared_store(store, size: int) -> int:
     """Make ``store`` (a :class:`~ddsnap.store.shared.SharedStore`) ``size`` bytes,
-    rounded down to whole chunks; return the new size in bytes.
-
-    ``fits(blocks, bpc, data_start)`` is the layout rule of a new store (the metadata,
-    the tree and one data chunk fit).  A file is extended before the switch and
-    truncated after it; a block device must already hold the new size.
+    rounded down to whole chunks (at least ``store.min_size``); return the new size in
+    bytes.  A file is extended before the switch and truncated after it; a block device
+    must already hold the new size.
 
     Raises:
         InvalidArgument: too small for the metadata, or a block device smaller than
@@ -57,7 +55,7 @@ def resize_shared_store(store, size: int, fits) -> int:
     data_start = store.data_start
     if new_blocks == old_blocks:
         return old_blocks * BLOCK_SIZE
-    if not fits(new_blocks, bpc, data_start):
+    if new_blocks * BLOCK_SIZE < store.min_size:
         raise InvalidArgument(f"a store of {human_bytes(size)} is too small for its "
                               "metadata and one chunk of data")
     if store._dirty or store.table.dirty or store.bitmap.dirty or store._spare:

@@ -26,6 +26,7 @@ import os
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from humanfriendly import InvalidSize, parse_size
@@ -181,7 +182,7 @@ class MetadataService:
         self._pending: dict[tuple[int, int], int] = {}
         self._readlocks: Counter[int] = Counter()
         self._origin_writes = 0
-        self._barrier = 0  # snapshot creations waiting for origin writes to drain
+        self._barrier = 0  # operations holding new origin writes back (_origin_writes_held)
         self._opens: Counter[str] = Counter()
         self._snaps: tuple[SnapshotInfo, ...] = ()
         self._refresh_snaps()
@@ -458,6 +459,20 @@ class MetadataService:
                 raise host_error(e, "snapshot store", cow.path,
                                  f"copying chunks from {source.path}") from e
             raise
+
+    @contextmanager
+    def _origin_writes_held(self):
+        """Lock held: hold new origin writes back (``_barrier``), wait until those in
+        flight are done, and let them go again on leaving.  For what must see the origin
+        still: a snapshot creation, a merge start, a resize."""
+        self._barrier += 1
+        try:
+            while self._origin_writes:
+                self._wait()
+            yield
+        finally:
+            self._barrier -= 1
+            self.cond.notify_all()
 
     def _flush_origin(self) -> None:
         """``origin.flush()``, a host failure raised as HostIOError naming the origin."""
@@ -922,19 +937,13 @@ class MetadataService:
                 self._refresh_snaps()
                 e = self.epoch
             else:
-                self._barrier += 1
-                try:
-                    while self._origin_writes:
-                        self._wait()
+                with self._origin_writes_held():
                     # Completed origin writes are part of the snapshot: make them durable
                     # so a crash cannot change what the snapshot reads (invariant 1).
                     self._flush_origin()
                     info = self.store.create_snapshot(name, read_only)
                     self._refresh_snaps()
                     e = self.epoch
-                finally:
-                    self._barrier -= 1
-                    self.cond.notify_all()
         self.wait_durable(e)
         return info
 
@@ -1110,17 +1119,11 @@ class MetadataService:
                     f"{human_bytes(info.size)} to merge it")
             # Origin writes in flight finish first (seed 003 patch 10); new ones wait and
             # then see the merge.
-            self._barrier += 1
-            try:
-                while self._origin_writes:
-                    self._wait()
-            finally:
-                self._barrier -= 1
-                self.cond.notify_all()
-            if self.store.merging is not None:  # another merge started meanwhile
-                raise MergeInProgress("another merge started meanwhile")
-            self.store.set_merge(info.id, keep)
-            self._merging = info.id
+            with self._origin_writes_held():
+                if self.store.merging is not None:  # another merge started meanwhile
+                    raise MergeInProgress("another merge started meanwhile")
+                self.store.set_merge(info.id, keep)
+                self._merging = info.id
             self._merge_progress = MergeProgress(self._count_merge_left())
             log.info("merge of snapshot %s into the origin started (%d chunks)", name,
                      self._merge_progress.total)
@@ -1510,11 +1513,6 @@ class MetadataService:
 
     # -- resize ---------------------------------------------------------------------------
 
-    def _quiesce_origin_locked(self) -> None:
-        """Wait (lock held) until no origin write is in flight; the caller has raised
-        ``_barrier`` so new ones wait behind it."""
-        while self._origin_writes:
-            self._wait()
 
     def resize_origin(self, size: int) -> dict:
         """Grow or shrink the origin to ``size`` bytes, online (``lvextend``/``lvreduce``
@@ -1570,9 +1568,7 @@ class MetadataService:
                         "connection(s) have it open (they could write past the new end); "
                         "disconnect them first. Nothing was changed")
             if size != old:
-                self._barrier += 1
-                try:
-                    self._quiesce_origin_locked()
+                with self._origin_writes_held():
                     if size > old:
                         # Bytes a file holds past the recorded end are not the volume's
                         # (a shrink cut short by a crash leaves them): the new part
@@ -1584,9 +1580,6 @@ class MetadataService:
                     self._commit_now_locked()
                     if size < old:
                         self._resize_origin_device(size)
-                finally:
-                    self._barrier -= 1
-                    self.cond.notify_all()
                 log.info("origin resized from %d to %d bytes", old, size)
         return {"origin_size": size, "old_size": old}
 
@@ -1618,9 +1611,7 @@ class MetadataService:
             self._enter()
             old = self.store.space()["chunks_total"]
             old_size = self.store.store_size
-            self._barrier += 1
-            try:
-                self._quiesce_origin_locked()
+            with self._origin_writes_held():
                 self.store.request_checkpoint()
                 self._commit_now_locked()
                 try:
@@ -1633,9 +1624,6 @@ class MetadataService:
                                      "resizing it")
                     self._fail_locked(err)
                     raise err from e
-            finally:
-                self._barrier -= 1
-                self.cond.notify_all()
             chunks = self.store.space()["chunks_total"]
             log.info("snapshot store resized from %d to %d chunks", old, chunks)
         return {"store_size": new_size, "old_size": old_size, "chunks_total": chunks}

@@ -431,12 +431,19 @@ class SharedStore(VersionedStore):
         """Bytes the store uses (whole chunks; its device may be bigger)."""
         return self.sb.blocks * BLOCK_SIZE
 
+    @property
+    def min_size(self) -> int:
+        """The fewest bytes a resize may leave the store: its metadata, the tree's first
+        two blocks and one data chunk, in whole chunks (the rule of :meth:`create`)."""
+        need = self.data_start + 2 + self.bpc
+        return -(-need // self.bpc) * self.chunk_size
+
     def resize_store(self, size: int) -> int:
         """Grow or shrink the store to ``size`` bytes (whole chunks); return the new size.
         Call with every change committed and checkpointed (the service does).  See
         :func:`ddsnap.store.resize.resize_shared_store` for the steps and errors."""
         from .resize import resize_shared_store
-        return resize_shared_store(self, size, _fits)
+        return resize_shared_store(self, size)
 
     # -- superblock and images -----------------------------------------------------------
 

@@ -686,7 +686,7 @@ class VersionedStore(ExceptionStore):
         """Iterate the tag index as ``(tag, chunk, store_chunk)``."""
         lo = index_key(0, 0)
         while True:
-            part = self._kv_range(lo, index_key(INF, 0) + (1 << 64), 4096)
+            part = self._kv_range(lo, (INDEX + 1) << 96, 4096)
             for k, v in part:
                 t, c = unpack_index(k)
                 yield t, c, v
