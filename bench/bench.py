@@ -1903,7 +1903,7 @@ class Bench:
     def main(self) -> int:
         a = self.args
         t_start = time.monotonic()
-        self.started = dt.datetime.now(dt.timezone.utc)
+        self.started = dt.datetime.now(dt.UTC)
         self.load_start = open("/proc/loadavg").read().split()[:3]
         say(f"temporary directory {self.tmp}; load average {' '.join(self.load_start)}")
         self.pick_access()

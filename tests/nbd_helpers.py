@@ -310,7 +310,7 @@ class RawClient:
                 ctx = struct.unpack(">I", payload[:4])[0]
                 pairs = struct.unpack(f">{(length - 4) // 4}I", payload[4:])
                 result["context"] = ctx
-                result["extents"] = list(zip(pairs[::2], pairs[1::2]))
+                result["extents"] = list(zip(pairs[::2], pairs[1::2], strict=True))
             elif rtype & (1 << 15):
                 error, mlen = struct.unpack(">IH", payload[:6])
                 result["error"] = error

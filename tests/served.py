@@ -184,8 +184,8 @@ class Served:
 
     # -- life cycle -------------------------------------------------------------------
 
-    def start(self) -> "Served":
-        self._logf = open(self.log, "w+")
+    def start(self) -> Served:
+        self._logf = open(self.log, "w+")  # noqa: SIM115 - open while the server runs
         self.proc = subprocess.Popen(self.args, stdout=self._logf, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=ddsnap_env())
         try:
@@ -218,7 +218,7 @@ class Served:
         with open(self.log) as f:
             return f.read()
 
-    def __enter__(self) -> "Served":
+    def __enter__(self) -> Served:
         return self if self.proc is not None else self.start()
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -283,7 +284,8 @@ def test_crash_images_hold_only_durable_or_pending_data(ops, seed):
             allowed = {d[x - o] for o, d in since_flush if o <= x < o + len(d)}
             assert img[x] in allowed, (mode, x)
     # Same seed, same image: crash tests are reproducible.
-    assert dev.crash_image(random.Random(seed), "torn") == dev.crash_image(random.Random(seed), "torn")
+    torn = dev.crash_image(random.Random(seed), "torn")
+    assert torn == dev.crash_image(random.Random(seed), "torn")
 
 
 def test_subset_keeps_order_of_overlapping_writes():
@@ -351,7 +353,8 @@ def test_crash_images_of_a_grow_and_a_write_in_the_grown_part():
     assert seen == {4096, 6656, 8192}
     dev.flush()
     dev.resize(1024)  # a shrink: pending until the next flush
-    assert dev.crash_image(mode="drop") == b"\x11" * 4096 + bytes(2048) + b"\xaa" * 512 + bytes(1536)
+    want = b"\x11" * 4096 + bytes(2048) + b"\xaa" * 512 + bytes(1536)
+    assert dev.crash_image(mode="drop") == want
     assert dev.crash_image(mode="all") == b"\x11" * 1024
     dev.flush()
     assert dev.crash_image(mode="drop") == b"\x11" * 1024 and dev.size == 1024
@@ -395,7 +398,7 @@ def test_contract_preadinto_nowait_reads_what_is_in_memory(device):
 def test_file_preadinto_nowait_refuses_data_not_cached(tmp_path):
     """After the page cache is dropped for the file, RWF_NOWAIT reads answer False (the
     event loop never waits for the disk); a normal read brings the data in again."""
-    fstype = max((m for m in open("/proc/mounts").read().split("\n") if m.count(" ") >= 3
+    fstype = max((m for m in Path("/proc/mounts").read_text().split("\n") if m.count(" ") >= 3
                   and str(tmp_path).startswith(m.split()[1])), key=lambda m: len(m.split()[1]))
     if fstype.split()[2] in ("tmpfs", "ramfs"):
         pytest.skip("a memory filesystem has no page cache to drop")

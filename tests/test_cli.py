@@ -19,14 +19,27 @@ import re
 import signal
 import struct
 import subprocess
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import crc32c
 import pytest
 
-from served import (DEADLINE, KiB, MiB, Served, control_request, ddsnap, fails,
-                    make_origin, ok, ok_json, read_export, tool, wait_until)
+from served import (
+    DEADLINE,
+    KiB,
+    MiB,
+    Served,
+    control_request,
+    ddsnap,
+    fails,
+    make_origin,
+    ok,
+    ok_json,
+    read_export,
+    tool,
+    wait_until,
+)
 
 ORIGIN_SIZE = 16 * MiB
 CHUNK = 64 * KiB
@@ -153,11 +166,11 @@ def test_init_refuses_to_overwrite_a_store_unless_forced(env):
 @pytest.mark.parametrize("served", [False, True], ids=["local", "served"])
 def test_snapshot_life_cycle(env, served):
     with maybe_served(env, served):
-        t0 = datetime.now(timezone.utc)
+        t0 = datetime.now(UTC)
         p = ok("snap", "create", env.store, "monday")
         assert re.search(r"created snapshot monday \(id \d+\) at \S+", p.stdout), p.stdout
         ok("snap", "create", env.store, "tuesday", "--read-only")
-        t1 = datetime.now(timezone.utc)
+        t1 = datetime.now(UTC)
 
         snaps = ok_json("snap", "list", env.store)
         assert [s["name"] for s in snaps] == ["monday", "tuesday"]

@@ -38,9 +38,27 @@ from pathlib import Path
 
 import pytest
 
-from served import (DDSNAP, DEADLINE, KiB, MiB, Served, control_request, ddsnap,
-                    ddsnap_env, export_names, fails, make_origin, merge_status, ok, ok_json,
-                    on_a_terminal, same_image, tool, wait_merge_done, wait_until)
+from served import (
+    DDSNAP,
+    DEADLINE,
+    KiB,
+    MiB,
+    Served,
+    control_request,
+    ddsnap,
+    ddsnap_env,
+    export_names,
+    fails,
+    make_origin,
+    merge_status,
+    ok,
+    ok_json,
+    on_a_terminal,
+    same_image,
+    tool,
+    wait_merge_done,
+    wait_until,
+)
 
 pytestmark = pytest.mark.clients
 

@@ -30,12 +30,26 @@ from pathlib import Path
 import pytest
 from humanfriendly import format_size
 
+import served
 from ddsnap.errors import InvalidArgument
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.shared import SharedStore, min_store_size
-import served
-from served import (DDSNAP, DEADLINE, KiB, MiB, Served, ddsnap_env, fails, make_origin,
-                    merge_status, ok, ok_json, tool, wait_merge_done, wait_until)
+from served import (
+    DDSNAP,
+    DEADLINE,
+    KiB,
+    MiB,
+    Served,
+    ddsnap_env,
+    fails,
+    make_origin,
+    merge_status,
+    ok,
+    ok_json,
+    tool,
+    wait_merge_done,
+    wait_until,
+)
 
 ORIGIN_SIZE = 16 * MiB
 

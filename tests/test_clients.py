@@ -14,12 +14,25 @@ import json
 import re
 import subprocess
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 
-from served import (DEADLINE, KiB, MiB, Served, is_root, make_origin, nbdfuse, need, ok,
-                    ok_json, read_export, tool)
+from served import (
+    DEADLINE,
+    KiB,
+    MiB,
+    Served,
+    is_root,
+    make_origin,
+    nbdfuse,
+    need,
+    ok,
+    ok_json,
+    read_export,
+    tool,
+)
 
 SIZE = 32 * MiB
 pytestmark = pytest.mark.clients
@@ -127,8 +140,8 @@ def test_nbdinfo_read_only_snapshot(setup):
 def test_read_only_snapshot_refuses_writes_on_the_wire(setup):
     """A client that ignores the read-only flag and sends a WRITE gets EPERM, and the
     snapshot is unchanged."""
-    from nbd_helpers import RawClient
     from ddsnap.nbd.protocol import Command
+    from nbd_helpers import RawClient
 
     c = RawClient(f"unix:{setup.srv.sock}", "frozen")
     try:
@@ -324,7 +337,7 @@ def test_concurrent_connections_write_disjoint_ranges(setup):
     for i in range(6):
         base = i * 4 * MiB
         cmds = []
-        for lo, hi in zip(cuts, cuts[1:]):
+        for lo, hi in pairwise(cuts):
             cmds += ["-c", f"write -P {0x60 + i:#x} {base + lo} {hi - lo}"]
         writers.append(subprocess.Popen(["qemu-io", "-f", "raw", *cmds, setup.uri("origin")],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -208,7 +208,7 @@ class Flip:
                 f"{self.raised or self.findings}, serve {self.outcome}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def campaign(state: str) -> tuple[Flip, ...]:
     """Every flip of ``state`` (seeded), checked and served."""
     image, origin, want = build(state)

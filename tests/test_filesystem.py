@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from served import (MiB, Served, is_root, loop_device, mounted, nbdfuse, need, ok, ok_json,
-                    tool)
+from served import MiB, Served, is_root, loop_device, mounted, nbdfuse, need, ok, ok_json, tool
 
 pytestmark = [
     pytest.mark.root,

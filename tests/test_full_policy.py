@@ -28,8 +28,21 @@ from pathlib import Path
 
 import pytest
 
-from served import (KiB, MiB, Served, control_request, export_names, fails, make_origin,
-                    merge_status, ok, ok_json, same_image, tool, wait_merge_done)
+from served import (
+    KiB,
+    MiB,
+    Served,
+    control_request,
+    export_names,
+    fails,
+    make_origin,
+    merge_status,
+    ok,
+    ok_json,
+    same_image,
+    tool,
+    wait_merge_done,
+)
 
 pytestmark = pytest.mark.clients
 

@@ -22,8 +22,8 @@ import errno
 import os
 import random
 import subprocess
-import time
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -36,7 +36,6 @@ from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
 from ddsnap.volume import Origin, Snapshot
-
 from faultdev import KINDS, FaultDevice
 from nbd_helpers import RawClient
 from served import Served, fails, make_origin, ok, ok_json, tool, wait_until
@@ -171,7 +170,7 @@ def after_snap_write(w: World) -> None:
     new[SNAP_AT: SNAP_AT + SNAP_LEN] = _data(6, SNAP_LEN)
     written = [now[c * CS:(c + 1) * CS] == new[c * CS:(c + 1) * CS] for c in range(10, 14)]
     assert written == sorted(written, reverse=True), written
-    for c, yes in zip(range(10, 14), written):
+    for c, yes in zip(range(10, 14), written, strict=True):
         if not yes:
             assert now[c * CS:(c + 1) * CS] == old[c * CS:(c + 1) * CS], c
     w.snaps["s1"][:] = now
@@ -258,13 +257,9 @@ def test_every_io_of_an_operation_can_fail(op, device, err):
                 after(w)
             w.verify()
             # The same operation again (what it already did durably is not redone).
-            if op in ("origin-write", "snap-write"):
-                run(w)
-            elif op == "snap-create" and "new" not in w.snaps:
-                run(w)
-            elif op == "snap-delete" and "s0" in w.snaps:
-                run(w)
-            elif op == "merge-step":
+            if (op in ("origin-write", "snap-write", "merge-step")
+                    or (op == "snap-create" and "new" not in w.snaps)
+                    or (op == "snap-delete" and "s0" in w.snaps)):
                 run(w)
             w.verify()
             finish(w)
@@ -318,7 +313,7 @@ def test_failed_copy_outs_give_back_every_chunk():
     before = w.svc.store.space()
     w.dev.fail_while("write", errno.ENOSPC)
     big = _data(7, OSZ)
-    for i in range(45):
+    for _ in range(45):
         with pytest.raises(HostFull):
             Origin(w.svc).write(0, big)
     w.dev.clear()

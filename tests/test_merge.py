@@ -32,8 +32,14 @@ import time
 
 import pytest
 
-from ddsnap.errors import (InvalidArgument, MergeInProgress, ReadOnlyVolume, SnapshotBusy,
-                           SnapshotNotFound, StoreFull)
+from ddsnap.errors import (
+    InvalidArgument,
+    MergeInProgress,
+    ReadOnlyVolume,
+    SnapshotBusy,
+    SnapshotNotFound,
+    StoreFull,
+)
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.service import COPY_CHUNKS, MetadataService
 from ddsnap.store.shared import SharedStore
@@ -527,8 +533,8 @@ def test_a_step_cut_short_by_an_origin_write_skips_no_chunk(make_store, kind):
 @pytest.mark.parametrize("kind", ["shared-memory", "memory"])
 def test_concurrent_writers_and_readers_during_the_merge(make_store, kind):
     """Three writers write their own third of random chunks (so several writers hit one
-    unmerged chunk), a fourth writes runs of two whole chunks elsewhere; readers read the origin and a
-    snapshot all along; the merge runs in its own thread.  Every origin read shows the
+    unmerged chunk), a fourth writes runs of two whole chunks elsewhere; readers read the
+    origin and a snapshot all along; the merge runs in its own thread.  Every origin read shows the
     target's bytes or bytes written there; afterwards the origin is exactly the target
     plus the writes, and the snapshots are unchanged."""
     chunks = 64

@@ -33,8 +33,20 @@ import pytest
 import test_filesystem as fs
 from ddsnap.nbd.protocol import Command
 from nbd_helpers import RawClient
-from served import (DEADLINE, KiB, MiB, Served, export_names, is_root, merge_status, need,
-                    ok, ok_json, same_image, tool)
+from served import (
+    DEADLINE,
+    KiB,
+    MiB,
+    Served,
+    export_names,
+    is_root,
+    merge_status,
+    need,
+    ok,
+    ok_json,
+    same_image,
+    tool,
+)
 
 pytestmark = [
     pytest.mark.root,
@@ -220,7 +232,7 @@ def run_scenario(tmp_path: Path, stack: contextlib.ExitStack) -> None:
     assert "o" not in seq[switch:], ("the block reader saw the old origin again after it "
                                      "had seen 'before'")
     assert "o" not in "".join(blocks.kinds[reads_at_end + 1:])
-    for start, end, kinds in reader.copies:
+    for start, _end, kinds in reader.copies:
         assert "x" not in kinds, (f"a copy of the origin made from {start - merge_start:+.2f}"
                                   f" s held a block that is neither the old origin nor "
                                   f"'before' (block {kinds.index('x')})")

@@ -22,7 +22,8 @@ happens to the parent afterwards (writes, a merge of it, its deletion).
 After every step every volume reads exactly as the model, the merge status matches,
 refused operations are refused (MergeInProgress for a second merge, a snapshot create, a
 write to or delete of the target, a resize of the origin; InvalidArgument for a merge of
-a snapshot whose size is not the origin's, after the origin grew), and ``check()`` finds nothing fatal; at teardown it
+a snapshot whose size is not the origin's, after the origin grew), and ``check()`` finds
+nothing fatal; at teardown it
 finds nothing at all after a clean reopen.  StoreFull may happen (the stores are small):
 a refused write leaves its own range old or new byte by byte and changes nothing else; a
 refused merge step changes nothing.
@@ -41,12 +42,10 @@ import threading
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
-                                 rule)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from conftest import examples
-from ddsnap.errors import (InvalidArgument, MergeInProgress, ReadOnlyVolume, ShrinkRefused,
-                           StoreFull)
+from ddsnap.errors import InvalidArgument, MergeInProgress, ReadOnlyVolume, ShrinkRefused, StoreFull
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.memory import MemoryStore
 from ddsnap.store.service import MetadataService

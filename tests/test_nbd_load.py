@@ -26,7 +26,6 @@ from ddsnap import admin
 from ddsnap.daemon import Exports
 from ddsnap.nbd import protocol as P
 from ddsnap.nbd.protocol import Command
-
 from nbd_helpers import RawClient, ServerThread, go_data, option, recv_exact
 from served import MiB, Served, ok, wait_until
 

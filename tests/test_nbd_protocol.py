@@ -18,7 +18,6 @@ from ddsnap.nbd.protocol import (
     ServerConnection,
     State,
 )
-
 from nbd_helpers import MiB, Registry, go_data, meta_data, option, request
 
 
@@ -178,7 +177,7 @@ def test_list_sends_every_export_then_ack():
     replies = option_replies(out(conn))
     names = [r[2][4:].decode() for r in replies if r[1] == P.REP_SERVER]
     assert names == ["origin", "snap", "big"]
-    for _opt, rtype, data in replies[:-1]:
+    for _opt, _rtype, data in replies[:-1]:
         assert struct.unpack(">I", data[:4])[0] == len(data) - 4
     assert replies[-1][:2] == (P.OPT_LIST, P.REP_ACK)
     assert all(r[0] == P.OPT_LIST for r in replies)

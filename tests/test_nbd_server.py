@@ -22,11 +22,10 @@ from ddsnap.errors import InvalidArgument, ListenError, ReadOnlyVolume, StoreFul
 from ddsnap.nbd import protocol as P
 from ddsnap.nbd.protocol import Command
 from ddsnap.nbd.server import NbdServer, parse_listen
-
 from nbd_helpers import (
     KiB,
-    MiB,
     MemoryExport,
+    MiB,
     NowaitMemoryExport,
     RawClient,
     Registry,

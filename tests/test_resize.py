@@ -41,12 +41,26 @@ from pathlib import Path
 
 import pytest
 
-from nbd_helpers import RawClient
-from served import (KiB, MiB, Served, ddsnap, ddsnap_env, fails, is_root, loop_device,
-                    make_origin, merge_status, need, ok, ok_json, read_export, tool,
-                    wait_until)
-
 from ddsnap.nbd.protocol import Command
+from nbd_helpers import RawClient
+from served import (
+    KiB,
+    MiB,
+    Served,
+    ddsnap,
+    ddsnap_env,
+    fails,
+    is_root,
+    loop_device,
+    make_origin,
+    merge_status,
+    need,
+    ok,
+    ok_json,
+    read_export,
+    tool,
+    wait_until,
+)
 
 pytestmark = pytest.mark.clients
 
@@ -243,7 +257,8 @@ def test_store_grows_and_shrinks_only_when_nothing_lives_past_the_new_end(tmp_pa
     st0 = e.status()
     p = ok("resize", e.store, "--store-size", "8M")
     st = e.status()
-    assert p.stdout == f"store: 4 MiB -> 8 MiB ({st['chunks_total']} chunks for data and metadata)\n"
+    want = f"store: 4 MiB -> 8 MiB ({st['chunks_total']} chunks for data and metadata)\n"
+    assert p.stdout == want
     assert st["store_size"] == 8 * MiB and e.store.stat().st_size == 8 * MiB
     added = st["chunks_total"] - st0["chunks_total"]
     assert added >= (4 * MiB // CHUNK) - 1, (st0, st)  # at most one chunk for a new bitmap

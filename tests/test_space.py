@@ -42,8 +42,15 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from conftest import examples
 from ddsnap.errors import CorruptMetadata, ShrinkRefused, StoreFull
 from ddsnap.store.blockdev import MemoryDevice
-from ddsnap.store.format import (BLOCK_SIZE, INDEX, INF, LEAF_MAX, SLOT_DELETING, SLOT_FREE,
-                                 SLOT_GHOST)
+from ddsnap.store.format import (
+    BLOCK_SIZE,
+    INDEX,
+    INF,
+    LEAF_MAX,
+    SLOT_DELETING,
+    SLOT_FREE,
+    SLOT_GHOST,
+)
 from ddsnap.store.memory import MemoryStore
 from ddsnap.store.shared import SharedStore
 
@@ -712,7 +719,7 @@ def test_sweep_stopped_half_way(make_store, kind, reopen):
     a = store.create_snapshot("a")
     for chunk in range(0, 500):
         origin_write(store, chunk)  # {a}
-    b = store.create_snapshot("b")
+    store.create_snapshot("b")
     for chunk in range(0, 500, 5):
         origin_write(store, chunk)  # {b}
     for chunk in range(500, 512):
@@ -822,7 +829,7 @@ def damaged_store(which: str):
     assert store.snapshot_space() == {a.id: (1, 399), ca.id: (1, 399)}
     node = store._read_node(store.state.root)
     leaves = node.children
-    entry_leaves = [b for k, b in zip(node.keys, leaves) if k >> 96 != INDEX]
+    entry_leaves = [b for k, b in zip(node.keys, leaves, strict=True) if k >> 96 != INDEX]
     assert len(entry_leaves) >= 3 and len(leaves) > len(entry_leaves)
     leaf = {"first": leaves[0], "last": entry_leaves[-1], "index": leaves[-1]}[which]
     image = image_of(store)

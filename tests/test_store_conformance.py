@@ -14,8 +14,15 @@ import random
 
 import pytest
 
-from ddsnap.errors import (InvalidArgument, ReadOnlyVolume, SnapshotBusy, SnapshotExists,
-                           SnapshotNotFound, StoreFull, TooManySnapshots)
+from ddsnap.errors import (
+    InvalidArgument,
+    ReadOnlyVolume,
+    SnapshotBusy,
+    SnapshotExists,
+    SnapshotNotFound,
+    StoreFull,
+    TooManySnapshots,
+)
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.format import INF, LEAF_MAX, NODE_MAX, index_key, pack_key
 from ddsnap.store.memory import MemoryStore
@@ -290,7 +297,8 @@ def test_snapshot_name_rules(make_store, kind):
         store.begin_delete("nope")
     store.commit()
     store = make_store.reopen(store)
-    assert [s.name for s in store.snapshots()] == [longest, "Origin", "origin2", "snap shot", "日本"]
+    names = [s.name for s in store.snapshots()]
+    assert names == [longest, "Origin", "origin2", "snap shot", "日本"]
 
 
 def test_snapshot_limit(make_store, kind):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import pytest
 
@@ -62,7 +63,7 @@ class Vol:
     pending: list = field(default_factory=list)
 
     @classmethod
-    def exact(cls, content: bytes) -> "Vol":
+    def exact(cls, content: bytes) -> Vol:
         """A volume that must read exactly ``content`` (a fresh snapshot)."""
         return cls(bytearray(content), bytearray(content))
 
@@ -83,7 +84,7 @@ class Vol:
     def size(self) -> int:
         return len(self.current)
 
-    def resized(self, size: int) -> "Vol":
+    def resized(self, size: int) -> Vol:
         """The volume after a resize to ``size`` bytes: cut off, or extended with zeroes;
         writes issued before it may still land or not below the new end."""
         def fit(b: bytearray) -> bytearray:
@@ -106,7 +107,7 @@ class Vol:
             if got[lo:hi] == self.durable[lo:hi]:
                 continue
             cuts = sorted({x for x in edges if lo < x < hi} | set(range(lo, hi, 512)) | {hi})
-            for a, b in zip(cuts, cuts[1:]):
+            for a, b in pairwise(cuts):
                 piece = got[a:b]
                 if piece == self.durable[a:b] or any(
                         o <= a and b <= o + len(d) and d[a - o: b - o] == piece
@@ -569,7 +570,7 @@ def test_observer_sees_what_a_real_crash_leaves(monkeypatch):
         assert real.crashed and real.ops_done == k
         images = [real.images(mode, k) for mode in MODES]
         assert (images, real.t.step) == observed[k]
-        for mode, (store_img, origin_img) in zip(MODES, images):
+        for mode, (store_img, origin_img) in zip(MODES, images, strict=True):
             recover_and_verify(real.t, g, store_img, origin_img, f"real crash at {k} {mode}")
 
 
@@ -644,7 +645,7 @@ def test_crash_at_every_point_with_resizes(seed):
 
 
 def _resize_points(g: Geometry, ops: list[tuple], kinds: tuple, modes=MODES,
-                   then=None, select=None) -> tuple[list[tuple], "Run"]:
+                   then=None, select=None) -> tuple[list[tuple], Run]:
     """Crash at every device operation of the workload steps of ``kinds`` (those
     ``select(run)`` is true for, if given) and at the one after each, recover from each
     mode's images and verify (``recover_and_verify``); ``then(run, store_img,
@@ -654,9 +655,9 @@ def _resize_points(g: Geometry, ops: list[tuple], kinds: tuple, modes=MODES,
 
     def observe(run: Run, n: int) -> None:
         step = run.t.step
-        if step < 0 or ops[step][0] not in kinds or (select and not select(run)):
-            if not (out and out[-1][0] == n - 1):
-                return
+        outside = step < 0 or ops[step][0] not in kinds or (select and not select(run))
+        if outside and not (out and out[-1][0] == n - 1):
+            return
         for mi, mode in enumerate(modes):
             rng = random.Random(n * 31 + mi)  # as run.images, without copying to bytes
             store_img = run.store_dev.crash_image(rng, mode)
@@ -694,11 +695,11 @@ def _monotone(points, kind_ops, ops) -> None:
     crash points within one resize goes from the old size to the new one once, never
     back: the switch is one durable step."""
     by_step: dict[int, list[int]] = {}
-    for n, mode, step, blocks, _origin in points:
+    for _n, mode, step, blocks, _origin in points:
         if mode == "drop" and step >= 0 and ops[step][0] in kind_ops:
             by_step.setdefault(step, []).append(blocks)
     for step, sizes in by_step.items():
-        changes = sum(1 for a, b in zip(sizes, sizes[1:]) if a != b)
+        changes = sum(1 for a, b in pairwise(sizes) if a != b)
         assert changes <= 1, f"step {step} {ops[step]}: store sizes {sizes}"
 
 
@@ -943,7 +944,7 @@ def test_origin_write_waits_until_a_snapshot_unshare_is_durable():
     t.origin.issue(100, b"B" * 100)
     t.snaps["s"] = Vol.exact(initial)
     t.snaps["s"].issue(10, b"A" * 10)
-    for mode, (store_img, origin_img) in zip(MODES, images):
+    for mode, (store_img, origin_img) in zip(MODES, images, strict=True):
         recover_and_verify(t, g, store_img, origin_img, f"origin write racing unshare ({mode})")
     assert Snapshot(svc, snap).read(0, 30) == initial[:10] + b"A" * 10 + initial[20:30]
     assert Origin(svc).read(100, 100) == b"B" * 100
@@ -964,7 +965,7 @@ def test_snapshot_write_waits_until_its_copy_out_is_durable():
     if acked:  # acknowledged at the crash: it must have survived
         t.snaps["s"].acked(10, b"S" * 10)
         t.snaps["s"].flushed()
-    for mode, (store_img, origin_img) in zip(MODES, images):
+    for mode, (store_img, origin_img) in zip(MODES, images, strict=True):
         recover_and_verify(t, g, store_img, origin_img, f"FUA write racing copy-out ({mode})")
     assert Snapshot(svc, snap).read(0, 30) == initial[:10] + b"S" * 10 + initial[20:30]
 
@@ -992,7 +993,8 @@ def test_a_commit_in_flight_is_not_undone_by_a_cache_reload():
         lambda svc, snap: Snapshot(svc, snap).write(120 * cs, b"A" * 10),
         second, trigger_path="store", g=g, setup=setup, reopen_with=tune)
     svc.commit()
-    assert Snapshot(svc, snap).read(120 * cs, 12) == b"A" * 10 + initial[120 * cs + 10: 120 * cs + 12]
+    want = b"A" * 10 + initial[120 * cs + 10: 120 * cs + 12]
+    assert Snapshot(svc, snap).read(120 * cs, 12) == want
     assert Snapshot(svc, snap).read(121 * cs, 10) == initial[121 * cs: 121 * cs + 10]
     assert svc.store.check() == []
     svc.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import struct
+from itertools import pairwise
 
 import crc32c
 import pytest
@@ -22,12 +23,35 @@ from ddsnap.errors import CorruptMetadata, InvalidArgument, JournalError, NotASt
 from ddsnap.store import format as fmt
 from ddsnap.store.alloc import Bitmap
 from ddsnap.store.blockdev import FileDevice, MemoryDevice
-from ddsnap.store.format import (BLOCK_SIZE, HEADER_SIZE, INF, JD_MAX, LEAF_MAX, NODE_MAX,
-                                 SNAPS_PER_BLOCK, T_JOURNAL, T_LEAF, T_NODE, T_SNAPTABLE,
-                                 T_SUPER, TABLE_NEXT_OFF, Leaf, Node, SnapSlot, State,
-                                 Superblock, check_header, decode_descriptor, decode_snaptable,
-                                 encode_descriptor, encode_snaptable, pack_key, peek_header,
-                                 seal, unpack_key)
+from ddsnap.store.format import (
+    BLOCK_SIZE,
+    HEADER_SIZE,
+    INF,
+    JD_MAX,
+    LEAF_MAX,
+    NODE_MAX,
+    SNAPS_PER_BLOCK,
+    T_JOURNAL,
+    T_LEAF,
+    T_NODE,
+    T_SNAPTABLE,
+    T_SUPER,
+    TABLE_NEXT_OFF,
+    Leaf,
+    Node,
+    SnapSlot,
+    State,
+    Superblock,
+    check_header,
+    decode_descriptor,
+    decode_snaptable,
+    encode_descriptor,
+    encode_snaptable,
+    pack_key,
+    peek_header,
+    seal,
+    unpack_key,
+)
 from ddsnap.store.journal import Journal, Transaction
 from ddsnap.store.memory import MemoryStore
 from ddsnap.store.service import MetadataService
@@ -343,7 +367,7 @@ def test_intact_header_passes_and_peeks():
 
 def _records(buf: bytearray, keys, vals) -> None:
     """Write raw records (key low, key high, value) from offset 56, as the format does."""
-    for i, (k, v) in enumerate(zip(keys, vals)):
+    for i, (k, v) in enumerate(zip(keys, vals, strict=True)):
         struct.pack_into("<3Q", buf, 56 + 24 * i, k & U64, k >> 64, v)
 
 
@@ -373,7 +397,7 @@ def test_decode_of_checksummed_garbage_raises_only_corrupt_metadata(btype, paylo
     n = len(obj.keys)
     assert n == count
     assert (0 if btype == T_LEAF else 1) <= n <= LEAF_MAX
-    assert all(a < b for a, b in zip(obj.keys, obj.keys[1:]))
+    assert all(a < b for a, b in pairwise(obj.keys))
     # It re-encodes to the very records it was decoded from.
     again = obj.encode()
     assert again[48:56 + 24 * n] == buf[48:52] + bytes(4) + buf[56:56 + 24 * n]
@@ -1309,7 +1333,7 @@ def test_deleted_snapshots_free_their_slots_and_the_chain_keeps_its_blocks():
     assert all(s.state == fmt.SLOT_FREE for s in gone)
     # Freed slots are taken again, lowest first, before the chain would grow.
     for name in ("t1", "t2", "t3"):
-        info = svc.create_snapshot(name)
+        svc.create_snapshot(name)
         want[name] = origin.pread(SNAP_ORIGIN, 0)
     assert [store.table.slots[i].name for i in (3, 15, 19)] == ["t1", "t2", "t3"]
     assert store.table_blocks == blocks

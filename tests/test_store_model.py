@@ -182,7 +182,7 @@ class StoreMachine(RuleBasedStateMachine):
             off, n = self._range(data)
             writes.append((off, self._payload(n, seed), fua))
         outcomes = Origin(self.svc).write_many(writes)
-        for (off, payload, _f), outcome in zip(writes, outcomes):
+        for (off, payload, _f), outcome in zip(writes, outcomes, strict=True):
             if outcome is None:
                 self.model["origin"][off: off + len(payload)] = payload
             else:
@@ -190,7 +190,7 @@ class StoreMachine(RuleBasedStateMachine):
                 self.full += 1
         # A failed write's range may hold old or new bytes (as for single writes):
         # take what the origin reads there, after checking it is one of the two.
-        for (off, payload, _f), outcome in zip(writes, outcomes):
+        for (off, payload, _f), outcome in zip(writes, outcomes, strict=True):
             if outcome is not None:
                 got = Origin(self.svc).read(off, len(payload))
                 old = self.model["origin"][off: off + len(payload)]
@@ -416,7 +416,7 @@ class StoreMachine(RuleBasedStateMachine):
         assert [s.id for s in store.snapshots()] == sorted(i.id for i in self.infos.values())
         assert not store.check_entries(), store.check_entries()
         seen = set()
-        for owner, chunk, _tag, sc in store.exceptions():
+        for _owner, chunk, _tag, sc in store.exceptions():
             assert 0 <= chunk < store.origin_chunks
             assert sc not in seen, f"store chunk {sc} used twice"
             seen.add(sc)
@@ -456,7 +456,7 @@ class StoreMachine(RuleBasedStateMachine):
                     if c * self.CHUNK < info.size:
                         within.add(sc)
         want = {i.id: [0, 0] for i in self.infos.values()}
-        for sc, vs in readers.items():
+        for vs in readers.values():
             for v in vs:
                 want[v][len(vs) > 1] += 1
         total = sum(1 for _ in store.exceptions())

@@ -32,7 +32,7 @@ import pytest
 from ddsnap.errors import DdsnapError, FormatTooOld, OriginMismatch, StoreFull
 from ddsnap.store import upgrade as upgrade_mod
 from ddsnap.store.blockdev import FileDevice, MemoryDevice
-from ddsnap.store.format import (BLOCK_SIZE, NO_MERGE, VERSION, VERSION_V2, header_version)
+from ddsnap.store.format import BLOCK_SIZE, NO_MERGE, VERSION, VERSION_V2, header_version
 from ddsnap.store.journal import Journal
 from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore

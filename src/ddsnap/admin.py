@@ -9,6 +9,7 @@ same either way.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -16,14 +17,24 @@ import stat
 import threading
 from dataclasses import dataclass
 
-from .errors import (CorruptMetadata, DdsnapError, InvalidArgument, NoMerge, OriginMismatch,
-                     ReadOnlyVolume, ServiceFailed, StoreBusy, StoreNotFound, host_error)
+from .errors import (
+    CorruptMetadata,
+    DdsnapError,
+    InvalidArgument,
+    NoMerge,
+    OriginMismatch,
+    ReadOnlyVolume,
+    ServiceFailed,
+    StoreBusy,
+    StoreNotFound,
+    host_error,
+)
 from .store.api import Finding
-from .units import human_bytes
 from .store.blockdev import FileDevice
 from .store.format import VERSION, OriginIdentity
 from .store.service import MetadataService
 from .store.shared import SharedStore, read_superblocks
+from .units import human_bytes
 
 log = logging.getLogger("ddsnap.admin")
 
@@ -350,10 +361,9 @@ def status(svc: MetadataService, path: str, served: bool) -> dict:
     its journal since) and ``reopen_error`` (why reopening it failed, if it did);
     ``reopens`` counts the reopens.
     """
-    try:
-        svc.recover()  # a store waiting to be reopened is reopened now, if it can be
-    except ServiceFailed:
-        pass  # reported in ``failure``
+    # A store waiting to be reopened is reopened now, if it can be (else: ``failure``).
+    with contextlib.suppress(ServiceFailed):
+        svc.recover()
     with svc.lock:
         store = svc.store
         space = store.space()
@@ -480,7 +490,7 @@ class MergeRunner:
             try:
                 self.svc.run_merge(self._stop)
                 return
-            except DdsnapError as e:  # the merge stays recorded and resumable
+            except DdsnapError:  # the merge stays recorded and resumable
                 if not self._stop.is_set() and self.svc.failures != failures:
                     # A commit failed under the merge: the store is reopened and the
                     # merge goes on from its durable cursor, unless it made no progress

@@ -17,21 +17,29 @@ import re
 import sys
 
 import click
-from humanfriendly import InvalidSize, format_size, parse_size
+from humanfriendly import format_size
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from . import admin, control
-from .units import human_bytes
+from .errors import (
+    Cancelled,
+    DdsnapError,
+    DirectoryNotFound,
+    InvalidArgument,
+    MergeInProgress,
+    SnapshotNotFound,
+    StoreBusy,
+    StoreExists,
+    StoreNotFound,
+)
 from .errors import from_dict as error_from_dict
-from .errors import (Cancelled, DdsnapError, DirectoryNotFound, InvalidArgument,
-                     MergeInProgress, SnapshotNotFound, StoreBusy, StoreExists,
-                     StoreNotFound)
 from .store.blockdev import FileDevice
 from .store.format import FULL_POLICIES
 from .store.memory import check_geometry
 from .store.shared import SharedStore, read_superblock
+from .units import human_bytes, parse_size
 
 # Names and paths are the user's text: never rich markup ("[red]x") or emoji codes
 # (":smile:"), so both are off for every print.
@@ -56,10 +64,7 @@ def _shown(text) -> str:
 
 
 def _size(text: str, what: str) -> int:
-    try:
-        return parse_size(text, binary=True)
-    except InvalidSize:
-        raise InvalidArgument(f"{what} {text!r} is not a size (try 64K, 1M, 10G)") from None
+    return parse_size(text, what)
 
 
 class _Choice(click.Choice):
@@ -565,8 +570,13 @@ def merge(store, name, wait, no_progress, keep, show_status, as_json, stop):
 
 
 def _progress(no_progress: bool, total: int):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("chunks"), TimeRemainingColumn(), console=err,

@@ -10,6 +10,7 @@ re-raise the same error (and exit with the same code) as a local run would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -84,10 +85,8 @@ class ControlServer:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
@@ -127,12 +126,10 @@ class ControlServer:
             pass
         finally:
             writer.close()
-            try:
-                # Retrieves the transport's error, if any: a client that gave up (its
-                # --timeout) before the reply went out leaves a broken pipe behind.
+            # Retrieves the transport's error, if any: a client that gave up (its
+            # --timeout) before the reply went out leaves a broken pipe behind.
+            with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
 
 
 def _reply_error(e: DdsnapError) -> bytes:

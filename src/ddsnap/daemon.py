@@ -10,6 +10,7 @@ SIGTERM: connections drain, the store is committed and marked clean.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -178,10 +179,8 @@ class Daemon:
         if self.control is not None:
             await self.control.close()
             self.control = None
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self._registry_file)
-        except FileNotFoundError:
-            pass
         if self.merger is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.merger.stop)
         if self.opened is not None:

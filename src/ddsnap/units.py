@@ -1,8 +1,30 @@
-"""How byte counts are written in messages: a human size with the exact count after it."""
+"""Byte counts as people write them: parsing sizes (``64K``, ``1M``, ``10G``, bytes) and
+showing them in messages (a human size with the exact count after it).  Binary units
+throughout (1K = 1024 bytes), as ``lvcreate -L`` and ``qemu-img`` take them."""
 
 from __future__ import annotations
 
-from humanfriendly import format_size
+from humanfriendly import InvalidSize, format_size
+from humanfriendly import parse_size as _parse_size
+
+from .errors import InvalidArgument
+
+
+def parse_size(text: str, what: str = "size", positive: bool = False) -> int:
+    """Bytes in ``text``: ``65536``, ``64K``, ``64KiB``, ``1.5M``, ``10G`` (binary units).
+
+    ``what`` names the value in the error (``--chunk-size``, ``DDSNAP_MERGE_STEP=...``).
+
+    Raises:
+        InvalidArgument: ``text`` is not a size (or, with ``positive``, is zero).
+    """
+    try:
+        n = _parse_size(text, binary=True)
+    except InvalidSize:
+        n = -1
+    if n < 0 or (positive and n == 0):
+        raise InvalidArgument(f"{what} {text!r} is not a size (try 64K, 1M, 10G)")
+    return n
 
 
 def human_bytes(n: int) -> str:

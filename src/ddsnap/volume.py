@@ -148,7 +148,7 @@ class Origin(Volume):
                 results[i] = e
         prepared = self.service.prepare_origin_writes(ranges) if ranges else []
         fua = False
-        for i, outcome in zip(todo, prepared):
+        for i, outcome in zip(todo, prepared, strict=False):  # prepared may stop short
             if outcome is not None:
                 results[i] = outcome
                 continue

@@ -119,8 +119,8 @@ def expected(name: str) -> dict[str, bytes]:
 def make(name: str):
     """Run the workload with ddsnap 0.2; return the store image and the origin device."""
     from ddsnap.store.blockdev import MemoryDevice, RecordingDevice
-    from ddsnap.store.shared import SharedStore
     from ddsnap.store.service import MetadataService
+    from ddsnap.store.shared import SharedStore
     from ddsnap.volume import Origin, Snapshot
 
     dev = RecordingDevice(STORE_SIZE)
@@ -160,8 +160,8 @@ def verify(name: str, image: bytes, origin) -> None:
     """Open ``image`` with 0.2 (recovering its journal) and read every volume against the
     model."""
     from ddsnap.store.blockdev import MemoryDevice
-    from ddsnap.store.shared import SharedStore
     from ddsnap.store.service import MetadataService
+    from ddsnap.store.shared import SharedStore
     from ddsnap.volume import Origin, Snapshot
 
     want = expected(name)

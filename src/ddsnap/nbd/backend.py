@@ -7,7 +7,8 @@ may serve any object with this shape.
 
 All backend methods are synchronous and may block on disk: the server calls them from a
 thread pool, never on the event loop -- except the optional ``read_into_nowait``, which
-must not block and is called on the event loop (see :class:`ExportBackend`).  Offsets and lengths are in bytes; a range is
+must not block and is called on the event loop (see :class:`ExportBackend`).  Offsets
+and lengths are in bytes; a range is
 ``[offset, offset + length)`` and the server has already checked it lies inside
 ``[0, size)``.  Errors are raised as ``ddsnap.errors.DdsnapError`` (whose ``errno``
 attribute the server maps to an NBD error) or ``OSError`` (its ``errno``).

@@ -254,7 +254,7 @@ class ExportSelected(Event):
     """
 
     name: str
-    export: "ExportBackend"
+    export: ExportBackend
     size: int
     transmission_flags: int
 
@@ -435,7 +435,7 @@ class ServerConnection:
         registry: the exports, consulted on every option naming one.
     """
 
-    def __init__(self, registry: "ExportRegistry"):
+    def __init__(self, registry: ExportRegistry):
         self._registry = registry
         self._state = State.HANDSHAKE
         self._out: list[bytes] = [_GREETING]
@@ -453,7 +453,7 @@ class ServerConnection:
         self._meta_export: str | None = None
         self._meta_enabled = False
         self._option = 0
-        self._export: "ExportBackend | None" = None
+        self._export: ExportBackend | None = None
         self._export_name: str | None = None
         self._size = 0
         self._tflags = 0
@@ -477,7 +477,7 @@ class ServerConnection:
         return self._meta_enabled
 
     @property
-    def export(self) -> "ExportBackend | None":
+    def export(self) -> ExportBackend | None:
         """The selected export's backend, None during the handshake."""
         return self._export
 
@@ -732,14 +732,14 @@ class ServerConnection:
         except _OptionError as exc:
             self._out.append(option_reply(option, exc.reply_type, exc.message.encode()))
 
-    def _lookup(self, name: str) -> tuple[str, "ExportBackend"]:
+    def _lookup(self, name: str) -> tuple[str, ExportBackend]:
         canonical = self._registry.default_name if name == "" else name
         backend = self._registry.get(canonical)
         if backend is None:
             raise _OptionError(REP_ERR_UNKNOWN, f"unknown export: {name!r}")
         return canonical, backend
 
-    def _flags_for(self, backend: "ExportBackend") -> int:
+    def _flags_for(self, backend: ExportBackend) -> int:
         flags = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_CAN_MULTI_CONN | FLAG_SEND_CACHE
         if backend.read_only:
             # write-side features are not offered on a read-only export
@@ -880,7 +880,7 @@ class ServerConnection:
         OPT_SET_META_CONTEXT: _opt_set_meta_context,
     }
 
-    def _enter_transmission(self, name: str, backend: "ExportBackend", tflags: int,
+    def _enter_transmission(self, name: str, backend: ExportBackend, tflags: int,
                             events: list[Event]) -> None:
         self._state = State.TRANSMISSION
         self._export = backend

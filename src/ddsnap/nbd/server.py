@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import functools
 import itertools
@@ -42,8 +43,9 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from ddsnap.errors import DdsnapError, InvalidArgument, ListenError
 from ddsnap.nbd.protocol import (
@@ -141,7 +143,7 @@ class NbdServer:
     ``await close()`` (or ``async with``).
     """
 
-    def __init__(self, registry: "ExportRegistry", executor: Executor | None = None,
+    def __init__(self, registry: ExportRegistry, executor: Executor | None = None,
                  max_inflight_per_conn: int = 64, *,
                  max_inflight_bytes_per_conn: int = DEFAULT_MAX_INFLIGHT_BYTES,
                  max_reply_memory: int = DEFAULT_MAX_REPLY_MEMORY,
@@ -306,7 +308,7 @@ class NbdServer:
             self._executor = None
             self._own_executor = False
 
-    async def __aenter__(self) -> "NbdServer":
+    async def __aenter__(self) -> NbdServer:
         return self
 
     async def __aexit__(self, *exc_info) -> None:
@@ -375,7 +377,7 @@ class _Protocol(ServerConnection):
     the whole request, so they are not reported again.
     """
 
-    def __init__(self, registry: "ExportRegistry", refused: Callable[[int, int, str], None]):
+    def __init__(self, registry: ExportRegistry, refused: Callable[[int, int, str], None]):
         super().__init__(registry)
         self._refused = refused
         self._answering = False
@@ -430,10 +432,8 @@ async def _unix_socket_alive(path: str) -> bool:
     except OSError:
         return False
     writer.close()
-    try:
+    with contextlib.suppress(OSError):
         await writer.wait_closed()
-    except OSError:
-        pass
     return True
 
 
@@ -462,7 +462,7 @@ class _Connection:
         self.id = next(server._conn_ids)
         self.peer = f"#{self.id} from {peer}"
         self.task: asyncio.Task | None = None
-        self.backend: "ExportBackend | None" = None
+        self.backend: ExportBackend | None = None
         # request tasks in flight, with the payload bytes each one holds
         self.inflight: dict[asyncio.Task, int] = {}
         self.inflight_bytes = 0
@@ -702,16 +702,12 @@ class _Connection:
                     log.exception("closing export for NBD connection %s failed", self.peer)
             self._send()
             if not self.writer.is_closing():
-                try:
+                with contextlib.suppress(ConnectionError, OSError):
                     await self.writer.drain()
-                except (ConnectionError, OSError):
-                    pass
         finally:
             self.writer.close()
-            try:
+            with contextlib.suppress(ConnectionError, OSError):
                 await self.writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
             # the transport's buffer is gone with it (sent, or dropped by an abort)
             self.buffered, change = 0, -self.buffered
             self._hold(change)
@@ -863,14 +859,13 @@ class _Connection:
                 outcomes = write_many([(r.offset, r.data, r.fua) for r, _w in batch])
             except BaseException as exc:  # reported to every request of the batch
                 outcomes = [exc] * len(batch)
-            for (req, written), outcome in zip(batch, outcomes):
+            for (req, written), outcome in zip(batch, outcomes, strict=True):
                 self._completed.append((req, written, outcome))
             if not self._wake_pending:
                 self._wake_pending = True
-                try:
+                # (RuntimeError: the loop is gone, the server was torn down)
+                with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(self._write_completions)
-                except RuntimeError:
-                    pass  # the loop is gone: the server was torn down
 
         try:
             self.server.executor.submit(run)
@@ -967,11 +962,9 @@ class _Connection:
             self._hold(-cost)
         self._send()
         if not self.writer.is_closing():
-            try:
-                # holding the slot until the reply has left bounds memory per connection
+            # holding the slot until the reply has left bounds memory per connection
+            with contextlib.suppress(ConnectionError, OSError):
                 await self.writer.drain()
-            except (ConnectionError, OSError):
-                pass
             self._account_buffer()
 
     async def _room_for_reply(self) -> bool:
@@ -997,7 +990,7 @@ class _Connection:
             self._account_buffer()
         return True
 
-    async def _run_backend(self, req: Request, backend: "ExportBackend",
+    async def _run_backend(self, req: Request, backend: ExportBackend,
                            proto: ServerConnection, deps: list[asyncio.Future]) -> None:
         """Make the backend call for ``req`` and queue its successful reply."""
         cmd = req.command

@@ -66,7 +66,7 @@ class SnapshotInfo:
     @property
     def created_iso(self) -> str:
         """Creation time as ISO 8601 UTC, e.g. ``2026-11-21T10:00:00.123456Z``."""
-        t = _dt.datetime.fromtimestamp(self.created / 1e9, tz=_dt.timezone.utc)
+        t = _dt.datetime.fromtimestamp(self.created / 1e9, tz=_dt.UTC)
         return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
     def to_dict(self) -> dict:
@@ -190,7 +190,7 @@ class ExceptionStore(abc.ABC):
     # Both stores keep these in ``self.state`` (a :class:`~ddsnap.store.format.State`),
     # committed with the next transaction; ``_state_changed`` marks it for that commit.
 
-    state: "State"
+    state: State
 
     @abc.abstractmethod
     def _state_changed(self) -> None:
@@ -344,7 +344,7 @@ class ExceptionStore(abc.ABC):
         """True if freed chunks wait for a checkpoint before they can be reused."""
         return False
 
-    def request_checkpoint(self) -> None:
+    def request_checkpoint(self) -> None:  # noqa: B027 - a no-op unless overridden
         """Checkpoint at the next commit (releasing freed chunks for reuse)."""
 
     def pending_blocks(self) -> int:
@@ -393,7 +393,7 @@ class ExceptionStore(abc.ABC):
     # walks the tree.  ``check()`` recounts them from the tree and reports drift.
 
     @abc.abstractmethod
-    def _space_account(self) -> "SpaceAccount":
+    def _space_account(self) -> SpaceAccount:
         """The store's incremental figures.
 
         Raises:

@@ -173,7 +173,8 @@ class FileDevice(BlockDevice):
         except FileNotFoundError:
             raise StoreNotFound(path, what) from None
         except IsADirectoryError:
-            raise InvalidArgument(f"{what} {path} is a directory, not a file or block device") from None
+            raise InvalidArgument(
+                f"{what} {path} is a directory, not a file or block device") from None
         except PermissionError as e:
             raise DdsnapError(f"cannot open {what} {path}: {e.strerror}") from None
         st = os.fstat(self.fd)

@@ -9,7 +9,8 @@ snapshot table and bitmap block, and then checks
 DESIGN.md invariants 4 (self-identifying, checksummed blocks), 5 (bitmap and tree agree:
 every referenced block and chunk allocated exactly once; leaks are warnings) and 6 (every
 exception owned by a version in the table, tagged with a version that existed, seed 001
-``check_leaf``), plus the B-tree's key order and bounds.  Each finding names the block concerned.  It also recounts
+``check_leaf``), plus the B-tree's key order and bounds.  Each finding names the block
+concerned.  It also recounts
 the per-snapshot space figures (issue 3) from the tree and reports, naming the snapshot,
 any drift of the figures the store keeps incrementally.
 """
@@ -18,8 +19,21 @@ from __future__ import annotations
 
 from ..errors import CorruptMetadata
 from .api import Finding
-from .format import (BITS_PER_BITMAP, INDEX, MERGED, SLOT_LIVE, T_BITMAP, T_LEAF, T_NODE,
-                     T_SNAPTABLE, Leaf, Node, check_header, unpack_index, unpack_key)
+from .format import (
+    BITS_PER_BITMAP,
+    INDEX,
+    MERGED,
+    SLOT_LIVE,
+    T_BITMAP,
+    T_LEAF,
+    T_NODE,
+    T_SNAPTABLE,
+    Leaf,
+    Node,
+    check_header,
+    unpack_index,
+    unpack_key,
+)
 
 
 def check_frame(store) -> tuple[list[Finding], list[range]]:
@@ -165,7 +179,7 @@ def check_store(store, leaks: list[int] | None = None) -> list[Finding]:
         if keys and (keys[0] < lo or (hi is not None and keys[-1] >= hi)):
             fatal(block, f"{what} keys outside its range ({span(lo, hi)})")
         if leaf_level:
-            for k, sc in zip(obj.keys, obj.vals):
+            for k, sc in zip(obj.keys, obj.vals, strict=True):
                 if k >> 96 == INDEX:
                     index.append((*unpack_index(k), sc))
                     continue
@@ -193,7 +207,7 @@ def check_store(store, leaks: list[int] | None = None) -> list[Finding]:
             return
         if not keys:
             fatal(block, "index node without children")
-        for i, (k, child) in enumerate(zip(obj.keys, obj.children)):
+        for i, (k, child) in enumerate(zip(obj.keys, obj.children, strict=True)):
             child_lo = lo if i == 0 else k
             child_hi = obj.keys[i + 1] if i + 1 < len(obj.keys) else hi
             walk(child, level + 1, child_lo, child_hi)

@@ -147,7 +147,7 @@ class State:
     merge_cursor: int = 0
     full_policy: int = 0
 
-    def copy(self) -> "State":
+    def copy(self) -> State:
         return State(self.root, self.levels, self.next_snapshot_id, self.merge_version,
                      self.merge_keep, self.merge_cursor, self.full_policy)
 
@@ -157,7 +157,7 @@ class State:
                          self.full_policy)
 
     @classmethod
-    def unpack_from(cls, buf, off: int) -> "State":
+    def unpack_from(cls, buf, off: int) -> State:
         root, levels, next_id, mbit, keep, cursor, policy = _STATE.unpack_from(buf, off)
         return cls(root, levels, next_id, mbit, bool(keep & 1), cursor, policy)
 
@@ -287,7 +287,7 @@ class Superblock:
         return seal(buf, T_SUPER, self.slot, self.generation, self.uuid, version)
 
     @classmethod
-    def decode(cls, buf: bytes, block: int, version: int = VERSION) -> "Superblock":
+    def decode(cls, buf: bytes, block: int, version: int = VERSION) -> Superblock:
         """Decode superblock slot ``block``.
 
         Raises:
@@ -473,7 +473,7 @@ _LOW = (1 << 64) - 1
 
 def _pack_records(buf: bytearray, off: int, keys: list[int], vals: list[int]) -> None:
     flat = []
-    for k, v in zip(keys, vals):
+    for k, v in zip(keys, vals, strict=True):
         flat.append(k & _LOW)
         flat.append(k >> 64)
         flat.append(v)
@@ -517,7 +517,7 @@ class Leaf:
         return buf
 
     @classmethod
-    def decode(cls, buf: bytes, block: int) -> "Leaf":
+    def decode(cls, buf: bytes, block: int) -> Leaf:
         n, _r = _LEAF_HEAD.unpack_from(buf, HEADER_SIZE)
         if n > LEAF_MAX:
             raise CorruptMetadata(block, f"leaf count {n} out of range")
@@ -549,7 +549,7 @@ class Node:
         return buf
 
     @classmethod
-    def decode(cls, buf: bytes, block: int) -> "Node":
+    def decode(cls, buf: bytes, block: int) -> Node:
         n, _r = _NODE_HEAD.unpack_from(buf, HEADER_SIZE)
         if not 1 <= n <= NODE_MAX:
             raise CorruptMetadata(block, f"index node count {n} out of range")
@@ -638,7 +638,8 @@ def decode_commit(buf: bytes, block: int, uuid: bytes,
         half = bytearray(buf[k * COMMIT_COPY:(k + 1) * COMMIT_COPY])
         rec = None
         if half[:4] == MAGIC:
-            magic, t, ver, crc, _r, bno, seq, buuid, start, blocks, _f = _COMMIT.unpack_from(half, 0)
+            (magic, t, ver, crc, _r, bno, seq, buuid, start, blocks,
+             _f) = _COMMIT.unpack_from(half, 0)
             struct.pack_into("<I", half, _COMMIT_CRC_OFF, 0)
             if (t == T_COMMIT and ver == version and bno == block and buuid == uuid
                     and crc32c.crc32c(half) == crc):

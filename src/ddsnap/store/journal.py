@@ -41,9 +41,22 @@ from dataclasses import dataclass, field
 
 from ..errors import CorruptMetadata, JournalError
 from .blockdev import BlockDevice
-from .format import (BLOCK_SIZE, JD_MAX, MAGIC, T_JOURNAL, VERSION, CommitRecord, State,
-                     check_header, decode_commit, decode_descriptor, encode_commit,
-                     encode_descriptor, peek_header, seal)
+from .format import (
+    BLOCK_SIZE,
+    JD_MAX,
+    MAGIC,
+    T_JOURNAL,
+    VERSION,
+    CommitRecord,
+    State,
+    check_header,
+    decode_commit,
+    decode_descriptor,
+    encode_commit,
+    encode_descriptor,
+    peek_header,
+    seal,
+)
 
 
 @dataclass
@@ -153,7 +166,8 @@ class Journal:
             raise JournalError(self.start, f"transaction of {len(tx.images)} blocks exceeds "
                                            f"the {self.size}-block journal")
         if tx.seq != self.next_seq:
-            raise JournalError(self.start, f"transaction {tx.seq} out of order (expected {self.next_seq})")
+            raise JournalError(self.start, f"transaction {tx.seq} out of order "
+                                           f"(expected {self.next_seq})")
         pos = self.head
         images = tx.images
         groups = [images[i:i + JD_MAX] for i in range(0, len(images), JD_MAX)] or [[]]
@@ -359,7 +373,8 @@ class Journal:
                     continue
                 # A damaged block.  A descriptor (its raw header says so) hides no home:
                 # the images after it name their own.
-                if buf[4:6] == T_JOURNAL.to_bytes(2, "little") and buf[16:24] == b.to_bytes(8, "little"):
+                if (buf[4:6] == T_JOURNAL.to_bytes(2, "little")
+                        and buf[16:24] == b.to_bytes(8, "little")):
                     expect = []
                     continue
                 # An image: the home it was meant for, if a descriptor says.

@@ -30,8 +30,17 @@ import re
 from ..errors import InvalidArgument, ShrinkRefused, StoreFull
 from ..units import human_bytes
 from .alloc import Bitmap
-from .format import (BITMAP_BYTES, BITS_PER_BITMAP, BLOCK_SIZE, HEADER_SIZE, INF, MERGED,
-                     T_BITMAP, pack_key, seal)
+from .format import (
+    BITMAP_BYTES,
+    BITS_PER_BITMAP,
+    BLOCK_SIZE,
+    HEADER_SIZE,
+    INF,
+    MERGED,
+    T_BITMAP,
+    pack_key,
+    seal,
+)
 
 
 def resize_shared_store(store, size: int) -> int:
@@ -174,7 +183,7 @@ def _describe(store, busy: list[int], new_blocks: int) -> str:
     chunks = {b // bpc for b in busy}
     first_chunk = new_blocks // bpc
     kinds: dict[str, list[int]] = {}
-    for o, c, t, sc in store._entries(0, pack_key(MERGED, 0, 0)):
+    for o, _c, t, sc in store._entries(0, pack_key(MERGED, 0, 0)):
         if sc >= first_chunk and sc in chunks:
             if t != INF:  # history an owner keeps for its snapshots up to ``t``
                 who = f"old data kept for snapshot {_name(store, t)}"

@@ -29,11 +29,18 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from humanfriendly import InvalidSize, parse_size
-
-from ..errors import (InvalidArgument, MergeInProgress, ReadOnlyVolume, ServiceFailed,
-                      ShrinkRefused, SnapshotBusy, SnapshotNotFound, StoreFull, host_error)
-from ..units import human_bytes
+from ..errors import (
+    InvalidArgument,
+    MergeInProgress,
+    ReadOnlyVolume,
+    ServiceFailed,
+    ShrinkRefused,
+    SnapshotBusy,
+    SnapshotNotFound,
+    StoreFull,
+    host_error,
+)
+from ..units import human_bytes, parse_size
 from .api import ExceptionStore, NotCached, SnapshotInfo
 from .blockdev import BlockDevice, copy_range
 
@@ -58,13 +65,7 @@ def merge_step_bytes() -> int:
     text = os.environ.get(MERGE_STEP_ENV, "").strip()
     if not text:
         return MERGE_STEP_BYTES
-    try:
-        n = parse_size(text, binary=True)
-    except InvalidSize:
-        n = 0
-    if n <= 0:
-        raise InvalidArgument(f"{MERGE_STEP_ENV}={text!r} is not a size (try 4M or 65536)")
-    return n
+    return parse_size(text, MERGE_STEP_ENV, positive=True)
 
 log = logging.getLogger("ddsnap.service")
 
@@ -1175,7 +1176,7 @@ class MetadataService:
         self._merge_end(step, self._merge_copy_step(step))
         return False
 
-    def _merge_begin(self, start: int | None = None) -> "_MergeStep | None":
+    def _merge_begin(self, start: int | None = None) -> _MergeStep | None:
         """Pick and prepare the next step: the merging snapshot's next exceptions from
         ``start`` (default: the durable merge cursor).  Returns None when there are none
         left from there; from the cursor that completes the merge (committed, the
@@ -1199,7 +1200,7 @@ class MetadataService:
         self._sweep()  # frees the merged snapshot's slot (unless kept)
         return None
 
-    def _merge_copy_step(self, step: "_MergeStep") -> bool:
+    def _merge_copy_step(self, step: _MergeStep) -> bool:
         """Copy a prepared step's data into the origin (no lock, no flush).
 
         Raises:
@@ -1214,14 +1215,14 @@ class MetadataService:
             raise
         return True
 
-    def _end_failed_step(self, step: "_MergeStep") -> None:
+    def _end_failed_step(self, step: _MergeStep) -> None:
         """End a step that failed, dropping nothing, while an error is being raised."""
         try:
             self._merge_end(step, False)
         except Exception as e:  # noqa: BLE001 - the error being raised is the one to report
             log.debug("ending a failed merge step failed too: %s", e)
 
-    def _merge_end(self, step: "_MergeStep", copied: bool) -> None:
+    def _merge_end(self, step: _MergeStep, copied: bool) -> None:
         """Finish a step: flush the origin, then drop the merged exceptions, move the
         merge cursor and commit."""
         try:
@@ -1349,7 +1350,7 @@ class MetadataService:
                 self._copy(moves, self.origin)
                 k = 0
                 try:
-                    for k, (c, dst, sharers) in enumerate(adds):
+                    for k, (c, dst, sharers) in enumerate(adds):  # noqa: B007 - the except reads k
                         self.store.add_origin_exception(c, dst, sharers)
                 except StoreFull:
                     # No room for the metadata of copy-out k: the step's data chunks took

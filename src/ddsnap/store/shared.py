@@ -25,11 +25,36 @@ from ..units import human_bytes
 from .alloc import Bitmap
 from .api import Finding, NotCached, SnapshotInfo
 from .blockdev import BlockDevice
-from .format import (BITMAP_BYTES, BITS_PER_BITMAP, BLOCK_SHIFT, BLOCK_SIZE, HEADER_SIZE,
-                     AUTO_DELETED_MAX, LEAF_MAX, MAGIC, MAX_ORIGIN_PATH, NODE_MAX,
-                     SNAPS_PER_BLOCK, T_BITMAP, T_LEAF, T_NODE, T_SNAPTABLE, VERSION_V1,
-                     VERSION_V2, AutoDeleted, Leaf, Node, SnapSlot, State, Superblock,
-                     check_header, decode_snaptable, encode_snaptable, header_version, seal)
+from .format import (
+    AUTO_DELETED_MAX,
+    BITMAP_BYTES,
+    BITS_PER_BITMAP,
+    BLOCK_SHIFT,
+    BLOCK_SIZE,
+    HEADER_SIZE,
+    LEAF_MAX,
+    MAGIC,
+    MAX_ORIGIN_PATH,
+    NODE_MAX,
+    SNAPS_PER_BLOCK,
+    T_BITMAP,
+    T_LEAF,
+    T_NODE,
+    T_SNAPTABLE,
+    VERSION_V1,
+    VERSION_V2,
+    AutoDeleted,
+    Leaf,
+    Node,
+    SnapSlot,
+    State,
+    Superblock,
+    check_header,
+    decode_snaptable,
+    encode_snaptable,
+    header_version,
+    seal,
+)
 from .journal import Journal, Replay, Transaction
 from .memory import check_geometry
 from .snapshots import SpaceAccount, VersionTable
@@ -156,7 +181,7 @@ class SharedStore(VersionedStore):
     @classmethod
     def create(cls, dev: BlockDevice, origin_size: int, origin_path: str = "",
                chunk_size: int = 65536, max_snapshots: int = 0,
-               journal_blocks: int | None = None, progress=None) -> "SharedStore":
+               journal_blocks: int | None = None, progress=None) -> SharedStore:
         """Write an empty format-v3 store onto ``dev`` and return it opened.
 
         Args:
@@ -235,7 +260,7 @@ class SharedStore(VersionedStore):
         return self
 
     @classmethod
-    def open(cls, dev: BlockDevice, mode: str = "rw") -> "SharedStore":
+    def open(cls, dev: BlockDevice, mode: str = "rw") -> SharedStore:
         """Open the store on ``dev``, recovering its journal.
 
         ``mode``:
@@ -770,7 +795,7 @@ class SharedStore(VersionedStore):
             self._unlink(path, level - 1)
             return
         # The subtree below: single-child nodes down to the empty leaf.
-        for b, n, k in path[level + 1:]:
+        for b, _n, _k in path[level + 1:]:
             self._free_meta(b)
         last_b, last_n, last_i = path[-1]
         self._free_meta(last_n.children[last_i])
@@ -1097,7 +1122,8 @@ def read_superblocks(dev: BlockDevice) -> tuple[Superblock, list[SlotReport]]:
         if r.status == "ok" and r.generation != sb.generation and r.generation != sb.generation - 1:
             r.status = "stale"
             r.why = f"generation {r.generation}, the other slot has {sb.generation}"
-        elif r.status == "ok" and r.generation == sb.generation - 1 and sb.journal_tail < (r.journal_tail or 0):
+        elif (r.status == "ok" and r.generation == sb.generation - 1
+              and sb.journal_tail < (r.journal_tail or 0)):
             r.status = "stale"
             r.why = "its journal tail is past the newer slot's"
     return sb, reports

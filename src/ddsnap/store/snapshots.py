@@ -18,8 +18,16 @@ import time
 
 from ..errors import InvalidArgument, SnapshotExists, SnapshotNotFound, TooManySnapshots
 from .api import SnapshotInfo
-from .format import (INF, MAX_NAME, MAX_VERSION, ORIGIN, SLOT_DELETING, SLOT_FREE, SLOT_LIVE,
-                     SnapSlot)
+from .format import (
+    INF,
+    MAX_NAME,
+    MAX_VERSION,
+    ORIGIN,
+    SLOT_DELETING,
+    SLOT_FREE,
+    SLOT_LIVE,
+    SnapSlot,
+)
 
 
 def validate_name(name: str) -> None:
@@ -98,7 +106,8 @@ class VersionTable:
         for vid in sorted(self.index):
             self.children.setdefault(self.slot(vid).parent, []).append(vid)
         #: the live snapshots' descriptions, by id (ascending: ids only grow)
-        self._live: dict[int, SnapshotInfo] = {vid: self.info(vid) for vid in sorted(self.names.values())}
+        self._live: dict[int, SnapshotInfo] = {
+            vid: self.info(vid) for vid in sorted(self.names.values())}
 
     def problems(self) -> list[str]:
         """What is wrong with the tree as read (``check``): duplicate ids, parents that
@@ -360,7 +369,7 @@ class SpaceAccount:
         """The groups whose exceptions no live snapshot reads."""
         return {g for g in self.groups if not region_readers(table, g, limit=1)}
 
-    def drift(self, truth: "SpaceAccount", table: VersionTable, name_of) -> list[str]:
+    def drift(self, truth: SpaceAccount, table: VersionTable, name_of) -> list[str]:
         """How these figures differ from ``truth`` (recounted from the tree); one message
         per wrong figure, naming the snapshot (``name_of(id)``)."""
         out = []

@@ -50,17 +50,54 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ..errors import (CorruptMetadata, DdsnapError, NotAStore, OriginMismatch, StoreFull,
-                      StoreNotFound)
+from ..errors import (
+    CorruptMetadata,
+    DdsnapError,
+    NotAStore,
+    OriginMismatch,
+    StoreFull,
+    StoreNotFound,
+)
 from ..units import human_bytes
 from .alloc import Bitmap
 from .blockdev import BlockDevice, FileDevice
-from .format import (BITMAP_BYTES, BITS_PER_BITMAP, BLOCK_SIZE, HEADER_SIZE, INF,
-                     LEAF_MAX, MAGIC, MAX_NAME, MAX_VERSION, NO_MERGE, NODE_MAX, ORIGIN,
-                     SLOT_LIVE, SNAPS_PER_BLOCK, T_BITMAP, T_JOURNAL, T_LEAF, T_NODE,
-                     T_SNAPTABLE, VERSION, VERSION_V1, VERSION_V2, Leaf, Node, SnapSlot,
-                     State, Superblock, check_header, decode_descriptor,
-                     encode_snaptable, header_version, index_key, pack_key, peek_header, seal)
+from .format import (
+    BITMAP_BYTES,
+    BITS_PER_BITMAP,
+    BLOCK_SIZE,
+    HEADER_SIZE,
+    INF,
+    LEAF_MAX,
+    MAGIC,
+    MAX_NAME,
+    MAX_VERSION,
+    NO_MERGE,
+    NODE_MAX,
+    ORIGIN,
+    SLOT_LIVE,
+    SNAPS_PER_BLOCK,
+    T_BITMAP,
+    T_JOURNAL,
+    T_LEAF,
+    T_NODE,
+    T_SNAPTABLE,
+    VERSION,
+    VERSION_V1,
+    VERSION_V2,
+    Leaf,
+    Node,
+    SnapSlot,
+    State,
+    Superblock,
+    check_header,
+    decode_descriptor,
+    encode_snaptable,
+    header_version,
+    index_key,
+    pack_key,
+    peek_header,
+    seal,
+)
 from .journal import Journal
 
 #: the formats ``upgrade_store`` converts
@@ -630,7 +667,7 @@ def upgrade_store(dev: BlockDevice, origin: BlockDevice | str | None = None,
     entries: list[tuple[int, int]] = []
     copies: list[_Copy] = []
     dropped = 0
-    for c, excs, leaf in zip(old.chunks, old.excs, old.leaf_of):
+    for c, excs, leaf in zip(old.chunks, old.excs, old.leaf_of, strict=True):
         if c >= origin_chunks:
             raise CorruptMetadata(leaf, f"exception for logical chunk {c}, past the end of "
                                         "the origin")
@@ -704,7 +741,7 @@ def upgrade_store(dev: BlockDevice, origin: BlockDevice | str | None = None,
 
     try:
         cs = sb.chunk_size
-        for (what, n), d in zip(copies, dst):
+        for (what, n), d in zip(copies, dst, strict=True):
             data = src.pread(cs, n * cs) if what == "origin" else dev.pread(cs, n * cs)
             dev.pwrite(data, d * cs)
             step(bpc)

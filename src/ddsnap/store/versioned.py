@@ -35,8 +35,20 @@ import bisect
 from sortedcontainers import SortedList
 
 from .api import ExceptionStore, Finding, SnapshotInfo
-from .format import (INDEX, INF, MERGED, NO_MERGE, ORIGIN, SLOT_DELETING, SLOT_FREE,
-                     SLOT_GHOST, index_key, pack_key, unpack_index, unpack_key)
+from .format import (
+    INDEX,
+    INF,
+    MERGED,
+    NO_MERGE,
+    ORIGIN,
+    SLOT_DELETING,
+    SLOT_FREE,
+    SLOT_GHOST,
+    index_key,
+    pack_key,
+    unpack_index,
+    unpack_key,
+)
 from .snapshots import SpaceAccount, VersionTable, region_readers
 
 _EMPTY: frozenset = frozenset()
@@ -578,9 +590,7 @@ class VersionedStore(ExceptionStore):
                 again = True
         self._table_changed()
         self._sweep_pos = None
-        if again:
-            return False
-        return True
+        return not again
 
     def _origin_kids_differ(self) -> bool:
         """True if the origin's snapshots are not all one size (the origin grew between
@@ -701,9 +711,7 @@ class VersionedStore(ExceptionStore):
         store_chunk)``."""
         want = {(c, t): sc for o, c, t, sc in entries if o == ORIGIN}
         out = []
-        have = 0
         for t, c, sc in index:
-            have += 1
             if want.get((c, t)) != sc:
                 out.append(Finding("fatal", None, f"tag index record (tag {t}, chunk {c}) "
                                                   "names no copy-out of the origin"))

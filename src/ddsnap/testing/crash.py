@@ -178,10 +178,7 @@ class RecordingDevice(BlockDevice):
             return img
         rng = rng or random.Random(0)
         ops = list(self.pending)
-        if mode == "all":
-            keep = ops
-        else:
-            keep = [op for op in ops if rng.random() < 0.5]
+        keep = ops if mode == "all" else [op for op in ops if rng.random() < 0.5]
         writes = [i for i, op in enumerate(keep) if op.kind == "write"]
         torn = rng.choice(writes) if (mode == "torn" and writes) else -1
         for i, op in enumerate(keep):
