@@ -36,10 +36,10 @@ from dataclasses import dataclass
 import pytest
 
 from ddsnap.errors import CorruptMetadata
+from ddsnap.service.local import LocalService
 from ddsnap.store.api import Finding
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.format import BLOCK_SIZE, T_COMMIT, T_JOURNAL, peek_header
-from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
 from ddsnap.volume import Origin, Snapshot
 
@@ -64,7 +64,7 @@ def build(state: str):
     rng = random.Random(1)
     origin = MemoryDevice(ORIGIN, rng.randbytes(ORIGIN))
     dev = MemoryDevice(STORE)
-    svc = MetadataService(SharedStore.create(dev, ORIGIN, "o", CS, 256, journal_blocks=256),
+    svc = LocalService(SharedStore.create(dev, ORIGIN, "o", CS, 256, journal_blocks=256),
                           origin)
     want: dict[str, bytes] = {}
     for i in range(20):
@@ -73,11 +73,11 @@ def build(state: str):
         want[name] = origin.pread(ORIGIN, 0)
         for _ in range(8):  # scattered origin writes: copy-outs shared by many snapshots
             c = rng.randrange(256)
-            Origin(svc).write(c * CS, rng.randbytes(rng.choice((1, 2, 3)) * CS))
+            Origin(svc, svc.data).write(c * CS, rng.randbytes(rng.choice((1, 2, 3)) * CS))
         if i % 4 == 0:  # and some snapshots' own writes
             c = rng.randrange(250)
             data = rng.randbytes(CS)
-            Snapshot(svc, svc.snapshot(name)).write(c * CS, data)
+            Snapshot(svc, svc.data, svc.snapshot(name)).write(c * CS, data)
             w = bytearray(want[name])
             w[c * CS:(c + 1) * CS] = data
             want[name] = bytes(w)
@@ -92,10 +92,10 @@ def build(state: str):
         svc.commit()
         for _ in range(6):
             c = rng.randrange(256)
-            Origin(svc).write(c * CS, rng.randbytes(CS))
+            Origin(svc, svc.data).write(c * CS, rng.randbytes(CS))
         svc.create_snapshot("s20")
         want["s20"] = origin.pread(ORIGIN, 0)
-        Origin(svc).write(rng.randrange(256) * CS, rng.randbytes(CS))
+        Origin(svc, svc.data).write(rng.randrange(256) * CS, rng.randbytes(CS))
         origin.flush()
     want["origin"] = origin.pread(ORIGIN, 0)
     return bytes(dev.data), bytes(origin.data), want
@@ -151,10 +151,11 @@ def serve_reads(image: bytes, origin: bytes, want: dict[str, bytes]) -> str:
         store = SharedStore.open(MemoryDevice(STORE, image))
     except CorruptMetadata:
         return "refused"
-    svc = MetadataService(store, MemoryDevice(ORIGIN, origin))
+    svc = LocalService(store, MemoryDevice(ORIGIN, origin))
     outcome = "ok"
     for name, content in want.items():
-        vol = Origin(svc) if name == "origin" else Snapshot(svc, svc.snapshot(name))
+        vol = (Origin(svc, svc.data) if name == "origin"
+               else Snapshot(svc, svc.data, svc.snapshot(name)))
         for off in range(0, ORIGIN, 64 * CS):
             try:
                 got = vol.read(off, 64 * CS)

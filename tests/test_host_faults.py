@@ -6,7 +6,7 @@ once the fault is gone the same operation succeeds, with no restart.  A failed c
 leaves the store untrusted in memory: the service says so (``failure``) and reopens it
 from its journal by itself.
 
-The service-level tests drive the real :class:`MetadataService` over a real
+The service-level tests drive the real :class:`LocalService` over a real
 :class:`SharedStore`; the only extra part is :class:`faultdev.FaultDevice`, which wraps
 the memory devices holding the store and the origin and fails one chosen read, write or
 flush the way the host does.  Each operation is first run cleanly to count its reads,
@@ -32,8 +32,8 @@ from ddsnap import admin
 from ddsnap import errors as E
 from ddsnap.errors import DdsnapError, HostFull, HostIOError, ServiceFailed
 from ddsnap.nbd import protocol as P
+from ddsnap.service.local import LocalService
 from ddsnap.store.blockdev import MemoryDevice
-from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
 from ddsnap.volume import Origin, Snapshot
 from faultdev import KINDS, FaultDevice
@@ -66,7 +66,7 @@ class World:
         self.origin = FaultDevice(self.origin_mem)
         self.dev = FaultDevice(self.store_mem)
         store = SharedStore.create(self.dev, OSZ, "origin.img", CS, 64)
-        self.svc = MetadataService(store, self.origin,
+        self.svc = LocalService(store, self.origin,
                                    reopen=lambda: SharedStore.open(self.dev))
         self.model = bytearray(self.origin_mem.data)
         self.snaps: dict[str, bytearray] = {}
@@ -87,11 +87,11 @@ class World:
         self.snaps[name] = bytearray(self.model)
 
     def write(self, offset: int, data: bytes) -> None:
-        Origin(self.svc).write(offset, data)
+        Origin(self.svc, self.svc.data).write(offset, data)
         self.model[offset: offset + len(data)] = data
 
     def snap_write(self, name: str, offset: int, data: bytes) -> None:
-        Snapshot(self.svc, self.svc.snapshot(name)).write(offset, data)
+        Snapshot(self.svc, self.svc.data, self.svc.snapshot(name)).write(offset, data)
         self.snaps[name][offset: offset + len(data)] = data
 
     # -- checking it ------------------------------------------------------------------
@@ -101,11 +101,11 @@ class World:
         leaks nothing, and its space figures in memory are the ones on disk."""
         svc = self.svc
         for name, want in self.snaps.items():
-            got = Snapshot(svc, svc.snapshot(name)).read(0, OSZ)
+            got = Snapshot(svc, svc.data, svc.snapshot(name)).read(0, OSZ)
             assert got == bytes(want), f"snapshot {name} changed"
         assert sorted(s.name for s in svc.snapshots() if not svc.is_merging(s)) == \
             sorted(self.snaps)
-        assert Origin(svc).read(0, OSZ) == bytes(self.model)
+        assert Origin(svc, svc.data).read(0, OSZ) == bytes(self.model)
         svc.commit()
         findings = svc.store.check()
         assert findings == [], [f.to_dict() for f in findings]
@@ -165,7 +165,7 @@ def op_snap_write(w: World) -> None:
 def after_snap_write(w: World) -> None:
     # The data goes to the chunks made unique one chunk at a time, after they all are:
     # a failure leaves some first chunks written, the rest as they were.
-    now = Snapshot(w.svc, w.svc.snapshot("s1")).read(0, OSZ)
+    now = Snapshot(w.svc, w.svc.data, w.svc.snapshot("s1")).read(0, OSZ)
     old, new = w.snaps["s1"], bytearray(w.snaps["s1"])
     new[SNAP_AT: SNAP_AT + SNAP_LEN] = _data(6, SNAP_LEN)
     written = [now[c * CS:(c + 1) * CS] == new[c * CS:(c + 1) * CS] for c in range(10, 14)]
@@ -252,7 +252,7 @@ def test_every_io_of_an_operation_can_fail(op, device, err):
             fdev.clear()
             # The next request (a read of s1, there in every case) reopens the store
             # if a commit failed; then what survived the failure can be looked at.
-            Snapshot(w.svc, w.svc.snapshot("s1")).read(0, CS)
+            Snapshot(w.svc, w.svc.data, w.svc.snapshot("s1")).read(0, CS)
             if after is not None:
                 after(w)
             w.verify()
@@ -315,7 +315,7 @@ def test_failed_copy_outs_give_back_every_chunk():
     big = _data(7, OSZ)
     for _ in range(45):
         with pytest.raises(HostFull):
-            Origin(w.svc).write(0, big)
+            Origin(w.svc, w.svc.data).write(0, big)
     w.dev.clear()
     assert w.svc.failures == 0  # nothing reached a commit: no reopen needed
     w.svc.commit()
@@ -342,7 +342,7 @@ def test_concurrent_writers_survive_a_failed_commit():
         for i in range(4):
             off = (t * 4 + i) * CS  # every chunk still shared with "all": a copy-out
             try:
-                Origin(w.svc).write(off, _data(100 + t * 4 + i, CS))
+                Origin(w.svc, w.svc.data).write(off, _data(100 + t * 4 + i, CS))
             except (DdsnapError, OSError) as e:
                 with lock:
                     errors.append(e)
@@ -367,7 +367,7 @@ def test_concurrent_writers_survive_a_failed_commit():
     assert w.svc.failures == 1
     # Chunks the threads wrote hold the data written there, or the old data where a
     # write failed before reaching the origin; the rest is as it was.
-    now = Origin(w.svc).read(0, OSZ)
+    now = Origin(w.svc, w.svc.data).read(0, OSZ)
     assert now[24 * CS:] == bytes(w.model[24 * CS:])
     w.model[:] = now
     w.verify()

@@ -1,7 +1,7 @@
 """Snapshots without limits (issue 9): 10,000 snapshots of one origin, a hot chunk with
 an exception per snapshot, chains of snapshots of snapshots.
 
-Through the real MetadataService and volumes over a SharedStore on a MemoryDevice (the
+Through the real LocalService and volumes over a SharedStore on a MemoryDevice (the
 store API, not the CLI).  ``DDSNAP_MANY_SNAPSHOTS`` sets the count (default 10,000).
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
+from ddsnap.service.local import LocalService
 from ddsnap.store.blockdev import MemoryDevice
-from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
 from ddsnap.volume import Origin, Snapshot
 
@@ -30,8 +30,8 @@ def test_one_chunk_written_between_each_of_many_snapshots():
     origin = MemoryDevice(64 * CS)
     store = SharedStore.create(MemoryDevice((N + 4096) * CS), origin_size=origin.size,
                                origin_path="origin", chunk_size=CS)
-    svc = MetadataService(store, origin)
-    vol = Origin(svc)
+    svc = LocalService(store, origin)
+    vol = Origin(svc, svc.data)
     vol.write(5 * CS, payload(0))
     infos = []
     for i in range(1, N + 1):
@@ -40,8 +40,8 @@ def test_one_chunk_written_between_each_of_many_snapshots():
     assert len(svc.snapshots()) == N
     assert store.exception_chunks() == N
     for k in sorted({0, 1, N // 3, N // 2, N - 2, N - 1}):
-        assert Snapshot(svc, infos[k]).read(5 * CS, CS) == payload(k)
-        assert Snapshot(svc, infos[k]).read(4 * CS, CS) == bytes(CS)  # reads the origin
+        assert Snapshot(svc, svc.data, infos[k]).read(5 * CS, CS) == payload(k)
+        assert Snapshot(svc, svc.data, infos[k]).read(4 * CS, CS) == bytes(CS)  # reads the origin
     assert vol.read(5 * CS, CS) == payload(N)
     svc.commit()
     assert store.check() == []
@@ -51,7 +51,7 @@ def test_one_chunk_written_between_each_of_many_snapshots():
     free = store.space()["chunks_free"]
     svc.delete_snapshot(victim.name)
     assert store.space()["chunks_free"] == free + 1
-    assert Snapshot(svc, infos[N // 2 + 1]).read(5 * CS, CS) == payload(N // 2 + 1)
+    assert Snapshot(svc, svc.data, infos[N // 2 + 1]).read(5 * CS, CS) == payload(N // 2 + 1)
     svc.close()
     store = SharedStore.open(store.dev)
     assert len(store.snapshots()) == N - 1
@@ -65,29 +65,29 @@ def test_a_chain_of_snapshots_of_snapshots():
     origin = MemoryDevice(16 * CS, bytes(16 * CS))
     store = SharedStore.create(MemoryDevice(4 << 20), origin_size=origin.size,
                                origin_path="origin", chunk_size=CS)
-    svc = MetadataService(store, origin)
+    svc = LocalService(store, origin)
     chain = [svc.create_snapshot("c0")]
-    Snapshot(svc, chain[0]).write(0, payload(0))
+    Snapshot(svc, svc.data, chain[0]).write(0, payload(0))
     for i in range(1, depth):
         chain.append(svc.create_snapshot(f"c{i}", parent=f"c{i - 1}"))
-        Snapshot(svc, chain[i]).write(0, payload(i))
-        Snapshot(svc, chain[i]).write(CS * (1 + i % 8), payload(1000 + i))
+        Snapshot(svc, svc.data, chain[i]).write(0, payload(i))
+        Snapshot(svc, svc.data, chain[i]).write(CS * (1 + i % 8), payload(1000 + i))
     want = {}
     for info in chain:
-        want[info.name] = Snapshot(svc, info).read(0, 16 * CS)
+        want[info.name] = Snapshot(svc, svc.data, info).read(0, 16 * CS)
     assert [want[f"c{i}"][:4] for i in range(depth)] == [payload(i)[:4] for i in range(depth)]
     for i in range(10, 50, 3):
         svc.delete_snapshot(f"c{i}")
         del want[f"c{i}"]
     for info in svc.snapshots():
-        assert Snapshot(svc, info).read(0, 16 * CS) == want[info.name], info.name
+        assert Snapshot(svc, svc.data, info).read(0, 16 * CS) == want[info.name], info.name
     svc.commit()
     assert store.check() == []
     svc.close()
     store = SharedStore.open(store.dev)
-    svc = MetadataService(store, origin)
+    svc = LocalService(store, origin)
     for info in svc.snapshots():
-        assert Snapshot(svc, info).read(0, 16 * CS) == want[info.name], info.name
+        assert Snapshot(svc, svc.data, info).read(0, 16 * CS) == want[info.name], info.name
     for name in list(want):
         svc.delete_snapshot(name)
     assert list(store.exceptions()) == [] and store.table.index == {}
@@ -104,8 +104,8 @@ def test_a_delete_looks_at_the_copy_outs_it_frees_not_at_all_of_them():
     origin = MemoryDevice(4 * n_big * cs)
     store = SharedStore.create(MemoryDevice((2 * n_big + 600) * cs), origin.size,
                                chunk_size=cs, journal_blocks=256)
-    svc = MetadataService(store, origin)
-    vol = Origin(svc)
+    svc = LocalService(store, origin)
+    vol = Origin(svc, svc.data)
     svc.create_snapshot("big")
     vol.write(0, b"b" * n_big * cs)  # n_big copy-outs tagged big
     svc.create_snapshot("small")

@@ -1,6 +1,6 @@
 """Merge (seed 003): rolling the origin back to a snapshot, online.
 
-Behaviour tests of :meth:`MetadataService.start_merge`, ``merge_step``, ``run_merge`` and
+Behaviour tests of :meth:`LocalService.start_merge`, ``merge_step``, ``run_merge`` and
 ``merge_status`` through the real volumes, on both exception stores (SharedStore on a
 memory device and on a file, MemoryStore), each volume compared with a plain bytes model:
 
@@ -40,8 +40,8 @@ from ddsnap.errors import (
     SnapshotNotFound,
     StoreFull,
 )
+from ddsnap.service.local import COPY_CHUNKS, LocalService
 from ddsnap.store.blockdev import MemoryDevice
-from ddsnap.store.service import COPY_CHUNKS, MetadataService
 from ddsnap.store.shared import SharedStore
 from ddsnap.volume import Origin, Snapshot
 
@@ -92,7 +92,7 @@ class Rig:
         else:
             store = make_store(kind, origin_size=self.size,
                                store_size=(store_chunks + 40) * CS, journal_blocks=32)
-        self.svc = MetadataService(store, origin_dev)
+        self.svc = LocalService(store, origin_dev)
         self.model: dict[str, bytearray] = {"origin": bytearray(initial)}
         self.infos = {}
         self.target: str | None = None
@@ -104,8 +104,8 @@ class Rig:
 
     def vol(self, name: str):
         if name == "origin":
-            return Origin(self.svc)
-        return Snapshot(self.svc, self.infos[name])
+            return Origin(self.svc, self.svc.data)
+        return Snapshot(self.svc, self.svc.data, self.infos[name])
 
     def create(self, name: str, read_only: bool = False) -> None:
         self.infos[name] = self.svc.create_snapshot(name, read_only=read_only)
@@ -171,7 +171,7 @@ class Rig:
             dev = self.store.dev
             if isinstance(dev, MemoryDevice):
                 dev = MemoryDevice(dev.size, dev.data)  # what is on the device now
-        self.svc = MetadataService(SharedStore.open(dev), self.origin_dev)
+        self.svc = LocalService(SharedStore.open(dev), self.origin_dev)
         live = {s.name: s for s in self.svc.snapshots()}
         assert set(live) == set(self.infos), "snapshots changed across a reopen"
         self.infos = live
@@ -221,10 +221,11 @@ def test_origin_reads_the_target_from_the_start(make_store, kind):
     # Nothing is copied yet: the origin device still holds the old data ...
     assert r.origin_dev.pread(r.size, 0) != target
     # ... but the origin already reads as the target, in one read and chunk by chunk.
-    assert Origin(r.svc).read(0, r.size) == target
+    assert Origin(r.svc, r.svc.data).read(0, r.size) == target
     for c in range(0, r.size, CS):
-        assert Origin(r.svc).read(c, min(CS, r.size - c)) == target[c: c + CS]
-    assert Origin(r.svc).read(14 * CS + 250, 800) == target[14 * CS + 250: 14 * CS + 1050]
+        assert Origin(r.svc, r.svc.data).read(c, min(CS, r.size - c)) == target[c: c + CS]
+    got = Origin(r.svc, r.svc.data).read(14 * CS + 250, 800)
+    assert got == target[14 * CS + 250: 14 * CS + 1050]
     r.verify("merge started")
     steps = 0
     while not r.svc.merge_step():
@@ -451,7 +452,7 @@ def test_what_is_refused_during_a_merge(make_store, kind):
     with pytest.raises(MergeInProgress):
         r.svc.create_snapshot("new")
     with pytest.raises(MergeInProgress):
-        Snapshot(r.svc, t_info).write(10 * CS, b"x")
+        Snapshot(r.svc, r.svc.data, t_info).write(10 * CS, b"x")
     with pytest.raises(MergeInProgress):
         r.svc.delete_snapshot("t")
     assert r.svc.is_merging(t_info) and not r.svc.is_merging(r.infos["old"])
@@ -513,7 +514,7 @@ def test_a_step_cut_short_by_an_origin_write_skips_no_chunk(make_store, kind):
     rmap = r.svc.map_origin_read(1, 1)  # an origin read of chunk 1 in flight
     assert rmap.sources[0] is not None
     data = r.rng.randbytes(10)
-    writer = run(lambda: Origin(r.svc).write(CS + 10, data))
+    writer = run(lambda: Origin(r.svc, r.svc.data).write(CS + 10, data))
     _wait_waiters(r.svc, 1, writer)  # merging chunk 1, waiting for the reader
     stepper = run(r.svc.merge_step)
     _wait_waiters(r.svc, 2, stepper)  # waiting for chunk 1 to be free
@@ -575,7 +576,7 @@ def test_concurrent_writers_and_readers_during_the_merge(make_store, kind):
             data = rng.randbytes(slice_len)
             history.setdefault(off, []).append(data)
             pace_writer()
-            Origin(r.svc).write(off, data)
+            Origin(r.svc, r.svc.data).write(off, data)
             writes[0] += 1
 
     def run_writer():
@@ -589,12 +590,12 @@ def test_concurrent_writers_and_readers_during_the_merge(make_store, kind):
                     b = min(a + slice_len, (k + 1) * CS)
                     history.setdefault(c * CS + a, []).append(data[a:b])
             pace_writer()
-            Origin(r.svc).write(c * CS, data)
+            Origin(r.svc, r.svc.data).write(c * CS, data)
             writes[0] += 1
 
     def origin_reader():
         while not done.is_set():
-            got = Origin(r.svc).read(0, r.size)
+            got = Origin(r.svc, r.svc.data).read(0, r.size)
             for c in range(chunks):
                 lo = c * CS
                 if c in quiet:
@@ -871,7 +872,7 @@ def test_a_full_store_stops_the_merge_without_losing_anything(make_store, kind):
     assert r.svc.merge_status()["snapshot"] == "t"
     with pytest.raises(StoreFull):
         # must merge chunks 0..9 first: ten copy-outs for young, no room either
-        Origin(r.svc).write(0, bytes(10 * CS))
+        Origin(r.svc, r.svc.data).write(0, bytes(10 * CS))
     r.verify("refused write")
     r.delete("filler")
     if kind != "memory":
@@ -938,12 +939,12 @@ def test_merge_step_size_comes_from_the_environment(make_store, monkeypatch):
     r.start("t")
     left = len(r.left())
     monkeypatch.setenv("DDSNAP_MERGE_STEP", "8K")
-    svc = MetadataService(r.store, r.origin_dev)
+    svc = LocalService(r.store, r.origin_dev)
     assert svc.merge_step_chunks == 2
     assert svc.merge_step() is False
     assert len(r.left()) == left - 2
     monkeypatch.setenv("DDSNAP_MERGE_STEP", "lots")
     with pytest.raises(InvalidArgument, match="DDSNAP_MERGE_STEP"):
-        MetadataService(r.store, r.origin_dev)
+        LocalService(r.store, r.origin_dev)
     monkeypatch.delenv("DDSNAP_MERGE_STEP")
-    assert MetadataService(r.store, r.origin_dev).merge_step_chunks == (32 << 20) // CS
+    assert LocalService(r.store, r.origin_dev).merge_step_chunks == (32 << 20) // CS

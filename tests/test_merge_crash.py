@@ -9,7 +9,7 @@ partial chunks), origin flushes, snapshot writes and flushes, a delete, a resume
 restart, and finally runs the merge to its end and writes on.  For every crash point of
 that merge phase (all of them, or a deterministic, evenly spread subsample) the images
 a crash could leave ("drop", "subset", "torn"; fixed seeds) are recovered
-(``SharedStore.open`` + ``MetadataService``) and must show:
+(``SharedStore.open`` + ``LocalService``) and must show:
 
 * ``check()`` clean;
 * the merge recorded or not as before or after the operation in flight (for the start:
@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from ddsnap.errors import StoreFull
+from ddsnap.service.local import LocalService
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.format import LEAF_MAX, MERGED, pack_key
-from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
 from ddsnap.testing.crash import CrashClock, RecordingDevice
 from ddsnap.volume import Origin, Snapshot
@@ -204,7 +204,7 @@ class Run:
         store = SharedStore.create(self.store_dev, origin_size=g.size, origin_path="origin",
                                    chunk_size=CS, max_snapshots=g.max_snapshots,
                                    journal_blocks=g.journal_blocks)
-        self.svc = MetadataService(store, self.origin)
+        self.svc = LocalService(store, self.origin)
         self.e = Expect(Vol.exact(initial))
         self.infos = {}
         self.left_after: list[frozenset] = []  # the target's unmerged chunks after each op
@@ -248,15 +248,16 @@ class Run:
         kind = op[0]
         if kind == "owrite":
             _, off, data, fua = op
-            self._write(e.origin, Origin(self.svc), off, data, fua)
+            self._write(e.origin, Origin(self.svc, self.svc.data), off, data, fua)
         elif kind == "swrite":
             _, name, off, data, fua = op
-            self._write(e.snaps[name], Snapshot(self.svc, self.infos[name]), off, data, fua)
+            vol = Snapshot(self.svc, self.svc.data, self.infos[name])
+            self._write(e.snaps[name], vol, off, data, fua)
         elif kind == "oflush":
-            Origin(self.svc).flush()
+            Origin(self.svc, self.svc.data).flush()
             e.origin.flushed()
         elif kind == "sflush":
-            Snapshot(self.svc, self.infos[op[1]]).flush()
+            Snapshot(self.svc, self.svc.data, self.infos[op[1]]).flush()
             e.snaps[op[1]].flushed()
         elif kind == "create":
             name = op[1]
@@ -290,7 +291,7 @@ class Run:
                 self.svc.start_merge("t", keep=e.keep)
         elif kind == "reopen":
             self.svc.close()
-            self.svc = MetadataService(SharedStore.open(self.store_dev), self.origin)
+            self.svc = LocalService(SharedStore.open(self.store_dev), self.origin)
             self.infos = {s.name: s for s in self.svc.snapshots()}
         elif kind == "finish":
             if e.merging:
@@ -327,7 +328,7 @@ def recover_and_verify(run: Run, pre_left: frozenset, post_left: frozenset, pre_
     size = g.size
     store = SharedStore.open(MemoryDevice(len(store_img), store_img))
     origin = MemoryDevice(len(origin_img), origin_img)
-    svc = MetadataService(store, origin)  # resumes an interrupted delete
+    svc = LocalService(store, origin)  # resumes an interrupted delete
     findings = store.check()
     assert not findings, f"{what}: {findings}"
     st = svc.merge_status()
@@ -339,7 +340,8 @@ def recover_and_verify(run: Run, pre_left: frozenset, post_left: frozenset, pre_
     kept = e.kept
     if kind == "start":
         if st is None:  # not started: the origin exactly as before
-            assert Origin(svc).read(0, size) == e.pre_origin, f"{what}: origin before start"
+            got = Origin(svc, svc.data).read(0, size)
+            assert got == e.pre_origin, f"{what}: origin before start"
             assert "t" in present
             return
         origin_vol = Vol.exact(e.target)  # started: the origin reads as the target
@@ -369,10 +371,10 @@ def recover_and_verify(run: Run, pre_left: frozenset, post_left: frozenset, pre_
     assert must <= set(present) <= may, f"{what}: snapshots {set(present)}, must {must}"
 
     # Every volume.
-    origin_vol.assert_allowed(Origin(svc).read(0, size), f"{what}: origin")
-    content = {"origin": Origin(svc).read(0, size)}
+    origin_vol.assert_allowed(Origin(svc, svc.data).read(0, size), f"{what}: origin")
+    content = {"origin": Origin(svc, svc.data).read(0, size)}
     for name, info in present.items():
-        got = Snapshot(svc, info).read(0, size)
+        got = Snapshot(svc, svc.data, info).read(0, size)
         content[name] = got
         if name == "t" and (st is not None or "t" not in e.snaps):
             # Merging (not exported), or the merge completed at this crash: with keep it
@@ -395,13 +397,14 @@ def resume_and_verify(svc, store, origin, present, content, st, e, size, what):
     # (kept: t still reads what it read during the merge, checked above)
     assert store.check() == [], what
     svc.close()
-    svc2 = MetadataService(SharedStore.open(store.dev), origin)
+    svc2 = LocalService(SharedStore.open(store.dev), origin)
     assert svc2.store.check() == [], what
     infos = {s.name: s for s in svc2.snapshots()}
     assert set(infos) | {"origin"} == set(content), what
     assert origin.pread(size, 0) == content["origin"], f"{what}: origin device after resume"
     for name, want in content.items():
-        vol = Origin(svc2) if name == "origin" else Snapshot(svc2, infos[name])
+        vol = (Origin(svc2, svc2.data) if name == "origin"
+               else Snapshot(svc2, svc2.data, infos[name]))
         assert vol.read(0, size) == want, f"{what}: {name} after resuming the merge"
 
 
@@ -477,9 +480,9 @@ def test_workload_without_crash_matches_the_model():
     owners = {o for o, _c, _t, sc in store.exceptions() if sc in t_reads.values()}
     assert {0, ids["t"]} <= owners
     run = Run(g, setup, merge)
-    assert Origin(run.svc).read(0, g.size) == run.e.origin.current
+    assert Origin(run.svc, run.svc.data).read(0, g.size) == run.e.origin.current
     for name, vol in run.e.snaps.items():
-        assert Snapshot(run.svc, run.infos[name]).read(0, g.size) == vol.current, name
+        assert Snapshot(run.svc, run.svc.data, run.infos[name]).read(0, g.size) == vol.current, name
     assert "t" not in {s.name for s in run.svc.snapshots()}
     assert len(run.left_after[0]) > 10
     assert run.svc.store.check() == []
@@ -607,22 +610,22 @@ def test_a_kept_target_survives_a_crash_as_it_was_when_the_merge_started():
     kept = run.e.kept
     assert kept is not None and kept != bytes(run.e.snaps["old"].current)
     t = svc.snapshot("t")
-    Origin(svc).write(11 * CS + 5, b"during the merge" * 300)  # over unmerged chunks too
+    Origin(svc, svc.data).write(11 * CS + 5, b"during the merge" * 300)  # over unmerged chunks too
     while svc.store.merge_todo(0, 1):
         assert svc.merge_step() is False
     # Every chunk merged, the completion not yet done: an origin write, not flushed.
-    Origin(svc).write(5 * CS + 7, b"after the last step" * 50)
-    assert Snapshot(svc, t).read(0, g.size) == kept
+    Origin(svc, svc.data).write(5 * CS + 7, b"after the last step" * 50)
+    assert Snapshot(svc, svc.data, t).read(0, g.size) == kept
     assert svc.merge_step() is True
-    assert Snapshot(svc, svc.snapshot("t")).read(0, g.size) == kept
-    assert Origin(svc).read(5 * CS + 7, 19) == b"after the last step"
+    assert Snapshot(svc, svc.data, svc.snapshot("t")).read(0, g.size) == kept
+    assert Origin(svc, svc.data).read(5 * CS + 7, 19) == b"after the last step"
     for mode in MODES:
         store_img, origin_img = run.images(mode, seed=3)
         store = SharedStore.open(MemoryDevice(len(store_img), store_img))
-        svc2 = MetadataService(store, MemoryDevice(len(origin_img), origin_img))
+        svc2 = LocalService(store, MemoryDevice(len(origin_img), origin_img))
         assert store.check() == []
         assert svc2.merge_status() is None
-        got = Snapshot(svc2, svc2.snapshot("t")).read(0, g.size)
+        got = Snapshot(svc2, svc2.data, svc2.snapshot("t")).read(0, g.size)
         assert got == kept, f"{mode}: the kept target changed in a crash"
 
 
@@ -633,17 +636,17 @@ def _tight_store():
     size = 64 * CS
     origin = RecordingDevice(size, bytes(size), "origin", clock)
     dev = RecordingDevice(70 * CS, None, "store", clock)
-    svc = MetadataService(SharedStore.create(dev, size, "o", CS, 64, journal_blocks=24),
+    svc = LocalService(SharedStore.create(dev, size, "o", CS, 64, journal_blocks=24),
                           origin)
     return clock, origin, dev, svc
 
 
-def _after_crash(dev, origin, n: int, what: str, path: str) -> MetadataService:
+def _after_crash(dev, origin, n: int, what: str, path: str) -> LocalService:
     """The service over the images a crash at op ``n`` leaves (lost unflushed writes),
     after asserting the store checks clean (no leaked chunk)."""
     store_img = bytes(dev.crash_image(random.Random(n), "drop"))
     origin_img = bytes(origin.crash_image(random.Random(n), "drop"))
-    svc2 = MetadataService(SharedStore.open(MemoryDevice(len(store_img), store_img)),
+    svc2 = LocalService(SharedStore.open(MemoryDevice(len(store_img), store_img)),
                            MemoryDevice(origin.size, origin_img))
     assert svc2.store.check() == [], f"crash at op {n} ({what} {path})"
     return svc2
@@ -658,7 +661,8 @@ def _crash_checker(dev, origin, want: dict) -> tuple:
     def observe(n, what, path):
         svc2 = _after_crash(dev, origin, n, what, path)
         for name, data in want.items():
-            vol = Origin(svc2) if name == "origin" else Snapshot(svc2, svc2.snapshot(name))
+            vol = (Origin(svc2, svc2.data) if name == "origin"
+                   else Snapshot(svc2, svc2.data, svc2.snapshot(name)))
             assert vol.read(0, len(data)) == data, f"{name} after a crash at op {n}"
         checked.append(n)
 
@@ -675,15 +679,15 @@ def test_crash_while_a_step_reclaims_the_space_a_merge_freed(monkeypatch):
     clock, origin, dev, svc = _tight_store()
     size = origin.size
     t = svc.create_snapshot("t")
-    Snapshot(svc, t).write(5 * CS, b"t" * 5 * CS)  # t's chunks 5..9, then 0..4: two runs
-    Snapshot(svc, t).write(0, b"T" * 5 * CS)
-    target = Snapshot(svc, t).read(0, size)
+    Snapshot(svc, svc.data, t).write(5 * CS, b"t" * 5 * CS)  # t's chunks 5..9, then 0..4: two runs
+    Snapshot(svc, svc.data, t).write(0, b"T" * 5 * CS)
+    target = Snapshot(svc, svc.data, t).read(0, size)
     svc.create_snapshot("young")  # reads the origin at 0..9: needs copy-outs
     filler = svc.create_snapshot("filler")
     free = svc.store.space()["chunks_free"]
-    Snapshot(svc, filler).write(20 * CS, b"f" * (free - 7) * CS)  # 7 chunks left
-    filled = Snapshot(svc, filler).read(0, size)
-    svc.flush_store()
+    Snapshot(svc, svc.data, filler).write(20 * CS, b"f" * (free - 7) * CS)  # 7 chunks left
+    filled = Snapshot(svc, svc.data, filler).read(0, size)
+    svc.data.cow.flush()
     svc.start_merge("t")
     assert svc.merge_step() is False  # run 0..4: 5 copy-outs, t's 5 chunks freed
     observe, checked = _crash_checker(dev, origin, {"origin": target, "young": bytes(size),
@@ -697,7 +701,7 @@ def test_crash_while_a_step_reclaims_the_space_a_merge_freed(monkeypatch):
     clock.observer = None
     assert steps >= 3 and len(checked) > 5
     assert svc.store.check() == []
-    assert Origin(svc).read(0, size) == target
+    assert Origin(svc, svc.data).read(0, size) == target
 
 
 def test_crash_while_an_origin_write_reclaims_the_space_a_merge_freed(monkeypatch):
@@ -709,12 +713,12 @@ def test_crash_while_an_origin_write_reclaims_the_space_a_merge_freed(monkeypatc
     clock, origin, dev, svc = _tight_store()
     size = origin.size
     t = svc.create_snapshot("t")
-    Snapshot(svc, t).write(0, b"T" * 5 * CS)
+    Snapshot(svc, svc.data, t).write(0, b"T" * 5 * CS)
     filler = svc.create_snapshot("filler")
     free = svc.store.space()["chunks_free"]
-    Snapshot(svc, filler).write(20 * CS, b"f" * (free - 2) * CS)
-    filled = Snapshot(svc, filler).read(0, size)
-    svc.flush_store()
+    Snapshot(svc, svc.data, filler).write(20 * CS, b"f" * (free - 2) * CS)
+    filled = Snapshot(svc, svc.data, filler).read(0, size)
+    svc.data.cow.flush()
     # Without keep, the exceptions only t reads are freed as they are merged (not yet
     # reusable); with keep, t would keep them.
     svc.start_merge("t")
@@ -722,23 +726,23 @@ def test_crash_while_an_origin_write_reclaims_the_space_a_merge_freed(monkeypatc
         pass
     assert svc.store.reclaimable()
     young = svc.create_snapshot("young")  # shares origin chunks 40, 41: two copy-outs
-    before = Origin(svc).read(0, size)
+    before = Origin(svc, svc.data).read(0, size)
     checked = []
 
     def observe(n, what, path):
         svc2 = _after_crash(dev, origin, n, what, path)
-        assert Snapshot(svc2, young).read(0, size) == before
-        assert Snapshot(svc2, filler).read(0, size) == filled
+        assert Snapshot(svc2, svc2.data, young).read(0, size) == before
+        assert Snapshot(svc2, svc2.data, filler).read(0, size) == filled
         assert [s.name for s in svc2.snapshots()] == ["filler", "young"]
         checked.append(n)
 
     clock.observer = observe
-    Origin(svc).write(40 * CS, b"o" * 2 * CS)
+    Origin(svc, svc.data).write(40 * CS, b"o" * 2 * CS)
     clock.observer = None
     assert len(checked) > 5
     assert svc.store.check() == []
-    assert Snapshot(svc, young).read(0, size) == before
-    assert Origin(svc).read(40 * CS, 2 * CS) == b"o" * 2 * CS
+    assert Snapshot(svc, svc.data, young).read(0, size) == before
+    assert Origin(svc, svc.data).read(40 * CS, 2 * CS) == b"o" * 2 * CS
 
 
 def test_a_step_whose_copy_outs_take_the_room_their_metadata_needs(monkeypatch):
@@ -752,19 +756,19 @@ def test_a_step_whose_copy_outs_take_the_room_their_metadata_needs(monkeypatch):
     size = 256 * CS
     origin = RecordingDevice(size, random.Random(9).randbytes(size), "origin", clock)
     dev = RecordingDevice(450 * CS, None, "store", clock)
-    svc = MetadataService(SharedStore.create(dev, size, "o", CS, 0, journal_blocks=24),
+    svc = LocalService(SharedStore.create(dev, size, "o", CS, 0, journal_blocks=24),
                           origin)
     s1 = svc.create_snapshot("s1")
-    Origin(svc).write(0, random.Random(1).randbytes(200 * CS))  # 200 copy-outs for s1
-    target = Snapshot(svc, s1).read(0, size)
+    Origin(svc, svc.data).write(0, random.Random(1).randbytes(200 * CS))  # 200 copy-outs for s1
+    target = Snapshot(svc, svc.data, s1).read(0, size)
     s2 = svc.create_snapshot("s2")  # reads the origin there: the merge copies out
-    before = Origin(svc).read(0, size)
+    before = Origin(svc, svc.data).read(0, size)
     filler = svc.create_snapshot("filler")
     free = svc.store.space()["chunks_free"]
     assert 20 < free - 20 <= 256
-    Snapshot(svc, filler).write(0, b"F" * (free - 20) * CS)  # about 20 blocks left
-    filled = Snapshot(svc, filler).read(0, size)
-    svc.flush_store()
+    Snapshot(svc, svc.data, filler).write(0, b"F" * (free - 20) * CS)  # about 20 blocks left
+    filled = Snapshot(svc, svc.data, filler).read(0, size)
+    svc.data.cow.flush()
     svc.start_merge("s1")
     total = svc.merge_status()["chunks_total"]
     assert total == 200
@@ -777,8 +781,8 @@ def test_a_step_whose_copy_outs_take_the_room_their_metadata_needs(monkeypatch):
     clock.observer = None
     assert steps > 2 and len(checked) > 50, (steps, len(checked))
     assert svc.store.check() == []
-    assert Origin(svc).read(0, size) == target
-    assert Snapshot(svc, s2).read(0, size) == before
+    assert Origin(svc, svc.data).read(0, size) == target
+    assert Snapshot(svc, svc.data, s2).read(0, size) == before
     assert [s.name for s in svc.snapshots()] == ["s2", "filler"]
 
 
@@ -796,27 +800,27 @@ def test_a_merge_in_a_store_with_no_free_block_moves_its_cursor(monkeypatch):
     origin = RecordingDevice(size, random.Random(9).randbytes(size), "origin", clock)
     dev = RecordingDevice(440 * CS, None, "store", clock)
     store = SharedStore.create(dev, size, "o", CS, 0, journal_blocks=24)
-    svc = MetadataService(store, origin)
+    svc = LocalService(store, origin)
     s1 = svc.create_snapshot("s1")
     for c in random.Random(5).sample(range(100), 100):  # no linear runs
-        Origin(svc).write(c * CS, bytes([c]) * CS)
+        Origin(svc, svc.data).write(c * CS, bytes([c]) * CS)
     filler = svc.create_snapshot("filler")
-    Snapshot(svc, filler).write(0, b"f" * 100 * CS)  # reads no origin chunk s1 has
-    kept = Snapshot(svc, s1).read(0, size)
+    Snapshot(svc, svc.data, filler).write(0, b"f" * 100 * CS)  # reads no origin chunk s1 has
+    kept = Snapshot(svc, svc.data, s1).read(0, size)
     svc.start_merge("s1", keep=True)
     c = 150
     while True:  # copy-outs for both and a marker each, until not a block is left
         try:
-            Origin(svc).write(c * CS, b"o" * CS)
+            Origin(svc, svc.data).write(c * CS, b"o" * CS)
         except StoreFull:
             break
         c += 1
     assert store.space()["chunks_free"] == 0 and c > 150 + LEAF_MAX
     _path, _block, leaf = store._probe(pack_key(MERGED, 0, 0))
     assert len(leaf.keys) == LEAF_MAX, "a marker below the cursor's would fit"
-    Origin(svc).flush()
-    origin_now = Origin(svc).read(0, size)
-    filled = Snapshot(svc, filler).read(0, size)
+    Origin(svc, svc.data).flush()
+    origin_now = Origin(svc, svc.data).read(0, size)
+    filled = Snapshot(svc, svc.data, filler).read(0, size)
     observe, checked = _crash_checker(dev, origin, {"origin": origin_now, "s1": kept,
                                                     "filler": filled})
     clock.observer = observe
@@ -824,5 +828,5 @@ def test_a_merge_in_a_store_with_no_free_block_moves_its_cursor(monkeypatch):
     clock.observer = None
     assert len(checked) > 20
     assert svc.store.check() == []
-    assert Origin(svc).read(0, size) == origin_now
-    assert Snapshot(svc, svc.snapshot("s1")).read(0, size) == kept
+    assert Origin(svc, svc.data).read(0, size) == origin_now
+    assert Snapshot(svc, svc.data, svc.snapshot("s1")).read(0, size) == kept

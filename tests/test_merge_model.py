@@ -46,9 +46,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from conftest import examples
 from ddsnap.errors import InvalidArgument, MergeInProgress, ReadOnlyVolume, ShrinkRefused, StoreFull
+from ddsnap.service.local import LocalService
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.memory import MemoryStore
-from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
 from ddsnap.volume import Origin, Snapshot
 
@@ -117,7 +117,7 @@ class MergeMachine(RuleBasedStateMachine):
                                        max_snapshots=64, journal_blocks=self.JOURNAL)
         else:
             store = MemoryStore(self.ORIGIN, self.STORE, self.CHUNK, 64)
-        self.svc = MetadataService(store, self.origin_dev)
+        self.svc = LocalService(store, self.origin_dev)
         self.model: dict[str, bytearray] = {"origin": bytearray(seed)}
         self.infos = {}
         self.target: str | None = None  # the snapshot being merged (not in the model)
@@ -132,8 +132,8 @@ class MergeMachine(RuleBasedStateMachine):
 
     def volume(self, name):
         if name == "origin":
-            return Origin(self.svc)
-        return Snapshot(self.svc, self.infos[name])
+            return Origin(self.svc, self.svc.data)
+        return Snapshot(self.svc, self.svc.data, self.infos[name])
 
     def _range(self, data):
         off = data.draw(st.integers(0, self.ORIGIN - 1), label="offset")
@@ -260,7 +260,7 @@ class MergeMachine(RuleBasedStateMachine):
         if store_img is None:
             store_img = bytes(self.store_dev.data)
         self.store_dev = TapDevice(self.STORE, store_img, self.tap)
-        self.svc = MetadataService(SharedStore.open(self.store_dev), self.origin_dev)
+        self.svc = LocalService(SharedStore.open(self.store_dev), self.origin_dev)
         live = {s.name: s for s in self.svc.snapshots()}
         assert set(live) == set(self.infos), "snapshots changed across a reopen"
         self.infos = live
@@ -304,7 +304,7 @@ class MergeMachine(RuleBasedStateMachine):
         payload = self._payload(n, seed)
         if name == self.target:
             try:
-                Snapshot(self.svc, self.infos[name]).write(off, payload)
+                Snapshot(self.svc, self.svc.data, self.infos[name]).write(off, payload)
             except (MergeInProgress, ReadOnlyVolume):
                 return
             raise AssertionError("the merging snapshot accepted a write")
@@ -404,7 +404,7 @@ class MergeMachine(RuleBasedStateMachine):
             for _ in range(data.draw(st.integers(1, 4), label="ops")):
                 off, n = self._range(data)
                 self._write("origin", off, self._payload(n, seed))
-                got = Origin(self.svc).read(0, self.ORIGIN)
+                got = Origin(self.svc, self.svc.data).read(0, self.ORIGIN)
                 assert got == self.model["origin"], "origin during a concurrent merge"
                 for name in self._writable():
                     got = self.volume(name).read(0, self.ORIGIN)
@@ -455,7 +455,7 @@ class MergeMachine(RuleBasedStateMachine):
                 pass
             else:
                 raise AssertionError("the origin shrank below its snapshots' size")
-        grown = Origin(self.svc)
+        grown = Origin(self.svc, self.svc.data)
         assert grown.read(old, big - old) == bytes(big - old), "the grown part is not zeroes"
         # The last old chunk is partial: a write to the grown part of it copies that chunk
         # out (the snapshots read its head); past it nothing is copied out.
@@ -517,7 +517,7 @@ class MergeMachine(RuleBasedStateMachine):
         self.tap = Tap()
         self.origin_dev = TapDevice(self.ORIGIN, origin_img, self.tap)
         self.store_dev = TapDevice(self.STORE, store_img, self.tap)
-        self.svc = MetadataService(SharedStore.open(self.store_dev), self.origin_dev)
+        self.svc = LocalService(SharedStore.open(self.store_dev), self.origin_dev)
         # Still merging: the state before the operation (or, for a write, with the write
         # in flight); merge over: the state after it (a step that completed the merge).
         state = pre if self.svc.merge_status() is not None else post
@@ -539,7 +539,7 @@ class MergeMachine(RuleBasedStateMachine):
             assert got == want, f"{name} differs from the model"
         if self.target is not None and self.keep:
             # Not exported while it merges, but a snapshot like the others: as it was.
-            got = Snapshot(self.svc, self.infos[self.target]).read(0, self.ORIGIN)
+            got = Snapshot(self.svc, self.svc.data, self.infos[self.target]).read(0, self.ORIGIN)
             assert got == self.kept, f"the kept target {self.target} changed"
 
     @invariant()

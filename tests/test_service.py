@@ -13,9 +13,9 @@ import time
 import pytest
 
 from ddsnap.errors import ReadOnlyVolume, SnapshotBusy, StoreFull
+from ddsnap.service.local import LocalService
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.memory import MemoryStore
-from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
 from ddsnap.volume import Origin, Snapshot
 
@@ -55,7 +55,7 @@ def make(kind: str, log: list, gate=None):
     else:
         store = MemoryStore(OSZ, 8 << 20, CS, 64)
         store.cow = LogDevice(store.cow.size, "store", log, gate)
-    return MetadataService(store, origin), origin
+    return LocalService(store, origin), origin
 
 
 def test_copyout_durable_before_commit_before_origin_write():
@@ -63,10 +63,10 @@ def test_copyout_durable_before_commit_before_origin_write():
     block) before the commit point's flush, then the origin write."""
     log: list = []
     svc, origin = make("shared", log)
-    Origin(svc).write(0, b"a" * CS)
+    Origin(svc, svc.data).write(0, b"a" * CS)
     svc.create_snapshot("s")
     del log[:]
-    Origin(svc).write(0, b"b" * CS)
+    Origin(svc, svc.data).write(0, b"b" * CS)
     sb = svc.store.sb
     jlo, jhi = sb.journal_start * 4096, (sb.journal_start + sb.journal_blocks) * 4096
     origin_write = log.index(("origin", "write", 0))
@@ -79,7 +79,7 @@ def test_copyout_durable_before_commit_before_origin_write():
     assert any(copy_out < f < journal[-1] for f in flushes), log
     # ... and the journal flushed before the origin is overwritten
     assert any(journal[-1] < f < origin_write for f in flushes), log
-    assert Snapshot(svc, svc.snapshot("s")).read(0, CS) == b"a" * CS
+    assert Snapshot(svc, svc.data, svc.snapshot("s")).read(0, CS) == b"a" * CS
 
 
 def test_concurrent_copyouts_share_one_commit():
@@ -90,7 +90,7 @@ def test_concurrent_copyouts_share_one_commit():
     svc, _ = make("shared", log, gate)
     svc.create_snapshot("s")
     gate.clear()
-    vol = Origin(svc)
+    vol = Origin(svc, svc.data)
     n = 12
     errors = []
 
@@ -123,7 +123,7 @@ def test_concurrent_copyouts_share_one_commit():
     # One commit for writer 0 and one for all the others: far fewer than n commits
     # (a commit costs at most two store flushes: data, then journal).
     assert flushes <= 4, log
-    snap = Snapshot(svc, svc.snapshot("s"))
+    snap = Snapshot(svc, svc.data, svc.snapshot("s"))
     assert snap.read(0, n * CS) == bytes(n * CS)
     assert vol.read(0, n * CS) == b"".join(bytes([i + 1]) * CS for i in range(n))
 
@@ -133,12 +133,12 @@ def test_snapshot_read_holds_back_origin_write(kind):
     """An origin write waits while a snapshot read of that origin chunk is in flight."""
     log: list = []
     svc, origin = make(kind, log)
-    Origin(svc).write(0, b"x" * CS)
+    Origin(svc, svc.data).write(0, b"x" * CS)
     info = svc.create_snapshot("s")
     rmap = svc.map_snapshot_read(info, 0, 0)
     assert rmap.sources == [None]  # reads the origin, read-locked
     done = threading.Event()
-    t = threading.Thread(target=lambda: (Origin(svc).write(0, b"y" * CS), done.set()))
+    t = threading.Thread(target=lambda: (Origin(svc, svc.data).write(0, b"y" * CS), done.set()))
     t.start()
     # The writer copies out, commits, then must wait for our read lock.
     deadline = time.monotonic() + 30
@@ -151,7 +151,7 @@ def test_snapshot_read_holds_back_origin_write(kind):
     svc.release_snapshot_read(rmap)
     t.join()
     assert origin.pread(CS, 0) == b"y" * CS
-    assert Snapshot(svc, info).read(0, CS) == b"x" * CS
+    assert Snapshot(svc, svc.data, info).read(0, CS) == b"x" * CS
 
 
 @pytest.mark.parametrize("kind", ["shared", "memory"])
@@ -160,10 +160,10 @@ def test_nowait_read_declines_whenever_it_would_wait(kind):
     the metadata lock (an origin write could be mid copy-out), not during a merge, not
     for a deleted snapshot; otherwise it returns the same bytes as the locked read."""
     svc, _origin = make(kind, [])
-    Origin(svc).write(0, b"x" * (4 * CS))
+    Origin(svc, svc.data).write(0, b"x" * (4 * CS))
     info = svc.create_snapshot("s")
-    Origin(svc).write(CS, b"y" * (2 * CS))
-    snap = Snapshot(svc, info)
+    Origin(svc, svc.data).write(CS, b"y" * (2 * CS))
+    snap = Snapshot(svc, svc.data, info)
     buf = bytearray(4 * CS)
     assert snap.read_into_nowait(0, memoryview(buf)) is True
     assert bytes(buf) == snap.read(0, 4 * CS) == b"x" * (4 * CS)
@@ -186,9 +186,9 @@ def test_nowait_read_declines_whenever_it_would_wait(kind):
     svc.create_snapshot("t")
     svc.start_merge("t")
     assert snap.read_into_nowait(0, memoryview(buf)) is False
-    assert Origin(svc).read_into_nowait(0, memoryview(buf)) is False
+    assert Origin(svc, svc.data).read_into_nowait(0, memoryview(buf)) is False
     svc.run_merge()
-    assert Origin(svc).read_into_nowait(0, memoryview(buf)) is True
+    assert Origin(svc, svc.data).read_into_nowait(0, memoryview(buf)) is True
     assert bytes(buf) == b"x" * CS + b"y" * (2 * CS) + b"x" * CS
     svc.delete_snapshot("s")
     assert snap.read_into_nowait(0, memoryview(buf)) is False
@@ -197,7 +197,7 @@ def test_nowait_read_declines_whenever_it_would_wait(kind):
 @pytest.mark.parametrize("kind", ["shared", "memory"])
 def test_full_store_enospc_keeps_snapshots(kind):
     svc, _ = make(kind, [])
-    vol = Origin(svc)
+    vol = Origin(svc, svc.data)
     vol.write(0, b"\1" * OSZ)
     svc.create_snapshot("a")
     # The store holds fewer chunks than the origin has only for the shared store's
@@ -207,12 +207,12 @@ def test_full_store_enospc_keeps_snapshots(kind):
     with pytest.raises(StoreFull):
         for _round in range(100):
             for off in range(0, OSZ, CS):
-                Snapshot(svc, snap_b).write(off, b"\2" * CS)
+                Snapshot(svc, svc.data, snap_b).write(off, b"\2" * CS)
                 written += 1
             svc.create_snapshot(f"c{_round}")
             snap_b = svc.snapshot("b")
             vol.write(0, bytes([_round + 3]) * OSZ)
-    assert Snapshot(svc, svc.snapshot("a")).read(0, OSZ) == b"\1" * OSZ
+    assert Snapshot(svc, svc.data, svc.snapshot("a")).read(0, OSZ) == b"\1" * OSZ
     assert not [f for f in svc.store.check() if f.severity == "fatal"]
 
 
@@ -220,8 +220,8 @@ def test_read_only_snapshot_and_busy_delete():
     svc, _ = make("memory", [])
     info = svc.create_snapshot("ro", read_only=True)
     with pytest.raises(ReadOnlyVolume):
-        Snapshot(svc, info).write(0, b"z")
-    vol = Snapshot(svc, info)
+        Snapshot(svc, svc.data, info).write(0, b"z")
+    vol = Snapshot(svc, svc.data, info)
     vol.open()
     with pytest.raises(SnapshotBusy):
         svc.delete_snapshot("ro")
@@ -237,16 +237,16 @@ def test_huge_write_is_committed_in_transactions_that_fit_the_journal():
     # 4 KiB chunks, 1024-bit sharemaps (29 exceptions a leaf), a 64-block journal:
     # copying out 2048 chunks touches ~140 leaves, more than twice the journal.
     store = SharedStore.create(dev, 8 << 20, "o", 4096, 1024, journal_blocks=64)
-    svc = MetadataService(store, origin)
-    vol = Origin(svc)
+    svc = LocalService(store, origin)
+    vol = Origin(svc, svc.data)
     vol.write(0, b"\1" * (8 << 20))
     svc.create_snapshot("s")
     vol.write(0, b"\2" * (8 << 20))
-    assert Snapshot(svc, svc.snapshot("s")).read(0, 8 << 20) == b"\1" * (8 << 20)
+    assert Snapshot(svc, svc.data, svc.snapshot("s")).read(0, 8 << 20) == b"\1" * (8 << 20)
     svc.close()
     reopened = SharedStore.open(MemoryDevice(dev.size, dev.data))
-    svc2 = MetadataService(reopened, origin)
-    assert Snapshot(svc2, svc2.snapshot("s")).read(0, 8 << 20) == b"\1" * (8 << 20)
+    svc2 = LocalService(reopened, origin)
+    assert Snapshot(svc2, svc2.data, svc2.snapshot("s")).read(0, 8 << 20) == b"\1" * (8 << 20)
     assert not reopened.check()
 
 
@@ -258,7 +258,7 @@ def test_batched_origin_writes_with_snapshots_taken_meanwhile(kind):
     of the writes (a snapshot may fall inside a batch: writes are not atomic together);
     the origin ends as the writes applied in order."""
     svc, origin = make(kind, [])
-    vol = Origin(svc)
+    vol = Origin(svc, svc.data)
     model = bytearray(OSZ)
     states = {bytes(model)}  # the origin after each write
     stop = threading.Event()
@@ -293,7 +293,7 @@ def test_batched_origin_writes_with_snapshots_taken_meanwhile(kind):
     assert not t.is_alive() and not errors, errors
     assert vol.read(0, OSZ) == bytes(model)
     for info in taken:
-        assert Snapshot(svc, info).read(0, OSZ) in states, info.name
+        assert Snapshot(svc, svc.data, info).read(0, OSZ) in states, info.name
 
 
 @pytest.mark.parametrize("kind", ["shared", "memory"])
@@ -304,13 +304,13 @@ def test_a_grown_origin_starts_with_zeroes_past_the_recorded_end(kind):
     origin = MemoryDevice(16 * cs, bytes([7]) * 16 * cs)
     store = (SharedStore.create(MemoryDevice(64 * cs), origin.size, chunk_size=cs)
              if kind == "shared" else MemoryStore(origin.size, 32 * cs, cs))
-    svc = MetadataService(store, origin)
+    svc = LocalService(store, origin)
     svc.resize_origin(8 * cs)
     assert origin.size == 8 * cs
     origin.resize(16 * cs)  # what the crash left: the tail not truncated yet ...
     origin.pwrite(bytes([9]) * 8 * cs, 8 * cs)  # ... holding the old bytes
     svc.resize_origin(12 * cs)
-    vol = Origin(svc)
+    vol = Origin(svc, svc.data)
     assert vol.size == 12 * cs
     assert vol.read(0, 8 * cs) == bytes([7]) * 8 * cs
     assert vol.read(8 * cs, 4 * cs) == bytes(4 * cs)

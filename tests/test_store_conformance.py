@@ -3,7 +3,7 @@
 Parametrized over SharedStore on a MemoryDevice, SharedStore on a FileDevice in
 ``tmp_path`` and MemoryStore, first at the ExceptionStore API level (sharers, exceptions,
 allocation, snapshot lifecycle and names), then at the volume level through the real
-MetadataService, Origin and Snapshot (copy-out, unsharing, partial writes, a full store,
+LocalService, Origin and Snapshot (copy-out, unsharing, partial writes, a full store,
 space accounting of deletes, tree compaction).
 """
 
@@ -23,10 +23,10 @@ from ddsnap.errors import (
     StoreFull,
     TooManySnapshots,
 )
+from ddsnap.service.local import LocalService
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.format import INF, LEAF_MAX, NODE_MAX, index_key, pack_key
 from ddsnap.store.memory import MemoryStore
-from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
 from ddsnap.volume import Origin, Snapshot
 
@@ -383,7 +383,7 @@ def test_create_commit_size_does_not_depend_on_the_tree(make_store, kind):
 # Volume level
 
 class Rig:
-    """An origin device, an exception store of one kind and a MetadataService over them,
+    """An origin device, an exception store of one kind and a LocalService over them,
     with a bytes model of every volume.
 
     ``write(volume, offset, data)`` / ``read(volume, offset, length)`` address the
@@ -400,15 +400,15 @@ class Rig:
                                 journal_blocks=journal_blocks)
         self.origin_dev = MemoryDevice(origin_size,
                                        random.Random(seed).randbytes(origin_size))
-        self.svc = MetadataService(self.store, self.origin_dev)
+        self.svc = LocalService(self.store, self.origin_dev)
         self.model = {"origin": bytearray(self.origin_dev.data)}
         self.infos = {}
 
     def volume(self, name):
         """The Origin or Snapshot volume called ``name``."""
         if name == "origin":
-            return Origin(self.svc)
-        return Snapshot(self.svc, self.infos[name])
+            return Origin(self.svc, self.svc.data)
+        return Snapshot(self.svc, self.svc.data, self.infos[name])
 
     def create(self, name, read_only=False):
         """Create snapshot ``name`` through the service and in the model."""
@@ -450,7 +450,7 @@ class Rig:
             return
         self.svc.close()
         self.store = SharedStore.open(self.store.dev)
-        self.svc = MetadataService(self.store, self.origin_dev)
+        self.svc = LocalService(self.store, self.origin_dev)
 
 
 @pytest.fixture
@@ -613,7 +613,7 @@ def test_full_store_fails_the_writer_and_changes_no_snapshot(make_store, kind):
     old = bytes(rig.model["origin"])
     lo, hi = (full - 1) * cs, (full + 7) * cs
     with pytest.raises(StoreFull):
-        Origin(rig.svc).write(lo + 10, b"W" * (hi - lo - 20))
+        Origin(rig.svc, rig.svc.data).write(lo + 10, b"W" * (hi - lo - 20))
     now = rig.read("origin", 0, len(old))
     assert now[:lo] == old[:lo] and now[hi:] == old[hi:]
     for x in range(lo + 10, hi - 10):
@@ -837,11 +837,11 @@ def test_write_zeroes_trim_and_block_status_keep_snapshots(rig):
     cs = rig.store.chunk_size
     rig.create("a")
     before = bytes(rig.model["origin"])
-    Origin(rig.svc).write_zeroes(cs - 100, 3 * cs, fua=True)
+    Origin(rig.svc, rig.svc.data).write_zeroes(cs - 100, 3 * cs, fua=True)
     rig.model["origin"][cs - 100: 4 * cs - 100] = bytes(3 * cs)
     rig.verify()
     assert rig.read("a", 0, len(before)) == before
-    Snapshot(rig.svc, rig.infos["a"]).write_zeroes(10, 20)
+    Snapshot(rig.svc, rig.svc.data, rig.infos["a"]).write_zeroes(10, 20)
     rig.model["a"][10:30] = bytes(20)
     for name in ("origin", "a"):
         vol = rig.volume(name)

@@ -37,8 +37,8 @@ from itertools import pairwise
 import pytest
 
 from ddsnap.errors import ShrinkRefused, StoreFull
+from ddsnap.service.local import LocalService
 from ddsnap.store.blockdev import MemoryDevice
-from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
 from ddsnap.testing.crash import CrashClock, CrashNow, RecordingDevice
 from ddsnap.volume import Origin, Snapshot
@@ -255,7 +255,7 @@ class Run:
                                    origin_path="origin", chunk_size=g.chunk_size,
                                    max_snapshots=g.max_snapshots,
                                    journal_blocks=g.journal_blocks)
-        self.svc = MetadataService(store, self.origin)
+        self.svc = LocalService(store, self.origin)
         self.base = self.clock.ops
         self.t = Tracker(Vol.exact(initial), store_size=store.sb.blocks * 4096)
         self.infos = {}
@@ -302,15 +302,16 @@ class Run:
         kind = op[0]
         if kind == "owrite":
             _, off, data, fua = op
-            self._write(t.origin, Origin(self.svc), off, data, fua)
+            self._write(t.origin, Origin(self.svc, self.svc.data), off, data, fua)
         elif kind == "swrite":
             _, name, off, data, fua = op
-            self._write(t.snaps[name], Snapshot(self.svc, self.infos[name]), off, data, fua)
+            vol = Snapshot(self.svc, self.svc.data, self.infos[name])
+            self._write(t.snaps[name], vol, off, data, fua)
         elif kind == "oflush":
-            Origin(self.svc).flush()
+            Origin(self.svc, self.svc.data).flush()
             t.origin.flushed()
         elif kind == "sflush":
-            Snapshot(self.svc, self.infos[op[1]]).flush()
+            Snapshot(self.svc, self.svc.data, self.infos[op[1]]).flush()
             t.snaps[op[1]].flushed()
         elif kind == "create":
             name = op[1]
@@ -333,7 +334,7 @@ class Run:
             t.deleting = None
         elif kind == "reopen":
             self.svc.close()
-            self.svc = MetadataService(SharedStore.open(self.store_dev), self.origin)
+            self.svc = LocalService(SharedStore.open(self.store_dev), self.origin)
             self.infos = {s.name: s for s in self.svc.snapshots()}
         elif kind == "oresize":
             new = op[1]
@@ -389,7 +390,7 @@ def recover_and_verify(t: Tracker, g: Geometry, store_img: bytes, origin_img: by
     return the recovered store."""
     store = SharedStore.open(MemoryDevice(len(store_img), store_img))
     origin = MemoryDevice(len(origin_img), origin_img)
-    svc = MetadataService(store, origin)  # resumes an interrupted delete
+    svc = LocalService(store, origin)  # resumes an interrupted delete
     findings = store.check()
     assert not findings, f"{what}: {findings}"
     present = {s.name: s for s in svc.snapshots()}
@@ -407,12 +408,13 @@ def recover_and_verify(t: Tracker, g: Geometry, store_img: bytes, origin_img: by
     vol = next((v for v in (t.origin, t.resizing) if v is not None and v.size == size), None)
     assert vol is not None, (f"{what}: the origin is recorded as {size} bytes, not "
                              f"{t.origin.size}" + (f" or {t.resizing.size}" if t.resizing else ""))
-    vol.assert_allowed(Origin(svc).read(0, size), f"{what}: origin")
+    vol.assert_allowed(Origin(svc, svc.data).read(0, size), f"{what}: origin")
     for name, info in present.items():
         vol = t.snaps[name] if name in t.snaps else t.creating[1]
         assert info.size == vol.size, f"{what}: snapshot {name} is {info.size} bytes, " \
                                       f"not {vol.size}"
-        vol.assert_allowed(Snapshot(svc, info).read(0, vol.size), f"{what}: snapshot {name}")
+        got = Snapshot(svc, svc.data, info).read(0, vol.size)
+        vol.assert_allowed(got, f"{what}: snapshot {name}")
     if exercise:
         exercise_after_recovery(svc, store, origin, present, g, what)
     return store
@@ -423,18 +425,18 @@ def exercise_after_recovery(svc, store, origin, present, g, what):
     the origin grows and its grown part reads as zeroes, even where a crash in a shrink
     left old data past the recorded end."""
     rng = random.Random(1)
-    model = {"origin": bytearray(Origin(svc).read(0, store.origin_size))}
+    model = {"origin": bytearray(Origin(svc, svc.data).read(0, store.origin_size))}
     for name, info in present.items():
-        model[name] = bytearray(Snapshot(svc, info).read(0, info.size))
+        model[name] = bytearray(Snapshot(svc, svc.data, info).read(0, info.size))
     info = svc.create_snapshot("after-crash")
     present = dict(present, **{"after-crash": info})
     model["after-crash"] = bytearray(model["origin"])
     grow = (store.origin_size // 512 + 5) * 512
     svc.resize_origin(grow)
     model["origin"].extend(bytes(grow - len(model["origin"])))
-    assert Origin(svc).read(0, grow) == model["origin"], f"{what}: the grown origin"
+    assert Origin(svc, svc.data).read(0, grow) == model["origin"], f"{what}: the grown origin"
     for name in list(model):
-        vol = Origin(svc) if name == "origin" else Snapshot(svc, present[name])
+        vol = Origin(svc, svc.data) if name == "origin" else Snapshot(svc, svc.data, present[name])
         n = min(5000, len(model[name]))
         off = rng.randrange(len(model[name]) - n + 1)
         data = rng.randbytes(n)
@@ -449,10 +451,11 @@ def exercise_after_recovery(svc, store, origin, present, g, what):
         del model[victim], present[victim]
     svc.close()
     store2 = SharedStore.open(store.dev)
-    svc2 = MetadataService(store2, origin)
+    svc2 = LocalService(store2, origin)
     assert store2.check() == [], what
     for name, want in model.items():
-        vol = Origin(svc2) if name == "origin" else Snapshot(svc2, present[name])
+        vol = (Origin(svc2, svc2.data) if name == "origin"
+               else Snapshot(svc2, svc2.data, present[name]))
         assert vol.read(0, len(want)) == want, f"{what}: {name} after recovery and new writes"
 
 
@@ -510,10 +513,10 @@ def test_workload_without_crash_matches_the_model():
     assert not run.crashed
     t = run.t
     size = g.origin_size
-    assert Origin(run.svc).read(0, size) == t.origin.current
+    assert Origin(run.svc, run.svc.data).read(0, size) == t.origin.current
     assert set(t.snaps) == {s.name for s in run.svc.snapshots()}
     for name, vol in t.snaps.items():
-        assert Snapshot(run.svc, run.infos[name]).read(0, size) == vol.current
+        assert Snapshot(run.svc, run.svc.data, run.infos[name]).read(0, size) == vol.current
     kinds = {op[0] for op in ops}
     assert kinds == {"create", "clone", "owrite", "swrite", "oflush", "sflush", "delete",
                      "reopen"}
@@ -622,11 +625,11 @@ def test_workload_with_resizes_without_crash_matches_the_model():
     assert not run.crashed
     t = run.t
     assert run.svc.store.origin_size == t.origin.size != g.origin_size
-    assert Origin(run.svc).read(0, t.origin.size) == t.origin.current
+    assert Origin(run.svc, run.svc.data).read(0, t.origin.size) == t.origin.current
     assert set(t.snaps) == {s.name for s in run.svc.snapshots()}
     for name, vol in t.snaps.items():
         assert run.infos[name].size == vol.size
-        assert Snapshot(run.svc, run.infos[name]).read(0, vol.size) == vol.current
+        assert Snapshot(run.svc, run.svc.data, run.infos[name]).read(0, vol.size) == vol.current
     assert {"oresize", "sresize"} <= {op[0] for op in ops}
     assert all(run.resizes.values()), run.resizes
     assert len({v.size for v in t.snaps.values()} | {t.origin.size}) > 1, "one size only"
@@ -764,13 +767,13 @@ def test_origin_grow_after_a_crash_in_a_shrink_reads_zeroes():
 
     def grow_again(run, store_img, origin_img, what):
         store = SharedStore.open(MemoryDevice(len(store_img), store_img))
-        svc = MetadataService(store, MemoryDevice(len(origin_img), origin_img))
+        svc = LocalService(store, MemoryDevice(len(origin_img), origin_img))
         size = store.origin_size
         if len(origin_img) > size and size == 20 * cs:
             stale.append(what)
         big = (g.origin_size // 512 + 1) * 512 + 4 * cs
         svc.resize_origin(big)
-        got = Origin(svc).read(size, big - size)
+        got = Origin(svc, svc.data).read(size, big - size)
         assert got == bytes(big - size), f"{what}: the grown part holds old data " \
             f"(recorded {size}, device was {len(origin_img)} bytes)"
 
@@ -852,7 +855,7 @@ def test_crash_during_recovery():
 
         dev = RecordingDevice(len(store_img), store_img, "store",
                               CrashClock(observer=second_crash))
-        MetadataService(SharedStore.open(dev), MemoryDevice(len(origin_img), origin_img))
+        LocalService(SharedStore.open(dev), MemoryDevice(len(origin_img), origin_img))
         dev.clock.observer = None
 
     Run(g, ops, observer=first_crash)
@@ -892,7 +895,7 @@ def _race(first, second, trigger_path: str, g: Geometry | None = None, setup=Non
     store_dev = RecordingDevice(g.store_blocks * 4096, None, "store", clock)
     store = SharedStore.create(store_dev, origin_size=g.origin_size, chunk_size=g.chunk_size,
                                max_snapshots=g.max_snapshots, journal_blocks=g.journal_blocks)
-    svc = MetadataService(store, origin)
+    svc = LocalService(store, origin)
     snap = svc.create_snapshot("s")
     if setup is not None:
         setup(svc, snap)
@@ -900,7 +903,7 @@ def _race(first, second, trigger_path: str, g: Geometry | None = None, setup=Non
         svc.close()
         store = SharedStore.open(store_dev)
         reopen_with(store)
-        svc = MetadataService(store, origin)
+        svc = LocalService(store, origin)
     state = {"armed": False}
     errors = []
 
@@ -937,8 +940,8 @@ def test_origin_write_waits_until_a_snapshot_unshare_is_durable():
     write to chunk 0 finds no sharer.  It must still wait for that commit: if the origin
     changed first, a crash would leave the snapshot reading the new origin data."""
     g, initial, svc, snap, images, _ = _race(
-        lambda svc, snap: Snapshot(svc, snap).write(10, b"A" * 10),
-        lambda svc, snap: Origin(svc).write(100, b"B" * 100),
+        lambda svc, snap: Snapshot(svc, svc.data, snap).write(10, b"A" * 10),
+        lambda svc, snap: Origin(svc, svc.data).write(100, b"B" * 100),
         trigger_path="store")
     t = Tracker(Vol.exact(initial))
     t.origin.issue(100, b"B" * 100)
@@ -946,8 +949,8 @@ def test_origin_write_waits_until_a_snapshot_unshare_is_durable():
     t.snaps["s"].issue(10, b"A" * 10)
     for mode, (store_img, origin_img) in zip(MODES, images, strict=True):
         recover_and_verify(t, g, store_img, origin_img, f"origin write racing unshare ({mode})")
-    assert Snapshot(svc, snap).read(0, 30) == initial[:10] + b"A" * 10 + initial[20:30]
-    assert Origin(svc).read(100, 100) == b"B" * 100
+    assert Snapshot(svc, svc.data, snap).read(0, 30) == initial[:10] + b"A" * 10 + initial[20:30]
+    assert Origin(svc, svc.data).read(100, 100) == b"B" * 100
 
 
 def test_snapshot_write_waits_until_its_copy_out_is_durable():
@@ -955,8 +958,8 @@ def test_snapshot_write_waits_until_its_copy_out_is_durable():
     snapshot finds that (not yet committed) exception unique to it.  The FUA write must
     not be acknowledged before the exception is durable, or a crash loses it."""
     g, initial, svc, snap, images, acked = _race(
-        lambda svc, snap: Origin(svc).write(100, b"O" * 100),
-        lambda svc, snap: Snapshot(svc, snap).write(10, b"S" * 10, fua=True),
+        lambda svc, snap: Origin(svc, svc.data).write(100, b"O" * 100),
+        lambda svc, snap: Snapshot(svc, svc.data, snap).write(10, b"S" * 10, fua=True),
         trigger_path="store")
     t = Tracker(Vol.exact(initial))
     t.origin.issue(100, b"O" * 100)
@@ -967,7 +970,7 @@ def test_snapshot_write_waits_until_its_copy_out_is_durable():
         t.snaps["s"].flushed()
     for mode, (store_img, origin_img) in zip(MODES, images, strict=True):
         recover_and_verify(t, g, store_img, origin_img, f"FUA write racing copy-out ({mode})")
-    assert Snapshot(svc, snap).read(0, 30) == initial[:10] + b"S" * 10 + initial[20:30]
+    assert Snapshot(svc, svc.data, snap).read(0, 30) == initial[:10] + b"S" * 10 + initial[20:30]
 
 
 def test_a_commit_in_flight_is_not_undone_by_a_cache_reload():
@@ -980,25 +983,25 @@ def test_a_commit_in_flight_is_not_undone_by_a_cache_reload():
 
     def setup(svc, snap):
         for c in range(0, 100, 4):  # copy-outs for s: several leaves
-            Origin(svc).write(c * cs, b"o" * 4 * cs)
+            Origin(svc, svc.data).write(c * cs, b"o" * 4 * cs)
 
     def tune(store):
         store.cache_blocks = 2  # tree blocks are evicted as soon as others are read
 
     def second(svc, snap):
-        Snapshot(svc, snap).read(0, g.origin_size)  # walks (and evicts) every leaf
-        Origin(svc).write(121 * cs, b"B" * 10)  # same leaf as chunk 120
+        Snapshot(svc, svc.data, snap).read(0, g.origin_size)  # walks (and evicts) every leaf
+        Origin(svc, svc.data).write(121 * cs, b"B" * 10)  # same leaf as chunk 120
 
     g, initial, svc, snap, images, _ = _race(
-        lambda svc, snap: Snapshot(svc, snap).write(120 * cs, b"A" * 10),
+        lambda svc, snap: Snapshot(svc, svc.data, snap).write(120 * cs, b"A" * 10),
         second, trigger_path="store", g=g, setup=setup, reopen_with=tune)
     svc.commit()
     want = b"A" * 10 + initial[120 * cs + 10: 120 * cs + 12]
-    assert Snapshot(svc, snap).read(120 * cs, 12) == want
-    assert Snapshot(svc, snap).read(121 * cs, 10) == initial[121 * cs: 121 * cs + 10]
+    assert Snapshot(svc, svc.data, snap).read(120 * cs, 12) == want
+    assert Snapshot(svc, svc.data, snap).read(121 * cs, 10) == initial[121 * cs: 121 * cs + 10]
     assert svc.store.check() == []
     svc.close()
     store = SharedStore.open(svc.store.dev)
-    svc2 = MetadataService(store, svc.origin)
-    assert Snapshot(svc2, snap).read(120 * cs, 10) == b"A" * 10
+    svc2 = LocalService(store, svc.origin)
+    assert Snapshot(svc2, svc2.data, snap).read(120 * cs, 10) == b"A" * 10
     assert store.check() == []

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from conftest import examples
 from ddsnap.errors import CorruptMetadata, InvalidArgument, JournalError, NotAStore, StoreFull
+from ddsnap.service.local import LocalService
 from ddsnap.store import format as fmt
 from ddsnap.store.alloc import Bitmap
 from ddsnap.store.blockdev import FileDevice, MemoryDevice
@@ -54,7 +55,6 @@ from ddsnap.store.format import (
 )
 from ddsnap.store.journal import Journal, Transaction
 from ddsnap.store.memory import MemoryStore
-from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore, read_superblock
 from ddsnap.testing.crash import CrashNow, RecordingDevice
 from ddsnap.volume import Origin, Snapshot
@@ -868,19 +868,19 @@ def _small_store(dev, origin_path="o", **kw):
 
 
 def _populate(store, origin):
-    svc = MetadataService(store, origin)
-    o = Origin(svc)
+    svc = LocalService(store, origin)
+    o = Origin(svc, svc.data)
     o.write(0, b"A" * 20000)
     snap = svc.create_snapshot("s1")
     o.write(5000, b"B" * 30000)
-    Snapshot(svc, snap).write(100, b"C" * 5000)
+    Snapshot(svc, svc.data, snap).write(100, b"C" * 5000)
     return svc
 
 
 def _expected_views(svc, size: int = 64 << 10):
-    views = {"origin": Origin(svc).read(0, size)}
+    views = {"origin": Origin(svc, svc.data).read(0, size)}
     for info in svc.snapshots():
-        views[info.name] = Snapshot(svc, info).read(0, size)
+        views[info.name] = Snapshot(svc, svc.data, info).read(0, size)
     return views
 
 
@@ -911,7 +911,7 @@ def test_torn_newest_superblock_falls_back_to_older(where, new_first):
     assert read_superblock(torn).generation == gen - 1
     store2 = SharedStore.open(torn)
     assert store2.check() == []
-    svc2 = MetadataService(store2, origin)
+    svc2 = LocalService(store2, origin)
     assert _expected_views(svc2) == views
 
 
@@ -940,7 +940,7 @@ def test_open_replays_the_journal_without_a_clean_close():
     store2 = SharedStore.open(image)
     assert not read_superblock(image).clean
     assert store2.check() == []
-    assert _expected_views(MetadataService(store2, origin)) == views
+    assert _expected_views(LocalService(store2, origin)) == views
 
 
 def test_clean_close_is_recorded():
@@ -990,8 +990,8 @@ def _tree_store():
     dev = MemoryDevice(8 << 20)
     origin = MemoryDevice(TREE_ORIGIN)
     store = SharedStore.create(dev, origin_size=TREE_ORIGIN, chunk_size=4096)
-    svc = MetadataService(store, origin)
-    o = Origin(svc)
+    svc = LocalService(store, origin)
+    o = Origin(svc, svc.data)
     o.write(0, random.Random(3).randbytes(TREE_ORIGIN))
     snap = svc.create_snapshot("s")
     for c in range(TREE_ORIGIN // 4096):
@@ -1061,20 +1061,20 @@ def test_corrupt_leaf_fails_reads_and_check_names_it(kind):
     findings = store2.check()
     fatal = [f for f in findings if f.severity == "fatal"]
     assert fatal and all(f.block == victim for f in fatal), findings
-    svc = MetadataService(store2, origin)
+    svc = LocalService(store2, origin)
     # Reads and writes that need the damaged leaf refuse, naming it...
     with pytest.raises(CorruptMetadata) as e:
-        Snapshot(svc, snap).read(chunk * 4096, 4096)
+        Snapshot(svc, svc.data, snap).read(chunk * 4096, 4096)
     assert e.value.block == victim
     before = origin.pread(4096, chunk * 4096)
     with pytest.raises(CorruptMetadata) as e:
-        Origin(svc).write(chunk * 4096, b"x" * 4096)
+        Origin(svc, svc.data).write(chunk * 4096, b"x" * 4096)
     assert e.value.block == victim
     assert origin.pread(4096, chunk * 4096) == before, "origin written despite unknown sharing"
     # ...while the parts of the tree that are intact still serve.
-    assert Snapshot(svc, snap).read(0, 4096) == views["s"][:4096]
+    assert Snapshot(svc, svc.data, snap).read(0, 4096) == views["s"][:4096]
     end = TREE_ORIGIN - 4096
-    assert Snapshot(svc, snap).read(end, 4096) == views["s"][end:]
+    assert Snapshot(svc, svc.data, snap).read(end, 4096) == views["s"][end:]
 
 
 
@@ -1100,20 +1100,20 @@ def test_a_damaged_leaf_does_not_hide_a_snapshots_writes_elsewhere(mode):
     reading it returns what the snapshot wrote or fails, never other bytes."""
     dev = MemoryDevice(8 << 20)
     origin = MemoryDevice(TREE_ORIGIN)
-    svc = MetadataService(SharedStore.create(dev, TREE_ORIGIN, "o", 4096), origin)
+    svc = LocalService(SharedStore.create(dev, TREE_ORIGIN, "o", 4096), origin)
     snap = svc.create_snapshot("s")
     for c in range(200):  # 200 copy-outs: two leaves of the origin's exceptions
-        Origin(svc).write(c * 4096, b"o" * 4096)
-    Snapshot(svc, snap).write(400 * 4096, b"s" * 4096)  # its own data, in the last leaf
+        Origin(svc, svc.data).write(c * 4096, b"o" * 4096)
+    Snapshot(svc, svc.data, snap).write(400 * 4096, b"s" * 4096)  # its own data, in the last leaf
     svc.close()
     store = svc.store
     first, last = _leaf_blocks(store)[0], _leaf_blocks(store)[-1]
     assert first != last
     assert store._kv_get(pack_key(snap.id, 400, INF)) is not None
     dev.data[first * BLOCK_SIZE + 4000] ^= 0x01  # chunks 0.. of the origin's copy-outs
-    svc2 = MetadataService(SharedStore.open(dev, mode=mode), origin)
+    svc2 = LocalService(SharedStore.open(dev, mode=mode), origin)
     try:
-        got = Snapshot(svc2, snap).read(400 * 4096, 4096)
+        got = Snapshot(svc2, svc2.data, snap).read(400 * 4096, 4096)
     except CorruptMetadata:
         return
     assert got == b"s" * 4096, f"served {got[:8]!r}... instead of the snapshot's write"
@@ -1229,7 +1229,7 @@ def _chain_store(n: int, own_writes: bool = False):
     each volume's whole content."""
     dev = MemoryDevice(4 << 20)
     origin = MemoryDevice(SNAP_ORIGIN, random.Random(n).randbytes(SNAP_ORIGIN))
-    svc = MetadataService(SharedStore.create(dev, origin_size=SNAP_ORIGIN, origin_path="o",
+    svc = LocalService(SharedStore.create(dev, origin_size=SNAP_ORIGIN, origin_path="o",
                                              chunk_size=4096), origin)
     want = {}
     for i in range(n):
@@ -1238,16 +1238,17 @@ def _chain_store(n: int, own_writes: bool = False):
         c = i % 64
         if own_writes:
             data = bytes([i + 1]) * 4096
-            Snapshot(svc, info).write(c * 4096, data)
+            Snapshot(svc, svc.data, info).write(c * 4096, data)
             want[info.name] = want[info.name][:c * 4096] + data + want[info.name][(c + 1) * 4096:]
-        Origin(svc).write(c * 4096, bytes([0x80 | i]) * 4096)
+        Origin(svc, svc.data).write(c * 4096, bytes([0x80 | i]) * 4096)
     want["origin"] = origin.pread(SNAP_ORIGIN, 0)
     return dev, origin, svc, want
 
 
 def _read_all(svc, want) -> None:
     for name, content in want.items():
-        vol = Origin(svc) if name == "origin" else Snapshot(svc, svc.snapshot(name))
+        vol = (Origin(svc, svc.data) if name == "origin"
+               else Snapshot(svc, svc.data, svc.snapshot(name)))
         assert vol.read(0, SNAP_ORIGIN) == content, name
 
 
@@ -1306,7 +1307,7 @@ def test_table_chain_survives_reopen(how):
     assert store2.table_blocks == blocks
     assert store2.snapshots() == infos
     assert store2.check() == []
-    svc2 = MetadataService(store2, _copy(origin))
+    svc2 = LocalService(store2, _copy(origin))
     _read_all(svc2, want)
     # It grows on from there, and that survives too.
     for i in range(30, 42):  # 42 slots in three blocks
@@ -1341,7 +1342,7 @@ def test_deleted_snapshots_free_their_slots_and_the_chain_keeps_its_blocks():
     store2 = SharedStore.open(dev)
     assert store2.table_blocks == blocks
     assert store2.check() == []
-    _read_all(MetadataService(store2, origin), want)
+    _read_all(LocalService(store2, origin), want)
 
 
 def test_table_growth_that_finds_the_store_full_changes_nothing():

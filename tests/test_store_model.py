@@ -6,7 +6,7 @@ snapshots, reads any volume, creates snapshots of the origin and of snapshots (c
 deletes snapshots (parents too: their clones stay whole), flushes, resizes the origin
 and the store (grows, shrinks, and shrinks that must be refused), and closes and
 reopens the store (SharedStore: ``svc.close()``, ``SharedStore.open`` on the same device,
-a new MetadataService; also an unclean reopen that replays the journal; a no-op for a
+a new LocalService; also an unclean reopen that replays the journal; a no-op for a
 MemoryStore).  Every read must equal the model.  After every step the store's exceptions
 must follow the rules of versioned exceptions, its space accounting exact (no leaks) and
 its per-snapshot space figures equal to a brute-force count (who reads each store chunk,
@@ -36,9 +36,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from conftest import examples
 from ddsnap.errors import ReadOnlyVolume, ShrinkRefused, StoreFull
+from ddsnap.service.local import LocalService
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.memory import MemoryStore
-from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
 from ddsnap.volume import Origin, Snapshot
 
@@ -108,7 +108,7 @@ class StoreMachine(RuleBasedStateMachine):
         else:
             store = MemoryStore(self.ORIGIN, self.STORE, self.CHUNK, self.MAX_SNAPSHOTS)
         self._tune(store)
-        self.svc = MetadataService(store, self.origin_dev)
+        self.svc = LocalService(store, self.origin_dev)
         self.model: dict[str, bytearray] = {"origin": bytearray(seed)}
         self.infos = {}
         self.counter = 0
@@ -124,8 +124,8 @@ class StoreMachine(RuleBasedStateMachine):
 
     def volume(self, name):
         if name == "origin":
-            return Origin(self.svc)
-        return Snapshot(self.svc, self.infos[name])
+            return Origin(self.svc, self.svc.data)
+        return Snapshot(self.svc, self.svc.data, self.infos[name])
 
     def size(self, name) -> int:
         """The volume's size in bytes as the model has it (snapshots keep theirs)."""
@@ -181,7 +181,7 @@ class StoreMachine(RuleBasedStateMachine):
         for _ in range(count):
             off, n = self._range(data)
             writes.append((off, self._payload(n, seed), fua))
-        outcomes = Origin(self.svc).write_many(writes)
+        outcomes = Origin(self.svc, self.svc.data).write_many(writes)
         for (off, payload, _f), outcome in zip(writes, outcomes, strict=True):
             if outcome is None:
                 self.model["origin"][off: off + len(payload)] = payload
@@ -192,7 +192,7 @@ class StoreMachine(RuleBasedStateMachine):
         # take what the origin reads there, after checking it is one of the two.
         for (off, payload, _f), outcome in zip(writes, outcomes, strict=True):
             if outcome is not None:
-                got = Origin(self.svc).read(off, len(payload))
+                got = Origin(self.svc, self.svc.data).read(off, len(payload))
                 old = self.model["origin"][off: off + len(payload)]
                 for i, b in enumerate(got):
                     assert b in (old[i], payload[i]), f"origin byte {off + i}"
@@ -381,7 +381,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.svc.close()
         store = SharedStore.open(self.store_dev)
         self._tune(store)
-        self.svc = MetadataService(store, self.origin_dev)
+        self.svc = LocalService(store, self.origin_dev)
         self._refresh_infos()
 
     @precondition(lambda self: self.SHARED)
@@ -392,7 +392,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.store_dev = MemoryDevice(self.store_dev.size, self.store_dev.data)
         store = SharedStore.open(self.store_dev)
         self._tune(store)
-        self.svc = MetadataService(store, self.origin_dev)
+        self.svc = LocalService(store, self.origin_dev)
         self._refresh_infos()
 
     def _tune(self, store):

@@ -30,11 +30,11 @@ from pathlib import Path
 import pytest
 
 from ddsnap.errors import DdsnapError, FormatTooOld, OriginMismatch, StoreFull
+from ddsnap.service.local import LocalService
 from ddsnap.store import upgrade as upgrade_mod
 from ddsnap.store.blockdev import FileDevice, MemoryDevice
 from ddsnap.store.format import BLOCK_SIZE, NO_MERGE, VERSION, VERSION_V2, header_version
 from ddsnap.store.journal import Journal
-from ddsnap.store.service import MetadataService
 from ddsnap.store.shared import SharedStore
 from ddsnap.store.upgrade import upgrade_store
 from ddsnap.testing.crash import CrashClock, CrashNow, RecordingDevice
@@ -84,14 +84,14 @@ def origin_of(want: dict[str, bytes]) -> MemoryDevice:
     return MemoryDevice(64 * CS, want["origin_device"])
 
 
-def read_back(dev, want: dict[str, bytes], what) -> MetadataService:
+def read_back(dev, want: dict[str, bytes], what) -> LocalService:
     """Open ``dev`` as v3 and read every volume against the model ``want``."""
-    svc = MetadataService(SharedStore.open(dev), origin_of(want))
+    svc = LocalService(SharedStore.open(dev), origin_of(want))
     names = snapshot_names(want)
     assert [s.name for s in svc.snapshots()] == names, what
-    assert Origin(svc).read(0, 64 * CS) == want["origin"], (what, "origin")
+    assert Origin(svc, svc.data).read(0, 64 * CS) == want["origin"], (what, "origin")
     for s in names:
-        assert Snapshot(svc, svc.snapshot(s)).read(0, 64 * CS) == want[s], (what, s)
+        assert Snapshot(svc, svc.data, svc.snapshot(s)).read(0, 64 * CS) == want[s], (what, s)
     return svc
 
 
@@ -132,18 +132,18 @@ def test_upgrade_keeps_every_snapshot(name):
     if store.state.merge_version != NO_MERGE:
         svc.run_merge()  # the merge goes on where 0.2 left it
         assert [s.name for s in svc.snapshots()] == ["s1", "s3", "s4"]
-        assert Origin(svc).read(0, 64 * CS) == want["s2"]
+        assert Origin(svc, svc.data).read(0, 64 * CS) == want["s2"]
         assert svc.origin.pread(64 * CS, 0) == want["s2"]
         want = {k: v for k, v in want.items() if k != "s2"}
-    Origin(svc).write(40 * CS, b"E" * CS)
+    Origin(svc, svc.data).write(40 * CS, b"E" * CS)
     svc.create_snapshot("after")
-    Snapshot(svc, svc.snapshot("s1")).write(41 * CS, b"W" * CS)
+    Snapshot(svc, svc.data, svc.snapshot("s1")).write(41 * CS, b"W" * CS)
     svc.delete_snapshot(snapshot_names(want)[-1])
     for s in snapshot_names(want)[:-1]:
         v = bytearray(want[s])
         if s == "s1":
             v[41 * CS:42 * CS] = b"W" * CS
-        assert Snapshot(svc, svc.snapshot(s)).read(0, 64 * CS) == bytes(v), s
+        assert Snapshot(svc, svc.data, svc.snapshot(s)).read(0, 64 * CS) == bytes(v), s
     assert svc.store.check() == []
     svc.close()
     assert SharedStore.open(dev).check() == []

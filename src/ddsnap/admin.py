@@ -9,7 +9,6 @@ same either way.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -29,10 +28,11 @@ from .errors import (
     StoreNotFound,
     host_error,
 )
+from .service.api import MetadataService
+from .service.local import LocalService
 from .store.api import Finding
 from .store.blockdev import FileDevice
 from .store.format import VERSION, OriginIdentity
-from .store.service import MetadataService
 from .store.shared import SharedStore, read_superblocks
 from .units import human_bytes
 
@@ -47,7 +47,7 @@ class OpenStore:
     dev: FileDevice
     origin: FileDevice
     store: SharedStore
-    service: MetadataService
+    service: LocalService
     #: opened with damage, read-only (``serve --force-degraded``)
     degraded: bool = False
 
@@ -208,7 +208,7 @@ def open_store(path: str, degraded: bool = False, accept_origin_change: bool = F
             raise OriginMismatch(
                 f"origin {store.origin_path} is {human_bytes(origin.size)} but the store "
                 f"was made for {human_bytes(store.origin_size)}")
-        service = MetadataService(store, origin)
+        service = LocalService(store, origin)
     except BaseException:
         dev.close()
         raise
@@ -276,9 +276,7 @@ def repair_store(path: str, say) -> dict:
     opened = open_store(path)
     try:
         if leaks:
-            with opened.service.lock:
-                opened.store.free_leaked(leaks)
-            opened.service.commit()
+            opened.service.free_leaked(leaks)
     finally:
         opened.close()
     return inspect_store(path)
@@ -322,31 +320,27 @@ def snap_create(svc: MetadataService, name: str, read_only: bool = False,
     return svc.create_snapshot(name, read_only, parent).to_dict()
 
 
-def _snapshot_dicts(svc: MetadataService) -> list[dict]:
-    """Each live snapshot with its space (lock held): ``exclusive`` bytes (store chunks
-    only it uses: exactly what deleting it frees) and ``shared`` bytes (chunks it uses
-    with other snapshots); None if the figures could not be counted (damaged tree)."""
-    store = svc.store
+def snap_list(svc: MetadataService) -> list[dict]:
+    """Each live snapshot (oldest first) with its space: ``exclusive`` bytes (store
+    chunks only it uses: exactly what deleting it frees) and ``shared`` bytes (chunks it
+    uses with other snapshots); None if the figures could not be counted (a damaged
+    tree)."""
     try:
-        space = store.snapshot_space()
+        space: dict[int, tuple[int, int]] | None = svc.snapshot_space()
     except CorruptMetadata:
         space = None
+    cs = svc.chunk_size
     out = []
-    for s in store.snapshots():
+    for s in svc.snapshots():
         d = s.to_dict()
         if space is not None:
             excl, shared = space.get(s.id, (0, 0))
-            d["exclusive"] = excl * store.chunk_size
-            d["shared"] = shared * store.chunk_size
+            d["exclusive"] = excl * cs
+            d["shared"] = shared * cs
         else:
             d["exclusive"] = d["shared"] = None
         out.append(d)
     return out
-
-
-def snap_list(svc: MetadataService) -> list[dict]:
-    with svc.lock:
-        return _snapshot_dicts(svc)
 
 
 def snap_delete(svc: MetadataService, name: str) -> dict:
@@ -361,39 +355,32 @@ def status(svc: MetadataService, path: str, served: bool) -> dict:
     its journal since) and ``reopen_error`` (why reopening it failed, if it did);
     ``reopens`` counts the reopens.
     """
-    # A store waiting to be reopened is reopened now, if it can be (else: ``failure``).
-    with contextlib.suppress(ServiceFailed):
-        svc.recover()
-    with svc.lock:
-        store = svc.store
-        space = store.space()
-        snaps = _snapshot_dicts(svc)
-        cs = store.chunk_size
-        out = {
-            "store": path,
-            "format_version": VERSION,
-            "store_size": store.store_size,
-            "chunk_size": store.chunk_size,
-            "chunks_total": space["chunks_total"],
-            "chunks_free": space["chunks_free"],
-            "chunks_used": space["chunks_used"],
-            "used": space["chunks_used"] * cs,
-            "free": space["chunks_free"] * cs,
-            "origin": store.origin_path,
-            "origin_size": store.origin_size,
-            "max_snapshots": store.max_snapshots,
-            "snapshots": snaps,
-            "served": served,
-            "full_policy": store.full_policy,
-            "auto_deleted": list(svc.auto_deleted),
-            "failure": dict(svc.failure) if svc.failure is not None else None,
-            "reopens": svc.reopens,
-        }
-        if isinstance(store, SharedStore):
-            out["uuid"] = store.uuid.hex()
-            out["tree_levels"] = store.state.levels
-            out["journal_blocks"] = store.journal.size
-            out["recovered_transactions"] = store.recovered
+    st = svc.status()  # reopens a store a failed commit left untrusted, if it can
+    out = {
+        "store": path,
+        "format_version": VERSION,
+        "store_size": st.store_size,
+        "chunk_size": st.chunk_size,
+        "chunks_total": st.chunks_total,
+        "chunks_free": st.chunks_free,
+        "chunks_used": st.chunks_used,
+        "used": st.chunks_used * st.chunk_size,
+        "free": st.chunks_free * st.chunk_size,
+        "origin": st.origin,
+        "origin_size": st.origin_size,
+        "max_snapshots": st.max_snapshots,
+        "snapshots": snap_list(svc),
+        "served": served,
+        "full_policy": st.full_policy,
+        "auto_deleted": st.auto_deleted,
+        "failure": st.failure,
+        "reopens": st.reopens,
+    }
+    if st.uuid is not None:
+        out["uuid"] = st.uuid
+        out["tree_levels"] = st.tree_levels
+        out["journal_blocks"] = st.journal_blocks
+        out["recovered_transactions"] = st.recovered_transactions
     return out
 
 
@@ -403,18 +390,7 @@ def check(svc: MetadataService) -> dict:
     Raises:
         ServiceFailed: the store failed and cannot be reopened (yet).
     """
-    svc.recover()
-    svc.commit()
-    with svc.lock:
-        # No commit may write the journal or home blocks while they are read: one can
-        # only start under the lock, so wait for the one running, if any.
-        while svc.committing:
-            svc.cond.wait()
-        try:
-            findings = svc.store.check()
-        except CorruptMetadata as e:
-            findings = [Finding("fatal", e.block, e.why)]
-    return findings_report(findings)
+    return findings_report(svc.check())
 
 
 def findings_report(findings: list[Finding]) -> dict:
@@ -475,7 +451,7 @@ class MergeRunner:
     def ensure(self) -> None:
         """Start the worker if a merge is in progress and nobody is running it."""
         with self._lock:
-            if self.running or self.svc.store.merging is None:
+            if self.running or self.svc.merge_status() is None:
                 return
             self._stop = threading.Event()
             thread = threading.Thread(target=self._run, name="ddsnap-merge", daemon=True)
@@ -486,26 +462,29 @@ class MergeRunner:
         self.error = None
         cursor = None  # the durable merge cursor when it last went on after a failure
         while True:
-            failures = self.svc.failures
+            failures = self.svc.statistics().failures
             try:
                 self.svc.run_merge(self._stop)
                 return
-            except DdsnapError:  # the merge stays recorded and resumable
-                if not self._stop.is_set() and self.svc.failures != failures:
+            except DdsnapError as stopped:  # the merge stays recorded and resumable
+                err = stopped
+                if (not self._stop.is_set()
+                        and self.svc.statistics().failures != failures):
                     # A commit failed under the merge: the store is reopened and the
                     # merge goes on from its durable cursor, unless it made no progress
                     # since it last did (a host that keeps failing stops it instead).
                     try:
                         self.svc.recover()
                     except ServiceFailed as again:
-                        e = again
+                        err = again
                     else:
-                        now = self.svc.store.state.merge_cursor
+                        st = self.svc.merge_status()
+                        now = st["cursor"] if st is not None else None
                         if now != cursor:
                             cursor = now
                             continue
-                self.error = e
-                log.warning("merge stopped: %s; `ddsnap merge STORE NAME` resumes it", e)
+                self.error = err
+                log.warning("merge stopped: %s; `ddsnap merge STORE NAME` resumes it", err)
                 return
             except Exception as e:  # noqa: BLE001 - a bug: keep the server up, say so
                 self.error = DdsnapError(f"internal error: {e}")
@@ -589,9 +568,9 @@ def _run_op(svc: MetadataService, op: str, args: dict, path: str, served: bool,
         st = status(svc, path, served)
         st["merge"] = merge_status(svc, runner)
         st["degraded"] = degraded
-        if degraded and svc.store.journal_scan is not None:
-            st["damage"] = [{"block": e.block, "message": e.why}
-                            for e in svc.store.journal_scan.damage]
+        damage = svc.status().journal_damage
+        if degraded and damage is not None:
+            st["damage"] = [{"block": b, "message": why} for b, why in damage]
         return st
     if op == "check":
         return check(svc)

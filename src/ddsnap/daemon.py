@@ -98,10 +98,11 @@ class Exports:
 
     def get(self, name: str):
         svc = self.opened.service
+        vol: Origin | Snapshot | None
         if name in ("origin", ""):
-            vol = Origin(svc)
+            vol = Origin(svc, svc.data)
         else:
-            vol = next((Snapshot(svc, s) for s in svc.snapshots()
+            vol = next((Snapshot(svc, svc.data, s) for s in svc.snapshots()
                         if s.name == name and not svc.is_merging(s)), None)
         if vol is not None and self.read_only:
             vol.read_only = True

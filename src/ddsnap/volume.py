@@ -1,7 +1,8 @@
 """Volumes: the origin and the snapshots as byte-addressed block devices.
 
-A volume splits a byte range into chunks, asks the :class:`MetadataService` for the
-mapping (and, for writes, for the chunks to be made unique), and does the data I/O itself
+A volume splits a byte range into chunks, asks the metadata service
+(:class:`~ddsnap.service.api.MetadataService`) for the mapping (and, for writes, for the
+chunks to be made unique), and does the data I/O itself on its :class:`DataDevices`
 (seed 000: data never passes through the metadata server).  Volumes are what the NBD
 server exports (they satisfy ``ddsnap.nbd.backend.ExportBackend``).  Every method may
 block on disk and the server calls them from worker threads, except
@@ -14,8 +15,7 @@ Offsets and lengths are bytes; a range is ``[offset, offset + length)`` and must
 from __future__ import annotations
 
 from .errors import InvalidArgument, ReadOnlyVolume
-from .store.api import SnapshotInfo
-from .store.service import MetadataService
+from .service.api import DataDevices, MetadataService, ReadMap, SnapshotInfo
 
 #: WRITE_ZEROES is done as writes of this many bytes at a time
 ZERO_STEP = 1 << 20
@@ -29,11 +29,12 @@ class Volume:
     #: the snapshot read, None for the origin
     info: SnapshotInfo | None = None
 
-    def __init__(self, service: MetadataService):
+    def __init__(self, service: MetadataService, data: DataDevices):
         self.service = service
+        self.data = data
         self.chunk_size = service.chunk_size
         #: bytes; fixed for the volume's life (a resize shows in volumes opened after it)
-        self.size = service.store.origin_size
+        self.size = service.origin_size
 
     def read(self, offset: int, length: int) -> bytes:
         """Return the ``length`` bytes at ``offset``."""
@@ -49,22 +50,70 @@ class Volume:
         first, last = self._range(offset, len(view))
         rmap = self._map_read(first, last)
         if rmap is None:
-            self.service.origin.preadinto(view, offset)
+            self.data.origin.preadinto(view, offset)
             return
         try:
-            self.service.read_runs(rmap.first, rmap.sources, offset, view)
+            self._read_runs(rmap.first, rmap.sources, offset, view)
         finally:
             self.service.release_read(rmap)
 
     def read_into_nowait(self, offset: int, view) -> bool:
         """Fill ``view`` as :meth:`read_into` does if no disk or lock wait is needed
-        (:meth:`MetadataService.read_nowait`); False means "use :meth:`read_into`"."""
-        if not len(view):
+        (``MetadataService.map_read_nowait``, page-cache reads with ``RWF_NOWAIT``);
+        False means "use :meth:`read_into`"."""
+        n = len(view)
+        if not n:
             return True
-        self._range(offset, len(view))
-        return self.service.read_nowait(self.info, offset, view)
+        first, last = self._range(offset, n)
+        with self.service.map_read_nowait(self.info, first, last) as sources:
+            if sources is None:
+                return False
+            if first == last:  # the common small read: one device, one call
+                sc = sources[0]
+                if sc is None:
+                    return self.data.origin.preadinto_nowait(view, offset)
+                return self.data.cow.preadinto_nowait(
+                    view, sc * self.chunk_size + offset - first * self.chunk_size)
+            return self._read_runs(first, sources, offset, view, nowait=True)
 
-    def _map_read(self, first: int, last: int):
+    def _read_runs(self, first: int, sources: list[int | None], offset: int, view,
+                   nowait: bool = False) -> bool:
+        """Fill ``view`` with volume bytes ``[offset, offset + len(view))`` mapped as
+        ``sources`` says (per logical chunk from ``first``: a store chunk, or None for
+        the origin).
+
+        Runs of chunks contiguous on one device are read with one I/O.  With ``nowait``
+        only what needs no disk wait is read (``BlockDevice.preadinto_nowait``) and
+        False is returned as soon as a run would block; otherwise True.
+        """
+        cs = self.chunk_size
+        end = offset + len(view)
+        n = len(sources)
+        i = 0
+        while i < n:
+            src = sources[i]
+            j = i + 1
+            if src is None:
+                while j < n and sources[j] is None:
+                    j += 1
+                dev = self.data.origin
+            else:
+                while j < n and sources[j] == src + (j - i):
+                    j += 1
+                dev = self.data.cow
+            lo = max(offset, (first + i) * cs)
+            hi = min(end, (first + j) * cs)
+            at = lo if src is None else src * cs + lo - (first + i) * cs
+            part = view[lo - offset: hi - offset]
+            if nowait:
+                if not dev.preadinto_nowait(part, at):
+                    return False
+            else:
+                dev.preadinto(part, at)
+            i = j
+        return True
+
+    def _map_read(self, first: int, last: int) -> ReadMap | None:
         """The :class:`ReadMap` of chunks ``first..last``, or None: all from the origin."""
         raise NotImplementedError
 
@@ -106,7 +155,7 @@ class Origin(Volume):
 
     name = "origin"
 
-    def _map_read(self, first: int, last: int):
+    def _map_read(self, first: int, last: int) -> ReadMap | None:
         # While a merge runs, chunks not merged yet come from the merging snapshot's
         # exceptions (the origin already shows its content); otherwise no map at all.
         return self.service.map_origin_read(first, last)
@@ -118,14 +167,14 @@ class Origin(Volume):
         first, last = self._range(offset, len(data))
         # A shrunk origin file would grow again with a hole that snapshots then read as
         # zeroes: such writes fail (EIO) instead.  One fstat per write or batch.
-        self.service.origin.check_size()
+        self.data.origin.check_size()
         self.service.prepare_origin_write(first, last)
         try:
-            self.service.origin.pwrite(data, offset)
+            self.data.origin.pwrite(data, offset)
         finally:
             self.service.finish_origin_write()
         if fua:
-            self.service.origin.flush()
+            self.data.origin.flush()
 
     def write_many(self, writes: list[tuple[int, bytes, bool]]) -> list[BaseException | None]:
         """Several writes ``(offset, data, fua)`` at once, as :meth:`write` each: their
@@ -134,7 +183,7 @@ class Origin(Volume):
         exception it failed with; the others are not affected by it."""
         results: list[BaseException | None] = [None] * len(writes)
         try:
-            self.service.origin.check_size()  # as in write()
+            self.data.origin.check_size()  # as in write()
         except OSError as e:
             return [e] * len(writes)
         todo, ranges = [], []
@@ -154,7 +203,7 @@ class Origin(Volume):
                 continue
             offset, data, f = writes[i]
             try:
-                self.service.origin.pwrite(data, offset)
+                self.data.origin.pwrite(data, offset)
                 fua = fua or f
             except Exception as e:
                 results[i] = e
@@ -168,7 +217,7 @@ class Origin(Volume):
                 results[i] = e
         if fua:
             try:
-                self.service.origin.flush()
+                self.data.origin.flush()
             except Exception as e:
                 for i, (_o, _d, f) in enumerate(writes):
                     if f and results[i] is None:
@@ -177,20 +226,20 @@ class Origin(Volume):
 
     def flush(self) -> None:
         """Origin data durable (the metadata it depends on was committed before it)."""
-        self.service.origin.flush()
+        self.data.origin.flush()
 
 
 class Snapshot(Volume):
     """One snapshot: reads come from its exceptions or, where it has none, the origin."""
 
-    def __init__(self, service: MetadataService, info: SnapshotInfo):
-        super().__init__(service)
+    def __init__(self, service: MetadataService, data: DataDevices, info: SnapshotInfo):
+        super().__init__(service, data)
         self.info = info
         self.size = info.size  # as the origin was when it was taken (resize keeps it)
         self.name = info.name
         self.read_only = info.read_only
 
-    def _map_read(self, first: int, last: int):
+    def _map_read(self, first: int, last: int) -> ReadMap | None:
         # Its exceptions from the store, the rest from the origin (read-locked meanwhile,
         # so no origin write overwrites it mid-read).
         return self.service.map_snapshot_read(self.info, first, last)
@@ -204,7 +253,7 @@ class Snapshot(Volume):
         first, last = self._range(offset, len(data))
         cs = self.chunk_size
         targets = self.service.prepare_snapshot_write(self.info, first, last)
-        cow = self.service.store.cow
+        cow = self.data.cow
         view = memoryview(data)
         for i, sc in enumerate(targets):
             lo = max(offset, (first + i) * cs)
@@ -214,4 +263,6 @@ class Snapshot(Volume):
             cow.flush()
 
     def flush(self) -> None:
-        self.service.flush_store()
+        """Data written to this snapshot durable (its mappings were committed when the
+        chunks were made unique)."""
+        self.data.cow.flush()

@@ -347,6 +347,16 @@ class ExceptionStore(abc.ABC):
     def request_checkpoint(self) -> None:  # noqa: B027 - a no-op unless overridden
         """Checkpoint at the next commit (releasing freed chunks for reuse)."""
 
+    def cached_blocks(self) -> int:
+        """Metadata blocks kept in memory (0 for a store that is all memory)."""
+        return 0
+
+    def format_figures(self) -> dict:
+        """Figures of the store's on-disk format for ``status``: ``uuid`` (hex),
+        ``tree_levels``, ``journal_blocks``, ``recovered_transactions`` and
+        ``journal_damage`` (``[(block, message)]`` or None); empty in memory."""
+        return {}
+
     def pending_blocks(self) -> int:
         """Metadata blocks changed since the last :meth:`begin_commit` (0 in memory)."""
         return 0

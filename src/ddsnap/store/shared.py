@@ -1016,6 +1016,19 @@ class SharedStore(VersionedStore):
 
     # -- accounting, iteration, checks ---------------------------------------------------
 
+    def cached_blocks(self) -> int:
+        """Metadata blocks (tree nodes) kept in the block cache now."""
+        return len(self._cache)
+
+    def format_figures(self) -> dict:
+        """The on-disk figures ``status`` shows (``ExceptionStore.format_figures``)."""
+        scan = self.journal_scan
+        return {"uuid": self.uuid.hex(), "tree_levels": self.state.levels,
+                "journal_blocks": self.journal.size,
+                "recovered_transactions": self.recovered,
+                "journal_damage": None if scan is None else
+                [(e.block, e.why) for e in scan.damage]}
+
     def space(self) -> dict:
         total = self.sb.chunks - self.bitmap.data_start // self.bpc
         free = self.bitmap.free_chunks

@@ -1,11 +1,12 @@
-"""The metadata service: the seam between the volumes and the snapshot store.
+"""The in-process metadata service: :class:`LocalService`, one implementation of the
+seam :class:`~ddsnap.service.api.MetadataService`.
 
 In seed 000 the data never passes through the metadata server.  A node asks the server to
 make origin chunks unique (the server copies out, commits, and answers once no snapshot
 reader holds those chunks), then writes the origin itself; for a snapshot read it gets
 "read these from the origin (read-locked)" and "read these store chunks", reads them
-itself and releases the locks.  :class:`MetadataService` is that server's interface and
-this local, in-process implementation of it; a networked one can take its place later.
+itself and releases the locks.  Here the server runs in the volumes' own process, on the
+store object it was given; the volumes do their data I/O on :attr:`LocalService.data`.
 
 Concurrency: every mapping decision runs under one metadata lock (csnap's single
 server thread).  Changes wait for a durable commit, and commits are grouped: whoever needs
@@ -20,6 +21,7 @@ inclusive ``first..last``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -30,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..errors import (
+    CorruptMetadata,
     InvalidArgument,
     MergeInProgress,
     ReadOnlyVolume,
@@ -40,9 +43,10 @@ from ..errors import (
     StoreFull,
     host_error,
 )
+from ..store.api import ExceptionStore, Finding, NotCached, SnapshotInfo
+from ..store.blockdev import BlockDevice, copy_range
 from ..units import human_bytes, parse_size
-from .api import ExceptionStore, NotCached, SnapshotInfo
-from .blockdev import BlockDevice, copy_range
+from .api import DataDevices, ReadMap, ServiceStatistics, StoreStatus
 
 #: most chunks one coalesced copy I/O moves (csnap's copybuf is 32 chunks)
 COPY_CHUNKS = 32
@@ -68,20 +72,6 @@ def merge_step_bytes() -> int:
     return parse_size(text, MERGE_STEP_ENV, positive=True)
 
 log = logging.getLogger("ddsnap.service")
-
-
-@dataclass
-class ReadMap:
-    """How to read a volume's chunks ``first..last``: per chunk a store chunk or None.
-
-    None means "read the origin".  The logical chunks in ``locked`` are read-locked
-    (origin writes and merge steps on them wait) until
-    :meth:`MetadataService.release_read`.
-    """
-
-    first: int
-    sources: list[int | None]
-    locked: list[int]
 
 
 @dataclass
@@ -140,8 +130,9 @@ class MergeProgress:
                 "eta_seconds": eta}
 
 
-class MetadataService:
-    """Decides mappings, copies out, commits and orders origin writes after snapshot reads.
+class LocalService:
+    """Decides mappings, copies out, commits and orders origin writes after snapshot reads
+    (:class:`~ddsnap.service.api.MetadataService`, in this process).
 
     A failed commit (the host's ENOSPC or EIO on the store, say) leaves the store's state
     in memory untrusted: the service records the failure (:attr:`failure`, logged once)
@@ -153,6 +144,10 @@ class MetadataService:
         origin: the origin device.
         reopen: ``() -> ExceptionStore``: the store opened afresh from its device (None:
             a failed commit fails every later operation with ServiceFailed).
+
+    Attributes:
+        data: the devices volumes in this process do their I/O on (the origin, and the
+            store's device for exception data); not part of the seam.
     """
 
     def __init__(self, store: ExceptionStore, origin: BlockDevice, reopen=None):
@@ -160,6 +155,7 @@ class MetadataService:
         self.origin = origin
         self.reopen_store = reopen
         self.chunk_size = store.chunk_size
+        self.data = DataDevices(origin, store.cow, store.chunk_size)
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.epoch = 0  # the batch changes are going into now
@@ -730,83 +726,44 @@ class MetadataService:
 
     release_snapshot_read = release_read
 
-    def read_runs(self, first: int, sources: list[int | None], offset: int, view,
-                  nowait: bool = False) -> bool:
-        """Fill ``view`` with bytes ``[offset, offset + len(view))`` mapped as ``sources``
-        says (per logical chunk from ``first``: a store chunk, or None for the origin).
+    def map_read_nowait(self, snap: SnapshotInfo | None, first: int, last: int
+                        ) -> _NowaitMap:
+        """The sources of chunks ``first..last`` of ``snap`` (None: the origin), as a
+        context whose value is ``[store chunk or None per chunk]``, or None when the
+        mapping needs a wait: the metadata lock for more than :data:`NOWAIT_LOCK_WAIT`,
+        a tree block not in memory, a merge in progress, a failed store, a deleted
+        snapshot (then :meth:`map_snapshot_read` answers, or raises the error).
 
-        Runs of chunks contiguous on one device are read with one I/O.  With ``nowait``
-        only what needs no disk wait is read (:meth:`BlockDevice.preadinto_nowait`) and
-        False is returned as soon as a run would block; otherwise True.
-        """
-        cs = self.chunk_size
-        end = offset + len(view)
-        n = len(sources)
-        i = 0
-        while i < n:
-            src = sources[i]
-            j = i + 1
-            if src is None:
-                while j < n and sources[j] is None:
-                    j += 1
-                dev = self.origin
-            else:
-                while j < n and sources[j] == src + (j - i):
-                    j += 1
-                dev = self.store.cow
-            lo = max(offset, (first + i) * cs)
-            hi = min(end, (first + j) * cs)
-            at = lo if src is None else src * cs + lo - (first + i) * cs
-            part = view[lo - offset: hi - offset]
-            if nowait:
-                if not dev.preadinto_nowait(part, at):
-                    return False
-            else:
-                dev.preadinto(part, at)
-            i = j
-        return True
-
-    def read_nowait(self, snap: SnapshotInfo | None, offset: int, view) -> bool:
-        """Read volume bytes ``[offset, offset + len(view))`` into ``view`` if that needs
-        no disk wait and at most :data:`NOWAIT_LOCK_WAIT` for the metadata lock; else
-        return False.
-
-        ``snap`` None is the origin.  The NBD server tries this on its event loop before
-        handing a READ to a worker thread.  The metadata lock is held across the data
-        reads (page-cache copies: microseconds), which is what the read locks of
-        :meth:`map_snapshot_read` otherwise ensure: no origin chunk this read maps to the
-        origin can be overwritten before the read is done.  During a merge every read
-        takes the locked path.
+        The NBD server tries reads on its event loop first.  The metadata lock is held
+        until the context exits (the caller's page-cache copies: microseconds), which is
+        what the read locks of :meth:`map_snapshot_read` otherwise ensure: no origin
+        chunk mapped to the origin can be overwritten before the read is done.  The
+        origin outside a merge needs no lock: it maps to itself.
         """
         if self._merging is not None:
-            return False
+            return _NO_MAP
         if snap is None:
-            return self.origin.preadinto_nowait(view, offset)
+            return _NowaitMap(None, [None] * (last - first + 1))
         # Worth a short wait: the lock is mostly held for microseconds (a mapping) by a
         # thread that needs the GIL, which waiting here releases; giving up at once made
         # every read that met a busy lock go to a thread, which kept the lock busier.
         if not self.lock.acquire(timeout=NOWAIT_LOCK_WAIT):
-            return False
+            return _NO_MAP
         try:
-            if self._failed is not None or self._merging is not None:
-                return False
             v = snap.id
-            if v not in self._ids:
-                return False  # deleted: the locked path raises the error
-            cs = self.chunk_size
-            first, last = offset // cs, (offset + len(view) - 1) // cs
+            if self._failed is not None or self._merging is not None or v not in self._ids:
+                self.lock.release()
+                return _NO_MAP
             lookup = self.store.snapshot_exception_nowait
-            if first == last:  # the common small read, without building a map
-                sc = lookup(v, first)[0]
-                if sc is None:
-                    return self.origin.preadinto_nowait(view, offset)
-                return self.store.cow.preadinto_nowait(view, sc * cs + offset - first * cs)
-            sources = [lookup(v, c)[0] for c in range(first, last + 1)]
-            return self.read_runs(first, sources, offset, view, nowait=True)
+            if first == last:  # the common small read
+                return _NowaitMap(self.lock, [lookup(v, first)[0]])
+            return _NowaitMap(self.lock, [lookup(v, c)[0] for c in range(first, last + 1)])
         except NotCached:
-            return False
-        finally:
             self.lock.release()
+            return _NO_MAP
+        except BaseException:
+            self.lock.release()
+            raise
 
     def prepare_snapshot_write(self, snap: SnapshotInfo, first: int, last: int) -> list[int]:
         """Make snapshot chunks ``first..last`` unique to ``snap``; return their store chunks.
@@ -933,7 +890,7 @@ class MetadataService:
                 pv = self.store.snapshot(parent).id
                 # Completed writes to the parent are in the store: durable first, so a
                 # crash cannot change what the new snapshot reads (invariant 1).
-                self.flush_store()
+                self._flush_store()
                 info = self.store.create_snapshot(name, read_only, parent=pv)
                 self._refresh_snaps()
                 e = self.epoch
@@ -1629,6 +1586,81 @@ class MetadataService:
             log.info("snapshot store resized from %d to %d chunks", old, chunks)
         return {"store_size": new_size, "old_size": old_size, "chunks_total": chunks}
 
+    # -- administration ---------------------------------------------------------------------
+
+    @property
+    def origin_size(self) -> int:
+        """The origin's size in bytes now (never waits)."""
+        return self.store.origin_size
+
+    def snapshot_space(self) -> dict[int, tuple[int, int]]:
+        """Space each live snapshot uses: ``{id: (exclusive, shared)}``, in chunks
+        (``ExceptionStore.snapshot_space``).
+
+        Raises:
+            CorruptMetadata: the figures could not be counted (a damaged tree block).
+        """
+        with self.lock:
+            return self.store.snapshot_space()
+
+    def status(self) -> StoreStatus:
+        """The store's geometry, settings and space now (``ddsnap status``).  A store a
+        failed commit left untrusted is reopened first if it can be (else ``failure``
+        says why not)."""
+        with contextlib.suppress(ServiceFailed):  # reported in ``failure``
+            self.recover()
+        with self.lock:
+            store = self.store
+            space = store.space()
+            return StoreStatus(
+                store_size=store.store_size, chunk_size=store.chunk_size,
+                chunks_total=space["chunks_total"], chunks_free=space["chunks_free"],
+                chunks_used=space["chunks_used"], origin=store.origin_path,
+                origin_size=store.origin_size, max_snapshots=store.max_snapshots,
+                full_policy=store.full_policy, auto_deleted=list(self.auto_deleted),
+                failure=dict(self.failure) if self.failure is not None else None,
+                reopens=self.reopens, **store.format_figures())
+
+    def check(self) -> list[Finding]:
+        """Commit, then check the store's metadata (``ExceptionStore.check``); a damaged
+        block that stops the check is one fatal finding naming it.
+
+        Raises:
+            ServiceFailed: the store failed and cannot be reopened (yet).
+        """
+        self.recover()
+        self.commit()
+        with self.lock:
+            # No commit may write the journal or home blocks while they are read: one
+            # can only start under the lock, so wait for the one running, if any.
+            while self._committing:
+                self.cond.wait()
+            try:
+                return self.store.check()
+            except CorruptMetadata as e:
+                return [Finding("fatal", e.block, e.why)]
+
+    def free_leaked(self, blocks: list[int]) -> None:
+        """Free store blocks ``check`` found allocated but unreferenced (leaks), and
+        commit (``check --repair``)."""
+        with self.lock:
+            self._enter()
+            self.store.free_leaked(blocks)
+        self.commit()
+
+    def statistics(self) -> ServiceStatistics:
+        """The service's counters now (:class:`ServiceStatistics`); holds the metadata
+        lock for microseconds."""
+        with self.lock:
+            return ServiceStatistics(
+                epoch=self.epoch, durable=self.durable, committing=self._committing,
+                pending=len(self._pending), read_locked_chunks=len(self._readlocks),
+                read_locks=sum(self._readlocks.values()),
+                origin_writes=self._origin_writes, barrier=self._barrier,
+                merge_busy=len(self._merge_busy), exports_open=dict(self._opens),
+                cache_blocks=self.store.cached_blocks(), failures=self.failures,
+                reopens=self.reopens)
+
     def export_open(self, name: str) -> None:
         with self.lock:
             self._opens[name] += 1
@@ -1639,7 +1671,7 @@ class MetadataService:
             if self._opens[name] <= 0:
                 del self._opens[name]
 
-    def flush_store(self) -> None:
+    def _flush_store(self) -> None:
         """Make exception data written by snapshot writes durable."""
         self.store.cow.flush()
 
@@ -1652,6 +1684,28 @@ class MetadataService:
             self.commit()
             with self.lock:
                 self.store.close()
+
+
+class _NowaitMap:
+    """The context :meth:`LocalService.map_read_nowait` returns: its value is the
+    sources (or None), and leaving it releases the metadata lock if it holds it."""
+
+    __slots__ = ("lock", "sources")
+
+    def __init__(self, lock: threading.Lock | None, sources: list[int | None] | None):
+        self.lock = lock
+        self.sources = sources
+
+    def __enter__(self) -> list[int | None] | None:
+        return self.sources
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+#: "needs a wait": no sources, no lock held
+_NO_MAP = _NowaitMap(None, None)
 
 
 class _Reclaim(Exception):
