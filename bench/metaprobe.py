@@ -1,7 +1,7 @@
 """Count a ddsnap store's B-tree blocks and exceptions, read-only, for the benchmark's
-"metadata bytes per exception" (bench/bench.py, issue 9).  Run by bench.py with the
-venv's Python (so that `--rev` is honoured through PYTHONPATH) on a store no server
-holds:
+"metadata bytes per exception" (issue 9).  Run by the benchmark (ddsnap_bench/peers.py)
+with the venv's Python (so that `--rev` is honoured through PYTHONPATH) on a store no
+server holds:
 
     python bench/metaprobe.py STORE
 
