@@ -25,7 +25,7 @@ from .common import (
     MiB,
     Stop,
     TiB,
-    parse_size,
+    size_arg,
 )
 from .report import report_from_state
 from .runner import Bench
@@ -52,10 +52,10 @@ def parse_args(argv: list[str]):
                    help="issue 9's snapshot count scaling: the defaults become --snapshots "
                         f"{SCALING_SNAPSHOTS} --workloads {','.join(SCALING_WORKLOADS)} "
                         "--out docs/benchmarks-scaling.md (each can still be given)")
-    p.add_argument("--chunk-size", type=parse_size,
+    p.add_argument("--chunk-size", type=size_arg,
                    help="ddsnap chunk size and qcow2 cluster size [64K]")
     p.add_argument("--duration", type=float, help="seconds per fio run [10; 2 with --quick]")
-    p.add_argument("--size", type=parse_size,
+    p.add_argument("--size", type=size_arg,
                    help="origin size, all of it random data [1G; 64M with --quick]")
     p.add_argument("--repeat", type=int,
                    help="runs per cell (fio, merge, peak RSS): median (min–max) "
@@ -92,7 +92,7 @@ def parse_args(argv: list[str]):
     p.add_argument("--delete-exclusive", default="100,1000",
                    help="scaling workload: k of the snapshots made with k exclusive "
                         "copy-outs and deleted (after one with none) [100,1000]")
-    p.add_argument("--delete-chunk-size", type=parse_size, default=4 * KiB,
+    p.add_argument("--delete-chunk-size", type=size_arg, default=4 * KiB,
                    help="scaling workload: chunk size of those stores (small, so that 10^5 "
                         "copy-outs are 400 MiB, not 6 GiB) [4K]")
     p.add_argument("--delete-write-points", type=int, default=100,
@@ -112,11 +112,11 @@ def parse_args(argv: list[str]):
                         "per origin, for information [3]")
     p.add_argument("--snapcreate-origins", default="64G,1G",
                    help="snapcreate workload: sizes of the sparse origins [64G,1G]")
-    p.add_argument("--rss-origin-size", type=parse_size, default=TiB,
+    p.add_argument("--rss-origin-size", type=size_arg, default=TiB,
                    help="rss workload: size of the sparse origin [1T]")
-    p.add_argument("--rss-store-size", type=parse_size, default=64 * GiB,
+    p.add_argument("--rss-store-size", type=size_arg, default=64 * GiB,
                    help="rss workload: size of the (sparse) store file [64G]")
-    p.add_argument("--rss-seq-size", type=parse_size,
+    p.add_argument("--rss-seq-size", type=size_arg,
                    help="rss workload: range of the origin / snapshot covered by the 1 MiB "
                         "sequential jobs, from offset 0 [4G; 256M with --quick]")
     p.add_argument("--profile", action="store_true",
@@ -202,7 +202,7 @@ def parse_args(argv: list[str]):
         p.error("--create-samples and --delete-write-points must be at least 1, "
                 "--sample-snapshots at least 2")
     try:
-        a.snapcreate_origins = [parse_size(x) for x in a.snapcreate_origins.split(",")
+        a.snapcreate_origins = [size_arg(x) for x in a.snapcreate_origins.split(",")
                                 if x.strip()]
     except argparse.ArgumentTypeError as e:
         p.error(f"--snapcreate-origins: {e}")

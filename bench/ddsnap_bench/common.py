@@ -13,6 +13,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from ddsnap.errors import InvalidArgument
+from ddsnap.units import parse_size
+
 #: the repository (bench/ddsnap_bench/common.py -> .)
 ROOT = Path(__file__).resolve().parents[2]
 DDSNAP = ROOT / ".venv" / "bin" / "ddsnap"
@@ -59,20 +62,13 @@ class Stop(BaseException):
 # --------------------------------------------------------------------------- helpers
 
 
-def parse_size(text: str) -> int:
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    mult = 1
-    for suffix, m in (("K", KiB), ("M", MiB), ("G", 1 << 30), ("T", 1 << 40)):
-        if t.endswith(suffix):
-            t, mult = t[:-1], m
-            break
+def size_arg(text: str) -> int:
+    """An argparse ``type``: the bytes in ``text`` (``64K``, ``256M``, ``1G``, ...; binary
+    units, more than 0), as :func:`ddsnap.units.parse_size` reads them."""
     try:
-        value = int(float(t) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (try 64K, 256M, 1G)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
+        return parse_size(text, "size", positive=True)
+    except InvalidArgument as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def fmt_size(n: int) -> str:

@@ -11,76 +11,41 @@
 
 from __future__ import annotations
 
-import collections
 import json
 import shutil
-import socket
 import time
 from pathlib import Path
+
+from ddsnap import control
+from ddsnap.errors import DdsnapError
 
 from .common import CTL_DEPTH, ROOT, BenchError, MiB, drop_file, run, say, tail
 from .processes import Server
 from .results import MetaSample
 
 
+def ctl_call(path: Path, op: str, args: dict | None = None, timeout: float = 30):
+    """One request on ddsnap's control socket (:func:`ddsnap.control.call`; ``timeout``
+    seconds for the whole exchange); its failure raised as a BenchError."""
+    try:
+        return control.call(str(path), op, args, timeout)
+    except DdsnapError as e:
+        raise BenchError(f"control socket {path}: {op} failed: {type(e).__name__}: "
+                         f"{e}") from None
+
+
 def ctl_pipeline(path: Path, requests, depth: int = CTL_DEPTH, timeout: float = 120) -> int:
     """Send ``(op, args)`` requests on one control connection, up to ``depth`` ahead of
-    their replies (docs/protocol.md: a connection may carry several requests, answered
-    in order); raise BenchError on the first failure.  Returns how many were answered."""
-    sent = done = 0
-    it = iter(requests)
-    more = True
+    their replies (:func:`ddsnap.control.call_many`; ``timeout`` seconds at most without
+    progress); raise BenchError on the first failure.  Returns how many were answered."""
+    done = 0
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(path))
-            f = s.makefile("rb")
-            ops = collections.deque()
-            while more or done < sent:
-                while more and sent - done < depth:
-                    try:
-                        op, args = next(it)
-                    except StopIteration:
-                        more = False
-                        break
-                    s.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
-                    ops.append((op, args))
-                    sent += 1
-                if done == sent:
-                    break
-                line = f.readline()
-                op, args = ops.popleft()
-                if not line:
-                    raise BenchError(f"control socket {path}: connection closed without a "
-                                     f"reply to {op} {args}")
-                reply = json.loads(line)
-                if not reply.get("ok"):
-                    raise BenchError(f"control socket {path}: {op} {args} failed: "
-                                     f"{reply.get('error')}")
-                done += 1
-    except (OSError, ValueError) as e:
-        raise BenchError(f"control socket {path}: pipelined requests: {e} (after {done} "
-                         f"replies)") from None
+        for _result in control.call_many(str(path), requests, depth, timeout):
+            done += 1
+    except DdsnapError as e:
+        raise BenchError(f"control socket {path}: pipelined requests: {type(e).__name__}: "
+                         f"{e} (after {done} replies)") from None
     return done
-
-
-def ctl_call(path: Path, op: str, args: dict | None = None, timeout: float = 30):
-    """One request on ddsnap's control socket (docs/protocol.md: one JSON line each way)."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(path))
-            s.sendall(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
-            line = s.makefile("rb").readline()
-        if not line:
-            raise BenchError(f"control socket {path}: connection closed without a reply "
-                             f"to {op}")
-        reply = json.loads(line)
-    except (OSError, ValueError) as e:
-        raise BenchError(f"control socket {path}: {op}: {e}") from None
-    if not reply.get("ok"):
-        raise BenchError(f"control socket {path}: {op} failed: {reply.get('error')}")
-    return reply.get("result")
 
 
 class Peers:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .common import MiB, parse_size
+from ddsnap.units import parse_size
+
+from .common import MiB
 
 
 @dataclass(frozen=True)
