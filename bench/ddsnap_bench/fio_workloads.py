@@ -179,7 +179,7 @@ class FioWorkloads:
             os.sync()
             for rep in range(a.repeat):
                 for wl in rws:
-                    for n, (srv, store, sock, bad) in up.items():
+                    for n, (srv, _store, sock, bad) in up.items():
                         self.sock = sock
                         say(f"--- {wl.title}, N={n} (run {rep + 1} of {a.repeat})")
                         self.record(wl, n, "ddsnap", lambda wl=wl, n=n, srv=srv: self.profiled(
@@ -247,7 +247,7 @@ class FioWorkloads:
                     os.sync()
                     for rep in reps:
                         for wl in wls:
-                            self.record(wl, n, "qemu", lambda wl=wl: self.read_fio(
+                            self.record(wl, n, "qemu", lambda wl=wl, export=export: self.read_fio(
                                 self.uri(export), wl, f"qemu-{wl.key}-N{n}"), bad, rep)
                 finally:
                     self.server_down(srv, f"reads N={n} qemu-nbd {export}")

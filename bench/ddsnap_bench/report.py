@@ -227,7 +227,8 @@ class Report(TargetsReport, WorkloadSections, ScalingReport):
    {fmt_size(a.chunk_size)}: `ddsnap serve`, one snapshot `snap1` (control socket),
    `sync`, then one after the other, each for {a.duration:g} s: 4 KiB random writes over
    the **whole** origin (`rw=randwrite bs=4k iodepth={a.iodepth_rand}`, nearly every
-   write a copy-out of a chunk not yet written), 1 MiB sequential writes over its first {fmt_size(a.rss_seq_size)}
+   write a copy-out of a chunk not yet written), 1 MiB sequential writes over its first \
+{fmt_size(a.rss_seq_size)}
    (`--rss-seq-size`; `rw=write bs=1m iodepth={a.iodepth_seq} size=...`, one pass or
    {a.duration:g} s), then reads of `snap1`: 1 MiB sequential over the same first
    {fmt_size(a.rss_seq_size)} and 4 KiB random over the whole volume (both
@@ -241,7 +242,8 @@ class Report(TargetsReport, WorkloadSections, ScalingReport):
    {a.repeat} run(s), each with a fresh store and server.  Target: < 256 MiB.
 
 """
-        merge_howto = "" if "merge" not in a.workloads else f"""5. **Merge of a snapshot into the origin** (`ddsnap merge`, an online rollback), not a
+        merge_howto = "" if "merge" not in a.workloads else f"""\
+5. **Merge of a snapshot into the origin** (`ddsnap merge`, an online rollback), not a
    fio job.  Setup, fresh for every run: copy the raw bytes to the origin, `ddsnap init`,
    serve, take `snap1` (control socket), then overwrite the first
    {fmt_size(b.merge_bytes)} of the origin **through ddsnap** (fio
@@ -313,7 +315,8 @@ run did not include what the row needs.
 **Every fio figure**:
 
 {self.table()}
-{self.flatness_table()}{self.merge_section()}{self.snapcreate_section()}{self.rss_section()}<!-- table-end -->
+{self.flatness_table()}{self.merge_section()}\
+{self.snapcreate_section()}{self.rss_section()}<!-- table-end -->
 
 The ratio is ddsnap's figure divided by the peer's (for the merge: by `dd`'s or `cp`'s),
 above 1: ddsnap is faster.
@@ -326,13 +329,15 @@ The whole run took {b.elapsed / 60:.1f} minutes.
 {mach}
 | data directory | `{a.tmpdir}` on {fs} (temporary directory, removed afterwards) |
 | I/O path | {b.access_text} |
-| load average (1, 5, 15 min) | {' '.join(b.load_start)} at the start, {' '.join(b.load_end)} at the end (other work on the machine shows here) |
+| load average (1, 5, 15 min) | {' '.join(b.load_start)} at the start, \
+{' '.join(b.load_end)} at the end (other work on the machine shows here) |
 {self.scaling_section()}
 ## How to run it
 
 ```
 bench/run                      # defaults: --snapshots 1,64,1024 --size 1G --duration 10 --repeat 3
-bench/run --quick              # smoke run of every workload (64 MiB, 2 s runs, N = 1,64, 1 run), to bench/out/quick.md
+bench/run --quick              # smoke run of every workload (64 MiB, 2 s runs, N = 1,64, 1 run), \
+to bench/out/quick.md
 bench/run --snapshots 1,64 --size 4G --duration 30 --out /tmp/b.md
 bench/run --workloads merge --size 1G --merge-fraction 0.5 --out /tmp/m.md   # merge only
 bench/run --workloads snapcreate,rss --out /tmp/s.md       # snapshot creation and peak RSS only
@@ -350,7 +355,8 @@ cluster, default 64K), `--iodepth-rand`, `--iodepth-seq`, `--workloads` (default
 `{",".join(DEFAULT_WORKLOADS[4:])}`; also `{",".join(SCALING_FIO)},scaling`, the
 default with `--scaling`: `{",".join(SCALING_WORKLOADS)}`), `--qcow2-max-snapshots`
 (largest N the qcow2 peer runs at, default {DEFAULT_QCOW2_MAX}), `--merge-fraction` (share of the
-origin overwritten after the snapshot and so merged back, default 1), `--merge-modes` (`local,served`),
+origin overwritten after the snapshot and so merged back, default 1), \
+`--merge-modes` (`local,served`),
 `--snap-creates` (K, default 20), `--cli-creates` (default 3), `--snapcreate-origins`
 (default `64G,1G`), `--rss-origin-size` (default 1T), `--rss-store-size` (default 64G),
 `--rss-seq-size` (default 4G), `--profile` and `--profile-rate` (default 250 samples/s),
@@ -423,7 +429,8 @@ The origin is {fmt_size(a.size)} of random bytes (`os.urandom`), so reads are re
    read back whole with `nbdcopy` and compared with the raw file, and the ddsnap
    snapshots are checked as below.  The read targets use N=1.
 
-{scaling_howto}{merge_howto}{snapcreate_howto}{rss_howto}**Data checks** (not timed): after every ddsnap write run and before the ddsnap reads,
+{scaling_howto}{merge_howto}{snapcreate_howto}{rss_howto}\
+**Data checks** (not timed): after every ddsnap write run and before the ddsnap reads,
 the first and the last snapshot are read back whole with `nbdcopy` and compared with the
 original bytes (`cmp`), and {a.samples} chunks at random offsets (the same for all) are read
 from every snapshot (from {a.sample_snapshots} of them, evenly spread from the first to the

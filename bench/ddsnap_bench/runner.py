@@ -167,7 +167,7 @@ class Bench(FioRunner, DataChecks, Peers, Profiling, FioWorkloads, MergeWorkload
         a = self.args
         t_start = time.monotonic()
         self.started = dt.datetime.now(dt.UTC)
-        self.load_start = open("/proc/loadavg").read().split()[:3]
+        self.load_start = Path("/proc/loadavg").read_text().split()[:3]
         say(f"temporary directory {self.tmp}; load average {' '.join(self.load_start)}")
         self.pick_access()
         if a.rev:
@@ -218,7 +218,7 @@ class Bench(FioRunner, DataChecks, Peers, Profiling, FioWorkloads, MergeWorkload
             self.scaling()
         self.write_profiles()
         self.elapsed = time.monotonic() - t_start
-        self.load_end = open("/proc/loadavg").read().split()[:3]
+        self.load_end = Path("/proc/loadavg").read_text().split()[:3]
         self.machine_rows = machine(self)
         try:  # so that the report can be written again (--from-state) without rerunning
             STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
@@ -257,18 +257,20 @@ def machine(bench: Bench) -> list[tuple[str, str]]:
 
     cpu = "?"
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     mem = "?"
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal:"):
-                mem = f"{int(line.split()[1]) / (1 << 20):.1f} GiB"
-                break
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem = f"{int(line.split()[1]) / (1 << 20):.1f} GiB"
+                    break
     except OSError:
         pass
     source = bench.source

@@ -141,7 +141,7 @@ class ScalingWorkload:
                                      f"`snap_list` says {e}")
                     before = ctl_call(ctl, "status", timeout=600)["chunks_used"]
                     t0 = time.perf_counter()
-                    self.profiled(srv, f"delete-k{k}-fill{extra}", lambda: ctl_call(
+                    self.profiled(srv, f"delete-k{k}-fill{extra}", lambda name=name: ctl_call(
                         ctl, "snap_delete", {"name": name}, timeout=3600))
                     ms = (time.perf_counter() - t0) * 1000
                     after = ctl_call(ctl, "status", timeout=600)["chunks_used"]
