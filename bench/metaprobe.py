@@ -1,7 +1,7 @@
 """Count a ddsnap store's B-tree blocks and exceptions, read-only, for the benchmark's
-"metadata bytes per exception" (bench/bench.py, issue 9).  Run by bench.py with the
-venv's Python (so that `--rev` is honoured through PYTHONPATH) on a store no server
-holds:
+"metadata bytes per exception" (issue 9).  Run by the benchmark (ddsnap_bench/peers.py)
+with the venv's Python (so that `--rev` is honoured through PYTHONPATH) on a store no
+server holds:
 
     python bench/metaprobe.py STORE
 
@@ -24,6 +24,8 @@ def probe(path: str) -> dict:
     dev = FileDevice(path, writable=False)
     try:
         store = SharedStore.open(dev, mode="inspect")
+        # The store's private B-tree readers: there is no public iterator yet (issue 10,
+        # item 3), and with `bench/run --rev` this runs under older revisions' code.
         levels = store.state.levels
         index_nodes = 0
 
@@ -31,12 +33,12 @@ def probe(path: str) -> dict:
             nonlocal index_nodes
             index_nodes += 1
             if level < levels - 1:
-                for child in store._read_node(block).children:
+                for child in store._read_node(block).children:  # noqa: SLF001
                     walk(child, level + 1)
 
         walk(store.state.root, 0)
         leaves = records = origin = 0
-        for _block, leaf in store._leaves():
+        for _block, leaf in store._leaves():  # noqa: SLF001
             leaves += 1
             records += len(leaf.keys)
             origin += sum(1 for k in leaf.keys if k >> 96 == ORIGIN)

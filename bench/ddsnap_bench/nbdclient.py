@@ -9,6 +9,7 @@ measured figure.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 
@@ -120,10 +121,8 @@ class NbdClient:
         return total
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
-        except OSError:
-            pass
         self.sock.close()
 
     def __enter__(self):

@@ -1,0 +1,71 @@
+"""ddsnap benchmark: the same fio jobs over NBD against ddsnap and its peers.
+
+Peers:
+
+* ``ddsnap``  -- ``ddsnap serve`` on a store (``--chunk-size``, format v3: no snapshot
+                 limit) whose origin is a raw file;
+* ``qemu``    -- ``qemu-nbd`` on a qcow2 image (cluster size = ``--chunk-size``) holding the
+                 same number of internal snapshots (up to ``--qcow2-max-snapshots``:
+                 ``qemu-img snapshot -c`` slows down as they accumulate); the active
+                 layer for writes, the snapshot (``-l``, read-only) for reads;
+* ``nbdkit``  -- nbdkit's file plugin on a raw file holding the snapshot's bytes (the read
+                 baseline).
+
+Workloads, at each snapshot count N of ``--snapshots``:
+
+1. 4 KiB random writes to the origin right after taking N snapshots (fresh setup);
+2. 1 MiB sequential writes to the origin right after taking N snapshots (fresh setup);
+3. 1 MiB sequential reads of a snapshot;
+4. 4 KiB random reads of a snapshot;
+5. ``merge``: ``ddsnap merge`` of a snapshot back into the origin (local ``--wait`` and
+   served), in MiB/s of snapshot data, against ``dd`` and ``cp`` copying the same number
+   of bytes; the origin must then equal the snapshot's bytes;
+6. ``snapcreate``: wall time of ``snap_create`` requests on the control socket of a served
+   store whose origin is a sparse 64 GiB file (and, to show it does not grow, 1 GiB), and
+   of the whole ``ddsnap snap create`` command for information;
+7. ``rss``: peak RSS (``VmHWM``) of ``ddsnap serve`` on a sparse 1 TiB origin with one
+   snapshot while the four fio jobs run against it.
+
+Issue 9 (snapshot count scaling; ``--scaling`` selects them with N = 1, 1024, 10000 and
+writes the report's "Snapshot count scaling (issue 9)" section, to
+``docs/benchmarks-scaling.md`` by default):
+
+8. ``overwrite4k``: 4 KiB random writes to the origin after one 1 MiB pass over all of
+   it, so that no write copies out (fresh setup, ``time_based``);
+9. ``randread4k-newest``: 4 KiB random reads of snapshot N (``randread4k`` reads snap1);
+10. ``scaling``: on stores of ``--scaling-count`` snapshots (4 KiB chunks, sparse
+   origin, ``--delete-fills`` extra origin history entries each), ``snap_create``
+   round trips timed on the empty store and with all of them there, then deletes of a
+   snapshot with no exclusive data and of snapshots with k exclusive copy-outs
+   (``--delete-exclusive``), each ``snap_delete`` timed (its reply comes after the
+   sweep).
+
+With ``randwrite4k`` (copy-on-write) and ``randread4k`` (oldest snapshot) that is every
+figure issue 9's criteria name, as ddsnap at N over ddsnap at 1; every ddsnap store is
+also counted read-only after its server stopped (``bench/metaprobe.py``) for the
+metadata bytes per exception.
+
+With ``--profile``, py-spy samples the ddsnap server during each ddsnap fio job, the
+served merge and, in the scaling workload, the creations timed at N and each delete; the
+report then lists the hottest functions.
+
+Run it through ``bench/run`` (which installs what it needs first); ``bench/run --help``
+lists the parameters.  Results go to stdout and to a markdown file (``--out``), headed by
+a table of issue 4's targets (measured, target, met or not).  Nothing fails the run on a
+threshold.
+
+The package, one module per part (each says what it measures or holds):
+
+* :mod:`.cli` -- the command line; :mod:`.runner` -- one run (:class:`~.runner.Bench`,
+  made of the mixins below) and what it ran on;
+* :mod:`.common` -- paths, units, workload names, errors, helpers; :mod:`.results` --
+  the fio workloads and the records of what was measured; :mod:`.processes` -- the
+  long-running processes;
+* :mod:`.peers` -- ddsnap, qemu-nbd qcow2 and nbdkit servers; :mod:`.fio` -- the fio
+  runner; :mod:`.checks` -- the data checks; :mod:`.profiling` -- py-spy;
+  :mod:`.nbdclient` -- the small NBD client of the data checks;
+* the workloads: :mod:`.fio_workloads` (1-4, 8, 9), :mod:`.merge` (5),
+  :mod:`.snapcreate` (6), :mod:`.rss` (7), :mod:`.scaling` (10);
+* the report: :mod:`.report` (the document), :mod:`.report_base`,
+  :mod:`.report_targets`, :mod:`.report_sections`, :mod:`.report_scaling`.
+"""

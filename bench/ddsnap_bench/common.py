@@ -1,0 +1,183 @@
+"""What every part of the benchmark shares: paths, units, the workload names, the
+errors, and small helpers (running a command, sizes for people and for argparse,
+``/proc`` figures of a process, the allocated ranges of a sparse file).  Nothing here
+measures anything."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+from ddsnap.errors import InvalidArgument
+from ddsnap.units import parse_size
+
+#: the repository (bench/ddsnap_bench/common.py -> .)
+ROOT = Path(__file__).resolve().parents[2]
+DDSNAP = ROOT / ".venv" / "bin" / "ddsnap"
+MiB = 1 << 20
+KiB = 1 << 10
+GiB = 1 << 30
+TiB = 1 << 40
+PROFILE_DIR = ROOT / "bench" / "out" / "profiles"
+STATE_FILE = ROOT / "bench" / "out" / "last-run.pickle"
+DEFAULT_RUN_MINUTES = 30  # a default `bench/run`, for the text (2 busy CPUs, 2026-11)
+FIO_WORKLOADS = ("randwrite4k", "seqwrite1m", "seqread1m", "randread4k")  # issue 4's
+SCALING_FIO = ("overwrite4k", "randread4k-newest")  # issue 9's, with randwrite4k, randread4k
+ALL_FIO = FIO_WORKLOADS + SCALING_FIO
+DEFAULT_WORKLOADS = FIO_WORKLOADS + ("merge", "snapcreate", "rss")
+ALL_WORKLOADS = ALL_FIO + ("merge", "snapcreate", "rss", "scaling")
+# --scaling: what issue 9's criteria name (the fio jobs at each N, then `scaling`: snapshot
+# creation at --scaling-count, deletes among them, metadata per exception)
+SCALING_WORKLOADS = ("randwrite4k", "overwrite4k", "randread4k", "randread4k-newest",
+                     "scaling")
+SCALING_SNAPSHOTS = "1,1024,10000"
+DEFAULT_QCOW2_MAX = 1024  # qemu-img snapshot -c grows linearly: 10,000 would take hours
+
+CTL_DEPTH = 32  # control requests in flight on one connection (snap_create_pipelined)
+
+PEER_NAMES = {
+    "ddsnap": "ddsnap",
+    "qemu": "qemu-nbd qcow2",
+    "nbdkit": "nbdkit file",
+}
+
+
+class BenchError(Exception):
+    """A step failed; the message says what was run and what it printed."""
+
+
+class Skip(Exception):
+    """A step left out on purpose (e.g. qcow2 beyond --qcow2-max-snapshots)."""
+
+
+class Stop(BaseException):
+    """SIGTERM / SIGHUP: stop like Ctrl-C, cleaning up."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def size_arg(text: str) -> int:
+    """An argparse ``type``: the bytes in ``text`` (``64K``, ``256M``, ``1G``, ...; binary
+    units, more than 0), as :func:`ddsnap.units.parse_size` reads them."""
+    try:
+        return parse_size(text, "size", positive=True)
+    except InvalidArgument as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def fmt_size(n: int) -> str:
+    for unit, m in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= m and n % m == 0:
+            return f"{n // m} {unit}"
+    if n >= MiB:
+        return f"{n / MiB:.1f} MiB"
+    return f"{n} B"
+
+
+def tail(text: str, lines: int = 25) -> str:
+    t = text.strip().splitlines()
+    if len(t) > lines:
+        t = [f"... ({len(t) - lines} earlier lines left out)"] + t[-lines:]
+    return "\n".join(t)
+
+
+def spread(n: int, k: int) -> list[int]:
+    """Up to ``k`` of 1..n, evenly spread, always with 1 and n (all of them if n <= k)."""
+    if n <= k:
+        return list(range(1, n + 1))
+    if k < 2:
+        return [1][:k]
+    return sorted({1 + round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def stats_text(vals: list[float], fmt) -> str:
+    """``median (min–max)`` of ``vals`` (just the value when there is one)."""
+    vals = sorted(vals)
+    text = fmt(statistics.median(vals))
+    if len(vals) > 1:
+        text += f" ({fmt(vals[0])}–{fmt(vals[-1])})"
+    return text
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """``VmHWM`` / ``VmRSS`` (bytes) of a live process, from ``/proc/PID/status``."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmHWM", "VmRSS"):
+                    out[key] = int(rest.split()[0]) * KiB
+    except OSError:
+        pass
+    return out
+
+
+def proc_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) a live process used so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(argv: list[str], what: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """Run a command; raise BenchError with its output if it fails or times out."""
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        raise BenchError(f"{what}: `{shlex.join(argv)}` did not finish within {timeout:.0f} s "
+                         f"(killed)\n{tail(str(out))}") from None
+    if p.returncode != 0:
+        raise BenchError(f"{what}: `{shlex.join(argv)}` exited {p.returncode}\n"
+                         f"{tail(p.stdout + p.stderr)}")
+    return p
+
+
+def spawn(argv: list[str], log: Path) -> subprocess.Popen:
+    """Start a long-running process in its own session, its output going to ``log``."""
+    with open(log, "w") as logf:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def drop_file(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def data_extents(path: Path) -> list[tuple[int, int]]:
+    """``[(offset, length), ...]`` of the allocated (non-hole) ranges of a file."""
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        off = 0
+        while off < size:
+            try:
+                d = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after off
+                break
+            h = os.lseek(fd, d, os.SEEK_HOLE)
+            out.append((d, h - d))
+            off = h
+    finally:
+        os.close(fd)
+    return out
+
+
+def allocated_in(extents: list[tuple[int, int]], start: int, length: int) -> int:
+    end = start + length
+    return sum(max(0, min(end, d + n) - max(start, d)) for d, n in extents)
