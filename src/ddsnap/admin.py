@@ -14,7 +14,9 @@ import logging
 import os
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import (
     CorruptMetadata,
@@ -347,7 +349,7 @@ def snap_delete(svc: MetadataService, name: str) -> dict:
     return svc.delete_snapshot(name).to_dict()
 
 
-def status(svc: MetadataService, path: str, served: bool) -> dict:
+def status(svc: MetadataService, path: str, served: bool, degraded: bool = False) -> dict:
     """The store's geometry, space and snapshots (``ddsnap status --json``).
 
     ``failure`` is the last failed commit (None if none since the store was opened):
@@ -381,6 +383,8 @@ def status(svc: MetadataService, path: str, served: bool) -> dict:
         out["tree_levels"] = st.tree_levels
         out["journal_blocks"] = st.journal_blocks
         out["recovered_transactions"] = st.recovered_transactions
+    if degraded and st.journal_damage is not None:
+        out["damage"] = [{"block": b, "message": why} for b, why in st.journal_damage]
     return out
 
 
@@ -518,7 +522,7 @@ def merge_status(svc: MetadataService, runner: MergeRunner | None) -> dict | Non
     return st
 
 
-def merge_stop(svc: MetadataService, runner: MergeRunner | None) -> dict:
+def merge_stop(svc: MetadataService, runner: MergeRunner | None) -> dict | None:
     st = svc.merge_status()
     if st is None:
         raise NoMerge("no merge is in progress")
@@ -527,7 +531,7 @@ def merge_stop(svc: MetadataService, runner: MergeRunner | None) -> dict:
     return svc.merge_status(running=False)
 
 
-OPERATIONS = {
+OPERATIONS: dict[str, Callable[..., Any]] = {
     "snap_create": snap_create,
     "snap_list": snap_list,
     "snap_delete": snap_delete,
@@ -565,12 +569,9 @@ def run_op(svc: MetadataService, op: str, args: dict, path: str, served: bool,
 def _run_op(svc: MetadataService, op: str, args: dict, path: str, served: bool,
             runner: MergeRunner | None, degraded: bool):
     if op == "status":
-        st = status(svc, path, served)
+        st = status(svc, path, served, degraded)
         st["merge"] = merge_status(svc, runner)
         st["degraded"] = degraded
-        damage = svc.status().journal_damage
-        if degraded and damage is not None:
-            st["damage"] = [{"block": b, "message": why} for b, why in damage]
         return st
     if op == "check":
         return check(svc)

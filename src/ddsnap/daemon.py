@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import admin
 from .control import ControlServer
+from .errors import ServiceFailed
 from .nbd.server import DEFAULT_MAX_REPLY_MEMORY, NbdServer
 from .volume import Origin, Snapshot
 
@@ -137,8 +138,11 @@ class Daemon:
         self._registry_file = admin.registry_path(store_path)
 
     def _handle(self, op: str, args: dict):
-        return admin.run_op(self.opened.service, op, args, self.store_path, served=True,
-                            runner=self.merger, degraded=self.opened.degraded)
+        opened = self.opened
+        if opened is None:  # the control socket starts after the open, stops before close
+            raise ServiceFailed("the store is not open")
+        return admin.run_op(opened.service, op, args, self.store_path, served=True,
+                            runner=self.merger, degraded=opened.degraded)
 
     async def start(self) -> None:
         """Open the store and start serving.

@@ -134,6 +134,14 @@ class Volume:
         if fua:
             self.flush()
 
+    def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        """Write ``data`` at ``offset`` (each kind of volume its own way)."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Make the writes completed so far durable."""
+        raise NotImplementedError
+
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
         """A discard hint; ddsnap keeps the data, so no other volume can be affected."""
         self._range(offset, length)
@@ -231,6 +239,8 @@ class Origin(Volume):
 
 class Snapshot(Volume):
     """One snapshot: reads come from its exceptions or, where it has none, the origin."""
+
+    info: SnapshotInfo
 
     def __init__(self, service: MetadataService, data: DataDevices, info: SnapshotInfo):
         super().__init__(service, data)

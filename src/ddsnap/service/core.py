@@ -176,13 +176,15 @@ class ServiceCore:
         try:
             while self._origin_writes or self._committing or self._waiting:
                 self.cond.wait()
+            failure = self.failure
+            assert failure is not None  # recorded with _failed
             try:
                 store = self.reopen_store()
             except Exception as e:
-                if self.failure["reopen_error"] != str(e):  # say it once, not per request
+                if failure["reopen_error"] != str(e):  # say it once, not per request
                     log.error("reopening the snapshot store failed: %s; the next request "
                               "tries again", e)
-                self.failure["reopen_error"] = str(e)
+                failure["reopen_error"] = str(e)
                 raise ServiceFailed(f"the snapshot store failed ({self._failed}) and "
                                     f"cannot be reopened yet: {e}",
                                     getattr(self._failed, "errno", None) or errno.EIO) from e
@@ -214,8 +216,9 @@ class ServiceCore:
         elif self._merge_progress is None:
             self._merge_progress = MergeProgress(self._count_merge_left())
         self.reopens += 1
-        self.failure["reopened"] = True
-        self.failure["reopen_error"] = None
+        if self.failure is not None:
+            self.failure["reopened"] = True
+            self.failure["reopen_error"] = None
         log.warning("snapshot store reopened from its journal after the failure; "
                     "serving again")
 
@@ -275,7 +278,7 @@ class ServiceCore:
 
     def _write_commit(self, batch, target: int, holding_lock: bool) -> None:
         """Write a captured batch and record the outcome (failure fails the service)."""
-        error = None
+        error: BaseException | None = None
         try:
             if batch is not None:
                 self.store.write_commit(batch)
@@ -384,7 +387,7 @@ class ServiceCore:
         raise SnapshotNotFound(snap.name)
 
     def _ancestors(self, version: int) -> list[int]:
-        return self.store.table.ancestors(version)
+        return self.store.ancestors(version)
 
     def snapshots(self) -> list[SnapshotInfo]:
         """Live snapshots, oldest first.  Never waits: it reads a list replaced whole on

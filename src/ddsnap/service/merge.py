@@ -47,7 +47,7 @@ class MergeOps(ServiceCore):
             m = self.store.merging
             if m is not None:
                 if m == info.id:
-                    return self._merge_status_locked(True)
+                    return self._started_status_locked()
                 raise MergeInProgress(f"snapshot {self._name_of(m)} is already being merged "
                                       "into the origin")
             if self._opens[name]:
@@ -70,7 +70,14 @@ class MergeOps(ServiceCore):
                      self._merge_progress.total)
         self.commit()
         with self.lock:
-            return self._merge_status_locked(True)
+            return self._started_status_locked()
+
+    def _started_status_locked(self) -> dict:
+        """The status of the merge just started or resumed (lock held)."""
+        st = self._merge_status_locked(True)
+        if st is None:  # cannot happen: the merge is recorded and counted
+            raise AssertionError("a merge was started but has no status")
+        return st
 
     def merge_status(self, running: bool = False) -> dict | None:
         """The merge in progress as a dict (snapshot, chunks done/total and what they count
@@ -245,7 +252,8 @@ class MergeOps(ServiceCore):
         if not todo:
             return []
         ready: list[tuple[int, int]] = []
-        moves, adds = [], []
+        moves: list[tuple[int, int]] = []
+        adds: list[tuple[int, int, int]] = []
         full = None
         try:
             for c, sc in todo:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 
+from ..errors import StoreFull
 from ..store.api import SnapshotInfo
 from .core import ServiceCore
 
@@ -34,8 +35,14 @@ class FullPolicy(ServiceCore):
         """Delete the oldest snapshot to make room (``full-policy=delete-oldest``), lock
         held: its chunks are swept, committed and checkpointed so they can be reused.
         Logged and kept in :attr:`auto_deleted` for ``status`` (invariant 7: never silent).
+
+        Raises:
+            StoreFull: there is nothing to delete (callers ask :meth:`_can_make_room`
+                first, so this only guards the rule).
         """
         victim = self._victim(exclude)
+        if victim is None:
+            raise StoreFull()
         self.store.note_auto_deleted(victim, time.time_ns())  # durable with the delete
         self.store.begin_delete(victim.name)
         self._refresh_snaps()

@@ -51,7 +51,7 @@ class WritePath(ServiceCore):
         were not started: a snapshot creation waits for the writes in flight, so the
         batch stops growing; the caller prepares those one at a time afterwards."""
         out: list[BaseException | None] = []
-        needs = []
+        needs: list[int] = []
         with self.lock:
             if self._failed is not None:
                 self._recover_locked()
@@ -62,7 +62,7 @@ class WritePath(ServiceCore):
                     needs.append(self._prepare_origin_locked(first, last))
                     out.append(None)
                 except Exception as e:
-                    needs.append(None)
+                    needs.append(-1)  # never awaited: its error is the outcome
                     out.append(e)
         for k, (first, last) in enumerate(ranges):
             if out[k] is None:
@@ -142,7 +142,8 @@ class WritePath(ServiceCore):
         """
         while True:
             need = -1
-            moves, adds = [], []
+            moves: list[tuple[int, int]] = []
+            adds: list[tuple[int, int, int]] = []
             err = None
             retry = False
             try:
@@ -228,10 +229,10 @@ class WritePath(ServiceCore):
             if v == self._merging:
                 raise MergeInProgress(f"snapshot {snap.name} is being merged into the origin")
             need = -1
-            out = []
+            out: list[int] = []
             for c in range(first, last + 1):
                 sc, unique = self.store.snapshot_exception(v, c)
-                if unique:
+                if unique and sc is not None:  # (unique means its own store chunk)
                     # Unique maybe only by a change not yet durable (its own unshare, a
                     # snapshot taken of it unsharing, or another reader of an ancestor's
                     # exception leaving it): data written there before that commits is

@@ -32,7 +32,7 @@ from .blockdev import BlockDevice
 from .format import FULL_POLICIES, NO_MERGE, State
 
 if TYPE_CHECKING:
-    from .snapshots import SpaceAccount
+    from .snapshots import SpaceAccount, VersionTable
 
 
 class NotCached(Exception):
@@ -114,6 +114,8 @@ class ExceptionStore(abc.ABC):
     origin_path: str
     max_snapshots: int
     cow: BlockDevice
+    #: the versions: live snapshots, ghosts, and how they descend from each other
+    table: VersionTable
 
     #: bytes the store uses for exceptions and metadata (whole chunks)
     store_size: int
@@ -178,6 +180,11 @@ class ExceptionStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def ancestors(self, version: int) -> list[int]:
+        """The versions ``version`` descends from, nearest first, down to and including
+        the origin (0): a clone's parent snapshot, its parent, ... (ghosts included)."""
+
+    @abc.abstractmethod
     def sweep_step(self) -> bool:
         """Do one bounded step of removing exceptions no live snapshot reads any more.
 
@@ -228,6 +235,44 @@ class ExceptionStore(abc.ABC):
                                   f"not {policy!r}")
         self.state.full_policy = FULL_POLICIES.index(policy)
         self._state_changed()
+
+    # -- sizes (docs/format.md "Resizing") ------------------------------------------------
+
+    @abc.abstractmethod
+    def set_origin_size(self, size: int) -> None:
+        """Record the origin's new size in bytes; durable at the next commit."""
+
+    @abc.abstractmethod
+    def versions_past(self, size: int) -> list[SnapshotInfo]:
+        """Every version (live, being deleted, or a ghost) bigger than ``size`` bytes."""
+
+    @abc.abstractmethod
+    def origin_kept_past(self, size: int) -> list[int]:
+        """Live version ids reading a copy-out the origin keeps wholly past ``size``
+        bytes."""
+
+    @abc.abstractmethod
+    def resize_store(self, size: int) -> int:
+        """Grow or shrink the store to ``size`` bytes (whole chunks); returns the size
+        it now uses.
+
+        Raises:
+            InvalidArgument: too small for the metadata (below :attr:`min_size`).
+            ShrinkRefused: chunks past the new end are in use.
+            StoreFull: no room for a bigger bitmap.
+        """
+
+    def free_leaked(self, blocks: list[int]) -> None:
+        """Free blocks that are allocated but referenced by nothing (``check
+        --repair``); a store kept in memory never leaks, so it has none to free.
+
+        Raises:
+            InvalidArgument: this store cannot have leaked ``blocks``.
+        """
+        if blocks:
+            from ..errors import InvalidArgument
+
+            raise InvalidArgument(f"{type(self).__name__} keeps no leaked blocks")
 
     # -- mapping (versioned exceptions: docs/format.md) -----------------------------------
 

@@ -343,6 +343,9 @@ class VersionedStore(ExceptionStore):
         self._table_changed()
         return info
 
+    def ancestors(self, version: int) -> list[int]:
+        return self.table.ancestors(version)
+
     def set_origin_size(self, size: int) -> None:
         """Record the origin's new size in bytes (``ddsnap resize --origin-size``).  The
         caller (the service) grew the device first, or shrinks it after, and made sure
