@@ -424,10 +424,11 @@ class NbdServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if sock is not None:
             _grow_send_buffer(sock)
-        if self._closing:
+        executor = self._executor
+        if self._closing or executor is None:  # (no executor: not started, or closed)
             writer.close()
             return
-        conn = _Connection(self, next(self._conn_ids), reader, writer,
+        conn = _Connection(self, next(self._conn_ids), executor, reader, writer,
                            _peer_name(writer, sock))
         self._connections.add(conn)
         conn.task = asyncio.current_task()
@@ -567,9 +568,11 @@ class _Connection:
     two looks it can only have shrunk.
     """
 
-    def __init__(self, server: NbdServer, conn_id: int, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, peer: str = "a client"):
+    def __init__(self, server: NbdServer, conn_id: int, executor: Executor,
+                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 peer: str = "a client"):
         self.server = server
+        self.executor = executor  # the server's, for the backend calls
         self.reader = reader
         self.writer = writer
         self.transport = writer.transport
@@ -581,8 +584,9 @@ class _Connection:
         self._enospc = server.enospc
         self.task: asyncio.Task | None = None
         self.backend: ExportBackend | None = None
-        # request tasks in flight, with the payload bytes each one holds
-        self.inflight: dict[asyncio.Task, int] = {}
+        # requests in flight, with the payload bytes each one holds: the task serving it,
+        # or for a WRITE the future its reply sets (_dispatch_write; a Task is a Future)
+        self.inflight: dict[asyncio.Future, int] = {}
         self.inflight_bytes = 0
         # the transport's write buffer at the last look, and its high-water mark (above
         # it the transport pauses and drain() waits)
@@ -851,7 +855,7 @@ class _Connection:
     async def _call(self, fn: Callable, *args, **kwargs):
         """Run a backend call in the executor; the loop never blocks on disk."""
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self.server.executor,
+        fut = loop.run_in_executor(self.executor,
                                    functools.partial(fn, *args, **kwargs))
         self.backend_calls.add(fut)
         fut.add_done_callback(self._call_done)
@@ -963,7 +967,7 @@ class _Connection:
                     loop.call_soon_threadsafe(self._write_completions)
 
         try:
-            self.server.executor.submit(run)
+            self.executor.submit(run)
         except RuntimeError as exc:  # executor shut down
             for req, written in batch:
                 self._completed.append((req, written, exc))
@@ -1019,6 +1023,7 @@ class _Connection:
     async def _serve_request(self, req: Request, deps: list[asyncio.Future],
                              written: asyncio.Future | None) -> None:
         backend = self.backend
+        assert backend is not None  # requests are dispatched only once it is open
         proto = self.proto
         try:
             await self._run_backend(req, backend, proto, deps)
@@ -1032,6 +1037,7 @@ class _Connection:
         # The READ buffer's bytes are now the reply's: whatever the socket does not take
         # stays in the transport and is counted there (by _send).
         task = asyncio.current_task()
+        assert task is not None  # this coroutine runs as a task (_dispatch)
         cost = self.inflight.get(task)
         if cost:
             self.inflight[task] = 0
