@@ -12,7 +12,7 @@ import struct
 import threading
 
 from ddsnap.nbd import protocol as P
-from ddsnap.nbd.server import NbdServer
+from ddsnap.nbd.server import NbdServer, ServerStatistics
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -170,6 +170,16 @@ class ServerThread:
 
     def run(self, coro, timeout: float = 30):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn, *args):
+        """``fn(*args)`` run on the server's event loop thread; its result."""
+        async def on_loop():
+            return fn(*args)
+        return self.run(on_loop())
+
+    def statistics(self) -> ServerStatistics:
+        """``NbdServer.statistics()``, taken on the server's event loop thread."""
+        return self.call(self.server.statistics)
 
     @property
     def addresses(self) -> list[str]:

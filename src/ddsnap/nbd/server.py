@@ -45,6 +45,7 @@ import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ddsnap.errors import DdsnapError, InvalidArgument, ListenError
@@ -58,6 +59,8 @@ from ddsnap.nbd.protocol import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    from asyncio.trsock import TransportSocket
+
     from ddsnap.nbd.backend import ExportBackend, ExportRegistry
 
 log = logging.getLogger("ddsnap.nbd")
@@ -116,6 +119,76 @@ def parse_listen(uri: str) -> tuple[str, Any]:
                 host = host[1:-1]
             return "tcp", (host or None, int(port))
     raise InvalidArgument(f"bad listen address {uri!r}: use unix:PATH or tcp:HOST:PORT")
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStatistics:
+    """One open connection, as :meth:`NbdServer.statistics` found it.
+
+    Attributes:
+        id: the connection's number on this server (from 1, in the order connections
+            were accepted; the log calls it ``#id``).
+        peer: who is connected: ``HOST:PORT`` (``[HOST]:PORT`` for IPv6), or on a unix
+            socket ``pid P (uid U) on unix:PATH``.
+        export: the export's name once the client selected one in the handshake, else
+            None.
+        requests_in_flight: requests taking a slot of ``max_inflight_per_conn``
+            (requests): a WRITE until its reply is queued; a READ served in a worker
+            thread, FLUSH, TRIM, WRITE_ZEROES and BLOCK_STATUS until their reply has gone
+            to the transport and the transport is not paused (``drain()``).  Requests
+            answered at once on the event loop (CACHE, READs the backend serves without
+            waiting, errors found in the request) never count.
+        bytes_in_flight: the payloads those requests hold, bytes: READ reply buffers
+            until handed to the transport, WRITE data until written.
+        write_buffer_size: bytes in the transport's write buffer: replies handed over
+            that the socket has not taken yet (the kernel's buffer is full: the client
+            reads slower than it asks).
+        reply_bytes_held: this connection's share of :attr:`NbdServer.reply_bytes_held`,
+            bytes: ``bytes_in_flight + write_buffer_size``.
+        bytes_received: bytes read from the socket since the connection was accepted
+            (handshake included).
+        bytes_sent: bytes handed to the transport since then (handshake included, and
+            those still in ``write_buffer_size``).
+    """
+
+    id: int
+    peer: str
+    export: str | None
+    requests_in_flight: int
+    bytes_in_flight: int
+    write_buffer_size: int
+    reply_bytes_held: int
+    bytes_received: int
+    bytes_sent: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStatistics:
+    """An :class:`NbdServer` as :meth:`NbdServer.statistics` found it.
+
+    Attributes:
+        connections: every open connection, by :attr:`ConnectionStatistics.id` (so
+            ``len(connections)`` connections are open).
+        reply_bytes_held: :attr:`NbdServer.reply_bytes_held`, bytes: the sum of the
+            connections' ``reply_bytes_held``.
+        reply_bytes_peak: :attr:`NbdServer.reply_bytes_peak`, bytes.
+        max_reply_memory: the bound on ``reply_bytes_held``, bytes.
+        reply_memory_bound_reached: True from the first time a connection waited
+            because ``reply_bytes_held`` reached ``max_reply_memory`` (logged then) until
+            it fell below half of it (:attr:`ReplyMemory.bound_reached`).
+        enospc_episode: True from a request answered ENOSPC (the store is full) until a
+            write succeeds again (:attr:`EnospcLog.active`).
+        enospc_unlogged: ENOSPC errors answered in the current episode after its first,
+            which the log shows at DEBUG only (requests; 0 outside an episode).
+    """
+
+    connections: tuple[ConnectionStatistics, ...]
+    reply_bytes_held: int
+    reply_bytes_peak: int
+    max_reply_memory: int
+    reply_memory_bound_reached: bool
+    enospc_episode: bool
+    enospc_unlogged: int
 
 
 class ReplyMemory:
@@ -319,6 +392,39 @@ class NbdServer:
         """
         return self.reply_memory.peak
 
+    def statistics(self) -> ServerStatistics:
+        """A snapshot of the server's counters and of each open connection's.
+
+        As trio's ``statistics()``: figures the server keeps anyway, copied into frozen
+        dataclasses (they do not change afterwards).  It never blocks and does no I/O; its
+        cost grows with the number of connections, not with the traffic.  Looking at a
+        connection's transport buffer brings the reply-memory count up to date, as
+        reading :attr:`reply_bytes_held` does.
+
+        Call it on the server's event loop thread, where the counters change (there is
+        no lock); from another thread, have the loop run it (for example with
+        ``asyncio.run_coroutine_threadsafe``).
+        """
+        conns = tuple(c.statistics() for c in sorted(self._connections, key=_conn_id))
+        memory = self.reply_memory
+        enospc = self.enospc
+        return ServerStatistics(
+            connections=conns, reply_bytes_held=memory.held, reply_bytes_peak=memory.peak,
+            max_reply_memory=memory.bound, reply_memory_bound_reached=memory.bound_reached,
+            enospc_episode=enospc.active, enospc_unlogged=enospc.unlogged)
+
+    def connection_socket(self, connection_id: int) -> TransportSocket:
+        """The socket of the open connection ``connection_id``
+        (:attr:`ConnectionStatistics.id`), to look at its options and addresses:
+        asyncio's wrapper, which neither reads nor writes.
+
+        Raises KeyError if no connection with that id is open.  Event loop thread only.
+        """
+        for conn in self._connections:
+            if conn.id == connection_id:
+                return conn.writer.get_extra_info("socket")
+        raise KeyError(f"no open NBD connection #{connection_id}")
+
     async def start(self, listen: list[str]) -> None:
         """Bind and listen on each address (``unix:PATH``, ``tcp:HOST:PORT``, port 0 ok).
 
@@ -447,6 +553,10 @@ class NbdServer:
                 self.on_idle(memory.take_high())
             except Exception:
                 log.exception("the NBD server's on_idle callback failed")
+
+
+def _conn_id(conn: _Connection) -> int:
+    return conn.id
 
 
 def _peer_name(writer: asyncio.StreamWriter, sock) -> str:
@@ -578,7 +688,8 @@ class _Connection:
         self.transport = writer.transport
         self.proto = _Protocol(server.registry, self._refused)
         self.id = conn_id
-        self.peer = f"#{self.id} from {peer}"
+        self.peer = f"#{self.id} from {peer}"  # for the log
+        self.peer_name = peer
         # the server's, shared with its other connections
         self._memory = server.reply_memory
         self._enospc = server.enospc
@@ -753,6 +864,15 @@ class _Connection:
             await self._interruptibly(self.writer.drain())
         self.account_buffer()
         self._memory.note_released()  # the next time is logged again
+
+    def statistics(self) -> ConnectionStatistics:
+        """This connection's counters now (see :meth:`NbdServer.statistics`)."""
+        buffered = self.account_buffer()
+        return ConnectionStatistics(
+            id=self.id, peer=self.peer_name, export=self.proto.export_name,
+            requests_in_flight=len(self.inflight), bytes_in_flight=self.inflight_bytes,
+            write_buffer_size=buffered, reply_bytes_held=self.inflight_bytes + buffered,
+            bytes_received=self.bytes_in, bytes_sent=self.bytes_out)
 
     def account_buffer(self) -> int:
         """Look at the transport's write buffer; add its change to the server's count of
