@@ -10,6 +10,7 @@ import asyncio
 import socket
 import struct
 import threading
+from typing import Any
 
 from ddsnap.nbd import protocol as P
 from ddsnap.nbd.server import NbdServer, ServerStatistics
@@ -307,7 +308,7 @@ class RawClient:
                 data = recv_exact(self.sock, read_lengths[handle])
             return {"handle": handle, "error": error, "data": data, "extents": None}
         assert magic == P.STRUCTURED_REPLY_MAGIC, hex(magic)
-        result = {"error": 0, "data": b"", "extents": None, "chunks": []}
+        result: dict[str, Any] = {"error": 0, "data": b"", "extents": None, "chunks": []}
         while True:
             flags, rtype, handle, length = struct.unpack(">HHQI", recv_exact(self.sock, 16))
             payload = recv_exact(self.sock, length)

@@ -27,6 +27,9 @@ Logging (logger ``ddsnap.nbd``, level INFO): every connection when it ends (peer
 why it ended, duration, bytes read and written), every error answered to a request (the
 export and the request), ENOSPC once per episode of a full store (the first failure; the
 rest are counted until a write succeeds again).
+
+Inspection: :meth:`NbdServer.statistics` (a snapshot of the server's counters and each
+connection's, as frozen dataclasses).
 """
 
 from __future__ import annotations
