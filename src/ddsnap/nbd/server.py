@@ -419,7 +419,7 @@ class NbdServer:
     def connection_socket(self, connection_id: int) -> TransportSocket:
         """The socket of the open connection ``connection_id``
         (:attr:`ConnectionStatistics.id`), to look at its options and addresses:
-        asyncio's wrapper, which neither reads nor writes.
+        asyncio's wrapper, which has no send or recv.
 
         Raises KeyError if no connection with that id is open.  Event loop thread only.
         """
