@@ -10,9 +10,10 @@ import asyncio
 import socket
 import struct
 import threading
+from typing import Any
 
 from ddsnap.nbd import protocol as P
-from ddsnap.nbd.server import NbdServer
+from ddsnap.nbd.server import NbdServer, ServerStatistics
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -171,6 +172,16 @@ class ServerThread:
     def run(self, coro, timeout: float = 30):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def call(self, fn, *args):
+        """``fn(*args)`` run on the server's event loop thread; its result."""
+        async def on_loop():
+            return fn(*args)
+        return self.run(on_loop())
+
+    def statistics(self) -> ServerStatistics:
+        """``NbdServer.statistics()``, taken on the server's event loop thread."""
+        return self.call(self.server.statistics)
+
     @property
     def addresses(self) -> list[str]:
         return self.server.addresses
@@ -297,7 +308,7 @@ class RawClient:
                 data = recv_exact(self.sock, read_lengths[handle])
             return {"handle": handle, "error": error, "data": data, "extents": None}
         assert magic == P.STRUCTURED_REPLY_MAGIC, hex(magic)
-        result = {"error": 0, "data": b"", "extents": None, "chunks": []}
+        result: dict[str, Any] = {"error": 0, "data": b"", "extents": None, "chunks": []}
         while True:
             flags, rtype, handle, length = struct.unpack(">HHQI", recv_exact(self.sock, 16))
             payload = recv_exact(self.sock, length)

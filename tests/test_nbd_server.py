@@ -101,9 +101,9 @@ def test_addresses_report_the_bound_port(srv, sockdir):
     sock = connect(host_port)
     try:
         assert recv_exact(sock, 8) == b"NBDMAGIC"
-        # white-box: the server's end of the connection has Nagle off
-        (conn,) = list(srv.server._connections)
-        server_sock = conn.writer.get_extra_info("socket")
+        # the server's end of the connection has Nagle off
+        (conn,) = srv.statistics().connections
+        server_sock = srv.call(srv.server.connection_socket, conn.id)
         assert server_sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         sock.close()
@@ -615,8 +615,8 @@ def test_replies_answered_on_the_loop_are_bounded_when_the_client_does_not_read(
                     c.send(h, Command.READ, 0, 4 * MiB)
                 except TimeoutError:
                     break  # the server stopped reading: what we want
-            conn = next(iter(st.server._connections))
-            buffered = st.run(_write_buffer_size(conn))
+            (conn,) = st.statistics().connections
+            buffered = conn.write_buffer_size
             assert exp.inline < n
             assert buffered <= 4 * MiB + 2 * (4 * MiB + 64)
             # Reading the replies lets it go on, and every answer arrives.
@@ -630,7 +630,3 @@ def test_replies_answered_on_the_loop_are_bounded_when_the_client_does_not_read(
             c.close()
     finally:
         st.close()
-
-
-async def _write_buffer_size(conn) -> int:
-    return conn.writer.transport.get_write_buffer_size()

@@ -25,13 +25,18 @@ from __future__ import annotations
 import enum
 import errno as _errno
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from ddsnap.errors import ProtocolError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ddsnap.nbd.backend import ExportBackend, ExportRegistry
+
+#: what replies are made of: header bytes, READ reply buffers filled in place
+#: (:meth:`ServerConnection.read_reply_buffer`) and data as a backend returned it
+Buffer: TypeAlias = bytes | bytearray | memoryview
 
 # --- magic numbers ("Handshake", "Transmission") --------------------------------------
 
@@ -416,6 +421,10 @@ def block_status_chunk(handle: int, context_id: int, extents: list[tuple[int, in
 # --- the connection -------------------------------------------------------------------
 
 
+def _no_continuation(_events: list[Event]) -> None:
+    """What follows a skip when none is pending (a skip always sets its own)."""
+
+
 class ServerConnection:
     """Server side of one NBD connection, without I/O (fixed newstyle; "Handshake").
 
@@ -438,14 +447,14 @@ class ServerConnection:
     def __init__(self, registry: ExportRegistry):
         self._registry = registry
         self._state = State.HANDSHAKE
-        self._out: list[bytes] = [_GREETING]
+        self._out: list[Buffer] = [_GREETING]
         self._buf = bytearray()
         # what the parser waits for: ``_need`` bytes, then ``_handler(bytes, events)``
         self._need = 4
-        self._handler = self._on_client_flags
-        # bytes still to skip, then ``_after_discard()``
+        self._handler: Callable[[bytes, list[Event]], None] = self._on_client_flags
+        # bytes still to skip, then ``_after_discard(events)``
         self._discard = 0
-        self._after_discard = None
+        self._after_discard: Callable[[list[Event]], None] = _no_continuation
         self._fixed = False
         self._no_zeroes = False
         self._structured = False
@@ -493,7 +502,7 @@ class ServerConnection:
 
     # -- I/O-facing API ----------------------------------------------------------------
 
-    def data_to_send(self) -> list[bytes]:
+    def data_to_send(self) -> list[Buffer]:
         """Return and forget the queued output, as a list of buffers to write in order.
 
         Large READ payloads are returned as their own buffer rather than copied.
@@ -545,7 +554,7 @@ class ServerConnection:
                 self._discard -= n
                 if self._discard:
                     break
-                after, self._after_discard = self._after_discard, None
+                after, self._after_discard = self._after_discard, _no_continuation
                 after(events)
                 continue
             need = self._need
@@ -566,7 +575,7 @@ class ServerConnection:
 
     # -- replies to requests ("Transmission") ------------------------------------------
 
-    def send_read_data(self, request: Request, data: bytes) -> None:
+    def send_read_data(self, request: Request, data: Buffer) -> None:
         """Queue the successful reply to a READ: ``data`` must be ``request.length`` bytes.
 
         Structured: one NBD_REPLY_TYPE_OFFSET_DATA chunk flagged DONE (all data is in hand,
@@ -667,11 +676,11 @@ class ServerConnection:
 
     # -- parser internals --------------------------------------------------------------
 
-    def _expect(self, need: int, handler) -> None:
+    def _expect(self, need: int, handler: Callable[[bytes, list[Event]], None]) -> None:
         self._need = need
         self._handler = handler
 
-    def _skip(self, count: int, after) -> None:
+    def _skip(self, count: int, after: Callable[[list[Event]], None]) -> None:
         self._discard = count
         self._after_discard = after
         if not count:

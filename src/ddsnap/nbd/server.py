@@ -27,6 +27,9 @@ Logging (logger ``ddsnap.nbd``, level INFO): every connection when it ends (peer
 why it ended, duration, bytes read and written), every error answered to a request (the
 export and the request), ENOSPC once per episode of a full store (the first failure; the
 rest are counted until a write succeeds again).
+
+Inspection: :meth:`NbdServer.statistics` (a snapshot of the server's counters and each
+connection's, as frozen dataclasses).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ddsnap.errors import DdsnapError, InvalidArgument, ListenError
@@ -58,6 +62,8 @@ from ddsnap.nbd.protocol import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    from asyncio.trsock import TransportSocket
+
     from ddsnap.nbd.backend import ExportBackend, ExportRegistry
 
 log = logging.getLogger("ddsnap.nbd")
@@ -118,6 +124,181 @@ def parse_listen(uri: str) -> tuple[str, Any]:
     raise InvalidArgument(f"bad listen address {uri!r}: use unix:PATH or tcp:HOST:PORT")
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionStatistics:
+    """One open connection, as :meth:`NbdServer.statistics` found it.
+
+    Attributes:
+        id: the connection's number on this server (from 1, in the order connections
+            were accepted; the log calls it ``#id``).
+        peer: who is connected: ``HOST:PORT`` (``[HOST]:PORT`` for IPv6), or on a unix
+            socket ``pid P (uid U) on unix:PATH``.
+        export: the export's name once the client selected one in the handshake, else
+            None.
+        requests_in_flight: requests taking a slot of ``max_inflight_per_conn``
+            (requests): a WRITE until its reply is queued; a READ served in a worker
+            thread, FLUSH, TRIM, WRITE_ZEROES and BLOCK_STATUS until their reply has gone
+            to the transport and the transport is not paused (``drain()``).  Requests
+            answered at once on the event loop (CACHE, READs the backend serves without
+            waiting, errors found in the request) never count.
+        bytes_in_flight: the payloads those requests hold, bytes: READ reply buffers
+            until handed to the transport, WRITE data until written.
+        write_buffer_size: bytes in the transport's write buffer: replies handed over
+            that the socket has not taken yet (the kernel's buffer is full: the client
+            reads slower than it asks).
+        reply_bytes_held: this connection's share of :attr:`NbdServer.reply_bytes_held`,
+            bytes: ``bytes_in_flight + write_buffer_size``.
+        bytes_received: bytes read from the socket since the connection was accepted
+            (handshake included).
+        bytes_sent: bytes handed to the transport since then (handshake included, and
+            those still in ``write_buffer_size``).
+    """
+
+    id: int
+    peer: str
+    export: str | None
+    requests_in_flight: int
+    bytes_in_flight: int
+    write_buffer_size: int
+    reply_bytes_held: int
+    bytes_received: int
+    bytes_sent: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStatistics:
+    """An :class:`NbdServer` as :meth:`NbdServer.statistics` found it.
+
+    Attributes:
+        connections: every open connection, by :attr:`ConnectionStatistics.id` (so
+            ``len(connections)`` connections are open).
+        reply_bytes_held: :attr:`NbdServer.reply_bytes_held`, bytes: the sum of the
+            connections' ``reply_bytes_held``.
+        reply_bytes_peak: :attr:`NbdServer.reply_bytes_peak`, bytes.
+        max_reply_memory: the bound on ``reply_bytes_held``, bytes.
+        reply_memory_bound_reached: True from the first time a connection waited
+            because ``reply_bytes_held`` reached ``max_reply_memory`` (logged then) until
+            it fell below half of it (:attr:`ReplyMemory.bound_reached`).
+        enospc_episode: True from a request answered ENOSPC (the store is full) until a
+            write succeeds again (:attr:`EnospcLog.active`).
+        enospc_unlogged: ENOSPC errors answered in the current episode after its first,
+            which the log shows at DEBUG only (requests; 0 outside an episode).
+    """
+
+    connections: tuple[ConnectionStatistics, ...]
+    reply_bytes_held: int
+    reply_bytes_peak: int
+    max_reply_memory: int
+    reply_memory_bound_reached: bool
+    enospc_episode: bool
+    enospc_unlogged: int
+
+
+class ReplyMemory:
+    """The bytes a server holds for replies its clients have not read yet, and its bound.
+
+    One per server (:attr:`NbdServer.reply_memory`); every connection adds the changes of
+    what it holds (what counts: :attr:`NbdServer.reply_bytes_held`).  Use it on the
+    server's event loop thread only.
+
+    Attributes (read them; they change only through the methods):
+        bound: ``max_reply_memory``, bytes: at or above it, connections that hold some
+            are not read from until their own replies drain.
+        held: bytes held now, as last counted.
+        peak: the highest ``held`` since the server was created, bytes.
+    """
+
+    __slots__ = ("bound", "held", "peak", "_high", "_bound_logged")
+
+    def __init__(self, bound: int):
+        self.bound = bound
+        self.held = 0
+        self.peak = 0
+        self._high = 0  # the highest ``held`` since the last take_high()
+        self._bound_logged = False
+
+    def add(self, change: int) -> None:
+        """Count ``change`` bytes more held (negative: released)."""
+        held = self.held + change
+        self.held = held
+        if held > self._high:
+            self._high = held
+            if held > self.peak:
+                self.peak = held
+
+    @property
+    def bound_reached(self) -> bool:
+        """True from the first time a connection waited at the bound until ``held`` fell
+        below half of it (as :meth:`note_released` last saw it)."""
+        return self._bound_logged
+
+    def note_bound_reached(self) -> None:
+        """A connection waits because ``held`` reached the bound: logged (INFO) the first
+        time, then not again until ``held`` fell below half the bound."""
+        if not self._bound_logged:
+            self._bound_logged = True
+            log.info("NBD: %d bytes held for replies clients have not read (bound %d): "
+                     "connections holding some are not read from until their replies "
+                     "drain", self.held, self.bound)
+
+    def note_released(self) -> None:
+        """Memory may have been released: below half the bound, the next time the bound
+        is reached is logged again."""
+        if self.held < self.bound // 2:
+            self._bound_logged = False
+
+    def take_high(self) -> int:
+        """The highest ``held`` since the last call (bytes); counting starts again."""
+        high, self._high = self._high, 0
+        return high
+
+
+class EnospcLog:
+    """ENOSPC in the log once per episode of a full store.
+
+    An episode begins with the first request answered ENOSPC by the backend (logged at
+    INFO) and ends when a write succeeds again (logged with the number of ENOSPC errors
+    answered meanwhile, which were logged at DEBUG only).  One per server, shared by its
+    connections: they write to the same store.  Use it on the event loop thread only.
+
+    Attributes (read them; they change only through the methods):
+        active: True during an episode.
+        unlogged: ENOSPC errors answered in this episode after its first (requests).
+    """
+
+    __slots__ = ("active", "unlogged")
+
+    def __init__(self) -> None:
+        self.active = False
+        self.unlogged = 0
+
+    def failed(self, peer: str, export: str, req: Request, message: str) -> None:
+        """``req`` of connection ``peer`` on ``export`` (as the log names them) is answered
+        ENOSPC with ``message``: begins an episode, or is counted in the current one."""
+        if self.active:
+            self.unlogged += 1
+            log.debug("NBD connection %s, %s: %s failed: ENOSPC (%s)",
+                      peer, export, _describe(req), message)
+        else:
+            self.active = True
+            self.unlogged = 0
+            log.info("NBD connection %s, %s: %s failed: ENOSPC (%s); further "
+                     "ENOSPC errors are not logged until a write succeeds",
+                     peer, export, _describe(req), message)
+
+    def write_succeeded(self, export: str) -> None:
+        """A write to ``export`` succeeded: ends the episode, if one is under way.
+
+        Callers on a hot path test :attr:`active` first and skip the call.
+        """
+        if not self.active:
+            return
+        self.active = False
+        log.info("NBD: writes succeed again (%s); %d more ENOSPC error(s) were answered "
+                 "meanwhile", export, self.unlogged)
+        self.unlogged = 0
+
+
 class NbdServer:
     """Serves the exports of an :class:`~ddsnap.nbd.backend.ExportRegistry` over NBD.
 
@@ -157,7 +338,6 @@ class NbdServer:
         self._own_executor = False
         self.max_inflight_per_conn = max_inflight_per_conn
         self.max_inflight_bytes_per_conn = max_inflight_bytes_per_conn
-        self.max_reply_memory = max_reply_memory
         self.on_idle = on_idle
         self._listeners: list[asyncio.AbstractServer] = []
         self._unix_paths: list[tuple[str, int]] = []  # (path, inode) to remove on close
@@ -165,23 +345,21 @@ class NbdServer:
         self._closing = False
         #: the bound addresses, ``unix:PATH`` or ``tcp:HOST:PORT`` with the real port
         self.addresses: list[str] = []
-        # reply memory: the sum over connections of inflight_bytes + buffered (each
-        # connection adds its changes), its highest value since the last on_idle call and
-        # ever, and whether reaching the bound was logged
-        self._held = 0
-        self._held_high = 0
-        self._held_peak = 0
-        self._bound_logged = False
+        #: reply memory held over all connections (each adds its changes), and its bound
+        self.reply_memory = ReplyMemory(max_reply_memory)
+        #: a full store's ENOSPC errors, logged once per episode
+        self.enospc = EnospcLog()
         self._conn_ids = itertools.count(1)
-        # a full store is logged once: set at the first ENOSPC, cleared by a write that
-        # succeeds; the ENOSPC errors answered meanwhile are counted
-        self._enospc = False
-        self._enospc_more = 0
 
     @property
     def executor(self) -> Executor | None:
         """The executor running backend calls (None before :meth:`start`)."""
         return self._executor
+
+    @property
+    def max_reply_memory(self) -> int:
+        """The server-wide bound on :attr:`reply_bytes_held`, bytes."""
+        return self.reply_memory.bound
 
     @property
     def connection_count(self) -> int:
@@ -202,8 +380,8 @@ class NbdServer:
         Read it on the server's event loop thread (it looks at every connection).
         """
         for conn in list(self._connections):
-            conn._account_buffer()
-        return self._held
+            conn.account_buffer()
+        return self.reply_memory.held
 
     @property
     def reply_bytes_peak(self) -> int:
@@ -215,7 +393,40 @@ class NbdServer:
         request (READ or WRITE payload up to 32 MiB), the transport's high-water mark
         (64 KiB) and one batch of small replies queued for one write (under 4 MiB).
         """
-        return self._held_peak
+        return self.reply_memory.peak
+
+    def statistics(self) -> ServerStatistics:
+        """A snapshot of the server's counters and of each open connection's.
+
+        As trio's ``statistics()``: figures the server keeps anyway, copied into frozen
+        dataclasses (they do not change afterwards).  It never blocks and does no I/O; its
+        cost grows with the number of connections, not with the traffic.  Looking at a
+        connection's transport buffer brings the reply-memory count up to date, as
+        reading :attr:`reply_bytes_held` does.
+
+        Call it on the server's event loop thread, where the counters change (there is
+        no lock); from another thread, have the loop run it (for example with
+        ``asyncio.run_coroutine_threadsafe``).
+        """
+        conns = tuple(c.statistics() for c in sorted(self._connections, key=_conn_id))
+        memory = self.reply_memory
+        enospc = self.enospc
+        return ServerStatistics(
+            connections=conns, reply_bytes_held=memory.held, reply_bytes_peak=memory.peak,
+            max_reply_memory=memory.bound, reply_memory_bound_reached=memory.bound_reached,
+            enospc_episode=enospc.active, enospc_unlogged=enospc.unlogged)
+
+    def connection_socket(self, connection_id: int) -> TransportSocket:
+        """The socket of the open connection ``connection_id``
+        (:attr:`ConnectionStatistics.id`), to look at its options and addresses:
+        asyncio's wrapper, which has no send or recv.
+
+        Raises KeyError if no connection with that id is open.  Event loop thread only.
+        """
+        for conn in self._connections:
+            if conn.id == connection_id:
+                return conn.writer.get_extra_info("socket")
+        raise KeyError(f"no open NBD connection #{connection_id}")
 
     async def start(self, listen: list[str]) -> None:
         """Bind and listen on each address (``unix:PATH``, ``tcp:HOST:PORT``, port 0 ok).
@@ -322,16 +533,33 @@ class NbdServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if sock is not None:
             _grow_send_buffer(sock)
-        if self._closing:
+        executor = self._executor
+        if self._closing or executor is None:  # (no executor: not started, or closed)
             writer.close()
             return
-        conn = _Connection(self, reader, writer, _peer_name(writer, sock))
+        conn = _Connection(self, next(self._conn_ids), executor, reader, writer,
+                           _peer_name(writer, sock))
         self._connections.add(conn)
         conn.task = asyncio.current_task()
         try:
             await conn.run()
         finally:
             self._connections.discard(conn)
+            self._connection_ended()
+
+    def _connection_ended(self) -> None:
+        """A connection ended, and gave back what it held: when no reply memory is held
+        any more, :attr:`on_idle` is told the highest total since its last call."""
+        memory = self.reply_memory
+        if memory.held == 0 and self.on_idle is not None:
+            try:
+                self.on_idle(memory.take_high())
+            except Exception:
+                log.exception("the NBD server's on_idle callback failed")
+
+
+def _conn_id(conn: _Connection) -> int:
+    return conn.id
 
 
 def _peer_name(writer: asyncio.StreamWriter, sock) -> str:
@@ -444,7 +672,8 @@ class _Stopped(Exception):
 class _Connection:
     """One client connection: the read loop, the in-flight requests, the backend.
 
-    Memory it holds (counted in ``server._held``, see :attr:`NbdServer.reply_bytes_held`):
+    Memory it holds (counted in ``server.reply_memory``, see
+    :attr:`NbdServer.reply_bytes_held`):
     ``inflight_bytes``, the payloads of READs being read and WRITEs being written (a
     READ's bytes move to the transport when its reply is handed over), plus
     ``buffered``, the transport's write buffer as last looked at.  It is looked at after
@@ -452,19 +681,26 @@ class _Connection:
     two looks it can only have shrunk.
     """
 
-    def __init__(self, server: NbdServer, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, peer: str = "a client"):
+    def __init__(self, server: NbdServer, conn_id: int, executor: Executor,
+                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 peer: str = "a client"):
         self.server = server
+        self.executor = executor  # the server's, for the backend calls
         self.reader = reader
         self.writer = writer
         self.transport = writer.transport
         self.proto = _Protocol(server.registry, self._refused)
-        self.id = next(server._conn_ids)
-        self.peer = f"#{self.id} from {peer}"
+        self.id = conn_id
+        self.peer = f"#{self.id} from {peer}"  # for the log
+        self.peer_name = peer
+        # the server's, shared with its other connections
+        self._memory = server.reply_memory
+        self._enospc = server.enospc
         self.task: asyncio.Task | None = None
         self.backend: ExportBackend | None = None
-        # request tasks in flight, with the payload bytes each one holds
-        self.inflight: dict[asyncio.Task, int] = {}
+        # requests in flight, with the payload bytes each one holds: the task serving it,
+        # or for a WRITE the future its reply sets (_dispatch_write; a Task is a Future)
+        self.inflight: dict[asyncio.Future, int] = {}
         self.inflight_bytes = 0
         # the transport's write buffer at the last look, and its high-water mark (above
         # it the transport pauses and drain() waits)
@@ -551,7 +787,8 @@ class _Connection:
         transport = self.transport
         limit = server.max_inflight_per_conn
         byte_limit = server.max_inflight_bytes_per_conn
-        max_held = server.max_reply_memory
+        memory = self._memory
+        max_held = memory.bound
         parsed: collections.deque = collections.deque()
         while True:
             # back-pressure: do not start a request while the connection is at its bound
@@ -560,11 +797,11 @@ class _Connection:
                 self._send()  # nothing waits in the protocol object meanwhile
                 self.slot_freed.clear()
                 await self._interruptibly(self.slot_freed.wait())
-                self._account_buffer()
+                self.account_buffer()
             # ...nor while the server holds its bound of reply memory and this
             # connection holds some: it waits for its own replies to drain, so clients
             # that read theirs go on
-            if server._held >= max_held and self._holds_replies():
+            if memory.held >= max_held and self._holds_replies():
                 await self._wait_for_own_replies()
                 continue
             if self.stopping:
@@ -578,7 +815,7 @@ class _Connection:
                 # replies to the requests that arrived together.
                 self._send()
                 await self._interruptibly(self.writer.drain())
-                self._account_buffer()
+                self.account_buffer()
                 data = await self._interruptibly(self.reader.read(READ_CHUNK))
                 if not data:
                     self.ended = "closed by the client"
@@ -598,11 +835,11 @@ class _Connection:
             if buffered > SEND_BUFFER:
                 # Replies answered on the loop hold no in-flight slot: this bounds their
                 # memory when the client does not read them as fast as it asks.
-                self._account_buffer()
+                self.account_buffer()
                 await self._interruptibly(self.writer.drain())
-                self._account_buffer()
+                self.account_buffer()
             elif buffered != self.buffered:
-                self._account_buffer()
+                self.account_buffer()
 
     @property
     def _export(self) -> str:
@@ -615,17 +852,12 @@ class _Connection:
         requests in flight, or replies its client has not read beyond the transport's
         high-water mark.  What the protocol object has queued is handed over first."""
         self._send()
-        return bool(self.inflight) or self._account_buffer() > self._high_water
+        return bool(self.inflight) or self.account_buffer() > self._high_water
 
     async def _wait_for_own_replies(self) -> None:
         """Wait, the server being at its reply-memory bound, until this connection holds
         less: one of its requests completes, or its client reads its replies."""
-        server = self.server
-        if not server._bound_logged:
-            server._bound_logged = True
-            log.info("NBD: %d bytes held for replies clients have not read (bound %d): "
-                     "connections holding some are not read from until their replies "
-                     "drain", server._held, server.max_reply_memory)
+        self._memory.note_bound_reached()
         if self.inflight:
             self.slot_freed.clear()
             await self._interruptibly(self.slot_freed.wait())
@@ -633,29 +865,27 @@ class _Connection:
             # above the high-water mark the transport is paused: drain() returns once
             # the client has read all but the low-water mark
             await self._interruptibly(self.writer.drain())
-        self._account_buffer()
-        if server._held < server.max_reply_memory // 2:
-            server._bound_logged = False  # the next time is logged again
+        self.account_buffer()
+        self._memory.note_released()  # the next time is logged again
 
-    def _account_buffer(self) -> int:
+    def statistics(self) -> ConnectionStatistics:
+        """This connection's counters now (see :meth:`NbdServer.statistics`)."""
+        buffered = self.account_buffer()
+        return ConnectionStatistics(
+            id=self.id, peer=self.peer_name, export=self.proto.export_name,
+            requests_in_flight=len(self.inflight), bytes_in_flight=self.inflight_bytes,
+            write_buffer_size=buffered, reply_bytes_held=self.inflight_bytes + buffered,
+            bytes_received=self.bytes_in, bytes_sent=self.bytes_out)
+
+    def account_buffer(self) -> int:
         """Look at the transport's write buffer; add its change to the server's count of
-        reply memory.  Returns its size in bytes."""
+        reply memory.  Returns its size in bytes.  Event loop thread only."""
         size = self.transport.get_write_buffer_size()
         change = size - self.buffered
         if change:
             self.buffered = size
-            self._hold(change)
+            self._memory.add(change)
         return size
-
-    def _hold(self, change: int) -> None:
-        """Add ``change`` bytes (negative: released) to the server's reply memory."""
-        server = self.server
-        held = server._held + change
-        server._held = held
-        if held > server._held_high:
-            server._held_high = held
-            if held > server._held_peak:
-                server._held_peak = held
 
     async def _handle(self, events) -> bool:
         """Act on events in order; True when the connection must end."""
@@ -710,16 +940,8 @@ class _Connection:
                 await self.writer.wait_closed()
             # the transport's buffer is gone with it (sent, or dropped by an abort)
             self.buffered, change = 0, -self.buffered
-            self._hold(change)
-            server = self.server
-            if server._held < server.max_reply_memory // 2:
-                server._bound_logged = False
-            if server._held == 0 and server.on_idle is not None:
-                high, server._held_high = server._held_high, 0
-                try:
-                    server.on_idle(high)
-                except Exception:
-                    log.exception("the NBD server's on_idle callback failed")
+            self._memory.add(change)
+            self._memory.note_released()
 
     # -- output ------------------------------------------------------------------------
 
@@ -749,14 +971,14 @@ class _Connection:
         self.bytes_out += sent
         # what the socket did not take now stays in the transport: count it
         if self.transport.get_write_buffer_size() != self.buffered:
-            self._account_buffer()
+            self.account_buffer()
 
     # -- requests ----------------------------------------------------------------------
 
     async def _call(self, fn: Callable, *args, **kwargs):
         """Run a backend call in the executor; the loop never blocks on disk."""
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self.server.executor,
+        fut = loop.run_in_executor(self.executor,
                                    functools.partial(fn, *args, **kwargs))
         self.backend_calls.add(fut)
         fut.add_done_callback(self._call_done)
@@ -796,7 +1018,7 @@ class _Connection:
         self.inflight[task] = cost
         if cost:
             self.inflight_bytes += cost
-            self._hold(cost)
+            self._memory.add(cost)
         task.add_done_callback(self._request_done)
 
     def _read_inline(self, req: Request) -> bool:
@@ -838,7 +1060,7 @@ class _Connection:
         written.add_done_callback(self.pending_writes.discard)
         self.inflight[written] = req.length
         self.inflight_bytes += req.length
-        self._hold(req.length)
+        self._memory.add(req.length)
         self._write_batch.append((req, written))
         if len(self._write_batch) == 1:
             loop.call_soon(self._submit_write_batch)
@@ -868,7 +1090,7 @@ class _Connection:
                     loop.call_soon_threadsafe(self._write_completions)
 
         try:
-            self.server.executor.submit(run)
+            self.executor.submit(run)
         except RuntimeError as exc:  # executor shut down
             for req, written in batch:
                 self._completed.append((req, written, exc))
@@ -889,9 +1111,9 @@ class _Connection:
             written.set_result(None)
             freed += self.inflight.pop(written, 0)
         self.inflight_bytes -= freed
-        self._hold(-freed)
-        if succeeded and self.server._enospc:
-            self._writes_succeed_again()
+        self._memory.add(-freed)
+        if succeeded and self._enospc.active:
+            self._enospc.write_succeeded(self._export)
         self.slot_freed.set()
         self._send()
 
@@ -899,7 +1121,7 @@ class _Connection:
         cost = self.inflight.pop(task, 0)  # 0 once the reply was handed over
         if cost:
             self.inflight_bytes -= cost
-            self._hold(-cost)
+            self._memory.add(-cost)
         self.slot_freed.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("NBD request handler failed", exc_info=task.exception())
@@ -909,30 +1131,12 @@ class _Connection:
     def _send_error(self, req: Request, err: int, message: str) -> None:
         """Answer ``req`` with the POSIX error ``err``, and log it (ENOSPC once for each
         time the store fills up: the first one, until a write succeeds again)."""
-        server = self.server
         if err == errno.ENOSPC:
-            if server._enospc:
-                server._enospc_more += 1
-                log.debug("NBD connection %s, %s: %s failed: ENOSPC (%s)",
-                          self.peer, self._export, _describe(req), message)
-            else:
-                server._enospc = True
-                server._enospc_more = 0
-                log.info("NBD connection %s, %s: %s failed: ENOSPC (%s); further "
-                         "ENOSPC errors are not logged until a write succeeds",
-                         self.peer, self._export, _describe(req), message)
+            self._enospc.failed(self.peer, self._export, req, message)
         else:
             log.info("NBD connection %s, %s: %s failed: %s (%s)", self.peer,
                      self._export, _describe(req), _errname(err), message)
         self.proto.send_error(req, err, message)
-
-    def _writes_succeed_again(self) -> None:
-        """A write succeeded after ENOSPC errors: end the episode in the log."""
-        server = self.server
-        server._enospc = False
-        log.info("NBD: writes succeed again (%s); %d more ENOSPC error(s) were answered "
-                 "meanwhile", self._export, server._enospc_more)
-        server._enospc_more = 0
 
     def _refused(self, handle: int, nbd_err: int, message: str) -> None:
         """The protocol object refused a request by itself (see :class:`_Protocol`)."""
@@ -942,6 +1146,7 @@ class _Connection:
     async def _serve_request(self, req: Request, deps: list[asyncio.Future],
                              written: asyncio.Future | None) -> None:
         backend = self.backend
+        assert backend is not None  # requests are dispatched only once it is open
         proto = self.proto
         try:
             await self._run_backend(req, backend, proto, deps)
@@ -955,17 +1160,18 @@ class _Connection:
         # The READ buffer's bytes are now the reply's: whatever the socket does not take
         # stays in the transport and is counted there (by _send).
         task = asyncio.current_task()
+        assert task is not None  # this coroutine runs as a task (_dispatch)
         cost = self.inflight.get(task)
         if cost:
             self.inflight[task] = 0
             self.inflight_bytes -= cost
-            self._hold(-cost)
+            self._memory.add(-cost)
         self._send()
         if not self.writer.is_closing():
             # holding the slot until the reply has left bounds memory per connection
             with contextlib.suppress(ConnectionError, OSError):
                 await self.writer.drain()
-            self._account_buffer()
+            self.account_buffer()
 
     async def _room_for_reply(self) -> bool:
         """Wait until the transport holds at most :data:`SEND_BUFFER` bytes; False if the
@@ -987,7 +1193,7 @@ class _Connection:
                 await self.writer.drain()
             except (ConnectionError, OSError):
                 return False
-            self._account_buffer()
+            self.account_buffer()
         return True
 
     async def _run_backend(self, req: Request, backend: ExportBackend,
@@ -1011,8 +1217,8 @@ class _Connection:
         elif cmd is Command.WRITE:
             await self._call(backend.write, req.offset, req.data, fua=req.fua)
             proto.send_ok(req)
-            if self.server._enospc:
-                self._writes_succeed_again()
+            if self._enospc.active:
+                self._enospc.write_succeeded(self._export)
         elif cmd is Command.FLUSH:
             if deps:
                 # FLUSH covers every write received before it on this connection
@@ -1026,8 +1232,8 @@ class _Connection:
             await self._call(backend.write_zeroes, req.offset, req.length,
                              fua=req.fua, no_hole=req.no_hole)
             proto.send_ok(req)
-            if self.server._enospc:
-                self._writes_succeed_again()
+            if self._enospc.active:
+                self._enospc.write_succeeded(self._export)
         elif cmd is Command.BLOCK_STATUS:
             extents = await self._call(backend.block_status, req.offset, req.length)
             proto.send_block_status(req, extents)
