@@ -110,7 +110,7 @@ class FaultDevice(BlockDevice):
         self.inner.preadinto(buf, offset)
 
     def pwrite(self, data, offset: int) -> None:
-        self._check_write(len(data), offset)
+        self.check_write(len(data), offset)
         self._op("write")
         self.inner.pwrite(data, offset)
 

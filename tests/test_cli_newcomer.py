@@ -33,7 +33,8 @@ from humanfriendly import format_size
 import served
 from ddsnap.errors import InvalidArgument
 from ddsnap.store.blockdev import MemoryDevice
-from ddsnap.store.shared import SharedStore, min_store_size
+from ddsnap.store.shared import SharedStore
+from ddsnap.store.superblock import min_store_size
 from served import (
     DDSNAP,
     DEADLINE,

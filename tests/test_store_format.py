@@ -55,7 +55,8 @@ from ddsnap.store.format import (
 )
 from ddsnap.store.journal import Journal, Transaction
 from ddsnap.store.memory import MemoryStore
-from ddsnap.store.shared import SharedStore, read_superblock
+from ddsnap.store.shared import SharedStore
+from ddsnap.store.superblock import read_superblock
 from ddsnap.testing.crash import CrashNow, RecordingDevice
 from ddsnap.volume import Origin, Snapshot
 

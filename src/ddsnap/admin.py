@@ -35,7 +35,8 @@ from .service.local import LocalService
 from .store.api import Finding
 from .store.blockdev import FileDevice
 from .store.format import VERSION, OriginIdentity
-from .store.shared import SharedStore, read_superblocks
+from .store.shared import SharedStore
+from .store.superblock import read_superblocks
 from .units import human_bytes
 
 log = logging.getLogger("ddsnap.admin")

@@ -38,7 +38,8 @@ from .errors import from_dict as error_from_dict
 from .store.blockdev import FileDevice
 from .store.format import FULL_POLICIES
 from .store.memory import check_geometry
-from .store.shared import SharedStore, read_superblock
+from .store.shared import SharedStore
+from .store.superblock import read_superblock
 from .units import human_bytes, parse_size
 
 # Names and paths are the user's text: never rich markup ("[red]x") or emoji codes

@@ -30,7 +30,9 @@ class MergeOps(ServiceCore):
     """Starting, stepping and finishing a merge, and its status."""
 
     def start_merge(self, name: str, keep: bool = False) -> dict:
-        """Start merging snapshot ``name`` into the origin (``lvconvert --merge``).
+        """Start merging snapshot ``name`` into the origin (``lvconvert --merge``); return
+        its status (:meth:`merge_status`; with ``"complete": True`` when it was merged to
+        the end before this returned).
 
         From now on the origin reads as ``name``; the chunks are copied in by
         :meth:`merge_step` (a background worker) or by origin writes that touch them.
@@ -65,18 +67,25 @@ class MergeOps(ServiceCore):
                     raise MergeInProgress("another merge started meanwhile")
                 self.store.set_merge(info.id, keep)
                 self._merging = info.id
-            self._merge_progress = MergeProgress(self._count_merge_left())
+            progress = self._merge_progress = MergeProgress(self._count_merge_left())
             log.info("merge of snapshot %s into the origin started (%d chunks)", name,
-                     self._merge_progress.total)
+                     progress.total)
         self.commit()
         with self.lock:
-            return self._started_status_locked()
+            st = self._merge_status_locked(True)
+            if st is None or st["snapshot"] != name:
+                # Merged to the end while this committed (a merge worker of an earlier
+                # request for it, or origin writes): say so rather than nothing.
+                progress.done = progress.total
+                st = progress.to_dict(name, keep, self.store.origin_chunks, running=False)
+                st["complete"] = True
+            return st
 
     def _started_status_locked(self) -> dict:
-        """The status of the merge just started or resumed (lock held)."""
+        """The status of the merge in progress, which a request resumes (lock held)."""
         st = self._merge_status_locked(True)
-        if st is None:  # cannot happen: the merge is recorded and counted
-            raise AssertionError("a merge was started but has no status")
+        if st is None:  # cannot happen: the caller saw it recorded, under the lock
+            raise AssertionError("a merge in progress has no status")
         return st
 
     def merge_status(self, running: bool = False) -> dict | None:

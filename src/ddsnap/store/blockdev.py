@@ -91,7 +91,13 @@ class BlockDevice:
     def close(self) -> None:
         """Release the device; further I/O is an error."""
 
-    def _check_write(self, length: int, offset: int) -> None:
+    def check_write(self, length: int, offset: int) -> None:
+        """Refuse a write of ``length`` bytes at byte ``offset`` that would not lie in
+        ``[0, size)``.
+
+        Raises:
+            InvalidArgument: naming the device, the offset and its size.
+        """
         if offset < 0 or offset + length > self.size:
             raise InvalidArgument(
                 f"write of {human_bytes(length)} at byte {offset} is past the end of "
@@ -114,7 +120,7 @@ def copy_range(src: BlockDevice, src_offset: int, dst: BlockDevice, dst_offset: 
     if length <= 0:
         return
     if type(src) is FileDevice and type(dst) is FileDevice and _copy_file_range:
-        dst._check_write(length, dst_offset)
+        dst.check_write(length, dst_offset)
         try:
             while length > 0:
                 n = _copy_file_range(src.fd, dst.fd, length, src_offset, dst_offset)
@@ -245,7 +251,7 @@ class FileDevice(BlockDevice):
         return True
 
     def pwrite(self, data, offset: int) -> None:
-        self._check_write(len(data), offset)
+        self.check_write(len(data), offset)
         view = memoryview(data)
         while view:
             n = os.pwrite(self.fd, view, offset)
@@ -342,7 +348,7 @@ class MemoryDevice(BlockDevice):
         return True
 
     def pwrite(self, data, offset: int) -> None:
-        self._check_write(len(data), offset)
+        self.check_write(len(data), offset)
         self.data[offset: offset + len(data)] = data
 
     def flush(self) -> None:

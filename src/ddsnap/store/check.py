@@ -42,7 +42,7 @@ def check_frame(store) -> tuple[list[Finding], list[range]]:
     Returns the findings and the ranges of store blocks whose bitmap block could not
     be read (leaks there cannot be counted).
     """
-    from .shared import read_superblocks
+    from .superblock import read_superblocks
 
     findings: list[Finding] = []
     sb = store.sb
@@ -223,18 +223,15 @@ def check_store(store, leaks: list[int] | None = None) -> list[Finding]:
     # that tree instead of the one on disk.
     counted = None
     try:
-        if store._dirty or store._inflight:
-            counted, _n = store._count_groups()
+        if store.has_uncommitted():
+            counted = store.recount_space()
         elif not incomplete:
-            counted, _n = store._count_groups(entries)
+            counted = store.recount_space(entries)
     except CorruptMetadata as e:
         incomplete.append(e.block)
     if not incomplete and counted is not None:
-        if store._space is None:
-            fatal(None, f"space accounting unavailable: {store._space_error}")
-        else:
-            for msg in store._space.drift(counted, store.table, _namer(store)):
-                fatal(None, msg)
+        for msg in store.space_drift(counted, _namer(store)):
+            fatal(None, msg)
 
     # A data chunk must not lie over a tree block (each allocated exactly once).
     for b, what in referenced_blocks.items():

@@ -36,9 +36,7 @@ from .format import (
     BLOCK_SIZE,
     HEADER_SIZE,
     INF,
-    MERGED,
     T_BITMAP,
-    pack_key,
     seal,
 )
 
@@ -67,7 +65,7 @@ def resize_shared_store(store, size: int) -> int:
     if new_blocks * BLOCK_SIZE < store.min_size:
         raise InvalidArgument(f"a store of {human_bytes(size)} is too small for its "
                               "metadata and one chunk of data")
-    if store._dirty or store.table.dirty or store.bitmap.dirty or store._spare:
+    if store.has_uncommitted():
         raise AssertionError("resize with uncommitted changes")
     old = store.bitmap
     old_run = range(sb.bitmap_start, sb.bitmap_start + sb.bitmap_blocks)
@@ -99,8 +97,8 @@ def resize_shared_store(store, size: int) -> int:
     store.dev.flush()  # the new bitmap (and a grown file's size) before the switch
     sb.blocks, sb.bitmap_start, sb.bitmap_blocks = new_blocks, start, count
     store.journal.checkpointed()
-    store._write_super(clean=False)
-    store._write_super(clean=False)  # both slots: neither may name the old bitmap
+    store.write_superblock(clean=False)
+    store.write_superblock(clean=False)  # both slots: neither may name the old bitmap
     if new_blocks < old_blocks:
         store.dev.resize(new_blocks * BLOCK_SIZE)
         store.dev.flush()
@@ -183,7 +181,7 @@ def _describe(store, busy: list[int], new_blocks: int) -> str:
     chunks = {b // bpc for b in busy}
     first_chunk = new_blocks // bpc
     kinds: dict[str, list[int]] = {}
-    for o, _c, t, sc in store._entries(0, pack_key(MERGED, 0, 0)):
+    for o, _c, t, sc in store.exceptions():
         if sc >= first_chunk and sc in chunks:
             if t != INF:  # history an owner keeps for its snapshots up to ``t``
                 who = f"old data kept for snapshot {_name(store, t)}"

@@ -12,7 +12,6 @@ after a crash.
 
 from __future__ import annotations
 
-import bisect
 import os
 import time
 from collections import OrderedDict
@@ -20,11 +19,13 @@ from dataclasses import dataclass
 
 from humanfriendly import format_size
 
-from ..errors import CorruptMetadata, FormatTooOld, InvalidArgument, NotAStore, StoreFull
+from ..errors import CorruptMetadata, InvalidArgument, StoreFull
 from ..units import human_bytes
 from .alloc import Bitmap
-from .api import Finding, NotCached, SnapshotInfo
+from .api import Finding, SnapshotInfo
 from .blockdev import BlockDevice
+from .btree import BTree
+from .cache import CACHE_BLOCKS
 from .format import (
     AUTO_DELETED_MAX,
     BITMAP_BYTES,
@@ -32,17 +33,12 @@ from .format import (
     BLOCK_SHIFT,
     BLOCK_SIZE,
     HEADER_SIZE,
-    LEAF_MAX,
-    MAGIC,
     MAX_ORIGIN_PATH,
-    NODE_MAX,
     SNAPS_PER_BLOCK,
     T_BITMAP,
     T_LEAF,
     T_NODE,
     T_SNAPTABLE,
-    VERSION_V1,
-    VERSION_V2,
     AutoDeleted,
     Leaf,
     Node,
@@ -52,64 +48,19 @@ from .format import (
     check_header,
     decode_snaptable,
     encode_snaptable,
-    header_version,
     seal,
 )
 from .journal import Journal, Replay, Transaction
 from .memory import check_geometry
 from .snapshots import SpaceAccount, VersionTable
+from .superblock import (
+    SlotReport,
+    fits,
+    layout,
+    min_store_size,
+    read_superblocks,
+)
 from .versioned import VersionedStore
-
-#: decoded leaves and nodes kept in memory (clean ones are evicted beyond this)
-CACHE_BLOCKS = 16384
-
-
-def _layout(blocks: int, bpc: int, max_snapshots: int, journal_blocks: int | None):
-    """Where a store of ``blocks`` 4 KiB blocks puts its metadata: returns
-    ``(snaptable blocks, bitmap blocks, journal blocks, first data block)``.  The table
-    starts as one block; it grows as a chain of blocks from the data area."""
-    st_blocks = 1
-    bm_blocks = -(-blocks // BITS_PER_BITMAP)
-    if journal_blocks is None:
-        journal_blocks = min(2048, max(256, blocks // 16))
-    j_start = 2 + st_blocks + bm_blocks
-    data_start = -(-(j_start + journal_blocks) // bpc) * bpc
-    return st_blocks, bm_blocks, journal_blocks, data_start
-
-
-def _fits(blocks: int, bpc: int, data_start: int) -> bool:
-    """The rule of :meth:`SharedStore.create`: the metadata, the tree's first two blocks
-    and at least one data chunk fit in ``blocks``."""
-    return data_start + 2 + bpc <= blocks
-
-
-def min_store_size(chunk_size: int, max_snapshots: int = 0,
-                   journal_blocks: int | None = None) -> int:
-    """The smallest store, in bytes, :meth:`SharedStore.create` accepts for this geometry.
-
-    That store holds its metadata, the tree's first leaf and index node and one data
-    chunk; it is a whole number of chunks.  A bigger size is accepted too (the layout only
-    grows with the size by less than the size does).
-
-    Args:
-        chunk_size: bytes per chunk (a power of two from 4 KiB to 1 MiB).
-        max_snapshots: the snapshot limit (0: none; it does not change the layout).
-        journal_blocks: journal size in 4 KiB blocks (default: as ``create`` chooses it).
-
-    Raises:
-        InvalidArgument: bad geometry.
-    """
-    check_geometry(chunk_size, max_snapshots)
-    bpc = chunk_size >> BLOCK_SHIFT
-    blocks = bpc
-    while True:
-        # The layout only grows with ``blocks``, so stepping up to what the last guess
-        # needs reaches the least size that fits, from below.
-        data_start = _layout(blocks, bpc, max_snapshots, journal_blocks)[3]
-        if _fits(blocks, bpc, data_start):
-            return blocks * BLOCK_SIZE
-        need = data_start + 2 + bpc
-        blocks = max(blocks + bpc, -(-need // bpc) * bpc)
 
 
 @dataclass
@@ -119,7 +70,7 @@ class _Batch:
     quarantine: tuple  # (blocks, chunks) this transaction freed
 
 
-class SharedStore(VersionedStore):
+class SharedStore(BTree, VersionedStore):
     """The on-disk shared exception store.  Use :meth:`create` or :meth:`open`."""
 
     # -- construction --------------------------------------------------------------------
@@ -207,12 +158,12 @@ class SharedStore(VersionedStore):
         chunks = dev.size // chunk_size
         blocks = chunks * bpc
         asked_journal = journal_blocks
-        st_blocks, bm_blocks, journal_blocks, data_start = _layout(
+        st_blocks, bm_blocks, journal_blocks, data_start = layout(
             blocks, bpc, max_snapshots, journal_blocks)
         st_start = 2
         bm_start = st_start + st_blocks
         j_start = bm_start + bm_blocks
-        if not _fits(blocks, bpc, data_start):
+        if not fits(blocks, bpc, data_start):
             need = min_store_size(chunk_size, max_snapshots, asked_journal)
             raise InvalidArgument(
                 f"store too small: at least {human_bytes(need)} for "
@@ -255,8 +206,8 @@ class SharedStore(VersionedStore):
         self.bitmap.dirty.clear()
         dev.flush()
         self._last_state = self.state.copy()
-        self._write_super(clean=False)
-        self._write_super(clean=False)  # both slots valid from the start
+        self.write_superblock(clean=False)
+        self.write_superblock(clean=False)  # both slots valid from the start
         return self
 
     @classmethod
@@ -337,8 +288,8 @@ class SharedStore(VersionedStore):
             dev.flush()
             self.journal.fully_checkpointed()
             self.sb.state = self.state.copy()
-            self._write_super(clean=False)
-            self._write_super(clean=False)
+            self.write_superblock(clean=False)
+            self.write_superblock(clean=False)
         return self
 
     def read_block(self, block: int) -> bytes:
@@ -472,7 +423,10 @@ class SharedStore(VersionedStore):
 
     # -- superblock and images -----------------------------------------------------------
 
-    def _write_super(self, clean: bool, state: State | None = None) -> None:
+    def write_superblock(self, clean: bool, state: State | None = None) -> None:
+        """Write the next superblock slot (slots alternate by generation) from the store's
+        geometry, journal window and root ``state`` (default: the current one), and flush.
+        ``clean`` marks a clean shutdown.  Two calls in a row update both slots."""
         sb = self.sb
         sb.generation += 1
         sb.clean = clean
@@ -503,367 +457,6 @@ class SharedStore(VersionedStore):
         if isinstance(obj, Leaf):
             return seal(obj.encode(), T_LEAF, block, seq, self.uuid)
         return seal(obj.encode(), T_NODE, block, seq, self.uuid)
-
-    # -- block cache ---------------------------------------------------------------------
-
-    def _put(self, block: int, obj) -> None:
-        self._cache[block] = obj
-        self._cache.move_to_end(block)
-        self._dirty[block] = obj
-
-    def _get(self, block: int, kind: int, load: bool = True):
-        obj = self._cache.get(block)
-        if obj is None:
-            # Changed since the last commit, or in the commit being written: its home
-            # block may be stale, never reload it.
-            obj = self._dirty.get(block) or self._inflight.get(block)
-            if obj is not None:
-                self._cache[block] = obj
-        if obj is not None:
-            self._cache.move_to_end(block)
-            want = Leaf if kind == T_LEAF else Node
-            if not isinstance(obj, want):
-                raise CorruptMetadata(block, "tree points at a block of the wrong kind")
-            return obj
-        if not load:
-            raise NotCached(block)
-        obj = self._load(block, kind)
-        self._cache[block] = obj
-        if len(self._cache) > self.cache_blocks:
-            for b in list(self._cache):
-                if len(self._cache) <= self.cache_blocks * 3 // 4:
-                    break
-                if b not in self._dirty:
-                    del self._cache[b]
-        return obj
-
-    def _load(self, block: int, kind: int):
-        if not self.bitmap.data_start <= block < self.sb.blocks:
-            raise CorruptMetadata(block, "tree points outside the metadata area")
-        buf = self.read_block(block)
-        check_header(buf, kind, block, self.uuid)
-        if kind == T_LEAF:
-            return Leaf.decode(buf, block)
-        return Node.decode(buf, block)
-
-    def _read_node(self, block: int) -> Node:
-        return self._get(block, T_NODE)
-
-    def _read_leaf(self, block: int) -> Leaf:
-        return self._get(block, T_LEAF)
-
-    def _mark(self, block: int, obj) -> None:
-        # Back in the cache too: a clean object may have been evicted while the caller
-        # held it, and a later _get must find this one, not reload the old one.
-        self._put(block, obj)
-
-    # -- the B-tree: the ordered map of versioned exceptions ---------------------------
-
-    def _probe(self, key: int, load: bool = True):
-        """Path to the leaf covering ``key``: ``([(node_block, node, index)], leaf_block,
-        leaf)``.  With ``load`` False a block not in memory raises NotCached."""
-        path = []
-        block = self.state.root
-        cache = self._cache
-        for _ in range(self.state.levels):
-            node = cache.get(block)
-            if type(node) is not Node:  # not cached (or a corrupt tree): the full check
-                node = self._get(block, T_NODE, load)
-            else:
-                cache.move_to_end(block)
-            i = bisect.bisect_right(node.keys, key) - 1
-            if i < 0:
-                i = 0
-            path.append((block, node, i))
-            block = node.children[i]
-        leaf = cache.get(block)
-        if type(leaf) is not Leaf:
-            leaf = self._get(block, T_LEAF, load)
-        else:
-            cache.move_to_end(block)
-        return path, block, leaf
-
-    def _next_leaf(self, path, load: bool = True):
-        """The leaf after the one ``path`` leads to: ``(path, block, leaf)`` or None."""
-        path = list(path)
-        while path:
-            nblock, node, i = path.pop()
-            if i + 1 < len(node.children):
-                path.append((nblock, node, i + 1))
-                block = node.children[i + 1]
-                while len(path) < self.state.levels:
-                    node = self._get(block, T_NODE, load)
-                    path.append((block, node, 0))
-                    block = node.children[0]
-                return path, block, self._get(block, T_LEAF, load)
-        return None
-
-    def _prev_leaf(self, path):
-        """The leaf before the one ``path`` leads to, or None."""
-        path = list(path)
-        while path:
-            nblock, node, i = path.pop()
-            if i > 0:
-                path.append((nblock, node, i - 1))
-                block = node.children[i - 1]
-                while len(path) < self.state.levels:
-                    node = self._read_node(block)
-                    path.append((block, node, len(node.children) - 1))
-                    block = node.children[-1]
-                return path, block, self._read_leaf(block)
-        return None
-
-    def _kv_get(self, key, nowait=False):
-        _path, _b, leaf = self._probe(key, not nowait)
-        keys = leaf.keys
-        i = bisect.bisect_left(keys, key)
-        if i < len(keys) and keys[i] == key:
-            return leaf.vals[i]
-        return None
-
-    def _kv_succ(self, key, nowait=False):
-        path, _b, leaf = self._probe(key, not nowait)
-        i = bisect.bisect_left(leaf.keys, key)
-        while i == len(leaf.keys):
-            nxt = self._next_leaf(path, not nowait)
-            if nxt is None:
-                return None
-            path, _b, leaf = nxt
-            i = 0
-        return leaf.keys[i], leaf.vals[i]
-
-    def _kv_pred(self, key):
-        path, _b, leaf = self._probe(key)
-        i = bisect.bisect_right(leaf.keys, key) - 1
-        while i < 0:
-            prv = self._prev_leaf(path)
-            if prv is None:
-                return None
-            path, _b, leaf = prv
-            i = len(leaf.keys) - 1
-        return leaf.keys[i], leaf.vals[i]
-
-    def _kv_range(self, lo, hi, limit=None):
-        out = []
-        path, _b, leaf = self._probe(lo)
-        i = bisect.bisect_left(leaf.keys, lo)
-        while True:
-            keys, vals = leaf.keys, leaf.vals
-            while i < len(keys):
-                k = keys[i]
-                if k >= hi or (limit is not None and len(out) >= limit):
-                    return out
-                out.append((k, vals[i]))
-                i += 1
-            nxt = self._next_leaf(path)
-            if nxt is None:
-                return out
-            path, _b, leaf = nxt
-            i = 0
-
-    def _kv_reserve(self, keys) -> None:
-        """Make sure inserting ``keys`` cannot fail half way: when a leaf they go to
-        would split, allocate every block the splits may need now (all or none).
-
-        Raises:
-            StoreFull: not enough free blocks; nothing was changed.
-        """
-        per_leaf: dict[int, int] = {}
-        for k in keys:
-            _p, lb, leaf = self._probe(k)
-            per_leaf[lb] = per_leaf.get(lb, len(leaf.keys)) + 1
-        if all(n <= LEAF_MAX for n in per_leaf.values()):
-            return
-        # Per key, at worst: the new leaf, a new node at each index level, a new root.
-        self._spare.extend(self._alloc_blocks(len(keys) * (self.state.levels + 2)))
-
-    def _kv_release(self) -> None:
-        """Give back the blocks :meth:`_kv_reserve` took that no split used."""
-        while self._spare:
-            self.bitmap.unalloc_block(self._spare.pop())
-
-    def _take_block(self) -> int:
-        if self._spare:
-            return self._spare.pop()
-        return self.bitmap.alloc_block()
-
-    def _kv_put(self, key, value):
-        path, lblock, leaf = self._probe(key)
-        keys = leaf.keys
-        i = bisect.bisect_left(keys, key)
-        if i < len(keys) and keys[i] == key:
-            leaf.vals[i] = value
-            self._mark(lblock, leaf)
-            return
-        keys.insert(i, key)
-        leaf.vals.insert(i, value)
-        self._mark(lblock, leaf)
-        if len(keys) > LEAF_MAX:
-            self._split_leaf(path, lblock, leaf, i)
-
-    def _split_leaf(self, path, lblock: int, leaf: Leaf, at: int) -> None:
-        """Split an overfull leaf; ``at`` is where the new key went.  A key added at the
-        end (copy-outs of a sequential write, new tags) leaves the left leaf full: the
-        tree then grows full leaves, not half-full ones.  So does a key added at the end
-        of its owner's run in the second half of the leaf (the origin's copy-outs, the
-        merge markers and the tag index grow at three places near the end of the key
-        space): the cut goes between the owners."""
-        n = len(leaf.keys)
-        keys = leaf.keys
-        if at == n - 1:
-            cut = n - 1
-        elif at >= n // 2 and keys[at + 1] >> 96 != keys[at] >> 96:
-            cut = at + 1
-        else:
-            cut = n // 2
-        rblock = self._take_block()
-        right = Leaf(leaf.keys[cut:], leaf.vals[cut:])
-        del leaf.keys[cut:]
-        del leaf.vals[cut:]
-        self._put(rblock, right)
-        self._mark(lblock, leaf)
-        self._insert_child(path, len(path) - 1, right.keys[0], rblock)
-
-    def _insert_child(self, path, level: int, key: int, child: int) -> None:
-        """Insert ``child`` after ``path[level]``'s entry, splitting full nodes upward."""
-        nblock, node, i = path[level]
-        node.keys.insert(i + 1, key)
-        node.children.insert(i + 1, child)
-        self._mark(nblock, node)
-        if len(node.keys) <= NODE_MAX:
-            return
-        half = len(node.keys) // 2
-        right = Node(node.keys[half:], node.children[half:])
-        del node.keys[half:]
-        del node.children[half:]
-        rblock = self._take_block()
-        self._put(rblock, right)
-        if level > 0:
-            self._insert_child(path, level - 1, right.keys[0], rblock)
-        else:
-            # The root split: the tree grows a level (seed 000 add_exception_to_tree).
-            root = self._take_block()
-            self._put(root, Node([0, right.keys[0]], [nblock, rblock]))
-            self.state.root = root
-            self.state.levels += 1
-            self._state_dirty = True
-
-    def _kv_del(self, key):
-        path, lblock, leaf = self._probe(key)
-        i = bisect.bisect_left(leaf.keys, key)
-        if i == len(leaf.keys) or leaf.keys[i] != key:
-            raise CorruptMetadata(lblock, f"an exception the tree was asked to remove is "
-                                          f"not in leaf {lblock}")
-        del leaf.keys[i]
-        del leaf.vals[i]
-        self._mark(lblock, leaf)
-        if len(leaf.keys) < LEAF_MAX // 2:
-            self._rebalance(path, lblock, leaf)
-
-    def _rebalance(self, path, lblock: int, leaf: Leaf) -> None:
-        """An under-full leaf: merge it with a neighbour under the same index node when
-        both fit in three quarters of a leaf (an empty one always goes); index nodes are
-        merged the same way up the path, and a root with one child drops a level."""
-        nblock, node, i = path[-1]
-        if len(node.children) > 1:
-            j = i + 1 if i + 1 < len(node.children) else i - 1
-            other = self._read_leaf(node.children[j])
-            if not leaf.keys or len(other.keys) + len(leaf.keys) <= LEAF_MAX * 3 // 4:
-                lo, hi = min(i, j), max(i, j)
-                left = leaf if lo == i else other
-                right = other if lo == i else leaf
-                left.keys.extend(right.keys)
-                left.vals.extend(right.vals)
-                self._mark(node.children[lo], left)
-                self._free_meta(node.children[hi])
-                del node.keys[hi]
-                del node.children[hi]
-                self._mark(nblock, node)
-                self._rebalance_node(path, len(path) - 1)
-        elif not leaf.keys and len(path) > 1:
-            self._unlink(path, len(path) - 1)
-        self._collapse_root()
-
-    def _unlink(self, path, level: int) -> None:
-        """Remove the empty subtree ``path[level]`` points into from its node, and the
-        node too when that leaves it without children.  The tree's last leaf stays
-        (empty), so a removal never needs a new block."""
-        nblock, node, i = path[level]
-        if level == 0 and len(node.children) == 1:
-            return
-        if len(node.children) == 1:
-            self._unlink(path, level - 1)
-            return
-        # The subtree below: single-child nodes down to the empty leaf.
-        for b, _n, _k in path[level + 1:]:
-            self._free_meta(b)
-        last_b, last_n, last_i = path[-1]
-        self._free_meta(last_n.children[last_i])
-        lower = node.keys[0]
-        del node.keys[i]
-        del node.children[i]
-        node.keys[0] = lower  # the node still covers its whole range
-        self._mark(nblock, node)
-
-    def _rebalance_node(self, path, level: int) -> None:
-        """Index node ``path[level]`` lost a child: merge it with a neighbour under its
-        parent when both fit in three quarters of a node, and go on up."""
-        if level == 0:
-            return
-        nblock, node, _i = path[level]
-        pblock, parent, i = path[level - 1]
-        if len(parent.children) < 2:
-            return
-        j = i + 1 if i + 1 < len(parent.children) else i - 1
-        other = self._read_node(parent.children[j])
-        if len(other.children) + len(node.children) > NODE_MAX * 3 // 4:
-            return
-        lo, hi = min(i, j), max(i, j)
-        left = node if lo == i else other
-        right = other if lo == i else node
-        left.keys.extend(parent.keys[hi:hi + 1] + right.keys[1:])
-        left.children.extend(right.children)
-        self._mark(parent.children[lo], left)
-        self._free_meta(parent.children[hi])
-        del parent.keys[hi]
-        del parent.children[hi]
-        self._mark(pblock, parent)
-        self._rebalance_node(path, level - 1)
-
-    def _collapse_root(self) -> None:
-        while self.state.levels > 1:
-            root = self._read_node(self.state.root)
-            if len(root.children) != 1:
-                return
-            old = self.state.root
-            self.state.root = root.children[0]
-            self.state.levels -= 1
-            self._free_meta(old)
-            self._state_dirty = True
-
-    def _alloc_blocks(self, n: int) -> list[int]:
-        """Allocate ``n`` metadata blocks, all or none.
-
-        Raises:
-            StoreFull: fewer than ``n`` free blocks (none is kept).
-        """
-        got = []
-        try:
-            for _ in range(n):
-                got.append(self.bitmap.alloc_block())
-        except StoreFull:
-            for b in got:
-                self.bitmap.unalloc_block(b)
-            raise
-        return got
-
-    def _free_meta(self, block: int) -> None:
-        self._cache.pop(block, None)
-        self._dirty.pop(block, None)
-        self.bitmap.free_block(block)
-
-    def _free_data(self, store_chunk: int) -> None:
-        self.bitmap.free_chunk(store_chunk)
 
     # -- snapshots -----------------------------------------------------------------------
 
@@ -1000,7 +593,7 @@ class SharedStore(VersionedStore):
         self.dev.flush()  # every home write of committed transactions is durable
         for _ in range(2 if full else 1):
             self.journal.checkpointed()
-            self._write_super(clean=False, state=state or self._last_state)
+            self.write_superblock(clean=False, state=state or self._last_state)
             # (list.extend is atomic; the allocator drains it under the metadata lock)
             frees, self._ckpt_frees, self._written_frees = self._ckpt_frees, self._written_frees, []
             self._released.extend(frees)
@@ -1012,13 +605,9 @@ class SharedStore(VersionedStore):
         self.commit()
         self.dev.flush()
         self.journal.checkpointed()
-        self._write_super(clean=True)
+        self.write_superblock(clean=True)
 
     # -- accounting, iteration, checks ---------------------------------------------------
-
-    def cached_blocks(self) -> int:
-        """Metadata blocks (tree nodes) kept in the block cache now."""
-        return len(self._cache)
 
     def format_figures(self) -> dict:
         """The on-disk figures ``status`` shows (``ExceptionStore.format_figures``)."""
@@ -1034,16 +623,29 @@ class SharedStore(VersionedStore):
         free = self.bitmap.free_chunks
         return {"chunks_total": total, "chunks_free": free, "chunks_used": total - free}
 
-    def _leaves(self):
-        """Iterate ``(leaf_block, leaf)`` in key order (from the cache or disk)."""
-        def walk(block, level):
-            node = self._read_node(block)
-            for child in list(node.children):
-                if level == self.state.levels - 1:
-                    yield child, self._read_leaf(child)
-                else:
-                    yield from walk(child, level + 1)
-        yield from walk(self.state.root, 0)
+    def has_uncommitted(self) -> bool:
+        """True if anything changed since the last commit (tree, table, bitmap, blocks
+        reserved for splits), or a commit is being written."""
+        return bool(self._dirty or self._inflight or self.table.dirty or self.bitmap.dirty
+                    or self._spare)
+
+    def recount_space(self, entries=None) -> SpaceAccount:
+        """The per-snapshot space figures counted afresh from the tree in memory, or from
+        ``entries`` (``(owner, chunk, tag, store_chunk)`` in key order, as ``check`` read
+        them from disk).
+
+        Raises:
+            CorruptMetadata: a tree block could not be read.
+        """
+        return self._count_groups(entries)[0]
+
+    def space_drift(self, counted: SpaceAccount, name) -> list[str]:
+        """How the figures kept incrementally differ from ``counted``
+        (:meth:`recount_space`): one message per difference, naming the snapshot
+        (``name(version) -> str``); one message if they could not be kept at all."""
+        if self._space is None:
+            return [f"space accounting unavailable: {self._space_error}"]
+        return list(self._space.drift(counted, self.table, name))
 
     def check(self, leaks: list[int] | None = None) -> list[Finding]:
         """Walk the on-disk tree and bitmap; the caller commits first when serving.
@@ -1061,95 +663,3 @@ class SharedStore(VersionedStore):
             self.bitmap.unalloc_block(b)
 
 
-@dataclass
-class SlotReport:
-    """What one superblock slot holds: ``status`` is ``"ok"``, ``"stale"`` (valid but
-    older than the generation before the newest), ``"damaged"`` (fails its checks) or
-    ``"blank"`` (no ddsnap magic); ``generation`` when valid; ``why`` for the others."""
-
-    slot: int
-    status: str
-    generation: int | None = None
-    journal_tail: int | None = None
-    journal_seq: int | None = None
-    why: str = ""
-
-    def finding(self) -> Finding | None:
-        """A warning naming the slot, or None for a good one."""
-        if self.status == "ok":
-            return None
-        return Finding("warning", self.slot, f"superblock slot {self.slot} is {self.status}"
-                                             f"{': ' + self.why if self.why else ''}")
-
-
-def read_superblocks(dev: BlockDevice) -> tuple[Superblock, list[SlotReport]]:
-    """Read both superblock slots; return the newest valid one and a report per slot.
-
-    A slot that fails its checks while the other is valid is a warning, not an error:
-    the journal is never overwritten from the older slot's tail on and freed space is
-    not reused until both slots are past it, so recovery from the older slot is safe.
-
-    Raises:
-        NotAStore: no slot has the ddsnap magic and nothing else says it is a store.
-        CorruptMetadata: no slot checks out (block 0 or the slot that failed), for a
-            device that is a ddsnap store by its other metadata.
-        FormatTooOld: a format-v1 or v2 store (``ddsnap upgrade`` converts it).
-    """
-    if dev.size < 2 * BLOCK_SIZE:
-        raise NotAStore(dev.path, "too small")
-    found: list[Superblock] = []
-    reports: list[SlotReport] = []
-    v1 = 0  # the older format version found, if any
-    for slot in (0, 1):
-        buf = dev.pread(BLOCK_SIZE, slot * BLOCK_SIZE)
-        if buf[:4] != MAGIC:
-            reports.append(SlotReport(slot, "blank", why="no ddsnap magic"))
-            continue
-        try:
-            sb = Superblock.decode(buf, slot)
-        except CorruptMetadata as e:
-            old = header_version(buf)
-            if old in (VERSION_V1, VERSION_V2):
-                try:
-                    Superblock.decode(buf, slot, version=old)
-                    v1 = old
-                except CorruptMetadata:
-                    pass
-            reports.append(SlotReport(slot, "damaged", why=e.why))
-            continue
-        found.append(sb)
-        reports.append(SlotReport(slot, "ok", sb.generation, sb.journal_tail, sb.journal_seq))
-    if not found:
-        if v1:
-            raise FormatTooOld(dev.path, v1)
-        if all(r.status == "blank" for r in reports):
-            # Both slots overwritten is damage, not "not a store", if the rest says store.
-            if _looks_like_store(dev):
-                raise CorruptMetadata(0, "both superblock slots are damaged (no ddsnap "
-                                         "magic), but the rest of the device is a store")
-            raise NotAStore(dev.path)
-        bad = next(r for r in reports if r.status == "damaged")
-        raise CorruptMetadata(bad.slot, f"no valid superblock: slot {bad.slot}: {bad.why}")
-    sb = max(found, key=lambda s: s.generation)
-    for r in reports:
-        if r.status == "ok" and r.generation != sb.generation and r.generation != sb.generation - 1:
-            r.status = "stale"
-            r.why = f"generation {r.generation}, the other slot has {sb.generation}"
-        elif (r.status == "ok" and r.generation == sb.generation - 1
-              and sb.journal_tail < (r.journal_tail or 0)):
-            r.status = "stale"
-            r.why = "its journal tail is past the newer slot's"
-    return sb, reports
-
-
-def read_superblock(dev: BlockDevice) -> Superblock:
-    """The newest valid superblock of ``dev`` (see :func:`read_superblocks`)."""
-    return read_superblocks(dev)[0]
-
-
-def _looks_like_store(dev: BlockDevice) -> bool:
-    """True if block 2 (the first snapshot table block) carries ddsnap's magic."""
-    if dev.size < 3 * BLOCK_SIZE:
-        return False
-    buf = dev.pread(BLOCK_SIZE, 2 * BLOCK_SIZE)
-    return buf[:4] == MAGIC and buf[4:6] == T_SNAPTABLE.to_bytes(2, "little")

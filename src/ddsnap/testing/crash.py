@@ -135,7 +135,7 @@ class RecordingDevice(BlockDevice):
         return True
 
     def pwrite(self, data, offset: int) -> None:
-        self._check_write(len(data), offset)
+        self.check_write(len(data), offset)
         self.clock.before("write", self.path)
         with self._lock:
             self.clock.tick("write", self.path)
