@@ -191,7 +191,7 @@ class Served:
         try:
             wait_until(self._ready, f"ddsnap serve {self.store} to be ready")
         except BaseException:
-            self._reap(signal.SIGKILL)
+            self.reap(signal.SIGKILL)
             raise
         return self
 
@@ -226,11 +226,11 @@ class Served:
             return
         if exc_type is not None:
             # The test already failed: stop the server, don't mask the real error.
-            self._reap(signal.SIGTERM)
+            self.reap(signal.SIGTERM)
             return
         self.stop()
 
-    def _reap(self, sig: int) -> int:
+    def reap(self, sig: int) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -244,7 +244,7 @@ class Served:
 
     def stop(self) -> None:
         """SIGTERM; assert the server drains and exits cleanly and removes its sockets."""
-        rc = self._reap(signal.SIGTERM)
+        rc = self.reap(signal.SIGTERM)
         out = self.output()
         assert rc == 0, f"ddsnap serve exited {rc} on SIGTERM:\n{out}"
         assert "Traceback" not in out, out
@@ -253,7 +253,7 @@ class Served:
 
     def kill(self) -> None:
         """SIGKILL the server (a crash): nothing is cleaned up, the journal must recover."""
-        rc = self._reap(signal.SIGKILL)
+        rc = self.reap(signal.SIGKILL)
         assert rc == -signal.SIGKILL, rc
 
     @property

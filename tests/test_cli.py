@@ -787,7 +787,7 @@ def test_shutdown_with_a_client_connected(env, sig):
                               stderr=subprocess.DEVNULL)
     try:
         assert reader.stdout.read(4096) == env.data[:4096]  # connected and reading
-        rc = srv._reap(sig)
+        rc = srv.reap(sig)
         assert rc == 0, srv.output()
         assert "Traceback" not in srv.output()
         assert not srv.ctl.exists() and not srv.sock.exists()

@@ -123,7 +123,7 @@ def kinds(image: bytes) -> dict[str, list[int]]:
         if block not in store.replayed:  # a home recovery rewrites is the journal's
             out["leaf" if leaf else "index node"].append(block)
         if not leaf:
-            for child in store._read_node(block).children:
+            for child in store.node(block).children:
                 walk(child, level + 1)
 
     walk(store.state.root, 0)

@@ -78,7 +78,7 @@ class World:
         self.svc.commit()
         if cold_cache:
             # Tree blocks come from the device again, so reads of metadata can fail too.
-            self.svc.store._cache.clear()
+            self.svc.store.evict_clean()
 
     # -- changing it, keeping the model -----------------------------------------------
 

@@ -816,7 +816,7 @@ def test_a_merge_in_a_store_with_no_free_block_moves_its_cursor(monkeypatch):
             break
         c += 1
     assert store.space()["chunks_free"] == 0 and c > 150 + LEAF_MAX
-    _path, _block, leaf = store._probe(pack_key(MERGED, 0, 0))
+    _block, leaf = store.leaf_of(pack_key(MERGED, 0, 0))
     assert len(leaf.keys) == LEAF_MAX, "a marker below the cursor's would fit"
     Origin(svc, svc.data).flush()
     origin_now = Origin(svc, svc.data).read(0, size)

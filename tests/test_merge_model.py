@@ -152,7 +152,7 @@ class MergeMachine(RuleBasedStateMachine):
             assert b in (old[i], payload[i]), f"{name} byte {off + i} is neither old nor new"
         self.model[name][off: off + len(payload)] = got
 
-    def _write(self, name, off, payload, fua=False):
+    def apply_write(self, name, off, payload, fua=False):
         try:
             self.volume(name).write(off, payload, fua=fua)
         except StoreFull:
@@ -184,7 +184,7 @@ class MergeMachine(RuleBasedStateMachine):
         v = self.infos[name].id
         return sorted(n for n, i in self.infos.items() if i.parent == v)
 
-    def _create(self, parent: str | None = None, read_only: bool = False) -> str | None:
+    def apply_create(self, parent: str | None = None, read_only: bool = False) -> str | None:
         """Snapshot the origin (or the snapshot ``parent``); refused during a merge.
         Returns the new snapshot's name (None: refused, as it must be)."""
         self.counter += 1
@@ -202,7 +202,7 @@ class MergeMachine(RuleBasedStateMachine):
             self.stats["clones"] += 1
         return name
 
-    def _delete(self, name: str) -> None:
+    def apply_delete(self, name: str) -> None:
         if name == self.target:
             try:
                 self.svc.delete_snapshot(name)
@@ -215,7 +215,7 @@ class MergeMachine(RuleBasedStateMachine):
         del self.infos[name]
         del self.model[name]
 
-    def _start(self, name: str, keep: bool) -> None:
+    def apply_start(self, name: str, keep: bool) -> None:
         if self.target is not None:
             if name == self.target:  # a resume: nothing changes
                 st_ = self.svc.start_merge(name, keep=keep)
@@ -237,7 +237,7 @@ class MergeMachine(RuleBasedStateMachine):
         self.kept = bytes(self.model[name]) if keep else None
         self.model["origin"] = self.model.pop(name)
 
-    def _step(self) -> bool:
+    def apply_step(self) -> bool:
         try:
             done = self.svc.merge_step()
         except StoreFull:
@@ -280,21 +280,21 @@ class MergeMachine(RuleBasedStateMachine):
         their own, so that the first merge has something to do."""
         rng = random.Random(seed)
         for i in range(snaps + clones):
-            self._create(rng.choice(sorted(self.infos)) if i >= snaps else None)
+            self.apply_create(rng.choice(sorted(self.infos)) if i >= snaps else None)
             for _ in range(rng.randrange(1, 4)):
                 off = rng.randrange(self.ORIGIN)
                 n = rng.randrange(1, min(self.MAX_WRITE, self.ORIGIN - off) + 1)
-                self._write("origin", off, rng.randbytes(n))
+                self.apply_write("origin", off, rng.randbytes(n))
             name = rng.choice(sorted(self.infos))
             off = rng.randrange(self.ORIGIN)
-            self._write(name, off, rng.randbytes(min(3 * self.CHUNK, self.ORIGIN - off)))
+            self.apply_write(name, off, rng.randbytes(min(3 * self.CHUNK, self.ORIGIN - off)))
 
     @rule(data=st.data(), seed=st.integers(0, 1 << 16), fua=st.booleans(),
           count=st.integers(1, 3))
     def write_origin(self, data, seed, fua, count):
         for _ in range(count):
             off, n = self._range(data)
-            self._write("origin", off, self._payload(n, seed), fua)
+            self.apply_write("origin", off, self._payload(n, seed), fua)
 
     @precondition(lambda self: self.infos)
     @rule(data=st.data(), seed=st.integers(0, 1 << 16))
@@ -314,7 +314,7 @@ class MergeMachine(RuleBasedStateMachine):
             except ReadOnlyVolume:
                 return
             raise AssertionError("a read-only snapshot accepted a write")
-        self._write(name, off, payload)
+        self.apply_write(name, off, payload)
 
     @rule(data=st.data())
     def read(self, data):
@@ -326,20 +326,20 @@ class MergeMachine(RuleBasedStateMachine):
     @precondition(lambda self: len(self.infos) < 6)
     @rule(read_only=st.sampled_from([False, False, True]))
     def create(self, read_only):
-        self._create(None, read_only)
+        self.apply_create(None, read_only)
 
     @precondition(lambda self: self.infos and len(self.infos) < 6)
     @rule(data=st.data(), read_only=st.sampled_from([False, False, True]))
     def clone(self, data, read_only):
         """A snapshot of a snapshot (a clone), of the origin's snapshots or of clones."""
         parent = data.draw(st.sampled_from(sorted(self.infos)), label="parent")
-        self._create(parent, read_only)
+        self.apply_create(parent, read_only)
 
     @precondition(lambda self: self.infos)
     @rule(data=st.data())
     def delete(self, data):
         name = data.draw(st.sampled_from(sorted(self.infos)), label="snapshot")
-        self._delete(name)
+        self.apply_delete(name)
 
     # -- rules: the merge --------------------------------------------------------------------
 
@@ -347,13 +347,13 @@ class MergeMachine(RuleBasedStateMachine):
     @rule(data=st.data(), keep=st.booleans())
     def start_merge(self, data, keep):
         name = data.draw(st.sampled_from(sorted(self.infos)), label="snapshot")
-        self._start(name, keep)
+        self.apply_start(name, keep)
 
     @precondition(lambda self: self.target is not None)
     @rule(n=st.integers(1, 4))
     def merge_steps(self, n):
         for _ in range(n):
-            if self._step():
+            if self.apply_step():
                 return
 
     @precondition(lambda self: self.target is not None)
@@ -403,7 +403,7 @@ class MergeMachine(RuleBasedStateMachine):
         try:
             for _ in range(data.draw(st.integers(1, 4), label="ops")):
                 off, n = self._range(data)
-                self._write("origin", off, self._payload(n, seed))
+                self.apply_write("origin", off, self._payload(n, seed))
                 got = Origin(self.svc, self.svc.data).read(0, self.ORIGIN)
                 assert got == self.model["origin"], "origin during a concurrent merge"
                 for name in self._writable():
@@ -502,11 +502,11 @@ class MergeMachine(RuleBasedStateMachine):
         self.tap.arm(at)
         write = None
         if what == "step":
-            self._step()
+            self.apply_step()
         else:
             off, n = self._range(data)
             write = (off, self._payload(n, seed))
-            self._write("origin", *write)
+            self.apply_write("origin", *write)
         images = self.tap.images
         self.tap.at = None
         if images is None:
@@ -630,17 +630,17 @@ class Scenario:
     def write(self, name: str, chunk: int, chunks: float = 1.0, at: int = 0) -> None:
         off = chunk * CS + at
         n = min(int(chunks * CS), self.m.ORIGIN - off)
-        self.m._write(name, off, self.rng.randbytes(n))
+        self.m.apply_write(name, off, self.rng.randbytes(n))
         self.check(f"write {name} {chunk}+{chunks}")
 
     def create(self, parent: str | None = None, read_only: bool = False) -> str:
-        name = self.m._create(parent, read_only)
+        name = self.m.apply_create(parent, read_only)
         assert name is not None
         self.check(f"create {name} of {parent or 'origin'}")
         return name
 
     def delete(self, name: str) -> None:
-        self.m._delete(name)
+        self.m.apply_delete(name)
         self.check(f"delete {name}")
 
     def reopen(self) -> None:
@@ -654,12 +654,12 @@ class Scenario:
     def merge(self, target: str, keep: bool, during=None) -> None:
         """Merge ``target``, one step at a time; ``during(i)`` runs after step ``i`` (it
         may write, delete, reopen).  Reopens halfway and at the end."""
-        self.m._start(target, keep)
+        self.m.apply_start(target, keep)
         assert self.m.target == target
         self.check(f"start merging {target}")
         i = 0
         while self.m.target is not None:
-            if not self.m._step():
+            if not self.m.apply_step():
                 i += 1
                 self.check(f"merge step {i} of {target}")
                 if during is not None:

@@ -109,9 +109,8 @@ def test_concurrent_copyouts_share_one_commit():
     # Let every other writer make its change and queue behind the commit in progress.
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        with svc.lock:
-            queued = sum(1 for k in svc._pending if k[0] == -1)
-        if queued >= n:
+        # each writer's copy-out is a mapping waiting for a durable commit
+        if svc.statistics().pending >= n:
             break
         time.sleep(0.01)
     flushes_before = sum(1 for e in log if e[1] == "flush" and e[0] == "store")

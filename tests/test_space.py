@@ -117,7 +117,7 @@ def tree_blocks(store) -> int:
         return 0
 
     def count(block, level):
-        node = store._read_node(block)
+        node = store.node(block)
         if level == store.state.levels - 1:
             return 1 + len(node.children)
         return 1 + sum(count(c, level + 1) for c in node.children)
@@ -247,7 +247,7 @@ def test_create_changes_no_group_and_no_other_figure(make_store, kind):
     snapshot_write(store, b.id, 8)  # b's own
     before = store.snapshot_space()
     assert before == {a.id: (4, 1), b.id: (1, 1)}
-    groups = dict(store._space_account().groups)
+    groups = dict(store.space_account().groups)
     exceptions = exc_dict(store)
     c = store.create_snapshot("c")  # of the origin: reads the origin everywhere
     assert store.snapshot_space() == {**before, c.id: (0, 0)}
@@ -260,7 +260,7 @@ def test_create_changes_no_group_and_no_other_figure(make_store, kind):
     # A clone of a clone shares everything with both.
     cca = store.create_snapshot("cca", parent=ca.id)
     assert store.snapshot_space()[cca.id] == (0, 5)
-    assert store._space_account().groups == groups
+    assert store.space_account().groups == groups
     assert exc_dict(store) == exceptions
     looked = lookups(store)
     for child, parent in ((ca, a), (cb, b), (cca, ca)):
@@ -568,7 +568,7 @@ def test_rekeying_a_ghosts_last_entry_regroups_what_its_subtree_reads(make_store
         assert_exact(store)
         assert store.check() == []
     assert store.exception_chunks() == 0
-    assert store._space_account().groups == {}
+    assert store.space_account().groups == {}
     assert store.check() == []
 
 
@@ -664,11 +664,11 @@ def test_failed_split_leaves_the_figures(make_store, kind):
     b = store.create_snapshot("b")
     ca = store.create_snapshot("ca", parent=a.id)
     nxt = 0
-    while len(store._probe(0)[2].keys) < LEAF_MAX:
+    while len(store.leaf_of(0)[1].keys) < LEAF_MAX:
         origin_write(store, nxt)  # {a, b, ca}
         nxt += 1
     store.commit()
-    assert store.state.levels == 1 and len(store._read_node(store.state.root).children) == 1
+    assert store.state.levels == 1 and len(store.node(store.state.root).children) == 1
     filler = []
     while True:
         try:
@@ -702,7 +702,7 @@ def test_failed_split_leaves_the_figures(make_store, kind):
     snapshot_write(store, a.id, 2)
     assert store.snapshot_space() == {a.id: (1, nxt - 1), b.id: (1, nxt - 1),
                                       ca.id: (1, nxt - 1)}
-    assert len(store._read_node(store.state.root).children) == 2
+    assert len(store.node(store.state.root).children) == 2
     assert_exact(store)
     store.commit()
     assert store.check() == []
@@ -730,7 +730,7 @@ def test_sweep_stopped_half_way(make_store, kind, reopen):
     snapshot_write(store, ca.id, 1)
     store.commit()
     if kind != "memory":
-        assert len(store._read_node(store.state.root).children) > 3  # several leaves
+        assert len(store.node(store.state.root).children) > 3  # several leaves
     store.sweep_budget = 16
     excl_a = space_of(store, "a")[0]
     store.begin_delete("a")
@@ -782,7 +782,7 @@ def test_check_reports_drift_naming_the_snapshot(make_store, kind):
     store.commit()
     assert store.snapshot_space() == {alpha.id: (1, 1), beta.id: (1, 1), gamma.id: (1, 0)}
     assert store.check() == []
-    acc = store._space_account()
+    acc = store.space_account()
     groups = dict(acc.groups)
     history = next(g for g in groups if g[0] == alpha.id and g[2] == beta.id)
     own = next(g for g in groups if g[0] == gamma.id)
@@ -791,7 +791,7 @@ def test_check_reports_drift_naming_the_snapshot(make_store, kind):
         acc.groups.clear()
         acc.groups.update(groups)
         change(acc.groups)
-        acc._cache = None  # the figures are recomputed from the corrupt groups
+        acc.invalidate()  # the figures are recomputed from the corrupt groups
         return fatal(store)
 
     # One more exception counted in gamma's own group: gamma's figures drift.
@@ -827,7 +827,7 @@ def damaged_store(which: str):
     snapshot_write(store, a.id, 2)
     store.close()
     assert store.snapshot_space() == {a.id: (1, 399), ca.id: (1, 399)}
-    node = store._read_node(store.state.root)
+    node = store.node(store.state.root)
     leaves = node.children
     entry_leaves = [b for k, b in zip(node.keys, leaves, strict=True) if k >> 96 != INDEX]
     assert len(entry_leaves) >= 3 and len(leaves) > len(entry_leaves)
@@ -939,7 +939,7 @@ class SpaceMachine(RuleBasedStateMachine):
         store = self.store
         parent = data.draw(st.sampled_from([0] + self._ids()), label="parent")
         before = store.snapshot_space()
-        groups = dict(store._space_account().groups)
+        groups = dict(store.space_account().groups)
         self.counter += 1
         try:
             info = store.create_snapshot(f"s{self.counter}", parent=parent)
@@ -949,7 +949,7 @@ class SpaceMachine(RuleBasedStateMachine):
             return
         if parent:
             event("clone of a clone" if store.table.parent(parent) else "clone")
-        assert store._space_account().groups == groups
+        assert store.space_account().groups == groups
         if parent:
             both = (0, sum(before[parent]))
             assert store.snapshot_space() == {**before, parent: both, info.id: both}

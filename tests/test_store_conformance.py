@@ -375,7 +375,7 @@ def test_create_commit_size_does_not_depend_on_the_tree(make_store, kind):
         sizes.append(len(batch.tx.images))
         store.write_commit(batch)
         if exceptions:
-            assert sum(1 for _ in store._leaves()) > 100
+            assert sum(1 for _ in store.leaves()) > 100
     assert sizes == [1, 1]
 
 
@@ -674,7 +674,7 @@ def test_delete_compacts_the_tree(make_store, kind):
         if c % 5000 == 4999:
             store.commit()
     assert store.state.levels >= 2, "the tree did not grow a level"
-    leaves_before = sum(1 for _ in store._leaves())
+    leaves_before = sum(1 for _ in store.leaves())
     assert leaves_before > NODE_MAX
     b = store.create_snapshot("b")
     b_chunks = 0
@@ -686,7 +686,7 @@ def test_delete_compacts_the_tree(make_store, kind):
     store.begin_delete("a")
     sweep_all(store)
     assert store.state.levels == 1, "the tree kept its levels after the delete"
-    leaves_after = sum(1 for _ in store._leaves())
+    leaves_after = sum(1 for _ in store.leaves())
     # b's copy-outs and their tag index records, in leaves at least a quarter full
     assert leaves_after <= 2 * b_chunks // (LEAF_MAX // 4) + 2
     assert leaves_after < leaves_before // 2
@@ -697,7 +697,7 @@ def test_delete_compacts_the_tree(make_store, kind):
     assert all(store.snapshot_exception(b.id, c)[0] is not None for c in range(0, n, 8))
     store.begin_delete("b")
     sweep_all(store)
-    assert store.state.levels == 1 and sum(1 for _ in store._leaves()) == 1
+    assert store.state.levels == 1 and sum(1 for _ in store.leaves()) == 1
     assert store.space()["chunks_used"] == base
     assert store.check() == []
 
@@ -720,10 +720,10 @@ def test_split_without_room_changes_nothing(make_store, kind, spare):
             store.commit()
 
     def would_split() -> bool:  # the leaf of the next entry, or of its tag index record
-        return any(len(store._probe(k)[2].keys) >= LEAF_MAX
+        return any(len(store.leaf_of(k)[1].keys) >= LEAF_MAX
                    for k in (pack_key(0, nxt, a.id), index_key(a.id, nxt)))
 
-    while len(store._read_node(store.state.root).keys) < NODE_MAX:
+    while len(store.node(store.state.root).keys) < NODE_MAX:
         add()
     while not would_split():
         add()
@@ -792,12 +792,12 @@ def test_space_freed_by_a_sweep_is_not_reused_before_its_checkpoint(make_store, 
     b = store.create_snapshot("b")
     store.add_origin_exception(1500, store.allocate_chunk(), b.id)
     store.commit()
-    leaves = {blk for blk, _ in store._leaves()}
+    leaves = {blk for blk, _ in store.leaves()}
     assert len(leaves) > 3
     store.begin_delete("a")
     store.commit()
     assert store.sweep_step() is True
-    freed_leaves = leaves - {blk for blk, _ in store._leaves()}
+    freed_leaves = leaves - {blk for blk, _ in store.leaves()}
     assert freed_leaves, "the sweep merged no leaves"
     quarantined = set(mine) | freed_leaves  # 4 KiB chunks: a block is a chunk
     got = []
@@ -871,7 +871,7 @@ def test_nowait_lookup_matches_and_never_reads_metadata_from_disk(make_store, ki
     if isinstance(store, MemoryStore):
         return  # nothing ever leaves memory
     assert store.state.levels >= 1, "the test wants a tree with index nodes"
-    store._cache.clear()
+    store.evict_clean()
     with pytest.raises(NotCached):
         store.snapshot_exception_nowait(a.id, 3)
     assert store.snapshot_exception(a.id, 3)[1] is True  # loads the path

@@ -209,7 +209,7 @@ def test_superblock_origin_path_limits():
                    origin_path="p" * (fmt.MAX_ORIGIN_PATH + 1)).encode()
     buf = sb.encode()
     # Claim a path longer than the format allows, and re-seal so only that is wrong.
-    off = fmt._SB_PATH_OFF
+    off = fmt.SB_PATH_OFF
     struct.pack_into("<H", buf, off, fmt.MAX_ORIGIN_PATH + 1)
     seal(buf, T_SUPER, 0, 0, UUID)
     with pytest.raises(CorruptMetadata) as e:
@@ -1005,7 +1005,7 @@ def _tree_store():
 
 
 def _leaf_blocks(store) -> list[int]:
-    return store._read_node(store.state.root).children
+    return store.node(store.state.root).children
 
 
 def _copy(dev: MemoryDevice) -> MemoryDevice:
@@ -1028,7 +1028,7 @@ def test_corrupt_leaf_fails_reads_and_check_names_it(kind):
     store = SharedStore.open(_copy(dev))
     leaves = _leaf_blocks(store)
     victim = leaves[1]
-    lo = store._read_node(store.state.root).keys[1]
+    lo = store.node(store.state.root).keys[1]
     owner, chunk, tag = unpack_key(lo)
     assert (owner, tag) == (0, snap.id)  # the first copy-out the victim holds
     image = _copy(dev)
@@ -1110,7 +1110,7 @@ def test_a_damaged_leaf_does_not_hide_a_snapshots_writes_elsewhere(mode):
     store = svc.store
     first, last = _leaf_blocks(store)[0], _leaf_blocks(store)[-1]
     assert first != last
-    assert store._kv_get(pack_key(snap.id, 400, INF)) is not None
+    assert (snap.id, 400, INF) in {(o, c, t) for o, c, t, _sc in store.exceptions()}
     dev.data[first * BLOCK_SIZE + 4000] ^= 0x01  # chunks 0.. of the origin's copy-outs
     svc2 = LocalService(SharedStore.open(dev, mode=mode), origin)
     try:
@@ -1150,10 +1150,10 @@ def test_check_reports_bitmap_disagreement_and_leaks():
     assert store.check() == []
     leaf = _leaf_blocks(store)[0]
     # A referenced leaf marked free in the bitmap is fatal and names the leaf.
-    store.bitmap._set(leaf, False)
+    store.bitmap.set_bit(leaf, False)
     fatal = [f for f in store.check() if f.severity == "fatal"]
     assert [f.block for f in fatal] == [leaf]
-    store.bitmap._set(leaf, True)
+    store.bitmap.set_bit(leaf, True)
     # An allocated chunk nothing references is a leak: a warning, not fatal.
     c = store.allocate_chunk()
     findings = store.check()
@@ -1206,12 +1206,12 @@ def test_check_reports_exceptions_that_break_the_versioned_rules(what):
     }[what]
     if what == "chunk-out-of-range":
         sc = store.sb.chunks + 5
-    store._kv_put(key, sc)  # the B-tree alone: what a damaged leaf could hold
+    store.raw_put(key, sc)  # the B-tree alone: what a damaged leaf could hold
     store.commit()
     fatal = [f for f in store.check() if f.severity == "fatal"]
     assert any(phrase in f.message for f in fatal), fatal
     # A clean store has none of these.
-    store._kv_del(key)
+    store.raw_delete(key)
     store.commit()
     assert not [f for f in store.check() if f.severity == "fatal" and phrase in f.message]
 

@@ -54,7 +54,7 @@ def tree_block_list(store: SharedStore) -> list[int]:
 
     def walk(block, level):
         out.append(block)
-        node = store._read_node(block)
+        node = store.node(block)
         if level == store.state.levels - 1:
             out.extend(node.children)
         else:

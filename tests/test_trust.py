@@ -255,7 +255,7 @@ def test_damaged_leaf_never_serves_other_bytes_than_a_snapshots_own(tmp_path):
         # whose exception sorts after them (in the last leaf).
         _qemu_io(srv.uri("origin"), "write -P 0x5a 0 1M", "flush")
         _qemu_io(srv.uri("s1"), "write -P 0x33 4M 4K", "flush")
-    leaves = _inspect(store, lambda st: st._read_node(st.state.root).children)
+    leaves = _inspect(store, lambda st: st.node(st.state.root).children)
     assert len(leaves) >= 2
     _flip(store, leaves[0], 3000)  # the copy-outs of the first chunks
     with Served(store) as srv:

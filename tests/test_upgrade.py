@@ -163,7 +163,7 @@ def test_v3_never_replays_the_old_journal():
     """The v2 journal's blocks stay in the journal area after the upgrade; the v3 journal
     (from position 0, sequence 1) does not accept them: their version differs."""
     dev = MemoryDevice(SIZE, image("v2-unclean"))
-    sb = upgrade_mod._read_old_superblock(dev)[0]
+    sb = upgrade_mod.read_old_superblock(dev)[0]
     old = Journal(dev, sb.uuid, sb.journal_start, sb.journal_blocks, sb.journal_tail,
                   sb.journal_seq, version=VERSION_V2).scan()
     assert old.transactions  # there is something to replay in the v2 journal
@@ -307,7 +307,7 @@ def test_v1_store_half_resealed_by_the_v2_upgrade():
     from ddsnap.store.format import HEADER, T_NODE, T_SNAPTABLE, VERSION_V1, seal
 
     dev = MemoryDevice(SIZE, image("v1-clean"))
-    sb = upgrade_mod._read_old_superblock(dev)[0]
+    sb = upgrade_mod.read_old_superblock(dev)[0]
     for block, kind in ((sb.snaptable_start, T_SNAPTABLE), (sb.state.root, T_NODE)):
         buf = bytearray(dev.pread(BLOCK_SIZE, block * BLOCK_SIZE))
         assert header_version(buf) == VERSION_V1

@@ -145,7 +145,7 @@ def make(name: str):
         return bytes(dev.current), origin
     # The delete's commit, without its sweep (what a crash between the two leaves).
     svc.store.begin_delete("s5")
-    svc._refresh_snaps()
+    svc._refresh_snaps()  # noqa: SLF001 - ddsnap 0.2's service, as it was
     svc.commit()
     svc.merge_step_chunks = MERGE_STEP
     svc.start_merge("s2", keep=False)

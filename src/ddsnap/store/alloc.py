@@ -60,6 +60,11 @@ class Bitmap:
     def test(self, b: int) -> bool:
         return bool(self.bits[b >> 3] >> (b & 7) & 1)
 
+    def set_bit(self, b: int, on: bool) -> None:
+        """Mark block ``b`` used (``on``) or free in the bitmap alone, with no free
+        counts or quarantine kept: for repair tools and damage tests."""
+        self._set(b, on)
+
     def _set(self, b: int, on: bool) -> None:
         i = b >> 3
         if on:

@@ -456,6 +456,15 @@ class ExceptionStore(abc.ABC):
                 damaged tree block; ``check`` names it).
         """
 
+    def space_account(self) -> SpaceAccount:
+        """The exception groups behind the space figures, as kept incrementally
+        (:class:`~ddsnap.store.snapshots.SpaceAccount`): for ``check`` and tests.
+
+        Raises:
+            CorruptMetadata: as :meth:`_space_account`.
+        """
+        return self._space_account()
+
     def snapshot_space(self) -> dict[int, tuple[int, int]]:
         """Space each live snapshot uses: ``{id: (exclusive, shared)}``, in chunks
         (multiply by :attr:`chunk_size` for bytes).

@@ -395,6 +395,20 @@ class BTree(BlockCache):
         _path, block, leaf = self._probe(key)
         return block, leaf
 
+    def raw_put(self, key: int, value: int) -> None:
+        """Put record ``key -> value`` into the tree alone, bypassing the rules of
+        versioned exceptions, the space figures and the tag index (committed with the
+        next commit): for repair tools and tests of what damage can look like."""
+        self._kv_put(key, value)
+
+    def raw_delete(self, key: int) -> None:
+        """Remove record ``key`` from the tree alone (see :meth:`raw_put`).
+
+        Raises:
+            CorruptMetadata: no such record.
+        """
+        self._kv_del(key)
+
     def evict_clean(self) -> None:
         """Drop every clean block from the cache (changed ones stay): the next lookups
         read the tree from disk, or raise NotCached when told not to."""

@@ -165,7 +165,7 @@ class State:
 #: root, levels, next_snapshot_id, merge_version, merge_keep, merge_cursor, full_policy
 _STATE = struct.Struct("<QIQIIQI")  # 40 bytes
 _SB_STATE_OFF = _SB_OFF + _SB.size  # 136
-_SB_PATH_OFF = _SB_STATE_OFF + _STATE.size  # 176: path length, then the path
+SB_PATH_OFF = _SB_STATE_OFF + _STATE.size  # 176: path length, then the path
 
 
 @dataclass
@@ -270,8 +270,8 @@ class Superblock:
             self.bitmap_start, self.bitmap_blocks, self.journal_start, self.journal_blocks,
             self.journal_tail, self.journal_seq, flags)
         self.state.pack_into(buf, _SB_STATE_OFF)
-        struct.pack_into("<H", buf, _SB_PATH_OFF, len(path))
-        buf[_SB_PATH_OFF + 2: _SB_PATH_OFF + 2 + len(path)] = path
+        struct.pack_into("<H", buf, SB_PATH_OFF, len(path))
+        buf[SB_PATH_OFF + 2: SB_PATH_OFF + 2 + len(path)] = path
         if version >= 2:
             if self.identity is not None:
                 i = self.identity
@@ -298,12 +298,12 @@ class Superblock:
         (blocks, cshift, maxsnap, osize, created, st_start, st_blocks, bm_start, bm_blocks,
          j_start, j_blocks, j_tail, j_seq, flags) = _SB.unpack_from(buf, _SB_OFF)
         state = State.unpack_from(buf, _SB_STATE_OFF)
-        (plen,) = struct.unpack_from("<H", buf, _SB_PATH_OFF)
+        (plen,) = struct.unpack_from("<H", buf, SB_PATH_OFF)
         if plen > MAX_ORIGIN_PATH:
             raise CorruptMetadata(block, "origin path length out of range")
         if seq % 2 != block:
             raise CorruptMetadata(block, f"generation {seq} does not belong in slot {block}")
-        off = _SB_PATH_OFF + 2
+        off = SB_PATH_OFF + 2
         path = bytes(buf[off: off + plen]).decode(errors="replace")
         identity, auto = None, []
         if version >= 2:

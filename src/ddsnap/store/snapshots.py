@@ -314,6 +314,11 @@ class SpaceAccount:
         self._cache: tuple | None = None  # (groups generation, table generation, figures)
         self._gen = 0
 
+    def invalidate(self) -> None:
+        """Forget the cached figures: the next :meth:`figures` recomputes them from
+        :attr:`groups` (after ``groups`` was edited directly, as a damage test does)."""
+        self._cache = None
+
     def add(self, key: tuple, n: int = 1) -> None:
         """``n`` exceptions joined group ``key`` (negative: left it)."""
         if not n:

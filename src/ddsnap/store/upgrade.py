@@ -202,7 +202,7 @@ def _v2_decode_node(buf: bytes, block: int) -> list[int]:
 # ---------------------------------------------------------------------------------------
 # Reading the old store
 
-def _read_old_superblock(dev: BlockDevice) -> tuple[Superblock, int]:
+def read_old_superblock(dev: BlockDevice) -> tuple[Superblock, int]:
     """The newest valid superblock slot and its format version (1 or 2).
 
     Raises:
@@ -622,7 +622,7 @@ def upgrade_store(dev: BlockDevice, origin: BlockDevice | str | None = None,
         OriginMismatch: origin chunks must be copied and the origin cannot be opened or
             has the wrong size; nothing was written.
     """
-    sb, version = _read_old_superblock(dev)
+    sb, version = read_old_superblock(dev)
     if dev.size < sb.blocks * BLOCK_SIZE:
         raise CorruptMetadata(sb.slot, f"the store needs {human_bytes(sb.blocks * BLOCK_SIZE)} "
                                        f"but {dev.path} has {human_bytes(dev.size)} "
