@@ -343,7 +343,7 @@ def host_error(e: OSError, what: str, path: str, doing: str = "") -> HostIOError
 BY_NAME: dict[str, type[DdsnapError]] = {}
 
 
-def _register(cls: type) -> None:
+def _register(cls: type[DdsnapError]) -> None:
     BY_NAME[cls.__name__] = cls
     for sub in cls.__subclasses__():
         _register(sub)

@@ -26,7 +26,7 @@ import abc
 import datetime as _dt
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .blockdev import BlockDevice
 from .format import FULL_POLICIES, NO_MERGE, State
@@ -117,10 +117,15 @@ class ExceptionStore(abc.ABC):
     #: the versions: live snapshots, ghosts, and how they descend from each other
     table: VersionTable
 
-    #: bytes the store uses for exceptions and metadata (whole chunks)
-    store_size: int
-    #: the fewest bytes ``resize_store`` accepts (whole chunks)
-    min_size: int
+    @property
+    @abc.abstractmethod
+    def store_size(self) -> int:
+        """Bytes the store uses for exceptions and metadata (whole chunks)."""
+
+    @property
+    @abc.abstractmethod
+    def min_size(self) -> int:
+        """The fewest bytes :meth:`resize_store` accepts (whole chunks)."""
 
     @property
     def origin_chunks(self) -> int:
@@ -378,7 +383,7 @@ class ExceptionStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def write_commit(self, batch: object) -> None:
+    def write_commit(self, batch: Any) -> None:
         """Make a captured batch durable: exception data first, then the metadata commit.
 
         DESIGN.md invariant 3.  Called without the metadata lock, one batch at a time, in

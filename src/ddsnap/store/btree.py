@@ -121,7 +121,7 @@ class BTree(BlockCache):
         return leaf.keys[i], leaf.vals[i]
 
     def _kv_range(self, lo, hi, limit=None):
-        out = []
+        out: list[tuple[int, int]] = []
         path, _b, leaf = self._probe(lo)
         i = bisect.bisect_left(leaf.keys, lo)
         while True:

@@ -81,9 +81,9 @@ def check_frame(store) -> tuple[list[Finding], list[range]]:
         except CorruptMetadata as e:
             findings.append(Finding("warning", block, f"{e.why} (recovery replaces this "
                                                       "block from the journal)"))
-    unreadable = {e.block for e in store.unreadable}
-    for e in store.unreadable:
-        findings.append(Finding("fatal", e.block, e.why))
+    unreadable = {u.block for u in store.unreadable}
+    for u in store.unreadable:
+        findings.append(Finding("fatal", u.block, u.why))
     no_leak_count: list[range] = []
     for b in store.table_blocks:
         if b not in unreadable:
@@ -241,7 +241,7 @@ def check_store(store, leaks: list[int] | None = None) -> list[Finding]:
                      f"{what} in block {b}")
 
     # Leaks: allocated blocks past the reserved area that nothing references.
-    used_by_chunks = set()
+    used_by_chunks: set[int] = set()
     for c in referenced_chunks:
         used_by_chunks.update(range(c * bpc, (c + 1) * bpc))
     leaked = 0

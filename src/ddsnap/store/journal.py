@@ -171,7 +171,7 @@ class Journal:
         pos = self.head
         images = tx.images
         groups = [images[i:i + JD_MAX] for i in range(0, len(images), JD_MAX)] or [[]]
-        blocks: list[bytes] = []  # the transaction's journal blocks, from slot ``head``
+        blocks: list[bytes | bytearray] = []  # the transaction's journal blocks, from slot ``head``
         for gi, group in enumerate(groups):
             desc = encode_descriptor([b for b, _ in group], gi == len(groups) - 1, tx.state)
             seal(desc, T_JOURNAL, self._slot_block(pos + len(blocks)), tx.seq, self.uuid,
@@ -204,7 +204,7 @@ class Journal:
         self.write_commit(tx)
         self.dev.flush()
 
-    def _write_slots(self, pos: int, blocks: list[bytes]) -> None:
+    def _write_slots(self, pos: int, blocks: list[bytes | bytearray]) -> None:
         # One write per stretch of consecutive slots (two if the journal wraps), not one
         # per block: each block carries its own checksum, so a torn write is still
         # found at replay as it was with single-block writes.
@@ -359,15 +359,16 @@ class Journal:
                 b, buf = slot(p)
                 h = peek_header(buf, self.version)
                 ours = h is not None and h[2] == seq and buf[32:48] == self.uuid
-                if ours and h[0] == T_JOURNAL and h[1] == b:
+                kind, home = (h[0], h[1]) if h is not None else (None, None)
+                if ours and kind == T_JOURNAL and home == b:
                     try:
                         expect = decode_descriptor(buf)[0]
                         continue
                     except ValueError:
                         pass
-                elif ours and h[0] != T_JOURNAL:
-                    images.append((h[1], buf))
-                    newest[h[1]] = True
+                elif ours and kind != T_JOURNAL and home is not None:
+                    images.append((home, buf))
+                    newest[home] = True
                     if expect:
                         expect.pop(0)
                     continue

@@ -159,6 +159,8 @@ class MemoryStore(VersionedStore):
                 "chunks_used": self._nchunks - free}
 
     def _space_account(self) -> SpaceAccount:
+        if self._space is None:  # counted at creation, kept ever since
+            raise AssertionError("a memory store without space figures")
         return self._space
 
     def check(self) -> list[Finding]:
@@ -168,7 +170,9 @@ class MemoryStore(VersionedStore):
         if used & set(self._free):
             findings.append(Finding("fatal", None, "a referenced chunk is on the free list"))
         truth, _counts = self._count_groups()
-        for msg in self._space.drift(truth, self.table, lambda v: self.table.slot(v).name):
+        drift = self._space_account().drift(truth, self.table,
+                                            lambda v: self.table.slot(v).name)
+        for msg in drift:
             findings.append(Finding("fatal", None, msg))
         return findings
 

@@ -439,7 +439,7 @@ class SharedStore(BTree, VersionedStore):
         self.dev.pwrite(sb.encode(), (sb.generation % 2) * BLOCK_SIZE)
         self.dev.flush()
 
-    def _write_home(self, block: int, img: bytes) -> None:
+    def _write_home(self, block: int, img: bytes | bytearray) -> None:
         self.dev.pwrite(img, block * BLOCK_SIZE)
 
     def _snaptable_image(self, index: int, seq: int) -> bytearray:

@@ -189,7 +189,8 @@ def _v2_decode_node(buf: bytes, block: int) -> list[int]:
     n, _r = _V2_NODE_HEAD.unpack_from(buf, HEADER_SIZE)
     if not 1 <= n <= _V2_NODE_MAX:
         raise CorruptMetadata(block, f"index node count {n} out of range")
-    keys, children = [], []
+    keys: list[int] = []
+    children: list[int] = []
     for i in range(n):
         k, c = _V2_ENTRY.unpack_from(buf, _V2_NODE_ENTRIES_OFF + _V2_ENTRY.size * i)
         if keys and k <= keys[-1]:
@@ -347,7 +348,8 @@ def _read_old(dev: BlockDevice, sb: Superblock, version: int, progress) -> _Old:
         if buf is None:
             buf = dev.pread(BLOCK_SIZE, block * BLOCK_SIZE)
         v = header_version(buf)
-        check_header(buf, kind, block, uuid, version=v if v in accepted else version)
+        check_header(buf, kind, block, uuid,
+                     version=v if v is not None and v in accepted else version)
         return buf
 
     nslots = sb.max_snapshots
@@ -742,11 +744,14 @@ def upgrade_store(dev: BlockDevice, origin: BlockDevice | str | None = None,
     try:
         cs = sb.chunk_size
         for (what, n), d in zip(copies, dst, strict=True):
-            data = src.pread(cs, n * cs) if what == "origin" else dev.pread(cs, n * cs)
+            from_dev = src if what == "origin" else dev
+            if from_dev is None:  # copies from the origin open it above
+                raise AssertionError("an origin copy without the origin open")
+            data = from_dev.pread(cs, n * cs)
             dev.pwrite(data, d * cs)
             step(bpc)
     finally:
-        if opened:
+        if opened and src is not None:
             src.close()
     for first, run in _runs(sorted(images.items())):
         dev.pwrite(b"".join(run), first * BLOCK_SIZE)
@@ -789,7 +794,8 @@ def upgrade_store(dev: BlockDevice, origin: BlockDevice | str | None = None,
 def _runs(items):
     """Group ``(block, image)`` pairs (ascending blocks) into runs of consecutive
     blocks, at most :data:`_WRITE_RUN` long: yields ``(first block, [images])``."""
-    first, run = None, []
+    first = 0
+    run: list[bytes] = []
     for b, img in items:
         if run and (b != first + len(run) or len(run) >= _WRITE_RUN):
             yield first, run

@@ -449,8 +449,8 @@ class VersionedStore(ExceptionStore):
         self._kv_reserve([pack_key(version, chunk, newest), pack_key(version, chunk, INF)])
         added = []
         own = r is not None and r[0] >> 96 == version
-        if own or (kept is None and r is not None and self._readers_after(version, 0, chunk)
-                   and self._within(self._gkey_of(r[0]), version)):
+        if r is not None and (own or (kept is None and self._readers_after(version, 0, chunk)
+                                      and self._within(self._gkey_of(r[0]), version))):
             # The exception it read stays, as it is, for the snapshots taken of it: its
             # own current data (they read it), or an ancestor's exception only its subtree
             # reads; it becomes history tagged with the newest of them (re-keyed, not
@@ -498,6 +498,8 @@ class VersionedStore(ExceptionStore):
         sp = self._space
         key = pack_key(owner, chunk, tag)
         sc = self._kv_get(key)
+        if sc is None:  # the callers read the entry from the tree just before
+            raise AssertionError(f"exception {unpack_key(key)} vanished before its removal")
         nxt = self._next_entry(key)
         last = nxt is None and self._prev_tag(owner, chunk, tag) == 0
         anc = self._resolve_above(owner, chunk) if last and owner != ORIGIN else None
@@ -599,7 +601,7 @@ class VersionedStore(ExceptionStore):
         """True if the origin's snapshots are not all one size (the origin grew between
         them).  Their sizes only grow with the id (a shrink is refused while a bigger
         version exists), so the first and the last tell."""
-        kids = self.table.children.get(ORIGIN, ())
+        kids = self.table.children.get(ORIGIN) or []
         return bool(kids) and self.table.slot(kids[0]).size < self.table.slot(kids[-1]).size
 
     def _past_readers(self, group: tuple, chunk: int) -> bool:
