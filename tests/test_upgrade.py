@@ -33,8 +33,9 @@ from ddsnap.errors import DdsnapError, FormatTooOld, OriginMismatch, StoreFull
 from ddsnap.service.local import LocalService
 from ddsnap.store import upgrade as upgrade_mod
 from ddsnap.store.blockdev import FileDevice, MemoryDevice
-from ddsnap.store.format import BLOCK_SIZE, NO_MERGE, VERSION, VERSION_V2, header_version
+from ddsnap.store.format import BLOCK_SIZE, VERSION, VERSION_V2, header_version
 from ddsnap.store.journal import Journal
+from ddsnap.store.model import NO_MERGE
 from ddsnap.store.shared import SharedStore
 from ddsnap.store.upgrade import upgrade_store
 from ddsnap.testing.crash import CrashClock, CrashNow, RecordingDevice

@@ -32,9 +32,9 @@ from .errors import (
 )
 from .service.api import MetadataService
 from .service.local import LocalService
-from .store.api import Finding
 from .store.blockdev import FileDevice
 from .store.format import VERSION, OriginIdentity
+from .store.model import Finding
 from .store.shared import SharedStore
 from .store.superblock import read_superblocks
 from .units import human_bytes

@@ -36,8 +36,7 @@ from .errors import (
 )
 from .errors import from_dict as error_from_dict
 from .store.blockdev import FileDevice
-from .store.format import FULL_POLICIES
-from .store.memory import check_geometry
+from .store.model import FULL_POLICIES, check_geometry
 from .store.shared import SharedStore
 from .store.superblock import read_superblock
 from .units import human_bytes, parse_size
@@ -646,7 +645,7 @@ def check(store, as_json, repair):
             try:
                 report = control.call(path, "check", timeout=_timeout())
             except CorruptMetadata as e:
-                from .store.api import Finding
+                from .store.model import Finding
 
                 report = admin.findings_report([Finding("fatal", getattr(e, "block", None),
                                                         getattr(e, "why", str(e)))])

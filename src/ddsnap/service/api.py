@@ -23,8 +23,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..store.api import Finding, SnapshotInfo
 from ..store.blockdev import BlockDevice
+from ..store.model import Finding, SnapshotInfo
 
 __all__ = ["DataDevices", "Finding", "MetadataService", "ReadMap", "ServiceStatistics",
            "SnapshotInfo", "StoreStatus"]

@@ -32,8 +32,9 @@ from ..errors import (
     StoreFull,
     host_error,
 )
-from ..store.api import ExceptionStore, SnapshotInfo
+from ..store.api import ExceptionStore
 from ..store.blockdev import BlockDevice, copy_range
+from ..store.model import SnapshotInfo
 from .api import DataDevices
 from .progress import MergeProgress, merge_step_bytes
 

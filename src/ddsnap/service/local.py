@@ -28,7 +28,7 @@ from ..errors import (
     SnapshotBusy,
     host_error,
 )
-from ..store.api import Finding, SnapshotInfo
+from ..store.model import Finding, SnapshotInfo
 from ..units import human_bytes
 from .api import ServiceStatistics, StoreStatus
 from .core import COPY_CHUNKS

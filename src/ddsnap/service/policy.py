@@ -9,7 +9,7 @@ import logging
 import time
 
 from ..errors import StoreFull
-from ..store.api import SnapshotInfo
+from ..store.model import SnapshotInfo
 from .core import ServiceCore
 
 log = logging.getLogger("ddsnap.service")

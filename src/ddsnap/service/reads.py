@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import threading
 
-from ..store.api import NotCached, SnapshotInfo
+from ..store.api import NotCached
+from ..store.model import SnapshotInfo
 from .api import ReadMap
 from .core import ServiceCore
 

@@ -11,7 +11,7 @@ from ..errors import (
     ReadOnlyVolume,
     StoreFull,
 )
-from ..store.api import SnapshotInfo
+from ..store.model import SnapshotInfo
 from .core import ServiceCore, _Reclaim
 
 log = logging.getLogger("ddsnap.service")

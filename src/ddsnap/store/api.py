@@ -23,13 +23,10 @@ a commit's disk flushes do not hold up new mappings.
 from __future__ import annotations
 
 import abc
-import datetime as _dt
-import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .blockdev import BlockDevice
-from .format import FULL_POLICIES, NO_MERGE, State
+from .model import FULL_POLICIES, NO_MERGE, Finding, SnapshotInfo, State, utc_iso
 
 if TYPE_CHECKING:
     from .snapshots import SpaceAccount, VersionTable
@@ -38,63 +35,6 @@ if TYPE_CHECKING:
 class NotCached(Exception):
     """A lookup would have to read metadata from disk (see
     :meth:`ExceptionStore.snapshot_exception_nowait`); not an error, a "try elsewhere"."""
-
-
-@dataclass(frozen=True)
-class SnapshotInfo:
-    """A live snapshot.
-
-    Attributes:
-        name: the export name (1..255 bytes of UTF-8).
-        id: its version id: unique, never reused.
-        created: creation time, nanoseconds since the Unix epoch (UTC).
-        read_only: writes are refused.
-        parent: the version it was taken of: 0 for the origin, else a snapshot's id.
-        parent_name: ``"origin"``, the parent snapshot's name, or None when the parent
-            was deleted (it lives on as a ghost for this snapshot's sake).
-        size: the volume's size in bytes (0: the origin's size).
-    """
-
-    name: str
-    id: int
-    created: int
-    read_only: bool
-    parent: int = 0
-    parent_name: str | None = "origin"
-    size: int = 0
-
-    @property
-    def created_iso(self) -> str:
-        """Creation time as ISO 8601 UTC, e.g. ``2026-11-21T10:00:00.123456Z``."""
-        t = _dt.datetime.fromtimestamp(self.created / 1e9, tz=_dt.UTC)
-        return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "id": self.id, "created": self.created_iso,
-                "read_only": self.read_only, "parent": self.parent_name,
-                "parent_id": self.parent, "size": self.size}
-
-
-@dataclass
-class Finding:
-    """One result of a consistency check.
-
-    Attributes:
-        severity: ``"fatal"`` (data or metadata is wrong) or ``"warning"`` (e.g. a leak).
-        block: the metadata block number concerned, or None.
-        message: what is wrong.
-    """
-
-    severity: str
-    block: int | None
-    message: str
-
-    def to_dict(self) -> dict:
-        return {"severity": self.severity, "block": self.block, "message": self.message}
-
-
-def _utc(ns: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns / 1e9))
 
 
 class ExceptionStore(abc.ABC):
@@ -137,7 +77,7 @@ class ExceptionStore(abc.ABC):
         the Unix epoch); a store that persists it (SharedStore: in the superblock, at
         the delete's checkpoint) reports it after a restart."""
         self.__dict__.setdefault("_auto_deleted", []).append(
-            {"name": info.name, "id": info.id, "deleted": _utc(when_ns)})
+            {"name": info.name, "id": info.id, "deleted": utc_iso(when_ns)})
 
     def auto_deleted(self) -> list[dict]:
         """Snapshots the full-store policy deleted, oldest first: ``name``, ``id`` and

@@ -18,15 +18,8 @@ import bisect
 
 from ..errors import CorruptMetadata, StoreFull
 from .cache import BlockCache
-from .format import (
-    LEAF_MAX,
-    NODE_MAX,
-    T_LEAF,
-    T_NODE,
-    Leaf,
-    Node,
-    State,
-)
+from .format import LEAF_MAX, NODE_MAX, T_LEAF, T_NODE, Leaf, Node
+from .model import State
 
 
 class BTree(BlockCache):

@@ -18,7 +18,6 @@ any drift of the figures the store keeps incrementally.
 from __future__ import annotations
 
 from ..errors import CorruptMetadata
-from .api import Finding
 from .format import (
     BITS_PER_BITMAP,
     INDEX,
@@ -34,6 +33,7 @@ from .format import (
     unpack_index,
     unpack_key,
 )
+from .model import Finding
 
 
 def check_frame(store) -> tuple[list[Finding], list[range]]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import crc32c
 
 from ..errors import CorruptMetadata
+from .model import State
 
 BLOCK_SIZE = 4096
 BLOCK_SHIFT = 12
@@ -118,53 +119,23 @@ _SB = struct.Struct("<QIIQQ QI QI QI QQ I")
 _SB_OFF = HEADER_SIZE
 MAX_ORIGIN_PATH = 1024
 
-#: no snapshot is being merged
-NO_MERGE = 0xFFFFFFFF
-#: full-store policies (``ddsnap set STORE full-policy=...``)
-FULL_POLICIES = ("error", "delete-oldest")
-
-
-@dataclass
-class State:
-    """The volatile root state, carried by every journal commit and by the superblock.
-
-    Attributes:
-        root: block number of the B-tree root (an index node).
-        levels: number of index-node levels above the leaves (>= 1).
-        next_snapshot_id: the id the next snapshot gets (ids are never reused).
-        merge_version: version id of the snapshot being merged into the origin, or
-            :data:`NO_MERGE`.
-        merge_keep: keep the merged snapshot when the merge completes.
-        merge_cursor: logical chunks below this are merged (seed 003's progress).
-        full_policy: index into :data:`FULL_POLICIES`.
-    """
-
-    root: int = 0
-    levels: int = 1
-    next_snapshot_id: int = 1
-    merge_version: int = NO_MERGE
-    merge_keep: bool = False
-    merge_cursor: int = 0
-    full_policy: int = 0
-
-    def copy(self) -> State:
-        return State(self.root, self.levels, self.next_snapshot_id, self.merge_version,
-                     self.merge_keep, self.merge_cursor, self.full_policy)
-
-    def pack_into(self, buf, off: int) -> None:
-        _STATE.pack_into(buf, off, self.root, self.levels, self.next_snapshot_id,
-                         self.merge_version, 1 if self.merge_keep else 0, self.merge_cursor,
-                         self.full_policy)
-
-    @classmethod
-    def unpack_from(cls, buf, off: int) -> State:
-        root, levels, next_id, mbit, keep, cursor, policy = _STATE.unpack_from(buf, off)
-        return cls(root, levels, next_id, mbit, bool(keep & 1), cursor, policy)
-
-
 #: root, levels, next_snapshot_id, merge_version, merge_keep, merge_cursor, full_policy
 _STATE = struct.Struct("<QIQIIQI")  # 40 bytes
 _SB_STATE_OFF = _SB_OFF + _SB.size  # 136
+
+
+def pack_state(state: State, buf, off: int) -> None:
+    """Write ``state`` (40 bytes) into ``buf`` at ``off``: superblock, journal
+    descriptor and commit block all carry it."""
+    _STATE.pack_into(buf, off, state.root, state.levels, state.next_snapshot_id,
+                     state.merge_version, 1 if state.merge_keep else 0, state.merge_cursor,
+                     state.full_policy)
+
+
+def unpack_state(buf, off: int) -> State:
+    """The :class:`State` packed at ``off`` in ``buf`` (:func:`pack_state`)."""
+    root, levels, next_id, mbit, keep, cursor, policy = _STATE.unpack_from(buf, off)
+    return State(root, levels, next_id, mbit, bool(keep & 1), cursor, policy)
 SB_PATH_OFF = _SB_STATE_OFF + _STATE.size  # 176: path length, then the path
 
 
@@ -269,7 +240,7 @@ class Superblock:
             self.origin_size, self.created, self.snaptable_start, self.snaptable_blocks,
             self.bitmap_start, self.bitmap_blocks, self.journal_start, self.journal_blocks,
             self.journal_tail, self.journal_seq, flags)
-        self.state.pack_into(buf, _SB_STATE_OFF)
+        pack_state(self.state, buf, _SB_STATE_OFF)
         struct.pack_into("<H", buf, SB_PATH_OFF, len(path))
         buf[SB_PATH_OFF + 2: SB_PATH_OFF + 2 + len(path)] = path
         if version >= 2:
@@ -297,7 +268,7 @@ class Superblock:
         uuid = bytes(buf[32:48])
         (blocks, cshift, maxsnap, osize, created, st_start, st_blocks, bm_start, bm_blocks,
          j_start, j_blocks, j_tail, j_seq, flags) = _SB.unpack_from(buf, _SB_OFF)
-        state = State.unpack_from(buf, _SB_STATE_OFF)
+        state = unpack_state(buf, _SB_STATE_OFF)
         (plen,) = struct.unpack_from("<H", buf, SB_PATH_OFF)
         if plen > MAX_ORIGIN_PATH:
             raise CorruptMetadata(block, "origin path length out of range")
@@ -570,7 +541,7 @@ JD_FINAL = 1
 def encode_descriptor(targets: list[int], final: bool, state: State) -> bytearray:
     buf = bytearray(BLOCK_SIZE)
     _JD.pack_into(buf, HEADER_SIZE, len(targets), JD_FINAL if final else 0)
-    state.pack_into(buf, _JD_STATE_OFF)
+    pack_state(state, buf, _JD_STATE_OFF)
     struct.pack_into(f"<{len(targets)}Q", buf, JD_ENTRIES_OFF, *targets)
     return buf
 
@@ -580,7 +551,7 @@ def decode_descriptor(buf: bytes) -> tuple[list[int], bool, State]:
     if n > JD_MAX:
         raise ValueError("descriptor count out of range")
     targets = list(struct.unpack_from(f"<{n}Q", buf, JD_ENTRIES_OFF))
-    return targets, bool(flags & JD_FINAL), State.unpack_from(buf, _JD_STATE_OFF)
+    return targets, bool(flags & JD_FINAL), unpack_state(buf, _JD_STATE_OFF)
 
 
 # ---------------------------------------------------------------------------------------
@@ -618,7 +589,7 @@ def encode_commit(rec: CommitRecord, block: int, uuid: bytes,
     half = bytearray(COMMIT_COPY)
     _COMMIT.pack_into(half, 0, MAGIC, T_COMMIT, version, 0, 0, block, rec.seq, uuid,
                       rec.start, rec.blocks, 0)
-    rec.state.pack_into(half, _COMMIT_STATE_OFF)
+    pack_state(rec.state, half, _COMMIT_STATE_OFF)
     struct.pack_into("<I", half, _COMMIT_CRC_OFF, crc32c.crc32c(half))
     return half + half
 
@@ -643,7 +614,7 @@ def decode_commit(buf: bytes, block: int, uuid: bytes,
             struct.pack_into("<I", half, _COMMIT_CRC_OFF, 0)
             if (t == T_COMMIT and ver == version and bno == block and buuid == uuid
                     and crc32c.crc32c(half) == crc):
-                rec = CommitRecord(seq, start, blocks, State.unpack_from(half, _COMMIT_STATE_OFF))
+                rec = CommitRecord(seq, start, blocks, unpack_state(half, _COMMIT_STATE_OFF))
         recs.append(rec)
     good = [r for r in recs if r is not None]
     if len(good) == 2 and good[0] != good[1]:

@@ -48,7 +48,6 @@ from .format import (
     T_JOURNAL,
     VERSION,
     CommitRecord,
-    State,
     check_header,
     decode_commit,
     decode_descriptor,
@@ -57,6 +56,7 @@ from .format import (
     peek_header,
     seal,
 )
+from .model import State
 
 
 @dataclass

@@ -14,9 +14,8 @@ import heapq
 from sortedcontainers import SortedDict
 
 from ..errors import InvalidArgument, ShrinkRefused, StoreFull
-from .api import Finding
 from .blockdev import MemoryDevice
-from .format import State
+from .model import Finding, State, check_geometry
 from .snapshots import SpaceAccount, VersionTable
 from .versioned import VersionedStore
 
@@ -178,17 +177,3 @@ class MemoryStore(VersionedStore):
 
     def close(self) -> None:
         pass
-
-
-def check_geometry(chunk_size: int, max_snapshots: int) -> None:
-    """Validate ``--chunk-size`` and ``--max-snapshots``.
-
-    Raises:
-        InvalidArgument: chunk size not a power of two in [4 KiB, 1 MiB], or a snapshot
-            limit that is negative or above 2^32 - 3 (0 means no limit).
-    """
-    if chunk_size < 4096 or chunk_size > 1 << 20 or chunk_size & (chunk_size - 1):
-        raise InvalidArgument(f"chunk size must be a power of two from 4K to 1M, not {chunk_size}")
-    if not 0 <= max_snapshots <= 0xFFFFFFFD:
-        raise InvalidArgument(f"max snapshots must be 0 (no limit) or a positive count, "
-                              f"not {max_snapshots}")

@@ -22,7 +22,6 @@ from humanfriendly import format_size
 from ..errors import CorruptMetadata, InvalidArgument, StoreFull
 from ..units import human_bytes
 from .alloc import Bitmap
-from .api import Finding, SnapshotInfo
 from .blockdev import BlockDevice
 from .btree import BTree
 from .cache import CACHE_BLOCKS
@@ -43,7 +42,6 @@ from .format import (
     Leaf,
     Node,
     SnapSlot,
-    State,
     Superblock,
     check_header,
     decode_snaptable,
@@ -51,7 +49,7 @@ from .format import (
     seal,
 )
 from .journal import Journal, Replay, Transaction
-from .memory import check_geometry
+from .model import Finding, SnapshotInfo, State, check_geometry, utc_iso
 from .snapshots import SpaceAccount, VersionTable
 from .superblock import (
     SlotReport,
@@ -380,8 +378,7 @@ class SharedStore(BTree, VersionedStore):
         del self.sb.auto_deleted[:-AUTO_DELETED_MAX]
 
     def auto_deleted(self) -> list[dict]:
-        from .api import _utc
-        return [{"name": r.name, "id": r.id, "deleted": _utc(r.deleted)}
+        return [{"name": r.name, "id": r.id, "deleted": utc_iso(r.deleted)}
                 for r in self.sb.auto_deleted]
 
     def set_origin_path(self, path: str) -> None:

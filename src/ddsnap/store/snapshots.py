@@ -17,7 +17,6 @@ import heapq
 import time
 
 from ..errors import InvalidArgument, SnapshotExists, SnapshotNotFound, TooManySnapshots
-from .api import SnapshotInfo
 from .format import (
     INF,
     MAX_NAME,
@@ -28,6 +27,7 @@ from .format import (
     SLOT_LIVE,
     SnapSlot,
 )
+from .model import SnapshotInfo
 
 
 def validate_name(name: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import CorruptMetadata, FormatTooOld, NotAStore
-from .api import Finding
 from .blockdev import BlockDevice
 from .format import (
     BITS_PER_BITMAP,
@@ -23,7 +22,7 @@ from .format import (
     Superblock,
     header_version,
 )
-from .memory import check_geometry
+from .model import Finding, check_geometry
 
 
 def layout(blocks: int, bpc: int, max_snapshots: int, journal_blocks: int | None):

@@ -71,7 +71,6 @@ from .format import (
     MAGIC,
     MAX_NAME,
     MAX_VERSION,
-    NO_MERGE,
     NODE_MAX,
     ORIGIN,
     SLOT_LIVE,
@@ -87,7 +86,6 @@ from .format import (
     Leaf,
     Node,
     SnapSlot,
-    State,
     Superblock,
     check_header,
     decode_descriptor,
@@ -99,6 +97,7 @@ from .format import (
     seal,
 )
 from .journal import Journal
+from .model import NO_MERGE, State
 
 #: the formats ``upgrade_store`` converts
 OLD_VERSIONS = (VERSION_V1, VERSION_V2)

@@ -34,12 +34,11 @@ import bisect
 
 from sortedcontainers import SortedList
 
-from .api import ExceptionStore, Finding, SnapshotInfo
+from .api import ExceptionStore
 from .format import (
     INDEX,
     INF,
     MERGED,
-    NO_MERGE,
     ORIGIN,
     SLOT_DELETING,
     SLOT_FREE,
@@ -49,6 +48,7 @@ from .format import (
     unpack_index,
     unpack_key,
 )
+from .model import NO_MERGE, Finding, SnapshotInfo
 from .snapshots import SpaceAccount, VersionTable, region_readers
 
 _EMPTY: frozenset = frozenset()
