@@ -29,7 +29,8 @@ from .blockdev import BlockDevice
 from .model import FULL_POLICIES, NO_MERGE, Finding, SnapshotInfo, State, utc_iso
 
 if TYPE_CHECKING:
-    from .snapshots import SpaceAccount, VersionTable
+    from .snapshots import VersionTable
+    from .space import SpaceAccount
 
 
 class NotCached(Exception):
@@ -389,7 +390,7 @@ class ExceptionStore(abc.ABC):
     # -- per-snapshot space (issue 3, "Space accounting") --------------------------------
     #
     # Kept up to date incrementally by both stores wherever an exception changes (a
-    # :class:`~ddsnap.store.snapshots.SpaceAccount` of exception groups): asking never
+    # :class:`~ddsnap.store.space.SpaceAccount` of exception groups): asking never
     # walks the tree.  ``check()`` recounts them from the tree and reports drift.
 
     @abc.abstractmethod
@@ -403,7 +404,7 @@ class ExceptionStore(abc.ABC):
 
     def space_account(self) -> SpaceAccount:
         """The exception groups behind the space figures, as kept incrementally
-        (:class:`~ddsnap.store.snapshots.SpaceAccount`): for ``check`` and tests.
+        (:class:`~ddsnap.store.space.SpaceAccount`): for ``check`` and tests.
 
         Raises:
             CorruptMetadata: as :meth:`_space_account`.

@@ -16,7 +16,8 @@ from sortedcontainers import SortedDict
 from ..errors import InvalidArgument, ShrinkRefused, StoreFull
 from .blockdev import MemoryDevice
 from .model import Finding, State, check_geometry
-from .snapshots import SpaceAccount, VersionTable
+from .snapshots import VersionTable
+from .space import SpaceAccount
 from .versioned import VersionedStore
 
 

@@ -50,7 +50,8 @@ from .format import (
 )
 from .journal import Journal, Replay, Transaction
 from .model import Finding, SnapshotInfo, State, check_geometry, utc_iso
-from .snapshots import SpaceAccount, VersionTable
+from .snapshots import VersionTable
+from .space import SpaceAccount
 from .superblock import (
     SlotReport,
     fits,

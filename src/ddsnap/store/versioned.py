@@ -49,7 +49,8 @@ from .format import (
     unpack_key,
 )
 from .model import NO_MERGE, Finding, SnapshotInfo
-from .snapshots import SpaceAccount, VersionTable, region_readers
+from .snapshots import VersionTable
+from .space import SpaceAccount, region_readers
 
 _EMPTY: frozenset = frozenset()
 #: entries one sweep step may look at before it commits
