@@ -12,7 +12,7 @@ import struct
 import threading
 from typing import Any
 
-from ddsnap.nbd import protocol as P
+from ddsnap.nbd import wire as P
 from ddsnap.nbd.server import NbdServer, ServerStatistics
 
 KiB = 1024

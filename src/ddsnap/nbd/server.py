@@ -20,7 +20,7 @@ enforces the ordering rules of the spec's "Ordering of messages and writes":
   call of that connection has returned.
 
 Backend errors are mapped to NBD errors: ``DdsnapError.errno`` or ``OSError.errno``
-through :func:`ddsnap.nbd.protocol.errno_to_nbd`; any other exception is logged and
+through :func:`ddsnap.nbd.wire.errno_to_nbd`; any other exception is logged and
 reported as EIO.  Nothing one connection does stops the server.
 
 Logging (logger ``ddsnap.nbd``, level INFO): every connection when it ends (peer, export,
@@ -52,14 +52,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ddsnap.errors import DdsnapError, InvalidArgument, ListenError
-from ddsnap.nbd.protocol import (
-    Abort,
-    Command,
-    ExportSelected,
-    ProtocolViolation,
-    Request,
-    ServerConnection,
-)
+from ddsnap.nbd.events import Abort, ExportSelected, ProtocolViolation, Request
+from ddsnap.nbd.protocol import ServerConnection
+from ddsnap.nbd.wire import Command
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from asyncio.trsock import TransportSocket
