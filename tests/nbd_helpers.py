@@ -13,7 +13,8 @@ import threading
 from typing import Any
 
 from ddsnap.nbd import wire as P
-from ddsnap.nbd.server import NbdServer, ServerStatistics
+from ddsnap.nbd.accounting import ServerStatistics
+from ddsnap.nbd.server import NbdServer
 
 KiB = 1024
 MiB = 1024 * KiB
