@@ -12,8 +12,9 @@ import struct
 import threading
 from typing import Any
 
-from ddsnap.nbd import protocol as P
-from ddsnap.nbd.server import NbdServer, ServerStatistics
+from ddsnap.nbd import wire as P
+from ddsnap.nbd.accounting import ServerStatistics
+from ddsnap.nbd.server import NbdServer
 
 KiB = 1024
 MiB = 1024 * KiB

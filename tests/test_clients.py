@@ -140,7 +140,7 @@ def test_nbdinfo_read_only_snapshot(setup):
 def test_read_only_snapshot_refuses_writes_on_the_wire(setup):
     """A client that ignores the read-only flag and sends a WRITE gets EPERM, and the
     snapshot is unchanged."""
-    from ddsnap.nbd.protocol import Command
+    from ddsnap.nbd.wire import Command
     from nbd_helpers import RawClient
 
     c = RawClient(f"unix:{setup.srv.sock}", "frozen")

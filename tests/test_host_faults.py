@@ -31,7 +31,7 @@ import pytest
 from ddsnap import admin
 from ddsnap import errors as E
 from ddsnap.errors import DdsnapError, HostFull, HostIOError, ServiceFailed
-from ddsnap.nbd import protocol as P
+from ddsnap.nbd import wire as P
 from ddsnap.service.local import LocalService
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.shared import SharedStore

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 import test_filesystem as fs
-from ddsnap.nbd.protocol import Command
+from ddsnap.nbd.wire import Command
 from nbd_helpers import RawClient
 from served import (
     DEADLINE,

@@ -24,8 +24,8 @@ import pytest
 
 from ddsnap import admin
 from ddsnap.daemon import Exports
-from ddsnap.nbd import protocol as P
-from ddsnap.nbd.protocol import Command
+from ddsnap.nbd import wire as P
+from ddsnap.nbd.wire import Command
 from nbd_helpers import RawClient, ServerThread, go_data, option, recv_exact
 from served import MiB, Served, ok, wait_until
 

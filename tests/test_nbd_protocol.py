@@ -8,16 +8,10 @@ import struct
 import pytest
 
 from ddsnap.errors import ProtocolError
-from ddsnap.nbd import protocol as P
-from ddsnap.nbd.protocol import (
-    Abort,
-    Command,
-    ExportSelected,
-    ProtocolViolation,
-    Request,
-    ServerConnection,
-    State,
-)
+from ddsnap.nbd import wire as P
+from ddsnap.nbd.events import Abort, ExportSelected, ProtocolViolation, Request
+from ddsnap.nbd.protocol import ServerConnection, State
+from ddsnap.nbd.wire import Command
 from nbd_helpers import MiB, Registry, go_data, meta_data, option, request
 
 

@@ -19,9 +19,9 @@ import threading
 import pytest
 
 from ddsnap.errors import InvalidArgument, ListenError, ReadOnlyVolume, StoreFull
-from ddsnap.nbd import protocol as P
-from ddsnap.nbd.protocol import Command
+from ddsnap.nbd import wire as P
 from ddsnap.nbd.server import NbdServer, parse_listen
+from ddsnap.nbd.wire import Command
 from nbd_helpers import (
     KiB,
     MemoryExport,

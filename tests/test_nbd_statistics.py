@@ -18,8 +18,8 @@ import threading
 import pytest
 
 from ddsnap.errors import StoreFull
-from ddsnap.nbd import protocol as P
-from ddsnap.nbd.protocol import Command
+from ddsnap.nbd import wire as P
+from ddsnap.nbd.wire import Command
 from nbd_helpers import (
     KiB,
     MemoryExport,

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from ddsnap.nbd.protocol import Command
+from ddsnap.nbd.wire import Command
 from nbd_helpers import RawClient
 from served import (
     KiB,

@@ -25,8 +25,8 @@ import struct
 
 import pytest
 
-from ddsnap.nbd import protocol as P
-from ddsnap.nbd.protocol import Command
+from ddsnap.nbd import wire as P
+from ddsnap.nbd.wire import Command
 from nbd_helpers import go_data, option
 from served import KiB, MiB, Served, fails, make_origin, ok, ok_json, wait_until
 
