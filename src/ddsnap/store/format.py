@@ -10,6 +10,9 @@ block number, transaction sequence and store UUID (DESIGN.md invariant 4).  Deco
 block checks all of them and raises :class:`~ddsnap.errors.CorruptMetadata` naming the
 block on any mismatch.
 
+It is a little over 600 lines on purpose: every block kind's layout, next to the others
+and in the order of docs/format.md, so the two can be read side by side.
+
 Sources: seed 000 (csnap.c: ``struct eleaf`` with its directory map and exceptions,
 ``struct enode``, ``struct disksuper``, ``struct commit_block``), seed 001 (the on-disk
 header with root, levels and snapmask).

@@ -8,6 +8,11 @@ versioned exceptions (:mod:`ddsnap.store.versioned`): fixed 24-byte records keye
 (:mod:`ddsnap.store.journal`); a delete is swept in bounded, committed steps that free the
 exceptions no live snapshot reads (seed 001 ``delete_tree_range``); the sweep resumes
 after a crash.
+
+The parts are their own modules: the block cache (:mod:`~.cache`), the B-tree
+(:mod:`~.btree`), the superblock slots and layout (:mod:`~.superblock`), resizing
+(:mod:`~.resize`), ``check`` (:mod:`~.check`).  What stays here is opening and creating a
+store and its transactions (commit, checkpoint, the quarantine of freed space).
 """
 
 from __future__ import annotations

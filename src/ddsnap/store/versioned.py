@@ -25,6 +25,13 @@ in seed 000 (ddsnap's origin is a real device the copy-outs are taken from).  Th
 subclasses give the ordered map: :class:`~.memory.MemoryStore` a sorted dict,
 :class:`~.shared.SharedStore` the on-disk B-tree.  docs/format.md ("Versioned
 exceptions") has the reasoning and the costs.
+
+This module is longer than 600 lines on purpose: it is one set of rules over one map.
+Lookups, writes, the sweep, merge markers and the checks all edit or read the same entries
+under the same invariants, through the same private helpers (``_resolve``, ``_shadow``,
+the group keys of the space account); split over modules, each part would reach into the
+others' private state.  The space figures themselves are :mod:`~.space`, the version
+table :mod:`~.snapshots`.
 """
 
 from __future__ import annotations
