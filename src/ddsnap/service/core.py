@@ -360,6 +360,41 @@ class ServiceCore:
                                  f"copying chunks from {source.path}") from e
             raise
 
+    def _record_copyouts_locked(self, adds: list[tuple[int, int, int]],
+                                limit: int | None = None
+                                ) -> tuple[int, StoreFull | None, bool]:
+        """Record copied-out chunks as the origin's exceptions, in order (lock held):
+        ``adds`` is ``[(chunk, store_chunk, tag)]`` whose data :meth:`_copy` has written.
+        Each recorded chunk's mapping is pending until the next durable commit.
+
+        Stops early when the batch reaches ``limit`` metadata blocks (it must then be
+        committed before more is added) or when the store has no room for the metadata.
+        Returns ``(k, full, at_limit)``: the first ``k`` are recorded; ``full`` is the
+        StoreFull that stopped it, if one did; ``at_limit`` says the limit was reached.
+        The store chunks of ``adds[k:]`` are the caller's to give back or retry: the one
+        copy-out idiom of the origin write path and of merge steps.
+
+        Raises:
+            CorruptMetadata, OSError: a tree block could not be read or written; the
+                chunks of ``adds[k:]`` (not recorded) were given back.
+        """
+        k = 0
+        try:
+            while k < len(adds):
+                c, sc, tag = adds[k]
+                self.store.add_origin_exception(c, sc, tag)
+                self._pending[(0, c)] = self.epoch
+                k += 1
+                if limit is not None and self.store.pending_blocks() >= limit:
+                    return k, None, True
+        except StoreFull as e:
+            return k, e, False
+        except BaseException:
+            for _c, unused, _t in adds[k:]:
+                self.store.release_chunk(unused)
+            raise
+        return k, None, False
+
     @contextmanager
     def _origin_writes_held(self):
         """Lock held: hold new origin writes back (``_barrier``), wait until those in

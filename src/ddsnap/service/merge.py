@@ -295,11 +295,8 @@ class MergeOps(ServiceCore):
         try:
             if moves:
                 self._copy(moves, self.origin)
-                k = 0
-                try:
-                    for k, (c, dst, sharers) in enumerate(adds):  # noqa: B007 - the except reads k
-                        self.store.add_origin_exception(c, dst, sharers)
-                except StoreFull:
+                k, no_room, _full = self._record_copyouts_locked(adds)
+                if no_room is not None:
                     # No room for the metadata of copy-out k: the step's data chunks took
                     # the last free blocks.  The later copy-outs' chunks go back, which
                     # may make room for it; the chunks from the first copy-out not
@@ -315,16 +312,13 @@ class MergeOps(ServiceCore):
                         self.store.release_chunk(dst)
                         raise
                     else:
+                        self._pending[(0, c)] = self.epoch
                         c += 1
                     self._merge_busy.difference_update(x for x, _ in ready if x >= c)
                     self.cond.notify_all()
                     ready = [(x, sc) for x, sc in ready if x < c]
                     if not ready:
-                        raise
-                except BaseException:
-                    for _c, unused, _s in adds[k:]:
-                        self.store.release_chunk(unused)
-                    raise
+                        raise no_room
             if moves or any(self._pending.get((0, c), -1) > self.durable for c, _ in ready):
                 self._commit_now_locked()
             while any(self._readlocks.get(c) for c, _ in ready):

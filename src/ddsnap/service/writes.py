@@ -96,31 +96,16 @@ class WritePath(ServiceCore):
             if not moves:
                 break
             self._copy(moves, self.origin)
-            limit = self.store.commit_threshold
-            k, full = 0, False
-            try:
-                while k < len(adds):
-                    c, sc, sharers = adds[k]
-                    self.store.add_origin_exception(c, sc, sharers)
-                    self._pending[(0, c)] = self.epoch
-                    k += 1
-                    if self.store.pending_blocks() >= limit:
-                        full = True
-                        break
-            except BaseException as e:
-                # Chunk k not recorded (no room for the metadata, or a tree block could
-                # not be read): it and the ones after it go back.
-                for _c, unused, _s in adds[k:]:
-                    self.store.release_chunk(unused)
-                if not isinstance(e, StoreFull):
-                    raise
-                err = e
+            k, no_room, full = self._record_copyouts_locked(adds, self.store.commit_threshold)
+            # Chunks not recorded go back: no room for their metadata (the request fails
+            # with what it did so far), or the batch must be committed now and a commit
+            # must not make chunks not recorded yet durably allocated (a crash or a failed
+            # commit would leak them; the rest of the request starts again).
+            for _c, unused, _s in adds[k:]:
+                self.store.release_chunk(unused)
+            if no_room is not None:
+                err = no_room
             if full:
-                # The batch must be committed now, and a commit must not make chunks not
-                # recorded yet durably allocated (a crash or a failed commit would leak
-                # them): they go back, and the rest of the request starts again.
-                for _c, unused, _s in adds[k:]:
-                    self.store.release_chunk(unused)
                 self._bound_batch()
                 if k < len(adds):
                     continue
