@@ -41,8 +41,8 @@ from ddsnap.errors import (
     StoreFull,
 )
 from ddsnap.service.local import COPY_CHUNKS, LocalService
-from ddsnap.store.api import SnapshotInfo
 from ddsnap.store.blockdev import MemoryDevice
+from ddsnap.store.model import SnapshotInfo
 from ddsnap.store.shared import SharedStore
 from ddsnap.volume import Origin, Snapshot
 

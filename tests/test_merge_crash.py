@@ -43,9 +43,9 @@ import pytest
 
 from ddsnap.errors import StoreFull
 from ddsnap.service.local import LocalService
-from ddsnap.store.api import SnapshotInfo
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.format import LEAF_MAX, MERGED, pack_key
+from ddsnap.store.model import SnapshotInfo
 from ddsnap.store.shared import SharedStore
 from ddsnap.testing.crash import CrashClock, RecordingDevice
 from ddsnap.volume import Origin, Snapshot

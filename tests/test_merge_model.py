@@ -47,9 +47,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from conftest import examples
 from ddsnap.errors import InvalidArgument, MergeInProgress, ReadOnlyVolume, ShrinkRefused, StoreFull
 from ddsnap.service.local import LocalService
-from ddsnap.store.api import SnapshotInfo
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.memory import MemoryStore
+from ddsnap.store.model import SnapshotInfo
 from ddsnap.store.shared import SharedStore
 from ddsnap.volume import Origin, Snapshot
 

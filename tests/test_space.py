@@ -41,7 +41,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from conftest import examples
 from ddsnap.errors import CorruptMetadata, ShrinkRefused, StoreFull
-from ddsnap.store.api import SnapshotInfo
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.format import (
     BLOCK_SIZE,
@@ -53,6 +52,7 @@ from ddsnap.store.format import (
     SLOT_GHOST,
 )
 from ddsnap.store.memory import MemoryStore
+from ddsnap.store.model import SnapshotInfo
 from ddsnap.store.shared import SharedStore
 
 KINDS = ["shared-memory", "shared-file", "memory"]

@@ -39,8 +39,8 @@ import pytest
 
 from ddsnap.errors import ShrinkRefused, StoreFull
 from ddsnap.service.local import LocalService
-from ddsnap.store.api import SnapshotInfo
 from ddsnap.store.blockdev import MemoryDevice
+from ddsnap.store.model import SnapshotInfo
 from ddsnap.store.shared import SharedStore
 from ddsnap.testing.crash import CrashClock, CrashNow, RecordingDevice
 from ddsnap.volume import Origin, Snapshot
