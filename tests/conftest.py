@@ -12,9 +12,17 @@ Tests scale their own ``max_examples`` with :func:`examples`.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+if TYPE_CHECKING:
+    from ddsnap.store.blockdev import FileDevice
+    from ddsnap.store.memory import MemoryStore
+    from ddsnap.store.shared import SharedStore
 
 settings.register_profile(
     "ci", derandomize=True, deadline=None, max_examples=40, print_blob=True,
@@ -31,49 +39,63 @@ def examples(ci: int) -> int:
     return ci * 10 if PROFILE == "thorough" else ci
 
 
-@pytest.fixture
-def make_store(tmp_path):
-    """Factory for exception stores of each kind: ``make_store(kind, **geometry)``.
+class StoreFactory:
+    """Makes exception stores of each kind: ``make_store(kind, **geometry)``.
 
     ``kind`` is ``"shared-memory"`` (SharedStore on a MemoryDevice), ``"shared-file"``
     (SharedStore on a FileDevice in ``tmp_path``) or ``"memory"`` (MemoryStore).
     Geometry keywords: ``origin_size``, ``store_size`` (bytes of the store device; for a
     MemoryStore, of its data space), ``chunk_size``, ``max_snapshots`` and, for a shared
     store, ``journal_blocks``.  Returns the store;
-    ``reopen(store)`` on the factory gives the same store after a clean close (a no-op
-    for a MemoryStore).
+    ``reopen(store)`` gives the same store after a clean close (a no-op for a MemoryStore).
     """
-    from ddsnap.store.blockdev import FileDevice, MemoryDevice
-    from ddsnap.store.memory import MemoryStore
-    from ddsnap.store.shared import SharedStore
 
-    counter = [0]
-    opened = []
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.counter = 0
+        self.opened: list[FileDevice] = []
 
-    def make(kind: str, origin_size: int = 1 << 20, store_size: int = 4 << 20,
-             chunk_size: int = 4096, max_snapshots: int = 0,
-             journal_blocks: int | None = None):
+    def __call__(self, kind: str, origin_size: int = 1 << 20, store_size: int = 4 << 20,
+                 chunk_size: int = 4096, max_snapshots: int = 0,
+                 journal_blocks: int | None = None) -> MemoryStore | SharedStore:
+        from ddsnap.store.blockdev import BlockDevice, FileDevice, MemoryDevice
+        from ddsnap.store.memory import MemoryStore
+        from ddsnap.store.shared import SharedStore
+
         if kind == "memory":
             return MemoryStore(origin_size, store_size, chunk_size, max_snapshots)
+        dev: BlockDevice
         if kind == "shared-memory":
             dev = MemoryDevice(store_size)
         elif kind == "shared-file":
-            counter[0] += 1
-            dev = FileDevice(str(tmp_path / f"store{counter[0]}.img"), create_size=store_size)
-            opened.append(dev)
+            self.counter += 1
+            file = FileDevice(str(self.tmp_path / f"store{self.counter}.img"),
+                              create_size=store_size)
+            self.opened.append(file)
+            dev = file
         else:
             raise ValueError(kind)
         return SharedStore.create(dev, origin_size=origin_size, origin_path="origin.img",
                                   chunk_size=chunk_size, max_snapshots=max_snapshots,
                                   journal_blocks=journal_blocks)
 
-    def reopen(store):
+    def reopen(self, store: MemoryStore | SharedStore) -> MemoryStore | SharedStore:
+        from ddsnap.store.memory import MemoryStore
+        from ddsnap.store.shared import SharedStore
+
         if isinstance(store, MemoryStore):
             return store
         store.close()
         return SharedStore.open(store.dev)
 
-    make.reopen = reopen
-    yield make
-    for dev in opened:
-        dev.close()
+    def close(self) -> None:
+        for dev in self.opened:
+            dev.close()
+
+
+@pytest.fixture
+def make_store(tmp_path: Path) -> Iterator[StoreFactory]:
+    """Factory for exception stores of each kind: see :class:`StoreFactory`."""
+    factory = StoreFactory(tmp_path)
+    yield factory
+    factory.close()

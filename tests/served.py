@@ -34,6 +34,7 @@ import tempfile
 import termios
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -195,9 +196,14 @@ class Served:
             raise
         return self
 
+    def _started(self) -> subprocess.Popen:
+        assert self.proc is not None, "the server was never started"
+        return self.proc
+
     def _ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"ddsnap serve exited {self.proc.returncode} before it was "
+        proc = self._started()
+        if proc.poll() is not None:
+            raise AssertionError(f"ddsnap serve exited {proc.returncode} before it was "
                                  f"ready:\n{self.output()}")
         m = re.search(r"^serving .* on (.*); control socket (\S+)$", self.output(), re.M)
         if not m:
@@ -231,16 +237,17 @@ class Served:
         self.stop()
 
     def reap(self, sig: int) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+        proc = self._started()
+        if proc.poll() is None:
+            proc.send_signal(sig)
             try:
-                self.proc.wait(DEADLINE)
+                proc.wait(DEADLINE)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.returncode = self.proc.returncode
+                proc.kill()
+                proc.wait()
+        self.returncode = proc.returncode
         self._logf.close()
-        return self.returncode
+        return proc.returncode
 
     def stop(self) -> None:
         """SIGTERM; assert the server drains and exits cleanly and removes its sockets."""
@@ -258,7 +265,7 @@ class Served:
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self._started().pid
 
     # -- addresses --------------------------------------------------------------------
 
@@ -416,8 +423,9 @@ def on_a_terminal(*args, answer: str | None = None, whole: bool = True,
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     env = {**ddsnap_env(), "TERM": "xterm-256color"}
     env.pop("NO_COLOR", None)
-    streams = (dict(stdin=slave, stdout=slave, start_new_session=True) if whole else
-               dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE))
+    streams: dict[str, Any] = (
+        dict(stdin=slave, stdout=slave, start_new_session=True) if whole else
+        dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE))
     proc = subprocess.Popen([*DDSNAP, *map(str, args)], stderr=slave, env=env, **streams)
     os.close(slave)
     got = b""
@@ -440,7 +448,11 @@ def on_a_terminal(*args, answer: str | None = None, whole: bool = True,
             if not answered and b"[y/N]" in got:
                 os.write(master, (answer or "n").encode() + b"\r")
                 answered = True
-        out = "" if whole else proc.stdout.read().decode()
+        if whole:
+            out = ""
+        else:
+            assert proc.stdout is not None  # a pipe without ``whole``
+            out = proc.stdout.read().decode()
         proc.wait(DEADLINE)
     finally:
         os.close(master)

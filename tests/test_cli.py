@@ -621,6 +621,7 @@ def test_snapshot_in_use_cannot_be_deleted(env):
         # nbdcopy reads the snapshot into a pipe we stop reading: it stays connected
         reader = subprocess.Popen(["nbdcopy", srv.uri("busy"), "-"], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE)
+        assert reader.stdout is not None  # a pipe
         try:
             head = reader.stdout.read(4096)  # it is connected and reading
             assert head == env.data[:4096]
@@ -785,6 +786,7 @@ def test_shutdown_with_a_client_connected(env, sig):
     srv = env.served().start()
     reader = subprocess.Popen(["nbdcopy", srv.uri("a"), "-"], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL)
+    assert reader.stdout is not None  # a pipe
     try:
         assert reader.stdout.read(4096) == env.data[:4096]  # connected and reading
         rc = srv.reap(sig)

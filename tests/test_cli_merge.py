@@ -372,6 +372,7 @@ def test_refusals_while_a_merge_is_in_progress(vol, served):
     srv = vol.served().start() if served else None
     try:
         if served:
+            assert srv is not None
             start_stopped(srv, "a")
         else:
             ok("merge", vol.store, "a")
@@ -547,6 +548,7 @@ def test_merge_of_a_snapshot_with_a_client_is_refused(vol):
     with vol.served() as srv:
         reader = subprocess.Popen(["nbdcopy", srv.uri("b"), "-"], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE)
+        assert reader.stdout is not None  # a pipe
         try:
             head = reader.stdout.read(4096)  # connected, and blocked on our pipe
             assert head == data[:4096]

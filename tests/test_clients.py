@@ -354,7 +354,7 @@ def test_concurrent_connections_write_disjoint_ranges(setup):
                for name in ("before", "frozen")]
     for p in writers + readers:
         out, err = p.communicate(timeout=DEADLINE)
-        assert p.returncode == 0, f"{p.args} failed:\n{out}\n{err}"
+        assert p.returncode == 0, f"{p.args!r} failed:\n{out}\n{err}"
         assert "failed" not in (out or "") + (err or ""), out
     for name in ("before", "frozen"):
         assert (setup.dir / f"concurrent-{name}.raw").read_bytes() == setup.data, name
@@ -412,7 +412,7 @@ def test_snapshots_taken_during_writes_are_crash_consistent_points(tmp_path):
         need("qemu-io")
         writer = subprocess.Popen(["qemu-io", "-f", "raw", *cmds, srv.uri("origin")],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        names = []
+        names: list[str] = []
         try:
             while writer.poll() is None and len(names) < 40:
                 names.append(f"t{len(names)}")

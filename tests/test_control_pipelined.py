@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Generator
 
 import pytest
 
@@ -142,6 +143,7 @@ def test_requests_are_pulled_lazily_and_leaving_early_closes(tmp_path):
         it = call_many(path, requests(), depth=4)
         assert pulled == []  # nothing happens before the first result is asked for
         first = [next(it)["n"] for _ in range(3)]
+        assert isinstance(it, Generator)  # documented: a generator, closing it hangs up
         it.close()
         assert first == [0, 1, 2]
         assert len(pulled) <= 3 + 4  # never more than depth ahead

@@ -221,13 +221,13 @@ def campaign(state: str) -> tuple[Flip, ...]:
     for i in range(FLIPS):
         kind = names[i % len(names)]
         block = rng.choice(blocks[kind])
-        damaged = bytearray(image)
+        flipping = bytearray(image)
         # One byte, or a burst of up to 8 bytes in one 512-byte sector (bit rot of a
         # sector), anywhere in the block.
         sector = block * BLOCK_SIZE + rng.randrange(8) * 512
         for _ in range(rng.choice((1, 1, 2, 8))):
-            damaged[sector + rng.randrange(512)] ^= rng.randrange(1, 256)
-        damaged = bytes(damaged)
+            flipping[sector + rng.randrange(512)] ^= rng.randrange(1, 256)
+        damaged = bytes(flipping)
         findings, raised = check_report(damaged)
         flips.append(Flip(i, kind, block, findings, raised,
                           serve_reads(damaged, origin, want)))

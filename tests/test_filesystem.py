@@ -137,7 +137,9 @@ def run_scenario(tmp_path: Path, volumes: str, stack: contextlib.ExitStack) -> N
         f.truncate(64 * MiB)
     tool("mkfs.ext4", "-q", "-F", "-d", files, origin)
     store = tmp_path / "store.img"
-    serve_args = {}
+    # the sockets: next to the store (None), or in tmp_path when the store is a loop device
+    sock: Path | None = None
+    control: Path | None = None
     if volumes == "files":
         ok("init", store, "--origin", origin, "--size", "128M")
     else:
@@ -146,7 +148,7 @@ def run_scenario(tmp_path: Path, volumes: str, stack: contextlib.ExitStack) -> N
         origin = Path(stack.enter_context(loop_device(origin)))
         store = Path(stack.enter_context(loop_device(store)))
         ok("init", store, "--origin", origin)
-        serve_args = {"sock": tmp_path / "nbd.sock", "control": tmp_path / "ctl.sock"}
+        sock, control = tmp_path / "nbd.sock", tmp_path / "ctl.sock"
         assert ok_json("status", store)["origin"] == str(origin)
     ok("snap", "create", store, "before")
 
@@ -160,7 +162,7 @@ def run_scenario(tmp_path: Path, volumes: str, stack: contextlib.ExitStack) -> N
     shutil.copytree(model_after, model_final, symlinks=True)
     change_two(model_final, big, middle)
 
-    with Served(store, **serve_args) as srv:
+    with Served(store, sock=sock, control=control) as srv:
         # 1. change the origin through a read-write mount
         with mount_export(srv, "origin", tmp_path, writable=True) as (mnt, _):
             same_tree(model_before, mnt)

@@ -70,13 +70,19 @@ class Vol:
         self.srv = Served(self.store).start()
         return self.srv
 
+    @property
+    def server(self) -> Served:
+        """The server :meth:`serve` started (the test serves before it uses it)."""
+        assert self.srv is not None, "not served"
+        return self.srv
+
     def snap(self, name: str, *args: str) -> None:
         """Take snapshot ``name`` and save what it must hold (the model, checked against
         the export at once)."""
         ok("snap", "create", self.store, name, *args)
         path = self.dir / f"{name}.raw"
         path.write_bytes(self.model)
-        same_image(path, self.srv.uri(name), f"new snapshot {name}")
+        same_image(path, self.server.uri(name), f"new snapshot {name}")
         self.copies[name] = path
         self.order.append(name)
 
@@ -84,7 +90,7 @@ class Vol:
         """One write of ``length`` bytes of ``pattern`` at ``offset``; True if it was
         acknowledged (then the model or the snapshot copy takes it), False on ENOSPC."""
         p = tool("qemu-io", "-f", "raw", "-c", f"write -P {pattern} {offset} {length}",
-                 self.srv.uri(export), check=False)
+                 self.server.uri(export), check=False)
         out = p.stdout + p.stderr
         if p.returncode != 0 or "failed" in out:
             assert ENOSPC in out, f"write {offset}+{length} to {export} failed: {out}"
@@ -171,13 +177,13 @@ def test_error_policy_fails_the_write_and_keeps_every_snapshot(tmp_path, stop_se
     st = v.verify()
     assert st["full_policy"] == "error" and st["auto_deleted"] == []
     assert v.names() == ["s1", "s2", "s3"]
-    assert "deleted" not in v.srv.output()
+    assert "deleted" not in v.server.output()
     # deleting a snapshot is the user's way out: the refused write now fits
     ok("snap", "delete", v.store, "s1")
     v.order.remove("s1")
     assert v.write(0x47, 4 * MiB + first_failed * 256 * KiB, 256 * KiB)
     v.verify()
-    v.srv.stop()
+    v.server.stop()
     v.verify()
 
 
@@ -198,11 +204,11 @@ def check_oldest_deleted(v: Vol, st: dict, at_least: int) -> list[str]:
     assert deleted == v.order[:len(deleted)], (deleted, v.order)
     left = v.order[len(deleted):]
     assert v.names() == left and [s["name"] for s in st["snapshots"]] == left
-    assert export_names(v.srv) == ["origin", *left]
+    assert export_names(v.server) == ["origin", *left]
     for name in deleted:
         fails(8, "snap", "delete", v.store, name, match=f"no such snapshot: {name}")
-        assert re.search(rf"deleted the oldest snapshot {name}\b", v.srv.output()), \
-            v.srv.output()
+        assert re.search(rf"deleted the oldest snapshot {name}\b", v.server.output()), \
+            v.server.output()
         assert re.search(rf"deleted: {name} at .* to make room \(full-policy=delete-oldest\)",
                          ok("status", v.store).stdout)
     return left
@@ -229,7 +235,7 @@ def test_delete_oldest_chosen_at_init(tmp_path, stop_server):
     assert v.write(0x71, 7 * MiB, 64 * KiB)
     v.verify()
     before = ok_json("status", v.store)["auto_deleted"]
-    v.srv.stop()
+    v.server.stop()
     st = ok_json("status", v.store)
     assert st["full_policy"] == "delete-oldest"
     # The record of what the policy deleted survives the restart (issue 8).
@@ -262,7 +268,7 @@ def test_delete_oldest_switched_on_with_set(tmp_path, stop_server):
     assert "s5" in left
 
     # the setting outlives the server; switching back restores ENOSPC
-    v.srv.stop()
+    v.server.stop()
     assert ok_json("status", v.store)["full_policy"] == "delete-oldest"
     ok("set", v.store, "full-policy=error")
     assert ok_json("status", v.store)["full_policy"] == "error"
@@ -317,14 +323,14 @@ def merging_oldest(tmp_path: Path, stop_server, policy: str, keep: bool = False)
     random.Random(5).shuffle(chunks)
     tool("qemu-io", "-f", "raw", *(a for c in chunks
                                    for a in ("-c", f"write -q -P 17 {c * CHUNK} {CHUNK}")),
-         v.srv.uri("origin"))
+         v.server.uri("origin"))
     v.model[:MiB] = bytes([17]) * MiB
     v.snap("s3")
     assert fill(v, MiB, 2 * MiB, 0x22) == [True] * 4
     v.snap("s4")
     assert fill(v, 2 * MiB, 3 * MiB, 0x33) == [True] * 4
-    v.srv.control("merge_start", name="s1", keep=keep)
-    reply = control_request(v.srv.ctl, "merge_stop")
+    v.server.control("merge_start", name="s1", keep=keep)
+    reply = control_request(v.server.ctl, "merge_stop")
     assert reply["ok"], f"the merge of s1 finished before it could be stopped: {reply}"
     assert merge_status(v.store)["snapshot"] == "s1"
     # from now on the origin reads as s1
@@ -344,8 +350,8 @@ def test_delete_oldest_never_deletes_the_merging_snapshot(tmp_path, stop_server)
     st = v.verify()
     assert deleted_names(st) == ["s2", "s3", "s4"]
     assert v.names() == ["s1"] and merge_status(v.store)["snapshot"] == "s1"
-    assert re.search(r"deleted the oldest snapshot s4\b", v.srv.output())
-    assert "deleted the oldest snapshot s1" not in v.srv.output()
+    assert re.search(r"deleted the oldest snapshot s4\b", v.server.output())
+    assert "deleted the oldest snapshot s1" not in v.server.output()
     # the merge completes (nothing left reads the origin: no copy-outs needed)
     ok("merge", v.store, "s1", "--wait", "--no-progress")
     wait_merge_done(v.store)
@@ -418,7 +424,7 @@ def test_merge_in_a_full_store_under_error_policy_stops_then_resumes(tmp_path, s
     # merging the 64 chunks under this write first needs 64 copy-outs: no room for them
     assert not v.write(0x5A, 0, 256 * KiB), "a write over unmerged chunks needs room too"
     v.verify()
-    v.srv.stop()
+    v.server.stop()
     fails(6, "merge", v.store, "s1", "--wait", "--no-progress", match="full")
     st = merge_status(v.store)
     assert st["snapshot"] == "s1" and st["running"] is False, st
@@ -435,7 +441,7 @@ def test_merge_in_a_full_store_under_error_policy_stops_then_resumes(tmp_path, s
 
 def test_served_merge_wait_in_a_full_store_reports_store_full(tmp_path, stop_server):
     v = merging_oldest(tmp_path, stop_server, "error")
-    with v.srv:  # on a clean exit: SIGTERM, and no traceback in the server's log
+    with v.server:  # on a clean exit: SIGTERM, and no traceback in the server's log
         assert False in fill(v, 4 * MiB, 8 * MiB, 0x50)
         fails(6, "merge", v.store, "s1", "--wait", "--no-progress", match="full")
         st = merge_status(v.store)
@@ -469,7 +475,7 @@ def test_a_merge_reuses_the_chunks_it_frees(tmp_path, stop_server, room):
     v.order.remove("s3")
     free = ok_json("status", v.store)["chunks_free"]
     assert room <= free < room + 64 < 256, free
-    v.srv.stop()
+    v.server.stop()
     ok("merge", v.store, "s1", "--wait", "--no-progress")
     v.model[:] = v.copies["s1"].read_bytes()
     v.order.remove("s1")

@@ -78,7 +78,9 @@ class World:
         self.svc.commit()
         if cold_cache:
             # Tree blocks come from the device again, so reads of metadata can fail too.
-            self.svc.store.evict_clean()
+            serving = self.svc.store
+            assert isinstance(serving, SharedStore)  # World's stores are shared ones
+            serving.evict_clean()
 
     # -- changing it, keeping the model -----------------------------------------------
 
@@ -112,6 +114,11 @@ class World:
         on_disk = SharedStore.open(MemoryDevice(SSZ, bytes(self.store_mem.data)))
         assert on_disk.space() == svc.store.space()
         assert on_disk.snapshot_space() == svc.store.snapshot_space()
+
+    def failure(self) -> dict:
+        """The service's record of its last failed commit (there must be one)."""
+        assert self.svc.failure is not None, "no failed commit recorded"
+        return self.svc.failure
 
     def space(self) -> tuple:
         return (self.svc.store.space()["chunks_used"], self.svc.store.exception_chunks())
@@ -246,6 +253,7 @@ def test_every_io_of_an_operation_can_fail(op, device, err):
                 run(w)
             where = f"{op}: {kind} {n} of {n_ops[(device, kind)]} on {device}"
             assert fdev.injected == 1, where
+            assert isinstance(info.value, (DdsnapError, OSError))  # as raises() says
             assert info.value.errno == err, f"{where}: {info.value!r}"
             if isinstance(info.value, DdsnapError) and err == errno.ENOSPC:
                 assert isinstance(info.value, (HostFull, ServiceFailed)), where
@@ -281,18 +289,19 @@ def test_a_failed_commit_is_reported_once_and_the_store_reopened(caplog):
     with pytest.raises(HostFull) as info:
         w.svc.create_snapshot("new")
     assert "store.img" in str(info.value) and "committing metadata" in str(info.value)
-    assert w.svc.failure["type"] == "HostFull" and w.svc.failure["errno"] == errno.ENOSPC
-    assert not w.svc.failure["reopened"]
+    assert w.failure()["type"] == "HostFull" and w.failure()["errno"] == errno.ENOSPC
+    assert not w.failure()["reopened"]
     # Reopening writes the superblock, which this host refuses too.
     for _ in range(3):
-        with pytest.raises(ServiceFailed) as info:
+        with pytest.raises(ServiceFailed) as refused:
             w.svc.create_snapshot("new")
-        assert info.value.errno == errno.ENOSPC and "cannot be reopened" in str(info.value)
-    assert w.svc.failure["reopen_error"] and w.svc.reopens == 0
+        assert refused.value.errno == errno.ENOSPC and "cannot be reopened" in str(
+            refused.value)
+    assert w.failure()["reopen_error"] and w.svc.reopens == 0
     w.dev.clear()
     w.verify()  # its first read reopens the store
     assert w.svc.failures == 1 and w.svc.reopens == 1
-    assert w.svc.failure["reopened"] and w.svc.failure["reopen_error"] is None
+    assert w.failure()["reopened"] and w.failure()["reopen_error"] is None
     w.snap("new")
     w.write(0, _data(9, 3 * CS))
     w.verify()
@@ -335,7 +344,7 @@ def test_concurrent_writers_survive_a_failed_commit():
     w.snaps["all"] = bytearray(w.model)
     gate = threading.Event()
     w.dev.fail_nth("flush", 1, errno.EIO, gate=gate)
-    errors: list[BaseException] = []
+    errors: list[DdsnapError | OSError] = []
     lock = threading.Lock()
 
     def writer(t: int) -> None:

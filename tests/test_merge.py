@@ -42,6 +42,7 @@ from ddsnap.errors import (
 )
 from ddsnap.service.local import COPY_CHUNKS, LocalService
 from ddsnap.store.blockdev import MemoryDevice
+from ddsnap.store.model import SnapshotInfo
 from ddsnap.store.shared import SharedStore
 from ddsnap.volume import Origin, Snapshot
 
@@ -94,7 +95,7 @@ class Rig:
                                store_size=(store_chunks + 40) * CS, journal_blocks=32)
         self.svc = LocalService(store, origin_dev)
         self.model: dict[str, bytearray] = {"origin": bytearray(initial)}
-        self.infos = {}
+        self.infos: dict[str, SnapshotInfo] = {}
         self.target: str | None = None
         self.keep = False
 
@@ -118,6 +119,7 @@ class Rig:
     def write(self, name: str, off: int, data: bytes | None = None, n: int | None = None,
               fua: bool = False) -> bytes:
         if data is None:
+            assert n is not None, "write data or n random bytes"
             data = self.rng.randbytes(n)
         self.vol(name).write(off, data, fua=fua)
         self.model[name][off: off + len(data)] = data
@@ -142,6 +144,7 @@ class Rig:
         """The merge completed: update the model (the target goes, or stays as it was:
         the state the origin was rolled back to)."""
         name = self.target
+        assert name is not None, "no merge was started"
         if self.keep:
             self.model[name] = bytearray(self.kept)
             self.infos[name] = self.svc.snapshot(name)
@@ -170,7 +173,7 @@ class Rig:
         else:
             dev = self.store.dev
             if isinstance(dev, MemoryDevice):
-                dev = MemoryDevice(dev.size, dev.data)  # what is on the device now
+                dev = MemoryDevice(dev.size, bytes(dev.data))  # what is on the device now
         self.svc = LocalService(SharedStore.open(dev), self.origin_dev)
         live = {s.name: s for s in self.svc.snapshots()}
         assert set(live) == set(self.infos), "snapshots changed across a reopen"
@@ -179,6 +182,12 @@ class Rig:
     def check(self) -> None:
         self.svc.commit()
         assert self.store.check() == []
+
+    def status(self, running: bool = False) -> dict:
+        """The status of the merge in progress (there must be one)."""
+        st = self.svc.merge_status(running=running)
+        assert st is not None, "no merge in progress"
+        return st
 
 
 def populate(r: Rig) -> None:
@@ -240,7 +249,8 @@ def test_origin_reads_the_target_from_the_start(make_store, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_merge_start_replies_when_the_merge_ends_before_its_reply(make_store, kind):
+def test_merge_start_replies_when_the_merge_ends_before_its_reply(make_store, kind,
+                                                                  monkeypatch):
     """A merge worker (of an earlier request for the same snapshot) can merge a small
     snapshot to the end while ``start_merge`` commits: the reply then says the merge is
     complete, instead of failing on a status that is gone (found by mypy: the status of
@@ -254,10 +264,10 @@ def test_merge_start_replies_when_the_merge_ends_before_its_reply(make_store, ki
     def commit_then_merge_to_the_end():
         real_commit()
         # The interleaving, once: another thread runs the whole merge here.
-        r.svc.commit = real_commit
+        monkeypatch.setattr(r.svc, "commit", real_commit)
         ran.append(r.svc.run_merge())
 
-    r.svc.commit = commit_then_merge_to_the_end
+    monkeypatch.setattr(r.svc, "commit", commit_then_merge_to_the_end)
     st = r.svc.start_merge("t")
     assert ran == [True]
     assert st["complete"] is True and st["snapshot"] == "t" and st["running"] is False
@@ -301,7 +311,7 @@ def test_origin_writes_during_the_merge_land_on_the_merged_content(make_store, k
     assert {12, 14, n_chunks} <= left
     r.write("origin", 12 * CS + 17, n=10)  # partial, not merged yet
     r.verify("partial write of a not-yet-merged chunk")
-    assert r.svc.merge_status()["chunks_done"] >= 1  # the write merged its chunk first
+    assert r.status()["chunks_done"] >= 1  # the write merged its chunk first
     r.write("origin", n_chunks * CS + 3, n=5)  # inside the partial last chunk
     r.write("origin", 15 * CS + 9, n=CS)  # chunks 15/16: t has no exception there
     r.verify("written")
@@ -435,7 +445,7 @@ def test_keep_leaves_the_target_as_it_was(make_store, kind):
     r = Rig(make_store, kind)
     populate(r)
     r.start("t", keep=True)
-    assert r.svc.merge_status()["keep"] is True
+    assert r.status()["keep"] is True
     r.write("origin", 3 * CS, n=2 * CS)  # during the merge
     r.svc.run_merge()
     r.finished()
@@ -540,6 +550,7 @@ def test_a_step_cut_short_by_an_origin_write_skips_no_chunk(make_store, kind):
         return t
 
     rmap = r.svc.map_origin_read(1, 1)  # an origin read of chunk 1 in flight
+    assert rmap is not None  # a merge runs
     assert rmap.sources[0] is not None
     data = r.rng.randbytes(10)
     writer = run(lambda: Origin(r.svc, r.svc.data).write(CS + 10, data))
@@ -646,7 +657,7 @@ def test_concurrent_writers_and_readers_during_the_merge(make_store, kind):
     writes = [0]  # origin writes completed so far (approximately: no lock)
     writers_done = threading.Event()
     merge_over = threading.Event()
-    overlap = []  # writes completed at each step
+    overlap: list[int] = []  # writes completed at each step
 
     def pace_writer():
         while len(overlap) < writes[0] // 16 and not merge_over.is_set():
@@ -708,7 +719,7 @@ def test_stop_and_resume_with_start_merge(make_store, kind):
     total = len(r.left())
     stop, on_step, seen = _stop_after(2)
     assert r.svc.run_merge(stop, on_step) is False
-    st = r.svc.merge_status()
+    st = r.status()
     assert st["snapshot"] == "t" and 0 < st["chunks_done"] < total
     assert [s["chunks_done"] for s in seen] == sorted(s["chunks_done"] for s in seen)
     assert all(s["running"] for s in seen)
@@ -795,18 +806,18 @@ def test_merge_status(make_store, kind):
     assert r.svc.merge_status() is None
     r.start("t", keep=True)
     total = len(r.left())
-    st = r.svc.merge_status()
+    st = r.status()
     assert set(st) >= {"snapshot", "keep", "chunks_done", "chunks_total", "cursor",
                        "running", "chunks_per_second", "eta_seconds"}
     assert (st["snapshot"], st["keep"], st["chunks_done"], st["chunks_total"], st["cursor"],
             st["running"]) == ("t", True, 0, total, 0, False)
-    assert r.svc.merge_status(running=True)["running"] is True
+    assert r.status(running=True)["running"] is True
     done_before = 0
     while True:
         finished = r.svc.merge_step()
         if finished:
             break
-        st = r.svc.merge_status(running=True)  # this loop is the merge's worker
+        st = r.status(running=True)  # this loop is the merge's worker
         left = r.left()
         assert st["chunks_done"] == total - len(left) > done_before
         assert st["chunks_total"] == total
@@ -897,7 +908,7 @@ def test_a_full_store_stops_the_merge_without_losing_anything(make_store, kind):
     with pytest.raises(StoreFull):
         r.svc.run_merge()
     r.verify("full")
-    assert r.svc.merge_status()["snapshot"] == "t"
+    assert r.status()["snapshot"] == "t"
     with pytest.raises(StoreFull):
         # must merge chunks 0..9 first: ten copy-outs for young, no room either
         Origin(r.svc, r.svc.data).write(0, bytes(10 * CS))

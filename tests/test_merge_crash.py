@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -44,6 +45,7 @@ from ddsnap.errors import StoreFull
 from ddsnap.service.local import LocalService
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.format import LEAF_MAX, MERGED, pack_key
+from ddsnap.store.model import SnapshotInfo
 from ddsnap.store.shared import SharedStore
 from ddsnap.testing.crash import CrashClock, RecordingDevice
 from ddsnap.volume import Origin, Snapshot
@@ -98,8 +100,8 @@ def make_workload(seed: int, g: Geometry, keep: bool = False, n: int = 40,
         off = rng.randrange(size)
         return off, rng.randrange(1, min(max_len, size - off) + 1)
 
-    def owrites(k, max_len=4 * CS):
-        out = []
+    def owrites(k, max_len=4 * CS) -> list[tuple]:
+        out: list[tuple] = []
         for _ in range(k):
             off, ln = rand_range(max_len)
             out.append(("owrite", off, rng.randbytes(ln), False))
@@ -135,7 +137,7 @@ def make_workload(seed: int, g: Geometry, keep: bool = False, n: int = 40,
     setup.append(("swrite", "young", off, rng.randbytes(ln), False))
     setup += [("oflush",), ("sflush", "old"), ("sflush", "t"), ("sflush", "young")]
 
-    merge = [("start", keep)]
+    merge: list[tuple] = [("start", keep)]
     if parent_writes:
         merge.append(("step",))
         for _ in range(parent_writes):
@@ -179,7 +181,7 @@ class Expect:
     """What recovery may show, as of the crash."""
 
     origin: Vol
-    snaps: dict = field(default_factory=dict)  # name -> Vol (the target while not merging)
+    snaps: dict[str, Vol] = field(default_factory=dict)  # the target while not merging
     deleting: str | None = None
     merging: bool = False
     target: bytes | None = None  # during the start: the target's content
@@ -206,7 +208,7 @@ class Run:
                                    journal_blocks=g.journal_blocks)
         self.svc = LocalService(store, self.origin)
         self.e = Expect(Vol.exact(initial))
-        self.infos = {}
+        self.infos: dict[str, SnapshotInfo] = {}
         self.left_after: list[frozenset] = []  # the target's unmerged chunks after each op
         self.merging_after: list[bool] = []  # a merge recorded after each op
         self.full = 0
@@ -305,6 +307,7 @@ class Run:
         e.merging = False
         if e.keep:  # as it was when the merge started
             self.infos["t"] = self.svc.snapshot("t")
+            assert e.kept is not None  # recorded when the merge started with keep
             e.snaps["t"] = Vol.exact(e.kept)
         else:
             del self.infos["t"]
@@ -344,6 +347,7 @@ def recover_and_verify(run: Run, pre_left: frozenset, post_left: frozenset, pre_
             assert got == e.pre_origin, f"{what}: origin before start"
             assert "t" in present
             return
+        assert e.target is not None  # recorded while the start is in flight
         origin_vol = Vol.exact(e.target)  # started: the origin reads as the target
         assert st["keep"] == e.op[1], what
         kept = e.target if st["keep"] else None
@@ -415,8 +419,8 @@ def crash_everywhere(g: Geometry, setup: list, merge: list, budget: int | None =
     ref = Run(g, setup, merge)
     total = ref.ops_done
     points = set(crash_points(total, budget or total))
-    stats = {"points": 0, "total": total, "images": 0, "in_flight": set(), "full": ref.full,
-             "completion": 0}
+    stats: dict[str, Any] = {"points": 0, "total": total, "images": 0, "in_flight": set(),
+                             "full": ref.full, "completion": 0}
 
     def observe(run: Run, n: int) -> None:
         if n not in points:
@@ -770,7 +774,9 @@ def test_a_step_whose_copy_outs_take_the_room_their_metadata_needs(monkeypatch):
     filled = Snapshot(svc, svc.data, filler).read(0, size)
     svc.data.cow.flush()
     svc.start_merge("s1")
-    total = svc.merge_status()["chunks_total"]
+    status = svc.merge_status()
+    assert status is not None  # the merge just started
+    total = status["chunks_total"]
     assert total == 200
     observe, checked = _crash_checker(dev, origin, {"origin": target, "s2": before,
                                                     "filler": filled})

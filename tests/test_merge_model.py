@@ -49,6 +49,7 @@ from ddsnap.errors import InvalidArgument, MergeInProgress, ReadOnlyVolume, Shri
 from ddsnap.service.local import LocalService
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.memory import MemoryStore
+from ddsnap.store.model import SnapshotInfo
 from ddsnap.store.shared import SharedStore
 from ddsnap.volume import Origin, Snapshot
 
@@ -110,6 +111,7 @@ class MergeMachine(RuleBasedStateMachine):
         seed = random.Random(self.ORIGIN).randbytes(self.ORIGIN)
         self.tap = Tap()
         self.origin_dev = TapDevice(self.ORIGIN, seed, self.tap)
+        store: SharedStore | MemoryStore
         if self.SHARED:
             self.store_dev = TapDevice(self.STORE, None, self.tap)
             store = SharedStore.create(self.store_dev, origin_size=self.ORIGIN,
@@ -119,7 +121,7 @@ class MergeMachine(RuleBasedStateMachine):
             store = MemoryStore(self.ORIGIN, self.STORE, self.CHUNK, 64)
         self.svc = LocalService(store, self.origin_dev)
         self.model: dict[str, bytearray] = {"origin": bytearray(seed)}
-        self.infos = {}
+        self.infos: dict[str, SnapshotInfo] = {}
         self.target: str | None = None  # the snapshot being merged (not in the model)
         self.keep = False
         self.kept: bytes | None = None  # with keep: the target's content at the start
@@ -171,8 +173,10 @@ class MergeMachine(RuleBasedStateMachine):
         started."""
         assert self.svc.merge_status() is None
         name = self.target
+        assert name is not None, "no merge was started"
         self.stats["finished"] += 1
         if self.keep:
+            assert self.kept is not None  # recorded at the start with keep
             self.infos[name] = self.svc.snapshot(name)
             self.model[name] = bytearray(self.kept)
         else:
@@ -359,6 +363,7 @@ class MergeMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.target is not None)
     @rule(k=st.integers(1, 3), resume=st.booleans())
     def run_and_stop(self, k, resume):
+        assert self.target is not None  # the precondition
         stop = threading.Event()
         seen = []
 
@@ -376,7 +381,8 @@ class MergeMachine(RuleBasedStateMachine):
             return
         # The step in flight when ``stop`` is set still completes (steps are pipelined).
         assert k <= len(seen) <= k + 1
-        assert self.svc.merge_status()["snapshot"] == self.target
+        status = self.svc.merge_status()
+        assert status is not None and status["snapshot"] == self.target
         if resume:
             self.svc.start_merge(self.target, keep=self.keep)
 
@@ -385,7 +391,7 @@ class MergeMachine(RuleBasedStateMachine):
     def merge_with_concurrent_io(self, data, steps, seed):
         """Merge steps in a thread while this thread writes and reads the origin and reads
         the snapshots: the views do not depend on how they interleave."""
-        result = {}
+        result: dict[str, bool | BaseException] = {}
 
         def merger():
             try:
@@ -549,6 +555,7 @@ class MergeMachine(RuleBasedStateMachine):
             assert st_ is None
         else:
             left = self.svc.store.merge_todo(0, 1 << 20)
+            assert st_ is not None, f"the merge of {self.target} is not recorded"
             assert st_["snapshot"] == self.target and st_["keep"] == self.keep
             assert all(c >= st_["cursor"] for c, _ in left), "a chunk below the cursor"
             assert st_["chunks_done"] <= st_["chunks_total"]

@@ -57,6 +57,7 @@ def handshake(sock: socket.socket, export: str = "origin") -> int:
         if rtype == P.REP_INFO and struct.unpack(">H", data[:2])[0] == P.INFO_EXPORT:
             size = struct.unpack(">HQH", data)[1]
         elif rtype == P.REP_ACK:
+            assert size is not None, "GO acknowledged without NBD_INFO_EXPORT"
             return size
         elif rtype & (1 << 31):
             raise AssertionError(f"GO answered error 0x{rtype:x}: {data!r}")

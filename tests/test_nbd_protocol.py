@@ -9,7 +9,7 @@ import pytest
 
 from ddsnap.errors import ProtocolError
 from ddsnap.nbd import wire as P
-from ddsnap.nbd.events import Abort, ExportSelected, ProtocolViolation, Request
+from ddsnap.nbd.events import Abort, Event, ExportSelected, ProtocolViolation, Request
 from ddsnap.nbd.protocol import ServerConnection, State
 from ddsnap.nbd.wire import Command
 from nbd_helpers import MiB, Registry, go_data, meta_data, option, request
@@ -42,6 +42,13 @@ def option_replies(data: bytes) -> list[tuple[int, int, bytes]]:
         replies.append((opt, rtype, data[20:20 + length]))
         data = data[20 + length:]
     return replies
+
+
+def requests(events: list[Event]) -> list[Request]:
+    """``events``, every one of which must be a transmission-phase :class:`Request`."""
+    reqs = [e for e in events if isinstance(e, Request)]
+    assert len(reqs) == len(events), events
+    return reqs
 
 
 def handshake(conn: ServerConnection, flags: int = P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES):
@@ -119,7 +126,9 @@ def test_export_name_replies_size_flags_and_maybe_zeroes(no_zeroes):
     handshake(conn, flags)
     events = conn.receive_data(option(P.OPT_EXPORT_NAME, b"snap"))
     assert [type(e) for e in events] == [ExportSelected]
-    assert events[0].name == "snap" and events[0].size == 1 * MiB
+    sel = events[0]
+    assert isinstance(sel, ExportSelected)  # as the line above says
+    assert sel.name == "snap" and sel.size == 1 * MiB
     reply = out(conn)
     assert len(reply) == (10 if no_zeroes else 134)
     size, tflags = struct.unpack(">QH", reply[:10])
@@ -133,6 +142,7 @@ def test_export_name_empty_selects_default_export():
     conn = ServerConnection(registry())
     handshake(conn)
     (event,) = conn.receive_data(option(P.OPT_EXPORT_NAME))
+    assert isinstance(event, ExportSelected)
     assert event.name == "origin"
 
 
@@ -376,9 +386,9 @@ def test_requests_are_parsed_from_fragments():
               + request(6, Command.CACHE, 0, 65536)
               + request(7, Command.DISC)
               + request(8, Command.READ, 0, 1))  # after DISC: ignored
-    events = []
+    events: list[Request] = []
     for b in stream:
-        events += conn.receive_data(bytes([b]))
+        events += requests(conn.receive_data(bytes([b])))
     assert [(e.handle, e.command) for e in events] == [
         (1, Command.READ), (2, Command.WRITE), (3, Command.FLUSH), (4, Command.TRIM),
         (5, Command.WRITE_ZEROES), (6, Command.CACHE), (7, Command.DISC)]
@@ -392,10 +402,10 @@ def test_requests_are_parsed_from_fragments():
 def test_max_events_bounds_what_is_handed_out():
     conn = connected("origin")
     stream = b"".join(request(h, Command.READ, 0, 512) for h in range(5))
-    assert [e.handle for e in conn.receive_data(stream, max_events=2)] == [0, 1]
-    assert [e.handle for e in conn.receive_data(max_events=2)] == [2, 3]
+    assert [e.handle for e in requests(conn.receive_data(stream, max_events=2))] == [0, 1]
+    assert [e.handle for e in requests(conn.receive_data(max_events=2))] == [2, 3]
     assert conn.receive_data(max_events=0) == []
-    assert [e.handle for e in conn.receive_data()] == [4]
+    assert [e.handle for e in requests(conn.receive_data())] == [4]
     assert conn.receive_data() == []
 
 
@@ -418,7 +428,7 @@ def test_max_events_bounds_what_is_handed_out():
 ])
 def test_invalid_requests_get_an_error_and_the_stream_continues(req, err):
     conn = connected("origin")
-    events = conn.receive_data(req + request(2, Command.READ, 0, 512))
+    events = requests(conn.receive_data(req + request(2, Command.READ, 0, 512)))
     assert [(e.handle, e.command) for e in events] == [(2, Command.READ)]
     assert simple(out(conn)) == [(1, err)]
     assert conn.state is State.TRANSMISSION
@@ -430,9 +440,9 @@ def test_refused_write_payload_is_discarded():
     stream = (request(1, Command.WRITE, MiB - 512, 1024, data=payload)    # past end
               + request(2, Command.WRITE, 0, 3, flags=P.CMD_FLAG_DF, data=b"abc")  # bad flag
               + request(3, Command.WRITE, 0, 4, data=b"good"))
-    events = []
+    events: list[Request] = []
     for i in range(0, len(stream), 100):
-        events += conn.receive_data(stream[i:i + 100])
+        events += requests(conn.receive_data(stream[i:i + 100]))
     assert [(e.handle, e.data) for e in events] == [(3, b"good")]
     assert simple(out(conn)) == [(1, P.NBD_ENOSPC), (2, P.NBD_EINVAL)]
 
@@ -444,7 +454,7 @@ def test_write_longer_than_max_block_size_is_discarded_then_refused():
     chunk = bytes(1 * MiB)
     for _ in range(length // len(chunk)):
         assert conn.receive_data(chunk) == []
-    events = conn.receive_data(bytes(length % len(chunk)) + request(2, Command.FLUSH))
+    events = requests(conn.receive_data(bytes(length % len(chunk)) + request(2, Command.FLUSH)))
     assert [(e.handle, e.command) for e in events] == [(2, Command.FLUSH)]
     assert simple(out(conn)) == [(1, P.NBD_EINVAL)]
 
@@ -453,11 +463,11 @@ def test_read_longer_than_max_block_size_is_refused():
     conn = connected("big")
     conn.receive_data(request(1, Command.READ, 0, P.MAX_BLOCK_SIZE + 1))
     assert simple(out(conn)) == [(1, P.NBD_EINVAL)]
-    (event,) = conn.receive_data(request(2, Command.READ, 0, P.MAX_BLOCK_SIZE))
+    (event,) = requests(conn.receive_data(request(2, Command.READ, 0, P.MAX_BLOCK_SIZE)))
     assert event.length == P.MAX_BLOCK_SIZE
     # TRIM and WRITE_ZEROES carry no payload: no such limit
-    events = conn.receive_data(request(3, Command.TRIM, 0, 64 * MiB)
-                               + request(4, Command.WRITE_ZEROES, 0, 64 * MiB))
+    events = requests(conn.receive_data(request(3, Command.TRIM, 0, 64 * MiB)
+                                        + request(4, Command.WRITE_ZEROES, 0, 64 * MiB)))
     assert [e.handle for e in events] == [3, 4]
 
 
@@ -475,7 +485,7 @@ def test_read_only_export_refuses_writes_with_eperm():
                                + request(3, Command.WRITE_ZEROES, 0, 4096)
                                + request(4, Command.READ, 0, 4096)
                                + request(5, Command.FLUSH))
-    assert [e.handle for e in events] == [4, 5]
+    assert [e.handle for e in requests(events)] == [4, 5]
     assert simple(out(conn)) == [(1, P.NBD_EPERM), (2, P.NBD_EPERM), (3, P.NBD_EPERM)]
 
 

@@ -275,8 +275,9 @@ def test_store_grows_and_shrinks_only_when_nothing_lives_past_the_new_end(tmp_pa
                  match=r"^ddsnap: cannot shrink the store to 4 MiB .*: \d+ chunks in use \("
                        r"old data kept for snapshot s1 \((\d+) chunks, e\.g\. store chunk "
                        r"(\d+)\)\) past the new end\. .*nothing was changed$")
-    n, first = map(int, re.search(r"snapshot s1 \((\d+) chunks, e\.g\. store chunk (\d+)",
-                                  line).groups())
+    m = re.search(r"snapshot s1 \((\d+) chunks, e\.g\. store chunk (\d+)", line)
+    assert m, line  # the message matched above says so
+    n, first = map(int, m.groups())
     assert first >= 4 * MiB // CHUNK, line  # past the new end indeed
     assert n >= st["chunks_used"] - st0["chunks_total"], line
     assert e.status() == st, "a refused shrink changed the store"

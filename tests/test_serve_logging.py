@@ -100,8 +100,11 @@ def lines(srv: Served, pattern: str) -> list[str]:
 
 
 def wait_for_line(srv: Served, pattern: str) -> str:
-    return wait_until(lambda: (lines(srv, pattern) or [None])[-1],
-                      f"a log line matching {pattern!r}")
+    def last() -> str | None:
+        found = lines(srv, pattern)
+        return found[-1] if found else None
+
+    return wait_until(last, f"a log line matching {pattern!r}")
 
 
 # --- connections ----------------------------------------------------------------------
@@ -122,6 +125,7 @@ def test_each_connection_is_logged_when_it_ends(tmp_path):
         assert (int(m[4]), int(m[5])) == (c.sent, c.received)
 
         # on TCP: the client's address and port; ended by closing the socket
+        assert srv.tcp is not None  # served with tcp=True
         host, port = srv.tcp.rsplit(":", 1)
         t = Client((host, int(port)))
         assert t.request(2, Command.WRITE, 0, 512, b"x" * 512) == 0

@@ -50,6 +50,7 @@ class LogDevice(MemoryDevice):
 
 def make(kind: str, log: list, gate=None):
     origin = LogDevice(OSZ, "origin", log)
+    store: SharedStore | MemoryStore
     if kind == "shared":
         store = SharedStore.create(LogDevice(8 << 20, "store", log, gate), OSZ, "o", CS, 64)
     else:
@@ -137,7 +138,12 @@ def test_snapshot_read_holds_back_origin_write(kind):
     rmap = svc.map_snapshot_read(info, 0, 0)
     assert rmap.sources == [None]  # reads the origin, read-locked
     done = threading.Event()
-    t = threading.Thread(target=lambda: (Origin(svc, svc.data).write(0, b"y" * CS), done.set()))
+
+    def write() -> None:
+        Origin(svc, svc.data).write(0, b"y" * CS)
+        done.set()
+
+    t = threading.Thread(target=write)
     t.start()
     # The writer copies out, commits, then must wait for our read lock.
     deadline = time.monotonic() + 30
@@ -243,7 +249,7 @@ def test_huge_write_is_committed_in_transactions_that_fit_the_journal():
     vol.write(0, b"\2" * (8 << 20))
     assert Snapshot(svc, svc.data, svc.snapshot("s")).read(0, 8 << 20) == b"\1" * (8 << 20)
     svc.close()
-    reopened = SharedStore.open(MemoryDevice(dev.size, dev.data))
+    reopened = SharedStore.open(MemoryDevice(dev.size, bytes(dev.data)))
     svc2 = LocalService(reopened, origin)
     assert Snapshot(svc2, svc2.data, svc2.snapshot("s")).read(0, 8 << 20) == b"\1" * (8 << 20)
     assert not reopened.check()

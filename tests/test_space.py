@@ -52,6 +52,7 @@ from ddsnap.store.format import (
     SLOT_GHOST,
 )
 from ddsnap.store.memory import MemoryStore
+from ddsnap.store.model import SnapshotInfo
 from ddsnap.store.shared import SharedStore
 
 KINDS = ["shared-memory", "shared-file", "memory"]
@@ -86,7 +87,7 @@ def brute_force(store) -> tuple[dict[int, tuple[int, int]], int, int]:
     for vs in readers.values():
         for v in vs:
             figures[v][len(vs) > 1] += 1
-    return ({v: tuple(x) for v, x in figures.items()}, len(held),
+    return ({v: (x[0], x[1]) for v, x in figures.items()}, len(held),
             len(held) - len(readers))
 
 
@@ -577,7 +578,7 @@ def test_deleting_frees_exactly_the_exclusive_chunks(make_store, kind):
     sweep) frees exactly the ``exclusive`` chunks the figures gave (the tree stays one
     leaf, so no metadata block is freed with them)."""
     store = make_store(kind)
-    snaps = []
+    snaps: list[SnapshotInfo] = []
     for round_ in range(6):
         parent = snaps[round_ - 3].id if round_ >= 3 else 0
         snaps.append(store.create_snapshot(f"s{round_}", parent=parent))
@@ -888,6 +889,7 @@ class SpaceMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         origin = self.ORIGIN_CHUNKS * self.CHUNK
+        self.store: SharedStore | MemoryStore
         if self.SHARED:
             self.dev = MemoryDevice(self.STORE)
             self.store = SharedStore.create(self.dev, origin_size=origin, chunk_size=self.CHUNK,
@@ -1063,10 +1065,12 @@ class SpaceMachine(RuleBasedStateMachine):
         if self.SHARED:
             # Data chunks, tree blocks, and table blocks past the first (4 KiB chunks).
             # After a store resize the bitmap may live in the data area.
-            sb = self.store.sb
-            meta = (tree_blocks(self.store) + len(self.store.table_blocks) - 1
+            shared = self.store
+            assert isinstance(shared, SharedStore)  # SHARED
+            sb = shared.sb
+            meta = (tree_blocks(shared) + len(shared.table_blocks) - 1
                     + sum(1 for b in range(sb.bitmap_start, sb.bitmap_start + sb.bitmap_blocks)
-                          if b >= self.store.data_start))
+                          if b >= shared.data_start))
             assert used == self.store.exception_chunks() + meta
         else:
             assert used == self.store.exception_chunks()

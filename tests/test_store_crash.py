@@ -33,12 +33,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from itertools import pairwise
+from typing import Any
 
 import pytest
 
 from ddsnap.errors import ShrinkRefused, StoreFull
 from ddsnap.service.local import LocalService
 from ddsnap.store.blockdev import MemoryDevice
+from ddsnap.store.model import SnapshotInfo
 from ddsnap.store.shared import SharedStore
 from ddsnap.testing.crash import CrashClock, CrashNow, RecordingDevice
 from ddsnap.volume import Origin, Snapshot
@@ -60,10 +62,10 @@ class Vol:
 
     durable: bytearray
     current: bytearray
-    pending: list = field(default_factory=list)
+    pending: list[tuple[int, bytes]] = field(default_factory=list)
 
     @classmethod
-    def exact(cls, content: bytes) -> Vol:
+    def exact(cls, content: bytes | bytearray) -> Vol:
         """A volume that must read exactly ``content`` (a fresh snapshot)."""
         return cls(bytearray(content), bytearray(content))
 
@@ -130,8 +132,8 @@ class Tracker:
     """The expectations of a workload run, as of the crash."""
 
     origin: Vol
-    snaps: dict = field(default_factory=dict)  # name -> Vol, acknowledged creations
-    creating: tuple | None = None  # (name, Vol) of a creation in flight
+    snaps: dict[str, Vol] = field(default_factory=dict)  # acknowledged creations
+    creating: tuple[str, Vol] | None = None  # (name, Vol) of a creation in flight
     deleting: str | None = None  # name of a delete in flight
     step: int = -1  # index of the workload op in flight at the crash (-1: none)
     #: the origin as it is after an origin resize in flight (may or may not have happened)
@@ -258,7 +260,7 @@ class Run:
         self.svc = LocalService(store, self.origin)
         self.base = self.clock.ops
         self.t = Tracker(Vol.exact(initial), store_size=store.sb.blocks * 4096)
-        self.infos = {}
+        self.infos: dict[str, SnapshotInfo] = {}
         self.full = 0
         self.resizes = {"origin": 0, "origin refused": 0, "store": 0, "store refused": 0}
         if crash_at is not None:
@@ -356,6 +358,7 @@ class Run:
             assert self.svc.store.origin_size == t.origin.size
         elif kind == "sresize":
             store = self.svc.store
+            assert isinstance(store, SharedStore)  # every Run is on a SharedStore
             bpc = store.bpc
             now = store.sb.blocks // bpc
             least = -(-(store.data_start + 2 + bpc) // bpc)
@@ -370,7 +373,7 @@ class Run:
                 t.store_size = new
                 self.resizes["store"] += 1
             t.store_next = None
-            assert self.svc.store.sb.blocks * 4096 == t.store_size
+            assert store.sb.blocks * 4096 == t.store_size
         else:
             raise ValueError(kind)
 
@@ -384,12 +387,20 @@ class Run:
 # ---------------------------------------------------------------------------------------
 # Recovery and verification
 
-def recover_and_verify(t: Tracker, g: Geometry, store_img: bytes, origin_img: bytes,
-                       what: str, exercise: bool = False) -> SharedStore:
+def _image_device(img: bytes | bytearray) -> MemoryDevice:
+    """A MemoryDevice holding a copy of ``img`` (a crash image: bytes, or the bytearray
+    ``crash_image`` gives, used as it is to spare a copy of a big image)."""
+    # MemoryDevice copies any buffer (bytearray(data)); its data parameter says bytes.
+    return MemoryDevice(len(img), img)  # type: ignore[arg-type]
+
+
+def recover_and_verify(t: Tracker, g: Geometry, store_img: bytes | bytearray,
+                       origin_img: bytes | bytearray, what: str,
+                       exercise: bool = False) -> SharedStore:
     """Open crashed images, check them, and compare every volume with the tracker;
     return the recovered store."""
-    store = SharedStore.open(MemoryDevice(len(store_img), store_img))
-    origin = MemoryDevice(len(origin_img), origin_img)
+    store = SharedStore.open(_image_device(store_img))
+    origin = _image_device(origin_img)
     svc = LocalService(store, origin)  # resumes an interrupted delete
     findings = store.check()
     assert not findings, f"{what}: {findings}"
@@ -410,7 +421,11 @@ def recover_and_verify(t: Tracker, g: Geometry, store_img: bytes, origin_img: by
                              f"{t.origin.size}" + (f" or {t.resizing.size}" if t.resizing else ""))
     vol.assert_allowed(Origin(svc, svc.data).read(0, size), f"{what}: origin")
     for name, info in present.items():
-        vol = t.snaps[name] if name in t.snaps else t.creating[1]
+        if name in t.snaps:
+            vol = t.snaps[name]
+        else:  # present <= may: the one snapshot not in t.snaps is the creation in flight
+            assert t.creating is not None
+            vol = t.creating[1]
         assert info.size == vol.size, f"{what}: snapshot {name} is {info.size} bytes, " \
                                       f"not {vol.size}"
         got = Snapshot(svc, svc.data, info).read(0, vol.size)
@@ -475,7 +490,7 @@ def crash_everywhere(g: Geometry, ops: list[tuple], budget: int | None = None,
     """
     total = Run(g, ops).ops_done
     points = set(crash_points(total, budget or total))
-    stats = {"points": 0, "total": total, "in_flight": set(), "images": 0}
+    stats: dict[str, Any] = {"points": 0, "total": total, "in_flight": set(), "images": 0}
 
     def observe(run: Run, n: int) -> None:
         if n not in points:
@@ -654,7 +669,7 @@ def _resize_points(g: Geometry, ops: list[tuple], kinds: tuple, modes=MODES,
     mode's images and verify (``recover_and_verify``); ``then(run, store_img,
     origin_img, what)`` may look further.  Returns, per point and mode,
     ``(point, mode, step, recovered store blocks, recovered origin size)``, and the run."""
-    out = []
+    out: list[tuple[int, str, int, int, int]] = []
 
     def observe(run: Run, n: int) -> None:
         step = run.t.step
@@ -680,7 +695,7 @@ def _resize_points(g: Geometry, ops: list[tuple], kinds: tuple, modes=MODES,
 def _store_resize_workload(g: Geometry, grow: int, shrink: int) -> list[tuple]:
     rng = random.Random(3)
     cs = g.chunk_size
-    ops = [("create", "s1")]
+    ops: list[tuple] = [("create", "s1")]
     for c in range(0, 12, 3):
         ops.append(("owrite", c * cs + 100, rng.randbytes(2 * cs), False))
     ops += [("clone", "c1", "s1"), ("swrite", "c1", 5 * cs, rng.randbytes(cs + 9), False),
@@ -750,8 +765,10 @@ def test_crash_in_a_store_grow_that_needs_a_second_bitmap_block():
     step = next(i for i, op in enumerate(ops) if op[0] == "sresize")
     seen = {blocks for _n, _m, st_, blocks, _o in points if st_ == step}
     assert seen == {old, old + 12}, seen
-    sb = run.svc.store.sb
-    assert sb.bitmap_blocks == 2 and sb.bitmap_start >= run.svc.store.data_start
+    store = run.svc.store
+    assert isinstance(store, SharedStore)  # every Run is on a SharedStore
+    sb = store.sb
+    assert sb.bitmap_blocks == 2 and sb.bitmap_start >= store.data_start
     _monotone(points, ("sresize",), ops)
 
 
@@ -784,7 +801,7 @@ def test_origin_grow_after_a_crash_in_a_shrink_reads_zeroes():
 def _delete_workload():
     cs = 4096
     rng = random.Random(5)
-    ops = [("create", "s1")]
+    ops: list[tuple] = [("create", "s1")]
     # s1 alone gets copy-outs of 1000 chunks, 8 per write (6 leaves); then a few
     # copy-outs shared with s2, writes of s2's own and of a clone of s2.
     for c in range(0, 1000, 8):
@@ -904,8 +921,8 @@ def _race(first, second, trigger_path: str, g: Geometry | None = None, setup=Non
         store = SharedStore.open(store_dev)
         reopen_with(store)
         svc = LocalService(store, origin)
-    state = {"armed": False}
-    errors = []
+    state: dict[str, Any] = {"armed": False}
+    errors: list[BaseException] = []
 
     def run_second():
         try:

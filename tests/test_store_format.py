@@ -659,7 +659,7 @@ def test_journal_a_crash_anywhere_in_a_commit_is_never_damage(mode):
             j.commit(tx2)
         seen = set()
         for seed in range(12):
-            img = MemoryDevice(dev.size, dev.crash_image(random.Random(seed), mode))
+            img = MemoryDevice(dev.size, bytes(dev.crash_image(random.Random(seed), mode)))
             state, applied = _journal(img).replay()
             seen.add(applied)
             assert applied in (1, 2), (crash_at, seed)
@@ -739,7 +739,7 @@ def test_journal_one_damaged_commit_copy_is_a_warning():
     j = _journal(dev)
     j.commit(_tx(1, [200]))
     for k in (0, 1):
-        d = MemoryDevice(dev.size, dev.data)
+        d = MemoryDevice(dev.size, bytes(dev.data))
         off = (J_START + 2) * BLOCK_SIZE + k * 2048 + 60
         d.pwrite(bytes([d.pread(1, off)[0] ^ 1]), off)
         scan = _journal(d).scan()
@@ -778,12 +778,12 @@ def test_journal_multi_record_transaction():
         finals.append(final)
         assert targets == homes[k * JD_MAX:(k + 1) * JD_MAX]
     assert finals == [False, False, True]
-    image_dev = MemoryDevice(dev.size, dev.data)
+    image_dev = MemoryDevice(dev.size, bytes(dev.data))
     assert _journal(image_dev, size=1200).replay() == (tx.state, 1)
     assert all(_home(image_dev, h) == _image(h, 1, 0) for h in homes)
     # Committed, a lost block of any record is damage naming it.
     for lost in (2 * JD_MAX + 2, 2 * JD_MAX + 2 + 5, JD_MAX + 1):
-        torn = MemoryDevice(dev.size, dev.data)
+        torn = MemoryDevice(dev.size, bytes(dev.data))
         torn.pwrite(bytes(BLOCK_SIZE), (J_START + lost) * BLOCK_SIZE)
         with pytest.raises(CorruptMetadata) as e:
             _journal(torn, size=1200).replay()
@@ -810,7 +810,7 @@ def test_journal_wraps_around():
         for h, img in tx.images:
             expected[h] = img
     assert j.head > size and j.tail % size + (j.head - j.tail) > size, "no wrap to test"
-    fresh = MemoryDevice(dev.size, dev.data)
+    fresh = MemoryDevice(dev.size, bytes(dev.data))
     r = Journal(fresh, UUID, J_START, size, j.tail, tail_seq)
     state, applied = r.replay()
     assert applied == 7 - tail_seq + 1 and state == State(1007, 1, 7)
@@ -841,10 +841,11 @@ def test_journal_stale_lap_and_foreign_blocks_are_not_replayed():
     j.fully_checkpointed()
     j.commit(_tx(3, [104, 105]))  # slots 0..3 (wraps over transaction 1)
     # Replay from transaction 3: transaction 1's leftover in slot 4 is stale.
-    state, applied = _journal(MemoryDevice(dev.size, dev.data), tail=8, seq=3, size=8).replay()
-    assert applied == 1 and state.root == 1003
+    replayed = MemoryDevice(dev.size, bytes(dev.data))
+    state, applied = _journal(replayed, tail=8, seq=3, size=8).replay()
+    assert applied == 1 and state is not None and state.root == 1003
     # A journal of another store (same place, other UUID) replays nothing.
-    other = MemoryDevice(dev.size, dev.data)
+    other = MemoryDevice(dev.size, bytes(dev.data))
     assert _journal(other, tail=8, seq=3, size=8, uuid=OTHER_UUID).replay() == (None, 0)
 
 
@@ -907,7 +908,7 @@ def test_torn_newest_superblock_falls_back_to_older(where, new_first):
     assert differ and differ[-1] < 512
     cut = differ[0] + 1 + int(where * (differ[-1] - differ[0] - 1))
     torn_block = new[:cut] + old[cut:] if new_first else old[:cut] + new[cut:]
-    torn = MemoryDevice(dev.size, dev.data)
+    torn = MemoryDevice(dev.size, bytes(dev.data))
     torn.pwrite(torn_block, slot * BLOCK_SIZE)
     assert read_superblock(torn).generation == gen - 1
     store2 = SharedStore.open(torn)
@@ -937,7 +938,7 @@ def test_open_replays_the_journal_without_a_clean_close():
     svc = _populate(_small_store(dev), origin)
     views = _expected_views(svc)
     # No close: the image is whatever the last commit left (journal not checkpointed).
-    image = MemoryDevice(dev.size, dev.data)
+    image = MemoryDevice(dev.size, bytes(dev.data))
     store2 = SharedStore.open(image)
     assert not read_superblock(image).clean
     assert store2.check() == []
@@ -1009,7 +1010,7 @@ def _leaf_blocks(store) -> list[int]:
 
 
 def _copy(dev: MemoryDevice) -> MemoryDevice:
-    return MemoryDevice(dev.size, dev.data)
+    return MemoryDevice(dev.size, bytes(dev.data))
 
 
 def _inspect_findings(dev: MemoryDevice):

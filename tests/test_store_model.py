@@ -93,12 +93,13 @@ class StoreMachine(RuleBasedStateMachine):
     MAX_SNAPSHOTS = 0
     JOURNAL = 24
     MAX_WRITE = 3 * 4096 + 17
-    CACHE_BLOCKS = None  # None: the store's default
+    CACHE_BLOCKS: int | None = None  # None: the store's default
 
     def __init__(self):
         super().__init__()
         seed = random.Random(self.ORIGIN).randbytes(self.ORIGIN)
         self.origin_dev = MemoryDevice(self.ORIGIN, seed)
+        store: SharedStore | MemoryStore
         if self.SHARED:
             self.store_dev = MemoryDevice(self.STORE)
             store = SharedStore.create(self.store_dev, origin_size=self.ORIGIN,
@@ -389,7 +390,7 @@ class StoreMachine(RuleBasedStateMachine):
     def reopen_unclean(self):
         """Open a copy of the device as it is now, without closing: replays the journal."""
         self.svc.commit()
-        self.store_dev = MemoryDevice(self.store_dev.size, self.store_dev.data)
+        self.store_dev = MemoryDevice(self.store_dev.size, bytes(self.store_dev.data))
         store = SharedStore.open(self.store_dev)
         self._tune(store)
         self.svc = LocalService(store, self.origin_dev)

@@ -47,6 +47,7 @@ CS = 4096
 SIZE = 1 << 20
 
 _spec = importlib.util.spec_from_file_location("make_v2_images", DATA / "make_v2_images.py")
+assert _spec is not None and _spec.loader is not None  # a .py file: a source loader
 make_v2_images = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_v2_images)
 
@@ -120,6 +121,7 @@ def test_upgrade_keeps_every_snapshot(name):
     assert header_version(dev.pread(BLOCK_SIZE, BLOCK_SIZE)) == VERSION
     svc = read_back(dev, want, name)
     store = svc.store
+    assert isinstance(store, SharedStore)  # an upgraded store is a shared one
     assert store.check() == []
     assert all(s.parent == 0 for s in svc.snapshots())
     assert store.sb.max_snapshots == 0 and store.sb.journal_tail == 0
@@ -175,6 +177,7 @@ def test_v3_never_replays_the_old_journal():
                for i in range(0, len(area), BLOCK_SIZE))
     store = SharedStore.open(dev)
     assert store.recovered == 0
+    assert store.journal_scan is not None  # open scans the journal
     assert not store.journal_scan.damage and not store.journal_scan.warnings
     new = Journal(dev, sb.uuid, sb.journal_start, sb.journal_blocks, 0, 1).scan(0, 1)
     assert not new.transactions and not new.damage
@@ -255,7 +258,7 @@ def test_upgrade_interrupted_at_every_write_and_flush_finishes_on_a_second_run(n
             break  # no crash point left
         except CrashNow:
             pass
-        after = MemoryDevice(SIZE, dev.crash_image(rng=random.Random(k), mode=mode))
+        after = MemoryDevice(SIZE, bytes(dev.crash_image(rng=random.Random(k), mode=mode)))
         try:
             upgrade_store(after, origin=origin_of(want))
             outcomes.add("converted again")
@@ -310,8 +313,9 @@ def test_v1_store_half_resealed_by_the_v2_upgrade():
     dev = MemoryDevice(SIZE, image("v1-clean"))
     sb = upgrade_mod.read_old_superblock(dev)[0]
     for block, kind in ((sb.snaptable_start, T_SNAPTABLE), (sb.state.root, T_NODE)):
-        buf = bytearray(dev.pread(BLOCK_SIZE, block * BLOCK_SIZE))
-        assert header_version(buf) == VERSION_V1
+        raw = dev.pread(BLOCK_SIZE, block * BLOCK_SIZE)
+        assert header_version(raw) == VERSION_V1
+        buf = bytearray(raw)
         seal(buf, kind, block, HEADER.unpack_from(buf, 0)[6], sb.uuid, version=VERSION_V2)
         dev.pwrite(buf, block * BLOCK_SIZE)
     upgrade_store(dev)
