@@ -390,8 +390,7 @@ class Run:
 def _image_device(img: bytes | bytearray) -> MemoryDevice:
     """A MemoryDevice holding a copy of ``img`` (a crash image: bytes, or the bytearray
     ``crash_image`` gives, used as it is to spare a copy of a big image)."""
-    # MemoryDevice copies any buffer (bytearray(data)); its data parameter says bytes.
-    return MemoryDevice(len(img), img)  # type: ignore[arg-type]
+    return MemoryDevice(len(img), img)
 
 
 def recover_and_verify(t: Tracker, g: Geometry, store_img: bytes | bytearray,

@@ -19,7 +19,7 @@ import selectors
 import socket
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from typing import Any
 
 from .errors import ControlError, ControlPathError, DdsnapError, ProtocolError, from_dict
@@ -223,7 +223,7 @@ def call(path: str, op: str, args: dict | None = None, timeout: float | None = N
 
 
 def call_many(path: str, requests: Iterable[tuple[str, dict | None]], depth: int = 32,
-              timeout: float | None = None) -> Iterator[Any]:
+              timeout: float | None = None) -> Generator[Any, None, None]:
     """Send ``(op, args)`` requests on one connection to the control socket at ``path``,
     up to ``depth`` of them ahead of their replies; yield each result, in request order.
 
@@ -258,7 +258,7 @@ def call_many(path: str, requests: Iterable[tuple[str, dict | None]], depth: int
 
 
 def _call_many(path: str, requests: Iterator[tuple[str, dict | None]], depth: int,
-               timeout: float | None) -> Iterator[Any]:
+               timeout: float | None) -> Generator[Any, None, None]:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sel = selectors.DefaultSelector()
     try:

@@ -329,7 +329,8 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 class MemoryDevice(BlockDevice):
     """A device held in a bytearray: the in-memory twin of :class:`FileDevice`."""
 
-    def __init__(self, size: int, data: bytes | None = None, path: str = "<memory>"):
+    def __init__(self, size: int, data: bytes | bytearray | memoryview | None = None,
+                 path: str = "<memory>"):
         self.size = size
         self.path = path
         self.data = bytearray(data) if data is not None else bytearray(size)

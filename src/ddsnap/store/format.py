@@ -108,7 +108,7 @@ def peek_header(buf: bytes, version: int = VERSION) -> tuple[int, int, int] | No
     return t, bno, bseq
 
 
-def header_version(buf: bytes) -> int | None:
+def header_version(buf: bytes | bytearray) -> int | None:
     """The format version a block's header claims (unverified), or None without magic."""
     if len(buf) < HEADER_SIZE or buf[:4] != MAGIC:
         return None

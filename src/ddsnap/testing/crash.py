@@ -95,7 +95,8 @@ class RecordingDevice(BlockDevice):
 
     SECTOR = 512
 
-    def __init__(self, size: int, data: bytes | None = None, path: str = "<recording>",
+    def __init__(self, size: int, data: bytes | bytearray | memoryview | None = None,
+                 path: str = "<recording>",
                  clock: CrashClock | None = None):
         self.size = size
         self.path = path
