@@ -12,6 +12,8 @@ Tests scale their own ``max_examples`` with :func:`examples`.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -99,3 +101,12 @@ def make_store(tmp_path: Path) -> Iterator[StoreFactory]:
     factory = StoreFactory(tmp_path)
     yield factory
     factory.close()
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    """A directory with a short path for unix sockets (their paths are limited to about
+    107 bytes, which pytest's tmp_path can exceed); removed afterwards."""
+    path = tempfile.mkdtemp(prefix="nbd")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

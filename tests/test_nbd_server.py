@@ -13,7 +13,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import tempfile
 import threading
 
 import pytest
@@ -47,14 +46,6 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
-
-
-@pytest.fixture
-def sockdir():
-    # short path: unix socket paths are limited to ~107 bytes
-    path = tempfile.mkdtemp(prefix="nbd")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

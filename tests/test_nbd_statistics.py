@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
 import threading
 
 import pytest
@@ -36,14 +34,6 @@ from served import wait_until
 SIZE = 8 * MiB
 #: bytes of a request header, and of a simple reply's header
 REQUEST, REPLY = 28, 16
-
-
-@pytest.fixture
-def sockdir():
-    # short path: unix socket paths are limited to ~107 bytes
-    path = tempfile.mkdtemp(prefix="nbd")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
