@@ -83,10 +83,10 @@ class ServiceCore:
         self._pending: dict[tuple[int, int], int] = {}
         self._readlocks: Counter[int] = Counter()
         self._origin_writes = 0
-        self._barrier = 0  # operations holding new origin writes back (_origin_writes_held)
+        self._barrier = 0  # operations holding new origin writes back (_origin_writes_held_locked)
         self._opens: Counter[str] = Counter()
         self._snaps: tuple[SnapshotInfo, ...] = ()
-        self._refresh_snaps()
+        self._refresh_snaps_locked()
         m = store.merging
         #: version id of the snapshot being merged, None if none (read without the lock)
         self._merging: int | None = m
@@ -95,12 +95,12 @@ class ServiceCore:
         self.merge_step_chunks = max(1, merge_step_bytes() // self.chunk_size)
         #: snapshots the full-store policy deleted (name, id, time), newest last
         self.auto_deleted: list[dict] = store.auto_deleted()
-        self._merge_progress = (MergeProgress(self._count_merge_left(), "open")
+        self._merge_progress = (MergeProgress(self._count_merge_left_locked(), "open")
                                 if m is not None else None)
         if not getattr(store, "read_only", False):  # a degraded open never writes
             self._sweep()  # a delete cut short by a crash resumes
 
-    def _check(self) -> None:
+    def _check_locked(self) -> None:
         """Raise ServiceFailed if a commit failed (lock held, in an operation's middle)."""
         if self._failed is not None:
             self._raise_failed()
@@ -111,7 +111,7 @@ class ServiceCore:
                             "journal and this request did not complete",
                             getattr(f, "errno", None) or errno.EIO)
 
-    def _enter(self) -> None:
+    def _enter_locked(self) -> None:
         """Start an operation (lock held, holding nothing yet): reopen the store first
         if a commit failed.
 
@@ -121,7 +121,7 @@ class ServiceCore:
         if self._failed is not None:
             self._recover_locked()
 
-    def _wait(self) -> None:
+    def _wait_locked(self) -> None:
         """``cond.wait()`` in the middle of an operation (lock held).  Raises
         ServiceFailed if a commit fails meanwhile: what the operation holds belongs to
         the store state being discarded, so it must not go on after a reopen (which
@@ -157,7 +157,7 @@ class ServiceCore:
             ServiceFailed: it cannot be reopened (no ``reopen``, or reopening failed).
         """
         with self.lock:
-            self._enter()
+            self._enter_locked()
 
     def _recover_locked(self) -> None:
         """Reopen the store from its journal (lock held, by a thread holding nothing).
@@ -209,13 +209,13 @@ class ServiceCore:
         self._failed = None
         self._pending.clear()
         self._merge_busy.clear()
-        self._refresh_snaps()
+        self._refresh_snaps_locked()
         m = store.merging
         self._merging = m
         if m is None:
             self._merge_progress = None
         elif self._merge_progress is None:
-            self._merge_progress = MergeProgress(self._count_merge_left())
+            self._merge_progress = MergeProgress(self._count_merge_left_locked())
         self.reopens += 1
         if self.failure is not None:
             self.failure["reopened"] = True
@@ -223,7 +223,7 @@ class ServiceCore:
         log.warning("snapshot store reopened from its journal after the failure; "
                     "serving again")
 
-    def _start_commit(self):
+    def _start_commit_locked(self):
         """Capture the open batch (lock held); returns ``(batch or None, its epoch)``."""
         self._committing = True
         self._commit_done = threading.Event()
@@ -232,7 +232,7 @@ class ServiceCore:
         self.epoch += 1
         return batch, target
 
-    def _end_commit(self, target: int, error: BaseException | None) -> None:
+    def _end_commit_locked(self, target: int, error: BaseException | None) -> None:
         """Record a commit's outcome (lock held) and wake everyone waiting on it."""
         self._committing = False
         if error is not None:
@@ -261,7 +261,7 @@ class ServiceCore:
             if self.durable >= epoch and self._failed is None and epoch not in self._lost:
                 return
             with self.lock:
-                self._check()
+                self._check_locked()
                 if epoch in self._lost:
                     raise ServiceFailed("a commit to the snapshot store failed and the "
                                         "store was reopened without this change")
@@ -271,7 +271,7 @@ class ServiceCore:
                     done = self._commit_done
                 else:
                     done = None
-                    batch, target = self._start_commit()
+                    batch, target = self._start_commit_locked()
             if done is not None:
                 done.wait()
                 continue
@@ -292,20 +292,20 @@ class ServiceCore:
             raise
         finally:
             if holding_lock:
-                self._end_commit(target, error)
+                self._end_commit_locked(target, error)
             else:
                 with self.lock:
-                    self._end_commit(target, error)
+                    self._end_commit_locked(target, error)
 
     def _commit_now_locked(self) -> None:
         """Make everything changed so far durable, holding the lock throughout."""
-        self._check()  # never commit a state a failed commit left untrusted
+        self._check_locked()  # never commit a state a failed commit left untrusted
         while self._committing:
-            self._wait()
-        batch, target = self._start_commit()
+            self._wait_locked()
+        batch, target = self._start_commit_locked()
         self._write_commit(batch, target, holding_lock=True)
 
-    def _bound_batch(self) -> None:
+    def _bound_batch_locked(self) -> None:
         """Commit now (lock held) if the open batch nears what one transaction may hold.
 
         A huge request, or many requests grouped together, must not build a transaction
@@ -316,7 +316,7 @@ class ServiceCore:
         if self.store.pending_blocks() < self.store.commit_threshold:
             return
         while self._committing:
-            self._wait()
+            self._wait_locked()
         if self.store.pending_blocks() < self.store.commit_threshold:
             return
         self._commit_now_locked()
@@ -327,7 +327,7 @@ class ServiceCore:
             e = self.epoch
         self.wait_durable(e)
 
-    def _copy(self, moves: list[tuple[int, int]], source: BlockDevice) -> None:
+    def _copy_locked(self, moves: list[tuple[int, int]], source: BlockDevice) -> None:
         """Copy chunks ``src -> dst`` (store chunk numbers) from ``source`` to the store.
 
         Runs of consecutive sources and destinations move in one I/O of up to
@@ -364,7 +364,7 @@ class ServiceCore:
                                 limit: int | None = None
                                 ) -> tuple[int, StoreFull | None, bool]:
         """Record copied-out chunks as the origin's exceptions, in order (lock held):
-        ``adds`` is ``[(chunk, store_chunk, tag)]`` whose data :meth:`_copy` has written.
+        ``adds`` is ``[(chunk, store_chunk, tag)]`` whose data :meth:`_copy_locked` has written.
         Each recorded chunk's mapping is pending until the next durable commit.
 
         Stops early when the batch reaches ``limit`` metadata blocks (it must then be
@@ -396,14 +396,14 @@ class ServiceCore:
         return k, None, False
 
     @contextmanager
-    def _origin_writes_held(self):
+    def _origin_writes_held_locked(self):
         """Lock held: hold new origin writes back (``_barrier``), wait until those in
         flight are done, and let them go again on leaving.  For what must see the origin
         still: a snapshot creation, a merge start, a resize."""
         self._barrier += 1
         try:
             while self._origin_writes:
-                self._wait()
+                self._wait_locked()
             yield
         finally:
             self._barrier -= 1
@@ -422,7 +422,7 @@ class ServiceCore:
             return snap.id
         raise SnapshotNotFound(snap.name)
 
-    def _ancestors(self, version: int) -> list[int]:
+    def _ancestors_locked(self, version: int) -> list[int]:
         return self.store.ancestors(version)
 
     def snapshots(self) -> list[SnapshotInfo]:
@@ -437,7 +437,7 @@ class ServiceCore:
                 return s
         raise SnapshotNotFound(name)
 
-    def _refresh_snaps(self) -> None:
+    def _refresh_snaps_locked(self) -> None:
         self._snaps = tuple(self.store.snapshots())
         #: version ids of the live snapshots (replaced, never changed)
         self._ids = frozenset(s.id for s in self._snaps)
@@ -446,7 +446,7 @@ class ServiceCore:
         done = False
         while not done:
             with self.lock:
-                self._check()
+                self._check_locked()
                 done = self._sweep_step_locked()
             self.commit()
 
@@ -467,7 +467,7 @@ class ServiceCore:
             self.cond.notify_all()
             raise err from e
 
-    def _allocate_held(self, moves: list[tuple[int, int]]) -> int:
+    def _allocate_held_locked(self, moves: list[tuple[int, int]]) -> int:
         """A free store chunk for a request already holding the chunks of ``moves``
         (``(chunk, store_chunk)``, allocated but not recorded yet; lock held).
 
@@ -511,7 +511,7 @@ class ServiceCore:
         self._commit_now_locked()
         return self.store.allocate_chunk()
 
-    def _count_merge_left(self) -> int:
+    def _count_merge_left_locked(self) -> int:
         m = self.store.merging
         return len(self.store.merge_todo(0, 1 << 62)) if m is not None else 0
 
@@ -537,7 +537,7 @@ class ServiceCore:
 
     # -- provided by other concerns ---------------------------------------------------------
 
-    def _can_make_room(self, exclude: int | None = None) -> bool:
+    def _can_make_room_locked(self, exclude: int | None = None) -> bool:
         """True if the full-store policy can delete a snapshot (not ``exclude``) to make
         room (:class:`~ddsnap.service.policy.FullPolicy`)."""
         raise NotImplementedError

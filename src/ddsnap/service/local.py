@@ -79,7 +79,7 @@ class LocalService(WritePath, ReadMapping, MergeOps, FullPolicy):
                 commit reached the journal, and not otherwise.
         """
         with self.lock:
-            self._enter()
+            self._enter_locked()
             if self._merging is not None:
                 raise MergeInProgress("cannot take a snapshot while a snapshot is being "
                                       "merged into the origin")
@@ -89,15 +89,15 @@ class LocalService(WritePath, ReadMapping, MergeOps, FullPolicy):
                 # crash cannot change what the new snapshot reads (invariant 1).
                 self._flush_store()
                 info = self.store.create_snapshot(name, read_only, parent=pv)
-                self._refresh_snaps()
+                self._refresh_snaps_locked()
                 e = self.epoch
             else:
-                with self._origin_writes_held():
+                with self._origin_writes_held_locked():
                     # Completed origin writes are part of the snapshot: make them durable
                     # so a crash cannot change what the snapshot reads (invariant 1).
                     self._flush_origin()
                     info = self.store.create_snapshot(name, read_only)
-                    self._refresh_snaps()
+                    self._refresh_snaps_locked()
                     e = self.epoch
         self.wait_durable(e)
         return info
@@ -113,7 +113,7 @@ class LocalService(WritePath, ReadMapping, MergeOps, FullPolicy):
                 the delete reached the journal (its sweep resumes then), else still there.
         """
         with self.lock:
-            self._enter()
+            self._enter_locked()
             info = self.store.snapshot(name)
             if info.id == self._merging:
                 raise MergeInProgress(f"snapshot {name} is being merged into the origin")
@@ -121,7 +121,7 @@ class LocalService(WritePath, ReadMapping, MergeOps, FullPolicy):
                 raise SnapshotBusy(f"snapshot {name} is in use by {self._opens[name]} "
                                    "connection(s)")
             self.store.begin_delete(name)
-            self._refresh_snaps()
+            self._refresh_snaps_locked()
         self.commit()
         self._sweep()
         return info
@@ -152,7 +152,7 @@ class LocalService(WritePath, ReadMapping, MergeOps, FullPolicy):
             raise InvalidArgument(f"the origin size must be a positive multiple of 512 "
                                   f"bytes, not {size}")
         with self.lock:
-            self._enter()
+            self._enter_locked()
             old = self.store.origin_size
             if self._merging is not None:
                 raise MergeInProgress("cannot resize the origin while a snapshot is being "
@@ -180,7 +180,7 @@ class LocalService(WritePath, ReadMapping, MergeOps, FullPolicy):
                         "connection(s) have it open (they could write past the new end); "
                         "disconnect them first. Nothing was changed")
             if size != old:
-                with self._origin_writes_held():
+                with self._origin_writes_held_locked():
                     if size > old:
                         # Bytes a file holds past the recorded end are not the volume's
                         # (a shrink cut short by a crash leaves them): the new part
@@ -220,10 +220,10 @@ class LocalService(WritePath, ReadMapping, MergeOps, FullPolicy):
             ServiceFailed: the commit failed.
         """
         with self.lock:
-            self._enter()
+            self._enter_locked()
             old = self.store.space()["chunks_total"]
             old_size = self.store.store_size
-            with self._origin_writes_held():
+            with self._origin_writes_held_locked():
                 self.store.request_checkpoint()
                 self._commit_now_locked()
                 try:
@@ -291,7 +291,7 @@ class LocalService(WritePath, ReadMapping, MergeOps, FullPolicy):
         """Free store blocks ``check`` found allocated but unreferenced (leaks), and
         commit (``check --repair``)."""
         with self.lock:
-            self._enter()
+            self._enter_locked()
             self.store.free_leaked(blocks)
         self.commit()
 

@@ -44,7 +44,7 @@ class MergeOps(ServiceCore):
             SnapshotBusy: clients have ``name`` open.
         """
         with self.lock:
-            self._enter()
+            self._enter_locked()
             info = self.store.snapshot(name)
             m = self.store.merging
             if m is not None:
@@ -62,12 +62,12 @@ class MergeOps(ServiceCore):
                     f"{human_bytes(info.size)} to merge it")
             # Origin writes in flight finish first (seed 003 patch 10); new ones wait and
             # then see the merge.
-            with self._origin_writes_held():
+            with self._origin_writes_held_locked():
                 if self.store.merging is not None:  # another merge started meanwhile
                     raise MergeInProgress("another merge started meanwhile")
                 self.store.set_merge(info.id, keep)
                 self._merging = info.id
-            progress = self._merge_progress = MergeProgress(self._count_merge_left())
+            progress = self._merge_progress = MergeProgress(self._count_merge_left_locked())
             log.info("merge of snapshot %s into the origin started (%d chunks)", name,
                      progress.total)
         self.commit()
@@ -128,7 +128,7 @@ class MergeOps(ServiceCore):
         left from there; from the cursor that completes the merge (committed, the
         snapshot deleted unless kept)."""
         with self.lock:
-            self._enter()
+            self._enter_locked()
             m = self.store.merging
             if m is None:
                 return None
@@ -255,7 +255,7 @@ class MergeOps(ServiceCore):
         """
         chunks = [c for c, _ in todo]
         while any(c in self._merge_busy for c in chunks):
-            self._wait()
+            self._wait_locked()
         # Re-read: another step may have merged some of these while we waited.
         todo = [(c, sc) for c, sc in todo if self.store.merge_source(c) == sc]
         if not todo:
@@ -275,7 +275,7 @@ class MergeOps(ServiceCore):
                         dst = (self.store.allocate_chunk() if moves
                                else self._allocate_locked())
                     except StoreFull as e:
-                        if not ready and self._can_make_room():
+                        if not ready and self._can_make_room_locked():
                             # Full, and the policy deletes the oldest snapshot not being
                             # merged: then count the sharers again (the victim may be one).
                             self._make_room_locked()
@@ -294,7 +294,7 @@ class MergeOps(ServiceCore):
         self._merge_busy.update(c for c, _ in ready)
         try:
             if moves:
-                self._copy(moves, self.origin)
+                self._copy_locked(moves, self.origin)
                 k, no_room, _full = self._record_copyouts_locked(adds)
                 if no_room is not None:
                     # No room for the metadata of copy-out k: the step's data chunks took
@@ -322,7 +322,7 @@ class MergeOps(ServiceCore):
             if moves or any(self._pending.get((0, c), -1) > self.durable for c, _ in ready):
                 self._commit_now_locked()
             while any(self._readlocks.get(c) for c, _ in ready):
-                self._wait()
+                self._wait_locked()
         except BaseException:
             self._merge_busy.difference_update(c for c, _ in ready)
             self.cond.notify_all()
@@ -355,7 +355,7 @@ class MergeOps(ServiceCore):
         """After a run's data is durable in the origin: mark its chunks merged (the origin
         reads its own data there now), once no reader is using the exceptions."""
         while any(self._readlocks.get(c) for c, _ in run):
-            self._wait()
+            self._wait_locked()
         for c, _sc in run:
             cursor = self.store.state.merge_cursor
             if c >= cursor:
@@ -388,7 +388,7 @@ class MergeOps(ServiceCore):
         if not keep:
             # LVM's behaviour: the merged snapshot goes away, its space is freed.
             self.store.begin_delete(name)
-        self._refresh_snaps()
+        self._refresh_snaps_locked()
         self.cond.notify_all()
 
     def run_merge(self, stop: threading.Event | None = None, on_step=None) -> bool:

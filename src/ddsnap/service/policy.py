@@ -18,7 +18,7 @@ log = logging.getLogger("ddsnap.service")
 class FullPolicy(ServiceCore):
     """The ``full-policy`` setting and the room it makes."""
 
-    def _victim(self, exclude: int | None = None) -> SnapshotInfo | None:
+    def _victim_locked(self, exclude: int | None = None) -> SnapshotInfo | None:
         """The oldest snapshot the ``delete-oldest`` policy may delete, if any: not
         ``exclude`` (a version id), not the one being merged."""
         if self.store.full_policy != "delete-oldest":
@@ -28,8 +28,8 @@ class FullPolicy(ServiceCore):
                 return s
         return None
 
-    def _can_make_room(self, exclude: int | None = None) -> bool:
-        return self._victim(exclude) is not None
+    def _can_make_room_locked(self, exclude: int | None = None) -> bool:
+        return self._victim_locked(exclude) is not None
 
     def _make_room_locked(self, exclude: int | None = None) -> None:
         """Delete the oldest snapshot to make room (``full-policy=delete-oldest``), lock
@@ -37,15 +37,15 @@ class FullPolicy(ServiceCore):
         Logged and kept in :attr:`auto_deleted` for ``status`` (invariant 7: never silent).
 
         Raises:
-            StoreFull: there is nothing to delete (callers ask :meth:`_can_make_room`
+            StoreFull: there is nothing to delete (callers ask :meth:`_can_make_room_locked`
                 first, so this only guards the rule).
         """
-        victim = self._victim(exclude)
+        victim = self._victim_locked(exclude)
         if victim is None:
             raise StoreFull()
         self.store.note_auto_deleted(victim, time.time_ns())  # durable with the delete
         self.store.begin_delete(victim.name)
-        self._refresh_snaps()
+        self._refresh_snaps_locked()
         while not self._sweep_step_locked():
             self._commit_now_locked()
         self._commit_now_locked()
@@ -56,6 +56,6 @@ class FullPolicy(ServiceCore):
     def set_full_policy(self, policy: str) -> None:
         """Choose what a write does when the store is full (``error``/``delete-oldest``)."""
         with self.lock:
-            self._enter()
+            self._enter_locked()
             self.store.set_full_policy(policy)
         self.commit()

@@ -23,7 +23,7 @@ class ReadMapping(ServiceCore):
         """Where snapshot ``snap`` reads chunks ``first..last`` (seed 000
         ``QUERY_SNAPSHOT_READ``); origin chunks stay read-locked until released."""
         with self.lock:
-            self._enter()
+            self._enter_locked()
             v = self._version(snap)
             sources, locked = [], []
             lookup = self.store.snapshot_chunk
@@ -45,7 +45,7 @@ class ReadMapping(ServiceCore):
         if self._merging is None:
             return None
         with self.lock:
-            self._enter()
+            self._enter_locked()
             if self.store.merging is None:
                 return None
             sources, locked = [], []

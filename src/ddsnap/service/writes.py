@@ -76,9 +76,9 @@ class WritePath(ServiceCore):
         """The locked part of :meth:`prepare_origin_write`: copy-outs recorded, the
         write counted in flight.  Returns the batch that must be durable before the
         origin is written."""
-        self._check()
+        self._check_locked()
         while self._barrier:
-            self._wait()
+            self._wait_locked()
         if self._merging is not None:
             # Chunks not merged yet are merged first: the write lands on the merged
             # content (seed 003 patches 09/10: writes to chunks under merge wait).
@@ -95,7 +95,7 @@ class WritePath(ServiceCore):
             need, moves, adds, err = self._origin_copyouts_locked(first, last)
             if not moves:
                 break
-            self._copy(moves, self.origin)
+            self._copy_locked(moves, self.origin)
             k, no_room, full = self._record_copyouts_locked(adds, self.store.commit_threshold)
             # Chunks not recorded go back: no room for their metadata (the request fails
             # with what it did so far), or the batch must be committed now and a commit
@@ -106,7 +106,7 @@ class WritePath(ServiceCore):
             if no_room is not None:
                 err = no_room
             if full:
-                self._bound_batch()
+                self._bound_batch_locked()
                 if k < len(adds):
                     continue
             need = self.epoch
@@ -136,7 +136,7 @@ class WritePath(ServiceCore):
                     sharers = self.store.origin_sharers(c)
                     if sharers:
                         try:
-                            sc = self._allocate_held(moves)
+                            sc = self._allocate_held_locked(moves)
                         except _Reclaim:
                             retry = True  # gave back what it held, reclaimed: again
                             break
@@ -158,7 +158,7 @@ class WritePath(ServiceCore):
                 raise
             if retry:
                 continue
-            if err is None or not self._can_make_room():
+            if err is None or not self._can_make_room_locked():
                 return need, moves, adds, err
             # Full, and the policy deletes the oldest snapshot: give back what this
             # request took (its sharers may include the victim) and start again.
@@ -209,7 +209,7 @@ class WritePath(ServiceCore):
         if snap.read_only:
             raise ReadOnlyVolume(f"snapshot {snap.name} is read-only")
         with self.lock:
-            self._enter()
+            self._enter_locked()
             v = self._version(snap)
             if v == self._merging:
                 raise MergeInProgress(f"snapshot {snap.name} is being merged into the origin")
@@ -222,7 +222,7 @@ class WritePath(ServiceCore):
                     # snapshot taken of it unsharing, or another reader of an ancestor's
                     # exception leaving it): data written there before that commits is
                     # lost to a crash.
-                    for a in [v] + self._ancestors(v):
+                    for a in [v] + self._ancestors_locked(v):
                         need = max(need, self._pending.get((a, c), -1))
                     out.append(sc)
                     continue
@@ -238,16 +238,16 @@ class WritePath(ServiceCore):
                                 raise
                         break
                     except StoreFull:
-                        if not self._can_make_room(exclude=v):
+                        if not self._can_make_room_locked(exclude=v):
                             raise
                         self._make_room_locked(exclude=v)
                         sc, unique = self.store.snapshot_exception(v, c)
                 dests = [new] if kept is None else [new, kept]
                 # (a failed copy gives the chunks back itself)
                 if sc is None:
-                    self._copy([(c, d) for d in dests], self.origin)
+                    self._copy_locked([(c, d) for d in dests], self.origin)
                 else:
-                    self._copy([(sc, d) for d in dests], self.store.cow)
+                    self._copy_locked([(sc, d) for d in dests], self.store.cow)
                 try:
                     self.store.add_snapshot_exception(v, c, new, kept)
                 except BaseException:
@@ -258,10 +258,10 @@ class WritePath(ServiceCore):
                     raise
                 # Who reads this chunk changed for the writer and every version above it
                 # (an origin write or an ancestor's write may now skip its copy-out).
-                for a in [v] + self._ancestors(v):
+                for a in [v] + self._ancestors_locked(v):
                     self._pending[(a, c)] = self.epoch
                 need = self.epoch
                 out.append(new)
-                self._bound_batch()
+                self._bound_batch_locked()
         self.wait_durable(need)
         return out
