@@ -35,6 +35,7 @@ from ddsnap.store import upgrade as upgrade_mod
 from ddsnap.store.blockdev import FileDevice, MemoryDevice
 from ddsnap.store.format import BLOCK_SIZE, VERSION, VERSION_V2, header_version
 from ddsnap.store.journal import Journal
+from ddsnap.store.legacy import read_old_superblock
 from ddsnap.store.model import NO_MERGE
 from ddsnap.store.shared import SharedStore
 from ddsnap.store.upgrade import upgrade_store
@@ -166,7 +167,7 @@ def test_v3_never_replays_the_old_journal():
     """The v2 journal's blocks stay in the journal area after the upgrade; the v3 journal
     (from position 0, sequence 1) does not accept them: their version differs."""
     dev = MemoryDevice(SIZE, image("v2-unclean"))
-    sb = upgrade_mod.read_old_superblock(dev)[0]
+    sb = read_old_superblock(dev)[0]
     old = Journal(dev, sb.uuid, sb.journal_start, sb.journal_blocks, sb.journal_tail,
                   sb.journal_seq, version=VERSION_V2).scan()
     assert old.transactions  # there is something to replay in the v2 journal
@@ -311,7 +312,7 @@ def test_v1_store_half_resealed_by_the_v2_upgrade():
     from ddsnap.store.format import HEADER, T_NODE, T_SNAPTABLE, VERSION_V1, seal
 
     dev = MemoryDevice(SIZE, image("v1-clean"))
-    sb = upgrade_mod.read_old_superblock(dev)[0]
+    sb = read_old_superblock(dev)[0]
     for block, kind in ((sb.snaptable_start, T_SNAPTABLE), (sb.state.root, T_NODE)):
         raw = dev.pread(BLOCK_SIZE, block * BLOCK_SIZE)
         assert header_version(raw) == VERSION_V1
