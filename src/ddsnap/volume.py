@@ -59,22 +59,8 @@ class Volume:
 
     def read_into_nowait(self, offset: int, view) -> bool:
         """Fill ``view`` as :meth:`read_into` does if no disk or lock wait is needed
-        (``MetadataService.map_read_nowait``, page-cache reads with ``RWF_NOWAIT``);
-        False means "use :meth:`read_into`"."""
-        n = len(view)
-        if not n:
-            return True
-        first, last = self._range(offset, n)
-        with self.service.map_read_nowait(self.info, first, last) as sources:
-            if sources is None:
-                return False
-            if first == last:  # the common small read: one device, one call
-                sc = sources[0]
-                if sc is None:
-                    return self.data.origin.preadinto_nowait(view, offset)
-                return self.data.cow.preadinto_nowait(
-                    view, sc * self.chunk_size + offset - first * self.chunk_size)
-            return self._read_runs(first, sources, offset, view, nowait=True)
+        (page-cache reads with ``RWF_NOWAIT``); False means "use :meth:`read_into`"."""
+        raise NotImplementedError
 
     def _read_runs(self, first: int, sources: list[int | None], offset: int, view,
                    nowait: bool = False) -> bool:
@@ -168,6 +154,16 @@ class Origin(Volume):
         # exceptions (the origin already shows its content); otherwise no map at all.
         return self.service.map_origin_read(first, last)
 
+    def read_into_nowait(self, offset: int, view) -> bool:
+        # Outside a merge the origin is its device: no mapping, no lock.
+        n = len(view)
+        if not n:
+            return True
+        self._range(offset, n)
+        if not self.service.origin_reads_itself():
+            return False
+        return self.data.origin.preadinto_nowait(view, offset)
+
     def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         """Write ``data`` at ``offset``; copy-outs are durable before the origin changes."""
         if not data:
@@ -248,6 +244,28 @@ class Snapshot(Volume):
         self.size = info.size  # as the origin was when it was taken (resize keeps it)
         self.name = info.name
         self.read_only = info.read_only
+
+    def read_into_nowait(self, offset: int, view) -> bool:
+        # The mapping from the service (``map_snapshot_read_nowait``), the data from the
+        # page cache; the mapping holds until ``finish_snapshot_read_nowait``.
+        n = len(view)
+        if not n:
+            return True
+        first, last = self._range(offset, n)
+        svc = self.service
+        sources = svc.map_snapshot_read_nowait(self.info, first, last)
+        if sources is None:
+            return False
+        try:
+            if first == last:  # the common small read: one device, one call
+                sc = sources[0]
+                if sc is None:
+                    return self.data.origin.preadinto_nowait(view, offset)
+                cs = self.chunk_size
+                return self.data.cow.preadinto_nowait(view, sc * cs + offset - first * cs)
+            return self._read_runs(first, sources, offset, view, nowait=True)
+        finally:
+            svc.finish_snapshot_read_nowait()
 
     def _map_read(self, first: int, last: int) -> ReadMap | None:
         # Its exceptions from the store, the rest from the origin (read-locked meanwhile,

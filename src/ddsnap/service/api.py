@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -172,11 +171,21 @@ class MetadataService(Protocol):
         """Drop the read locks of ``rmap``."""
         ...
 
-    def map_read_nowait(self, snap: SnapshotInfo | None, first: int, last: int
-                        ) -> AbstractContextManager[list[int | None] | None]:
-        """The sources of chunks ``first..last`` of ``snap`` (None: the origin) if known
-        without waiting, valid until the context exits; None inside: ask with
-        :meth:`map_snapshot_read` instead.  Never waits for the disk."""
+    def origin_reads_itself(self) -> bool:
+        """True while no merge is in progress: the origin reads from its device with no
+        mapping (never waits)."""
+        ...
+
+    def map_snapshot_read_nowait(self, snap: SnapshotInfo, first: int, last: int
+                                 ) -> list[int | None] | None:
+        """The sources of ``snap``'s chunks ``first..last`` if known without waiting, or
+        None (then ask :meth:`map_snapshot_read`); a mapping returned stays valid until
+        :meth:`finish_snapshot_read_nowait`, which the caller calls on the same thread
+        right after its page-cache reads.  Never waits for the disk."""
+        ...
+
+    def finish_snapshot_read_nowait(self) -> None:
+        """The reads of the last no-wait mapping on this thread are done."""
         ...
 
     # -- snapshot writes (seed 000 QUERY_WRITE on a snapshot) ----------------------------

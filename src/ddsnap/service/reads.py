@@ -5,8 +5,6 @@ origin chunks it reads read-locked until released (seed 000 ``QUERY_SNAPSHOT_REA
 
 from __future__ import annotations
 
-import threading
-
 from ..store.api import NotCached
 from ..store.model import SnapshotInfo
 from .api import ReadMap
@@ -73,63 +71,46 @@ class ReadMapping(ServiceCore):
 
     release_snapshot_read = release_read
 
-    def map_read_nowait(self, snap: SnapshotInfo | None, first: int, last: int
-                        ) -> _NowaitMap:
-        """The sources of chunks ``first..last`` of ``snap`` (None: the origin), as a
-        context whose value is ``[store chunk or None per chunk]``, or None when the
-        mapping needs a wait: the metadata lock for more than :data:`NOWAIT_LOCK_WAIT`,
-        a tree block not in memory, a merge in progress, a failed store, a deleted
-        snapshot (then :meth:`map_snapshot_read` answers, or raises the error).
+    def origin_reads_itself(self) -> bool:
+        """True while no merge is in progress: every origin chunk reads from the origin
+        device, with no mapping and no lock (never waits)."""
+        return self._merging is None
 
-        The NBD server tries reads on its event loop first.  The metadata lock is held
-        until the context exits (the caller's page-cache copies: microseconds), which is
-        what the read locks of :meth:`map_snapshot_read` otherwise ensure: no origin
-        chunk mapped to the origin can be overwritten before the read is done.  The
-        origin outside a merge needs no lock: it maps to itself.
+    def map_snapshot_read_nowait(self, snap: SnapshotInfo, first: int, last: int
+                                 ) -> list[int | None] | None:
+        """Where ``snap`` reads chunks ``first..last`` (per chunk a store chunk, or None
+        for the origin) if that needs no wait: the metadata lock within
+        :data:`NOWAIT_LOCK_WAIT`, every tree block in memory, no merge, no failed store,
+        ``snap`` live.  Else None, and :meth:`map_snapshot_read` answers (or raises).
+
+        A mapping returned stays valid until :meth:`finish_snapshot_read_nowait`, which
+        the caller must call on the same thread as soon as its page-cache copies are
+        done: the metadata lock is held meanwhile (microseconds), which is what the read
+        locks of :meth:`map_snapshot_read` otherwise ensure (no origin chunk mapped to
+        the origin is overwritten before the read is done).  The NBD server tries this
+        on its event loop before handing a READ to a worker thread.
         """
-        if self._merging is not None:
-            return _NO_MAP
-        if snap is None:
-            return _NowaitMap(None, [None] * (last - first + 1))
         # Worth a short wait: the lock is mostly held for microseconds (a mapping) by a
         # thread that needs the GIL, which waiting here releases; giving up at once made
         # every read that met a busy lock go to a thread, which kept the lock busier.
-        if not self.lock.acquire(timeout=NOWAIT_LOCK_WAIT):
-            return _NO_MAP
+        if self._merging is not None or not self.lock.acquire(timeout=NOWAIT_LOCK_WAIT):
+            return None
         try:
             v = snap.id
             if self._failed is not None or self._merging is not None or v not in self._ids:
                 self.lock.release()
-                return _NO_MAP
+                return None
             lookup = self.store.snapshot_exception_nowait
             if first == last:  # the common small read
-                return _NowaitMap(self.lock, [lookup(v, first)[0]])
-            return _NowaitMap(self.lock, [lookup(v, c)[0] for c in range(first, last + 1)])
+                return [lookup(v, first)[0]]
+            return [lookup(v, c)[0] for c in range(first, last + 1)]
         except NotCached:
             self.lock.release()
-            return _NO_MAP
+            return None
         except BaseException:
             self.lock.release()
             raise
 
-
-class _NowaitMap:
-    """The context :meth:`LocalService.map_read_nowait` returns: its value is the
-    sources (or None), and leaving it releases the metadata lock if it holds it."""
-
-    __slots__ = ("lock", "sources")
-
-    def __init__(self, lock: threading.Lock | None, sources: list[int | None] | None):
-        self.lock = lock
-        self.sources = sources
-
-    def __enter__(self) -> list[int | None] | None:
-        return self.sources
-
-    def __exit__(self, *exc) -> None:
-        if self.lock is not None:
-            self.lock.release()
-
-
-#: "needs a wait": no sources, no lock held
-_NO_MAP = _NowaitMap(None, None)
+    def finish_snapshot_read_nowait(self) -> None:
+        """The reads of a mapping from :meth:`map_snapshot_read_nowait` are done."""
+        self.lock.release()
