@@ -456,7 +456,7 @@ class MergeRunner:
     def ensure(self) -> None:
         """Start the worker if a merge is in progress and nobody is running it."""
         with self._lock:
-            if self.running or self.svc.merge_status() is None:
+            if self.running or self.svc.merge_cursor() is None:
                 return
             self._stop = threading.Event()
             thread = threading.Thread(target=self._run, name="ddsnap-merge", daemon=True)
@@ -483,8 +483,7 @@ class MergeRunner:
                     except ServiceFailed as again:
                         err = again
                     else:
-                        st = self.svc.merge_status()
-                        now = st["cursor"] if st is not None else None
+                        now = self.svc.merge_cursor()
                         if now != cursor:
                             cursor = now
                             continue

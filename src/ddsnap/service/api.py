@@ -221,6 +221,10 @@ class MetadataService(Protocol):
 
     def start_merge(self, name: str, keep: bool = False) -> dict: ...
 
+    def merge_cursor(self) -> int | None:
+        """The merge in progress's cursor in chunks, None if no merge (no side effect)."""
+        ...
+
     def merge_status(self, running: bool = False) -> dict | None: ...
 
     def run_merge(self, stop: threading.Event | None = None,

@@ -88,6 +88,13 @@ class MergeOps(ServiceCore):
             raise AssertionError("a merge in progress has no status")
         return st
 
+    def merge_cursor(self) -> int | None:
+        """The durable merge cursor (chunks below it are merged) of the merge in
+        progress, or None if there is none.  Unlike :meth:`merge_status` it leaves the
+        rate accounting alone (a status taken as not running marks the merge paused)."""
+        with self.lock:
+            return None if self.store.merging is None else self.store.state.merge_cursor
+
     def merge_status(self, running: bool = False) -> dict | None:
         """The merge in progress as a dict (snapshot, chunks done/total and what they count
         from, cursor, rate, ETA: see :class:`MergeProgress`), or None.  ``running`` says
