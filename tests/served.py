@@ -159,13 +159,15 @@ class Served:
 
     ``srv.sock`` is the NBD socket, ``srv.ctl`` the control socket (default
     ``STORE.ctl``), ``srv.tcp`` the ``host:port`` of a TCP listener when ``tcp=True``.
+    ``workers=N`` serves with ``--workers N`` (a metadata server process and N worker
+    processes doing the NBD and data I/O).
     On a normal exit the server gets SIGTERM and must exit 0 without a traceback and
     remove its sockets; :meth:`kill` instead SIGKILLs it (a crash).
     """
 
     def __init__(self, store: str | os.PathLike, *, sock: str | os.PathLike | None = None,
                  control: str | os.PathLike | None = None, tcp: bool = False,
-                 extra: tuple[str, ...] = ()):
+                 extra: tuple[str, ...] = (), workers: int = 0):
         self.store = Path(store)
         self.sock = Path(sock) if sock else self.store.with_name(self.store.name + ".nbd")
         self.ctl = Path(control) if control else self.store.with_name(self.store.name + ".ctl")
@@ -177,7 +179,10 @@ class Served:
             self.args += ["--listen", "tcp:127.0.0.1:0"]
         if control:
             self.args += ["--control", str(self.ctl)]
+        if workers:
+            self.args += ["--workers", str(workers)]
         self.args += list(extra)
+        self.workers = workers
         self.want_tcp = tcp
         self.tcp: str | None = None
         self.proc: subprocess.Popen | None = None

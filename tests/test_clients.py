@@ -2,7 +2,9 @@
 
 Each test gets its own store: a 32 MiB origin of random data with two snapshots taken
 before anything was served, ``before`` (writable) and ``frozen`` (``--read-only``), served
-by a real ``ddsnap serve`` on a unix socket and on TCP.  Whatever the clients do to the
+by a real ``ddsnap serve`` on a unix socket and on TCP, in one process and with
+``--workers 2`` (a metadata server process and two workers doing the NBD and data I/O,
+speaking the csnap protocol).  Whatever the clients do to the
 origin, those snapshots must keep reading the original data, byte for byte.
 """
 
@@ -61,15 +63,15 @@ class Setup:
                 raise AssertionError(f"snapshot {name} changed, first at byte {first}")
 
 
-@pytest.fixture
-def setup(tmp_path):
+@pytest.fixture(params=[0, 2], ids=["one-process", "workers"])
+def setup(tmp_path, request):
     origin = tmp_path / "origin.img"
     store = tmp_path / "store.img"
     data = make_origin(origin, SIZE, seed=7)
     ok("init", store, "--origin", origin, "--size", "96M")
     ok("snap", "create", store, "before")
     ok("snap", "create", store, "frozen", "--read-only")
-    with Served(store, tcp=True) as srv:
+    with Served(store, tcp=True, workers=request.param) as srv:
         yield Setup(tmp_path, origin, store, data, srv)
         assert ok_json("check", store)["clean"]
     assert ok_json("check", store) == {"clean": True, "fatal": 0, "warnings": 0,

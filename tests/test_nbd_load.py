@@ -120,7 +120,7 @@ def served_store(tmp_path, request):
             os.close(fd)
     opened = admin.open_store(store)
     bound = 16 * MiB
-    st = ServerThread(Exports(opened), [f"unix:{tmp_path}/nbd.sock"],
+    st = ServerThread(Exports(opened.service, opened.service.data), [f"unix:{tmp_path}/nbd.sock"],
                       max_reply_memory=bound)
     try:
         yield st, data, bound

@@ -19,8 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import admin
 from .control import ControlServer
+from .csnap.server import MetadataServer
 from .errors import ServiceFailed
 from .nbd.server import DEFAULT_MAX_REPLY_MEMORY, NbdServer
+from .service.api import DataDevices, MetadataService
 from .volume import Origin, Snapshot
 
 log = logging.getLogger("ddsnap.daemon")
@@ -77,7 +79,7 @@ def trim_malloc() -> bool:
     return True
 
 
-def _release_memory(high: int) -> None:
+def release_memory(high: int) -> None:
     """``NbdServer.on_idle``: the server holds no reply memory any more; if it held more
     than malloc keeps by itself, give the heap's free pages back."""
     if high >= MALLOC_TRIM_THRESHOLD:
@@ -85,25 +87,32 @@ def _release_memory(high: int) -> None:
 
 
 class Exports:
-    """The export registry: ``origin`` plus each live snapshot, looked up by name."""
+    """The export registry: ``origin`` plus each live snapshot, looked up by name.
+
+    Args:
+        service: the metadata service (in-process, or a worker's :class:`RemoteService`).
+        data: the devices its volumes do their I/O on.
+        read_only: every export read-only (a store served degraded).
+    """
 
     default_name = "origin"
 
-    def __init__(self, opened: admin.OpenStore):
-        self.opened = opened
-        self.read_only = opened.degraded  # every export read-only
+    def __init__(self, service: MetadataService, data: DataDevices, read_only: bool = False):
+        self.service = service
+        self.data = data
+        self.read_only = read_only
 
     def names(self) -> list[str]:
-        svc = self.opened.service
+        svc = self.service
         return ["origin"] + [s.name for s in svc.snapshots() if not svc.is_merging(s)]
 
     def get(self, name: str):
-        svc = self.opened.service
+        svc = self.service
         vol: Origin | Snapshot | None
         if name in ("origin", ""):
-            vol = Origin(svc, svc.data)
+            vol = Origin(svc, self.data)
         else:
-            vol = next((Snapshot(svc, svc.data, s) for s in svc.snapshots()
+            vol = next((Snapshot(svc, self.data, s) for s in svc.snapshots()
                         if s.name == name and not svc.is_merging(s)), None)
         if vol is not None and self.read_only:
             vol.read_only = True
@@ -119,12 +128,25 @@ class Daemon:
         control_path: the control socket (default :func:`admin.default_control_path`).
         max_reply_memory: bytes the NBD server may hold for replies its clients have
             not read, over all connections (see ``NbdServer.reply_bytes_held``).
+        meta_path: also serve the csnap metadata protocol on this unix socket (the
+            metadata server process of ``serve --workers``; ``listen`` is then empty:
+            the workers serve NBD).
+        generation, expect: the metadata server's restarts so far, and the worker
+            names whose lock uploads it waits for before anything writes (a restart).
+        advertise: NBD addresses to record in the registry (the workers' listeners).
     """
 
     def __init__(self, store_path: str, listen: list[str], control_path: str | None = None,
                  max_reply_memory: int = DEFAULT_MAX_REPLY_MEMORY, degraded: bool = False,
-                 accept_origin_change: bool = False):
+                 accept_origin_change: bool = False, meta_path: str | None = None,
+                 generation: int = 0, expect: list[str] | None = None,
+                 advertise: list[str] | None = None):
         self.store_path = os.path.abspath(store_path)
+        self.meta_path = meta_path
+        self.generation = generation
+        self.expect = expect or []
+        self.advertise = advertise or []
+        self.meta: MetadataServer | None = None
         self.degraded = degraded
         self.accept_origin_change = accept_origin_change
         self.listen = listen
@@ -155,18 +177,30 @@ class Daemon:
                                                  self.degraded, self.accept_origin_change)
         self.merger = admin.MergeRunner(self.opened.service)
         try:
+            if self.meta_path is not None:
+                svc = self.opened.service
+                uuid = bytes.fromhex(svc.status().uuid or "") or bytes(16)
+                self.meta = MetadataServer(svc, uuid, self.generation, expect=self.expect)
+                self.meta.listen(self.meta_path)
+                # Nothing writes (the control socket's commands, the merge) before the
+                # workers of the server that died uploaded the locks they hold.
+                await loop.run_in_executor(None, self.meta.wait_recovered)
             control = ControlServer(self.control_path, self._handle)
             await control.start()
             self.control = control  # only now is the socket ours to remove
-            executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="ddsnap-io")
-            self.nbd = NbdServer(Exports(self.opened), executor,
-                                 max_reply_memory=self.max_reply_memory,
-                                 on_idle=_release_memory)
-            await self.nbd.start(self.listen)
+            addresses = list(self.advertise)
+            if self.listen:
+                executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="ddsnap-io")
+                svc = self.opened.service
+                self.nbd = NbdServer(Exports(svc, svc.data, self.opened.degraded), executor,
+                                     max_reply_memory=self.max_reply_memory,
+                                     on_idle=release_memory)
+                await self.nbd.start(self.listen)
+                addresses += self.nbd.addresses
             with open(self._registry_file + ".tmp", "w") as f:
                 json.dump({"pid": os.getpid(), "store": self.store_path,
                            "control": os.path.abspath(self.control_path),
-                           "listen": self.nbd.addresses}, f)
+                           "listen": addresses}, f)
             os.replace(self._registry_file + ".tmp", self._registry_file)
             if not self.opened.degraded:
                 self.merger.ensure()  # a merge cut short by --stop, a restart or a crash resumes
@@ -184,6 +218,9 @@ class Daemon:
         if self.control is not None:
             await self.control.close()
             self.control = None
+        if self.meta is not None:
+            meta, self.meta = self.meta, None
+            await asyncio.get_running_loop().run_in_executor(None, meta.close)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._registry_file)
         if self.merger is not None:

@@ -326,6 +326,14 @@ class ShrinkRefused(DdsnapError):
     errno = _errno.EBUSY
 
 
+class WorkerFailed(DdsnapError):
+    """A worker or metadata server process of ``serve --workers`` could not start (when
+    it reported its own error, that error is raised instead)."""
+
+    exit_code = 27
+    fault = "system"
+
+
 def host_error(e: OSError, what: str, path: str, doing: str = "") -> HostIOError:
     """The :class:`HostIOError` (:class:`HostFull` for ENOSPC/EDQUOT) for the OSError
     ``e`` the host raised on an I/O of ``what`` (e.g. "snapshot store") at ``path``,

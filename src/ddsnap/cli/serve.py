@@ -29,8 +29,12 @@ from .common import err
 @click.option("--accept-origin-change", is_flag=True,
               help="Serve even though the origin changed while nobody served the store "
                    "(snapshots may then read the new data).")
+@click.option("--workers", type=click.IntRange(0, 256), default=0, show_default=True,
+              help="Worker processes serving NBD, each doing its own data I/O and asking "
+                   "a metadata server process for mappings and locks (the csnap "
+                   "protocol); 0: one process does everything.")
 def serve(store, listen, control_path, max_reply_memory, verbose, force_degraded,
-          accept_origin_change):
+          accept_origin_change, workers):
     """Serve the origin and every snapshot of STORE over NBD."""
     from ..daemon import Daemon, tune_malloc
 
@@ -41,6 +45,10 @@ def serve(store, listen, control_path, max_reply_memory, verbose, force_degraded
         raise InvalidArgument("--max-reply-memory must be more than 0")
     if not os.path.exists(store):
         raise StoreNotFound(store)
+    if workers:
+        _serve_workers(store, list(listen) or ["tcp:127.0.0.1:10809"], control_path,
+                       reply_memory, verbose, force_degraded, accept_origin_change, workers)
+        return
     d = Daemon(store, list(listen) or ["tcp:127.0.0.1:10809"], control_path,
                max_reply_memory=reply_memory, degraded=force_degraded,
                accept_origin_change=accept_origin_change)
@@ -63,5 +71,28 @@ def serve(store, listen, control_path, max_reply_memory, verbose, force_degraded
     except OSError as e:
         # listen and control socket failures are ListenError / ControlPathError; this
         # is anything else the system refused (the run directory, ...)
+        where = f" ({e.filename})" if e.filename else ""
+        raise DdsnapError(f"cannot serve {store}: {e.strerror or e}{where}") from None
+
+
+def _serve_workers(store, listen, control_path, reply_memory, verbose, force_degraded,
+                   accept_origin_change, workers) -> None:
+    """``serve --workers N``: the supervisor of a metadata server and N workers."""
+    from ..workers import Supervisor
+
+    sup = Supervisor(store, listen, workers, control_path, reply_memory, force_degraded,
+                     accept_origin_change, verbose)
+
+    def ready(sup: Supervisor, info: dict) -> None:
+        if force_degraded:
+            err.print(f"serving {store} DEGRADED and read-only (--force-degraded): damage: "
+                      f"{info.get('damage') or 'none found in the journal'}", markup=False)
+        err.print(f"serving {store} with {workers} worker process(es): origin and "
+                  f"{info.get('snapshots', 0)} snapshot(s) on {', '.join(sup.addresses)}; "
+                  f"control socket {info.get('control')}", markup=False)
+
+    try:
+        asyncio.run(sup.run(ready))
+    except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         raise DdsnapError(f"cannot serve {store}: {e.strerror or e}{where}") from None

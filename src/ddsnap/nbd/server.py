@@ -122,7 +122,7 @@ class NbdServer:
         self.max_inflight_per_conn = max_inflight_per_conn
         self.max_inflight_bytes_per_conn = max_inflight_bytes_per_conn
         self.on_idle = on_idle
-        self._listeners: list[asyncio.AbstractServer] = []
+        self._listeners: list[asyncio.Server] = []
         self._unix_paths: list[tuple[str, int]] = []  # (path, inode) to remove on close
         self._connections: set[Connection] = set()
         self._closing = False
@@ -211,8 +211,12 @@ class NbdServer:
                 return conn.writer.get_extra_info("socket")
         raise KeyError(f"no open NBD connection #{connection_id}")
 
-    async def start(self, listen: list[str]) -> None:
+    async def start(self, listen: list[str], serve: bool = True) -> None:
         """Bind and listen on each address (``unix:PATH``, ``tcp:HOST:PORT``, port 0 ok).
+
+        With ``serve`` False the sockets are bound and listening but nothing accepts on
+        them here: ``ddsnap serve --workers`` binds them once and hands
+        :meth:`listening_sockets` to worker processes, which :meth:`adopt` them.
 
         Each listener queues up to :data:`LISTEN_BACKLOG` connections not yet accepted.
         A unix socket path left over by a dead server is replaced; one still answered by
@@ -232,9 +236,10 @@ class NbdServer:
                 kind, where = parse_listen(uri)
                 try:
                     if kind == "unix":
-                        await self._listen_unix(where)
+                        await self._listen_unix(where, serve)
                     else:
-                        await self._listen_tcp(*where)
+                        host, port = where
+                        await self._listen_tcp(host, port, serve)
                 except OSError as e:
                     # os.strerror: asyncio's own text repeats the address
                     raise ListenError(uri, os.strerror(e.errno) if e.errno else str(e),
@@ -243,7 +248,7 @@ class NbdServer:
             await self.close()
             raise
 
-    async def _listen_unix(self, path: str) -> None:
+    async def _listen_unix(self, path: str, serve: bool) -> None:
         if os.path.lexists(path):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise ListenError(f"unix:{path}", "exists and is not a socket",
@@ -253,19 +258,42 @@ class NbdServer:
                                   errno.EADDRINUSE)
         listener = await asyncio.start_unix_server(self._accept, path=path,
                                                    limit=_STREAM_LIMIT,
-                                                   backlog=LISTEN_BACKLOG)
+                                                   backlog=LISTEN_BACKLOG,
+                                                   start_serving=serve)
         self._listeners.append(listener)
         self._unix_paths.append((path, os.stat(path).st_ino))
         self.addresses.append(f"unix:{path}")
 
-    async def _listen_tcp(self, host: str | None, port: int) -> None:
+    async def _listen_tcp(self, host: str | None, port: int, serve: bool = True) -> None:
         listener = await asyncio.start_server(self._accept, host=host, port=port,
-                                              limit=_STREAM_LIMIT, backlog=LISTEN_BACKLOG)
+                                              limit=_STREAM_LIMIT, backlog=LISTEN_BACKLOG,
+                                              start_serving=serve)
         self._listeners.append(listener)
         for sock in listener.sockets:
-            addr = sock.getsockname()
-            shown = f"[{addr[0]}]" if sock.family == socket.AF_INET6 else addr[0]
-            self.addresses.append(f"tcp:{shown}:{addr[1]}")
+            self.addresses.append(_address(sock))
+
+    def listening_fds(self) -> list[int]:
+        """The file descriptors of the listening sockets, for worker processes to
+        inherit (see :meth:`adopt`); they stay this server's."""
+        return [sock.fileno() for listener in self._listeners for sock in listener.sockets]
+
+    async def adopt(self, socks: list[socket.socket]) -> None:
+        """Accept on listening sockets bound by another process (``serve --workers``:
+        every worker accepts on the same sockets, the kernel gives each connection to
+        one of them).  Closing this server closes its copies only; a unix socket's
+        path stays (its binder removes it)."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(thread_name_prefix="ddsnap-nbd")
+            self._own_executor = True
+        for sock in socks:
+            if sock.family == socket.AF_UNIX:
+                listener = await asyncio.start_unix_server(self._accept, sock=sock,
+                                                           limit=_STREAM_LIMIT)
+            else:
+                listener = await asyncio.start_server(self._accept, sock=sock,
+                                                      limit=_STREAM_LIMIT)
+            self._listeners.append(listener)
+            self.addresses.append(_address(sock))
 
     async def close(self, grace: float = 10.0) -> None:
         """Stop accepting, end every connection, release the listeners and executor.
@@ -378,6 +406,15 @@ def _grow_send_buffer(sock) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
     except OSError:
         pass  # a hint only
+
+
+def _address(sock) -> str:
+    """``unix:PATH`` or ``tcp:HOST:PORT`` of a listening socket."""
+    addr = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{addr if isinstance(addr, str) else addr.decode()}"
+    shown = f"[{addr[0]}]" if sock.family == socket.AF_INET6 else addr[0]
+    return f"tcp:{shown}:{addr[1]}"
 
 
 async def _unix_socket_alive(path: str) -> bool:

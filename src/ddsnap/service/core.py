@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager
 
 from ..errors import (
@@ -97,6 +98,9 @@ class ServiceCore:
         self.auto_deleted: list[dict] = store.auto_deleted()
         self._merge_progress = (MergeProgress(self._count_merge_left_locked(), "open")
                                 if m is not None else None)
+        #: ``(event, wait) -> None`` callables told of changes nodes in other processes
+        #: cache (see :meth:`_notify`): a metadata server's broadcast
+        self.observers: list[Callable[[dict, bool], None]] = []
         if not getattr(store, "read_only", False):  # a degraded open never writes
             self._sweep()  # a delete cut short by a crash resumes
 
@@ -394,6 +398,13 @@ class ServiceCore:
                 self.store.release_chunk(unused)
             raise
         return k, None, False
+
+    def _notify(self, event: dict, wait: bool) -> None:
+        """Tell the observers of ``event`` (``{"event": name, ...}``).  With ``wait`` they
+        return once every node applied it (called without the lock: a node's answer may
+        need it); without, they only queue it (may be called with the lock held)."""
+        for observe in self.observers:
+            observe(event, wait)
 
     @contextmanager
     def _origin_writes_held_locked(self):

@@ -100,6 +100,10 @@ class LocalService(WritePath, ReadMapping, MergeOps, FullPolicy):
                     self._refresh_snaps_locked()
                     e = self.epoch
         self.wait_durable(e)
+        # Every node knows the snapshot before this returns (a client may connect to
+        # its export on any of them next).
+        self._notify({"event": "snapshot-created", "snapshot": info.to_wire()},
+                     wait=True)
         return info
 
     def delete_snapshot(self, name: str) -> SnapshotInfo:
@@ -123,6 +127,7 @@ class LocalService(WritePath, ReadMapping, MergeOps, FullPolicy):
             self.store.begin_delete(name)
             self._refresh_snaps_locked()
         self.commit()
+        self._notify({"event": "snapshot-deleted", "snapshot": info.id}, wait=False)
         self._sweep()
         return info
 
@@ -307,6 +312,16 @@ class LocalService(WritePath, ReadMapping, MergeOps, FullPolicy):
                 merge_busy=len(self._merge_busy), exports_open=dict(self._opens),
                 cache_blocks=self.store.cached_blocks(), failures=self.failures,
                 reopens=self.reopens)
+
+    def adopt_locks(self, read_chunks: list[int], origin_writes: int) -> None:
+        """Take over locks a node held with a server that is gone (seed 000
+        ``UPLOAD_LOCK``): one read lock per entry of ``read_chunks`` (logical chunks;
+        a chunk listed twice is locked twice), and ``origin_writes`` origin writes in
+        flight (prepared before the restart, each ended by :meth:`finish_origin_write`)."""
+        with self.lock:
+            for c in read_chunks:
+                self._readlocks[c] += 1
+            self._origin_writes += origin_writes
 
     def export_open(self, name: str) -> None:
         with self.lock:

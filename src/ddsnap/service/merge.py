@@ -71,6 +71,9 @@ class MergeOps(ServiceCore):
             log.info("merge of snapshot %s into the origin started (%d chunks)", name,
                      progress.total)
         self.commit()
+        # Nodes reading the origin themselves switch to merge mappings before this
+        # returns (a read issued after it must see the snapshot's content).
+        self._notify({"event": "merge-started", "snapshot": info.id}, wait=True)
         with self.lock:
             st = self._merge_status_locked(True)
             if st is None or st["snapshot"] != name:
@@ -397,6 +400,8 @@ class MergeOps(ServiceCore):
             self.store.begin_delete(name)
         self._refresh_snaps_locked()
         self.cond.notify_all()
+        self._notify({"event": "merge-ended", "snapshot": m, "deleted": not keep},
+                     wait=False)
 
     def run_merge(self, stop: threading.Event | None = None, on_step=None) -> bool:
         """Merge until complete (True) or ``stop`` is set (False); resumable any time.

@@ -46,6 +46,7 @@ class FullPolicy(ServiceCore):
         self.store.note_auto_deleted(victim, time.time_ns())  # durable with the delete
         self.store.begin_delete(victim.name)
         self._refresh_snaps_locked()
+        self._notify({"event": "snapshot-deleted", "snapshot": victim.id}, wait=False)
         while not self._sweep_step_locked():
             self._commit_now_locked()
         self._commit_now_locked()

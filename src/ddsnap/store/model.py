@@ -6,11 +6,12 @@ service, the CLI) speaks these; ``format.py`` only adds how they are packed into
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import time
 from dataclasses import dataclass
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, ProtocolError
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,22 @@ class SnapshotInfo:
         """Creation time as ISO 8601 UTC, e.g. ``2026-11-21T10:00:00.123456Z``."""
         t = _dt.datetime.fromtimestamp(self.created / 1e9, tz=_dt.UTC)
         return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    def to_wire(self) -> dict:
+        """Every field as JSON types (the csnap protocol's snapshot record)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_wire(cls, d: dict) -> SnapshotInfo:
+        """The snapshot :meth:`to_wire` described (ProtocolError if it is not one)."""
+        try:
+            info = cls(**d)
+        except TypeError as e:
+            raise ProtocolError(f"not a snapshot record: {e}") from None
+        if not (isinstance(info.name, str) and isinstance(info.id, int)
+                and isinstance(info.created, int) and isinstance(info.size, int)):
+            raise ProtocolError(f"not a snapshot record: {d!r:.200}")
+        return info
 
     def to_dict(self) -> dict:
         return {"name": self.name, "id": self.id, "created": self.created_iso,

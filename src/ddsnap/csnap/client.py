@@ -1,0 +1,588 @@
+"""A node's side of the csnap protocol: :class:`RemoteService`, the metadata seam over a
+socket.
+
+A worker process (later a client host) opens the origin and the store's device itself
+and builds its volumes on a :class:`RemoteService`: the same
+:class:`~ddsnap.service.api.MetadataService` the volumes use in one process, answered by
+a :class:`~ddsnap.csnap.server.MetadataServer` over a unix socket.  Every question the
+volumes ask becomes a query message; many threads may ask at once (requests are
+pipelined on the one connection, replies matched by id by a reader thread).  What a
+node must know without asking (the snapshot list, whether a merge runs) it caches from
+the server's NOTICE messages, acknowledging those the server waits for.  What it holds
+(read locks per chunk, origin writes in flight) it counts, to upload them to a restarted
+server (seed 000 ``UPLOAD_LOCK``).
+
+Source of the idea: seed 000 (csnap's client side in ``ddsnap-agent`` and the device
+mapper target: ``QUERY_WRITE``, ``QUERY_SNAPSHOT_READ``, ``FINISH_SNAPSHOT_READ``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import socket
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import TypeVar
+
+import tenacity
+
+from ddsnap.errors import (
+    DdsnapError,
+    InvalidArgument,
+    ProtocolError,
+    ServiceFailed,
+    SnapshotNotFound,
+)
+from ddsnap.service.api import (
+    DataDevices,
+    Finding,
+    ReadMap,
+    ServiceStatistics,
+    SnapshotInfo,
+    StoreStatus,
+)
+
+from .protocol import Connection, Role
+from .wire import (
+    Call,
+    CallOk,
+    ErrorReply,
+    FinishOriginWrite,
+    FinishSnapshotRead,
+    FinishUploadLock,
+    Identify,
+    IdentifyOk,
+    Message,
+    Notice,
+    NoticeAck,
+    OriginReadMapReply,
+    OriginWriteOk,
+    QueryOriginRead,
+    QueryOriginWrite,
+    QuerySnapshotRead,
+    QuerySnapshotWrite,
+    ReadMapReply,
+    SnapshotWriteOk,
+    UploadLock,
+    UploadOk,
+    coalesce,
+    rebuild_error,
+)
+
+log = logging.getLogger("ddsnap.csnap")
+M = TypeVar("M", bound=Message)
+
+RECV_BYTES = 1 << 16
+
+
+class _Pending:
+    """A request waiting for its reply (kept to re-send it after a reconnect)."""
+
+    __slots__ = ("event", "msg", "reply")
+
+    def __init__(self, msg: Message) -> None:
+        self.msg = msg
+        self.event = threading.Event()
+        self.reply: Message | BaseException | None = None
+
+
+class RemoteService:
+    """The :class:`~ddsnap.service.api.MetadataService` of a node: every question sent
+    to the metadata server over a socket.
+
+    Args:
+        connect: ``() -> socket``: a new connection to the
+            :class:`~ddsnap.csnap.server.MetadataServer` (called again to reconnect).
+        data: the devices this node does its I/O on (opened by the node itself), or None
+            for a node that only administers.
+        name: a label for the server's node list (a restarted server waits for the
+            nodes it expects by these names).
+        uuid: the store UUID this node expects (16 bytes; zeros: any).
+        reconnect: seconds to keep trying to reach the server again after the
+            connection is lost (0: fail every request at once).  Meanwhile requests
+            wait; on reconnecting the node uploads what it holds (seed 000
+            ``UPLOAD_LOCK``), then re-sends its queries in flight (safe: see
+            docs/protocol.md); a CALL in flight fails with ServiceFailed instead, as it
+            may or may not have been done.
+
+    Raises:
+        ProtocolError: the server refused the node or broke the protocol.
+        OriginMismatch: the server serves another store.
+        ServiceFailed, OSError: no connection, or it ended before the server answered.
+
+    Attributes:
+        node: the id the server gave this node; ``generation``: the server's restarts;
+        ``reconnects``: how many times the connection was made again.
+    """
+
+    def __init__(self, connect: Callable[[], socket.socket], data: DataDevices | None = None,
+                 name: str = "", uuid: bytes = bytes(16), reconnect: float = 0.0):
+        self._connect = connect
+        self.data = data
+        self.name = name
+        self._uuid = uuid
+        self.reconnect = reconnect
+        self.reconnects = 0
+        self._lock = threading.Lock()  # the connection, pending requests, holdings
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count(1)
+        self._lost: BaseException | None = None
+        self._ready = threading.Event()  # new requests may be sent
+        self._live = False  # the connection has this node's holdings: FINISH goes on it
+        self._closing = False
+        #: read locks this node holds, per chunk; origin writes prepared, not finished
+        self.held: Counter[int] = Counter()
+        self.origin_writes = 0
+        self._snaps: tuple[SnapshotInfo, ...] = ()
+        self._merging: int | None = None
+        self._origin_size = 0
+        self.sock, self.conn = self._establish(upload=False)
+        self._live = True
+        self._ready.set()
+        self._reader = threading.Thread(target=self._run, name="ddsnap-csnap-reader",
+                                        daemon=True)
+        self._reader.start()
+
+    # -- the connection ------------------------------------------------------------------
+
+    def _establish(self, upload: bool) -> tuple[socket.socket, Connection]:
+        """Connect, IDENTIFY, upload what this node holds (``upload``), learn the
+        snapshots: the whole handshake, reading the socket directly (no reader thread
+        runs meanwhile).  Returns the socket and its protocol state."""
+        sock = self._connect()
+        conn = Connection(Role.NODE)
+        try:
+            self._hello(sock, conn, Identify(0, name=self.name, uuid=self._uuid),
+                        IdentifyOk)
+            if upload:
+                with self._lock:
+                    # From here FINISH messages go on this connection, after the upload
+                    # (both under this lock), so the server's counts stay exact.
+                    self.sock, self.conn = sock, conn
+                    locks = coalesce(sorted(self.held.elements()))
+                    sock.sendall(conn.send(UploadLock(0, locks, self.origin_writes)))
+                    self._live = True
+                self._hello(sock, conn, FinishUploadLock(0), UploadOk)
+            r = self._hello(sock, conn, Call(0, "snapshots", {}), CallOk).result
+        except BaseException:
+            with self._lock:
+                self._live = False
+            with contextlib.suppress(OSError):
+                sock.close()
+            raise
+        if not isinstance(r, dict):
+            raise ProtocolError("csnap server answered the snapshot list with no object")
+        self._snaps = tuple(SnapshotInfo.from_wire(d) for d in r["snapshots"])
+        self._merging = r["merging"]
+        self._origin_size = r["origin_size"]
+        return sock, conn
+
+    def _hello(self, sock: socket.socket, conn: Connection, msg: Message,
+               want: type[M]) -> M:
+        """Send ``msg`` and read until its reply (handshake only: notices that come
+        meanwhile are applied and acknowledged here)."""
+        msg.id = next(self._ids)
+        with self._lock:  # FINISH messages of other threads may go on it meanwhile
+            sock.sendall(conn.send(msg))
+        while True:
+            with self._lock:
+                reply = conn.next_message()
+            if reply is None:
+                data = sock.recv(RECV_BYTES)
+                if not data:
+                    raise ServiceFailed("the metadata server closed the connection")
+                with self._lock:
+                    conn.receive_data(data)
+                continue
+            if isinstance(reply, Notice):
+                self._apply(reply.event)
+                if reply.id:
+                    with self._lock:
+                        sock.sendall(conn.send(NoticeAck(reply.id)))
+                continue
+            if isinstance(reply, ErrorReply) and reply.id == msg.id:
+                raise reply.exception()
+            if reply.id != msg.id or not isinstance(reply, want):
+                raise ProtocolError(f"csnap server answered {type(msg).__name__} with "
+                                    f"{type(reply).__name__}")
+            if isinstance(reply, IdentifyOk):
+                self.node = reply.node
+                self.generation = reply.generation
+                self.uuid = reply.uuid
+                self.chunk_size = reply.chunk_size
+            return reply
+
+    def _run(self) -> None:
+        """The reader: replies to waiters, notices applied; a lost connection made again
+        (within ``reconnect`` seconds) or every waiter failed."""
+        while True:
+            why = self._read(self.sock, self.conn)
+            if self._closing:
+                self._lose(why)
+                return
+            log.warning("csnap node %s lost the metadata server: %s", self.name, why)
+            with self._lock:
+                self._live = False
+            if not self._reestablish():
+                self._lose(why)
+                return
+
+    def _read(self, sock: socket.socket, conn: Connection) -> BaseException:
+        """Read ``sock`` until it fails; what ended it."""
+        try:
+            while True:
+                data = sock.recv(RECV_BYTES)
+                with self._lock:
+                    conn.receive_data(data)
+                    msgs = []
+                    while (m := conn.next_message()) is not None:
+                        msgs.append(m)
+                for m in msgs:
+                    self._deliver(m)
+                if not data:
+                    return ServiceFailed("the metadata server closed the connection")
+        except (OSError, DdsnapError) as e:
+            return e
+
+    def _reestablish(self) -> bool:
+        """Connect again, upload, re-send the queries in flight; False if that did not
+        work within ``reconnect`` seconds (or the node is closing)."""
+        self._ready.clear()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        if self.reconnect <= 0:
+            return False
+        try:
+            for attempt in tenacity.Retrying(
+                    stop=tenacity.stop_after_delay(self.reconnect),
+                    wait=tenacity.wait_exponential(multiplier=0.01, max=1.0),
+                    retry=tenacity.retry_if_exception_type((OSError, ServiceFailed)),
+                    reraise=True):
+                with attempt:
+                    if self._closing:
+                        return False
+                    self._establish(upload=True)
+        except (OSError, DdsnapError) as e:
+            log.warning("csnap node %s could not reach the metadata server again: %s",
+                        self.name, e)
+            return False
+        self.reconnects += 1
+        with self._lock:
+            again = list(self._pending.values())
+        for w in again:
+            if isinstance(w.msg, Call):
+                with self._lock:
+                    self._pending.pop(w.msg.id, None)
+                w.reply = ServiceFailed("the connection to the metadata server was lost "
+                                        f"during {w.msg.op}; it may or may not have been "
+                                        "done")
+                w.event.set()
+            else:
+                with contextlib.suppress(ServiceFailed):
+                    self._send(w.msg)
+        self._ready.set()
+        return True
+
+    def _send(self, msg: Message) -> None:
+        with self._lock:
+            if self._lost is not None:
+                raise self._failed()
+            data = self.conn.send(msg)
+            try:
+                self.sock.sendall(data)
+            except OSError as e:
+                raise ServiceFailed(f"lost the metadata server: {e}") from e
+
+    def _finish(self, msg: Message, update: Callable[[], None]) -> None:
+        """Change what this node holds (``update``) and tell the server (a FINISH
+        message), both under the lock: a connection being made again uploads the
+        holdings as they are, and a FINISH goes only where its lock was uploaded."""
+        with self._lock:
+            update()
+            if self._live:
+                with contextlib.suppress(OSError):
+                    self.sock.sendall(self.conn.send(msg))
+
+    def _request(self, msg: Message, want: type[M]) -> M:
+        """Send a request and wait for its reply (raising the error it carries); while
+        the connection is being made again, wait for it."""
+        while not self._ready.wait(1.0):
+            if self._lost is not None:
+                raise self._failed()
+        waiter = _Pending(msg)
+        with self._lock:
+            msg.id = next(self._ids)
+            self._pending[msg.id] = waiter
+        try:
+            self._send(msg)
+        except ServiceFailed:
+            if self.reconnect <= 0 or self._lost is not None:
+                with self._lock:
+                    self._pending.pop(msg.id, None)
+                raise
+            # else the reader makes the connection again and re-sends it
+        waiter.event.wait()
+        reply = waiter.reply
+        if isinstance(reply, BaseException):
+            raise reply
+        if isinstance(reply, ErrorReply):
+            raise reply.exception()
+        if not isinstance(reply, want):
+            raise ProtocolError(f"csnap server answered {type(msg).__name__} with "
+                                f"{type(reply).__name__}")
+        return reply
+
+    def _deliver(self, msg: Message) -> None:
+        if isinstance(msg, Notice):
+            self._apply(msg.event)
+            if msg.id:
+                self._finish(NoticeAck(msg.id), lambda: None)
+            return
+        with self._lock:
+            waiter = self._pending.pop(msg.id, None)
+            if waiter is not None:
+                self._count(msg)
+        if waiter is not None:
+            waiter.reply = msg
+            waiter.event.set()
+
+    def _count(self, reply: Message) -> None:
+        """What a reply gives this node to hold, counted as it arrives (lock held), so
+        an upload after a reconnect has it even if the requester has not woken yet."""
+        if isinstance(reply, OriginWriteOk):
+            self.origin_writes += sum(r is None for r in reply.results)
+        elif isinstance(reply, ReadMapReply) and reply.sources is not None:
+            # a snapshot holds the origin chunks it reads; the merging origin, the
+            # snapshot's chunks it reads
+            origin = isinstance(reply, OriginReadMapReply)
+            self.held.update(reply.first + i for i, src in enumerate(reply.sources)
+                             if (src is not None) == origin)
+
+    def _lose(self, e: BaseException) -> None:
+        """The connection is gone for good: every waiting request fails."""
+        with self._lock:
+            if self._lost is None:
+                self._lost = e
+            waiters = list(self._pending.values())
+            self._pending.clear()
+        self._ready.set()  # waiters wake and see _lost
+        err = self._failed()
+        for w in waiters:
+            w.reply = err
+            w.event.set()
+
+    def _failed(self) -> ServiceFailed:
+        return ServiceFailed(f"lost the metadata server ({self._lost})")
+
+    # -- what the node caches ------------------------------------------------------------
+
+    def _refresh(self) -> None:
+        """The snapshot list, merge state and origin size asked again."""
+        r = self._call("snapshots")
+        self._snaps = tuple(SnapshotInfo.from_wire(d) for d in r["snapshots"])
+        self._merging = r["merging"]
+        self._origin_size = r["origin_size"]
+
+    def _apply(self, event: dict) -> None:
+        """Apply a NOTICE to what this node caches."""
+        kind = event["event"]
+        if kind == "snapshot-created":
+            info = SnapshotInfo.from_wire(event["snapshot"])
+            self._snaps = tuple(s for s in self._snaps if s.id != info.id) + (info,)
+        elif kind == "snapshot-deleted":
+            self._snaps = tuple(s for s in self._snaps if s.id != event["snapshot"])
+        elif kind == "merge-started":
+            self._merging = event["snapshot"]
+        elif kind == "merge-ended":
+            self._merging = None
+            if event.get("deleted"):
+                self._snaps = tuple(s for s in self._snaps if s.id != event["snapshot"])
+        else:
+            log.debug("ignoring csnap notice %s", kind)
+
+    def _call(self, op: str, **args):
+        return self._request(Call(0, op, args), CallOk).result
+
+    # -- MetadataService -----------------------------------------------------------------
+
+    @property
+    def origin_size(self) -> int:
+        """The origin's size in bytes as last heard from the server."""
+        return self._origin_size
+
+    def prepare_origin_writes(self, ranges: list[tuple[int, int]]
+                              ) -> list[BaseException | None]:
+        """Make each range of origin chunks unique (QUERY_ORIGIN_WRITE); per range None
+        (prepared: write, then :meth:`finish_origin_write`) or its error; ranges past
+        the list were not started."""
+        reply = self._request(QueryOriginWrite(0, list(ranges)), OriginWriteOk)
+        # (the prepared ones were counted in flight as the reply arrived)
+        return [None if r is None else rebuild_error(*r) for r in reply.results]
+
+    def prepare_origin_write(self, first: int, last: int) -> None:
+        """Make origin chunks ``first..last`` unique (copy-outs durable, no reader on
+        them); then write the origin and call :meth:`finish_origin_write`."""
+        (result,) = self.prepare_origin_writes([(first, last)])
+        if result is not None:
+            raise result
+
+    def finish_origin_write(self) -> None:
+        """An origin write prepared above is done (FINISH_ORIGIN_WRITE)."""
+        def done() -> None:
+            self.origin_writes -= 1
+
+        self._finish(FinishOriginWrite(0, 1), done)
+
+    def map_snapshot_read(self, snap: SnapshotInfo, first: int, last: int) -> ReadMap:
+        """QUERY_SNAPSHOT_READ: ``snap``'s sources, its origin chunks read-locked."""
+        reply = self._request(QuerySnapshotRead(0, snap.id, first, last), ReadMapReply)
+        sources = self._check_map(reply, first, last)
+        # (held since the reply arrived: see _count)
+        return ReadMap(first, sources, [first + i for i, s in enumerate(sources) if s is None])
+
+    def map_origin_read(self, first: int, last: int) -> ReadMap | None:
+        """QUERY_ORIGIN_READ while a merge runs (None: read the origin itself)."""
+        if self._merging is None:
+            return None
+        reply = self._request(QueryOriginRead(0, first, last), ReadMapReply)
+        if reply.sources is None:
+            self._merging = None  # the merge ended; its notice may still be on its way
+            return None
+        sources = self._check_map(reply, first, last)
+        return ReadMap(first, sources,
+                       [first + i for i, s in enumerate(sources) if s is not None])
+
+    @staticmethod
+    def _check_map(reply: ReadMapReply, first: int, last: int) -> list[int | None]:
+        sources = reply.sources
+        if sources is None or reply.first != first or len(sources) != last - first + 1:
+            raise ProtocolError(f"csnap server mapped chunks {first}..{last} with a map "
+                                "of another range")
+        return sources
+
+    def release_read(self, rmap: ReadMap) -> None:
+        """FINISH_SNAPSHOT_READ for the read locks of ``rmap``."""
+        if not rmap.locked:
+            return
+        def done() -> None:
+            self.held.subtract(rmap.locked)
+            for c in rmap.locked:
+                if self.held[c] <= 0:
+                    del self.held[c]
+
+        self._finish(FinishSnapshotRead(0, coalesce(sorted(rmap.locked))), done)
+
+    def origin_reads_itself(self) -> bool:
+        """True while the server says no merge runs (never waits)."""
+        return self._merging is None
+
+    def map_snapshot_read_nowait(self, snap: SnapshotInfo, first: int, last: int
+                                 ) -> list[int | None] | None:
+        """Always None: a node has no mapping without asking (yet)."""
+        return None
+
+    def finish_snapshot_read_nowait(self) -> None:
+        """Nothing to finish (:meth:`map_snapshot_read_nowait` never maps)."""
+
+    def prepare_snapshot_write(self, snap: SnapshotInfo, first: int, last: int) -> list[int]:
+        """QUERY_SNAPSHOT_WRITE: ``snap``'s chunks made unique; their store chunks."""
+        reply = self._request(QuerySnapshotWrite(0, snap.id, first, last), SnapshotWriteOk)
+        if len(reply.chunks) != last - first + 1:
+            raise ProtocolError(f"csnap server gave {len(reply.chunks)} store chunks for "
+                                f"{last - first + 1} snapshot chunks")
+        return reply.chunks
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        """Live snapshots as the server last said (never waits)."""
+        return list(self._snaps)
+
+    def snapshot(self, name: str) -> SnapshotInfo:
+        for s in self._snaps:
+            if s.name == name:
+                return s
+        raise SnapshotNotFound(name)
+
+    def is_merging(self, snap: SnapshotInfo) -> bool:
+        return self._merging == snap.id
+
+    def create_snapshot(self, name: str, read_only: bool = False,
+                        parent: str | None = None) -> SnapshotInfo:
+        info = SnapshotInfo.from_wire(self._call("create_snapshot", name=name,
+                                                 read_only=read_only, parent=parent))
+        self._apply({"event": "snapshot-created", "snapshot": info.to_wire()})
+        return info
+
+    def delete_snapshot(self, name: str) -> SnapshotInfo:
+        info = SnapshotInfo.from_wire(self._call("delete_snapshot", name=name))
+        self._apply({"event": "snapshot-deleted", "snapshot": info.id})
+        return info
+
+    def snapshot_space(self) -> dict[int, tuple[int, int]]:
+        return {k: (a, b) for k, a, b in self._call("snapshot_space")}
+
+    def start_merge(self, name: str, keep: bool = False) -> dict:
+        return self._call("start_merge", name=name, keep=keep)
+
+    def merge_cursor(self) -> int | None:
+        return self._call("merge_cursor")
+
+    def merge_status(self, running: bool = False) -> dict | None:
+        return self._call("merge_status", running=running)
+
+    def run_merge(self, stop: threading.Event | None = None,
+                  on_step: Callable[[dict | None], None] | None = None) -> bool:
+        """Merges run in the metadata server, not on nodes (InvalidArgument)."""
+        raise InvalidArgument("a merge runs in the metadata server; start it with "
+                              "start_merge")
+
+    def set_full_policy(self, policy: str) -> None:
+        self._call("set_full_policy", policy=policy)
+
+    def resize_origin(self, size: int) -> dict:
+        r = self._call("resize_origin", size=size)
+        self._refresh()
+        return r
+
+    def resize_store(self, size: int) -> dict:
+        return self._call("resize_store", size=size)
+
+    def status(self) -> StoreStatus:
+        d = self._call("status")
+        if d.get("journal_damage") is not None:
+            d["journal_damage"] = [tuple(x) for x in d["journal_damage"]]
+        return StoreStatus(**d)
+
+    def check(self) -> list[Finding]:
+        return [Finding(**d) for d in self._call("check")]
+
+    def free_leaked(self, blocks: list[int]) -> None:
+        self._call("free_leaked", blocks=list(blocks))
+
+    def statistics(self) -> ServiceStatistics:
+        return ServiceStatistics(**self._call("statistics"))
+
+    def recover(self) -> None:
+        self._call("recover")
+
+    def commit(self) -> None:
+        self._call("commit")
+
+    def export_open(self, name: str) -> None:
+        self._call("export_open", name=name)
+
+    def export_close(self, name: str) -> None:
+        with contextlib.suppress(ServiceFailed):  # a server that is gone closed it
+            self._call("export_close", name=name)
+
+    def close(self) -> None:
+        """Close the connection (the server gives back whatever this node held)."""
+        self._closing = True
+        while self._reader.is_alive():
+            # (again if the reader was just making a new connection)
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            self._reader.join(0.1)
+        self.sock.close()

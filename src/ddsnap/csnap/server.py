@@ -1,0 +1,567 @@
+"""The csnap metadata server: one process owns the store and answers nodes' queries.
+
+Seed 000's server side: nodes (worker processes, later client hosts) connect to a unix
+socket, IDENTIFY, and ask for origin writes to be made unique, for snapshot read
+mappings (origin chunks read-locked until FINISH_SNAPSHOT_READ) and for snapshot write
+targets; the server does the copy-outs and commits in its
+:class:`~ddsnap.service.local.LocalService` and never touches a node's data.
+
+Each node connection is a :class:`NodeSession`: a thread reads its messages (through the
+sans-IO :class:`~ddsnap.csnap.protocol.Connection`); queries that may block (copy-outs,
+commits, read locks, calls) run on the server's thread pool, so one node has many
+requests in flight and replies go out as they complete, matched by id.  A session
+remembers what its node holds (read locks per chunk, origin writes in flight, open
+exports), and a node that disconnects, dies or breaks the protocol has all of it given
+back at once (csnap ``free_client_locks``): origin writes waiting on its read locks go on.
+
+Changes nodes cache (snapshots created or deleted, merge state) reach them as NOTICE
+messages through the service's observers; a notice the service waits for (a snapshot
+creation, a merge start) is acknowledged by every node, and a node that does not answer
+within :attr:`MetadataServer.ack_timeout` seconds is cut off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+from ddsnap.errors import DdsnapError, InvalidArgument, ProtocolError, SnapshotNotFound
+from ddsnap.service.api import ReadMap
+from ddsnap.service.local import LocalService
+from ddsnap.store.model import SnapshotInfo
+
+from .protocol import Connection, Role
+from .wire import (
+    VERSION,
+    Call,
+    CallOk,
+    ErrorReply,
+    FinishOriginWrite,
+    FinishSnapshotRead,
+    FinishUploadLock,
+    Identify,
+    IdentifyOk,
+    Message,
+    Notice,
+    NoticeAck,
+    OriginReadMapReply,
+    OriginWriteOk,
+    QueryOriginRead,
+    QueryOriginWrite,
+    QuerySnapshotRead,
+    QuerySnapshotWrite,
+    ReadMapReply,
+    SnapshotWriteOk,
+    UploadLock,
+    UploadOk,
+    describe_error,
+)
+
+log = logging.getLogger("ddsnap.csnap")
+
+#: threads running blocking queries for all nodes together
+QUERY_THREADS = 32
+#: seconds a node has to acknowledge a notice the service waits for
+ACK_TIMEOUT = 10.0
+#: seconds a restarted server waits for the nodes it expects to upload their locks
+GRACE = 10.0
+#: calls that change nothing, answered during recovery too
+READ_ONLY_CALLS = frozenset({"snapshots", "snapshot_space", "merge_status", "merge_cursor",
+                             "status", "check", "statistics", "nodes", "export_open",
+                             "export_close"})
+RECV_BYTES = 1 << 16
+
+
+class NodeSession:
+    """One node's connection to the metadata server and what the node holds.
+
+    Attributes:
+        node: the id the server gave the node (IDENTIFY_OK).
+        name: the node's label from IDENTIFY.
+        read_locks: read locks the node holds, per logical chunk.
+        origin_writes: origin writes prepared for the node and not finished.
+        opens: exports the node has open, by name.
+    """
+
+    def __init__(self, server: MetadataServer, sock: socket.socket, node: int):
+        self.server = server
+        self.sock = sock
+        self.node = node
+        self.name = ""
+        self.conn = Connection(Role.SERVER)
+        self._lock = threading.Lock()  # conn state, the socket's send side, holdings
+        self.read_locks: Counter[int] = Counter()
+        self.origin_writes = 0
+        self.opens: Counter[str] = Counter()
+        self.closed = False
+        #: notice id -> event set when the node acknowledges it
+        self._acks: dict[int, threading.Event] = {}
+        self._next_notice = 1
+        self.thread = threading.Thread(target=self._run, name=f"ddsnap-meta-node{node}",
+                                       daemon=True)
+
+    # -- the reader ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        why = "disconnected"
+        try:
+            while True:
+                data = self.sock.recv(RECV_BYTES)
+                with self._lock:
+                    self.conn.receive_data(data)
+                    msgs = []
+                    while (msg := self.conn.next_message()) is not None:
+                        msgs.append(msg)
+                for msg in msgs:
+                    self._dispatch(msg)
+                if not data:
+                    break
+        except ProtocolError as e:
+            why = f"protocol error: {e}"
+            log.warning("node %d (%s) dropped: %s", self.node, self.name, e)
+        except OSError as e:
+            why = f"connection error: {e}"
+        finally:
+            self.drop(why)
+
+    def _dispatch(self, msg: Message) -> None:
+        """Run ``msg``: the quick ones here, the ones that may block on the pool."""
+        if isinstance(msg, FinishOriginWrite):
+            self._finish_origin_writes(msg.count)
+        elif isinstance(msg, FinishSnapshotRead):
+            self._finish_read(msg)
+        elif isinstance(msg, NoticeAck):
+            with self._lock:
+                ev = self._acks.pop(msg.id, None)
+            if ev is not None:
+                ev.set()
+        elif isinstance(msg, Identify):
+            self._identify(msg)
+        elif isinstance(msg, UploadLock):
+            self._upload(msg)
+        elif isinstance(msg, FinishUploadLock):
+            self.send(UploadOk(msg.id))
+            self.server.uploaded(self.name)
+        else:
+            self.server.executor.submit(self._answer, msg)
+
+    def _identify(self, msg: Identify) -> None:
+        srv = self.server
+        if not (msg.low <= VERSION <= msg.high):
+            self.send(ErrorReply(msg.id, "ProtocolError", 22,
+                                 f"this server speaks csnap protocol version {VERSION}; "
+                                 f"the node speaks {msg.low}..{msg.high}"))
+            raise ProtocolError(f"node speaks csnap versions {msg.low}..{msg.high} only")
+        if any(msg.uuid) and msg.uuid != srv.uuid:
+            self.send(ErrorReply(msg.id, "OriginMismatch", 22,
+                                 f"this server serves store {srv.uuid.hex()}, not "
+                                 f"{msg.uuid.hex()}"))
+            raise ProtocolError(f"node expects store {msg.uuid.hex()}")
+        self.name = msg.name
+        svc = srv.service
+        self.send(IdentifyOk(msg.id, VERSION, self.node, srv.uuid, svc.chunk_size,
+                             svc.origin_size, srv.generation))
+
+    # -- queries -------------------------------------------------------------------------
+
+    def _answer(self, msg: Message) -> None:
+        """Run a query that may block (on a pool thread) and send its reply."""
+        try:
+            if not isinstance(msg, QuerySnapshotRead | QueryOriginRead) and not (
+                    isinstance(msg, Call) and msg.op in READ_ONLY_CALLS):
+                # what writes waits for the nodes of the last server to upload their
+                # locks: it must not overwrite what one of them is still reading
+                self.server.wait_recovered()
+            reply = self._query(msg)
+        except Exception as e:
+            if not isinstance(e, DdsnapError | OSError):
+                log.exception("csnap query %s from node %d failed", type(msg).__name__,
+                              self.node)
+            reply = ErrorReply.of(msg.id, e)
+        self.send(reply)
+
+    def _query(self, msg: Message) -> Message:
+        svc = self.server.service
+        if isinstance(msg, QueryOriginWrite):
+            results = svc.prepare_origin_writes(msg.ranges)
+            prepared = sum(r is None for r in results)
+            with self._lock:
+                gone = self.closed
+                if not gone:
+                    self.origin_writes += prepared
+            if gone:  # dropped while it waited: nobody will finish these
+                for _ in range(prepared):
+                    svc.finish_origin_write()
+            return OriginWriteOk(msg.id, [None if r is None else describe_error(r)
+                                          for r in results])
+        if isinstance(msg, QuerySnapshotRead):
+            rmap = svc.map_snapshot_read(self.server.snapshot_by_id(msg.snap), msg.first,
+                                         msg.last)
+            self._hold(rmap)
+            return ReadMapReply(msg.id, rmap.first, rmap.sources)
+        if isinstance(msg, QueryOriginRead):
+            omap = svc.map_origin_read(msg.first, msg.last)
+            if omap is None:
+                return OriginReadMapReply(msg.id, msg.first, None)
+            self._hold(omap)
+            return OriginReadMapReply(msg.id, omap.first, omap.sources)
+        if isinstance(msg, QuerySnapshotWrite):
+            chunks = svc.prepare_snapshot_write(self.server.snapshot_by_id(msg.snap),
+                                                msg.first, msg.last)
+            return SnapshotWriteOk(msg.id, chunks)
+        if isinstance(msg, Call):
+            return CallOk(msg.id, self.server.call(self, msg.op, msg.args))
+        raise ProtocolError(f"csnap server cannot answer {type(msg).__name__}")
+
+    def _hold(self, rmap: ReadMap) -> None:
+        with self._lock:
+            gone = self.closed
+            if not gone:
+                self.read_locks.update(rmap.locked)
+        if gone:
+            self.server.service.release_read(rmap)
+
+    def _finish_read(self, msg: FinishSnapshotRead) -> None:
+        chunks = [c for a, b in msg.ranges for c in range(a, b + 1)]
+        with self._lock:
+            held = self.read_locks
+            need = Counter(chunks)
+            for c, n in need.items():
+                if held[c] < n:
+                    raise ProtocolError(f"node finished a read of chunk {c} it does "
+                                        "not hold")
+            held.subtract(need)
+            for c in need:
+                if not held[c]:
+                    del held[c]
+        self.server.service.release_read(ReadMap(0, [], chunks))
+
+    def _finish_origin_writes(self, count: int) -> None:
+        with self._lock:
+            if count > self.origin_writes:
+                raise ProtocolError(f"node finished {count} origin writes; it has "
+                                    f"{self.origin_writes} in flight")
+            self.origin_writes -= count
+        for _ in range(count):
+            self.server.service.finish_origin_write()
+
+    def _upload(self, msg: UploadLock) -> None:
+        chunks = [c for a, b in msg.ranges for c in range(a, b + 1)]
+        with self._lock:
+            self.read_locks.update(chunks)
+            self.origin_writes += msg.origin_writes
+        self.server.service.adopt_locks(chunks, msg.origin_writes)
+
+    # -- sending and notices ---------------------------------------------------------------
+
+    def send(self, msg: Message) -> None:
+        """Send ``msg`` to the node; a node that is gone is not an error (its holdings
+        are given back by :meth:`drop`)."""
+        with self._lock:
+            if self.closed:
+                return
+            data = self.conn.send(msg)
+            # A failed send needs nothing here: the reader sees the connection end and
+            # drops the session.
+            with contextlib.suppress(OSError):
+                self.sock.sendall(data)
+
+    def notify(self, event: dict, wait: bool) -> threading.Event | None:
+        """Send a NOTICE; with ``wait``, the event set when the node acknowledges it."""
+        ev = None
+        with self._lock:
+            if self.closed or not self.conn.identified:
+                return None
+            nid = 0
+            if wait:
+                nid = self._next_notice
+                self._next_notice += 1
+                ev = self._acks[nid] = threading.Event()
+        self.send(Notice(nid, event))
+        return ev
+
+    def drop(self, why: str) -> None:
+        """Close the connection and give back everything the node held."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            locks = list(self.read_locks.elements())
+            writes = self.origin_writes
+            opens = list(self.opens.elements())
+            self.read_locks.clear()
+            self.origin_writes = 0
+            self.opens.clear()
+            acks = list(self._acks.values())
+            self._acks.clear()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        svc = self.server.service
+        if locks:
+            svc.release_read(ReadMap(0, [], locks))
+        for _ in range(writes):
+            svc.finish_origin_write()
+        for name in opens:
+            svc.export_close(name)
+        for ev in acks:  # nobody waits for a node that is gone
+            ev.set()
+        self.server.forget(self)
+        if locks or writes:
+            log.info("node %d (%s) %s: released %d read lock(s) and %d origin write(s)",
+                     self.node, self.name, why, len(locks), writes)
+
+    def export_opened(self, name: str) -> None:
+        """The node opened export ``name`` (closed for it if it goes away)."""
+        with self._lock:
+            self.opens[name] += 1
+
+    def export_closing(self, name: str) -> None:
+        """The node closes export ``name`` (InvalidArgument if it has it not open)."""
+        with self._lock:
+            if self.opens[name] <= 0:
+                raise InvalidArgument(f"node closed export {name!r}, which it has not open")
+            self.opens[name] -= 1
+            if not self.opens[name]:
+                del self.opens[name]
+
+    def describe(self) -> dict:
+        """The node and its holdings (for ``status``)."""
+        with self._lock:
+            return {"node": self.node, "name": self.name,
+                    "read_locks": sum(self.read_locks.values()),
+                    "origin_writes": self.origin_writes, "exports_open": dict(self.opens)}
+
+
+class MetadataServer:
+    """Serves ``service`` to nodes over the csnap protocol.
+
+    Args:
+        service: the in-process service that owns the store.
+        uuid: the store's UUID (16 bytes; nodes that expect another are refused).
+        generation: how many times a metadata server of this store was restarted (a node
+            seeing it change re-uploads its locks).
+        threads: pool threads for blocking queries.
+        ack_timeout: seconds a node has to acknowledge a notice the service waits for;
+            a node that does not is cut off.
+    """
+
+    def __init__(self, service: LocalService, uuid: bytes = bytes(16), generation: int = 0,
+                 threads: int = QUERY_THREADS, ack_timeout: float = ACK_TIMEOUT,
+                 expect: Iterable[str] = (), grace: float = GRACE):
+        self.service = service
+        self.uuid = uuid
+        self.generation = generation
+        self.ack_timeout = ack_timeout
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="ddsnap-meta")
+        self._lock = threading.Lock()
+        self._sessions: dict[int, NodeSession] = {}
+        self._next_node = 1
+        self._listener: socket.socket | None = None
+        self._accepter: threading.Thread | None = None
+        self.path: str | None = None
+        self._closing = False
+        #: nodes (by label) whose uploads a restarted server waits for
+        self.expecting = set(expect)
+        self._recovered = threading.Event()
+        self._grace: threading.Timer | None = None
+        if self.expecting:
+            self._grace = threading.Timer(grace, self._end_recovery, ("grace period over",))
+            self._grace.daemon = True
+            self._grace.start()
+        else:
+            self._recovered.set()
+        service.observers.append(self._observe)
+
+    def uploaded(self, name: str) -> None:
+        """Node ``name`` finished uploading its locks (FINISH_UPLOAD_LOCK)."""
+        with self._lock:
+            self.expecting.discard(name)
+            done = not self.expecting
+        if done:
+            self._end_recovery("every node uploaded its locks")
+
+    def _end_recovery(self, why: str) -> None:
+        if not self._recovered.is_set():
+            with self._lock:
+                missing = sorted(self.expecting)
+            log.info("csnap server recovered (%s)%s", why,
+                     f"; never heard from {', '.join(missing)}" if missing else "")
+            self._recovered.set()
+
+    def wait_recovered(self) -> None:
+        """Return once the nodes of the last server uploaded their locks (or the grace
+        period ended): before, nothing may write the origin or the store."""
+        self._recovered.wait()
+
+    def listen(self, path: str) -> None:
+        """Accept nodes on the unix socket ``path`` (replaced if a stale one is there).
+
+        Raises:
+            OSError: the socket cannot be made there.
+        """
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            os.chmod(path, 0o600)
+            sock.listen(64)
+        except OSError:
+            sock.close()
+            raise
+        self._listener, self.path = sock, path
+        self._accepter = threading.Thread(target=self._accept_loop, name="ddsnap-meta-accept",
+                                          daemon=True)
+        self._accepter.start()
+
+    def _accept_loop(self) -> None:
+        sock = self._listener
+        while sock is not None and not self._closing:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            self.accept(conn)
+
+    def accept(self, sock: socket.socket) -> NodeSession:
+        """Serve a node on the connected socket ``sock`` (socketpair ends in tests)."""
+        with self._lock:
+            node = self._next_node
+            self._next_node += 1
+            session = self._sessions[node] = NodeSession(self, sock, node)
+        session.thread.start()
+        return session
+
+    def forget(self, session: NodeSession) -> None:
+        with self._lock:
+            self._sessions.pop(session.node, None)
+
+    def sessions(self) -> list[NodeSession]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def nodes(self) -> list[dict]:
+        """The connected nodes and what each holds."""
+        return [s.describe() for s in self.sessions()]
+
+    def snapshot_by_id(self, snap: int) -> SnapshotInfo:
+        """The live snapshot with version id ``snap`` (SnapshotNotFound)."""
+        for s in self.service.snapshots():
+            if s.id == snap:
+                return s
+        raise SnapshotNotFound(f"#{snap}")
+
+    def _observe(self, event: dict, wait: bool) -> None:
+        """A service observer: the event to every node; with ``wait``, until each has
+        acknowledged it or is cut off."""
+        pending = [(s, s.notify(event, wait)) for s in self.sessions()]
+        if not wait:
+            return
+        for session, ev in pending:
+            if ev is not None and not ev.wait(self.ack_timeout):
+                log.warning("node %d (%s) did not acknowledge %s within %.0f s: cut off",
+                            session.node, session.name, event.get("event"),
+                            self.ack_timeout)
+                session.drop("cut off")
+
+    def call(self, session: NodeSession, op: str, args: dict):
+        """A CALL: the service method ``op`` with ``args``, its result as JSON types.
+
+        Raises:
+            InvalidArgument: an unknown op or arguments that do not fit it.
+        """
+        fn = _CALLS.get(op)
+        if fn is None:
+            raise InvalidArgument(f"unknown csnap call {op!r}")
+        try:
+            return fn(self, session, **args)
+        except TypeError as e:
+            raise InvalidArgument(f"bad arguments for csnap call {op!r}: {e}") from None
+
+    def close(self, wait: bool = True) -> None:
+        """Stop accepting, drop every node (their holdings given back), stop the pool
+        (``wait``: after the queries still running end; else leaving them)."""
+        self._closing = True
+        if self._grace is not None:
+            self._grace.cancel()
+        self._recovered.set()  # queries held back go on, to find the server closing
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+            if self.path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+        if self._accepter is not None:
+            self._accepter.join()
+        for s in self.sessions():
+            s.drop("server closing")
+            s.thread.join()
+        self.executor.shutdown(wait=wait, cancel_futures=not wait)
+        with contextlib.suppress(ValueError):
+            self.service.observers.remove(self._observe)
+
+
+# --- CALL ops: cold-path requests with JSON arguments and results ---------------------------
+
+
+def _snapshots(srv: MetadataServer, s: NodeSession) -> dict:
+    svc = srv.service
+    return {"snapshots": [i.to_wire() for i in svc.snapshots()],
+            "merging": next((i.id for i in svc.snapshots() if svc.is_merging(i)), None),
+            "origin_size": svc.origin_size}
+
+
+def _create(srv: MetadataServer, s: NodeSession, name: str, read_only: bool = False,
+            parent: str | None = None) -> dict:
+    return srv.service.create_snapshot(name, read_only, parent).to_wire()
+
+
+def _delete(srv: MetadataServer, s: NodeSession, name: str) -> dict:
+    return srv.service.delete_snapshot(name).to_wire()
+
+
+def _export_open(srv: MetadataServer, s: NodeSession, name: str) -> None:
+    srv.service.export_open(name)
+    s.export_opened(name)
+
+
+def _export_close(srv: MetadataServer, s: NodeSession, name: str) -> None:
+    s.export_closing(name)
+    srv.service.export_close(name)
+
+
+def _asdict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+_CALLS: dict[str, Callable[..., object]] = {
+    "snapshots": _snapshots,
+    "create_snapshot": _create,
+    "delete_snapshot": _delete,
+    "snapshot_space": lambda srv, s: [[k, a, b] for k, (a, b) in
+                                      srv.service.snapshot_space().items()],
+    "start_merge": lambda srv, s, name, keep=False: srv.service.start_merge(name, keep),
+    "merge_status": lambda srv, s, running=False: srv.service.merge_status(running),
+    "merge_cursor": lambda srv, s: srv.service.merge_cursor(),
+    "set_full_policy": lambda srv, s, policy: srv.service.set_full_policy(policy),
+    "resize_origin": lambda srv, s, size: srv.service.resize_origin(size),
+    "resize_store": lambda srv, s, size: srv.service.resize_store(size),
+    "status": lambda srv, s: _asdict(srv.service.status()),
+    "check": lambda srv, s: [_asdict(f) for f in srv.service.check()],
+    "free_leaked": lambda srv, s, blocks: srv.service.free_leaked(list(blocks)),
+    "statistics": lambda srv, s: _asdict(srv.service.statistics()),
+    "commit": lambda srv, s: srv.service.commit(),
+    "recover": lambda srv, s: srv.service.recover(),
+    "export_open": _export_open,
+    "export_close": _export_close,
+    "nodes": lambda srv, s: srv.nodes(),
+}

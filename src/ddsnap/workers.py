@@ -1,0 +1,411 @@
+"""``ddsnap serve --workers N``: one metadata server process and N worker processes.
+
+Seed 000's split on one host.  ``serve`` becomes a small supervisor:
+
+- it binds the NBD listeners once (``NbdServer.start(serve=False)``) and keeps them;
+- it starts the **metadata server** (``python -m ddsnap.workers meta``): a
+  :class:`~ddsnap.daemon.Daemon` that owns the store (its lock, journal, copy-outs,
+  merges and control socket) and answers the csnap protocol on a unix socket in the
+  store's runtime directory, and serves no NBD itself;
+- it starts N **workers** (``python -m ddsnap.workers worker``), each inheriting the
+  listening sockets, opening the origin and the store's device itself, and serving NBD
+  with volumes on a :class:`~ddsnap.csnap.client.RemoteService`: every data read and
+  write is the worker's, every mapping and lock the metadata server's;
+- it restarts a worker that dies (the server has given back its locks), and a metadata
+  server that dies (the new one recovers the journal and waits for the workers, which
+  reconnect and upload their locks, before anything writes: see docs/protocol.md);
+- SIGINT or SIGTERM stops the workers (connections drain), then the metadata server
+  (the store is committed and marked clean).
+
+A FLUSH on any worker's connection is an ``fsync`` of the origin or the store file,
+which makes every write to that file acknowledged by any process durable, so FLUSH, FUA
+and CAN_MULTI_CONN keep their meaning across workers.
+
+A child reports that it is ready, or why it could not start (the error's class and
+message), as one JSON line on a pipe the supervisor gave it, so ``serve`` fails with the
+same message and exit code as a single process would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from . import admin
+from .csnap.client import RemoteService
+from .daemon import IO_THREADS, Daemon, Exports, release_memory, tune_malloc
+from .errors import DdsnapError, WorkerFailed, from_dict
+from .nbd.server import DEFAULT_MAX_REPLY_MEMORY, NbdServer
+from .service.api import DataDevices
+from .store.blockdev import FileDevice
+
+log = logging.getLogger("ddsnap.workers")
+
+#: seconds a worker keeps trying to reach a metadata server that went away
+RECONNECT = 60.0
+#: seconds a restarted metadata server waits for the workers to upload their locks
+GRACE = 10.0
+#: seconds a child has to say it is ready
+START_TIMEOUT = 60.0
+#: seconds between restarts of a child that keeps dying at once
+RESTART_DELAY = 0.5
+
+
+def meta_socket_path(store_path: str) -> str:
+    """The metadata server's unix socket for ``store_path``, in the runtime directory."""
+    return admin.registry_path(store_path)[: -len(".control")] + ".meta"
+
+
+# --- the supervisor ---------------------------------------------------------------------
+
+
+class _Child:
+    """One child process and what it is."""
+
+    def __init__(self, kind: str, name: str, proc: asyncio.subprocess.Process, info: dict):
+        self.kind = kind
+        self.name = name
+        self.proc = proc
+        self.info = info
+
+
+class Supervisor:
+    """``serve --workers N``: binds the listeners, runs and watches the children.
+
+    Args:
+        store_path: the snapshot store.
+        listen: NBD listen URIs.
+        workers: worker processes (≥ 1).
+        control_path: the control socket (default :func:`admin.default_control_path`).
+        max_reply_memory: per worker (see :class:`~ddsnap.daemon.Daemon`).
+        degraded, accept_origin_change, verbose: as for ``serve``.
+
+    Attributes:
+        addresses: the NBD addresses bound; ``meta_path``: the metadata socket;
+        ``restarts``: children restarted, by name.
+    """
+
+    def __init__(self, store_path: str, listen: list[str], workers: int,
+                 control_path: str | None = None,
+                 max_reply_memory: int = DEFAULT_MAX_REPLY_MEMORY, degraded: bool = False,
+                 accept_origin_change: bool = False, verbose: bool = False):
+        self.store_path = os.path.abspath(store_path)
+        self.listen = listen
+        self.workers = workers
+        self.control_path = control_path or admin.default_control_path(store_path)
+        self.max_reply_memory = max_reply_memory
+        self.degraded = degraded
+        self.accept_origin_change = accept_origin_change
+        self.verbose = verbose
+        self.meta_path = meta_socket_path(store_path)
+        self.nbd: NbdServer | None = None
+        self.addresses: list[str] = []
+        self.meta: _Child | None = None
+        self.children: dict[str, _Child] = {}
+        self.generation = 0
+        self.restarts: dict[str, int] = {}
+        self._stopping = False
+        self._stop = asyncio.Event()
+        self._watchers: set[asyncio.Task] = set()
+
+    async def start(self) -> dict:
+        """Bind, start the metadata server, then the workers; the metadata server's
+        ready message (``snapshots``, ``damage``).
+
+        Raises:
+            what the metadata server raised (StoreBusy, NotAStore, ...), ListenError,
+            WorkerFailed; on error nothing stays running.
+        """
+        try:
+            self.nbd = NbdServer(_NoExports(), None)
+            await self.nbd.start(self.listen, serve=False)
+            self.addresses = list(self.nbd.addresses)
+            self.meta = await self._spawn_meta()
+            for i in range(self.workers):
+                name = f"worker{i + 1}"
+                self.children[name] = await self._spawn_worker(name)
+        except BaseException:
+            await self.stop()
+            raise
+        for child in [self.meta, *self.children.values()]:
+            self._watch(child)
+        return self.meta.info
+
+    def _common_args(self) -> list[str]:
+        out = ["--max-reply-memory", str(self.max_reply_memory)]
+        if self.degraded:
+            out.append("--force-degraded")
+        if self.verbose:
+            out.append("--verbose")
+        return out
+
+    async def _spawn_meta(self) -> _Child:
+        args = ["meta", self.store_path, "--meta", self.meta_path, "--control",
+                self.control_path, "--generation", str(self.generation),
+                *self._common_args()]
+        if self.accept_origin_change and self.generation == 0:
+            args.append("--accept-origin-change")
+        for a in self.addresses:
+            args += ["--advertise", a]
+        if self.generation:
+            for name in self.children:
+                args += ["--expect", name]
+        return await self._spawn("meta", "meta", args, [])
+
+    async def _spawn_worker(self, name: str) -> _Child:
+        assert self.nbd is not None
+        fds = self.nbd.listening_fds()
+        args = ["worker", self.store_path, "--meta", self.meta_path, "--name", name,
+                *self._common_args()]
+        for fd in fds:
+            args += ["--fd", str(fd)]
+        return await self._spawn("worker", name, args, fds)
+
+    async def _spawn(self, kind: str, name: str, args: list[str], fds: list[int]) -> _Child:
+        """Start ``python -m ddsnap.workers ARGS`` and wait for its ready line."""
+        rfd, wfd = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "ddsnap.workers", *args, "--ready-fd", str(wfd),
+                pass_fds=[*fds, wfd], stdin=subprocess.DEVNULL)
+        except BaseException:
+            os.close(rfd)
+            raise
+        finally:
+            os.close(wfd)
+        loop = asyncio.get_running_loop()
+        try:
+            line = await asyncio.wait_for(loop.run_in_executor(None, _read_line, rfd),
+                                          START_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise WorkerFailed(f"the {kind} process {name} did not start within "
+                              f"{START_TIMEOUT:.0f} s") from None
+        finally:
+            os.close(rfd)
+        try:
+            msg = json.loads(line) if line else {}
+        except ValueError:
+            msg = {}
+        if not msg.get("ok"):
+            await proc.wait()
+            if "error" in msg:
+                raise from_dict(msg["error"])
+            raise WorkerFailed(f"the {kind} process {name} exited with status "
+                              f"{proc.returncode} before it was ready")
+        return _Child(kind, name, proc, msg)
+
+    def _watch(self, child: _Child) -> None:
+        task = asyncio.get_running_loop().create_task(self._await_exit(child))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _await_exit(self, child: _Child) -> None:
+        code = await child.proc.wait()
+        if self._stopping:
+            return
+        log.warning("%s process %s (pid %d) exited with status %s: restarting it",
+                    child.kind, child.name, child.proc.pid, code)
+        self.restarts[child.name] = self.restarts.get(child.name, 0) + 1
+        while not self._stopping:
+            await asyncio.sleep(RESTART_DELAY)
+            try:
+                if child.kind == "meta":
+                    self.generation += 1
+                    new = self.meta = await self._spawn_meta()
+                else:
+                    new = self.children[child.name] = await self._spawn_worker(child.name)
+            except (DdsnapError, OSError) as e:
+                log.error("restarting %s %s failed: %s", child.kind, child.name, e)
+                continue
+            self._watch(new)
+            return
+
+    async def stop(self) -> None:
+        """Stop the workers (their connections drain), then the metadata server."""
+        self._stopping = True
+        for child in list(self.children.values()):
+            _terminate(child.proc)
+        for child in list(self.children.values()):
+            await child.proc.wait()
+        if self.meta is not None:
+            _terminate(self.meta.proc)
+            await self.meta.proc.wait()
+        for task in list(self._watchers):
+            task.cancel()
+        if self.nbd is not None:
+            await self.nbd.close()
+            self.nbd = None
+
+    async def run(self, on_ready=None) -> None:
+        """Serve until SIGINT or SIGTERM."""
+        info = await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+        if on_ready is not None:
+            on_ready(self, info)
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+
+def _terminate(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+
+
+def _read_line(fd: int) -> bytes:
+    """Read up to the first newline (or EOF) from ``fd``."""
+    out = b""
+    while not out.endswith(b"\n"):
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+class _NoExports:
+    """The registry of the supervisor's listener, which never accepts."""
+
+    default_name = "origin"
+    read_only = True
+
+    def names(self) -> list[str]:
+        return []
+
+    def get(self, name: str):
+        return None
+
+
+# --- the children -------------------------------------------------------------------------
+
+
+def _report(fd: int, msg: dict) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, (json.dumps(msg) + "\n").encode())
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _die_with_parent() -> None:
+    """Have the kernel send SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``),
+    so no worker outlives a ``serve`` that was killed."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+async def _meta_main(a: argparse.Namespace) -> None:
+    d = Daemon(a.store, [], a.control, max_reply_memory=a.max_reply_memory,
+               degraded=a.force_degraded, accept_origin_change=a.accept_origin_change,
+               meta_path=a.meta, generation=a.generation, expect=a.expect,
+               advertise=a.advertise)
+
+    def ready(daemon: Daemon) -> None:
+        opened = daemon.opened
+        assert opened is not None
+        scan = opened.store.journal_scan
+        damage = "; ".join(str(e) for e in scan.damage) if scan and scan.damage else None
+        _report(a.ready_fd, {"ok": True, "snapshots": len(opened.service.snapshots()),
+                             "damage": damage, "control": daemon.control_path})
+
+    await d.run(ready)
+
+
+async def _worker_main(a: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+
+    def connect() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(a.meta)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    svc = await loop.run_in_executor(
+        None, lambda: RemoteService(connect, name=a.name, reconnect=RECONNECT))
+    origin = cow = None
+    try:
+        st = await loop.run_in_executor(None, svc.status)
+        writable = not a.force_degraded
+        origin = FileDevice(st.origin, writable=writable, what="origin", strict=True)
+        cow = FileDevice(a.store, writable=writable)
+        data = svc.data = DataDevices(origin, cow, svc.chunk_size)
+        executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="ddsnap-io")
+        nbd = NbdServer(Exports(svc, data, a.force_degraded), executor,
+                        max_reply_memory=a.max_reply_memory, on_idle=release_memory)
+        socks = [socket.socket(fileno=fd) for fd in a.fd]
+        await nbd.adopt(socks)
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        _report(a.ready_fd, {"ok": True})
+        try:
+            await stop.wait()
+        finally:
+            await nbd.close()
+            executor.shutdown(wait=True)
+    finally:
+        await loop.run_in_executor(None, svc.close)
+        for dev in (origin, cow):
+            if dev is not None:
+                dev.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child processes' entry point: ``python -m ddsnap.workers {meta,worker} ...``."""
+    p = argparse.ArgumentParser(prog="python -m ddsnap.workers")
+    p.add_argument("kind", choices=["meta", "worker"])
+    p.add_argument("store")
+    p.add_argument("--meta", required=True)
+    p.add_argument("--ready-fd", type=int, required=True)
+    p.add_argument("--control")
+    p.add_argument("--name", default="meta")
+    p.add_argument("--generation", type=int, default=0)
+    p.add_argument("--expect", action="append", default=[])
+    p.add_argument("--advertise", action="append", default=[])
+    p.add_argument("--fd", type=int, action="append", default=[])
+    p.add_argument("--max-reply-memory", type=int, default=DEFAULT_MAX_REPLY_MEMORY)
+    p.add_argument("--force-degraded", action="store_true")
+    p.add_argument("--accept-origin-change", action="store_true")
+    p.add_argument("--verbose", action="store_true")
+    a = p.parse_args(argv)
+    _die_with_parent()
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
+                        format=f"ddsnap {a.name}: %(message)s")
+    tune_malloc()
+    try:
+        asyncio.run(_meta_main(a) if a.kind == "meta" else _worker_main(a))
+    except DdsnapError as e:
+        _report(a.ready_fd, {"ok": False, "error": e.to_dict()})
+        print(f"ddsnap {a.name}: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        err = WorkerFailed(f"{a.name}: {e.strerror or e}")
+        _report(a.ready_fd, {"ok": False, "error": err.to_dict()})
+        print(f"ddsnap {a.name}: {err}", file=sys.stderr)
+        return err.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
