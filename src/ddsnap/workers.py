@@ -297,11 +297,20 @@ class _NoExports:
 # --- the children -------------------------------------------------------------------------
 
 
-def _report(fd: int, msg: dict) -> None:
+_reported: list[bool] = []  # a child's ready line (or error) went to the supervisor
+
+
+def _report(fd: int, msg: dict) -> bool:
+    """Send the supervisor this child's ready line (or its error), once; True if this
+    call sent it (an error after the ready line goes to stderr instead)."""
+    if _reported:
+        return False
+    _reported.append(True)
     with contextlib.suppress(OSError):
         os.write(fd, (json.dumps(msg) + "\n").encode())
     with contextlib.suppress(OSError):
         os.close(fd)
+    return True
 
 
 def _die_with_parent() -> None:
@@ -395,14 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     try:
         asyncio.run(_meta_main(a) if a.kind == "meta" else _worker_main(a))
-    except DdsnapError as e:
-        _report(a.ready_fd, {"ok": False, "error": e.to_dict()})
-        print(f"ddsnap {a.name}: {e}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:
-        err = WorkerFailed(f"{a.name}: {e.strerror or e}")
-        _report(a.ready_fd, {"ok": False, "error": err.to_dict()})
-        print(f"ddsnap {a.name}: {err}", file=sys.stderr)
+    except (DdsnapError, OSError) as e:
+        err = e if isinstance(e, DdsnapError) else WorkerFailed(f"{a.name}: {e.strerror or e}")
+        # before it was ready the supervisor reports the error as its own
+        if not _report(a.ready_fd, {"ok": False, "error": err.to_dict()}):
+            print(f"ddsnap {a.name}: {err}", file=sys.stderr)
         return err.exit_code
     return 0
 

@@ -139,7 +139,7 @@ class RemoteService:
         self._snaps: tuple[SnapshotInfo, ...] = ()
         self._merging: int | None = None
         self._origin_size = 0
-        self.sock, self.conn = self._establish(upload=False)
+        self.sock, self.conn = self._first_connection()
         self._live = True
         self._ready.set()
         self._reader = threading.Thread(target=self._run, name="ddsnap-csnap-reader",
@@ -147,6 +147,24 @@ class RemoteService:
         self._reader.start()
 
     # -- the connection ------------------------------------------------------------------
+
+    def _retrying(self) -> tenacity.Retrying:
+        """Attempts at a connection for ``reconnect`` seconds, backing off."""
+        return tenacity.Retrying(
+            stop=tenacity.stop_after_delay(self.reconnect),
+            wait=tenacity.wait_exponential(multiplier=0.01, max=1.0),
+            retry=tenacity.retry_if_exception_type((OSError, ServiceFailed)),
+            reraise=True)
+
+    def _first_connection(self) -> tuple[socket.socket, Connection]:
+        """The first connection; a server that is (re)starting is waited for up to
+        ``reconnect`` seconds."""
+        if self.reconnect <= 0:
+            return self._establish(upload=False)
+        for attempt in self._retrying():
+            with attempt:
+                return self._establish(upload=False)
+        raise AssertionError("unreachable: tenacity reraises the last error")
 
     def _establish(self, upload: bool) -> tuple[socket.socket, Connection]:
         """Connect, IDENTIFY, upload what this node holds (``upload``), learn the
@@ -256,11 +274,7 @@ class RemoteService:
         if self.reconnect <= 0:
             return False
         try:
-            for attempt in tenacity.Retrying(
-                    stop=tenacity.stop_after_delay(self.reconnect),
-                    wait=tenacity.wait_exponential(multiplier=0.01, max=1.0),
-                    retry=tenacity.retry_if_exception_type((OSError, ServiceFailed)),
-                    reraise=True):
+            for attempt in self._retrying():
                 with attempt:
                     if self._closing:
                         return False

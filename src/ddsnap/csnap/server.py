@@ -392,8 +392,11 @@ class MetadataServer:
         if not self._recovered.is_set():
             with self._lock:
                 missing = sorted(self.expecting)
-            log.info("csnap server recovered (%s)%s", why,
-                     f"; never heard from {', '.join(missing)}" if missing else "")
+            if missing:  # their locks are lost: what they were reading may change
+                log.warning("csnap server recovered (%s); never heard from %s", why,
+                            ", ".join(missing))
+            else:
+                log.info("csnap server recovered (%s)", why)
             self._recovered.set()
 
     def wait_recovered(self) -> None:

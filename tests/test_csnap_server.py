@@ -1,0 +1,164 @@
+"""The csnap metadata server against bad and slow nodes, over real sockets: a malformed
+or hostile message drops only that node's connection (and gives back what it held); a
+node for another store or protocol version is refused with a clear error; a node that
+never acknowledges a snapshot creation is cut off and the creation goes on; errors cross
+the protocol with their class and errno."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+
+import pytest
+
+from ddsnap.csnap.client import RemoteService
+from ddsnap.csnap.server import MetadataServer
+from ddsnap.csnap.wire import (
+    MAGIC,
+    FinishSnapshotRead,
+    Identify,
+    IdentifyOk,
+    Type,
+    decode,
+)
+from ddsnap.errors import OriginMismatch, SnapshotNotFound, StoreFull
+from ddsnap.service.local import LocalService
+from ddsnap.store.blockdev import MemoryDevice
+from ddsnap.store.memory import MemoryStore
+from ddsnap.volume import Origin, Snapshot
+from test_csnap_model import settle
+
+CS = 4096
+SIZE = 16 * CS
+UUID = bytes(range(16))
+
+
+@pytest.fixture
+def server():
+    svc = LocalService(MemoryStore(SIZE, 4 * CS, CS, 0), MemoryDevice(SIZE))
+    srv = MetadataServer(svc, UUID, ack_timeout=0.5)
+    yield srv
+    srv.close()
+    svc.close()
+
+
+def node(srv: MetadataServer, name: str = "n", uuid: bytes = bytes(16)) -> RemoteService:
+    def dial():
+        a, b = socket.socketpair()
+        srv.accept(a)
+        return b
+    return RemoteService(dial, srv.service.data, name=name, uuid=uuid)
+
+
+def raw(srv: MetadataServer) -> socket.socket:
+    """A node's socket with nothing said yet."""
+    a, b = socket.socketpair()
+    srv.accept(a)
+    b.settimeout(30)
+    return b
+
+
+def read_message(sock: socket.socket):
+    head = b""
+    while len(head) < 20:
+        part = sock.recv(20 - len(head))
+        if not part:
+            return None
+        head += part
+    _magic, t, _flags, length, id = struct.unpack(">IHHIQ", head)
+    body = b""
+    while len(body) < length:
+        body += sock.recv(length - len(body))
+    return decode(t, id, body)
+
+
+def identified(srv: MetadataServer) -> socket.socket:
+    sock = raw(srv)
+    sock.sendall(Identify(1, name="raw").encode())
+    assert isinstance(read_message(sock), IdentifyOk)
+    return sock
+
+
+@pytest.mark.parametrize("garbage", [
+    b"GET / HTTP/1.1\r\n\r\n" + bytes(20),                       # not csnap at all
+    struct.pack(">IHHIQ", MAGIC, Type.QUERY_ORIGIN_WRITE, 0, 4, 9) + bytes(4),  # no range
+    struct.pack(">IHHIQ", MAGIC, Type.IDENTIFY_OK, 0, 0, 9),     # a server's message
+    struct.pack(">IHHIQ", MAGIC, 0x4242, 0, 0, 9),               # unknown type
+    struct.pack(">IHHIQ", MAGIC, Type.CALL, 0, 1 << 30, 9),      # a 1 GiB body
+    FinishSnapshotRead(0, [(3, 3)]).encode(),                    # a lock it never held
+])
+def test_a_malformed_message_drops_only_that_node(server, garbage):
+    good = node(server, "good")
+    holder = node(server, "holder")
+    info = good.create_snapshot("s")
+    rmap = holder.map_snapshot_read(info, 0, 1)  # read locks on chunks 0 and 1
+    assert server.service.statistics().read_locks == 2
+    bad = identified(server)
+    bad.sendall(garbage)
+    # the server closes the bad connection ...
+    assert read_message(bad) is None
+    settle(lambda: len(server.nodes()) == 2, "the bad node dropped")
+    # ... and the others are served as before
+    Origin(good, good.data).write(5 * CS, b"x" * CS)
+    assert Snapshot(good, good.data, info).read(5 * CS, CS) == bytes(CS)
+    holder.release_read(rmap)
+    settle(lambda: server.service.statistics().read_locks == 0, "the locks released")
+    good.close()
+    holder.close()
+
+
+def test_a_dropped_node_gives_back_its_locks_and_origin_writes(server):
+    n = node(server)
+    info = n.create_snapshot("s")
+    n.map_snapshot_read(info, 2, 4)
+    n.prepare_origin_write(8, 8)
+    st = server.service.statistics()
+    assert (st.read_locks, st.origin_writes) == (3, 1)
+    assert server.nodes()[0]["read_locks"] == 3
+    n.reconnect = 0
+    n.close()
+    settle(lambda: server.service.statistics().read_locks == 0, "locks given back")
+    assert server.service.statistics().origin_writes == 0
+    assert server.nodes() == []
+
+
+def test_a_node_expecting_another_store_is_refused(server):
+    with pytest.raises(OriginMismatch, match=f"serves store {UUID.hex()}"):
+        node(server, uuid=bytes(16 * [7]))
+    assert node(server, uuid=UUID).uuid == UUID  # the right one is welcome
+
+
+def test_a_node_speaking_no_common_version_is_refused(server):
+    sock = raw(server)
+    sock.sendall(Identify(1, low=2, high=3).encode())
+    reply = read_message(sock)
+    assert reply is not None and reply.type is Type.ERROR
+    assert "version 1" in reply.message and reply.error == "ProtocolError"
+    assert read_message(sock) is None  # then the server hangs up
+
+
+def test_a_node_that_never_acknowledges_is_cut_off_and_the_creation_goes_on(server):
+    live = node(server, "live")
+    mute = identified(server)  # identified, then never reads or answers again
+    info = live.create_snapshot("s")  # waits up to ack_timeout for the mute node
+    assert info.name == "s" and live.snapshot("s") == info
+    settle(lambda: len(server.nodes()) == 1, "the mute node cut off")
+    mute.close()
+    live.close()
+
+
+def test_errors_cross_with_their_class_and_errno(server):
+    n = node(server)
+    with pytest.raises(SnapshotNotFound):
+        n.delete_snapshot("nope")
+    info = n.create_snapshot("s")
+    vol = Origin(n, n.data)
+    # 4 store chunks: the fifth copy-out finds the store full
+    for c in range(4):
+        vol.write(c * CS, b"y" * CS)
+    with pytest.raises(StoreFull) as e:
+        vol.write(4 * CS, b"y" * CS)
+    assert e.value.errno == errno.ENOSPC
+    assert Snapshot(n, n.data, info).read(0, 5 * CS) == bytes(5 * CS)
+    n.close()
