@@ -100,8 +100,8 @@ def test_a_malformed_message_drops_only_that_node(server, garbage):
     assert read_message(bad) is None
     settle(lambda: len(server.nodes()) == 2, "the bad node dropped")
     # ... and the others are served as before
-    Origin(good, good.data).write(5 * CS, b"x" * CS)
-    assert Snapshot(good, good.data, info).read(5 * CS, CS) == bytes(CS)
+    Origin(good, server.service.data).write(5 * CS, b"x" * CS)
+    assert Snapshot(good, server.service.data, info).read(5 * CS, CS) == bytes(CS)
     holder.release_read(rmap)
     settle(lambda: server.service.statistics().read_locks == 0, "the locks released")
     good.close()
@@ -153,12 +153,12 @@ def test_errors_cross_with_their_class_and_errno(server):
     with pytest.raises(SnapshotNotFound):
         n.delete_snapshot("nope")
     info = n.create_snapshot("s")
-    vol = Origin(n, n.data)
+    vol = Origin(n, server.service.data)
     # 4 store chunks: the fifth copy-out finds the store full
     for c in range(4):
         vol.write(c * CS, b"y" * CS)
     with pytest.raises(StoreFull) as e:
         vol.write(4 * CS, b"y" * CS)
     assert e.value.errno == errno.ENOSPC
-    assert Snapshot(n, n.data, info).read(0, 5 * CS) == bytes(5 * CS)
+    assert Snapshot(n, server.service.data, info).read(0, 5 * CS) == bytes(5 * CS)
     n.close()
