@@ -7,8 +7,11 @@ the protocol with their class and errno."""
 from __future__ import annotations
 
 import errno
+import signal
 import socket
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -162,3 +165,30 @@ def test_errors_cross_with_their_class_and_errno(server):
     assert e.value.errno == errno.ENOSPC
     assert Snapshot(n, server.service.data, info).read(0, 5 * CS) == bytes(5 * CS)
     n.close()
+
+
+def test_a_local_node_process_that_stops_answering_is_killed_before_the_creation(
+        server, tmp_path):
+    """The fence: a node process on this host that does not acknowledge (stopped, say)
+    is killed before the snapshot creation goes on, so it cannot write afterwards."""
+    path = str(tmp_path / "meta.sock")
+    server.listen(path)
+    script = (
+        "import socket, sys, time\n"
+        "from ddsnap.csnap.wire import Identify\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        f"s.connect({path!r})\n"
+        "s.sendall(Identify(1, name='mute').encode())\n"
+        "print('identified', flush=True)\n"
+        "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "identified\n"
+        settle(lambda: len(server.nodes()) == 1, "the node identified")
+        server.service.create_snapshot("s")  # waits ack_timeout, fences, goes on
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        assert server.nodes() == []
+    finally:
+        proc.kill()
+        proc.wait()

@@ -26,8 +26,11 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import socket
+import struct
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +73,8 @@ log = logging.getLogger("ddsnap.csnap")
 QUERY_THREADS = 32
 #: seconds a node has to acknowledge a notice the service waits for
 ACK_TIMEOUT = 10.0
+#: seconds a fence waits for a killed node process to stop running
+FENCE_WAIT = 10.0
 #: seconds a restarted server waits for the nodes it expects to upload their locks
 GRACE = 10.0
 #: calls that change nothing, answered during recovery too
@@ -77,6 +82,16 @@ READ_ONLY_CALLS = frozenset({"snapshots", "snapshot_space", "merge_status", "mer
                              "status", "check", "statistics", "nodes", "export_open",
                              "export_close"})
 RECV_BYTES = 1 << 16
+
+
+def _running(pid: int) -> bool:
+    """True while process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 class NodeSession:
@@ -111,6 +126,7 @@ class NodeSession:
 
     def _run(self) -> None:
         why = "disconnected"
+        fence = False
         try:
             while True:
                 data = self.sock.recv(RECV_BYTES)
@@ -125,11 +141,12 @@ class NodeSession:
                     break
         except ProtocolError as e:
             why = f"protocol error: {e}"
+            fence = True
             log.warning("node %d (%s) dropped: %s", self.node, self.name, e)
         except OSError as e:
             why = f"connection error: {e}"
         finally:
-            self.drop(why)
+            self.drop(why, fence)
 
     def _dispatch(self, msg: Message) -> None:
         """Run ``msg``: the quick ones here, the ones that may block on the pool."""
@@ -287,12 +304,51 @@ class NodeSession:
         self.send(Notice(nid, event))
         return ev
 
-    def drop(self, why: str) -> None:
-        """Close the connection and give back everything the node held."""
+    def peer_pid(self) -> int | None:
+        """The pid of the node's process if it is on this host (SO_PEERCRED of a unix
+        socket), else None."""
+        if self.sock.family != socket.AF_UNIX:
+            return None
+        try:
+            cred = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                        struct.calcsize("3i"))
+        except OSError:
+            return None
+        pid = struct.unpack("3i", cred)[0]
+        return pid or None
+
+    def fence(self) -> None:
+        """Make sure a node the server gives up on writes nothing any more: a process
+        on this host is killed (SIGKILL) before what it held is given back.  A node
+        that stopped answering may be stopped, not dead (SIGSTOP, a pause), and would
+        otherwise write the origin under an origin write the server no longer counts
+        (after a snapshot that should have seen the chunk unchanged).  A node in this
+        very process (tests) or on another host is not killed."""
+        pid = self.peer_pid()
+        if pid is None or pid == os.getpid():
+            return
+        log.warning("node %d (%s): killing its process %d (fence)", self.node, self.name, pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        # kill() only sends the signal: wait until the process runs no more (gone, or a
+        # zombie its parent has not reaped), so no write of it can land after this
+        deadline = time.monotonic() + FENCE_WAIT
+        while time.monotonic() < deadline and _running(pid):
+            time.sleep(0.005)
+
+    def drop(self, why: str, fence: bool = False) -> None:
+        """Close the connection and give back everything the node held; with
+        ``fence``, first make sure the node cannot write any more (:meth:`fence`)."""
         with self._lock:
             if self.closed:
                 return
             self.closed = True
+            writes_held = self.origin_writes
+        if fence and writes_held:
+            self.fence()
+        with self._lock:
             locks = list(self.read_locks.elements())
             writes = self.origin_writes
             opens = list(self.opens.elements())
@@ -473,6 +529,7 @@ class MetadataServer:
                 log.warning("node %d (%s) did not acknowledge %s within %.0f s: cut off",
                             session.node, session.name, event.get("event"),
                             self.ack_timeout)
+                session.fence()  # (it may hold origin writes or, later, grants)
                 session.drop("cut off")
 
     def call(self, session: NodeSession, op: str, args: dict):
