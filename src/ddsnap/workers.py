@@ -57,6 +57,9 @@ RECONNECT = 60.0
 GRACE = 10.0
 #: seconds a child has to say it is ready
 START_TIMEOUT = 60.0
+#: seconds a child has to stop after SIGTERM (connections drain within 10 s, the store
+#: is committed) before it is killed
+STOP_TIMEOUT = 60.0
 #: seconds between restarts of a child that keeps dying at once
 RESTART_DELAY = 0.5
 
@@ -233,15 +236,16 @@ class Supervisor:
             return
 
     async def stop(self) -> None:
-        """Stop the workers (their connections drain), then the metadata server."""
+        """Stop the workers (their connections drain), then the metadata server; a child
+        still running :data:`STOP_TIMEOUT` seconds after SIGTERM gets SIGKILL."""
         self._stopping = True
         for child in list(self.children.values()):
             _terminate(child.proc)
         for child in list(self.children.values()):
-            await child.proc.wait()
+            await _reap(child)
         if self.meta is not None:
             _terminate(self.meta.proc)
-            await self.meta.proc.wait()
+            await _reap(self.meta)
         for task in list(self._watchers):
             task.cancel()
         if self.nbd is not None:
@@ -262,6 +266,18 @@ class Supervisor:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             await self.stop()
+
+
+async def _reap(child: _Child) -> None:
+    """Wait for a child told to stop; SIGKILL it if it does not within STOP_TIMEOUT."""
+    try:
+        await asyncio.wait_for(child.proc.wait(), STOP_TIMEOUT)
+    except TimeoutError:
+        log.warning("%s process %s did not stop within %.0f s: killing it", child.kind,
+                    child.name, STOP_TIMEOUT)
+        with contextlib.suppress(ProcessLookupError):
+            child.proc.kill()
+        await child.proc.wait()
 
 
 def _terminate(proc: asyncio.subprocess.Process) -> None:
