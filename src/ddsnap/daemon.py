@@ -232,17 +232,26 @@ class Daemon:
     async def run(self, on_ready=None) -> None:
         """Serve until SIGINT or SIGTERM."""
         await self.start()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._stop.set)
-        if on_ready is not None:
-            on_ready(self)
         try:
-            await self._stop.wait()
+            with stop_on_signals(self._stop):
+                if on_ready is not None:
+                    on_ready(self)
+                await self._stop.wait()
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
             await self.stop()
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: asyncio.Event):
+    """While inside, SIGINT and SIGTERM set ``stop`` (on the running event loop)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def find_server(store_path: str) -> str | None:

@@ -43,7 +43,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import admin
 from .csnap.client import RemoteService
-from .daemon import IO_THREADS, Daemon, Exports, release_memory, tune_malloc
+from .daemon import (
+    IO_THREADS,
+    Daemon,
+    Exports,
+    release_memory,
+    stop_on_signals,
+    tune_malloc,
+)
 from .errors import DdsnapError, WorkerFailed, from_dict
 from .nbd.server import DEFAULT_MAX_REPLY_MEMORY, NbdServer
 from .service.api import DataDevices
@@ -255,16 +262,12 @@ class Supervisor:
     async def run(self, on_ready=None) -> None:
         """Serve until SIGINT or SIGTERM."""
         info = await self.start()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._stop.set)
-        if on_ready is not None:
-            on_ready(self, info)
         try:
-            await self._stop.wait()
+            with stop_on_signals(self._stop):
+                if on_ready is not None:
+                    on_ready(self, info)
+                await self._stop.wait()
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
             await self.stop()
 
 
@@ -381,11 +384,10 @@ async def _worker_main(a: argparse.Namespace) -> None:
         socks = [socket.socket(fileno=fd) for fd in a.fd]
         await nbd.adopt(socks)
         stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        _report(a.ready_fd, {"ok": True})
         try:
-            await stop.wait()
+            with stop_on_signals(stop):
+                _report(a.ready_fd, {"ok": True})
+                await stop.wait()
         finally:
             await nbd.close()
             executor.shutdown(wait=True)

@@ -191,12 +191,16 @@ class RemoteService:
             with contextlib.suppress(OSError):
                 sock.close()
             raise
+        self._take_snapshot_list(r)
+        return sock, conn
+
+    def _take_snapshot_list(self, r: object) -> None:
+        """Cache the answer of ``CALL snapshots``: the list, the merge, the origin size."""
         if not isinstance(r, dict):
             raise ProtocolError("csnap server answered the snapshot list with no object")
         self._snaps = tuple(SnapshotInfo.from_wire(d) for d in r["snapshots"])
         self._merging = r["merging"]
         self._origin_size = r["origin_size"]
-        return sock, conn
 
     def _hello(self, sock: socket.socket, conn: Connection, msg: Message,
                want: type[M]) -> M:
@@ -395,10 +399,7 @@ class RemoteService:
 
     def _refresh(self) -> None:
         """The snapshot list, merge state and origin size asked again."""
-        r = self._call("snapshots")
-        self._snaps = tuple(SnapshotInfo.from_wire(d) for d in r["snapshots"])
-        self._merging = r["merging"]
-        self._origin_size = r["origin_size"]
+        self._take_snapshot_list(self._call("snapshots"))
 
     def _apply(self, event: dict) -> None:
         """Apply a NOTICE to what this node caches."""

@@ -35,10 +35,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from ddsnap.errors import DdsnapError, InvalidArgument, ProtocolError, SnapshotNotFound
+from ddsnap.errors import DdsnapError, InvalidArgument, ProtocolError
 from ddsnap.service.api import ReadMap
 from ddsnap.service.local import LocalService
-from ddsnap.store.model import SnapshotInfo
 
 from .protocol import Connection, Role
 from .wire import (
@@ -219,7 +218,7 @@ class NodeSession:
             return OriginWriteOk(msg.id, [None if r is None else describe_error(r)
                                           for r in results])
         if isinstance(msg, QuerySnapshotRead):
-            rmap = svc.map_snapshot_read(self.server.snapshot_by_id(msg.snap), msg.first,
+            rmap = svc.map_snapshot_read(svc.snapshot_by_id(msg.snap), msg.first,
                                          msg.last)
             self._hold(rmap)
             return ReadMapReply(msg.id, rmap.first, rmap.sources)
@@ -230,7 +229,7 @@ class NodeSession:
             self._hold(omap)
             return OriginReadMapReply(msg.id, omap.first, omap.sources)
         if isinstance(msg, QuerySnapshotWrite):
-            chunks = svc.prepare_snapshot_write(self.server.snapshot_by_id(msg.snap),
+            chunks = svc.prepare_snapshot_write(svc.snapshot_by_id(msg.snap),
                                                 msg.first, msg.last)
             return SnapshotWriteOk(msg.id, chunks)
         if isinstance(msg, Call):
@@ -511,13 +510,6 @@ class MetadataServer:
         """The connected nodes and what each holds."""
         return [s.describe() for s in self.sessions()]
 
-    def snapshot_by_id(self, snap: int) -> SnapshotInfo:
-        """The live snapshot with version id ``snap`` (SnapshotNotFound)."""
-        for s in self.service.snapshots():
-            if s.id == snap:
-                return s
-        raise SnapshotNotFound(f"#{snap}")
-
     def _observe(self, event: dict, wait: bool) -> None:
         """A service observer: the event to every node; with ``wait``, until each has
         acknowledged it or is cut off."""
@@ -599,10 +591,6 @@ def _export_close(srv: MetadataServer, s: NodeSession, name: str) -> None:
     srv.service.export_close(name)
 
 
-def _asdict(obj) -> dict:
-    return dataclasses.asdict(obj)
-
-
 _CALLS: dict[str, Callable[..., object]] = {
     "snapshots": _snapshots,
     "create_snapshot": _create,
@@ -615,10 +603,10 @@ _CALLS: dict[str, Callable[..., object]] = {
     "set_full_policy": lambda srv, s, policy: srv.service.set_full_policy(policy),
     "resize_origin": lambda srv, s, size: srv.service.resize_origin(size),
     "resize_store": lambda srv, s, size: srv.service.resize_store(size),
-    "status": lambda srv, s: _asdict(srv.service.status()),
-    "check": lambda srv, s: [_asdict(f) for f in srv.service.check()],
+    "status": lambda srv, s: dataclasses.asdict(srv.service.status()),
+    "check": lambda srv, s: [dataclasses.asdict(f) for f in srv.service.check()],
     "free_leaked": lambda srv, s, blocks: srv.service.free_leaked(list(blocks)),
-    "statistics": lambda srv, s: _asdict(srv.service.statistics()),
+    "statistics": lambda srv, s: dataclasses.asdict(srv.service.statistics()),
     "commit": lambda srv, s: srv.service.commit(),
     "recover": lambda srv, s: srv.service.recover(),
     "export_open": _export_open,

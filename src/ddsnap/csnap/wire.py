@@ -70,7 +70,9 @@ class Type(enum.IntEnum):
     ERROR = 0xFFFF
 
 
+_U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
+_Q = struct.Struct(">Q")
 _RANGE = struct.Struct(">QQ")
 _RUN = struct.Struct(">IQ")
 _SNAP_RANGE = struct.Struct(">IQQ")
@@ -207,17 +209,23 @@ class FinishOriginWrite(Message):
 
 
 @dataclass
-class QuerySnapshotRead(Message):
-    """Where snapshot ``snap`` (its id) reads chunks ``first..last`` (seed 000
-    ``QUERY_SNAPSHOT_READ``); the reply's origin chunks are read-locked."""
+class SnapshotRangeQuery(Message):
+    """A query about snapshot ``snap``'s (its id) chunks ``first..last``: u32, u64, u64."""
 
-    type: ClassVar[Type] = Type.QUERY_SNAPSHOT_READ
     snap: int = 0
     first: int = 0
     last: int = 0
 
     def body(self) -> bytes:
         return _SNAP_RANGE.pack(self.snap, self.first, self.last)
+
+
+@dataclass
+class QuerySnapshotRead(SnapshotRangeQuery):
+    """Where snapshot ``snap`` reads chunks ``first..last`` (seed 000
+    ``QUERY_SNAPSHOT_READ``); the reply's origin chunks are read-locked."""
+
+    type: ClassVar[Type] = Type.QUERY_SNAPSHOT_READ
 
 
 @dataclass
@@ -245,8 +253,8 @@ class ReadMapReply(Message):
 
     def body(self) -> bytes:
         if self.sources is None:
-            return b"\0" + struct.pack(">Q", self.first)
-        return b"\1" + struct.pack(">Q", self.first) + encode_sources(self.sources)
+            return b"\0" + _Q.pack(self.first)
+        return b"\1" + _Q.pack(self.first) + encode_sources(self.sources)
 
 
 @dataclass
@@ -269,17 +277,11 @@ class FinishSnapshotRead(Message):
 
 
 @dataclass
-class QuerySnapshotWrite(Message):
+class QuerySnapshotWrite(SnapshotRangeQuery):
     """Make snapshot ``snap``'s chunks ``first..last`` unique to it (seed 000
     ``QUERY_SNAPSHOT_WRITE``); the reply gives their store chunks."""
 
     type: ClassVar[Type] = Type.QUERY_SNAPSHOT_WRITE
-    snap: int = 0
-    first: int = 0
-    last: int = 0
-
-    def body(self) -> bytes:
-        return _SNAP_RANGE.pack(self.snap, self.first, self.last)
 
 
 @dataclass
@@ -387,7 +389,7 @@ def rebuild_error(name: str, code: int, message: str) -> DdsnapError:
 def encode_error(name: str, code: int, message: str) -> bytes:
     n = name.encode()[:255]
     m = message.encode()[:65535]
-    return _ERR_HEAD.pack(code, len(n)) + n + struct.pack(">H", len(m)) + m
+    return _ERR_HEAD.pack(code, len(n)) + n + _U16.pack(len(m)) + m
 
 
 def encode_ranges(ranges: list[tuple[int, int]]) -> bytes:
@@ -506,9 +508,6 @@ class _Reader:
         finally:
             self.at = len(self.buf)
 
-
-_U16 = struct.Struct(">H")
-_Q = struct.Struct(">Q")
 
 
 def _chunk_range(r: _Reader, first: int, last: int) -> None:

@@ -448,10 +448,20 @@ class ServiceCore:
                 return s
         raise SnapshotNotFound(name)
 
+    def snapshot_by_id(self, snap: int) -> SnapshotInfo:
+        """The live snapshot whose version id is ``snap`` (raises SnapshotNotFound,
+        naming ``#id``).  Never waits (a dict replaced whole on every create and delete)."""
+        try:
+            return self._by_id[snap]
+        except KeyError:
+            raise SnapshotNotFound(f"#{snap}") from None
+
     def _refresh_snaps_locked(self) -> None:
         self._snaps = tuple(self.store.snapshots())
+        #: the live snapshots by version id (replaced, never changed)
+        self._by_id = {s.id: s for s in self._snaps}
         #: version ids of the live snapshots (replaced, never changed)
-        self._ids = frozenset(s.id for s in self._snaps)
+        self._ids = frozenset(self._by_id)
 
     def _sweep(self) -> None:
         done = False
