@@ -7,12 +7,15 @@ are :class:`~ddsnap.csnap.client.RemoteService` objects over real socket pairs, 
 with its own volumes doing their own data I/O (seed 000: data never passes the server).
 The hypothesis machine writes and reads the origin and snapshots through any node,
 creates and deletes snapshots through a node or the server's own service, writes to
-the origin from one node while another takes a snapshot, kills a node holding read
-locks and origin writes in flight (the server gives them back; a write waiting for the
-lock then goes on) and starts a new node in its place, and restarts the server while a
-node holds read locks and origin writes (the new server reopens the store, the nodes
-reconnect and upload what they hold, and a write to a chunk still read-locked waits for
-the reader as before).  After every step every volume
+the origin from one node while another takes a snapshot (also over chunks the writer
+holds grants for, which the creation revokes), kills a node holding read locks, grants
+and origin writes in flight (the server gives them back; a write waiting for the lock
+then goes on) and starts a new node in its place, and restarts the server while a node
+holds read locks and origin writes, granted ones too (the new server reopens the store,
+the nodes reconnect and upload what they hold, and a write to a chunk still read-locked
+waits for the reader as before).  A node that wrote a chunk keeps writing it without
+asking until a snapshot of the origin: any write after it that skipped its copy-out
+would show in that snapshot.  After every step every volume
 read through every node matches the model, and at the end the server holds no lock and
 ``check()`` finds nothing.
 """
@@ -200,14 +203,20 @@ class CsnapMachine(RuleBasedStateMachine):
             settle(lambda n=n: all(s.name != name for s in n.snapshots()),
                    f"node {n.node} forgetting {name}")
 
-    @rule(data=st.data(), count=st.integers(1, 6), seed=st.integers(0, 255))
-    def snapshot_during_origin_writes(self, data, count, seed):
+    @rule(data=st.data(), count=st.integers(1, 6), seed=st.integers(0, 255),
+          granted=st.booleans())
+    def snapshot_during_origin_writes(self, data, count, seed, granted):
         """A node writes ``count`` chunks one after another while another node takes a
-        snapshot: the snapshot holds the writes that completed before it, a prefix."""
+        snapshot: the snapshot holds the writes that completed before it, a prefix.
+        With ``granted`` the writer wrote the chunks once before, so it holds grants
+        for them and writes without asking until the creation revokes them."""
         writer, taker = self.nodes[0], self.nodes[1]
         chunks = data.draw(st.lists(st.integers(0, self.ORIGIN // self.CHUNK - 1),
                                     min_size=count, max_size=count, unique=True),
                            label="chunks")
+        if granted:
+            for c in chunks:
+                self.write(writer, "origin", c * self.CHUNK, bytes([seed ^ 0x5A]) * self.CHUNK)
         before = bytes(self.model["origin"])
         payloads = [bytes([(seed + i) % 256]) * self.CHUNK for i in range(count)]
         errors: list[BaseException] = []

@@ -32,6 +32,7 @@ from ddsnap.csnap.wire import (
     QuerySnapshotRead,
     QuerySnapshotWrite,
     ReadMapReply,
+    ReturnGrants,
     SnapshotWriteOk,
     Type,
     UploadLock,
@@ -63,6 +64,15 @@ def test_header_and_query_origin_write_bytes():
                       + bytes.fromhex("0102030405060708"))
     assert b[20:] == (b"\x00\x00\x00\x02" + (1).to_bytes(8, "big") + (2).to_bytes(8, "big")
                       + (10).to_bytes(8, "big") + (10).to_bytes(8, "big"))
+
+
+def test_origin_write_ok_bytes():
+    """u8 grant flag, u32 count, then per result 0 (prepared) or 1 and the error."""
+    b = OriginWriteOk(3, [None, ("StoreFull", 28, "full")], granted=True).body()
+    assert b == (b"\1" + b"\0\0\0\2" + b"\0" + b"\1" + struct.pack(">IH", 28, 9)
+                 + b"StoreFull" + struct.pack(">H", 4) + b"full")
+    assert OriginWriteOk(3, [None]).body() == b"\0\0\0\0\1\0"
+    assert ReturnGrants(0).encode() == b"csnp\x00\x0c" + bytes(14)
 
 
 def test_read_map_is_sent_as_runs():
@@ -104,7 +114,9 @@ MESSAGES = st.one_of(
     st.builds(QueryOriginWrite, U64, st.lists(st.tuples(U64, U64).map(sorted).map(tuple),
                                               min_size=1, max_size=5)),
     st.builds(OriginWriteOk, U64, st.lists(st.none() | st.tuples(
-        st.just("StoreFull"), st.integers(0, 200), st.text(max_size=10)), max_size=5)),
+        st.just("StoreFull"), st.integers(0, 200), st.text(max_size=10)), max_size=5),
+        st.booleans()),
+    st.builds(ReturnGrants, U64),
     st.builds(FinishOriginWrite, U64, st.integers(1, (1 << 32) - 1)),
     st.builds(QuerySnapshotRead, U64, st.integers(0, (1 << 32) - 1), st.just(5),
               st.integers(5, 100)),
@@ -184,7 +196,9 @@ BAD_BODIES = [
     (Type.SNAPSHOT_READ_OK, b"\2" + bytes(8), "map flag"),
     (Type.SNAPSHOT_READ_OK, b"\1" + bytes(8) + struct.pack(">IIQ", 1, 0, 5), "run"),
     (Type.SNAPSHOT_WRITE_OK, struct.pack(">IIQ", 1, 2, ORIGIN), "origin"),
-    (Type.ORIGIN_WRITE_OK, b"\0\0\0\1\7", "result flag"),
+    (Type.ORIGIN_WRITE_OK, b"\0\0\0\0\1\7", "result flag"),
+    (Type.ORIGIN_WRITE_OK, b"\2\0\0\0\0", "grant flag"),
+    (Type.RETURN_GRANTS, b"\0", "too many"),
     (0x7777, b"", "unknown message type"),
 ]
 

@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -19,18 +20,22 @@ from ddsnap.csnap.client import RemoteService
 from ddsnap.csnap.server import MetadataServer
 from ddsnap.csnap.wire import (
     MAGIC,
+    VERSION,
     FinishSnapshotRead,
     Identify,
     IdentifyOk,
+    OriginWriteOk,
+    QueryOriginWrite,
     Type,
     decode,
 )
 from ddsnap.errors import OriginMismatch, SnapshotNotFound, StoreFull
+from ddsnap.service.api import SnapshotInfo
 from ddsnap.service.local import LocalService
 from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.memory import MemoryStore
 from ddsnap.volume import Origin, Snapshot
-from test_csnap_model import settle
+from test_csnap_model import SETTLE, settle
 
 CS = 4096
 SIZE = 16 * CS
@@ -117,8 +122,9 @@ def test_a_dropped_node_gives_back_its_locks_and_origin_writes(server):
     n.map_snapshot_read(info, 2, 4)
     n.prepare_origin_write(8, 8)
     st = server.service.statistics()
-    assert (st.read_locks, st.origin_writes) == (3, 1)
-    assert server.nodes()[0]["read_locks"] == 3
+    # (the write, and the node's grant: one origin write of the service until returned)
+    assert (st.read_locks, st.origin_writes) == (3, 2)
+    assert server.nodes()[0]["read_locks"] == 3 and server.nodes()[0]["granted"]
     n.reconnect = 0
     n.close()
     settle(lambda: server.service.statistics().read_locks == 0, "locks given back")
@@ -134,10 +140,10 @@ def test_a_node_expecting_another_store_is_refused(server):
 
 def test_a_node_speaking_no_common_version_is_refused(server):
     sock = raw(server)
-    sock.sendall(Identify(1, low=2, high=3).encode())
+    sock.sendall(Identify(1, low=VERSION + 1, high=VERSION + 5).encode())
     reply = read_message(sock)
     assert reply is not None and reply.type is Type.ERROR
-    assert "version 1" in reply.message and reply.error == "ProtocolError"
+    assert f"version {VERSION}" in reply.message and reply.error == "ProtocolError"
     assert read_message(sock) is None  # then the server hangs up
 
 
@@ -189,6 +195,129 @@ def test_a_local_node_process_that_stops_answering_is_killed_before_the_creation
         server.service.create_snapshot("s")  # waits ack_timeout, fences, goes on
         assert proc.wait(timeout=30) == -signal.SIGKILL
         assert server.nodes() == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# --- origin-write grants ------------------------------------------------------------------
+
+
+def test_a_granted_chunk_is_written_again_without_asking(server):
+    n = node(server)
+    vol = Origin(n, server.service.data)
+    vol.write(3 * CS, b"a" * CS)  # asked: made unique, and granted
+    assert n.grants_held == 1 and server.nodes()[0]["granted"]
+    settle(lambda: server.service.statistics().origin_writes == 1, "the write finished")
+    n.prepare_origin_write(3, 3)
+    # no query: the service counts the grant alone, not a second write
+    assert n.granted_writes == 1 and server.service.statistics().origin_writes == 1
+    n.finish_origin_write()
+    assert n.granted_writes == 0
+    n.prepare_origin_write(4, 4)  # a chunk not granted is asked for (and granted)
+    assert n.granted_writes == 0 and server.service.statistics().origin_writes == 2
+    n.finish_origin_write()
+    assert n.grants_held == 2
+    n.close()
+    settle(lambda: server.service.statistics().origin_writes == 0, "all given back")
+
+
+def test_a_snapshot_waits_for_granted_writes_in_flight_and_revokes_the_grants(server):
+    """The snapshot barrier over processes: the creation revokes the writer's grants and
+    waits until its granted write in flight is done; the next write asks again, so the
+    snapshot keeps what it saw."""
+    writer, taker = node(server, "writer"), node(server, "taker")
+    data = server.service.data
+    vol = Origin(writer, data)
+    vol.write(3 * CS, b"a" * CS)
+    writer.prepare_origin_write(3, 3)  # a granted write in flight
+    made: dict[str, SnapshotInfo] = {}
+    t = threading.Thread(target=lambda: made.update(info=taker.create_snapshot("s")))
+    t.start()
+    settle(lambda: writer.grants_held == 0, "the revocation reaching the writer")
+    t.join(0.3)  # (a chance for a creation that does not wait to finish)
+    assert t.is_alive(), "the snapshot was taken with a granted write in flight"
+    assert {d["name"]: d["granted"] for d in server.nodes()}["writer"]
+    data.origin.pwrite(b"b" * CS, 3 * CS)
+    writer.finish_origin_write()  # the acknowledgement goes with the last write
+    t.join(SETTLE)
+    assert not t.is_alive()
+    snap = Snapshot(taker, data, made["info"])
+    assert snap.read(3 * CS, CS) == b"b" * CS  # the write completed before: included
+    assert not any(d["granted"] for d in server.nodes())
+    vol.write(3 * CS, b"c" * CS)  # asks again: the chunk is copied out first
+    assert snap.read(3 * CS, CS) == b"b" * CS and vol.read(3 * CS, CS) == b"c" * CS
+    assert writer.grants_held == 1  # granted again after the creation
+    writer.close()
+    taker.close()
+
+
+def test_a_node_that_keeps_its_grants_is_cut_off_and_the_creation_goes_on(server):
+    live = node(server, "live")
+    greedy = identified(server)
+    greedy.sendall(QueryOriginWrite(5, [(2, 2)]).encode())
+    reply = read_message(greedy)
+    assert isinstance(reply, OriginWriteOk) and reply.results == [None] and reply.granted
+    # it never reads again, so never acknowledges the revocation
+    info = live.create_snapshot("s")  # waits ack_timeout for it, cuts it off
+    assert info.name == "s"
+    settle(lambda: len(server.nodes()) == 1, "the greedy node cut off")
+    assert server.service.statistics().origin_writes == 0  # its write and grant void
+    Origin(live, server.service.data).write(2 * CS, b"z" * CS)
+    assert Snapshot(live, server.service.data, info).read(2 * CS, CS) == bytes(CS)
+    greedy.close()
+    live.close()
+
+
+def test_no_grant_during_a_merge(server):
+    n = node(server)
+    vol = Origin(n, server.service.data)
+    n.create_snapshot("s")
+    vol.write(1 * CS, b"m" * CS)
+    assert n.grants_held == 1
+    n.start_merge("s")  # (not run: the merge stays in progress)
+    assert n.grants_held == 0  # revoked before the merge started
+    vol.write(5 * CS, b"w" * CS)
+    assert n.grants_held == 0 and not server.nodes()[0]["granted"]
+    n.close()
+
+
+@pytest.mark.parametrize("how", ["close", "break"])
+def test_a_local_node_process_with_grants_is_killed_unless_it_returns_them(
+        server, tmp_path, how):
+    """A node that goes away holding grants may still have granted writes on their
+    way, so a process on this host is killed first; one that closes in order returns
+    its grants (RETURN_GRANTS) and is left alone."""
+    path = str(tmp_path / "meta.sock")
+    server.listen(path)
+    script = (
+        "import socket, sys\n"
+        "from ddsnap.csnap.client import RemoteService\n"
+        "def dial():\n"
+        "    s = socket.socket(socket.AF_UNIX)\n"
+        f"    s.connect({path!r})\n"
+        "    return s\n"
+        "n = RemoteService(dial, name='p')\n"
+        "n.prepare_origin_write(2, 2)\n"
+        "n.finish_origin_write()\n"
+        "print('granted', n.grants_held, flush=True)\n"
+        f"if {how!r} == 'close':\n"
+        "    n.close()\n"
+        "else:\n"
+        "    n.sock.shutdown(socket.SHUT_RDWR)\n"
+        "print('gone', flush=True)\n"
+        "sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "granted 1\n"
+        assert proc.stdout.readline() == "gone\n"
+        settle(lambda: server.nodes() == [], "the node dropped")
+        assert server.service.statistics().origin_writes == 0
+        if how == "close":
+            assert proc.poll() is None  # not killed
+        else:
+            assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:
         proc.kill()
         proc.wait()

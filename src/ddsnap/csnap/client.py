@@ -10,7 +10,10 @@ pipelined on the one connection, replies matched by id by a reader thread).  Wha
 node must know without asking (the snapshot list, whether a merge runs) it caches from
 the server's NOTICE messages, acknowledging those the server waits for.  What it holds
 (read locks per chunk, origin writes in flight) it counts, to upload them to a restarted
-server (seed 000 ``UPLOAD_LOCK``).
+server (seed 000 ``UPLOAD_LOCK``).  Origin chunks the server granted (made unique, and
+unique until the next snapshot of the origin) it writes again without asking, until the
+server revokes the grants; it then acknowledges once its granted writes in flight are
+done.
 
 Source of the idea: seed 000 (csnap's client side in ``ddsnap-agent`` and the device
 mapper target: ``QUERY_WRITE``, ``QUERY_SNAPSHOT_READ``, ``FINISH_SNAPSHOT_READ``).
@@ -65,6 +68,7 @@ from .wire import (
     QuerySnapshotRead,
     QuerySnapshotWrite,
     ReadMapReply,
+    ReturnGrants,
     SnapshotWriteOk,
     UploadLock,
     UploadOk,
@@ -116,6 +120,9 @@ class RemoteService:
     Attributes:
         node: the id the server gave this node; ``generation``: the server's restarts;
         ``reconnects``: how many times the connection was made again.
+        held / origin_writes: read locks per chunk, and origin writes prepared by a
+            query and not finished (what an upload declares).
+        granted_writes: origin writes in flight on granted chunks (no query asked).
     """
 
     def __init__(self, connect: Callable[[], socket.socket], data: DataDevices | None = None,
@@ -136,6 +143,11 @@ class RemoteService:
         #: read locks this node holds, per chunk; origin writes prepared, not finished
         self.held: Counter[int] = Counter()
         self.origin_writes = 0
+        self.granted_writes = 0
+        #: per logical chunk, 1 where the server granted it (None: no grant held)
+        self._granted: bytearray | None = None
+        #: the id of a grants-revoked notice to acknowledge when granted_writes is 0
+        self._revoke_ack: int | None = None
         self._snaps: tuple[SnapshotInfo, ...] = ()
         self._merging: int | None = None
         self._origin_size = 0
@@ -248,6 +260,13 @@ class RemoteService:
             log.warning("csnap node %s lost the metadata server: %s", self.name, why)
             with self._lock:
                 self._live = False
+                # Grants are void with the connection (the server gives up on a node
+                # that is gone); granted writes in flight become origin writes that the
+                # upload declares and FINISH_ORIGIN_WRITE ends.
+                self._granted = None
+                self._revoke_ack = None
+                self.origin_writes += self.granted_writes
+                self.granted_writes = 0
             if not self._reestablish():
                 self._lose(why)
                 return
@@ -314,13 +333,14 @@ class RemoteService:
             except OSError as e:
                 raise ServiceFailed(f"lost the metadata server: {e}") from e
 
-    def _finish(self, msg: Message, update: Callable[[], None]) -> None:
-        """Change what this node holds (``update``) and tell the server (a FINISH
-        message), both under the lock: a connection being made again uploads the
-        holdings as they are, and a FINISH goes only where its lock was uploaded."""
+    def _finish(self, update: Callable[[], Message | None]) -> None:
+        """Change what this node holds (``update``, which returns the message that tells
+        the server, if any) and send that message, both under the lock: a connection
+        being made again uploads the holdings as they are, and a FINISH goes only where
+        its lock was uploaded."""
         with self._lock:
-            update()
-            if self._live:
+            msg = update()
+            if msg is not None and self._live:
                 with contextlib.suppress(OSError):
                     self.sock.sendall(self.conn.send(msg))
 
@@ -356,28 +376,52 @@ class RemoteService:
     def _deliver(self, msg: Message) -> None:
         if isinstance(msg, Notice):
             self._apply(msg.event)
-            if msg.id:
-                self._finish(NoticeAck(msg.id), lambda: None)
+            if msg.event["event"] == "grants-revoked":
+                self._finish(lambda: self._revoked(msg.id))
+            elif msg.id:
+                self._finish(lambda: NoticeAck(msg.id))
             return
         with self._lock:
             waiter = self._pending.pop(msg.id, None)
             if waiter is not None:
-                self._count(msg)
+                self._count(waiter.msg, msg)
         if waiter is not None:
             waiter.reply = msg
             waiter.event.set()
 
-    def _count(self, reply: Message) -> None:
+    def _revoked(self, nid: int) -> Message | None:
+        """The server revoked the grants (lock held, already cleared by _apply): the
+        acknowledgement now, or when the last granted write in flight is done."""
+        if self.granted_writes:
+            self._revoke_ack = nid
+            return None
+        return NoticeAck(nid)
+
+    def _count(self, request: Message, reply: Message) -> None:
         """What a reply gives this node to hold, counted as it arrives (lock held), so
         an upload after a reconnect has it even if the requester has not woken yet."""
         if isinstance(reply, OriginWriteOk):
             self.origin_writes += sum(r is None for r in reply.results)
+            if reply.granted and isinstance(request, QueryOriginWrite):
+                self._grant([r for r, res in zip(request.ranges, reply.results,
+                                                 strict=False) if res is None])
         elif isinstance(reply, ReadMapReply) and reply.sources is not None:
             # a snapshot holds the origin chunks it reads; the merging origin, the
             # snapshot's chunks it reads
             origin = isinstance(reply, OriginReadMapReply)
             self.held.update(reply.first + i for i, src in enumerate(reply.sources)
                              if (src is not None) == origin)
+
+    def _grant(self, ranges: list[tuple[int, int]]) -> None:
+        """Mark origin chunk ranges granted (lock held)."""
+        g = self._granted
+        if g is None:
+            cs = self.chunk_size
+            g = self._granted = bytearray((self._origin_size + cs - 1) // cs)
+        for a, b in ranges:
+            if b >= len(g):  # (the origin grew since)
+                g.extend(bytes(b + 1 - len(g)))
+            g[a:b + 1] = b"\1" * (b + 1 - a)
 
     def _lose(self, e: BaseException) -> None:
         """The connection is gone for good: every waiting request fails."""
@@ -395,6 +439,13 @@ class RemoteService:
     def _failed(self) -> ServiceFailed:
         return ServiceFailed(f"lost the metadata server ({self._lost})")
 
+    @property
+    def grants_held(self) -> int:
+        """Origin chunks this node may write without asking now (never waits)."""
+        with self._lock:
+            g = self._granted
+            return 0 if g is None else g.count(1)
+
     # -- what the node caches ------------------------------------------------------------
 
     def _refresh(self) -> None:
@@ -411,6 +462,9 @@ class RemoteService:
             self._snaps = tuple(s for s in self._snaps if s.id != event["snapshot"])
         elif kind == "merge-started":
             self._merging = event["snapshot"]
+        elif kind == "grants-revoked":
+            with self._lock:
+                self._granted = None
         elif kind == "merge-ended":
             self._merging = None
             if event.get("deleted"):
@@ -432,7 +486,13 @@ class RemoteService:
                               ) -> list[BaseException | None]:
         """Make each range of origin chunks unique (QUERY_ORIGIN_WRITE); per range None
         (prepared: write, then :meth:`finish_origin_write`) or its error; ranges past
-        the list were not started."""
+        the list were not started.  Ranges all granted need no query."""
+        with self._lock:
+            g = self._granted
+            if g is not None and all(b < len(g) and g.find(0, a, b + 1) < 0
+                                     for a, b in ranges):
+                self.granted_writes += len(ranges)
+                return [None] * len(ranges)
         reply = self._request(QueryOriginWrite(0, list(ranges)), OriginWriteOk)
         # (the prepared ones were counted in flight as the reply arrived)
         return [None if r is None else rebuild_error(*r) for r in reply.results]
@@ -445,11 +505,23 @@ class RemoteService:
             raise result
 
     def finish_origin_write(self) -> None:
-        """An origin write prepared above is done (FINISH_ORIGIN_WRITE)."""
-        def done() -> None:
-            self.origin_writes -= 1
+        """An origin write prepared above is done: a granted one counted down (the
+        last one acknowledges a revocation waiting for it), else FINISH_ORIGIN_WRITE.
 
-        self._finish(FinishOriginWrite(0, 1), done)
+        Which kind ends is not tracked per write: counting granted writes down first
+        lets a revocation be acknowledged as soon as as many writes as were granted
+        have ended, and the server still counts every write left (as a queried one)."""
+        def done() -> Message | None:
+            if self.granted_writes:
+                self.granted_writes -= 1
+                if not self.granted_writes and self._revoke_ack is not None:
+                    nid, self._revoke_ack = self._revoke_ack, None
+                    return NoticeAck(nid)
+                return None
+            self.origin_writes -= 1
+            return FinishOriginWrite(0, 1)
+
+        self._finish(done)
 
     def map_snapshot_read(self, snap: SnapshotInfo, first: int, last: int) -> ReadMap:
         """QUERY_SNAPSHOT_READ: ``snap``'s sources, its origin chunks read-locked."""
@@ -482,13 +554,14 @@ class RemoteService:
         """FINISH_SNAPSHOT_READ for the read locks of ``rmap``."""
         if not rmap.locked:
             return
-        def done() -> None:
+        def done() -> Message:
             self.held.subtract(rmap.locked)
             for c in rmap.locked:
                 if self.held[c] <= 0:
                     del self.held[c]
+            return FinishSnapshotRead(0, coalesce(sorted(rmap.locked)))
 
-        self._finish(FinishSnapshotRead(0, coalesce(sorted(rmap.locked))), done)
+        self._finish(done)
 
     def origin_reads_itself(self) -> bool:
         """True while the server says no merge runs (never waits)."""
@@ -593,7 +666,14 @@ class RemoteService:
             self._call("export_close", name=name)
 
     def close(self) -> None:
-        """Close the connection (the server gives back whatever this node held)."""
+        """Close the connection (the server gives back whatever this node held); grants
+        are returned first if no granted write is in flight (else the server, seeing a
+        node with grants go, makes sure it is dead)."""
+        def give_back() -> Message | None:
+            self._granted = None
+            return None if self.granted_writes else ReturnGrants()
+
+        self._finish(give_back)
         self._closing = True
         while self._reader.is_alive():
             # (again if the reader was just making a new connection)

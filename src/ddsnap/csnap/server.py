@@ -60,6 +60,7 @@ from .wire import (
     QuerySnapshotRead,
     QuerySnapshotWrite,
     ReadMapReply,
+    ReturnGrants,
     SnapshotWriteOk,
     UploadLock,
     UploadOk,
@@ -102,6 +103,8 @@ class NodeSession:
         read_locks: read locks the node holds, per logical chunk.
         origin_writes: origin writes prepared for the node and not finished.
         opens: exports the node has open, by name.
+        granted: the node holds origin-write grants (one origin write of the service,
+            see :meth:`~ddsnap.service.local.LocalService.take_origin_grant`).
     """
 
     def __init__(self, server: MetadataServer, sock: socket.socket, node: int):
@@ -114,6 +117,12 @@ class NodeSession:
         self.read_locks: Counter[int] = Counter()
         self.origin_writes = 0
         self.opens: Counter[str] = Counter()
+        self.granted = False
+        #: the highest ``grants-revoked`` serial seen: a grant taken before it is void
+        self._revoked_serial = 0
+        #: the notice id of the revocation the node has not acknowledged yet
+        self._revoking: int | None = None
+        self._revoke_timer: threading.Timer | None = None
         self.closed = False
         #: notice id -> event set when the node acknowledges it
         self._acks: dict[int, threading.Event] = {}
@@ -156,8 +165,13 @@ class NodeSession:
         elif isinstance(msg, NoticeAck):
             with self._lock:
                 ev = self._acks.pop(msg.id, None)
+                back = msg.id == self._revoking
             if ev is not None:
                 ev.set()
+            if back:
+                self._grants_back()
+        elif isinstance(msg, ReturnGrants):
+            self._grants_back()
         elif isinstance(msg, Identify):
             self._identify(msg)
         elif isinstance(msg, UploadLock):
@@ -201,22 +215,15 @@ class NodeSession:
                 log.exception("csnap query %s from node %d failed", type(msg).__name__,
                               self.node)
             reply = ErrorReply.of(msg.id, e)
-        self.send(reply)
+        if reply is not None:
+            self.send(reply)
 
-    def _query(self, msg: Message) -> Message:
+    def _query(self, msg: Message) -> Message | None:
+        """The reply to ``msg``, or None if it was sent already."""
         svc = self.server.service
         if isinstance(msg, QueryOriginWrite):
-            results = svc.prepare_origin_writes(msg.ranges)
-            prepared = sum(r is None for r in results)
-            with self._lock:
-                gone = self.closed
-                if not gone:
-                    self.origin_writes += prepared
-            if gone:  # dropped while it waited: nobody will finish these
-                for _ in range(prepared):
-                    svc.finish_origin_write()
-            return OriginWriteOk(msg.id, [None if r is None else describe_error(r)
-                                          for r in results])
+            self._origin_write(msg)
+            return None
         if isinstance(msg, QuerySnapshotRead):
             rmap = svc.map_snapshot_read(svc.snapshot_by_id(msg.snap), msg.first,
                                          msg.last)
@@ -235,6 +242,75 @@ class NodeSession:
         if isinstance(msg, Call):
             return CallOk(msg.id, self.server.call(self, msg.op, msg.args))
         raise ProtocolError(f"csnap server cannot answer {type(msg).__name__}")
+
+    def _origin_write(self, msg: QueryOriginWrite) -> None:
+        """Prepare the ranges, count them in flight for the node, grant them if the
+        service lets it, and send the reply."""
+        svc = self.server.service
+        results = svc.prepare_origin_writes(msg.ranges)
+        prepared = sum(r is None for r in results)
+        serial = None
+        if prepared and self.server.grants:
+            with self._lock:
+                want = not (self.granted or self.closed) and self._revoking is None
+            if want:
+                serial = svc.take_origin_grant()
+        give_back = 0
+        with self._lock:
+            if self.closed:  # dropped while it waited: nobody will finish these
+                give_back = prepared + (serial is not None)
+            else:
+                self.origin_writes += prepared
+                if serial is not None:
+                    if self.granted or serial < self._revoked_serial:
+                        give_back = 1  # (a revocation came between take and here)
+                    else:
+                        self.granted = True
+                granted = bool(prepared) and self.granted and self._revoking is None
+                # Sent under the lock, so that a grants-revoked notice goes after the
+                # grant it revokes, or this reply grants nothing.
+                self._send_locked(OriginWriteOk(
+                    msg.id, [None if r is None else describe_error(r) for r in results],
+                    granted))
+        for _ in range(give_back):
+            svc.finish_origin_write()
+
+    def revoke(self, serial: int) -> None:
+        """The service raised its origin-write barrier (``grants-revoked`` number
+        ``serial``): a node holding grants is asked to give them back (a NOTICE it
+        acknowledges once its granted writes in flight are done), and is cut off if it
+        has not within the server's ``ack_timeout`` seconds."""
+        with self._lock:
+            self._revoked_serial = max(self._revoked_serial, serial)
+            if self.closed or not self.granted or self._revoking is not None:
+                return
+            nid = self._revoking = self._next_notice
+            self._next_notice += 1
+            self._send_locked(Notice(nid, {"event": "grants-revoked"}))
+            timer = self._revoke_timer = threading.Timer(
+                self.server.ack_timeout, self._revoke_late, (nid,))
+        timer.daemon = True
+        timer.start()
+
+    def _revoke_late(self, nid: int) -> None:
+        with self._lock:
+            late = self._revoking == nid and not self.closed
+        if late:
+            log.warning("node %d (%s) did not give its grants back within %.0f s: cut off",
+                        self.node, self.name, self.server.ack_timeout)
+            self.drop("did not give its grants back")
+
+    def _grants_back(self) -> None:
+        """The node acknowledged the revocation, or returned its grants itself."""
+        with self._lock:
+            had = self.granted
+            self.granted = False
+            self._revoking = None
+            if self._revoke_timer is not None:
+                self._revoke_timer.cancel()
+                self._revoke_timer = None
+        if had:
+            self.server.service.finish_origin_write()
 
     def _hold(self, rmap: ReadMap) -> None:
         with self._lock:
@@ -281,13 +357,16 @@ class NodeSession:
         """Send ``msg`` to the node; a node that is gone is not an error (its holdings
         are given back by :meth:`drop`)."""
         with self._lock:
-            if self.closed:
-                return
-            data = self.conn.send(msg)
-            # A failed send needs nothing here: the reader sees the connection end and
-            # drops the session.
-            with contextlib.suppress(OSError):
-                self.sock.sendall(data)
+            self._send_locked(msg)
+
+    def _send_locked(self, msg: Message) -> None:
+        if self.closed:
+            return
+        data = self.conn.send(msg)
+        # A failed send needs nothing here: the reader sees the connection end and
+        # drops the session.
+        with contextlib.suppress(OSError):
+            self.sock.sendall(data)
 
     def notify(self, event: dict, wait: bool) -> threading.Event | None:
         """Send a NOTICE; with ``wait``, the event set when the node acknowledges it."""
@@ -338,18 +417,24 @@ class NodeSession:
             time.sleep(0.005)
 
     def drop(self, why: str, fence: bool = False) -> None:
-        """Close the connection and give back everything the node held; with
-        ``fence``, first make sure the node cannot write any more (:meth:`fence`)."""
+        """Close the connection and give back everything the node held; first make
+        sure the node cannot write any more (:meth:`fence`) if it held grants (it
+        writes granted chunks without telling), or with ``fence`` if it had origin
+        writes in flight.  A server that is closing fences nobody."""
         with self._lock:
             if self.closed:
                 return
             self.closed = True
             writes_held = self.origin_writes
-        if fence and writes_held:
+            granted = self.granted
+            if self._revoke_timer is not None:
+                self._revoke_timer.cancel()
+        if ((fence and writes_held) or granted) and not self.server.closing:
             self.fence()
         with self._lock:
             locks = list(self.read_locks.elements())
-            writes = self.origin_writes
+            writes = self.origin_writes + self.granted  # (a grant is one origin write)
+            self.granted = False
             opens = list(self.opens.elements())
             self.read_locks.clear()
             self.origin_writes = 0
@@ -392,7 +477,8 @@ class NodeSession:
         with self._lock:
             return {"node": self.node, "name": self.name,
                     "read_locks": sum(self.read_locks.values()),
-                    "origin_writes": self.origin_writes, "exports_open": dict(self.opens)}
+                    "origin_writes": self.origin_writes, "granted": self.granted,
+                    "exports_open": dict(self.opens)}
 
 
 class MetadataServer:
@@ -404,14 +490,19 @@ class MetadataServer:
         generation: how many times a metadata server of this store was restarted (a node
             seeing it change re-uploads its locks).
         threads: pool threads for blocking queries.
-        ack_timeout: seconds a node has to acknowledge a notice the service waits for;
-            a node that does not is cut off.
+        ack_timeout: seconds a node has to acknowledge a notice the service waits for,
+            or to give its grants back when they are revoked; a node that does not is
+            cut off.
+        expect: labels of the nodes a restarted server waits for (their uploads)
+            before anything writes, at most ``grace`` seconds.
+        grants: give nodes origin-write grants (False: every origin write asks).
     """
 
     def __init__(self, service: LocalService, uuid: bytes = bytes(16), generation: int = 0,
                  threads: int = QUERY_THREADS, ack_timeout: float = ACK_TIMEOUT,
-                 expect: Iterable[str] = (), grace: float = GRACE):
+                 expect: Iterable[str] = (), grace: float = GRACE, grants: bool = True):
         self.service = service
+        self.grants = grants
         self.uuid = uuid
         self.generation = generation
         self.ack_timeout = ack_timeout
@@ -422,7 +513,7 @@ class MetadataServer:
         self._listener: socket.socket | None = None
         self._accepter: threading.Thread | None = None
         self.path: str | None = None
-        self._closing = False
+        self.closing = False
         #: nodes (by label) whose uploads a restarted server waits for
         self.expecting = set(expect)
         self._recovered = threading.Event()
@@ -482,7 +573,7 @@ class MetadataServer:
 
     def _accept_loop(self) -> None:
         sock = self._listener
-        while sock is not None and not self._closing:
+        while sock is not None and not self.closing:
             try:
                 conn, _ = sock.accept()
             except OSError:
@@ -513,6 +604,12 @@ class MetadataServer:
     def _observe(self, event: dict, wait: bool) -> None:
         """A service observer: the event to every node; with ``wait``, until each has
         acknowledged it or is cut off."""
+        if event["event"] == "grants-revoked":
+            # Called with the service's lock held: the notices go from a thread of
+            # their own (not the pool, whose threads may all wait for this barrier).
+            threading.Thread(target=self._revoke_all, args=(event["serial"],),
+                             name="ddsnap-meta-revoke", daemon=True).start()
+            return
         pending = [(s, s.notify(event, wait)) for s in self.sessions()]
         if not wait:
             return
@@ -523,6 +620,10 @@ class MetadataServer:
                             self.ack_timeout)
                 session.fence()  # (it may hold origin writes or, later, grants)
                 session.drop("cut off")
+
+    def _revoke_all(self, serial: int) -> None:
+        for s in self.sessions():
+            s.revoke(serial)
 
     def call(self, session: NodeSession, op: str, args: dict):
         """A CALL: the service method ``op`` with ``args``, its result as JSON types.
@@ -541,7 +642,7 @@ class MetadataServer:
     def close(self, wait: bool = True) -> None:
         """Stop accepting, drop every node (their holdings given back), stop the pool
         (``wait``: after the queries still running end; else leaving them)."""
-        self._closing = True
+        self.closing = True
         if self._grace is not None:
             self._grace.cancel()
         self._recovered.set()  # queries held back go on, to find the server closing

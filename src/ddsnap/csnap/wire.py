@@ -31,7 +31,7 @@ from typing import ClassVar
 from ddsnap.errors import BY_NAME, DdsnapError, ProtocolError
 
 #: the versions this code speaks (IDENTIFY carries the range a node speaks)
-VERSION = 1
+VERSION = 2
 MAGIC = 0x63736E70
 HEADER = struct.Struct(">IHHIQ")
 #: largest body accepted (bytes): 65,536 ranges fit with room to spare
@@ -59,6 +59,7 @@ class Type(enum.IntEnum):
     FINISH_UPLOAD_LOCK = 9
     CALL = 10
     NOTICE = 11
+    RETURN_GRANTS = 12
     IDENTIFY_OK = IDENTIFY | REPLY
     ORIGIN_WRITE_OK = QUERY_ORIGIN_WRITE | REPLY
     SNAPSHOT_READ_OK = QUERY_SNAPSHOT_READ | REPLY
@@ -182,13 +183,16 @@ class QueryOriginWrite(Message):
 @dataclass
 class OriginWriteOk(Message):
     """Per range of the query (the first ``len(results)``): None (prepared) or the error
-    ``(class name, errno, message)``."""
+    ``(class name, errno, message)``; ``granted``: the node may write the prepared
+    ranges again without asking until the server revokes its grants (a
+    ``grants-revoked`` NOTICE)."""
 
     type: ClassVar[Type] = Type.ORIGIN_WRITE_OK
     results: list[tuple[str, int, str] | None] = field(default_factory=list)
+    granted: bool = False
 
     def body(self) -> bytes:
-        out = [_U32.pack(len(self.results))]
+        out = [bytes([self.granted]), _U32.pack(len(self.results))]
         for r in self.results:
             if r is None:
                 out.append(b"\0")
@@ -362,6 +366,14 @@ class Notice(Message):
 @dataclass
 class NoticeAck(Message):
     type: ClassVar[Type] = Type.NOTICE_ACK
+
+
+@dataclass
+class ReturnGrants(Message):
+    """Node → server, no reply: the node gives back its origin-write grants; it holds
+    none and has no granted write in flight (sent before an orderly close)."""
+
+    type: ClassVar[Type] = Type.RETURN_GRANTS
 
 
 # --- body pieces --------------------------------------------------------------------------
@@ -544,6 +556,9 @@ def decode(type_code: int, id: int, body: bytes | memoryview) -> Message:
             raise _bad("QUERY_ORIGIN_WRITE has no range")
         msg = QueryOriginWrite(id, ranges)
     elif t is Type.ORIGIN_WRITE_OK:
+        (granted,) = r.raw(1)
+        if granted not in (0, 1):
+            raise _bad(f"ORIGIN_WRITE_OK has grant flag {granted}")
         (n,) = r.take(_U32)
         if n > MAX_RANGES:
             raise _bad(f"ORIGIN_WRITE_OK has {n} results (at most {MAX_RANGES})")
@@ -556,7 +571,7 @@ def decode(type_code: int, id: int, body: bytes | memoryview) -> Message:
                 results.append(r.error())
             else:
                 raise _bad(f"ORIGIN_WRITE_OK has result flag {flag}")
-        msg = OriginWriteOk(id, results)
+        msg = OriginWriteOk(id, results, bool(granted))
     elif t is Type.FINISH_ORIGIN_WRITE:
         (count,) = r.take(_U32)
         if count == 0:
@@ -589,9 +604,10 @@ def decode(type_code: int, id: int, body: bytes | memoryview) -> Message:
     elif t is Type.UPLOAD_LOCK:
         (writes,) = r.take(_U32)
         msg = UploadLock(id, r.ranges(), writes)
-    elif t in (Type.FINISH_UPLOAD_LOCK, Type.UPLOAD_OK, Type.NOTICE_ACK):
+    elif t in (Type.FINISH_UPLOAD_LOCK, Type.UPLOAD_OK, Type.NOTICE_ACK,
+               Type.RETURN_GRANTS):
         msg = {Type.FINISH_UPLOAD_LOCK: FinishUploadLock, Type.UPLOAD_OK: UploadOk,
-               Type.NOTICE_ACK: NoticeAck}[t](id)
+               Type.NOTICE_ACK: NoticeAck, Type.RETURN_GRANTS: ReturnGrants}[t](id)
     elif t is Type.CALL:
         d = r.json()
         if (not isinstance(d, dict) or not isinstance(d.get("op"), str)

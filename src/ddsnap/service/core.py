@@ -85,6 +85,9 @@ class ServiceCore:
         self._readlocks: Counter[int] = Counter()
         self._origin_writes = 0
         self._barrier = 0  # operations holding new origin writes back (_origin_writes_held_locked)
+        #: origin-write grants given out before the last barrier are void (see
+        #: :meth:`take_origin_grant`); counts barriers raised
+        self.grant_serial = 0
         self._opens: Counter[str] = Counter()
         self._snaps: tuple[SnapshotInfo, ...] = ()
         self._refresh_snaps_locked()
@@ -412,6 +415,11 @@ class ServiceCore:
         flight are done, and let them go again on leaving.  For what must see the origin
         still: a snapshot creation, a merge start, a resize."""
         self._barrier += 1
+        # Nodes that write granted chunks without asking (each counted as one origin
+        # write, see take_origin_grant) give their grants back: told here, without
+        # waiting (the lock is held), and waited for below with the other writes.
+        self.grant_serial += 1
+        self._notify({"event": "grants-revoked", "serial": self.grant_serial}, wait=False)
         try:
             while self._origin_writes:
                 self._wait_locked()

@@ -183,6 +183,30 @@ class WritePath(ServiceCore):
             self.finish_origin_write()
             raise
 
+    def take_origin_grant(self) -> int | None:
+        """Let a node write the origin chunks it has prepared again and again without
+        asking, until the grant is revoked; return the grant's serial, or None when no
+        grant can be given now.
+
+        A chunk that :meth:`prepare_origin_write` made unique stays unique for every
+        snapshot that exists until the next snapshot of the origin (and no reader holds
+        it: a new reader would map the copy-out), so only what raises the origin-write
+        barrier (a snapshot creation, a merge start, a resize) can invalidate it, and
+        none happens during a merge (whose writes must merge first).  A grant is
+        therefore one origin write in flight (``_origin_writes``) held by the node as a
+        whole: the barrier raises ``grant_serial``, tells the observers
+        (``grants-revoked``), and waits for it as for any origin write, until the node
+        has drained its granted writes and gives it back with
+        :meth:`finish_origin_write`.  A grant whose serial is below the serial of a
+        later ``grants-revoked`` is void.  None while a barrier is up, a merge runs or
+        the store failed.  Never waits for the disk (issue 11's grants; seed 000 has
+        every write ask)."""
+        with self.lock:
+            if self._barrier or self._merging is not None or self._failed is not None:
+                return None
+            self._origin_writes += 1
+            return self.grant_serial
+
     def finish_origin_write(self) -> None:
         """The origin write prepared by :meth:`prepare_origin_write` completed."""
         with self.lock:
