@@ -147,9 +147,13 @@ class CsnapMachine(RuleBasedStateMachine):
         n = data.draw(st.integers(1, min(self.MAX_WRITE, size - off)), label="length")
         return off, n
 
-    def write(self, node, name, off, payload) -> None:
+    def write(self, node, name, off, payload, nowait=False) -> None:
         try:
-            self.volume(node, name).write(off, payload)
+            vol = self.volume(node, name)
+            # (as the NBD server does: an origin write offered to write_nowait first,
+            # which takes it only if the node holds grants for its chunks)
+            if not (nowait and name == "origin" and vol.write_nowait(off, payload)):
+                vol.write(off, payload)
         except StoreFull:
             # a refused write may have written some chunks of its range: adopt what
             # the volume reads there, byte for byte old or new
@@ -162,12 +166,12 @@ class CsnapMachine(RuleBasedStateMachine):
 
     # -- rules -----------------------------------------------------------------------------
 
-    @rule(data=st.data(), seed=st.integers(0, 255))
-    def write_volume(self, data, seed):
+    @rule(data=st.data(), seed=st.integers(0, 255), nowait=st.booleans())
+    def write_volume(self, data, seed, nowait):
         name = self.pick(data)
         assert name is not None
         off, n = self.span(data)
-        self.write(self.node(data), name, off, bytes([seed]) * n)
+        self.write(self.node(data), name, off, bytes([seed]) * n, nowait)
 
     @rule(data=st.data())
     def read_volume(self, data):

@@ -154,9 +154,14 @@ class MergeMachine(RuleBasedStateMachine):
             assert b in (old[i], payload[i]), f"{name} byte {off + i} is neither old nor new"
         self.model[name][off: off + len(payload)] = got
 
-    def apply_write(self, name, off, payload, fua=False):
+    def apply_write(self, name, off, payload, fua=False, nowait=False):
+        """Write as a client would; with ``nowait`` an origin write is first offered to
+        ``write_nowait`` (the NBD server's event-loop path for chunks made unique
+        since the last snapshot), which may take it or leave it."""
         try:
-            self.volume(name).write(off, payload, fua=fua)
+            vol = self.volume(name)
+            if not (nowait and name == "origin" and vol.write_nowait(off, payload)):
+                vol.write(off, payload, fua=fua)
         except StoreFull:
             self.stats["full"] += 1
             self._accept_partial(name, off, payload)
@@ -294,11 +299,11 @@ class MergeMachine(RuleBasedStateMachine):
             self.apply_write(name, off, rng.randbytes(min(3 * self.CHUNK, self.ORIGIN - off)))
 
     @rule(data=st.data(), seed=st.integers(0, 1 << 16), fua=st.booleans(),
-          count=st.integers(1, 3))
-    def write_origin(self, data, seed, fua, count):
+          count=st.integers(1, 3), nowait=st.booleans())
+    def write_origin(self, data, seed, fua, count, nowait):
         for _ in range(count):
             off, n = self._range(data)
-            self.apply_write("origin", off, self._payload(n, seed), fua)
+            self.apply_write("origin", off, self._payload(n, seed), fua, nowait)
 
     @precondition(lambda self: self.infos)
     @rule(data=st.data(), seed=st.integers(0, 1 << 16))
@@ -409,7 +414,7 @@ class MergeMachine(RuleBasedStateMachine):
         try:
             for _ in range(data.draw(st.integers(1, 4), label="ops")):
                 off, n = self._range(data)
-                self.apply_write("origin", off, self._payload(n, seed))
+                self.apply_write("origin", off, self._payload(n, seed), nowait=True)
                 got = Origin(self.svc, self.svc.data).read(0, self.ORIGIN)
                 assert got == self.model["origin"], "origin during a concurrent merge"
                 for name in self._writable():

@@ -200,6 +200,44 @@ def test_nowait_read_declines_whenever_it_would_wait(kind):
 
 
 @pytest.mark.parametrize("kind", ["shared", "memory"])
+def test_nowait_write_takes_only_chunks_made_unique_since_the_last_snapshot(kind):
+    """The event-loop write (the in-process grant): only chunks an earlier write made
+    unique, not across a snapshot, a merge or a held lock; and it writes what it takes."""
+    svc, origin = make(kind, [])
+    vol = Origin(svc, svc.data)
+    assert vol.write_nowait(CS, b"a" * CS) is False  # never written: ask first
+    vol.write(CS, b"a" * (2 * CS))
+    assert vol.write_nowait(CS + 10, b"b" * 100) is True
+    assert vol.read(CS, 2 * CS) == b"a" * 10 + b"b" * 100 + b"a" * (2 * CS - 110)
+    assert vol.write_nowait(2 * CS, b"c" * (2 * CS)) is False  # chunk 3 is not unique yet
+    assert svc.statistics().origin_writes == 0
+    info = svc.create_snapshot("s")
+    assert vol.write_nowait(CS, b"d" * CS) is False  # shared with s again
+    vol.write(CS, b"d" * CS)  # copies out first
+    assert Snapshot(svc, svc.data, info).read(CS, CS) == b"a" * 10 + b"b" * 100 + b"a" * (CS - 110)
+    assert vol.write_nowait(CS, b"e" * CS) is True
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with svc.lock:
+            held.set()
+            release.wait()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait()
+    try:
+        assert vol.write_nowait(CS, b"f" * CS) is False  # never waits for the lock
+    finally:
+        release.set()
+        t.join()
+    svc.start_merge("s")
+    assert vol.write_nowait(CS, b"g" * CS) is False  # a merge start is a barrier too
+    svc.run_merge()
+    assert vol.read(CS, CS) == b"a" * 10 + b"b" * 100 + b"a" * (CS - 110)
+
+
+@pytest.mark.parametrize("kind", ["shared", "memory"])
 def test_full_store_enospc_keeps_snapshots(kind):
     svc, _ = make(kind, [])
     vol = Origin(svc, svc.data)

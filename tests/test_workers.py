@@ -108,3 +108,66 @@ def test_a_second_server_on_the_same_store_is_refused_with_workers(tmp_path):
               f"unix:{tmp_path}/other.sock", "--control", f"{tmp_path}/other.ctl",
               match="in use")
         assert not (tmp_path / "other.sock").exists()
+
+
+def fio_job(srv: Served, name: str, offset: int, *extra: str) -> list[str]:
+    """A fio job of four connections to the origin, each writing and verifying its own
+    2 MiB range from ``offset`` (crc32c in every block; a FLUSH at the end)."""
+    return ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={srv.uri('origin')}",
+            "--numjobs=4", f"--offset={offset}", "--size=2M", "--offset_increment=2M",
+            "--rw=randwrite", "--bsrange=4k-64k", "--iodepth=8", "--verify=crc32c",
+            "--verify_fatal=1", "--randseed=77", "--end_fsync=1", "--group_reporting",
+            "--verify_state_save=0", "--output-format=normal", *extra]
+
+
+def fio_ok(args: list[str], cwd: Path) -> None:
+    p = tool(*args, cwd=cwd, check=False, timeout=240)
+    assert p.returncode == 0 and "err= 0" in p.stdout, f"fio failed:\n{p.stdout}\n{p.stderr}"
+
+
+def test_fio_verify_over_several_connections_while_a_worker_then_the_server_dies(tmp_path):
+    """fio writes and verifies over four connections while snapshots are taken and read;
+    a worker is killed in the middle of other writes (its connections end, the ones
+    acknowledged and flushed before stay), then the metadata server in the middle of a
+    verifying fio run, which goes on without an error (the workers hold its requests,
+    reconnect, upload, re-send)."""
+    if subprocess.run(["fio", "--enghelp=nbd"], capture_output=True).returncode != 0:
+        pytest.skip("this fio has no nbd engine")
+    origin, store = tmp_path / "origin.img", tmp_path / "store.img"
+    make_origin(origin, SIZE, seed=5)
+    ok("init", store, "--origin", origin, "--size", "64M")
+    with Served(store, workers=2) as srv:
+        # 1. a verified run on 0..8M, with a snapshot taken and read in the middle
+        first = subprocess.Popen(fio_job(srv, "first", 0, "--do_verify=1"), cwd=tmp_path,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ok("snap", "create", store, "s1")
+        s1 = read_export(srv, "s1", tmp_path / "s1-a.raw")
+        out, err = first.communicate(timeout=240)
+        assert first.returncode == 0 and "err= 0" in out, f"fio failed:\n{out}\n{err}"
+        # 2. writes to 8M..16M, and worker1 killed in their middle: its connections end
+        second = subprocess.Popen(fio_job(srv, "second", 8 * MiB, "--time_based",
+                                          "--runtime=30", "--do_verify=0"), cwd=tmp_path,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: "worker1" in children(srv.pid), "worker1")
+        ok("snap", "create", store, "s2")
+        kill9(srv, "worker1")
+        second.terminate()
+        second.communicate(timeout=60)
+        # the first run's writes, acknowledged and flushed before, are all there
+        fio_ok(fio_job(srv, "first", 0, "--verify_only=1"), tmp_path)
+        s2 = read_export(srv, "s2", tmp_path / "s2-a.raw")
+        # 3. a verifying run over the first range while the metadata server dies
+        third = subprocess.Popen(fio_job(srv, "third", 0, "--do_verify=1", "--loops=6"),
+                                 cwd=tmp_path, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        ok("snap", "create", store, "s3")
+        kill9(srv, "meta")
+        write(srv, 0xEE, 14 * MiB, 64 * 1024)  # waits for the new server to recover
+        ok("snap", "create", store, "s4")
+        out, err = third.communicate(timeout=240)
+        assert third.returncode == 0 and "err= 0" in out, f"fio failed:\n{out}\n{err}"
+        # no snapshot byte changed through all of it
+        assert read_export(srv, "s1", tmp_path / "s1-b.raw") == s1
+        assert read_export(srv, "s2", tmp_path / "s2-b.raw") == s2
+        assert ok_json("check", store)["clean"]
+    assert ok_json("check", store)["clean"]

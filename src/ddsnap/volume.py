@@ -180,6 +180,25 @@ class Origin(Volume):
         if fua:
             self.data.origin.flush()
 
+    def write_nowait(self, offset: int, data: bytes) -> bool:
+        """Write ``data`` at ``offset`` if its chunks are known unique without asking
+        (:meth:`MetadataService.prepare_origin_write_nowait`: a grant) and the origin
+        takes it into the page cache (``BlockDevice.pwrite_cached``); False, with
+        nothing written, means "use :meth:`write`".  Never waits for a lock or the
+        metadata server; called on the NBD event loop for the common overwrite."""
+        n = len(data)
+        if not n:
+            return False
+        first, last = self._range(offset, n)
+        svc = self.service
+        if not svc.prepare_origin_write_nowait(first, last):
+            return False
+        try:
+            self.data.origin.check_size()  # as in write()
+            return self.data.origin.pwrite_cached(data, offset)
+        finally:
+            svc.finish_origin_write()
+
     def write_many(self, writes: list[tuple[int, bytes, bool]]) -> list[BaseException | None]:
         """Several writes ``(offset, data, fua)`` at once, as :meth:`write` each: their
         copy-outs share one lock hold and one commit

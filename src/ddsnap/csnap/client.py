@@ -47,6 +47,7 @@ from ddsnap.service.api import (
     SnapshotInfo,
     StoreStatus,
 )
+from ddsnap.service.chunkset import ChunkSet
 
 from .protocol import Connection, Role
 from .wire import (
@@ -144,8 +145,8 @@ class RemoteService:
         self.held: Counter[int] = Counter()
         self.origin_writes = 0
         self.granted_writes = 0
-        #: per logical chunk, 1 where the server granted it (None: no grant held)
-        self._granted: bytearray | None = None
+        #: origin chunks the server granted (None: no grant held)
+        self._granted: ChunkSet | None = None
         #: the id of a grants-revoked notice to acknowledge when granted_writes is 0
         self._revoke_ack: int | None = None
         self._snaps: tuple[SnapshotInfo, ...] = ()
@@ -416,12 +417,9 @@ class RemoteService:
         """Mark origin chunk ranges granted (lock held)."""
         g = self._granted
         if g is None:
-            cs = self.chunk_size
-            g = self._granted = bytearray((self._origin_size + cs - 1) // cs)
+            g = self._granted = ChunkSet()
         for a, b in ranges:
-            if b >= len(g):  # (the origin grew since)
-                g.extend(bytes(b + 1 - len(g)))
-            g[a:b + 1] = b"\1" * (b + 1 - a)
+            g.add(a, b)
 
     def _lose(self, e: BaseException) -> None:
         """The connection is gone for good: every waiting request fails."""
@@ -444,7 +442,7 @@ class RemoteService:
         """Origin chunks this node may write without asking now (never waits)."""
         with self._lock:
             g = self._granted
-            return 0 if g is None else g.count(1)
+            return 0 if g is None else len(g)
 
     # -- what the node caches ------------------------------------------------------------
 
@@ -489,8 +487,7 @@ class RemoteService:
         the list were not started.  Ranges all granted need no query."""
         with self._lock:
             g = self._granted
-            if g is not None and all(b < len(g) and g.find(0, a, b + 1) < 0
-                                     for a, b in ranges):
+            if g is not None and all(g.has(a, b) for a, b in ranges):
                 self.granted_writes += len(ranges)
                 return [None] * len(ranges)
         reply = self._request(QueryOriginWrite(0, list(ranges)), OriginWriteOk)
@@ -503,6 +500,16 @@ class RemoteService:
         (result,) = self.prepare_origin_writes([(first, last)])
         if result is not None:
             raise result
+
+    def prepare_origin_write_nowait(self, first: int, last: int) -> bool:
+        """True (a granted write in flight: write, then :meth:`finish_origin_write`) if
+        every chunk of ``first..last`` is granted; else False, nothing asked."""
+        with self._lock:
+            g = self._granted
+            if g is not None and g.has(first, last):
+                self.granted_writes += 1
+                return True
+        return False
 
     def finish_origin_write(self) -> None:
         """An origin write prepared above is done: a granted one counted down (the

@@ -6,8 +6,9 @@ In ddsnap the backends are the volumes (``ddsnap.volume.Origin`` / ``Snapshot``)
 may serve any object with this shape.
 
 All backend methods are synchronous and may block on disk: the server calls them from a
-thread pool, never on the event loop -- except the optional ``read_into_nowait``, which
-must not block and is called on the event loop (see :class:`ExportBackend`).  Offsets
+thread pool, never on the event loop -- except the optional ``read_into_nowait`` and
+``write_nowait``, which must not block and are called on the event loop (see
+:class:`ExportBackend`).  Offsets
 and lengths are in bytes; a range is
 ``[offset, offset + length)`` and the server has already checked it lies inside
 ``[0, size)``.  Errors are raised as ``ddsnap.errors.DdsnapError`` (whose ``errno``
@@ -42,6 +43,11 @@ class ExportBackend(Protocol):
     #     """As ``read_into``, only if it needs no wait for the disk (or a lock held
     #     long); False means "not now": the server then calls ``read_into`` from a
     #     thread.  Called on the event loop, so it must never block."""
+    #
+    # def write_nowait(self, offset: int, data: bytes) -> bool:
+    #     """As ``write`` (no FUA), only if it needs no wait for a lock, a server or the
+    #     disk (a write into the page cache); False means "not now" and nothing was
+    #     written: the server then writes from a thread.  Called on the event loop."""
     #
     # def write_many(self, writes: list[tuple[int, bytes, bool]]) -> list[Exception | None]:
     #     """The ``(offset, data, fua)`` WRITEs that arrived together, in order; per

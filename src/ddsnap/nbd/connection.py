@@ -22,8 +22,9 @@ rules of the spec's "Ordering of messages and writes":
   call of that connection has returned.
 
 WRITEs are batched: those dispatched in one turn of the loop go to one worker thread
-together (``backend.write_many`` when the backend has it).  READs the backend can serve
-without waiting (``read_into_nowait``) are answered on the event loop.
+together (``backend.write_many`` when the backend has it).  READs and WRITEs (without
+FUA) the backend can do without waiting (``read_into_nowait``, ``write_nowait``: page
+cache I/O on chunks it needs to ask nobody about) are answered on the event loop.
 
 This module is longer than 600 lines on purpose: :class:`Connection` is one object on the
 per-request path, whose read loop, dispatch, write batching and reply accounting share
@@ -143,8 +144,10 @@ class Connection:
         # executor futures not yet finished: backend.close() waits for all of them
         self.backend_calls: set[asyncio.Future] = set()
         self.slot_freed = asyncio.Event()
-        #: the backend's read_into_nowait, if it has one (see _read_inline)
+        #: the backend's read_into_nowait and write_nowait, if it has them (see
+        #: _read_inline and _dispatch_write)
         self._nowait: Callable | None = None
+        self._write_nowait: Callable | None = None
         #: WRITEs finished by workers, ``(request, written, exception or None)``, and
         #: whether the loop has already been asked to reply to them
         self._completed: collections.deque = collections.deque()
@@ -333,6 +336,7 @@ class Connection:
                     return True
                 self.backend = event.export
                 self._nowait = getattr(event.export, "read_into_nowait", None)
+                self._write_nowait = getattr(event.export, "write_nowait", None)
                 log.debug("NBD connection %s uses export %r", self.peer, event.name)
             elif isinstance(event, Abort):
                 self.ended = "ended the handshake (NBD_OPT_ABORT)"
@@ -479,7 +483,23 @@ class Connection:
         copy-outs), which queues their outcomes and wakes the loop once.  The
         ``written`` future is both the request's in-flight slot and what a later FLUSH
         waits on.
+
+        First the backend may take the WRITE at once (``write_nowait``: an overwrite of
+        chunks it may write without asking, into the page cache), which costs a system
+        call instead of two thread hand-offs; it then needs no slot and no FLUSH
+        waits for it.
         """
+        nowait = self._write_nowait
+        if nowait is not None and not req.fua:
+            try:
+                done = nowait(req.offset, req.data)
+            except Exception:
+                done = False  # the worker-thread path reports the error properly
+            if done:
+                self.proto.send_ok(req)
+                if self._enospc.active:
+                    self._enospc.write_succeeded(self._export)
+                return
         loop = asyncio.get_running_loop()
         written = loop.create_future()
         self.pending_writes.add(written)

@@ -153,6 +153,13 @@ class MetadataService(Protocol):
         (prepared: finish it) or its error; ranges past the list were not started."""
         ...
 
+    def prepare_origin_write_nowait(self, first: int, last: int) -> bool:
+        """:meth:`prepare_origin_write` if chunks ``first..last`` are known unique
+        without waiting for anything (a grant; never waits, may be called on an event
+        loop): True, then write the origin and call :meth:`finish_origin_write`; False
+        (nothing prepared): use :meth:`prepare_origin_write`."""
+        ...
+
     def finish_origin_write(self) -> None:
         """An origin write prepared above is done (its ticket given back)."""
         ...

@@ -37,6 +37,7 @@ from ..store.api import ExceptionStore
 from ..store.blockdev import BlockDevice, copy_range
 from ..store.model import SnapshotInfo
 from .api import DataDevices
+from .chunkset import ChunkSet
 from .progress import MergeProgress, merge_step_bytes
 
 log = logging.getLogger("ddsnap.service")
@@ -88,6 +89,9 @@ class ServiceCore:
         #: origin-write grants given out before the last barrier are void (see
         #: :meth:`take_origin_grant`); counts barriers raised
         self.grant_serial = 0
+        #: origin chunks made unique since the last barrier: writes in this process
+        #: need no copy-out check for them (see prepare_origin_write_nowait)
+        self._unique = ChunkSet()
         self._opens: Counter[str] = Counter()
         self._snaps: tuple[SnapshotInfo, ...] = ()
         self._refresh_snaps_locked()
@@ -216,6 +220,7 @@ class ServiceCore:
         self._failed = None
         self._pending.clear()
         self._merge_busy.clear()
+        self._unique.clear()
         self._refresh_snaps_locked()
         m = store.merging
         self._merging = m
@@ -419,6 +424,7 @@ class ServiceCore:
         # write, see take_origin_grant) give their grants back: told here, without
         # waiting (the lock is held), and waited for below with the other writes.
         self.grant_serial += 1
+        self._unique.clear()
         self._notify({"event": "grants-revoked", "serial": self.grant_serial}, wait=False)
         try:
             while self._origin_writes:

@@ -174,14 +174,35 @@ class WritePath(ServiceCore):
             # Readers that mapped these origin chunks before the copy-outs hold read
             # locks; later ones map the exceptions.  So no read lock at all (the usual
             # case: event-loop reads hold the metadata lock instead) needs no wait.
-            if self._readlocks:
-                with self.lock:
-                    while any(self._readlocks[c] for c in range(first, last + 1)
-                              if c in self._readlocks):
-                        self.cond.wait()
+            with self.lock:
+                while self._readlocks and any(
+                        self._readlocks[c] for c in range(first, last + 1)
+                        if c in self._readlocks):
+                    self.cond.wait()
+                # Unique now, and until the next barrier (none can complete while this
+                # write is in flight; one raised meanwhile cleared the set already).
+                if not self._barrier and self._merging is None and self._failed is None:
+                    self._unique.add(first, last)
         except BaseException:
             self.finish_origin_write()
             raise
+
+    def prepare_origin_write_nowait(self, first: int, last: int) -> bool:
+        """:meth:`prepare_origin_write` without waiting, for chunks made unique since
+        the last barrier (the in-process form of a grant, see :meth:`take_origin_grant`):
+        True if all of ``first..last`` are and no barrier, merge or failure stands in
+        the way (then write, then :meth:`finish_origin_write`); False when they are not
+        or the lock is busy (nothing prepared).  Never waits."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            if (self._barrier or self._merging is not None or self._failed is not None
+                    or not self._unique.has(first, last)):
+                return False
+            self._origin_writes += 1
+            return True
+        finally:
+            self.lock.release()
 
     def take_origin_grant(self) -> int | None:
         """Let a node write the origin chunks it has prepared again and again without

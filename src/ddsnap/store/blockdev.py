@@ -69,6 +69,14 @@ class BlockDevice:
         """Write the bytes-like ``data`` at byte ``offset``."""
         raise NotImplementedError
 
+    def pwrite_cached(self, data, offset: int) -> bool:
+        """:meth:`pwrite` if the write goes to memory (the page cache) rather than
+        straight to the device; False (nothing written) otherwise: the caller then
+        uses :meth:`pwrite` from a thread that may block.  A write into the page cache
+        starts no device I/O, though the kernel may still make it wait (dirty-page
+        throttling, a page under writeback).  The default never tries."""
+        return False
+
     def flush(self) -> None:
         """Make every earlier completed :meth:`pwrite` durable."""
         raise NotImplementedError
@@ -258,6 +266,11 @@ class FileDevice(BlockDevice):
             view = view[n:]
             offset += n
 
+    def pwrite_cached(self, data, offset: int) -> bool:
+        # Opened without O_DIRECT: every write goes through the page cache.
+        self.pwrite(data, offset)
+        return True
+
     def flush(self) -> None:
         os.fdatasync(self.fd)
 
@@ -351,6 +364,10 @@ class MemoryDevice(BlockDevice):
     def pwrite(self, data, offset: int) -> None:
         self.check_write(len(data), offset)
         self.data[offset: offset + len(data)] = data
+
+    def pwrite_cached(self, data, offset: int) -> bool:
+        self.pwrite(data, offset)
+        return True
 
     def flush(self) -> None:
         self.flushes += 1
