@@ -315,6 +315,7 @@ class CsnapMachine(RuleBasedStateMachine):
         second = (first + 1) % (self.ORIGIN // self.CHUNK)
         for _ in range(writes):
             holder.prepare_origin_write(second, second)
+        holder.export_open(name)  # a client has the snapshot open on that node
         reconnects = [n.reconnects for n in self.nodes]
         # the old server dies: nothing it held in memory survives
         self.dial.server = None
@@ -329,6 +330,8 @@ class CsnapMachine(RuleBasedStateMachine):
             settle(lambda n=n, before=before: n.reconnects > before, f"{n.name} reconnecting")
         st_ = self.svc.statistics()
         assert st_.read_locks == len(rmap.locked) and st_.origin_writes == writes, st_
+        # the open export was declared again: the snapshot cannot be deleted under it
+        assert st_.exports_open == {name: 1}, st_
         other = self.nodes[1]
         done = threading.Event()
         payload = bytes([seed]) * self.CHUNK
@@ -344,6 +347,7 @@ class CsnapMachine(RuleBasedStateMachine):
         holder.release_read(rmap)
         for _ in range(writes):
             holder.finish_origin_write()
+        holder.export_close(name)
         t.join(SETTLE)
         assert done.is_set(), "the write never went on after the reader let go"
         self.model["origin"][first * self.CHUNK:(first + 1) * self.CHUNK] = payload

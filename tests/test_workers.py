@@ -138,30 +138,33 @@ def test_fio_verify_over_several_connections_while_a_worker_then_the_server_dies
     ok("init", store, "--origin", origin, "--size", "64M")
     with Served(store, workers=2) as srv:
         # 1. a verified run on 0..8M, with a snapshot taken and read in the middle
-        first = subprocess.Popen(fio_job(srv, "first", 0, "--do_verify=1"), cwd=tmp_path,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = subprocess.Popen(fio_job(srv, "first", 0, "--do_verify=1", "--loops=20"),
+                                 cwd=tmp_path, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
         ok("snap", "create", store, "s1")
         s1 = read_export(srv, "s1", tmp_path / "s1-a.raw")
+        assert first.poll() is None, "fio ended before the snapshot: make it longer"
         out, err = first.communicate(timeout=240)
         assert first.returncode == 0 and "err= 0" in out, f"fio failed:\n{out}\n{err}"
         # 2. writes to 8M..16M, and worker1 killed in their middle: its connections end
         second = subprocess.Popen(fio_job(srv, "second", 8 * MiB, "--time_based",
                                           "--runtime=30", "--do_verify=0"), cwd=tmp_path,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_until(lambda: "worker1" in children(srv.pid), "worker1")
         ok("snap", "create", store, "s2")
         kill9(srv, "worker1")
+        assert second.poll() is None
         second.terminate()
         second.communicate(timeout=60)
         # the first run's writes, acknowledged and flushed before, are all there
         fio_ok(fio_job(srv, "first", 0, "--verify_only=1"), tmp_path)
         s2 = read_export(srv, "s2", tmp_path / "s2-a.raw")
         # 3. a verifying run over the first range while the metadata server dies
-        third = subprocess.Popen(fio_job(srv, "third", 0, "--do_verify=1", "--loops=6"),
+        third = subprocess.Popen(fio_job(srv, "third", 0, "--do_verify=1", "--loops=40"),
                                  cwd=tmp_path, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
         ok("snap", "create", store, "s3")
         kill9(srv, "meta")
+        assert third.poll() is None, "fio ended before the kill: make it longer"
         write(srv, 0xEE, 14 * MiB, 64 * 1024)  # waits for the new server to recover
         ok("snap", "create", store, "s4")
         out, err = third.communicate(timeout=240)

@@ -121,8 +121,9 @@ class RemoteService:
     Attributes:
         node: the id the server gave this node; ``generation``: the server's restarts;
         ``reconnects``: how many times the connection was made again.
-        held / origin_writes: read locks per chunk, and origin writes prepared by a
-            query and not finished (what an upload declares).
+        held / origin_writes / opens: read locks per chunk, origin writes prepared by a
+            query and not finished, and exports open by name (what an upload
+            declares).
         granted_writes: origin writes in flight on granted chunks (no query asked).
     """
 
@@ -144,6 +145,7 @@ class RemoteService:
         #: read locks this node holds, per chunk; origin writes prepared, not finished
         self.held: Counter[int] = Counter()
         self.origin_writes = 0
+        self.opens: Counter[str] = Counter()
         self.granted_writes = 0
         #: origin chunks the server granted (None: no grant held)
         self._granted: ChunkSet | None = None
@@ -196,6 +198,10 @@ class RemoteService:
                     locks = coalesce(sorted(self.held.elements()))
                     sock.sendall(conn.send(UploadLock(0, locks, self.origin_writes)))
                     self._live = True
+                    opens = list(self.opens.elements())
+                # (no request is sent meanwhile: new ones wait for the reconnection)
+                for name in opens:
+                    self._hello(sock, conn, Call(0, "export_open", {"name": name}), CallOk)
                 self._hello(sock, conn, FinishUploadLock(0), UploadOk)
             r = self._hello(sock, conn, Call(0, "snapshots", {}), CallOk).result
         except BaseException:
@@ -406,6 +412,9 @@ class RemoteService:
             if reply.granted and isinstance(request, QueryOriginWrite):
                 self._grant([r for r, res in zip(request.ranges, reply.results,
                                                  strict=False) if res is None])
+        elif (isinstance(reply, CallOk) and isinstance(request, Call)
+              and request.op == "export_open"):
+            self.opens[request.args["name"]] += 1
         elif isinstance(reply, ReadMapReply) and reply.sources is not None:
             # a snapshot holds the origin chunks it reads; the merging origin, the
             # snapshot's chunks it reads
@@ -666,9 +675,16 @@ class RemoteService:
         self._call("commit")
 
     def export_open(self, name: str) -> None:
-        self._call("export_open", name=name)
+        """Count export ``name`` open on this node (a merge or delete of it is refused
+        meanwhile); the count is declared again to a restarted server."""
+        self._call("export_open", name=name)  # (counted as the reply arrived)
 
     def export_close(self, name: str) -> None:
+        """The export ``name`` opened above is closed."""
+        with self._lock:
+            self.opens[name] -= 1
+            if self.opens[name] <= 0:
+                del self.opens[name]
         with contextlib.suppress(ServiceFailed):  # a server that is gone closed it
             self._call("export_close", name=name)
 
