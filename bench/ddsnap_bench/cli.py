@@ -65,6 +65,9 @@ def parse_args(argv: list[str]):
     p.add_argument("--quick", action="store_true",
                    help="small smoke run of every workload: --size 64M --duration 2 "
                         "--snapshots 1,64 --repeat 1 --snap-creates 5 --rss-seq-size 256M")
+    p.add_argument("--serve-workers", type=int,
+                   help="`ddsnap serve --workers N` (0: one process) [serve's default: "
+                        "as many workers as CPUs]")
     p.add_argument("--iodepth-rand", type=int, default=32, help="iodepth of 4 KiB jobs [32]")
     p.add_argument("--iodepth-seq", type=int, default=16, help="iodepth of 1 MiB jobs [16]")
     p.add_argument("--workloads",

@@ -28,7 +28,9 @@ STATE_FILE = ROOT / "bench" / "out" / "last-run.pickle"
 DEFAULT_RUN_MINUTES = 30  # a default `bench/run`, for the text (2 busy CPUs, 2026-11)
 FIO_WORKLOADS = ("randwrite4k", "seqwrite1m", "seqread1m", "randread4k")  # issue 4's
 SCALING_FIO = ("overwrite4k", "randread4k-newest")  # issue 9's, with randwrite4k, randread4k
-ALL_FIO = FIO_WORKLOADS + SCALING_FIO
+# issue 11's: two connections each (fio numjobs=2), for every peer alike
+TWO_CONNECTION_FIO = ("overwrite4k-2c", "randread4k-2c")
+ALL_FIO = FIO_WORKLOADS + SCALING_FIO + TWO_CONNECTION_FIO
 DEFAULT_WORKLOADS = FIO_WORKLOADS + ("merge", "snapcreate", "rss")
 ALL_WORKLOADS = ALL_FIO + ("merge", "snapcreate", "rss", "scaling")
 # --scaling: what issue 9's criteria name (the fio jobs at each N, then `scaling`: snapshot

@@ -45,7 +45,7 @@ class FioWorkloads:
         # One pass over the volume or --duration, whichever ends first: every write lands
         # on a volume whose blocks all were just snapshotted (the copy-on-write path).
         return self.fio(uri, name, wl.rw, wl.bs, wl.iodepth, runtime=self.args.duration,
-                        time_based=False)
+                        time_based=False, extra=wl.fio_extra())
 
     def write_ddsnap(self, wl: Workload, n: int) -> Measure:
         srv, store = self.ddsnap_up(n)
@@ -72,7 +72,7 @@ class FioWorkloads:
     def overwrite_fio(self, uri: str, wl: Workload, name: str) -> Measure:
         # time_based: the chunks stay unique however often they are written again.
         return self.fio(uri, name, wl.rw, wl.bs, wl.iodepth, runtime=self.args.duration,
-                        time_based=True)
+                        time_based=True, extra=wl.fio_extra())
 
     def overwrite_ddsnap(self, wl: Workload, n: int) -> Measure:
         srv, store = self.ddsnap_up(n)
@@ -131,7 +131,7 @@ class FioWorkloads:
 
     def read_fio(self, uri: str, wl: Workload, name: str) -> Measure:
         return self.fio(uri, name, wl.rw, wl.bs, wl.iodepth, runtime=self.args.duration,
-                        time_based=True, readonly=True)
+                        time_based=True, readonly=True, extra=wl.fio_extra())
 
     def read_setup(self, n: int, srv: Server, store: Path) -> list[str]:
         """After taking N snapshots: overwrite every other chunk of the origin through

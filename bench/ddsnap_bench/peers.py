@@ -55,6 +55,11 @@ class Peers:
 
     # ---- ddsnap
 
+    def serve_args(self) -> list[str]:
+        """``--workers N`` when ``--serve-workers`` was given; else serve's default."""
+        w = self.args.serve_workers
+        return [] if w is None else ["--workers", str(w)]
+
     def ddsnap_up(self, n: int, tag: str = "") -> tuple[Server, Path]:
         """A fresh store (files ``ddsnap-store<tag>``, ``ddsnap-origin<tag>.raw``) served
         on ``self.sock``, with N snapshots snap1..snapN."""
@@ -68,7 +73,7 @@ class Peers:
                     "--chunk-size", str(self.args.chunk_size), what="ddsnap init")
         srv = self.procs.start("ddsnap serve",
                                [*self.ddsnap_cmd, "serve", str(store), "--listen",
-                                f"unix:{self.sock}"],
+                                f"unix:{self.sock}", *self.serve_args()],
                                self.sock, self.tmp / f"ddsnap-serve{tag}.log",
                                ready_path=Path(f"{store}.ctl"))
         t0 = time.monotonic()
@@ -173,7 +178,7 @@ class Peers:
 
     def serve_store(self, store: Path, label: str) -> Server:
         return self.procs.start(label, [*self.ddsnap_cmd, "serve", str(store), "--listen",
-                                        f"unix:{self.sock}"],
+                                        f"unix:{self.sock}", *self.serve_args()],
                                 self.sock, self.tmp / "ddsnap-serve.log",
                                 ready_path=self.ctl_path(store))
 

@@ -24,6 +24,13 @@ class Workload:
     #            setup, every chunk written once first) or "read" (snapshot)
     metric: str  # "iops" or "bw"
     snap: str = "oldest"  # reads: of snap1 ("oldest") or of snapN ("newest")
+    connections: int = 1  # NBD connections (fio jobs, reported as one group)
+
+    def fio_extra(self) -> list[str]:
+        """fio options for the connections: one job per connection, summed."""
+        if self.connections == 1:
+            return []
+        return [f"--numjobs={self.connections}", "--group_reporting"]
 
     def export(self, n: int) -> str:
         """The snapshot a read workload reads at N snapshots."""
@@ -50,6 +57,11 @@ def all_workloads(args) -> list[Workload]:
                  "iops"),
         Workload("randread4k-newest", "4 KiB random reads of the newest snapshot",
                  "randread", "4k", args.iodepth_rand, "read", "iops", snap="newest"),
+        Workload("overwrite4k-2c", "4 KiB random overwrites of the origin (every chunk "
+                 "already copied out), two connections", "randwrite", "4k",
+                 args.iodepth_rand, "overwrite", "iops", connections=2),
+        Workload("randread4k-2c", "4 KiB random reads of a snapshot, two connections",
+                 "randread", "4k", args.iodepth_rand, "read", "iops", connections=2),
     ]
 
 
