@@ -149,6 +149,25 @@ def control_request(path: str | os.PathLike, op: str, args: dict | None = None,
     return json.loads(line)
 
 
+def children(pid: int) -> dict[str, int]:
+    """A ``serve --workers`` supervisor's children by role: ``meta``, ``worker1``,
+    ``worker2``, ..."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                         text=True, check=False).stdout.split()
+    found: dict[str, int] = {}
+    for p in map(int, out):
+        try:
+            args = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        if b"ddsnap.workers" not in args:
+            continue
+        kind = args[args.index(b"ddsnap.workers") + 1].decode()
+        name = args[args.index(b"--name") + 1].decode() if b"--name" in args else kind
+        found[name] = p
+    return found
+
+
 class Served:
     """``ddsnap serve STORE`` as a real subprocess, on a unix socket next to the store.
 
@@ -160,14 +179,15 @@ class Served:
     ``srv.sock`` is the NBD socket, ``srv.ctl`` the control socket (default
     ``STORE.ctl``), ``srv.tcp`` the ``host:port`` of a TCP listener when ``tcp=True``.
     ``workers=N`` serves with ``--workers N`` (a metadata server process and N worker
-    processes doing the NBD and data I/O).
+    processes doing the NBD and data I/O; 0: one process); None, serve's default (as
+    many workers as CPUs).
     On a normal exit the server gets SIGTERM and must exit 0 without a traceback and
     remove its sockets; :meth:`kill` instead SIGKILLs it (a crash).
     """
 
     def __init__(self, store: str | os.PathLike, *, sock: str | os.PathLike | None = None,
                  control: str | os.PathLike | None = None, tcp: bool = False,
-                 extra: tuple[str, ...] = (), workers: int = 0):
+                 extra: tuple[str, ...] = (), workers: int | None = None):
         self.store = Path(store)
         self.sock = Path(sock) if sock else self.store.with_name(self.store.name + ".nbd")
         self.ctl = Path(control) if control else self.store.with_name(self.store.name + ".ctl")
@@ -179,7 +199,7 @@ class Served:
             self.args += ["--listen", "tcp:127.0.0.1:0"]
         if control:
             self.args += ["--control", str(self.ctl)]
-        if workers:
+        if workers is not None:
             self.args += ["--workers", str(workers)]
         self.args += list(extra)
         self.workers = workers

@@ -27,7 +27,7 @@ from ddsnap.daemon import Exports
 from ddsnap.nbd import wire as P
 from ddsnap.nbd.wire import Command
 from nbd_helpers import RawClient, ServerThread, go_data, option, recv_exact
-from served import MiB, Served, ok, wait_until
+from served import MiB, Served, children, ok, wait_until
 
 KiB = 1024
 
@@ -63,12 +63,17 @@ def handshake(sock: socket.socket, export: str = "origin") -> int:
             raise AssertionError(f"GO answered error 0x{rtype:x}: {data!r}")
 
 
-def test_a_burst_of_300_connections_all_complete_the_handshake(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2], ids=["one-process", "workers"])
+def test_a_burst_of_300_connections_all_complete_the_handshake(tmp_path, workers):
     store, data = make_store(tmp_path, 4 * MiB)
     clients: list[socket.socket] = []
-    with Served(store) as srv:
-        # Stopped, the server accepts nothing: all 300 connections wait in its backlog.
-        os.kill(srv.pid, signal.SIGSTOP)
+    with Served(store, workers=workers) as srv:
+        # Stopped, the server accepts nothing: all 300 connections wait in its backlog
+        # (the one every worker accepts on, with the same length).
+        stopped = [srv.pid] + ([p for n, p in children(srv.pid).items() if n != "meta"]
+                               if workers else [])
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
         try:
             for i in range(300):
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -80,7 +85,8 @@ def test_a_burst_of_300_connections_all_complete_the_handshake(tmp_path):
                     pytest.fail(f"connection {i + 1} of 300 refused: the listen backlog "
                                 "is full")
         finally:
-            os.kill(srv.pid, signal.SIGCONT)
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
         try:
             for s in clients:
                 s.setblocking(True)

@@ -100,8 +100,8 @@ class Env:
         ok("init", self.store, "--origin", self.origin, "--size", store_size,
            "--chunk-size", "64K")
 
-    def served(self) -> Served:
-        return Served(self.store)
+    def served(self, workers: int = 0) -> Served:
+        return Served(self.store, workers=workers)
 
     def status(self) -> dict:
         return ok_json("status", self.store)
@@ -299,10 +299,12 @@ def test_store_grows_and_shrinks_only_when_nothing_lives_past_the_new_end(tmp_pa
 # --- served: through the control socket, seen by NBD clients -----------------------------
 
 
-def test_served_origin_grow_shows_on_new_connections_and_keeps_old_snapshots(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2], ids=["one-process", "workers"])
+def test_served_origin_grow_shows_on_new_connections_and_keeps_old_snapshots(tmp_path,
+                                                                              workers):
     e = Env(tmp_path)
     ok("snap", "create", e.store, "before")
-    with e.served() as srv:
+    with e.served(workers) as srv:
         held = RawClient(f"unix:{srv.sock}", "origin")
         try:
             assert held.size == SIZE
@@ -401,11 +403,12 @@ def test_served_origin_shrink_waits_for_the_origin_connections_to_close(tmp_path
         assert ok_json("check", e.store) == CLEAN
 
 
+@pytest.mark.parametrize("workers", [0, 2], ids=["one-process", "workers"])
 @pytest.mark.parametrize("how", ["stop", "kill"])
-def test_sizes_survive_a_restart(tmp_path, how):
+def test_sizes_survive_a_restart(tmp_path, how, workers):
     e = Env(tmp_path, store_size="8M")
     ok("snap", "create", e.store, "before")
-    srv = e.served().start()
+    srv = e.served(workers).start()
     try:
         ok("resize", e.store, "--origin-size", "8M", "--store-size", "16M")
         ok("snap", "create", e.store, "after")

@@ -21,6 +21,7 @@ from ddsnap.errors import StoreBusy
 from served import (
     MiB,
     Served,
+    children,
     fails,
     make_origin,
     ok,
@@ -32,24 +33,6 @@ from served import (
 
 SIZE = 16 * MiB
 pytestmark = pytest.mark.clients
-
-
-def children(pid: int) -> dict[str, int]:
-    """The supervisor's children by role: ``meta``, ``worker1``, ``worker2``, ..."""
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
-                         text=True, check=False).stdout.split()
-    found: dict[str, int] = {}
-    for p in map(int, out):
-        try:
-            args = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
-        except FileNotFoundError:
-            continue
-        if b"ddsnap.workers" not in args:
-            continue
-        kind = args[args.index(b"ddsnap.workers") + 1].decode()
-        name = args[args.index(b"--name") + 1].decode() if b"--name" in args else kind
-        found[name] = p
-    return found
 
 
 def kill9(srv: Served, role: str) -> None:
@@ -103,11 +86,15 @@ def test_a_second_server_on_the_same_store_is_refused_with_workers(tmp_path):
     origin, store = tmp_path / "origin.img", tmp_path / "store.img"
     make_origin(origin, SIZE, seed=4)
     ok("init", store, "--origin", origin, "--size", "64M")
-    with Served(store, workers=1):
+    with Served(store, workers=1) as srv:
         fails(StoreBusy.exit_code, "serve", store, "--workers", "2", "--listen",
               f"unix:{tmp_path}/other.sock", "--control", f"{tmp_path}/other.ctl",
               match="in use")
         assert not (tmp_path / "other.sock").exists()
+        # on the same listener too: the store is what is refused (as in one process),
+        # before the address
+        fails(StoreBusy.exit_code, "serve", store, "--workers", "2", "--listen",
+              f"unix:{srv.sock}", match="in use by another ddsnap process")
 
 
 def fio_job(srv: Served, name: str, offset: int, *extra: str) -> list[str]:

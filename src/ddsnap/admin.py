@@ -176,6 +176,28 @@ def set_origin(path: str, new_origin: str) -> dict:
     return {"origin": new_origin}
 
 
+def _in_use(path: str) -> StoreBusy:
+    return StoreBusy(f"snapshot store {path} is in use by another ddsnap process "
+                     "(is it being served?)")
+
+
+def check_not_busy(path: str) -> None:
+    """Raise StoreBusy (as :func:`open_store` would) if a server holds the store now;
+    for a caller that must say so before it binds its listeners (``serve --workers``,
+    whose metadata server process opens the store afterwards).
+
+    Raises:
+        StoreNotFound: ``path`` does not exist.
+        StoreBusy: another process holds the store.
+    """
+    dev = FileDevice(path, writable=False)
+    try:
+        if not dev.lock_exclusive():
+            raise _in_use(path)
+    finally:
+        dev.close()  # (the lock goes with it)
+
+
 def open_store(path: str, degraded: bool = False, accept_origin_change: bool = False
                ) -> OpenStore:
     """Open, lock and recover the store at ``path``, and open its recorded origin.
@@ -196,8 +218,7 @@ def open_store(path: str, degraded: bool = False, accept_origin_change: bool = F
     dev = FileDevice(path, writable=not degraded)
     try:
         if not dev.lock_exclusive():
-            raise StoreBusy(f"snapshot store {path} is in use by another ddsnap process "
-                            "(is it being served?)")
+            raise _in_use(path)
         _check_origin(path, dev, accept_origin_change)
         store = SharedStore.open(dev, mode="degraded" if degraded else "rw")
         try:

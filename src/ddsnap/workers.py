@@ -137,6 +137,9 @@ class Supervisor:
             WorkerFailed; on error nothing stays running.
         """
         try:
+            # A served store is refused before the listeners are bound, as one process
+            # does (StoreBusy, not "address in use"); the metadata server locks it next.
+            admin.check_not_busy(self.store_path)
             self.nbd = NbdServer(_NoExports(), None)
             await self.nbd.start(self.listen, serve=False)
             self.addresses = list(self.nbd.addresses)

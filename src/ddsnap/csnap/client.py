@@ -469,6 +469,10 @@ class RemoteService:
             self._snaps = tuple(s for s in self._snaps if s.id != event["snapshot"])
         elif kind == "merge-started":
             self._merging = event["snapshot"]
+        elif kind == "origin-resized":
+            self._origin_size = event["size"]
+            if self.data is not None:  # (resized by the metadata server already)
+                self.data.origin.note_resized(event["size"])
         elif kind == "grants-revoked":
             with self._lock:
                 self._granted = None

@@ -286,12 +286,15 @@ class NbdServer:
             self._executor = ThreadPoolExecutor(thread_name_prefix="ddsnap-nbd")
             self._own_executor = True
         for sock in socks:
+            # (asyncio calls listen() again: the same backlog, not its default of 100)
             if sock.family == socket.AF_UNIX:
                 listener = await asyncio.start_unix_server(self._accept, sock=sock,
-                                                           limit=_STREAM_LIMIT)
+                                                           limit=_STREAM_LIMIT,
+                                                           backlog=LISTEN_BACKLOG)
             else:
                 listener = await asyncio.start_server(self._accept, sock=sock,
-                                                      limit=_STREAM_LIMIT)
+                                                      limit=_STREAM_LIMIT,
+                                                      backlog=LISTEN_BACKLOG)
             self._listeners.append(listener)
             self.addresses.append(_address(sock))
 

@@ -198,6 +198,10 @@ class LocalService(WritePath, ReadMapping, MergeOps, FullPolicy):
                     if size < old:
                         self._resize_origin_device(size)
                 log.info("origin resized from %d to %d bytes", old, size)
+        if size != old:
+            # Every node knows the size before this returns (new connections on any of
+            # them show it).
+            self._notify({"event": "origin-resized", "size": size}, wait=True)
         return {"origin_size": size, "old_size": old}
 
     def _resize_origin_device(self, size: int) -> None:

@@ -69,6 +69,11 @@ class BlockDevice:
         """Write the bytes-like ``data`` at byte ``offset``."""
         raise NotImplementedError
 
+    def note_resized(self, size: int) -> None:
+        """Another process resized the device to ``size`` bytes: record it (nothing is
+        done to the device itself; a worker hears of an origin resize this way)."""
+        self.size = size
+
     def pwrite_cached(self, data, offset: int) -> bool:
         """:meth:`pwrite` if the write goes to memory (the page cache) rather than
         straight to the device; False (nothing written) otherwise: the caller then
@@ -293,6 +298,10 @@ class FileDevice(BlockDevice):
             self.size = now
             return
         os.ftruncate(self.fd, size)
+        self.size = size
+        self._shrink_logged = False
+
+    def note_resized(self, size: int) -> None:
         self.size = size
         self._shrink_logged = False
 
