@@ -107,28 +107,52 @@ def stats_text(vals: list[float], fmt) -> str:
     return text
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (``serve --workers``: the supervisor, its metadata
+    server and workers), from ``/proc/PID/task/*/children``."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
 def proc_status(pid: int) -> dict[str, int]:
-    """``VmHWM`` / ``VmRSS`` (bytes) of a live process, from ``/proc/PID/status``."""
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("VmHWM", "VmRSS"):
-                    out[key] = int(rest.split()[0]) * KiB
-    except OSError:
-        pass
+    """``VmHWM`` / ``VmRSS`` (bytes) of a live process and its descendants, added up
+    (for ``serve --workers`` an upper bound of the peak: each process's own peak may
+    come at another time), from ``/proc/PID/status``."""
+    out: dict[str, int] = {}
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    key, _, rest = line.partition(":")
+                    if key in ("VmHWM", "VmRSS"):
+                        out[key] = out.get(key, 0) + int(rest.split()[0]) * KiB
+        except OSError:
+            pass
     return out
 
 
 def proc_cpu(pid: int) -> float | None:
-    """CPU seconds (user + system, all threads) a live process used so far."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
+    """CPU seconds (user + system, all threads) a live process and its live descendants
+    used so far."""
+    total = None
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total = (total or 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf(
+                "SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
 
 
 def say(msg: str) -> None:

@@ -40,9 +40,10 @@ class Profiling:
         self.fio_n += 1
         raw = self.tmp / f"py-spy-{self.fio_n}.txt"
         log = self.tmp / f"py-spy-{self.fio_n}.log"
+        # --subprocesses: serve --workers is a supervisor whose children do the work
         argv = [self.pyspy, "record", "--pid", str(srv.popen.pid), "--format", "raw",
                 "--rate", str(self.args.profile_rate), "--nonblocking", "--function",
-                "-o", str(raw)]
+                "--subprocesses", "-o", str(raw)]
         spy = spawn(argv, log)
         handle = Server("py-spy", argv, raw, log, spy)
         self.procs.live.append(handle)

@@ -235,7 +235,9 @@ class Report(TargetsReport, WorkloadSections, ScalingReport):
    `time_based`).  After the jobs, `VmHWM` (the kernel's peak resident set size of the
    process) and `VmRSS` are read from `/proc/PID/status` of the server, whose PID is the
    `ddsnap serve` Python process itself (checked once through `/proc/PID/exe` and its
-   children; see the setup notes); `VmHWM` is also read after each job.  Then (not
+   children; see the setup notes), added up over its child processes when it has them
+   (`serve --workers`: an upper bound, each process peaking when it does); `VmHWM` is
+   also read after each job.  Then (not
    counted) about 64 sampled chunks of `snap1`, half of them in the sequentially rewritten
    range, must read as zeros (it was taken of an all-zero origin), the origin's first
    chunk must not, and `ddsnap check` must be clean after the server stopped.
