@@ -365,11 +365,12 @@ def test_served_full_store_takes_writes_again_after_it_grows(tmp_path):
         assert ok_json("check", e.store) == CLEAN
 
 
-def test_served_origin_shrink_waits_for_the_origin_connections_to_close(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2], ids=["one-process", "workers"])
+def test_served_origin_shrink_waits_for_the_origin_connections_to_close(tmp_path, workers):
     e = Env(tmp_path)
     ok("snap", "create", e.store, "s")
     ok("resize", e.store, "--origin-size", "8M")
-    with e.served() as srv:
+    with e.served(workers) as srv:
         origin = RawClient(f"unix:{srv.sock}", "origin")
         snapshot = RawClient(f"unix:{srv.sock}", "s")
         try:
@@ -477,7 +478,8 @@ def _device_size(dev: str) -> int:
 
 
 @pytest.mark.root
-def test_block_device_origin_grows_with_the_device(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2], ids=["one-process", "workers"])
+def test_block_device_origin_grows_with_the_device(tmp_path, workers):
     _need_loop_devices()
     backing = tmp_path / "disk.img"
     data = make_origin(backing, SIZE, seed=9)
@@ -499,7 +501,7 @@ def test_block_device_origin_grows_with_the_device(tmp_path):
 
         os.truncate(backing, 12 * MiB)
         tool("losetup", "-c", dev)
-        with Served(store) as srv:
+        with Served(store, workers=workers) as srv:
             assert nbd_size(srv.uri("origin")) == 8 * MiB  # the recorded size
             ok("resize", store, "--origin-size", "12M")
             assert nbd_size(srv.uri("origin")) == 12 * MiB
