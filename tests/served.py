@@ -284,13 +284,27 @@ class Served:
         assert not self.sock.exists(), f"NBD socket {self.sock} left behind"
 
     def kill(self) -> None:
-        """SIGKILL the server (a crash): nothing is cleaned up, the journal must recover."""
+        """SIGKILL the server (a crash): nothing is cleaned up, the journal must recover.
+        With workers, every process at once: the supervisor is frozen first (no restart),
+        then its children are killed (none gets the SIGTERM a dying parent sends), then
+        it."""
+        kids = list(children(self.pid).values())
+        if kids:
+            os.kill(self.pid, signal.SIGSTOP)
+            for p in kids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGKILL)
         rc = self.reap(signal.SIGKILL)
         assert rc == -signal.SIGKILL, rc
 
     @property
     def pid(self) -> int:
         return self._started().pid
+
+    def pids(self) -> list[int]:
+        """The server's processes: ``serve`` and, with workers, its children (to stop
+        the whole server with SIGSTOP, say)."""
+        return [self.pid, *children(self.pid).values()]
 
     # -- addresses --------------------------------------------------------------------
 

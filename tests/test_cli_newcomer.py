@@ -168,7 +168,9 @@ def test_every_command_times_out_on_a_stopped_server(env):
                 ["set", S, "full-policy=error"], ["merge", S, "--status"],
                 ["merge", S, "--stop"], ["merge", S, "a"], ["merge", S, "a", "--wait"]]
     with Served(env.store) as srv:
-        os.kill(srv.pid, signal.SIGSTOP)
+        pids = srv.pids()  # (with workers: the metadata server answers the commands)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
         try:
             for cmd in commands:
                 # the bounded wait: DEADLINE, against a 0.5 s timeout
@@ -176,7 +178,8 @@ def test_every_command_times_out_on_a_stopped_server(env):
                       match=rf"the ddsnap server at {re.escape(str(srv.ctl))} did not "
                             r"answer in 0\.5 s")
         finally:
-            os.kill(srv.pid, signal.SIGCONT)
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
         # it answers again (and may carry out what it was asked meanwhile, as it says)
         assert ok_json("status", env.store)["served"] is True
 
