@@ -7,6 +7,7 @@ across the origin and the store can be asserted, and can hold a flush until rele
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -46,6 +47,26 @@ class LogDevice(MemoryDevice):
             self.gate.wait()
         super().flush()
         self.log.append((self.name, "flush", 0))
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(svc: LocalService):
+    """Another thread holds the service's metadata lock for the duration."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with svc.lock:
+            held.set()
+            release.wait()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait()
+    try:
+        yield
+    finally:
+        release.set()
+        t.join()
 
 
 def make(kind: str, log: list, gate=None):
@@ -172,22 +193,8 @@ def test_nowait_read_declines_whenever_it_would_wait(kind):
     buf = bytearray(4 * CS)
     assert snap.read_into_nowait(0, memoryview(buf)) is True
     assert bytes(buf) == snap.read(0, 4 * CS) == b"x" * (4 * CS)
-    held = threading.Event()
-    release = threading.Event()
-
-    def hold():
-        with svc.lock:
-            held.set()
-            release.wait()
-
-    t = threading.Thread(target=hold)
-    t.start()
-    held.wait()
-    try:
+    with lock_held_elsewhere(svc):
         assert snap.read_into_nowait(0, memoryview(buf)) is False
-    finally:
-        release.set()
-        t.join()
     svc.create_snapshot("t")
     svc.start_merge("t")
     assert snap.read_into_nowait(0, memoryview(buf)) is False
@@ -216,21 +223,8 @@ def test_nowait_write_takes_only_chunks_made_unique_since_the_last_snapshot(kind
     vol.write(CS, b"d" * CS)  # copies out first
     assert Snapshot(svc, svc.data, info).read(CS, CS) == b"a" * 10 + b"b" * 100 + b"a" * (CS - 110)
     assert vol.write_nowait(CS, b"e" * CS) is True
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with svc.lock:
-            held.set()
-            release.wait()
-
-    t = threading.Thread(target=hold)
-    t.start()
-    held.wait()
-    try:
+    with lock_held_elsewhere(svc):
         assert vol.write_nowait(CS, b"f" * CS) is False  # never waits for the lock
-    finally:
-        release.set()
-        t.join()
     svc.start_merge("s")
     assert vol.write_nowait(CS, b"g" * CS) is False  # a merge start is a barrier too
     svc.run_merge()

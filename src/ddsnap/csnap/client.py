@@ -37,7 +37,6 @@ from ddsnap.errors import (
     InvalidArgument,
     ProtocolError,
     ServiceFailed,
-    SnapshotNotFound,
 )
 from ddsnap.service.api import (
     DataDevices,
@@ -46,6 +45,7 @@ from ddsnap.service.api import (
     ServiceStatistics,
     SnapshotInfo,
     StoreStatus,
+    find_snapshot,
 )
 from ddsnap.service.chunkset import ChunkSet
 
@@ -498,11 +498,8 @@ class RemoteService:
         """Make each range of origin chunks unique (QUERY_ORIGIN_WRITE); per range None
         (prepared: write, then :meth:`finish_origin_write`) or its error; ranges past
         the list were not started.  Ranges all granted need no query."""
-        with self._lock:
-            g = self._granted
-            if g is not None and all(g.has(a, b) for a, b in ranges):
-                self.granted_writes += len(ranges)
-                return [None] * len(ranges)
+        if self._take_granted(ranges):
+            return [None] * len(ranges)
         reply = self._request(QueryOriginWrite(0, list(ranges)), OriginWriteOk)
         # (the prepared ones were counted in flight as the reply arrived)
         return [None if r is None else rebuild_error(*r) for r in reply.results]
@@ -517,12 +514,16 @@ class RemoteService:
     def prepare_origin_write_nowait(self, first: int, last: int) -> bool:
         """True (a granted write in flight: write, then :meth:`finish_origin_write`) if
         every chunk of ``first..last`` is granted; else False, nothing asked."""
+        return self._take_granted([(first, last)])
+
+    def _take_granted(self, ranges: list[tuple[int, int]]) -> bool:
+        """If every range is granted, count them as granted writes in flight: True."""
         with self._lock:
             g = self._granted
-            if g is not None and g.has(first, last):
-                self.granted_writes += 1
-                return True
-        return False
+            if g is None or not all(g.has(a, b) for a, b in ranges):
+                return False
+            self.granted_writes += len(ranges)
+            return True
 
     def finish_origin_write(self) -> None:
         """An origin write prepared above is done: a granted one counted down (the
@@ -608,10 +609,8 @@ class RemoteService:
         return list(self._snaps)
 
     def snapshot(self, name: str) -> SnapshotInfo:
-        for s in self._snaps:
-            if s.name == name:
-                return s
-        raise SnapshotNotFound(name)
+        """The live snapshot ``name`` as the server last said (SnapshotNotFound)."""
+        return find_snapshot(self._snaps, name)
 
     def is_merging(self, snap: SnapshotInfo) -> bool:
         return self._merging == snap.id

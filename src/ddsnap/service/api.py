@@ -18,15 +18,29 @@ inclusive ``first..last``; sizes are bytes unless a name says chunks.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..errors import SnapshotNotFound
 from ..store.blockdev import BlockDevice
 from ..store.model import Finding, SnapshotInfo
 
 __all__ = ["DataDevices", "Finding", "MetadataService", "ReadMap", "ServiceStatistics",
+           "find_snapshot",
            "SnapshotInfo", "StoreStatus"]
+
+
+def find_snapshot(snaps: Iterable[SnapshotInfo], name: str) -> SnapshotInfo:
+    """The snapshot called ``name`` among ``snaps`` (a service's live list).
+
+    Raises:
+        SnapshotNotFound: none is.
+    """
+    for s in snaps:
+        if s.name == name:
+            return s
+    raise SnapshotNotFound(name)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from ..errors import (
 from ..store.api import ExceptionStore
 from ..store.blockdev import BlockDevice, copy_range
 from ..store.model import SnapshotInfo
-from .api import DataDevices
+from .api import DataDevices, find_snapshot
 from .chunkset import ChunkSet
 from .progress import MergeProgress, merge_step_bytes
 
@@ -457,10 +457,7 @@ class ServiceCore:
 
     def snapshot(self, name: str) -> SnapshotInfo:
         """The live snapshot called ``name`` (raises SnapshotNotFound)."""
-        for s in self._snaps:
-            if s.name == name:
-                return s
-        raise SnapshotNotFound(name)
+        return find_snapshot(self._snaps, name)
 
     def snapshot_by_id(self, snap: int) -> SnapshotInfo:
         """The live snapshot whose version id is ``snap`` (raises SnapshotNotFound,
