@@ -86,6 +86,13 @@ def test_read_map_is_sent_as_runs():
     assert len(b) == 13 + 36
     # no map at all (no merge): flag 0 and the first chunk only
     assert OriginReadMapReply(5, 9, None).body() == b"\0" + (9).to_bytes(8, "big")
+    # a map the node may keep: flag bit 1 as well, the rest alike
+    kept = ReadMapReply(5, 100, [None, None, 7, 8, 9, 3], cacheable=True).body()
+    assert kept[0] == 3 and kept[1:] == b[1:]
+    assert wire.decode(Type.SNAPSHOT_READ_OK, 5, kept) == ReadMapReply(
+        5, 100, [None, None, 7, 8, 9, 3], cacheable=True)
+    assert wire.decode(Type.SNAPSHOT_READ_OK, 5, b) == ReadMapReply(
+        5, 100, [None, None, 7, 8, 9, 3], cacheable=False)
 
 
 def test_error_reply_bytes_and_rebuilt_class():
@@ -125,6 +132,8 @@ MESSAGES = st.one_of(
     st.builds(QueryOriginRead, U64, st.just(3), st.integers(3, 50)),
     st.builds(ReadMapReply, U64, U64, st.none() | st.lists(
         st.none() | st.integers(0, 1 << 40), min_size=1, max_size=40)),
+    st.builds(ReadMapReply, U64, U64, st.lists(
+        st.none() | st.integers(0, 1 << 40), min_size=1, max_size=40), st.booleans()),
     st.builds(OriginReadMapReply, U64, U64, st.none() | st.lists(
         st.none() | st.integers(0, 1 << 40), min_size=1, max_size=40)),
     st.builds(FinishSnapshotRead, U64, st.lists(st.tuples(U64, U64).map(sorted).map(tuple),
@@ -194,6 +203,7 @@ BAD_BODIES = [
     (Type.CALL, b'{"op": 3}', "op"),
     (Type.NOTICE, b"[]", "event"),
     (Type.SNAPSHOT_READ_OK, b"\2" + bytes(8), "map flag"),
+    (Type.ORIGIN_READ_OK, b"\3" + bytes(8) + struct.pack(">IIQ", 1, 1, 5), "map flag"),
     (Type.SNAPSHOT_READ_OK, b"\1" + bytes(8) + struct.pack(">IIQ", 1, 0, 5), "run"),
     (Type.SNAPSHOT_WRITE_OK, struct.pack(">IIQ", 1, 2, ORIGIN), "origin"),
     (Type.ORIGIN_WRITE_OK, b"\0\0\0\0\1\7", "result flag"),

@@ -36,6 +36,7 @@ from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.memory import MemoryStore
 from ddsnap.volume import Origin, Snapshot
 from test_csnap_model import SETTLE, settle
+from test_service import lock_held_elsewhere
 
 CS = 4096
 SIZE = 16 * CS
@@ -110,10 +111,10 @@ def test_a_malformed_message_drops_only_that_node(server, garbage):
     # ... and the others are served as before
     Origin(good, server.service.data).write(5 * CS, b"x" * CS)
     assert Snapshot(good, server.service.data, info).read(5 * CS, CS) == bytes(CS)
-    holder.release_read(rmap)
-    settle(lambda: server.service.statistics().read_locks == 0, "the locks released")
+    holder.release_read(rmap)  # (the holder keeps the mapping and its locks)
     good.close()
     holder.close()
+    settle(lambda: server.service.statistics().read_locks == 0, "the locks released")
 
 
 def test_a_dropped_node_gives_back_its_locks_and_origin_writes(server):
@@ -321,3 +322,137 @@ def test_a_local_node_process_with_grants_is_killed_unless_it_returns_them(
     finally:
         proc.kill()
         proc.wait()
+
+
+# --- snapshot read mappings a node keeps --------------------------------------------------
+
+
+def read_nowait(vol, offset: int, n: int) -> bytes | None:
+    """The bytes the NBD event loop would read with no query, or None (it would ask)."""
+    buf = bytearray(n)
+    return bytes(buf) if vol.read_into_nowait(offset, memoryview(buf)) else None
+
+
+def test_a_kept_mapping_is_read_again_without_asking(server):
+    n = node(server)
+    data = server.service.data
+    data.origin.pwrite(b"o" * SIZE, 0)
+    info = n.create_snapshot("s")
+    snap = Snapshot(n, data, info)
+    assert read_nowait(snap, 0, 2 * CS) is None  # nothing kept yet: it asks
+    assert snap.read(0, 2 * CS) == b"o" * 2 * CS  # asked; the node keeps the map
+    assert n.kept_chunks == 2
+    assert server.service.statistics().read_locks == 2  # kept with their locks
+    with lock_held_elsewhere(server.service):  # a query now would wait
+        assert read_nowait(snap, 100, CS) == b"o" * CS
+        assert read_nowait(snap, 0, 3 * CS) is None  # chunk 2 is not kept
+    n.close()
+    settle(lambda: server.service.statistics().read_locks == 0, "the locks given back")
+
+
+def test_an_origin_write_recalls_the_read_locks_a_node_keeps(server):
+    reader, writer = node(server, "reader"), node(server, "writer")
+    data = server.service.data
+    data.origin.pwrite(b"o" * SIZE, 0)
+    info = writer.create_snapshot("s")
+    snap = Snapshot(reader, data, info)
+    assert snap.read(0, 4 * CS) == b"o" * 4 * CS
+    assert reader.kept_chunks == 4
+    done = threading.Event()
+
+    def write():
+        Origin(writer, data).write(2 * CS, b"w" * CS)
+        done.set()
+
+    t = threading.Thread(target=write)
+    t.start()
+    t.join(SETTLE)
+    assert done.is_set(), "the origin write waited for a kept read lock forever"
+    # the recalled chunk is read from its copy-out now; the others are still kept
+    assert reader.kept_chunks == 3
+    assert read_nowait(snap, 2 * CS, CS) is None
+    assert snap.read(0, 4 * CS) == b"o" * 4 * CS
+    assert read_nowait(snap, 0, 4 * CS) == b"o" * 4 * CS  # (kept again, the copy-out)
+    reader.close()
+    writer.close()
+
+
+def test_a_map_recalled_during_its_read_is_not_kept(server):
+    reader, writer = node(server, "reader"), node(server, "writer")
+    data = server.service.data
+    info = writer.create_snapshot("s")
+    rmap = reader.map_snapshot_read(info, 1, 1)  # a read in progress
+    done = threading.Event()
+
+    def write():
+        Origin(writer, data).write(CS, b"w" * CS)
+        done.set()
+
+    t = threading.Thread(target=write)
+    t.start()
+    settle(lambda: reader.kept_drops > 0, "the recall reaching the reader")
+    assert not done.is_set()  # the write waits for the read ...
+    reader.release_read(rmap)  # ... which ends: its lock goes back, not kept
+    t.join(SETTLE)
+    assert done.is_set() and reader.kept_chunks == 0
+    reader.close()
+    writer.close()
+
+
+def test_a_snapshot_write_revokes_the_mappings_nodes_keep(server):
+    reader, writer = node(server, "reader"), node(server, "writer")
+    data = server.service.data
+    data.origin.pwrite(b"o" * SIZE, 0)
+    info = writer.create_snapshot("s")
+    seen = Snapshot(reader, data, info)
+    assert seen.read(0, 2 * CS) == b"o" * 2 * CS and reader.kept_chunks == 2
+    Snapshot(writer, data, info).write(0, b"v" * CS)
+    assert reader.kept_chunks == 0  # dropped before the write was done
+    assert read_nowait(seen, 0, CS) is None
+    assert seen.read(0, 2 * CS) == b"v" * CS + b"o" * CS
+    reader.close()
+    writer.close()
+
+
+def test_only_origin_mappings_are_kept_under_delete_oldest(server):
+    n = node(server)
+    data = server.service.data
+    info = n.create_snapshot("s")
+    Origin(n, data).write(0, b"w" * CS)  # chunk 0 of s is a copy-out now
+    snap = Snapshot(n, data, info)
+    snap.read(0, 2 * CS)
+    assert n.kept_chunks == 2
+    n.set_full_policy("delete-oldest")  # (its snapshots in use may be deleted)
+    assert n.kept_chunks == 0
+    snap.read(0, 2 * CS)
+    assert n.kept_chunks == 0  # a map with a store chunk is not kept ...
+    snap.read(CS, CS)
+    assert n.kept_chunks == 1  # ... one of origin chunks is
+    n.close()
+
+
+def test_a_merge_start_drops_kept_mappings_and_none_is_kept_during_it(server):
+    n = node(server)
+    data = server.service.data
+    keep = n.create_snapshot("keep")
+    n.create_snapshot("merged")
+    Snapshot(n, data, keep).read(0, 2 * CS)
+    assert n.kept_chunks == 2
+    n.start_merge("merged")  # (not run: the merge stays in progress)
+    assert n.kept_chunks == 0 and server.service.statistics().read_locks == 0
+    Snapshot(n, data, keep).read(0, 2 * CS)
+    assert n.kept_chunks == 0
+    n.close()
+
+
+def test_closing_a_snapshot_export_drops_its_kept_mappings(server):
+    n = node(server)
+    info = n.create_snapshot("s")
+    n.export_open("s")
+    Snapshot(n, server.service.data, info).read(0, 3 * CS)
+    assert n.kept_chunks == 3
+    n.export_close("s")
+    assert n.kept_chunks == 0
+    settle(lambda: server.service.statistics().read_locks == 0, "the locks given back")
+    n.delete_snapshot("s")  # (a delete frees its chunks: nothing may read them now)
+    n.close()

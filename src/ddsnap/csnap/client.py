@@ -13,7 +13,9 @@ the server's NOTICE messages, acknowledging those the server waits for.  What it
 server (seed 000 ``UPLOAD_LOCK``).  Origin chunks the server granted (made unique, and
 unique until the next snapshot of the origin) it writes again without asking, until the
 server revokes the grants; it then acknowledges once its granted writes in flight are
-done.
+done.  Snapshot read mappings the server marks keepable it keeps after the read (origin
+ones with their read locks), and reads those chunks again with no query until the
+server recalls or revokes them (docs/protocol.md "Read mappings a node keeps").
 
 Source of the idea: seed 000 (csnap's client side in ``ddsnap-agent`` and the device
 mapper target: ``QUERY_WRITE``, ``QUERY_SNAPSHOT_READ``, ``FINISH_SNAPSHOT_READ``).
@@ -28,6 +30,7 @@ import socket
 import threading
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import tenacity
@@ -37,6 +40,7 @@ from ddsnap.errors import (
     InvalidArgument,
     ProtocolError,
     ServiceFailed,
+    SnapshotNotFound,
 )
 from ddsnap.service.api import (
     DataDevices,
@@ -81,6 +85,20 @@ log = logging.getLogger("ddsnap.csnap")
 M = TypeVar("M", bound=Message)
 
 RECV_BYTES = 1 << 16
+#: most snapshot chunk mappings a node keeps; reaching it drops them all (a few dozen
+#: bytes each: about 20 MiB at the limit)
+KEPT_CHUNKS = 1 << 18
+#: longest the event loop waits for the kept mappings' lock before a READ asks (s)
+NOWAIT_LOCK_WAIT = 0.001
+
+
+@dataclass
+class _NodeReadMap(ReadMap):
+    """A :class:`ReadMap` from the server, with what keeping it needs: the snapshot's
+    id and the node's recall count when it was asked for."""
+
+    snap: int = 0
+    seq: int = 0
 
 
 class _Pending:
@@ -151,6 +169,14 @@ class RemoteService:
         self._granted: ChunkSet | None = None
         #: the id of a grants-revoked notice to acknowledge when granted_writes is 0
         self._revoke_ack: int | None = None
+        #: snapshot read mappings this node keeps: snapshot id -> {chunk: store chunk,
+        #: or None for the origin, whose read lock the node keeps with it}
+        self._kept: dict[int, dict[int, int | None]] = {}
+        self._kept_count = 0
+        #: counts recalls and drops of kept mappings: a map asked for before one is
+        #: not kept (it may be what was recalled)
+        self._kept_seq = 0
+        self._kept_lock = threading.Lock()  # taken before _lock, never after
         self._snaps: tuple[SnapshotInfo, ...] = ()
         self._merging: int | None = None
         self._origin_size = 0
@@ -274,6 +300,9 @@ class RemoteService:
                 self._revoke_ack = None
                 self.origin_writes += self.granted_writes
                 self.granted_writes = 0
+            # Kept mappings go with the server that kept their locks: a new one may
+            # let the origin be written under them (the upload declares none of them).
+            self._release_locks(self._drop_kept(), send=False)
             if not self._reestablish():
                 self._lose(why)
                 return
@@ -432,6 +461,7 @@ class RemoteService:
 
     def _lose(self, e: BaseException) -> None:
         """The connection is gone for good: every waiting request fails."""
+        self._release_locks(self._drop_kept(), send=False)
         with self._lock:
             if self._lost is None:
                 self._lost = e
@@ -467,8 +497,14 @@ class RemoteService:
             self._snaps = tuple(s for s in self._snaps if s.id != info.id) + (info,)
         elif kind == "snapshot-deleted":
             self._snaps = tuple(s for s in self._snaps if s.id != event["snapshot"])
+            self._release_locks(self._drop_kept(event["snapshot"]))
         elif kind == "merge-started":
             self._merging = event["snapshot"]
+            self._release_locks(self._drop_kept())
+        elif kind == "read-locks-recalled":
+            self._release_locks(self._recalled(event["first"], event["last"]))
+        elif kind == "read-cache-revoked":
+            self._release_locks(self._drop_kept())
         elif kind == "origin-resized":
             self._origin_size = event["size"]
             if self.data is not None:  # (resized by the metadata server already)
@@ -545,11 +581,15 @@ class RemoteService:
         self._finish(done)
 
     def map_snapshot_read(self, snap: SnapshotInfo, first: int, last: int) -> ReadMap:
-        """QUERY_SNAPSHOT_READ: ``snap``'s sources, its origin chunks read-locked."""
+        """QUERY_SNAPSHOT_READ: ``snap``'s sources, its origin chunks read-locked (and
+        kept after the read if the server says it may be, see :meth:`release_read`)."""
+        seq = self._kept_seq  # (before asking: a recall from now on voids keeping it)
         reply = self._request(QuerySnapshotRead(0, snap.id, first, last), ReadMapReply)
         sources = self._check_map(reply, first, last)
         # (held since the reply arrived: see _count)
-        return ReadMap(first, sources, [first + i for i, s in enumerate(sources) if s is None])
+        return _NodeReadMap(first, sources,
+                            [first + i for i, s in enumerate(sources) if s is None],
+                            reply.cacheable, snap.id, seq)
 
     def map_origin_read(self, first: int, last: int) -> ReadMap | None:
         """QUERY_ORIGIN_READ while a merge runs (None: read the origin itself)."""
@@ -572,17 +612,96 @@ class RemoteService:
         return sources
 
     def release_read(self, rmap: ReadMap) -> None:
-        """FINISH_SNAPSHOT_READ for the read locks of ``rmap``."""
-        if not rmap.locked:
+        """The read of ``rmap`` is done: a cacheable snapshot map is kept (with the read
+        locks of its origin chunks) if nothing was recalled since it was asked for;
+        else FINISH_SNAPSHOT_READ for its read locks."""
+        if isinstance(rmap, _NodeReadMap) and rmap.cacheable:
+            self._release_locks(self._keep(rmap))
+        else:
+            self._release_locks(rmap.locked)
+
+    def _release_locks(self, chunks: list[int], send: bool = True) -> None:
+        """Give back one read lock per chunk of ``chunks`` (FINISH_SNAPSHOT_READ;
+        ``send`` False: the server they were taken from is gone)."""
+        if not chunks:
             return
-        def done() -> Message:
-            self.held.subtract(rmap.locked)
-            for c in rmap.locked:
+
+        def done() -> Message | None:
+            self.held.subtract(chunks)
+            for c in chunks:
                 if self.held[c] <= 0:
                     del self.held[c]
-            return FinishSnapshotRead(0, coalesce(sorted(rmap.locked)))
+            return FinishSnapshotRead(0, coalesce(sorted(chunks))) if send else None
 
         self._finish(done)
+
+    # -- snapshot read mappings kept (docs/protocol.md "Read mappings a node keeps") ------
+
+    def _keep(self, rmap: _NodeReadMap) -> list[int]:
+        """Keep ``rmap``'s mapping if no recall or drop came since it was asked for and
+        no merge runs; return the read locks to give back (all of them if not kept;
+        else those of chunks already kept)."""
+        with self._kept_lock:
+            if rmap.seq != self._kept_seq or self._merging is not None:
+                return rmap.locked
+            n = len(rmap.sources)
+            back: list[int] = []
+            if self._kept_count + n > KEPT_CHUNKS:
+                back = self._drop_kept_locked()
+            d = self._kept.setdefault(rmap.snap, {})
+            for c, src in enumerate(rmap.sources, rmap.first):
+                if c in d:
+                    if src is None:
+                        back.append(c)  # (kept already, with a lock of its own)
+                else:
+                    d[c] = src
+                    self._kept_count += 1
+            return back
+
+    def _drop_kept(self, snap: int | None = None) -> list[int]:
+        """Forget the kept mappings (of snapshot id ``snap``, or all); the origin chunks
+        whose read locks they held (to give back)."""
+        with self._kept_lock:
+            return self._drop_kept_locked(snap)
+
+    def _drop_kept_locked(self, snap: int | None = None) -> list[int]:
+        self._kept_seq += 1
+        if snap is None:
+            maps = list(self._kept.values())
+            self._kept.clear()
+        else:
+            d = self._kept.pop(snap, None)
+            maps = [] if d is None else [d]
+        back: list[int] = []
+        for d in maps:
+            self._kept_count -= len(d)
+            back.extend(c for c, src in d.items() if src is None)
+        return back
+
+    def _recalled(self, first: int, last: int) -> list[int]:
+        """The server recalls the read locks on origin chunks ``first..last`` (an origin
+        write waits for them): forget those origin mappings; their locks to give back.
+        Kept store-chunk mappings stay (a copy-out does not change them)."""
+        with self._kept_lock:
+            self._kept_seq += 1
+            back: list[int] = []
+            for d in self._kept.values():
+                for c in range(first, last + 1):
+                    if c in d and d[c] is None:
+                        del d[c]
+                        back.append(c)
+            self._kept_count -= len(back)
+            return back
+
+    @property
+    def kept_chunks(self) -> int:
+        """Snapshot chunk mappings this node keeps now (never waits)."""
+        return self._kept_count
+
+    @property
+    def kept_drops(self) -> int:
+        """Recalls and drops of kept mappings so far (never waits)."""
+        return self._kept_seq
 
     def origin_reads_itself(self) -> bool:
         """True while the server says no merge runs (never waits)."""
@@ -590,11 +709,28 @@ class RemoteService:
 
     def map_snapshot_read_nowait(self, snap: SnapshotInfo, first: int, last: int
                                  ) -> list[int | None] | None:
-        """Always None: a node has no mapping without asking (yet)."""
-        return None
+        """The sources of ``snap``'s chunks ``first..last`` if this node keeps all of
+        them (else None: ask with :meth:`map_snapshot_read`).  A mapping returned holds
+        the kept mappings' lock until :meth:`finish_snapshot_read_nowait` (a recall
+        waits for the reads using it; they are page-cache copies, microseconds)."""
+        if snap.id not in self._kept or not self._kept_lock.acquire(
+                timeout=NOWAIT_LOCK_WAIT):
+            return None
+        try:
+            d = self._kept[snap.id]
+            if first == last:  # the common small read
+                return [d[first]]
+            return [d[c] for c in range(first, last + 1)]
+        except KeyError:
+            self._kept_lock.release()
+            return None
+        except BaseException:
+            self._kept_lock.release()
+            raise
 
     def finish_snapshot_read_nowait(self) -> None:
-        """Nothing to finish (:meth:`map_snapshot_read_nowait` never maps)."""
+        """The reads of a mapping from :meth:`map_snapshot_read_nowait` are done."""
+        self._kept_lock.release()
 
     def prepare_snapshot_write(self, snap: SnapshotInfo, first: int, last: int) -> list[int]:
         """QUERY_SNAPSHOT_WRITE: ``snap``'s chunks made unique; their store chunks."""
@@ -686,8 +822,14 @@ class RemoteService:
         """The export ``name`` opened above is closed."""
         with self._lock:
             self.opens[name] -= 1
-            if self.opens[name] <= 0:
+            last = self.opens[name] <= 0
+            if last:
                 del self.opens[name]
+        if last:
+            # Mappings are kept only while the snapshot is open here: a delete (which
+            # a closed snapshot allows) frees its chunks for reuse.
+            with contextlib.suppress(SnapshotNotFound):
+                self._release_locks(self._drop_kept(self.snapshot(name).id))
         with contextlib.suppress(ServiceFailed):  # a server that is gone closed it
             self._call("export_close", name=name)
 

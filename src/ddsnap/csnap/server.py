@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import queue
 import signal
 import socket
 import struct
@@ -225,10 +226,13 @@ class NodeSession:
             self._origin_write(msg)
             return None
         if isinstance(msg, QuerySnapshotRead):
+            recalls = self.server.recalls
             rmap = svc.map_snapshot_read(svc.snapshot_by_id(msg.snap), msg.first,
                                          msg.last)
-            self._hold(rmap)
-            return ReadMapReply(msg.id, rmap.first, rmap.sources)
+            # A recall since the mapping may have missed this node (its locks were not
+            # recorded yet): then the node must not keep them.
+            keep = self._hold(rmap, recalls) and rmap.cacheable and self.server.read_cache
+            return ReadMapReply(msg.id, rmap.first, rmap.sources, keep)
         if isinstance(msg, QueryOriginRead):
             omap = svc.map_origin_read(msg.first, msg.last)
             if omap is None:
@@ -312,13 +316,26 @@ class NodeSession:
         if had:
             self.server.service.finish_origin_write()
 
-    def _hold(self, rmap: ReadMap) -> None:
+    def _hold(self, rmap: ReadMap, recalls: int | None = None) -> bool:
+        """Record ``rmap``'s read locks as the node's (given back at once if the node
+        is gone).  True if no read-lock recall was asked for since the server's
+        ``recalls`` count was ``recalls``: a recall from then on sees these locks."""
         with self._lock:
             gone = self.closed
             if not gone:
                 self.read_locks.update(rmap.locked)
+                # (compared under the session lock, which a recall takes to look)
+                quiet = recalls == self.server.recalls
         if gone:
             self.server.service.release_read(rmap)
+            return False
+        return quiet
+
+    def holds_any(self, first: int, last: int) -> bool:
+        """True if the node holds a read lock on any chunk of ``first..last``."""
+        with self._lock:
+            held = self.read_locks
+            return bool(held) and any(c in held for c in range(first, last + 1))
 
     def _finish_read(self, msg: FinishSnapshotRead) -> None:
         chunks = [c for a, b in msg.ranges for c in range(a, b + 1)]
@@ -496,13 +513,25 @@ class MetadataServer:
         expect: labels of the nodes a restarted server waits for (their uploads)
             before anything writes, at most ``grace`` seconds.
         grants: give nodes origin-write grants (False: every origin write asks).
+        read_cache: let nodes keep snapshot read mappings (False: every snapshot read
+            asks).
     """
 
     def __init__(self, service: LocalService, uuid: bytes = bytes(16), generation: int = 0,
                  threads: int = QUERY_THREADS, ack_timeout: float = ACK_TIMEOUT,
-                 expect: Iterable[str] = (), grace: float = GRACE, grants: bool = True):
+                 expect: Iterable[str] = (), grace: float = GRACE, grants: bool = True,
+                 read_cache: bool = True):
         self.service = service
         self.grants = grants
+        self.read_cache = read_cache
+        #: read-lock recalls asked for so far (counted under the service's lock)
+        self.recalls = 0
+        #: notices the service asks for with its lock held go out from this thread
+        #: (not the pool, whose threads may all wait for what the notice releases)
+        self._outbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._courier = threading.Thread(target=self._deliver_outbox,
+                                         name="ddsnap-meta-notices", daemon=True)
+        self._courier.start()
         self.uuid = uuid
         self.generation = generation
         self.ack_timeout = ack_timeout
@@ -604,11 +633,17 @@ class MetadataServer:
     def _observe(self, event: dict, wait: bool) -> None:
         """A service observer: the event to every node; with ``wait``, until each has
         acknowledged it or is cut off."""
-        if event["event"] == "grants-revoked":
-            # Called with the service's lock held: the notices go from a thread of
-            # their own (not the pool, whose threads may all wait for this barrier).
-            threading.Thread(target=self._revoke_all, args=(event["serial"],),
-                             name="ddsnap-meta-revoke", daemon=True).start()
+        kind = event["event"]
+        if kind == "grants-revoked":
+            # (called with the service's lock held: sent from the courier thread)
+            self._outbox.put(lambda: self._revoke_all(event["serial"]))
+            return
+        if kind == "read-locks-recalled":
+            # (lock held too) only to the nodes holding read locks there; the origin
+            # write waits for the locks themselves.  Counted first: a mapping made
+            # before and recorded after the courier looked is not kept (see _query).
+            self.recalls += 1
+            self._outbox.put(lambda: self._recall(event))
             return
         pending = [(s, s.notify(event, wait)) for s in self.sessions()]
         if not wait:
@@ -624,6 +659,18 @@ class MetadataServer:
     def _revoke_all(self, serial: int) -> None:
         for s in self.sessions():
             s.revoke(serial)
+
+    def _recall(self, event: dict) -> None:
+        for s in self.sessions():
+            if s.holds_any(event["first"], event["last"]):
+                s.notify(event, wait=False)
+
+    def _deliver_outbox(self) -> None:
+        while (job := self._outbox.get()) is not None:
+            try:
+                job()
+            except Exception:  # pragma: no cover - a bug; the next notice still goes
+                log.exception("sending a csnap notice failed")
 
     def call(self, session: NodeSession, op: str, args: dict):
         """A CALL: the service method ``op`` with ``args``, its result as JSON types.
@@ -661,6 +708,8 @@ class MetadataServer:
         self.executor.shutdown(wait=wait, cancel_futures=not wait)
         with contextlib.suppress(ValueError):
             self.service.observers.remove(self._observe)
+        self._outbox.put(None)
+        self._courier.join()
 
 
 # --- CALL ops: cold-path requests with JSON arguments and results ---------------------------

@@ -31,7 +31,7 @@ from typing import ClassVar
 from ddsnap.errors import BY_NAME, DdsnapError, ProtocolError
 
 #: the versions this code speaks (IDENTIFY carries the range a node speaks)
-VERSION = 2
+VERSION = 3
 MAGIC = 0x63736E70
 HEADER = struct.Struct(">IHHIQ")
 #: largest body accepted (bytes): 65,536 ranges fit with room to spare
@@ -42,6 +42,9 @@ MAX_RANGES = 1 << 16
 MAX_QUERY_CHUNKS = 1 << 16
 #: the source of a chunk read from the origin, in a read map's runs
 ORIGIN = (1 << 64) - 1
+#: read map reply flags: a map follows; the node may keep it (SNAPSHOT_READ_OK only)
+MAP_PRESENT = 0x01
+MAP_CACHEABLE = 0x02
 REPLY = 0x8000
 
 
@@ -249,16 +252,20 @@ class QueryOriginRead(Message):
 class ReadMapReply(Message):
     """A read mapping: per chunk from ``first`` a store chunk or None (the origin), sent
     as runs; ``sources`` None (origin reads only) means "no merge: read the origin
-    itself", with nothing locked."""
+    itself", with nothing locked.  ``cacheable``: the node may keep the mapping, and
+    the read locks of its origin chunks, after the read (docs/protocol.md "Read
+    mappings a node keeps").  Flags byte: bit 0 a map follows, bit 1 cacheable."""
 
     type: ClassVar[Type] = Type.SNAPSHOT_READ_OK
     first: int = 0
     sources: list[int | None] | None = None
+    cacheable: bool = False
 
     def body(self) -> bytes:
         if self.sources is None:
             return b"\0" + _Q.pack(self.first)
-        return b"\1" + _Q.pack(self.first) + encode_sources(self.sources)
+        return (bytes([MAP_PRESENT | (MAP_CACHEABLE if self.cacheable else 0)])
+                + _Q.pack(self.first) + encode_sources(self.sources))
 
 
 @dataclass
@@ -589,11 +596,13 @@ def decode(type_code: int, id: int, body: bytes | memoryview) -> Message:
     elif t in (Type.SNAPSHOT_READ_OK, Type.ORIGIN_READ_OK):
         (flag,) = r.raw(1)
         (first,) = r.take(_Q)
-        if flag not in (0, 1):
-            raise _bad(f"{t.name} has map flag {flag}")
+        allowed = ((0, MAP_PRESENT, MAP_PRESENT | MAP_CACHEABLE)
+                   if t is Type.SNAPSHOT_READ_OK else (0, MAP_PRESENT))
+        if flag not in allowed:
+            raise _bad(f"{t.name} has map flags {flag:#04x}")
         sources = r.sources(MAX_QUERY_CHUNKS) if flag else None
         rcls = ReadMapReply if t is Type.SNAPSHOT_READ_OK else OriginReadMapReply
-        msg = rcls(id, first, sources)
+        msg = rcls(id, first, sources, bool(flag & MAP_CACHEABLE))
     elif t is Type.FINISH_SNAPSHOT_READ:
         msg = FinishSnapshotRead(id, r.ranges())
     elif t is Type.SNAPSHOT_WRITE_OK:

@@ -50,12 +50,15 @@ class ReadMap:
     None means "read the origin".  The logical chunks in ``locked`` are read-locked
     (origin writes and merge steps on them wait) until
     :meth:`MetadataService.release_read` (seed 000 ``QUERY_SNAPSHOT_READ`` replies and
-    ``FINISH_SNAPSHOT_READ``).
+    ``FINISH_SNAPSHOT_READ``).  ``cacheable``: a node may keep this mapping (and the
+    read locks of its origin chunks) after the read, until the server recalls or
+    revokes it (docs/protocol.md "Read mappings a node keeps").
     """
 
     first: int
     sources: list[int | None]
     locked: list[int]
+    cacheable: bool = False
 
 
 @dataclass(frozen=True)

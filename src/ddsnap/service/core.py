@@ -92,6 +92,9 @@ class ServiceCore:
         #: origin chunks made unique since the last barrier: writes in this process
         #: need no copy-out check for them (see prepare_origin_write_nowait)
         self._unique = ChunkSet()
+        #: operations that need no node to keep snapshot read mappings meanwhile (see
+        #: :meth:`_read_mappings_revoked`): no mapping is cacheable while it is up
+        self._read_barrier = 0
         self._opens: Counter[str] = Counter()
         self._snaps: tuple[SnapshotInfo, ...] = ()
         self._refresh_snaps_locked()
@@ -433,6 +436,43 @@ class ServiceCore:
         finally:
             self._barrier -= 1
             self.cond.notify_all()
+
+    def _recall_read_locks_locked(self, first: int, last: int) -> None:
+        """Lock held, about to wait for the read locks on chunks ``first..last``: ask the
+        nodes keeping snapshot read mappings of them (whose read locks they keep after
+        the read) to let go (``read-locks-recalled``, not waited for: the caller's wait
+        for the locks is).  In one process nothing keeps a lock, and nothing is told."""
+        if self.observers and any(self._readlocks.get(c)
+                                  for c in range(first, last + 1)):
+            self._notify({"event": "read-locks-recalled", "first": first, "last": last},
+                         wait=False)
+
+    def _revoke_read_mappings(self) -> None:
+        """Lock not held: every node drops the snapshot read mappings it keeps, and
+        this returns once each has (``read-cache-revoked``, acknowledged; a node that
+        does not answer is cut off).  After a change to mappings nodes may keep (a
+        snapshot write giving a chunk a new exception), before the change is
+        acknowledged; mappings asked before the change and arriving after are not
+        kept (the node's rule, docs/protocol.md)."""
+        if self.observers:
+            self._notify({"event": "read-cache-revoked"}, wait=True)
+
+    @contextmanager
+    def _read_mappings_revoked(self):
+        """Lock not held: no node keeps a snapshot read mapping while inside.  Raises
+        the read barrier (replies are not cacheable meanwhile), then tells every node to
+        drop the mappings it keeps and waits until each has (``read-cache-revoked``,
+        acknowledged); lowered on leaving.  For what must change mappings nodes may
+        keep without recalling them chunk by chunk (docs/protocol.md "Read mappings a
+        node keeps")."""
+        with self.lock:
+            self._read_barrier += 1
+        try:
+            self._revoke_read_mappings()
+            yield
+        finally:
+            with self.lock:
+                self._read_barrier -= 1
 
     def _flush_origin(self) -> None:
         """``origin.flush()``, a host failure raised as HostIOError naming the origin."""

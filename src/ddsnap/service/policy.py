@@ -55,8 +55,17 @@ class FullPolicy(ServiceCore):
                     "(full-policy=delete-oldest)", victim.name)
 
     def set_full_policy(self, policy: str) -> None:
-        """Choose what a write does when the store is full (``error``/``delete-oldest``)."""
-        with self.lock:
+        """Choose what a write does when the store is full (``error``/``delete-oldest``).
+
+        ``delete-oldest`` deletes snapshots that are in use, whose store chunks a node
+        keeping their read mappings could read after their reuse: nodes drop every
+        mapping they keep first, and under that policy keep only origin mappings
+        (see :meth:`map_snapshot_read`).
+
+        Raises:
+            InvalidArgument: an unknown policy.
+        """
+        with self._read_mappings_revoked(), self.lock:
             self._enter_locked()
             self.store.set_full_policy(policy)
         self.commit()

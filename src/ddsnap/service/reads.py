@@ -19,7 +19,15 @@ class ReadMapping(ServiceCore):
 
     def map_snapshot_read(self, snap: SnapshotInfo, first: int, last: int) -> ReadMap:
         """Where snapshot ``snap`` reads chunks ``first..last`` (seed 000
-        ``QUERY_SNAPSHOT_READ``); origin chunks stay read-locked until released."""
+        ``QUERY_SNAPSHOT_READ``); origin chunks stay read-locked until released.
+
+        The map is ``cacheable`` (a node may keep it, see docs/protocol.md "Read
+        mappings a node keeps") unless a merge runs or the read barrier is up, and,
+        when it maps a store chunk, only if nothing waits for a commit (a mapping a
+        failed commit could take back is never kept) and the full-store policy is
+        ``error`` (``delete-oldest`` deletes snapshots in use, whose chunks a kept
+        mapping could then read after their reuse).
+        """
         with self.lock:
             self._enter_locked()
             v = self._version(snap)
@@ -31,7 +39,11 @@ class ReadMapping(ServiceCore):
                     self._readlocks[c] += 1
                     locked.append(c)
                 sources.append(sc)
-            return ReadMap(first, sources, locked)
+            cacheable = (self._merging is None and not self._read_barrier
+                         and (len(locked) == len(sources)
+                              or (not self._pending
+                                  and self.store.full_policy == "error")))
+            return ReadMap(first, sources, locked, cacheable)
 
     def map_origin_read(self, first: int, last: int) -> ReadMap | None:
         """Where the origin reads chunks ``first..last`` while a merge runs, else None.

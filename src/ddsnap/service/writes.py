@@ -175,6 +175,8 @@ class WritePath(ServiceCore):
             # locks; later ones map the exceptions.  So no read lock at all (the usual
             # case: event-loop reads hold the metadata lock instead) needs no wait.
             with self.lock:
+                if self._readlocks:
+                    self._recall_read_locks_locked(first, last)
                 while self._readlocks and any(
                         self._readlocks[c] for c in range(first, last + 1)
                         if c in self._readlocks):
@@ -260,6 +262,7 @@ class WritePath(ServiceCore):
                 raise MergeInProgress(f"snapshot {snap.name} is being merged into the origin")
             need = -1
             out: list[int] = []
+            moved = False
             for c in range(first, last + 1):
                 sc, unique = self.store.snapshot_exception(v, c)
                 if unique and sc is not None:  # (unique means its own store chunk)
@@ -307,6 +310,11 @@ class WritePath(ServiceCore):
                     self._pending[(a, c)] = self.epoch
                 need = self.epoch
                 out.append(new)
+                moved = True
                 self._bound_batch_locked()
+        if moved:
+            # Nodes may keep the old mapping of these chunks (the origin, or an
+            # exception shared with other snapshots): dropped before this write is done.
+            self._revoke_read_mappings()
         self.wait_durable(need)
         return out
