@@ -52,12 +52,16 @@ def server():
     svc.close()
 
 
-def node(srv: MetadataServer, name: str = "n", uuid: bytes = bytes(16)) -> RemoteService:
+def node(srv: MetadataServer, name: str = "n", uuid: bytes = bytes(16),
+         keep_group: int = 1) -> RemoteService:
+    """A node on a socket pair; it asks for no more mappings than it reads (unless
+    ``keep_group``), so that what it keeps is what the test read."""
     def dial():
         a, b = socket.socketpair()
         srv.accept(a)
         return b
-    return RemoteService(dial, srv.service.data, name=name, uuid=uuid)
+    return RemoteService(dial, srv.service.data, name=name, uuid=uuid,
+                         keep_group=keep_group)
 
 
 def raw(srv: MetadataServer) -> socket.socket:
@@ -445,14 +449,30 @@ def test_a_merge_start_drops_kept_mappings_and_none_is_kept_during_it(server):
     n.close()
 
 
-def test_closing_a_snapshot_export_drops_its_kept_mappings(server):
-    n = node(server)
-    info = n.create_snapshot("s")
-    n.export_open("s")
-    Snapshot(n, server.service.data, info).read(0, 3 * CS)
-    assert n.kept_chunks == 3
-    n.export_close("s")
-    assert n.kept_chunks == 0
+def test_a_delete_waits_until_nodes_dropped_the_snapshots_kept_mappings(server):
+    reader, deleter = node(server, "reader"), node(server, "deleter")
+    info = deleter.create_snapshot("s")
+    Origin(deleter, server.service.data).write(0, b"w" * CS)  # chunk 0: a copy-out
+    Snapshot(reader, server.service.data, info).read(0, CS)
+    assert reader.kept_chunks == 1
+    deleter.delete_snapshot("s")  # (its chunks are free for reuse when it returns)
+    assert reader.kept_chunks == 0
     settle(lambda: server.service.statistics().read_locks == 0, "the locks given back")
-    n.delete_snapshot("s")  # (a delete frees its chunks: nothing may read them now)
+    reader.close()
+    deleter.close()
+
+
+def test_a_node_asks_for_the_rest_of_a_group_it_read_from_in_the_background(server):
+    n = node(server, keep_group=8)
+    data = server.service.data
+    data.origin.pwrite(b"o" * SIZE, 0)
+    info = n.create_snapshot("s")
+    Origin(n, data).write(10 * CS, b"w" * CS)  # chunk 10 of s: a copy-out
+    snap = Snapshot(n, data, info)
+    snap.read(9 * CS, CS)  # group 8..15
+    settle(lambda: n.kept_chunks == 8, "the rest of the group kept")
+    with lock_held_elsewhere(server.service):  # no query from here
+        # (chunk 10 from its copy-out in the store, the others from the origin)
+        assert read_nowait(snap, 8 * CS, 8 * CS) == b"o" * 8 * CS
+    assert server.service.statistics().read_locks == 7  # (chunk 10 reads the store)
     n.close()

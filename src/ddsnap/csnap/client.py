@@ -40,7 +40,6 @@ from ddsnap.errors import (
     InvalidArgument,
     ProtocolError,
     ServiceFailed,
-    SnapshotNotFound,
 )
 from ddsnap.service.api import (
     DataDevices,
@@ -92,24 +91,33 @@ KEPT_CHUNKS = 1 << 18
 NOWAIT_LOCK_WAIT = 0.001
 
 
+#: after keeping a snapshot read's mapping, a node asks in the background for the rest
+#: of its aligned group of this many chunks, to keep it too: a random reader then asks
+#: about once per group, not once per chunk
+KEEP_GROUP = 64
+
+
 @dataclass
 class _NodeReadMap(ReadMap):
-    """A :class:`ReadMap` from the server, with what keeping it needs: the snapshot's
-    id and the node's recall count when it was asked for."""
+    """A :class:`ReadMap` from the server, with what keeping it needs: the snapshot
+    (id and size in bytes) and the node's recall count when it was asked for."""
 
     snap: int = 0
     seq: int = 0
+    size: int = 0
 
 
 class _Pending:
-    """A request waiting for its reply (kept to re-send it after a reconnect)."""
+    """A request waiting for its reply (kept to re-send it after a reconnect), and what
+    the reader thread does with the reply when nobody waits for it (``then``)."""
 
-    __slots__ = ("event", "msg", "reply")
+    __slots__ = ("event", "msg", "reply", "then")
 
-    def __init__(self, msg: Message) -> None:
+    def __init__(self, msg: Message, then: Callable[[Message], None] | None = None) -> None:
         self.msg = msg
         self.event = threading.Event()
         self.reply: Message | BaseException | None = None
+        self.then = then
 
 
 class RemoteService:
@@ -130,6 +138,8 @@ class RemoteService:
             ``UPLOAD_LOCK``), then re-sends its queries in flight (safe: see
             docs/protocol.md); a CALL in flight fails with ServiceFailed instead, as it
             may or may not have been done.
+        keep_group: after keeping a snapshot read's mappings, ask in the background
+            for the rest of its aligned group of this many chunks (1: never).
 
     Raises:
         ProtocolError: the server refused the node or broke the protocol.
@@ -146,7 +156,8 @@ class RemoteService:
     """
 
     def __init__(self, connect: Callable[[], socket.socket], data: DataDevices | None = None,
-                 name: str = "", uuid: bytes = bytes(16), reconnect: float = 0.0):
+                 name: str = "", uuid: bytes = bytes(16), reconnect: float = 0.0,
+                 keep_group: int = KEEP_GROUP):
         self._connect = connect
         self.data = data
         self.name = name
@@ -177,6 +188,9 @@ class RemoteService:
         #: not kept (it may be what was recalled)
         self._kept_seq = 0
         self._kept_lock = threading.Lock()  # taken before _lock, never after
+        #: (snapshot id, first chunk) of the groups asked for in the background
+        self._prefetching: set[tuple[int, int]] = set()
+        self.keep_group = keep_group
         self._snaps: tuple[SnapshotInfo, ...] = ()
         self._merging: int | None = None
         self._origin_size = 0
@@ -380,6 +394,24 @@ class RemoteService:
                 with contextlib.suppress(OSError):
                     self.sock.sendall(self.conn.send(msg))
 
+    def _submit(self, msg: Message, then: Callable[[Message], None]) -> None:
+        """Send a request whose reply the reader thread hands to ``then`` (not called
+        if the connection is lost for good; re-sent after a reconnect).  Never waits
+        for a reconnection: ServiceFailed while there is no connection."""
+        if not self._ready.is_set():
+            raise ServiceFailed("no connection to the metadata server now")
+        waiter = _Pending(msg, then)
+        with self._lock:
+            msg.id = next(self._ids)
+            self._pending[msg.id] = waiter
+        try:
+            self._send(msg)
+        except ServiceFailed:
+            if self.reconnect <= 0 or self._lost is not None:
+                with self._lock:
+                    self._pending.pop(msg.id, None)
+                raise
+
     def _request(self, msg: Message, want: type[M]) -> M:
         """Send a request and wait for its reply (raising the error it carries); while
         the connection is being made again, wait for it."""
@@ -424,6 +456,8 @@ class RemoteService:
         if waiter is not None:
             waiter.reply = msg
             waiter.event.set()
+            if waiter.then is not None:
+                waiter.then(msg)
 
     def _revoked(self, nid: int) -> Message | None:
         """The server revoked the grants (lock held, already cleared by _apply): the
@@ -589,7 +623,7 @@ class RemoteService:
         # (held since the reply arrived: see _count)
         return _NodeReadMap(first, sources,
                             [first + i for i, s in enumerate(sources) if s is None],
-                            reply.cacheable, snap.id, seq)
+                            reply.cacheable, snap.id, seq, snap.size)
 
     def map_origin_read(self, first: int, last: int) -> ReadMap | None:
         """QUERY_ORIGIN_READ while a merge runs (None: read the origin itself)."""
@@ -616,7 +650,10 @@ class RemoteService:
         locks of its origin chunks) if nothing was recalled since it was asked for;
         else FINISH_SNAPSHOT_READ for its read locks."""
         if isinstance(rmap, _NodeReadMap) and rmap.cacheable:
-            self._release_locks(self._keep(rmap))
+            back, kept = self._keep(rmap)
+            self._release_locks(back)
+            if kept:
+                self._prefetch(rmap)
         else:
             self._release_locks(rmap.locked)
 
@@ -637,16 +674,15 @@ class RemoteService:
 
     # -- snapshot read mappings kept (docs/protocol.md "Read mappings a node keeps") ------
 
-    def _keep(self, rmap: _NodeReadMap) -> list[int]:
+    def _keep(self, rmap: _NodeReadMap) -> tuple[list[int], bool]:
         """Keep ``rmap``'s mapping if no recall or drop came since it was asked for and
-        no merge runs; return the read locks to give back (all of them if not kept;
-        else those of chunks already kept)."""
+        no merge runs.  Returns the read locks to give back (all of them if not kept;
+        else those of chunks already kept) and whether it was kept."""
         with self._kept_lock:
             if rmap.seq != self._kept_seq or self._merging is not None:
-                return rmap.locked
-            n = len(rmap.sources)
+                return rmap.locked, False
             back: list[int] = []
-            if self._kept_count + n > KEPT_CHUNKS:
+            if self._kept_count + len(rmap.sources) > KEPT_CHUNKS:
                 back = self._drop_kept_locked()
             d = self._kept.setdefault(rmap.snap, {})
             for c, src in enumerate(rmap.sources, rmap.first):
@@ -656,7 +692,45 @@ class RemoteService:
                 else:
                     d[c] = src
                     self._kept_count += 1
-            return back
+            return back, True
+
+    def _prefetch(self, rmap: _NodeReadMap) -> None:
+        """Ask in the background for the mappings of the rest of ``rmap``'s aligned
+        group of :attr:`keep_group` chunks, to keep them (at most one such query per
+        group in flight; none if the group is kept whole already)."""
+        g = self.keep_group
+        if g <= 1 or len(rmap.sources) >= g:
+            return
+        first = rmap.first - rmap.first % g
+        last = min(-(-rmap.size // self.chunk_size), first + g) - 1
+        key = (rmap.snap, first)
+        with self._kept_lock:
+            d = self._kept.get(rmap.snap)
+            if (key in self._prefetching or d is None
+                    or all(c in d for c in range(first, last + 1))):
+                return
+            self._prefetching.add(key)
+            seq = self._kept_seq
+        kept = _NodeReadMap(first, [], [], True, rmap.snap, seq, rmap.size)
+
+        def then(reply: Message) -> None:
+            with self._kept_lock:
+                self._prefetching.discard(key)
+            if isinstance(reply, ReadMapReply) and reply.sources is not None:
+                if (reply.first != first or len(reply.sources) != last - first + 1):
+                    return  # (a server breaking the protocol: the reader ends it)
+                kept.sources = reply.sources
+                kept.locked = [first + i for i, s in enumerate(reply.sources) if s is None]
+                if reply.cacheable:
+                    self._release_locks(self._keep(kept)[0])
+                else:
+                    self._release_locks(kept.locked)
+
+        try:
+            self._submit(QuerySnapshotRead(0, rmap.snap, first, last), then)
+        except ServiceFailed:
+            with self._kept_lock:
+                self._prefetching.discard(key)
 
     def _drop_kept(self, snap: int | None = None) -> list[int]:
         """Forget the kept mappings (of snapshot id ``snap``, or all); the origin chunks
@@ -822,14 +896,8 @@ class RemoteService:
         """The export ``name`` opened above is closed."""
         with self._lock:
             self.opens[name] -= 1
-            last = self.opens[name] <= 0
-            if last:
+            if self.opens[name] <= 0:
                 del self.opens[name]
-        if last:
-            # Mappings are kept only while the snapshot is open here: a delete (which
-            # a closed snapshot allows) frees its chunks for reuse.
-            with contextlib.suppress(SnapshotNotFound):
-                self._release_locks(self._drop_kept(self.snapshot(name).id))
         with contextlib.suppress(ServiceFailed):  # a server that is gone closed it
             self._call("export_close", name=name)
 

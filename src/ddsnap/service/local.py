@@ -127,7 +127,9 @@ class LocalService(WritePath, ReadMapping, MergeOps, FullPolicy):
             self.store.begin_delete(name)
             self._refresh_snaps_locked()
         self.commit()
-        self._notify({"event": "snapshot-deleted", "snapshot": info.id}, wait=False)
+        # Acknowledged: nodes drop the snapshot's read mappings they keep before the
+        # sweep frees its chunks for reuse.
+        self._notify({"event": "snapshot-deleted", "snapshot": info.id}, wait=True)
         self._sweep()
         return info
 
