@@ -29,7 +29,8 @@ from .common import err
 @click.option("--accept-origin-change", is_flag=True,
               help="Serve even though the origin changed while nobody served the store "
                    "(snapshots may then read the new data).")
-@click.option("--workers", type=click.IntRange(0, 256), default=0, show_default=True,
+@click.option("--workers", type=click.IntRange(0, 256), default=None,
+              show_default="as many as CPUs this process may run on",
               help="Worker processes serving NBD, each doing its own data I/O and asking "
                    "a metadata server process for mappings and locks (the csnap "
                    "protocol); 0: one process does everything.")
@@ -45,6 +46,8 @@ def serve(store, listen, control_path, max_reply_memory, verbose, force_degraded
         raise InvalidArgument("--max-reply-memory must be more than 0")
     if not os.path.exists(store):
         raise StoreNotFound(store)
+    if workers is None:
+        workers = len(os.sched_getaffinity(0))
     if workers:
         _serve_workers(store, list(listen) or ["tcp:127.0.0.1:10809"], control_path,
                        reply_memory, verbose, force_degraded, accept_origin_change, workers)
