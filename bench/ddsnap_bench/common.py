@@ -31,7 +31,8 @@ SCALING_FIO = ("overwrite4k", "randread4k-newest")  # issue 9's, with randwrite4
 # issue 11's: two connections each (fio numjobs=2), for every peer alike
 TWO_CONNECTION_FIO = ("overwrite4k-2c", "randread4k-2c")
 ALL_FIO = FIO_WORKLOADS + SCALING_FIO + TWO_CONNECTION_FIO
-DEFAULT_WORKLOADS = FIO_WORKLOADS + ("merge", "snapcreate", "rss")
+DEFAULT_WORKLOADS = FIO_WORKLOADS + ("overwrite4k",) + TWO_CONNECTION_FIO + (
+    "merge", "snapcreate", "rss")
 ALL_WORKLOADS = ALL_FIO + ("merge", "snapcreate", "rss", "scaling")
 # --scaling: what issue 9's criteria name (the fio jobs at each N, then `scaling`: snapshot
 # creation at --scaling-count, deletes among them, metadata per exception)
