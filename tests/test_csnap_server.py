@@ -476,3 +476,22 @@ def test_a_node_asks_for_the_rest_of_a_group_it_read_from_in_the_background(serv
         assert read_nowait(snap, 8 * CS, 8 * CS) == b"o" * 8 * CS
     assert server.service.statistics().read_locks == 7  # (chunk 10 reads the store)
     n.close()
+
+
+def test_a_node_stops_asking_for_groups_while_they_serve_no_read(server):
+    n = node(server, keep_group=2)
+    n.prefetch_window = 2  # (judged every 2 maps kept after a query)
+    data = server.service.data
+    snap = Snapshot(n, data, n.create_snapshot("s"))
+    snap.read(0, CS)
+    settle(lambda: n.kept_chunks == 2, "chunk 1 asked for with its group")
+    snap.read(4 * CS, CS)  # the window ends: no read was served from kept mappings
+    assert not n.prefetching
+    snap.read(8 * CS, CS)
+    assert n.kept_chunks == 4  # chunks 5 and 9 were not asked for
+    for _ in range(3):  # reads served from kept mappings: groups pay again
+        assert read_nowait(snap, 0, 2 * CS) is not None
+    snap.read(12 * CS, CS)  # the window ends: 3 reads served, 2 maps kept
+    assert n.prefetching
+    settle(lambda: n.kept_chunks == 6, "chunk 13 asked for with its group")
+    n.close()

@@ -84,17 +84,22 @@ log = logging.getLogger("ddsnap.csnap")
 M = TypeVar("M", bound=Message)
 
 RECV_BYTES = 1 << 16
-#: most snapshot chunk mappings a node keeps; reaching it drops them all (a few dozen
-#: bytes each: about 20 MiB at the limit)
-KEPT_CHUNKS = 1 << 18
+#: most snapshot chunk mappings a node keeps; reaching it drops them all.  A kept origin
+#: mapping costs about 600 bytes over the node and the metadata server (the mapping, and
+#: its read lock counted by the node, its session and the service): about 20 MiB at the
+#: limit, per node
+KEPT_CHUNKS = 1 << 15
 #: longest the event loop waits for the kept mappings' lock before a READ asks (s)
 NOWAIT_LOCK_WAIT = 0.001
-
-
 #: after keeping a snapshot read's mapping, a node asks in the background for the rest
 #: of its aligned group of this many chunks, to keep it too: a random reader then asks
 #: about once per group, not once per chunk
 KEEP_GROUP = 64
+#: every this many mappings kept after a query, a node judges whether asking for whole
+#: groups pays: only if the reads served from kept mappings meanwhile were at least as
+#: many (a random reader of a volume far bigger than what is kept would only double
+#: the server's work)
+PREFETCH_WINDOW = 1024
 
 
 @dataclass
@@ -191,6 +196,12 @@ class RemoteService:
         #: (snapshot id, first chunk) of the groups asked for in the background
         self._prefetching: set[tuple[int, int]] = set()
         self.keep_group = keep_group
+        #: reads served from kept mappings and mappings kept after a query, in this
+        #: PREFETCH_WINDOW; whether groups are asked for in the background now
+        self._window_hits = 0
+        self._window_keeps = 0
+        self.prefetching = True
+        self.prefetch_window = PREFETCH_WINDOW
         self._snaps: tuple[SnapshotInfo, ...] = ()
         self._merging: int | None = None
         self._origin_size = 0
@@ -653,6 +664,8 @@ class RemoteService:
             back, kept = self._keep(rmap)
             self._release_locks(back)
             if kept:
+                with self._kept_lock:
+                    self._judge_prefetching_locked()
                 self._prefetch(rmap)
         else:
             self._release_locks(rmap.locked)
@@ -694,12 +707,21 @@ class RemoteService:
                     self._kept_count += 1
             return back, True
 
+    def _judge_prefetching_locked(self) -> None:
+        """Count a mapping kept after a query; at the end of a window of
+        :attr:`prefetch_window`, ask for whole groups in the next one only if kept
+        mappings served at least as many reads meanwhile."""
+        self._window_keeps += 1
+        if self._window_keeps >= self.prefetch_window:
+            self.prefetching = self._window_hits >= self._window_keeps
+            self._window_hits = self._window_keeps = 0
+
     def _prefetch(self, rmap: _NodeReadMap) -> None:
         """Ask in the background for the mappings of the rest of ``rmap``'s aligned
         group of :attr:`keep_group` chunks, to keep them (at most one such query per
         group in flight; none if the group is kept whole already)."""
         g = self.keep_group
-        if g <= 1 or len(rmap.sources) >= g:
+        if g <= 1 or len(rmap.sources) >= g or not self.prefetching:
             return
         first = rmap.first - rmap.first % g
         last = min(-(-rmap.size // self.chunk_size), first + g) - 1
@@ -718,7 +740,10 @@ class RemoteService:
                 self._prefetching.discard(key)
             if isinstance(reply, ReadMapReply) and reply.sources is not None:
                 if (reply.first != first or len(reply.sources) != last - first + 1):
-                    return  # (a server breaking the protocol: the reader ends it)
+                    # (a server breaking the protocol; the locks counted go back)
+                    self._release_locks([reply.first + i for i, s
+                                         in enumerate(reply.sources) if s is None])
+                    return
                 kept.sources = reply.sources
                 kept.locked = [first + i for i, s in enumerate(reply.sources) if s is None]
                 if reply.cacheable:
@@ -792,9 +817,10 @@ class RemoteService:
             return None
         try:
             d = self._kept[snap.id]
-            if first == last:  # the common small read
-                return [d[first]]
-            return [d[c] for c in range(first, last + 1)]
+            sources = ([d[first]] if first == last  # (the common small read)
+                       else [d[c] for c in range(first, last + 1)])
+            self._window_hits += 1  # (under the lock, like the count of keeps)
+            return sources
         except KeyError:
             self._kept_lock.release()
             return None
