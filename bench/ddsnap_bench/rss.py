@@ -34,13 +34,20 @@ class RssWorkload:
                 except OSError:
                     pass
             threads = len(os.listdir(f"/proc/{pid}/task"))
+            # `serve --workers`: the children are its metadata server and workers
+            # (python -m ddsnap.workers ROLE), whose figures are added up
+            ours = True
+            for c in children:
+                with open(f"/proc/{c}/cmdline", "rb") as f:
+                    ours = ours and b"ddsnap.workers" in f.read()
         except OSError as e:
             return f"could not inspect the server process {pid}: {e}"
         note = (f"peak RSS is read from `/proc/{pid}/status` of the process started as "
                 f"`{shlex.join(cmd)}` (`/proc/{pid}/exe` -> `{exe}`; once serving: {threads} "
-                f"thread(s), {len(children)} child process(es)): the Python server itself, "
-                f"not a wrapper")
-        if "python" not in os.path.basename(exe) or children:
+                f"thread(s), {len(children)} child process(es)"
+                + (", serve's metadata server and workers, their VmHWM added up"
+                   if children else "") + "): the Python server itself, not a wrapper")
+        if "python" not in os.path.basename(exe) or not ours:
             self.problem(f"peak RSS: the server process may be a wrapper: {note}")
             note = note.split(": the Python")[0] + " (NOT clearly the server itself)"
         return note
