@@ -133,6 +133,24 @@ def test_live_unix_socket_is_not_stolen_but_a_stale_one_is_replaced(srv, sockdir
     assert not os.path.exists(stale)  # removed on close
 
 
+def test_listeners_bound_for_workers_queue_connections_before_anyone_accepts(sockdir):
+    """``serve --workers`` binds its listeners and is ready (its control socket up)
+    before a worker accepts: a client connecting meanwhile must wait, not be refused."""
+    async def run():
+        server = NbdServer(Registry(), None)
+        await server.start([f"unix:{sockdir}/early.sock", "tcp:127.0.0.1:0"], serve=False)
+        try:
+            for addr in server.addresses:
+                kind, where = parse_listen(addr)
+                fam = socket.AF_UNIX if kind == "unix" else socket.AF_INET
+                with socket.socket(fam) as c:
+                    c.connect(where)  # (refused if the socket did not listen)
+        finally:
+            await server.close()
+
+    asyncio.run(run())
+
+
 # --- real clients ------------------------------------------------------------------------
 
 

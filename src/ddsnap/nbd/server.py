@@ -260,6 +260,7 @@ class NbdServer:
                                                    limit=_STREAM_LIMIT,
                                                    backlog=LISTEN_BACKLOG,
                                                    start_serving=serve)
+        self._listening(listener, serve)
         self._listeners.append(listener)
         self._unix_paths.append((path, os.stat(path).st_ino))
         self.addresses.append(f"unix:{path}")
@@ -268,9 +269,25 @@ class NbdServer:
         listener = await asyncio.start_server(self._accept, host=host, port=port,
                                               limit=_STREAM_LIMIT, backlog=LISTEN_BACKLOG,
                                               start_serving=serve)
+        self._listening(listener, serve)
         self._listeners.append(listener)
         for sock in listener.sockets:
             self.addresses.append(_address(sock))
+
+    @staticmethod
+    def _listening(listener: asyncio.Server, serve: bool) -> None:
+        """Make a listener asyncio does not serve listen anyway: asyncio calls
+        ``listen()`` only when it starts serving, and a bound socket that does not
+        listen refuses connections (``serve --workers`` is ready, its control socket
+        up, before its workers accept: connections must queue meanwhile)."""
+        if serve:
+            return
+        for s in listener.sockets:
+            raw = socket.socket(fileno=s.fileno())  # (the same descriptor, not a copy)
+            try:
+                raw.listen(LISTEN_BACKLOG)
+            finally:
+                raw.detach()
 
     def listening_fds(self) -> list[int]:
         """The file descriptors of the listening sockets, for worker processes to
