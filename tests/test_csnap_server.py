@@ -337,6 +337,20 @@ def read_nowait(vol, offset: int, n: int) -> bytes | None:
     return bytes(buf) if vol.read_into_nowait(offset, memoryview(buf)) else None
 
 
+def origin_write_in_thread(n: RemoteService, data, offset: int):
+    """Write one chunk of b"w" to the origin through ``n`` on a thread of its own; the
+    thread and the event set when the write is done."""
+    done = threading.Event()
+
+    def write():
+        Origin(n, data).write(offset, b"w" * CS)
+        done.set()
+
+    t = threading.Thread(target=write)
+    t.start()
+    return t, done
+
+
 def test_a_kept_mapping_is_read_again_without_asking(server):
     n = node(server)
     data = server.service.data
@@ -362,14 +376,7 @@ def test_an_origin_write_recalls_the_read_locks_a_node_keeps(server):
     snap = Snapshot(reader, data, info)
     assert snap.read(0, 4 * CS) == b"o" * 4 * CS
     assert reader.kept_chunks == 4
-    done = threading.Event()
-
-    def write():
-        Origin(writer, data).write(2 * CS, b"w" * CS)
-        done.set()
-
-    t = threading.Thread(target=write)
-    t.start()
+    t, done = origin_write_in_thread(writer, data, 2 * CS)
     t.join(SETTLE)
     assert done.is_set(), "the origin write waited for a kept read lock forever"
     # the recalled chunk is read from its copy-out now; the others are still kept
@@ -386,14 +393,7 @@ def test_a_map_recalled_during_its_read_is_not_kept(server):
     data = server.service.data
     info = writer.create_snapshot("s")
     rmap = reader.map_snapshot_read(info, 1, 1)  # a read in progress
-    done = threading.Event()
-
-    def write():
-        Origin(writer, data).write(CS, b"w" * CS)
-        done.set()
-
-    t = threading.Thread(target=write)
-    t.start()
+    t, done = origin_write_in_thread(writer, data, CS)
     settle(lambda: reader.kept_drops > 0, "the recall reaching the reader")
     assert not done.is_set()  # the write waits for the read ...
     reader.release_read(rmap)  # ... which ends: its lock goes back, not kept

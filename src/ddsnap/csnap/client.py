@@ -411,7 +411,13 @@ class RemoteService:
         for a reconnection: ServiceFailed while there is no connection."""
         if not self._ready.is_set():
             raise ServiceFailed("no connection to the metadata server now")
-        waiter = _Pending(msg, then)
+        self._send_pending(_Pending(msg, then))
+
+    def _send_pending(self, waiter: _Pending) -> None:
+        """Give ``waiter``'s request an id, record it as waiting and send it; a send
+        that fails while the connection is being made again is left to the reader
+        (which re-sends it), else ServiceFailed."""
+        msg = waiter.msg
         with self._lock:
             msg.id = next(self._ids)
             self._pending[msg.id] = waiter
@@ -430,17 +436,7 @@ class RemoteService:
             if self._lost is not None:
                 raise self._failed()
         waiter = _Pending(msg)
-        with self._lock:
-            msg.id = next(self._ids)
-            self._pending[msg.id] = waiter
-        try:
-            self._send(msg)
-        except ServiceFailed:
-            if self.reconnect <= 0 or self._lost is not None:
-                with self._lock:
-                    self._pending.pop(msg.id, None)
-                raise
-            # else the reader makes the connection again and re-sends it
+        self._send_pending(waiter)
         waiter.event.wait()
         reply = waiter.reply
         if isinstance(reply, BaseException):
