@@ -21,6 +21,11 @@ from typing import TYPE_CHECKING
 import pytest
 from hypothesis import HealthCheck, settings
 
+# The multi-host fixtures (``network``, ``etcd``) and the TLS one (``pki``), for every
+# module; registered for assertion rewriting before pytest imports them as plugins.
+pytest.register_assert_rewrite("hosts", "etcd_server", "certs")
+pytest_plugins = ("hosts", "etcd_server", "certs")
+
 if TYPE_CHECKING:
     from ddsnap.store.blockdev import FileDevice
     from ddsnap.store.memory import MemoryStore

@@ -187,7 +187,9 @@ class Served:
 
     def __init__(self, store: str | os.PathLike, *, sock: str | os.PathLike | None = None,
                  control: str | os.PathLike | None = None, tcp: bool = False,
-                 extra: tuple[str, ...] = (), workers: int | None = None):
+                 extra: tuple[str, ...] = (), workers: int | None = None,
+                 metadata: str | None = None, tls: tuple[str, str, str] | None = None,
+                 host: Any = None):
         self.store = Path(store)
         self.sock = Path(sock) if sock else self.store.with_name(self.store.name + ".nbd")
         self.ctl = Path(control) if control else self.store.with_name(self.store.name + ".ctl")
@@ -201,7 +203,12 @@ class Served:
             self.args += ["--control", str(self.ctl)]
         if workers is not None:
             self.args += ["--workers", str(workers)]
+        if metadata:
+            self.args += ["--metadata-listen", metadata, *tls_args(tls)]
         self.args += list(extra)
+        if host is not None:  # a tests.hosts.Host: run inside its network namespace
+            self.args = host.argv(*self.args)
+        self.metadata: str | None = None
         self.workers = workers
         self.want_tcp = tcp
         self.tcp: str | None = None
@@ -230,9 +237,11 @@ class Served:
         if proc.poll() is not None:
             raise AssertionError(f"ddsnap serve exited {proc.returncode} before it was "
                                  f"ready:\n{self.output()}")
-        m = re.search(r"^serving .* on (.*); control socket (\S+)$", self.output(), re.M)
+        m = re.search(r"^serving .* on (.*); control socket ([^;\s]+)(; metadata port "
+                      r"(tcp:\S+))?", self.output(), re.M)
         if not m:
             return False
+        self.metadata = m.group(4)
         if self.want_tcp:
             t = re.search(r"tcp:(127\.0\.0\.1:\d+)", m.group(1))
             assert t, f"no TCP address in {m.group(0)!r}"
@@ -321,6 +330,112 @@ class Served:
         reply = control_request(self.ctl, op, args)
         assert reply.get("ok"), reply
         return reply["result"]
+
+
+def tls_args(files: tuple[str, str, str] | None) -> list[str]:
+    """The ``--tls-*`` options for ``(ca, cert, key)``, or ``--insecure`` for None."""
+    if files is None:
+        return ["--insecure"]
+    ca, cert, key = files
+    return ["--tls-ca", ca, "--tls-cert", cert, "--tls-key", key]
+
+
+class Attached:
+    """``ddsnap attach SERVER --origin ORIGIN --store STORE`` as a real subprocess,
+    serving NBD on a unix socket ``sock``; in ``host`` (a tests.hosts.Host) if given.
+
+    Use as a context manager, like :class:`Served`; on a normal exit it gets SIGTERM and
+    must exit 0 without a traceback.  ``node`` is the node id the server gave it.
+    """
+
+    def __init__(self, server: str, origin: str | os.PathLike, store: str | os.PathLike,
+                 sock: str | os.PathLike, *, tls: tuple[str, str, str] | None = None,
+                 workers: int | None = 0, name: str | None = None,
+                 extra: tuple[str, ...] = (), host: Any = None):
+        self.sock = Path(sock)
+        assert len(str(self.sock)) <= _SUN_PATH_MAX, f"socket path too long: {sock}"
+        self.log = self.sock.with_name(self.sock.name + ".attach.log")
+        args = [*DDSNAP, "attach", server, "--origin", str(origin), "--store", str(store),
+                "--listen", f"unix:{self.sock}", *tls_args(tls)]
+        if workers is not None:
+            args += ["--workers", str(workers)]
+        if name:
+            args += ["--name", name]
+        args += list(extra)
+        self.args = host.argv(*args) if host is not None else args
+        self.proc: subprocess.Popen | None = None
+        self.node: int | None = None
+        self.returncode: int | None = None
+
+    def start(self) -> Attached:
+        self._logf = open(self.log, "w+")  # noqa: SIM115 - open while the node runs
+        self.proc = subprocess.Popen(self.args, stdout=self._logf, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=ddsnap_env())
+        try:
+            wait_until(self._ready, "ddsnap attach to be ready")
+        except BaseException:
+            self.reap(signal.SIGKILL)
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"ddsnap attach exited {self.proc.returncode} before it "
+                                 f"was ready:\n{self.output()}")
+        m = re.search(r"^attached to \S+ as node (\d+)", self.output(), re.M)
+        if m:
+            self.node = int(m.group(1))
+        return m is not None
+
+    def output(self) -> str:
+        with open(self.log) as f:
+            return f.read()
+
+    def uri(self, export: str = "origin") -> str:
+        return f"nbd+unix:///{export}?socket={self.sock}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def reap(self, sig: int) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.returncode = self.proc.returncode
+        self._logf.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the node and (with workers) its children at once."""
+        for p in [*children(self.pid).values(), self.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        self.reap(signal.SIGKILL)
+
+    def stop(self) -> None:
+        rc = self.reap(signal.SIGTERM)
+        out = self.output()
+        assert rc == 0, f"ddsnap attach exited {rc} on SIGTERM:\n{out}"
+        assert "Traceback" not in out, out
+
+    def __enter__(self) -> Attached:
+        return self if self.proc is not None else self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.proc is None or self.returncode is not None:
+            return
+        if exc_type is not None:
+            self.reap(signal.SIGTERM)
+            return
+        self.stop()
 
 
 def make_origin(path: Path, size: int, seed: int | None = None) -> bytes:

@@ -1,11 +1,19 @@
-"""Block devices: the common contract of FileDevice, MemoryDevice and RecordingDevice, the
-file-specific behaviour, and RecordingDevice's crash model (crash points, a clock shared
-by devices that lose power together, and the images a crash can leave)."""
+"""Block devices: the common contract of FileDevice, DirectFileDevice, MemoryDevice and
+RecordingDevice, the file-specific behaviour (of FileDevice and DirectFileDevice alike),
+DirectFileDevice's own (alignment, read-modify-write, no page cache, an odd-sized last
+block), and RecordingDevice's crash model (crash points, a clock shared by devices that
+lose power together, and the images a crash can leave)."""
 
 from __future__ import annotations
 
+import array
+import ctypes
+import errno
+import mmap
 import os
 import random
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,13 +22,21 @@ from hypothesis import strategies as st
 
 from conftest import examples
 from ddsnap.errors import InvalidArgument, StoreNotFound
-from ddsnap.store.blockdev import FileDevice, MemoryDevice, copy_range
+from ddsnap.store.blockdev import (
+    ALIGN,
+    DIRECT_PIECE,
+    DirectFileDevice,
+    FileDevice,
+    MemoryDevice,
+    copy_range,
+)
 from ddsnap.testing.crash import CrashClock, CrashNow, RecordingDevice
+from served import loop_device, need, tool
 
 SIZE = 64 << 10
 
 
-@pytest.fixture(params=["memory", "file", "recording"])
+@pytest.fixture(params=["memory", "file", "direct", "recording"])
 def device(request, tmp_path):
     """A fresh, zero-filled SIZE-byte device of each kind."""
     if request.param == "memory":
@@ -28,7 +44,8 @@ def device(request, tmp_path):
     elif request.param == "recording":
         yield RecordingDevice(SIZE)
     else:
-        dev = FileDevice(str(tmp_path / "dev.img"), create_size=SIZE)
+        cls = DirectFileDevice if request.param == "direct" else FileDevice
+        dev = cls(str(tmp_path / "dev.img"), create_size=SIZE)
         yield dev
         dev.close()
 
@@ -72,11 +89,14 @@ def test_contract_discard_keeps_size_and_other_data(device):
 
 
 # ---------------------------------------------------------------------------------------
-# FileDevice specifics
+# FileDevice specifics, DirectFileDevice's too
 
-def test_file_device_creates_a_sparse_file_and_reopens(tmp_path):
+FILE_CLASSES = pytest.mark.parametrize("cls", [FileDevice, DirectFileDevice])
+
+@FILE_CLASSES
+def test_file_device_creates_a_sparse_file_and_reopens(cls, tmp_path):
     path = tmp_path / "store.img"
-    dev = FileDevice(str(path), create_size=1 << 30)
+    dev = cls(str(path), create_size=1 << 30)
     try:
         assert dev.size == 1 << 30 and not dev.is_block
         assert os.stat(path).st_blocks * 512 < 1 << 20  # sparse, not written out
@@ -85,7 +105,7 @@ def test_file_device_creates_a_sparse_file_and_reopens(tmp_path):
     finally:
         dev.close()
     # create_size is ignored for an existing file; content persists.
-    dev = FileDevice(str(path), create_size=4096)
+    dev = cls(str(path), create_size=4096)
     try:
         assert dev.size == 1 << 30
         assert dev.pread(4, (1 << 30) - 4) == b"data"
@@ -93,10 +113,11 @@ def test_file_device_creates_a_sparse_file_and_reopens(tmp_path):
         dev.close()
 
 
-def test_file_device_short_file_reads_as_zeroes(tmp_path):
+@FILE_CLASSES
+def test_file_device_short_file_reads_as_zeroes(cls, tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"abc")
-    dev = FileDevice(str(path))
+    dev = cls(str(path))
     try:
         assert dev.size == 3
         assert dev.pread(6, 1) == b"bc\0\0\0\0"
@@ -107,29 +128,32 @@ def test_file_device_short_file_reads_as_zeroes(tmp_path):
         dev.close()
 
 
-def test_file_device_missing_path(tmp_path):
+@FILE_CLASSES
+def test_file_device_missing_path(cls, tmp_path):
     with pytest.raises(StoreNotFound) as e:
-        FileDevice(str(tmp_path / "nope"))
+        cls(str(tmp_path / "nope"))
     assert str(tmp_path / "nope") in str(e.value)
 
 
-def test_file_device_refuses_directories_and_fifos(tmp_path):
+@FILE_CLASSES
+def test_file_device_refuses_directories_and_fifos(cls, tmp_path):
     with pytest.raises(InvalidArgument):
-        FileDevice(str(tmp_path))
+        cls(str(tmp_path))
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so opening for writing does not block
     try:
         with pytest.raises(InvalidArgument):
-            FileDevice(str(fifo))
+            cls(str(fifo))
     finally:
         os.close(fd)
 
 
-def test_file_device_read_only(tmp_path):
+@FILE_CLASSES
+def test_file_device_read_only(cls, tmp_path):
     path = tmp_path / "ro"
     path.write_bytes(b"q" * 4096)
-    dev = FileDevice(str(path), writable=False)
+    dev = cls(str(path), writable=False)
     try:
         assert dev.pread(4, 0) == b"qqqq"
         with pytest.raises(OSError):
@@ -139,10 +163,11 @@ def test_file_device_read_only(tmp_path):
     assert path.read_bytes() == b"q" * 4096
 
 
-def test_file_device_exclusive_lock(tmp_path):
+@FILE_CLASSES
+def test_file_device_exclusive_lock(cls, tmp_path):
     path = str(tmp_path / "locked")
-    a = FileDevice(path, create_size=8192)
-    b = FileDevice(path)
+    a = cls(path, create_size=8192)
+    b = cls(path)
     try:
         assert a.lock_exclusive()
         assert not b.lock_exclusive()
@@ -153,8 +178,9 @@ def test_file_device_exclusive_lock(tmp_path):
         b.close()
 
 
-def test_file_device_discard_of_a_written_range(tmp_path):
-    dev = FileDevice(str(tmp_path / "d"), create_size=1 << 20)
+@FILE_CLASSES
+def test_file_device_discard_of_a_written_range(cls, tmp_path):
+    dev = cls(str(tmp_path / "d"), create_size=1 << 20)
     try:
         dev.pwrite(b"\x55" * (256 << 10), 0)
         dev.flush()
@@ -387,12 +413,26 @@ def test_clock_observer_sees_each_operation_before_it_happens():
 
 def test_contract_preadinto_nowait_reads_what_is_in_memory(device):
     """What was just written is in memory (the page cache for a file): the no-wait read
-    returns it; a device that cannot tell would answer False, never wrong bytes."""
+    returns it.  A DirectFileDevice keeps nothing in memory: it answers False, never
+    wrong bytes, and the caller reads from a thread."""
     data = os.urandom(3 * 4096)
     device.pwrite(data, 4096)
     buf = bytearray(len(data))
-    assert device.preadinto_nowait(memoryview(buf), 4096) is True
+    in_memory = not isinstance(device, DirectFileDevice)
+    assert device.preadinto_nowait(memoryview(buf), 4096) is in_memory
+    if in_memory:
+        assert bytes(buf) == data
+    device.preadinto(memoryview(buf), 4096)
     assert bytes(buf) == data
+
+
+def test_contract_pwrite_cached_writes_only_into_memory(device):
+    """pwrite_cached writes (True) where the write goes to memory, else writes nothing
+    (False): a DirectFileDevice has no page cache to write into."""
+    written = device.pwrite_cached(b"cached", 5000)
+    assert device.pread(6, 5000) == (b"cached" if written else bytes(6))
+    if isinstance(device, DirectFileDevice | MemoryDevice):
+        assert written is not isinstance(device, DirectFileDevice)
 
 
 def test_file_preadinto_nowait_refuses_data_not_cached(tmp_path):
@@ -421,15 +461,16 @@ def test_file_preadinto_nowait_refuses_data_not_cached(tmp_path):
 
 
 @pytest.mark.parametrize("kinds", [("file", "file"), ("file", "memory"), ("memory", "file"),
-                                   ("recording", "recording")])
+                                   ("recording", "recording"), ("direct", "direct"),
+                                   ("direct", "file"), ("file", "direct"), ("memory", "direct")])
 def test_copy_range_between_devices(tmp_path, kinds):
     """copy_range copies a range between two devices of any kinds (in the kernel between
     two files); a source range past its end reads as zeroes; the destination is checked."""
     def make(kind, name, data):
-        if kind == "file":
+        if kind in ("file", "direct"):
             path = tmp_path / name
             path.write_bytes(data)
-            return FileDevice(str(path))
+            return (DirectFileDevice if kind == "direct" else FileDevice)(str(path))
         if kind == "recording":
             return RecordingDevice(len(data), data)
         return MemoryDevice(len(data), data)
@@ -448,3 +489,593 @@ def test_copy_range_between_devices(tmp_path, kinds):
         copy_range(src, 0, dst, (300 << 10) - 10, 100)
     src.close()
     dst.close()
+
+
+# ---------------------------------------------------------------------------------------
+# DirectFileDevice: alignment, read-modify-write, no page cache, the odd-sized last block
+
+def drop_cache(path) -> None:
+    """Write out and drop this host's cached pages of ``path``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cached_pages(path, offset: int, length: int) -> int:
+    """How many pages of ``[offset, offset+length)`` of ``path`` are in this host's page
+    cache: mincore(2) of a shared mapping, which looks without reading anything in (a
+    RWF_NOWAIT read would start readahead)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    page = mmap.PAGESIZE
+    start = offset - offset % page
+    pages = -(-(offset + length - start) // page)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, pages * page, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            raise OSError(ctypes.get_errno(), "mmap")
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            if libc.mincore(addr, pages * page, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+            return sum(v & 1 for v in vec)
+        finally:
+            libc.munmap(addr, pages * page)
+    finally:
+        os.close(fd)
+
+
+def direct_read(path, offset: int, length: int) -> bytes:
+    """Read with a descriptor of our own opened O_DIRECT (another host's view of the
+    device); ``offset`` and ``length`` aligned; short at the end of file."""
+    buf = mmap.mmap(-1, length)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        n = os.preadv(fd, [buf], offset)
+        return buf[:n]
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def direct_write(path, data: bytes, offset: int) -> None:
+    """Write with a descriptor of our own opened O_DIRECT (another host writing the
+    device); ``offset`` and ``len(data)`` aligned."""
+    buf = mmap.mmap(-1, len(data))
+    buf[:] = data
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        assert os.pwrite(fd, buf, offset) == len(data)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+BOUNDARY_OFFSETS = [0, 1, 511, 512, ALIGN - 1, ALIGN, ALIGN + 1, 2 * ALIGN - 3, 3 * ALIGN + 100]
+BOUNDARY_LENGTHS = [0, 1, 100, ALIGN - 1, ALIGN, ALIGN + 1, 2 * ALIGN, 3 * ALIGN + 7]
+
+
+def test_direct_unaligned_writes_and_reads_at_block_boundaries(tmp_path):
+    """Every offset near a block boundary with every length near a block size: each write
+    lands exactly (neighbours untouched, read-modify-write keeps the rest of the block)
+    and each read returns exactly the asked bytes."""
+    size = 8 * ALIGN
+    dev = DirectFileDevice(str(tmp_path / "dev.img"), create_size=size)
+    model = bytearray(size)
+    rng = random.Random(1)
+    try:
+        for off in BOUNDARY_OFFSETS:
+            for n in BOUNDARY_LENGTHS:
+                data = rng.randbytes(n)
+                dev.pwrite(data, off)
+                model[off: off + n] = data
+                for roff in BOUNDARY_OFFSETS:
+                    for rn in (1, ALIGN - 1, ALIGN + 1, 2 * ALIGN + 5):
+                        assert dev.pread(rn, roff) == model[roff: roff + rn], (off, n, roff, rn)
+        assert (tmp_path / "dev.img").read_bytes() == model
+    finally:
+        dev.close()
+
+
+direct_offsets = st.one_of(st.integers(min_value=0),
+                           st.integers(0, 800).map(lambda k: k * ALIGN),
+                           st.integers(1, 800).map(lambda k: k * ALIGN - 1))
+direct_ops = st.lists(
+    st.tuples(st.sampled_from(["write", "pread", "preadinto"]), direct_offsets,
+              st.one_of(st.integers(0, 3 * ALIGN), st.integers(0, DIRECT_PIECE + 3 * ALIGN)),
+              st.integers(0, 2**32)),
+    max_size=12,
+)
+
+
+@settings(max_examples=examples(40))
+@given(st.sampled_from([2 * DIRECT_PIECE + 3 * ALIGN, 2 * DIRECT_PIECE + 5000, 5000]),
+       direct_ops)
+def test_direct_io_matches_a_bytes_model(size, ops):
+    """Random writes and reads across block boundaries and 1 MiB pieces, on a file of a
+    whole number of blocks and on files of odd size, against a bytearray; reads go past
+    the end too; finally the file itself holds the model, at its own size."""
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as d:
+        path = Path(d) / "dev.img"
+        dev = DirectFileDevice(str(path), create_size=size)
+        model = bytearray(size)
+        try:
+            for kind, where, n, seed in ops:
+                off = where % (size + 2 * ALIGN)
+                if kind == "write":
+                    off %= size
+                    n = min(n, size - off)
+                    data = random.Random(seed).randbytes(n)
+                    dev.pwrite(data, off)
+                    model[off: off + n] = data
+                    continue
+                want = bytes(model[off: off + n]).ljust(n, b"\0")
+                if kind == "pread":
+                    assert dev.pread(n, off) == want
+                else:
+                    buf = bytearray(b"\xee" * n)
+                    dev.preadinto(memoryview(buf), off)
+                    assert buf == want
+        finally:
+            dev.close()
+        assert path.read_bytes() == model
+
+
+def test_direct_large_io_from_several_threads(tmp_path):
+    """Requests of several 1 MiB pieces from several threads at once, at unaligned
+    offsets: each thread's bounce buffer is its own (a shared one mixes their data)."""
+    span = 3 * DIRECT_PIECE + 4321
+    threads = 4
+    dev = DirectFileDevice(str(tmp_path / "big.img"), create_size=threads * (span + ALIGN))
+    datas = [os.urandom(span) for _ in range(threads)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def run(t: int) -> None:
+        try:
+            start.wait()
+            off = t * (span + ALIGN) + 777
+            for _ in range(5):
+                dev.pwrite(datas[t], off)
+                assert dev.pread(span, off) == datas[t]
+                buf = bytearray(span)
+                dev.preadinto(buf, off)
+                assert buf == datas[t]
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    try:
+        assert not errors, errors
+        for t in range(threads):
+            assert dev.pread(span, t * (span + ALIGN) + 777) == datas[t]
+    finally:
+        dev.close()
+
+
+@pytest.mark.parametrize("odd,one_device_each", [(False, False), (False, True), (True, False)])
+def test_direct_concurrent_writes_inside_the_same_blocks_all_land(tmp_path, odd,
+                                                                  one_device_each):
+    """Threads write disjoint, interleaved byte ranges inside the same 4 KiB blocks,
+    round after round: every range ends with its thread's last round (an unserialized
+    read-modify-write puts back a neighbour's old bytes).  Also with a DirectFileDevice
+    of its own per thread on the same file (one process: still serialized), and inside the
+    partial last block of an odd-sized file."""
+    size = 3 * ALIGN + (3000 if odd else ALIGN)
+    lo, hi = (ALIGN - 1500, 3 * ALIGN + 1500) if not odd else (2 * ALIGN - 700, size)
+    threads, rounds, width = 6, 12 if odd else 40, 37
+    path = str(tmp_path / "dev.img")
+    devs = [DirectFileDevice(path, create_size=size)]
+    devs += [DirectFileDevice(path) for _ in range(threads - 1)] if one_device_each else []
+    ranges = [lo + i * width for i in range((hi - lo) // width)]
+
+    def fill(t: int, r: int) -> int:
+        return 1 + (t * rounds + r) % 255
+
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def run(t: int) -> None:
+        dev = devs[t % len(devs)]
+        try:
+            start.wait()
+            for r in range(rounds):
+                for off in ranges[t::threads]:
+                    dev.pwrite(bytes([fill(t, r)]) * width, off)
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    try:
+        assert not errors, errors
+        got = devs[0].pread(size, 0)
+        assert got == Path(path).read_bytes()
+        lost = [off for i, off in enumerate(ranges)
+                if got[off: off + width] != bytes([fill(i % threads, rounds - 1)]) * width]
+        assert not lost, f"{len(lost)} of {len(ranges)} writes lost, first at byte {lost[0]}"
+        assert got[:lo] == bytes(lo) and got[ranges[-1] + width:] == bytes(size - ranges[-1]
+                                                                            - width)
+    finally:
+        for dev in devs:
+            dev.close()
+
+
+@pytest.mark.parametrize("cls", [FileDevice, DirectFileDevice])
+def test_direct_io_leaves_nothing_in_the_page_cache(cls, tmp_path):
+    """A DirectFileDevice's reads and writes (unaligned ones included) leave no page of
+    the file in this host's page cache, and a write is on the device at once: another
+    O_DIRECT descriptor (another host) reads it.  FileDevice shows the probe works: its
+    pages are cached."""
+    path = tmp_path / "dev.img"
+    old = os.urandom(256 << 10)
+    path.write_bytes(old)
+    drop_cache(path)
+    assert cached_pages(path, 0, 256 << 10) == 0
+    dev = cls(str(path))
+    try:
+        data = os.urandom(10000)
+        dev.pwrite(data, 3000)  # four blocks, the first and last read-modify-written
+        assert dev.pread(20000, 100 << 10) == old[100 << 10: (100 << 10) + 20000]
+        cached = cached_pages(path, 0, 256 << 10)
+        if cls is FileDevice:
+            assert cached > 0
+        else:
+            assert cached == 0
+        assert direct_read(path, 0, 4 * ALIGN)[3000:13000] == data
+    finally:
+        dev.close()
+
+
+def test_direct_read_sees_another_descriptors_write_not_a_cached_copy(tmp_path):
+    """The page cache holds the old data (read through an ordinary descriptor) and the
+    device has read it too; another O_DIRECT descriptor then writes: the device's next read
+    returns the new data.  The other way, its write is read at once by another O_DIRECT
+    descriptor."""
+    path = tmp_path / "dev.img"
+    path.write_bytes(b"A" * (64 << 10))
+    dev = DirectFileDevice(str(path))
+    try:
+        with open(path, "rb") as f:
+            assert f.read(ALIGN * 4)[5000:5004] == b"AAAA"  # now in the page cache
+        assert dev.pread(100, 5000) == b"A" * 100
+        direct_write(path, b"B" * ALIGN, ALIGN)
+        assert dev.pread(100, 5000) == b"B" * 100
+        assert dev.pread(10, ALIGN - 5) == b"AAAAABBBBB"
+        dev.pwrite(b"C" * 10, 2 * ALIGN - 5)
+        assert direct_read(path, ALIGN, 2 * ALIGN)[ALIGN - 10: ALIGN + 10] == (
+            b"BBBBBCCCCCCCCCCAAAAA")
+    finally:
+        dev.close()
+
+
+@FILE_CLASSES
+def test_reads_past_the_end_of_an_odd_sized_file(cls, tmp_path):
+    """A read reaching past the end of file returns the file's bytes then zeroes, at
+    every alignment (O_DIRECT reads of whole blocks past the end come back short)."""
+    path = tmp_path / "f"
+    data = os.urandom(2 * ALIGN + 1000)
+    path.write_bytes(data)
+    dev = cls(str(path))
+    try:
+        end = len(data)
+        assert dev.size == end
+        assert dev.pread(100, end - 50) == data[-50:] + bytes(50)
+        assert dev.pread(ALIGN, 2 * ALIGN) == data[2 * ALIGN:] + bytes(ALIGN - 1000)
+        assert dev.pread(3 * ALIGN, 0) == data + bytes(3 * ALIGN - end)
+        assert dev.pread(10, end) == bytes(10)
+        assert dev.pread(ALIGN, 5 * ALIGN + 3) == bytes(ALIGN)
+        buf = bytearray(b"\xff" * 3000)
+        dev.preadinto(memoryview(buf), end - 1)
+        assert buf == data[-1:] + bytes(2999)
+        assert dev.pread(0, end + 5) == b""
+    finally:
+        dev.close()
+
+
+@FILE_CLASSES
+def test_strict_read_of_a_shrunk_file_is_eio(cls, tmp_path):
+    """A strict device whose file shrank behind its back: a read reaching past the new end
+    (but inside its size) is EIO, not zeroes; a lax one reads zeroes; reads before the new
+    end and past the old size are unaffected."""
+    path = tmp_path / "f"
+    data = os.urandom(16 * ALIGN)
+    path.write_bytes(data)
+    strict = cls(str(path), strict=True)
+    lax = cls(str(path))
+    try:
+        os.truncate(path, 2 * ALIGN + 100)
+        assert strict.pread(100, 5000) == data[5000:5100]
+        for read in (lambda: strict.pread(200, 2 * ALIGN),
+                     lambda: strict.preadinto(bytearray(10), 5 * ALIGN + 1)):
+            with pytest.raises(OSError) as e:
+                read()
+            assert e.value.errno == errno.EIO
+        assert strict.pread(10, 16 * ALIGN) == bytes(10)  # past the recorded size
+        assert lax.pread(200, 2 * ALIGN) == data[2 * ALIGN: 2 * ALIGN + 100] + bytes(100)
+    finally:
+        strict.close()
+        lax.close()
+
+
+@FILE_CLASSES
+def test_write_into_a_file_shrunk_behind_our_back(cls, tmp_path):
+    """The file shrank behind the device's back (its size is still the old one): a write
+    past the new end extends the file again with zeroes before it, as any write past the
+    end of a file does (a read-modify-write of a block past the end starts from zeroes,
+    not from what the bounce buffer held)."""
+    path = tmp_path / "f"
+    data = os.urandom(8 * ALIGN)
+    path.write_bytes(data)
+    dev = cls(str(path))
+    try:
+        assert dev.pread(8 * ALIGN, 0) == data
+        os.truncate(path, ALIGN + 100)
+        dev.pwrite(b"new", 5 * ALIGN + 10)
+        got = path.read_bytes()
+        end = 5 * ALIGN + 13
+        assert got[:end] == data[:ALIGN + 100] + bytes(4 * ALIGN - 90) + b"new"
+        assert got[end:] == bytes(len(got) - end)  # DirectFileDevice: to the block's end
+        assert dev.size == 8 * ALIGN
+    finally:
+        dev.close()
+
+
+def test_direct_odd_sized_file_last_partial_block(tmp_path):
+    """The partial last block of a file of odd size: writes into it (alone, or as the end
+    of a longer write) land, the file is never extended to a whole block, no page is left
+    cached, and the data is on the device; past the end is refused, and a read-only
+    device refuses to write there too."""
+    path = tmp_path / "odd.img"
+    size = 3 * ALIGN + 1000
+    model = bytearray(os.urandom(size))
+    path.write_bytes(model)
+    drop_cache(path)
+    dev = DirectFileDevice(str(path))
+    try:
+        for off, n in [(3 * ALIGN, 1000), (3 * ALIGN - 10, 20), (size - 1, 1),
+                       (2 * ALIGN + 5, ALIGN + 900), (3 * ALIGN + 7, 3), (0, size)]:
+            data = os.urandom(n)
+            dev.pwrite(data, off)
+            model[off: off + n] = data
+            assert dev.pread(size, 0) == model, (off, n)
+        assert os.stat(path).st_size == size
+        assert cached_pages(path, 0, size) == 0
+        assert direct_read(path, 0, 4 * ALIGN) == model
+        with pytest.raises(InvalidArgument):
+            dev.pwrite(b"xx", size - 1)
+    finally:
+        dev.close()
+    ro = DirectFileDevice(str(path), writable=False)
+    try:
+        with pytest.raises(OSError):
+            ro.pwrite(b"x", size - 1)
+        with pytest.raises(OSError):
+            ro.pwrite(b"x", 5)
+    finally:
+        ro.close()
+    assert path.read_bytes() == model
+
+
+def test_direct_resize_grow_and_shrink_to_odd_sizes(tmp_path):
+    """resize works on the O_DIRECT descriptor: grow to an odd size and write across into
+    the new partial block, shrink (the cut part reads as zeroes after growing again)."""
+    path = tmp_path / "dev.img"
+    dev = DirectFileDevice(str(path), create_size=2 * ALIGN)
+    try:
+        dev.pwrite(b"a" * 10, ALIGN - 5)
+        dev.resize(5 * ALIGN + 123)
+        assert dev.size == os.stat(path).st_size == 5 * ALIGN + 123
+        dev.pwrite(b"b" * 200, 5 * ALIGN - 77)
+        assert dev.pread(300, 5 * ALIGN - 100) == bytes(23) + b"b" * 200 + bytes(77)
+        dev.flush()
+        dev.resize(ALIGN + 2)
+        assert dev.pread(20, ALIGN - 5) == b"a" * 7 + bytes(13)
+        dev.resize(2 * ALIGN)
+        assert dev.pread(ALIGN, ALIGN) == b"aa" + bytes(ALIGN - 2)
+        dev.pwrite(b"c" * 3, 2 * ALIGN - 3)
+        assert os.stat(path).st_size == 2 * ALIGN
+        assert path.read_bytes()[ALIGN - 5:] == b"a" * 7 + bytes(ALIGN - 5) + b"ccc"
+    finally:
+        dev.close()
+
+
+def test_direct_discard_punches_whole_blocks_only(tmp_path):
+    """discard frees the whole 4 KiB blocks of its range and leaves the partial ones
+    alone (zeroing part of a block goes through the page cache)."""
+    path = tmp_path / "dev.img"
+    dev = DirectFileDevice(str(path), create_size=16 * ALIGN)
+    try:
+        dev.pwrite(b"\x55" * (16 * ALIGN), 0)
+        dev.flush()
+        blocks = os.stat(path).st_blocks
+        dev.discard(ALIGN + 100, 4 * ALIGN)  # blocks 2, 3, 4 whole; parts of 1 and 5
+        dev.discard(7 * ALIGN + 1, ALIGN)  # no whole block
+        assert os.stat(path).st_blocks == blocks - 3 * ALIGN // 512
+        assert dev.pread(ALIGN, ALIGN) == b"\x55" * ALIGN
+        assert dev.pread(ALIGN, 5 * ALIGN) == b"\x55" * ALIGN
+        assert dev.pread(3 * ALIGN, 2 * ALIGN) == bytes(3 * ALIGN)
+        assert dev.pread(9 * ALIGN, 6 * ALIGN) == b"\x55" * (9 * ALIGN)
+        assert cached_pages(path, 0, 16 * ALIGN) == 0
+    finally:
+        dev.close()
+
+
+def test_copy_range_between_direct_devices_uses_no_page_cache(tmp_path):
+    """copy_range between DirectFileDevices copies with their own aligned reads and
+    writes (not copy_file_range, whose copy may go through the page cache): aligned and
+    unaligned ranges arrive, and neither file has a page cached."""
+    src_path, dst_path = tmp_path / "src", tmp_path / "dst"
+    src_data = os.urandom(3 << 20)
+    src_path.write_bytes(src_data)
+    dst_path.write_bytes(bytes(4 << 20))
+    drop_cache(src_path)
+    drop_cache(dst_path)
+    src, dst = DirectFileDevice(str(src_path)), DirectFileDevice(str(dst_path))
+    try:
+        copy_range(src, ALIGN, dst, 2 * ALIGN, 2 << 20)
+        copy_range(src, 1001, dst, (3 << 20) + 77, 200000)
+        copy_range(src, (3 << 20) - 10, dst, (4 << 20) - 20, 20)  # past the end of src
+        got = dst.pread(4 << 20, 0)
+        assert got[2 * ALIGN: 2 * ALIGN + (2 << 20)] == src_data[ALIGN: ALIGN + (2 << 20)]
+        assert got[(3 << 20) + 77: (3 << 20) + 200077] == src_data[1001: 201001]
+        assert got[-20:] == src_data[-10:] + bytes(10)
+        assert cached_pages(src_path, 0, 3 << 20) == 0
+        assert cached_pages(dst_path, 0, 4 << 20) == 0
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_copy_range_into_a_direct_device_is_serialized_with_its_writes(tmp_path):
+    """While copy_range copies 2 MiB into a DirectFileDevice, another thread keeps writing
+    8 bytes inside some of those blocks (read-modify-writes).  Either order is fine, but
+    every byte of those blocks outside the 8 must end as the copy's: a read-modify-write
+    that read a block before the copy landed and wrote it back after would put zeroes
+    there (as a copy_file_range, which knows nothing of the device's serialization, does
+    in about one round of three to ten)."""
+    blocks = 512
+    hot = [1, 100, 200, 300, 400, blocks - 1]
+    src_data = os.urandom(blocks * ALIGN)
+    (tmp_path / "src").write_bytes(src_data)
+    src = DirectFileDevice(str(tmp_path / "src"))
+    dst = DirectFileDevice(str(tmp_path / "dst"), create_size=blocks * ALIGN)
+    errors: list[BaseException] = []
+
+    def copy(start: threading.Barrier, copied: threading.Event) -> None:
+        try:
+            start.wait()
+            copy_range(src, 0, dst, 0, blocks * ALIGN)
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+        finally:
+            copied.set()
+
+    def poke(start: threading.Barrier, copied: threading.Event) -> None:
+        try:
+            start.wait()
+            while not copied.is_set():
+                for k in hot:
+                    dst.pwrite(b"\x01" * 8, k * ALIGN + 100)
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    try:
+        for _ in range(50):
+            dst.pwrite(bytes(blocks * ALIGN), 0)
+            run = (threading.Barrier(2), threading.Event())
+            workers = [threading.Thread(target=f, args=run) for f in (copy, poke)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            assert not errors, errors
+            got = dst.pread(blocks * ALIGN, 0)
+            for k in hot:
+                at = k * ALIGN
+                assert got[at: at + 100] == src_data[at: at + 100], k
+                assert got[at + 100: at + 108] in (b"\x01" * 8, src_data[at + 100: at + 108])
+                assert got[at + 108: at + ALIGN] == src_data[at + 108: at + ALIGN], k
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_direct_preadinto_takes_any_buffer_shape(tmp_path):
+    """preadinto fills a memoryview of another item size (as FileDevice's preadv does)."""
+    dev = DirectFileDevice(str(tmp_path / "dev.img"), create_size=4 * ALIGN)
+    try:
+        dev.pwrite(array.array("I", [1, 2, 3]), 10)
+        out = array.array("I", [0] * 4)
+        dev.preadinto(memoryview(out), 10)
+        assert list(out) == [1, 2, 3, 0]
+    finally:
+        dev.close()
+
+
+# --- as root: a filesystem refusing O_DIRECT, and one disk seen through two page caches
+
+
+def _need_root_with(*tools: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    for t in tools:
+        need(t)
+
+
+@pytest.mark.root
+def test_direct_device_on_a_filesystem_without_o_direct(tmp_path):
+    """ramfs refuses O_DIRECT: a clear InvalidArgument naming the path and why, and a file
+    the call created is not left behind (an existing one is kept)."""
+    _need_root_with("mount", "umount")
+    mnt = tmp_path / "ram"
+    mnt.mkdir()
+    tool("mount", "-t", "ramfs", "ramfs", mnt)
+    try:
+        with pytest.raises(InvalidArgument) as e:
+            DirectFileDevice(str(mnt / "new.img"), create_size=8192, what="origin")
+        assert str(mnt / "new.img") in str(e.value) and "O_DIRECT" in str(e.value)
+        assert "shared between hosts" in str(e.value)
+        assert not (mnt / "new.img").exists()
+        (mnt / "old.img").write_bytes(b"x" * 8192)
+        with pytest.raises(InvalidArgument):
+            DirectFileDevice(str(mnt / "old.img"))
+        assert (mnt / "old.img").read_bytes() == b"x" * 8192
+        FileDevice(str(mnt / "old.img")).close()  # buffered I/O works there
+    finally:
+        tool("umount", "--lazy", mnt)  # even if a failed check left a file open there
+
+
+@pytest.mark.root
+def test_direct_device_is_coherent_across_two_page_caches(tmp_path):
+    """A loop device over a file is one disk behind two page caches (the loop device's and
+    the file's), as a LUN is seen by two hosts.  The file, written and read with O_DIRECT,
+    is the other host.  A buffered FileDevice on the loop device reads its stale cached
+    page and keeps its write to itself; a DirectFileDevice reads the other host's write
+    and its own write is read by the other host at once.  The device is 1 MiB + 512
+    bytes: in its partial last block a write keeps the other host's newer bytes though
+    this host had the block cached."""
+    _need_root_with("losetup")
+    if not os.path.exists("/dev/loop-control"):
+        pytest.skip("no /dev/loop-control here")
+    backing = tmp_path / "lun.img"
+    backing.write_bytes(b"A" * (1 << 20) + b"T" * 512)
+    with loop_device(backing) as lun:
+        buffered, direct = FileDevice(lun), DirectFileDevice(lun)
+        try:
+            assert direct.is_block and direct.size == (1 << 20) + 512
+            assert buffered.pread(4, 8192) == b"AAAA"  # now in this host's cache
+            direct_write(backing, b"B" * ALIGN, 8192)  # the other host writes
+            assert buffered.pread(4, 8192) == b"AAAA"  # stale: the setup is incoherent
+            assert direct.pread(6, 8190) == b"AABBBB"
+
+            direct.pwrite(b"c" * 100, 20000)
+            assert direct_read(backing, 16384, ALIGN)[3616:3716] == b"c" * 100
+            buffered.pwrite(b"d" * 100, 40000)
+            assert direct_read(backing, 36864, ALIGN)[3136:3236] == b"A" * 100
+
+            tail = 1 << 20
+            assert buffered.pread(512, tail) == b"T" * 512  # cached here
+            direct_write(backing, b"O" * 256 + b"T" * 256, tail)
+            direct.pwrite(b"x" * 10, tail + 400)
+            want = b"O" * 256 + b"T" * 144 + b"x" * 10 + b"T" * 102
+            assert direct.pread(600, tail - 88) == b"A" * 88 + want
+            assert direct_read(backing, tail, ALIGN) == want
+        finally:
+            buffered.close()
+            direct.close()

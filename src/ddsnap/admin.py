@@ -32,7 +32,7 @@ from .errors import (
 )
 from .service.api import MetadataService
 from .service.local import LocalService
-from .store.blockdev import FileDevice
+from .store.blockdev import DirectFileDevice, FileDevice
 from .store.format import VERSION, OriginIdentity
 from .store.model import Finding
 from .store.shared import SharedStore
@@ -198,14 +198,17 @@ def check_not_busy(path: str) -> None:
         dev.close()  # (the lock goes with it)
 
 
-def open_store(path: str, degraded: bool = False, accept_origin_change: bool = False
-               ) -> OpenStore:
+def open_store(path: str, degraded: bool = False, accept_origin_change: bool = False,
+               direct: bool = False) -> OpenStore:
     """Open, lock and recover the store at ``path``, and open its recorded origin.
 
     With ``degraded`` (``serve --force-degraded``) the store and the origin are opened
     read-only and nothing is ever written: a store whose journal is damaged is read
     through the transactions recovery can trust, and whatever only a damaged block
-    could map reads as an error (EIO), never as data.
+    could map reads as an error (EIO), never as data.  With ``direct`` (nodes on other
+    hosts share the devices: ``serve --metadata-listen tcp:...``) both are opened with
+    ``O_DIRECT`` (:class:`~ddsnap.store.blockdev.DirectFileDevice`), since another
+    host's writes never reach this host's page cache.
 
     Raises:
         StoreNotFound: ``path`` does not exist.
@@ -215,15 +218,16 @@ def open_store(path: str, degraded: bool = False, accept_origin_change: bool = F
         OriginMismatch: the recorded origin is missing, its size changed, or (after a
             clean shutdown) it changed while unserved, unless ``accept_origin_change``.
     """
-    dev = FileDevice(path, writable=not degraded)
+    device = DirectFileDevice if direct else FileDevice
+    dev = device(path, writable=not degraded)
     try:
         if not dev.lock_exclusive():
             raise _in_use(path)
         _check_origin(path, dev, accept_origin_change)
         store = SharedStore.open(dev, mode="degraded" if degraded else "rw")
         try:
-            origin = FileDevice(store.origin_path, writable=not degraded, what="origin",
-                                strict=True)
+            origin = device(store.origin_path, writable=not degraded, what="origin",
+                            strict=True)
         except StoreNotFound:
             raise OriginMismatch(f"the origin recorded in {path}, {store.origin_path}, "
                                  "does not exist") from None

@@ -19,9 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import admin
 from .control import ControlServer
+from .csnap import tls
 from .csnap.server import MetadataServer
-from .errors import ServiceFailed
-from .nbd.server import DEFAULT_MAX_REPLY_MEMORY, NbdServer
+from .errors import InvalidArgument, ListenError, ServiceFailed
+from .nbd.server import DEFAULT_MAX_REPLY_MEMORY, NbdServer, parse_listen
 from .service.api import DataDevices, MetadataService
 from .volume import Origin, Snapshot
 
@@ -134,15 +135,27 @@ class Daemon:
         generation, expect: the metadata server's restarts so far, and the worker
             names whose lock uploads it waits for before anything writes (a restart).
         advertise: NBD addresses to record in the registry (the workers' listeners).
+        meta_listen: serve the csnap metadata protocol to nodes on other hosts on these
+            ``tcp:HOST:PORT`` addresses (``serve --metadata-listen``): the store and
+            origin are then opened with ``O_DIRECT``.
+        tls: ``(ca, cert, key)`` PEM files: nodes on TCP complete a TLS handshake with a
+            client certificate the CA signed; None: plain text (``--insecure``).
+
+    Attributes:
+        meta_addresses: the ``tcp:HOST:PORT`` metadata addresses bound (real ports).
     """
 
     def __init__(self, store_path: str, listen: list[str], control_path: str | None = None,
                  max_reply_memory: int = DEFAULT_MAX_REPLY_MEMORY, degraded: bool = False,
                  accept_origin_change: bool = False, meta_path: str | None = None,
                  generation: int = 0, expect: list[str] | None = None,
-                 advertise: list[str] | None = None):
+                 advertise: list[str] | None = None, meta_listen: list[str] | None = None,
+                 tls: tuple[str, str, str] | None = None):
         self.store_path = os.path.abspath(store_path)
         self.meta_path = meta_path
+        self.meta_listen = meta_listen or []
+        self.meta_addresses: list[str] = []
+        self.tls = tls
         self.generation = generation
         self.expect = expect or []
         self.advertise = advertise or []
@@ -163,8 +176,14 @@ class Daemon:
         opened = self.opened
         if opened is None:  # the control socket starts after the open, stops before close
             raise ServiceFailed("the store is not open")
-        return admin.run_op(opened.service, op, args, self.store_path, served=True,
-                            runner=self.merger, degraded=opened.degraded)
+        result = admin.run_op(opened.service, op, args, self.store_path, served=True,
+                              runner=self.merger, degraded=opened.degraded)
+        if op == "status" and self.meta is not None:
+            # the csnap nodes: workers on this host, nodes attached from others
+            result["metadata"] = self.meta_addresses
+            result["nodes"] = self.meta.nodes()
+            result["lapsed"] = self.meta.lapsed()
+        return result
 
     async def start(self) -> None:
         """Open the store and start serving.
@@ -173,15 +192,31 @@ class Daemon:
         control socket), ListenError (an NBD address); on error nothing stays open.
         """
         loop = asyncio.get_running_loop()
-        self.opened = await loop.run_in_executor(None, admin.open_store, self.store_path,
-                                                 self.degraded, self.accept_origin_change)
+        # (the TLS files are checked before the store is opened: a typo costs no recovery)
+        context = tls.server_context(*self.tls) if self.tls else None
+        self.opened = await loop.run_in_executor(
+            None, lambda: admin.open_store(self.store_path, self.degraded,
+                                           self.accept_origin_change,
+                                           direct=bool(self.meta_listen)))
         self.merger = admin.MergeRunner(self.opened.service)
         try:
-            if self.meta_path is not None:
+            if self.meta_path is not None or self.meta_listen:
                 svc = self.opened.service
                 uuid = bytes.fromhex(svc.status().uuid or "") or bytes(16)
                 self.meta = MetadataServer(svc, uuid, self.generation, expect=self.expect)
-                self.meta.listen(self.meta_path)
+                if self.meta_path is not None:
+                    self.meta.listen(self.meta_path)
+                for uri in self.meta_listen:
+                    kind, where = parse_listen(uri)
+                    if kind != "tcp":
+                        raise InvalidArgument(f"--metadata-listen {uri}: use tcp:HOST:PORT "
+                                              "(workers on this host use a unix socket "
+                                              "of their own)")
+                    try:
+                        self.meta_addresses.append(
+                            self.meta.listen_tcp(where[0] or "", where[1], context))
+                    except OSError as e:
+                        raise ListenError(uri, e.strerror or str(e), e.errno) from None
                 # Nothing writes (the control socket's commands, the merge) before the
                 # workers of the server that died uploaded the locks they hold.
                 await loop.run_in_executor(None, self.meta.wait_recovered)
@@ -200,7 +235,7 @@ class Daemon:
             with open(self._registry_file + ".tmp", "w") as f:
                 json.dump({"pid": os.getpid(), "store": self.store_path,
                            "control": os.path.abspath(self.control_path),
-                           "listen": addresses}, f)
+                           "listen": addresses, "metadata": self.meta_addresses}, f)
             os.replace(self._registry_file + ".tmp", self._registry_file)
             if not self.opened.degraded:
                 self.merger.ensure()  # a merge cut short by --stop, a restart or a crash resumes

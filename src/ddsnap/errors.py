@@ -268,6 +268,37 @@ class ControlPathError(ListenError):
         DdsnapError.__init__(self, f"cannot use control socket {path}: {reason}")
 
 
+class TlsRefused(DdsnapError):
+    """A TLS handshake of a csnap connection between hosts failed: the peer's
+    certificate is not signed by the cluster CA, the peer sent none, the peer refused
+    ours, the peer does not speak TLS, it closed the connection or did not answer in
+    time.  The message says which, in words; the connection is closed."""
+
+    exit_code = 28
+    fault = "peer"
+    errno = _errno.ECONNREFUSED
+
+
+class TlsFileError(DdsnapError):
+    """A TLS file given to ``serve`` or ``attach`` (``--tls-ca``, ``--tls-cert``,
+    ``--tls-key``) cannot be used: missing, unreadable, not PEM, a key that does not
+    match its certificate or is encrypted.
+
+    Attributes:
+        path: the file (for a key that does not match its certificate, the key).
+        reason: why, in words.
+    """
+
+    exit_code = 29
+    fault = "user"
+    errno = _errno.EINVAL
+
+    def __init__(self, path: str, what: str, reason: str):
+        self.path = path
+        self.reason = reason
+        super().__init__(f"cannot use the TLS {what} {path}: {reason}")
+
+
 class ServiceFailed(DdsnapError):
     """A commit failed, so the store's state in memory can no longer be trusted.
 

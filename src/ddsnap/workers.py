@@ -39,10 +39,13 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from . import admin
-from .csnap.client import RemoteService
+from .csnap import tls
+from .csnap.client import RemoteService, Stream, tcp_connector
 from .daemon import (
     IO_THREADS,
     Daemon,
@@ -51,10 +54,12 @@ from .daemon import (
     stop_on_signals,
     tune_malloc,
 )
-from .errors import DdsnapError, WorkerFailed, from_dict
-from .nbd.server import DEFAULT_MAX_REPLY_MEMORY, NbdServer
+from .errors import DdsnapError, InvalidArgument, OriginMismatch, WorkerFailed, from_dict
+from .nbd.server import DEFAULT_MAX_REPLY_MEMORY, NbdServer, parse_listen
 from .service.api import DataDevices
-from .store.blockdev import FileDevice
+from .store.blockdev import DirectFileDevice, FileDevice
+from .store.superblock import read_superblock
+from .units import human_bytes
 
 log = logging.getLogger("ddsnap.workers")
 
@@ -79,6 +84,26 @@ def meta_socket_path(store_path: str) -> str:
 # --- the supervisor ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Attach:
+    """What a node on another host needs to reach the metadata server
+    (``ddsnap attach``).
+
+    Attributes:
+        server: ``tcp:HOST:PORT`` of the metadata server.
+        origin: this host's path of the origin device.
+        tls: ``(ca, cert, key)`` PEM files, or None for plain text (``--insecure``).
+        name: this node's label (the server's node list; workers get ``NAME-workerN``).
+        reconnect: seconds to keep trying to reach a server that went away.
+    """
+
+    server: str
+    origin: str
+    tls: tuple[str, str, str] | None
+    name: str
+    reconnect: float = 300.0
+
+
 class _Child:
     """One child process and what it is."""
 
@@ -99,6 +124,11 @@ class Supervisor:
         control_path: the control socket (default :func:`admin.default_control_path`).
         max_reply_memory: per worker (see :class:`~ddsnap.daemon.Daemon`).
         degraded, accept_origin_change, verbose: as for ``serve``.
+        meta_listen, tls: the metadata server also serves nodes on other hosts
+            (``serve --metadata-listen``, see :class:`~ddsnap.daemon.Daemon`); the
+            workers then open the devices with ``O_DIRECT`` too.
+        attach: run no metadata server: the workers are nodes of the one
+            :class:`Attach` names, on another host (``ddsnap attach``).
 
     Attributes:
         addresses: the NBD addresses bound; ``meta_path``: the metadata socket;
@@ -108,8 +138,13 @@ class Supervisor:
     def __init__(self, store_path: str, listen: list[str], workers: int,
                  control_path: str | None = None,
                  max_reply_memory: int = DEFAULT_MAX_REPLY_MEMORY, degraded: bool = False,
-                 accept_origin_change: bool = False, verbose: bool = False):
+                 accept_origin_change: bool = False, verbose: bool = False,
+                 meta_listen: list[str] | None = None, tls: tuple[str, str, str] | None = None,
+                 attach: Attach | None = None):
         self.store_path = os.path.abspath(store_path)
+        self.meta_listen = meta_listen or []
+        self.tls = tls
+        self.attach = attach
         self.listen = listen
         self.workers = workers
         self.control_path = control_path or admin.default_control_path(store_path)
@@ -137,22 +172,30 @@ class Supervisor:
             WorkerFailed; on error nothing stays running.
         """
         try:
-            # A served store is refused before the listeners are bound, as one process
-            # does (StoreBusy, not "address in use"); the metadata server locks it next.
-            admin.check_not_busy(self.store_path)
+            if self.attach is None:
+                # A served store is refused before the listeners are bound, as one
+                # process does (StoreBusy, not "address in use"); the metadata server
+                # locks it next.
+                admin.check_not_busy(self.store_path)
             self.nbd = NbdServer(_NoExports(), None)
             await self.nbd.start(self.listen, serve=False)
             self.addresses = list(self.nbd.addresses)
-            self.meta = await self._spawn_meta()
+            if self.attach is None:
+                self.meta = await self._spawn_meta()
+            info: dict = {}
             for i in range(self.workers):
                 name = f"worker{i + 1}"
+                if self.attach is not None:
+                    name = f"{self.attach.name}-{name}"
                 self.children[name] = await self._spawn_worker(name)
+                info = info or self.children[name].info
         except BaseException:
             await self.stop()
             raise
         for child in [self.meta, *self.children.values()]:
-            self._watch(child)
-        return self.meta.info
+            if child is not None:
+                self._watch(child)
+        return self.meta.info if self.meta is not None else info
 
     def _common_args(self) -> list[str]:
         out = ["--max-reply-memory", str(self.max_reply_memory)]
@@ -166,6 +209,9 @@ class Supervisor:
         args = ["meta", self.store_path, "--meta", self.meta_path, "--control",
                 self.control_path, "--generation", str(self.generation),
                 *self._common_args()]
+        for uri in self.meta_listen:
+            args += ["--meta-listen", uri]
+        args += _tls_args(self.tls)
         if self.accept_origin_change and self.generation == 0:
             args.append("--accept-origin-change")
         for a in self.addresses:
@@ -178,8 +224,16 @@ class Supervisor:
     async def _spawn_worker(self, name: str) -> _Child:
         assert self.nbd is not None
         fds = self.nbd.listening_fds()
-        args = ["worker", self.store_path, "--meta", self.meta_path, "--name", name,
-                *self._common_args()]
+        if self.attach is not None:
+            args = ["worker", self.store_path, "--server", self.attach.server, "--origin",
+                    self.attach.origin, "--reconnect", str(self.attach.reconnect),
+                    "--direct", "--name", name, *self._common_args(),
+                    *_tls_args(self.attach.tls)]
+        else:
+            args = ["worker", self.store_path, "--meta", self.meta_path, "--name", name,
+                    *self._common_args()]
+            if self.meta_listen:
+                args.append("--direct")
         for fd in fds:
             args += ["--fd", str(fd)]
         return await self._spawn("worker", name, args, fds)
@@ -292,6 +346,13 @@ def _terminate(proc: asyncio.subprocess.Process) -> None:
             proc.send_signal(signal.SIGTERM)
 
 
+def _tls_args(files: tuple[str, str, str] | None) -> list[str]:
+    if files is None:
+        return []
+    ca, cert, key = files
+    return ["--tls-ca", ca, "--tls-cert", cert, "--tls-key", key]
+
+
 def _read_line(fd: int) -> bytes:
     """Read up to the first newline (or EOF) from ``fd``."""
     out = b""
@@ -347,7 +408,7 @@ async def _meta_main(a: argparse.Namespace) -> None:
     d = Daemon(a.store, [], a.control, max_reply_memory=a.max_reply_memory,
                degraded=a.force_degraded, accept_origin_change=a.accept_origin_change,
                meta_path=a.meta, generation=a.generation, expect=a.expect,
-               advertise=a.advertise)
+               advertise=a.advertise, meta_listen=a.meta_listen, tls=_tls_files(a))
 
     def ready(daemon: Daemon) -> None:
         opened = daemon.opened
@@ -355,41 +416,112 @@ async def _meta_main(a: argparse.Namespace) -> None:
         scan = opened.store.journal_scan
         damage = "; ".join(str(e) for e in scan.damage) if scan and scan.damage else None
         _report(a.ready_fd, {"ok": True, "snapshots": len(opened.service.snapshots()),
-                             "damage": damage, "control": daemon.control_path})
+                             "damage": damage, "control": daemon.control_path,
+                             "metadata": daemon.meta_addresses})
 
     await d.run(ready)
 
 
-async def _worker_main(a: argparse.Namespace) -> None:
-    loop = asyncio.get_running_loop()
+def _tls_files(a: argparse.Namespace) -> tuple[str, str, str] | None:
+    if a.tls_ca is None:
+        return None
+    return a.tls_ca, a.tls_cert, a.tls_key
+
+
+def node_connector(server: str | None, meta: str | None,
+                   tls_files: tuple[str, str, str] | None) -> Callable[[], Stream]:
+    """How a node reaches its metadata server: ``server`` ``tcp:HOST:PORT`` (TLS with
+    ``tls_files`` ``(ca, cert, key)``, or plain text with None), else the unix socket
+    ``meta`` of a metadata server on this host.
+
+    Raises:
+        InvalidArgument: ``server`` is not ``tcp:HOST:PORT``.
+        TlsRefused / DdsnapError: the TLS files cannot be used.
+    """
+    if server is not None:
+        kind, where = parse_listen(server)
+        if kind != "tcp" or not where[0]:
+            raise InvalidArgument(f"metadata server {server!r}: use tcp:HOST:PORT")
+        context = tls.client_context(*tls_files) if tls_files else None
+        return tcp_connector(where[0], where[1], context)
+    assert meta is not None
 
     def connect() -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(a.meta)
+            sock.connect(meta)
         except OSError:
             sock.close()
             raise
         return sock
 
+    return connect
+
+
+def store_uuid(store_path: str) -> bytes:
+    """The UUID in the superblock of the store at ``store_path`` (read without its lock:
+    the metadata server holds that), which a node's IDENTIFY checks against the
+    server's.
+
+    Raises:
+        StoreNotFound, NotAStore, CorruptMetadata, FormatTooOld: as reading a store.
+    """
+    dev = FileDevice(store_path, writable=False)
+    try:
+        return read_superblock(dev).uuid
+    finally:
+        dev.close()
+
+
+async def run_node(store: str, connect: Callable[[], Stream], *, name: str,
+                   origin_path: str | None = None, uuid: bytes = bytes(16),
+                   direct: bool = False, reconnect: float = RECONNECT,
+                   adopt: list[socket.socket] | None = None, listen: list[str] | None = None,
+                   max_reply_memory: int = DEFAULT_MAX_REPLY_MEMORY, degraded: bool = False,
+                   on_ready: Callable[[NbdServer, RemoteService], object] | None = None
+                   ) -> None:
+    """Serve NBD as a csnap node until SIGINT or SIGTERM: a worker of ``serve`` (on
+    listeners it ``adopt``s) or ``ddsnap attach`` on another host (binding ``listen``
+    itself with ``--workers 0``).
+
+    The node opens the origin (``origin_path``, else the path the server reports) and
+    the store at ``store`` itself, with ``O_DIRECT`` if ``direct``, and asks the
+    metadata server only for mappings and locks.
+
+    Raises:
+        OriginMismatch: the server serves another store (``uuid``), or this origin is
+            smaller than the server's.
+        TlsRefused, ServiceFailed, OSError: the server cannot be reached or refused.
+        StoreNotFound: a device does not exist here.
+    """
+    loop = asyncio.get_running_loop()
     svc = await loop.run_in_executor(
-        None, lambda: RemoteService(connect, name=a.name, reconnect=RECONNECT))
+        None, lambda: RemoteService(connect, name=name, uuid=uuid, reconnect=reconnect))
     origin = cow = None
     try:
         st = await loop.run_in_executor(None, svc.status)
-        writable = not a.force_degraded
-        origin = FileDevice(st.origin, writable=writable, what="origin", strict=True)
-        cow = FileDevice(a.store, writable=writable)
+        writable = not degraded
+        device = DirectFileDevice if direct else FileDevice
+        origin = device(origin_path or st.origin, writable=writable, what="origin",
+                        strict=True)
+        if origin.size < st.origin_size:
+            raise OriginMismatch(
+                f"origin {origin.path} is {human_bytes(origin.size)} here but the "
+                f"metadata server's is {human_bytes(st.origin_size)}: not the same device")
+        cow = device(store, writable=writable)
         data = svc.data = DataDevices(origin, cow, svc.chunk_size)
         executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="ddsnap-io")
-        nbd = NbdServer(Exports(svc, data, a.force_degraded), executor,
-                        max_reply_memory=a.max_reply_memory, on_idle=release_memory)
-        socks = [socket.socket(fileno=fd) for fd in a.fd]
-        await nbd.adopt(socks)
-        stop = asyncio.Event()
+        nbd = NbdServer(Exports(svc, data, degraded), executor,
+                        max_reply_memory=max_reply_memory, on_idle=release_memory)
         try:
+            if adopt:
+                await nbd.adopt(adopt)
+            if listen:
+                await nbd.start(listen)
+            stop = asyncio.Event()
             with stop_on_signals(stop):
-                _report(a.ready_fd, {"ok": True})
+                if on_ready is not None:
+                    on_ready(nbd, svc)
                 await stop.wait()
         finally:
             await nbd.close()
@@ -401,12 +533,31 @@ async def _worker_main(a: argparse.Namespace) -> None:
                 dev.close()
 
 
+async def _worker_main(a: argparse.Namespace) -> None:
+    connect = node_connector(a.server, a.meta, _tls_files(a))
+    uuid = store_uuid(a.store) if a.server else bytes(16)
+    await run_node(a.store, connect, name=a.name, origin_path=a.origin, uuid=uuid,
+                   direct=a.direct, reconnect=a.reconnect,
+                   adopt=[socket.socket(fileno=fd) for fd in a.fd],
+                   max_reply_memory=a.max_reply_memory, degraded=a.force_degraded,
+                   on_ready=lambda nbd, svc: _report(a.ready_fd, {"ok": True,
+                                                                  "node": svc.node}))
+
+
 def main(argv: list[str] | None = None) -> int:
     """The child processes' entry point: ``python -m ddsnap.workers {meta,worker} ...``."""
     p = argparse.ArgumentParser(prog="python -m ddsnap.workers")
     p.add_argument("kind", choices=["meta", "worker"])
     p.add_argument("store")
-    p.add_argument("--meta", required=True)
+    p.add_argument("--meta")
+    p.add_argument("--server")
+    p.add_argument("--origin")
+    p.add_argument("--direct", action="store_true")
+    p.add_argument("--reconnect", type=float, default=RECONNECT)
+    p.add_argument("--meta-listen", action="append", default=[])
+    p.add_argument("--tls-ca")
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
     p.add_argument("--ready-fd", type=int, required=True)
     p.add_argument("--control")
     p.add_argument("--name", default="meta")

@@ -53,5 +53,6 @@ main.add_command(store.resize)
 main.add_command(merge.merge)
 main.add_command(store.check)
 main.add_command(store.upgrade)
+main.add_command(serve.attach)
 
 __all__ = ["main"]

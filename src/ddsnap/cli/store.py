@@ -195,6 +195,15 @@ def status(store, as_json):
     for d in st.get("auto_deleted", []):
         out.print(f"{'deleted':>10}: {shown(d['name'])} at {d['deleted']} to make room "
                   "(full-policy=delete-oldest)")
+    if st.get("metadata"):
+        out.print(f"{'metadata':>10}: {', '.join(st['metadata'])}")
+    for n in st.get("nodes", []):
+        out.print(f"{'node':>10}: {n['node']} {shown(n['name'])} from {n['peer']}: "
+                  f"{n['read_locks']} read lock(s), {n['origin_writes']} origin write(s)"
+                  f"{', grants' if n['granted'] else ''}")
+    for name, count in (st.get("lapsed") or {}).items():
+        out.print(f"{'lost':>10}: {shown(name)}: what it held is kept for its return "
+                  f"({count} connection(s))")
 
 
 @click.command("set")

@@ -27,6 +27,7 @@ import contextlib
 import itertools
 import logging
 import socket
+import ssl
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from ddsnap.errors import (
     InvalidArgument,
     ProtocolError,
     ServiceFailed,
+    TlsRefused,
 )
 from ddsnap.service.api import (
     DataDevices,
@@ -52,7 +54,10 @@ from ddsnap.service.api import (
 )
 from ddsnap.service.chunkset import ChunkSet
 
+from . import tls
+from .net import tune_tcp
 from .protocol import Connection, Role
+from .tls import TlsSocket
 from .wire import (
     Call,
     CallOk,
@@ -100,6 +105,43 @@ KEEP_GROUP = 64
 #: many (a random reader of a volume far bigger than what is kept would only double
 #: the server's work)
 PREFETCH_WINDOW = 1024
+
+
+#: what a node talks to the server over: a socket, or TLS over a TCP socket
+Stream = socket.socket | TlsSocket
+#: seconds a TCP connection to the metadata server may take to connect and handshake
+CONNECT_TIMEOUT = 10.0
+
+
+def tcp_connector(host: str, port: int, context: ssl.SSLContext | None,
+                  timeout: float = CONNECT_TIMEOUT) -> Callable[[], Stream]:
+    """A ``connect`` for :class:`RemoteService` on another host: TCP to
+    ``host``:``port``, then a TLS handshake with ``context`` (a client context,
+    :func:`ddsnap.csnap.tls.client_context`), or plain text with None
+    (``--insecure``).
+
+    The connection gets :func:`~ddsnap.csnap.net.tune_tcp` (no Nagle delay; a dead
+    server noticed within seconds), and is blocking once made.
+
+    Raises (when called):
+        OSError: no connection within ``timeout`` seconds (refused, unreachable).
+        TlsRefused: the TLS handshake failed (a certificate not signed by the cluster
+            CA, a server not speaking TLS).
+    """
+
+    def connect() -> Stream:
+        sock = socket.create_connection((host, port), timeout=timeout)
+        try:
+            tune_tcp(sock)
+            if context is None:
+                sock.settimeout(None)
+                return sock
+            return tls.wrap(sock, context, server_side=False, timeout=timeout)
+        except BaseException:
+            sock.close()
+            raise
+
+    return connect
 
 
 @dataclass
@@ -160,7 +202,7 @@ class RemoteService:
         granted_writes: origin writes in flight on granted chunks (no query asked).
     """
 
-    def __init__(self, connect: Callable[[], socket.socket], data: DataDevices | None = None,
+    def __init__(self, connect: Callable[[], Stream], data: DataDevices | None = None,
                  name: str = "", uuid: bytes = bytes(16), reconnect: float = 0.0,
                  keep_group: int = KEEP_GROUP):
         self._connect = connect
@@ -214,15 +256,21 @@ class RemoteService:
 
     # -- the connection ------------------------------------------------------------------
 
-    def _retrying(self) -> tenacity.Retrying:
-        """Attempts at a connection for ``reconnect`` seconds, backing off."""
+    def _retrying(self, again: bool = False) -> tenacity.Retrying:
+        """Attempts at a connection for ``reconnect`` seconds, backing off.  A TLS
+        handshake that fails is given up at once on the first connection (a wrong
+        certificate is the usual cause, and the user should hear of it), but tried
+        again on reconnecting (a server dying mid-handshake, a failover)."""
+        retried: tuple[type[BaseException], ...] = (OSError, ServiceFailed)
+        if again:
+            retried += (TlsRefused,)
         return tenacity.Retrying(
             stop=tenacity.stop_after_delay(self.reconnect),
             wait=tenacity.wait_exponential(multiplier=0.01, max=1.0),
-            retry=tenacity.retry_if_exception_type((OSError, ServiceFailed)),
+            retry=tenacity.retry_if_exception_type(retried),
             reraise=True)
 
-    def _first_connection(self) -> tuple[socket.socket, Connection]:
+    def _first_connection(self) -> tuple[Stream, Connection]:
         """The first connection; a server that is (re)starting is waited for up to
         ``reconnect`` seconds."""
         if self.reconnect <= 0:
@@ -232,7 +280,7 @@ class RemoteService:
                 return self._establish(upload=False)
         raise AssertionError("unreachable: tenacity reraises the last error")
 
-    def _establish(self, upload: bool) -> tuple[socket.socket, Connection]:
+    def _establish(self, upload: bool) -> tuple[Stream, Connection]:
         """Connect, IDENTIFY, upload what this node holds (``upload``), learn the
         snapshots: the whole handshake, reading the socket directly (no reader thread
         runs meanwhile).  Returns the socket and its protocol state."""
@@ -272,7 +320,7 @@ class RemoteService:
         self._merging = r["merging"]
         self._origin_size = r["origin_size"]
 
-    def _hello(self, sock: socket.socket, conn: Connection, msg: Message,
+    def _hello(self, sock: Stream, conn: Connection, msg: Message,
                want: type[M]) -> M:
         """Send ``msg`` and read until its reply (handshake only: notices that come
         meanwhile are applied and acknowledged here)."""
@@ -285,6 +333,11 @@ class RemoteService:
             if reply is None:
                 data = sock.recv(RECV_BYTES)
                 if not data:
+                    if isinstance(msg, Identify):
+                        raise ServiceFailed(
+                            "the metadata server closed the connection without answering "
+                            "IDENTIFY (a server that requires TLS does so to a node "
+                            "connecting in plain text; its log says why)")
                     raise ServiceFailed("the metadata server closed the connection")
                 with self._lock:
                     conn.receive_data(data)
@@ -332,7 +385,7 @@ class RemoteService:
                 self._lose(why)
                 return
 
-    def _read(self, sock: socket.socket, conn: Connection) -> BaseException:
+    def _read(self, sock: Stream, conn: Connection) -> BaseException:
         """Read ``sock`` until it fails; what ended it."""
         try:
             while True:
@@ -358,7 +411,7 @@ class RemoteService:
         if self.reconnect <= 0:
             return False
         try:
-            for attempt in self._retrying():
+            for attempt in self._retrying(again=True):
                 with attempt:
                     if self._closing:
                         return False
@@ -924,13 +977,16 @@ class RemoteService:
             self._call("export_close", name=name)
 
     def close(self) -> None:
-        """Close the connection (the server gives back whatever this node held); grants
-        are returned first if no granted write is in flight (else the server, seeing a
-        node with grants go, makes sure it is dead)."""
+        """Close the connection (the server gives back whatever this node held); the
+        read locks of kept mappings and the grants are returned first (the grants if no
+        granted write is in flight; else the server, seeing a node with grants go, makes
+        sure it is dead), so that a server keeping a lost remote node's holdings for its
+        grace period has nothing to keep after an orderly close."""
         def give_back() -> Message | None:
             self._granted = None
             return None if self.granted_writes else ReturnGrants()
 
+        self._release_locks(self._drop_kept())
         self._finish(give_back)
         self._closing = True
         while self._reader.is_alive():

@@ -29,6 +29,7 @@ import os
 import queue
 import signal
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -36,11 +37,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from ddsnap.errors import DdsnapError, InvalidArgument, ProtocolError
+from ddsnap.errors import DdsnapError, InvalidArgument, ProtocolError, TlsRefused
 from ddsnap.service.api import ReadMap
 from ddsnap.service.local import LocalService
 
+from . import tls
+from .net import tune_tcp
 from .protocol import Connection, Role
+from .tls import TlsSocket
 from .wire import (
     VERSION,
     Call,
@@ -83,6 +87,21 @@ READ_ONLY_CALLS = frozenset({"snapshots", "snapshot_space", "merge_status", "mer
                              "status", "check", "statistics", "nodes", "export_open",
                              "export_close"})
 RECV_BYTES = 1 << 16
+#: seconds what a node on another host held is kept after its connection ended
+NODE_GRACE = 10.0
+#: seconds a TCP node has to complete its TLS handshake
+HANDSHAKE_TIMEOUT = 10.0
+
+
+def _peer(sock: socket.socket) -> str:
+    """``unix`` or ``HOST:PORT`` of the peer of the connected ``sock``."""
+    if sock.family == socket.AF_UNIX:
+        return "unix"
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _running(pid: int) -> bool:
@@ -108,10 +127,15 @@ class NodeSession:
             see :meth:`~ddsnap.service.local.LocalService.take_origin_grant`).
     """
 
-    def __init__(self, server: MetadataServer, sock: socket.socket, node: int):
+    def __init__(self, server: MetadataServer, sock: socket.socket, node: int,
+                 tls: ssl.SSLContext | None = None):
         self.server = server
-        self.sock = sock
+        self.sock: socket.socket | TlsSocket = sock
         self.node = node
+        #: the TLS context a TCP node must complete a handshake with first (None: none)
+        self._tls = tls
+        #: where the node connects from: "unix" or "HOST:PORT"
+        self.peer = _peer(sock)
         self.name = ""
         self.conn = Connection(Role.SERVER)
         self._lock = threading.Lock()  # conn state, the socket's send side, holdings
@@ -137,6 +161,11 @@ class NodeSession:
         why = "disconnected"
         fence = False
         try:
+            if self._tls is not None and isinstance(self.sock, socket.socket):
+                # (in this thread, not the accept loop: a slow or silent peer holds up
+                # only itself)
+                self.sock = tls.wrap(self.sock, self._tls, server_side=True,
+                                     timeout=HANDSHAKE_TIMEOUT)
             while True:
                 data = self.sock.recv(RECV_BYTES)
                 with self._lock:
@@ -152,6 +181,9 @@ class NodeSession:
             why = f"protocol error: {e}"
             fence = True
             log.warning("node %d (%s) dropped: %s", self.node, self.name, e)
+        except TlsRefused as e:
+            why = f"refused: {e}"
+            log.warning("refused a node connecting from %s: %s", self.peer, e)
         except OSError as e:
             why = f"connection error: {e}"
         finally:
@@ -402,7 +434,7 @@ class NodeSession:
     def peer_pid(self) -> int | None:
         """The pid of the node's process if it is on this host (SO_PEERCRED of a unix
         socket), else None."""
-        if self.sock.family != socket.AF_UNIX:
+        if not isinstance(self.sock, socket.socket) or self.sock.family != socket.AF_UNIX:
             return None
         try:
             cred = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
@@ -438,6 +470,10 @@ class NodeSession:
         sure the node cannot write any more (:meth:`fence`) if it held grants (it
         writes granted chunks without telling), or with ``fence`` if it had origin
         writes in flight.  A server that is closing fences nobody."""
+        # First of all: a sender blocked on a node that reads nothing (stopped, or its
+        # window closed) holds the session's lock; this makes its send fail.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         with self._lock:
             if self.closed:
                 return
@@ -458,22 +494,32 @@ class NodeSession:
             self.opens.clear()
             acks = list(self._acks.values())
             self._acks.clear()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
-        svc = self.server.service
-        if locks:
-            svc.release_read(ReadMap(0, [], locks))
-        for _ in range(writes):
-            svc.finish_origin_write()
-        for name in opens:
-            svc.export_close(name)
         for ev in acks:  # nobody waits for a node that is gone
             ev.set()
         self.server.forget(self)
-        if locks or writes:
-            log.info("node %d (%s) %s: released %d read lock(s) and %d origin write(s)",
-                     self.node, self.name, why, len(locks), writes)
+
+        def release() -> None:
+            svc = self.server.service
+            if locks:
+                svc.release_read(ReadMap(0, [], locks))
+            for _ in range(writes):
+                svc.finish_origin_write()
+            for name in opens:
+                svc.export_close(name)
+            if locks or writes:
+                log.info("node %d (%s) %s: released %d read lock(s) and %d origin "
+                         "write(s)", self.node, self.name, why, len(locks), writes)
+
+        if (self.peer != "unix" and not fence and (locks or writes or opens)
+                and not self.server.closing):
+            # A node on another host may be alive behind a broken connection, its
+            # reads in flight under these locks: they are kept until it uploads
+            # them again or NODE_GRACE seconds pass (docs/protocol.md).  One that
+            # broke the protocol gets no such trust.
+            self.server.lapse(self.name, release)
+        else:
+            release()
 
     def export_opened(self, name: str) -> None:
         """The node opened export ``name`` (closed for it if it goes away)."""
@@ -492,7 +538,7 @@ class NodeSession:
     def describe(self) -> dict:
         """The node and its holdings (for ``status``)."""
         with self._lock:
-            return {"node": self.node, "name": self.name,
+            return {"node": self.node, "name": self.name, "peer": self.peer,
                     "read_locks": sum(self.read_locks.values()),
                     "origin_writes": self.origin_writes, "granted": self.granted,
                     "exports_open": dict(self.opens)}
@@ -515,12 +561,14 @@ class MetadataServer:
         grants: give nodes origin-write grants (False: every origin write asks).
         read_cache: let nodes keep snapshot read mappings (False: every snapshot read
             asks).
+        node_grace: seconds what a node on another host (TCP) held is kept after its
+            connection ends, unless it uploads it again sooner.
     """
 
     def __init__(self, service: LocalService, uuid: bytes = bytes(16), generation: int = 0,
                  threads: int = QUERY_THREADS, ack_timeout: float = ACK_TIMEOUT,
                  expect: Iterable[str] = (), grace: float = GRACE, grants: bool = True,
-                 read_cache: bool = True):
+                 read_cache: bool = True, node_grace: float = NODE_GRACE):
         self.service = service
         self.grants = grants
         self.read_cache = read_cache
@@ -539,12 +587,17 @@ class MetadataServer:
         self._lock = threading.Lock()
         self._sessions: dict[int, NodeSession] = {}
         self._next_node = 1
-        self._listener: socket.socket | None = None
-        self._accepter: threading.Thread | None = None
+        self._listeners: list[socket.socket] = []
+        self._accepters: list[threading.Thread] = []
+        #: the unix socket path, and the TCP addresses bound (``tcp:HOST:PORT``)
         self.path: str | None = None
+        self.tcp_addresses: list[str] = []
         self.closing = False
         #: nodes (by label) whose uploads a restarted server waits for
         self.expecting = set(expect)
+        self.node_grace = node_grace
+        #: holdings of nodes on other hosts whose connection ended, by node name
+        self._lapsed: dict[str, list[tuple[threading.Timer, Callable[[], None]]]] = {}
         self._recovered = threading.Event()
         self._grace: threading.Timer | None = None
         if self.expecting:
@@ -556,12 +609,47 @@ class MetadataServer:
         service.observers.append(self._observe)
 
     def uploaded(self, name: str) -> None:
-        """Node ``name`` finished uploading its locks (FINISH_UPLOAD_LOCK)."""
+        """Node ``name`` finished uploading its locks (FINISH_UPLOAD_LOCK): what it held
+        on a connection that ended is given back now (the upload took it anew)."""
         with self._lock:
             self.expecting.discard(name)
             done = not self.expecting
+            lapsed = self._lapsed.pop(name, [])
+        for timer, release in lapsed:
+            timer.cancel()
+            release()
         if done:
             self._end_recovery("every node uploaded its locks")
+
+    def lapse(self, name: str, release: Callable[[], None]) -> None:
+        """Hold what node ``name`` held on a connection that ended (``release`` gives it
+        back) until the node uploads again or :attr:`node_grace` seconds pass."""
+        timer = threading.Timer(self.node_grace, self._lapse_over, (name, release))
+        timer.daemon = True
+        with self._lock:
+            self._lapsed.setdefault(name, []).append((timer, release))
+        log.info("node %s lost its connection: what it held is kept for %.0f s", name,
+                 self.node_grace)
+        timer.start()
+
+    def _lapse_over(self, name: str, release: Callable[[], None]) -> None:
+        with self._lock:
+            held = self._lapsed.get(name, [])
+            entry = next((e for e in held if e[1] is release), None)
+            if entry is None:
+                return  # given back by an upload meanwhile
+            held.remove(entry)
+            if not held:
+                del self._lapsed[name]
+        log.warning("node %s did not come back within %.0f s: what it held is given back",
+                    name, self.node_grace)
+        release()
+
+    def lapsed(self) -> dict[str, int]:
+        """Nodes whose connection ended with holdings kept for them: name -> how many
+        connections' holdings."""
+        with self._lock:
+            return {name: len(held) for name, held in self._lapsed.items()}
 
     def _end_recovery(self, why: str) -> None:
         if not self._recovered.is_set():
@@ -595,26 +683,60 @@ class MetadataServer:
         except OSError:
             sock.close()
             raise
-        self._listener, self.path = sock, path
-        self._accepter = threading.Thread(target=self._accept_loop, name="ddsnap-meta-accept",
-                                          daemon=True)
-        self._accepter.start()
+        self.path = path
+        self._serve_listener(sock, None)
 
-    def _accept_loop(self) -> None:
-        sock = self._listener
-        while sock is not None and not self.closing:
+    def listen_tcp(self, host: str, port: int, context: ssl.SSLContext | None) -> str:
+        """Accept nodes on other hosts on TCP ``host``:``port`` (0: any free port),
+        each completing a TLS handshake with ``context`` first (a server context that
+        requires client certificates, :func:`ddsnap.csnap.tls.server_context`), or in
+        plain text with None (``serve --insecure``).  Returns ``tcp:HOST:PORT`` bound.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(64)
+        except OSError:
+            sock.close()
+            raise
+        bound = sock.getsockname()
+        shown = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
+        self.tcp_addresses.append(f"tcp:{shown}:{bound[1]}")
+        self._serve_listener(sock, context)
+        return self.tcp_addresses[-1]
+
+    def _serve_listener(self, sock: socket.socket, context: ssl.SSLContext | None) -> None:
+        self._listeners.append(sock)
+        t = threading.Thread(target=self._accept_loop, args=(sock, context),
+                             name="ddsnap-meta-accept", daemon=True)
+        self._accepters.append(t)
+        t.start()
+
+    def _accept_loop(self, sock: socket.socket, context: ssl.SSLContext | None) -> None:
+        while not self.closing:
             try:
                 conn, _ = sock.accept()
             except OSError:
                 return
-            self.accept(conn)
+            if conn.family != socket.AF_UNIX:
+                tune_tcp(conn)
+            self.accept(conn, context)
 
-    def accept(self, sock: socket.socket) -> NodeSession:
-        """Serve a node on the connected socket ``sock`` (socketpair ends in tests)."""
+    def accept(self, sock: socket.socket, context: ssl.SSLContext | None = None
+               ) -> NodeSession:
+        """Serve a node on the connected socket ``sock`` (socketpair ends in tests),
+        after a TLS handshake with ``context`` if given."""
         with self._lock:
             node = self._next_node
             self._next_node += 1
-            session = self._sessions[node] = NodeSession(self, sock, node)
+            session = self._sessions[node] = NodeSession(self, sock, node, context)
         session.thread.start()
         return session
 
@@ -693,18 +815,24 @@ class MetadataServer:
         if self._grace is not None:
             self._grace.cancel()
         self._recovered.set()  # queries held back go on, to find the server closing
-        if self._listener is not None:
+        for sock in self._listeners:
             with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
-            if self.path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path)
-        if self._accepter is not None:
-            self._accepter.join()
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        for t in self._accepters:
+            t.join()
         for s in self.sessions():
             s.drop("server closing")
             s.thread.join()
+        with self._lock:
+            lapsed = [e for held in self._lapsed.values() for e in held]
+            self._lapsed.clear()
+        for timer, release in lapsed:
+            timer.cancel()
+            release()
         self.executor.shutdown(wait=wait, cancel_futures=not wait)
         with contextlib.suppress(ValueError):
             self.service.observers.remove(self._observe)

@@ -1,10 +1,12 @@
 """Block devices: the only place ddsnap touches ``os`` I/O.
 
 A :class:`BlockDevice` is a byte-addressed device with positional reads and writes and a
-durability barrier (:meth:`BlockDevice.flush`).  Two implementations here:
+durability barrier (:meth:`BlockDevice.flush`).  Three implementations here:
 
 * :class:`FileDevice` over a regular file or a block device (``os.pread``/``os.pwrite``,
   ``os.fdatasync``);
+* :class:`DirectFileDevice`, a FileDevice opened with ``O_DIRECT`` (no page cache), for a
+  device shared between hosts;
 * :class:`MemoryDevice`, a bytearray, the in-memory twin for tests and the transient store.
 
 The crash-test device (``RecordingDevice``) lives in :mod:`ddsnap.testing.crash`.
@@ -14,12 +16,17 @@ Offsets and lengths are in bytes; ranges are ``[offset, offset + length)``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import stat
 import struct
+import threading
+import weakref
+from collections.abc import Iterator
 
 from ..errors import DdsnapError, InvalidArgument, StoreNotFound
 from ..units import human_bytes
@@ -123,7 +130,10 @@ def copy_range(src: BlockDevice, src_offset: int, dst: BlockDevice, dst_offset: 
     """Copy ``length`` bytes from ``src`` at ``src_offset`` to ``dst`` at ``dst_offset``.
 
     Between two :class:`FileDevice` objects the kernel copies (``copy_file_range``, as
-    ``cp`` does): no data passes through Python.  Otherwise, or where the kernel cannot
+    ``cp`` does): no data passes through Python.  Not for a :class:`DirectFileDevice` (a
+    subclass, so not ``type(...) is FileDevice``): the kernel's copy may go through the
+    page cache, and would bypass the device's read-modify-write serialization; its copies
+    are its own aligned ``pread`` and ``pwrite``.  Otherwise, or where the kernel cannot
     (another filesystem, an old kernel), it is a read and a write (``dst.pwrite``, so a
     :class:`RecordingDevice` records it).  Not durable until ``dst.flush()``.
 
@@ -346,6 +356,294 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if libc.fallocate(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
+
+
+#: O_DIRECT alignment, in bytes, of file offsets, lengths and memory: a multiple of every
+#: logical block size up to 4 KiB (the largest in use) and of the page size of x86 hosts
+ALIGN = 4096
+#: the largest piece, in bytes, of one O_DIRECT read or write (a multiple of ALIGN); the
+#: size of each thread's bounce buffer
+DIRECT_PIECE = 1 << 20
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+# Each thread's page-aligned bounce buffer (a memoryview of an anonymous mmap): Python's
+# own buffers (bytes, bytearray) have no alignment, and O_DIRECT wants aligned memory.
+_bounce = threading.local()
+
+
+def _bounce_buffer() -> memoryview:
+    """This thread's DIRECT_PIECE-byte page-aligned buffer (made on first use)."""
+    view = getattr(_bounce, "view", None)
+    if view is None:
+        view = memoryview(mmap.mmap(-1, DIRECT_PIECE))
+        _bounce.view = view
+    return view
+
+
+class _WriteRanges:
+    """The byte ranges of one device being written by threads of this process.
+
+    A write holds the aligned range it writes (:meth:`hold`) until the write is done; a
+    write of an overlapping range waits.  So a read-modify-write of a block never
+    interleaves with another write of the same block, and neither write is lost.  Writes
+    of disjoint ranges proceed in parallel; reads take nothing.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held: list[tuple[int, int]] = []
+
+    @contextlib.contextmanager
+    def hold(self, start: int, end: int) -> Iterator[None]:
+        """Hold ``[start, end)`` for the ``with`` body, once no other thread holds any
+        byte of it."""
+        entry = (start, end)
+        with self._cond:
+            while any(s < end and start < e for s, e in self._held):
+                self._cond.wait()
+            self._held.append(entry)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held.remove(entry)
+                self._cond.notify_all()
+
+
+# One _WriteRanges per open file or block device of this process, shared by every
+# DirectFileDevice on it (a server may open the same origin twice).
+_write_ranges: weakref.WeakValueDictionary[tuple[int, ...], _WriteRanges] = (
+    weakref.WeakValueDictionary())
+_write_ranges_lock = threading.Lock()
+
+
+def _write_ranges_of(st: os.stat_result) -> _WriteRanges:
+    key = (1, st.st_rdev) if stat.S_ISBLK(st.st_mode) else (0, st.st_dev, st.st_ino)
+    with _write_ranges_lock:
+        ranges = _write_ranges.get(key)
+        if ranges is None:
+            ranges = _WriteRanges()
+            _write_ranges[key] = ranges
+        return ranges
+
+
+class DirectFileDevice(FileDevice):
+    """A :class:`FileDevice` opened with ``O_DIRECT``: every read and write goes to the
+    device itself, none through this host's page cache.
+
+    Why: a device shared between hosts (a SAN LUN, an NBD-attached disk; files in tests),
+    which the metadata server and the client nodes open at once.  The page caches of two
+    hosts are not coherent: a node's write must reach the shared device before the
+    server's copy-out reads it, and the server's copy-out must not read a page this host
+    cached before that write.  With O_DIRECT neither host keeps a copy.  Sources: open(2),
+    the notes on O_DIRECT; the csnap seed: the data path of every host doing I/O on
+    shared storage.
+
+    Units are bytes; the API is :class:`FileDevice`'s and takes any offset and length.
+
+    Alignment: O_DIRECT wants file offsets, lengths and memory aligned to the logical block
+    size of the device.  All I/O here is in whole :data:`ALIGN` (4096)-byte blocks from a
+    page-aligned bounce buffer (one per thread, :data:`DIRECT_PIECE` bytes, so a large
+    request goes in pieces of at most 1 MiB and allocates nothing).  A read reads the
+    covering blocks and copies the asked part out.  A write whose first or last block it
+    covers only partly reads that block, changes it and writes it back (read-modify-write).
+
+    Serialized: each write holds the aligned range of blocks it writes (per piece) against
+    other writes of those blocks by this process (every DirectFileDevice on the same file or
+    device shares one table), so two threads' read-modify-writes of one block, or a
+    read-modify-write and an aligned write of it, never lose either write.  Reads are not
+    serialized.  Nothing is serialized between processes or hosts: two hosts writing
+    different parts of one 4 KiB block at once can lose one write (each host's
+    read-modify-write puts back the other's old bytes), which the protocol above must
+    rule out; copy-out chunks (4 KiB to 1 MiB) are whole blocks.
+
+    Size not a multiple of 4096 (an odd-sized origin; store files always are): the last,
+    partial block cannot be written with O_DIRECT without extending a file past its end.
+    Writes to that block go through a short-lived ordinary (buffered) descriptor of the
+    same file: the block's cached pages are dropped first (so the kernel's own
+    read-modify-write starts from the device, not a stale page), written, ``fdatasync``-ed
+    (so the data is on the device before :meth:`pwrite` returns, as a direct write is) and
+    dropped again.  Reads of that block are direct as any other.
+
+    Differences from :class:`FileDevice`: :meth:`preadinto_nowait` and
+    :meth:`pwrite_cached` answer False (there is no page cache to hit: callers use the
+    blocking calls from a thread); :meth:`discard` punches only the whole 4 KiB blocks of
+    its range (zeroing part of a block would leave a dirty cached page that, written back
+    later, could overwrite another host's data); :func:`copy_range` never uses
+    ``copy_file_range`` with it.  Reads past the end, ``strict``, :meth:`flush`
+    (``fdatasync``: the device's write cache and the file's metadata still need it),
+    :meth:`resize`, locks and :meth:`close` are :class:`FileDevice`'s.
+
+    Args:
+        path, writable, create_size, what, strict: as :class:`FileDevice`.
+
+    Raises:
+        StoreNotFound: ``path`` does not exist (and ``create_size`` was not given).
+        InvalidArgument: ``path`` is neither a regular file nor a block device; its
+            filesystem refuses O_DIRECT (EINVAL, some tmpfs or FUSE mounts); a file this
+            call created is removed again.
+        DdsnapError: permission denied.
+    """
+
+    def __init__(self, path: str, writable: bool = True, create_size: int | None = None,
+                 what: str = "snapshot store", strict: bool = False):
+        existed = os.path.exists(path)
+        super().__init__(path, writable, create_size, what, strict)
+        self.writable = writable
+        # FileDevice opened and checked it; reopen the same file (not whatever the path
+        # names now) with O_DIRECT.
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            if not _O_DIRECT:
+                raise OSError(errno.EINVAL, "no O_DIRECT on this platform")
+            fd = os.open(f"/proc/self/fd/{self.fd}", flags | _O_DIRECT)
+        except OSError as e:
+            st = os.fstat(self.fd)
+            self.close()
+            if e.errno != errno.EINVAL:
+                raise
+            if not existed:
+                with contextlib.suppress(OSError):
+                    now = os.stat(path)
+                    if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                        os.unlink(path)
+            raise InvalidArgument(
+                f"{what} {path} cannot be opened with O_DIRECT (its filesystem refuses "
+                "direct I/O): a device shared between hosts needs O_DIRECT, since another "
+                "host's page cache is not coherent with this one's; put it on a block "
+                "device or a filesystem that does direct I/O") from None
+        os.close(self.fd)
+        self.fd = fd
+        self._ranges = _write_ranges_of(os.fstat(fd))
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def _read_blocks(self, buf: memoryview, offset: int) -> int:
+        """Read whole blocks at the aligned ``offset`` into the aligned ``buf`` (of a
+        multiple of ALIGN bytes); return the bytes read, fewer only at the end of file."""
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            done += n
+            if n <= 0 or n % ALIGN:
+                break  # end of file (mid-block: the next read would be unaligned)
+        return done
+
+    def _read(self, out: memoryview, offset: int) -> int:
+        """Copy the bytes at ``offset`` into ``out``; return how many there were before
+        the end of file (the rest of ``out`` is left as it was)."""
+        buf = _bounce_buffer()
+        end = offset + len(out)
+        pos = offset
+        while pos < end:
+            start = pos - pos % ALIGN
+            stop = min(end, start + DIRECT_PIECE)
+            n = self._read_blocks(buf[: _align_up(stop) - start], start)
+            got = max(0, min(start + n, stop) - pos)
+            out[pos - offset: pos - offset + got] = buf[pos - start: pos - start + got]
+            pos += got
+            if pos < stop:
+                break  # end of file
+        return pos - offset
+
+    def pread(self, length: int, offset: int) -> bytes:
+        out = bytearray(length)
+        n = self._read(memoryview(out), offset)
+        if n < length:
+            self._short(offset + n)  # the rest is zeroes already
+        return bytes(out)
+
+    def preadinto(self, buf, offset: int) -> None:
+        view = _bytes_view(buf)
+        n = self._read(view, offset)
+        if n < len(view):
+            self._short(offset + n)
+            view[n:] = bytes(len(view) - n)
+
+    def preadinto_nowait(self, buf, offset: int) -> bool:
+        return False  # nothing is in memory: every read waits for the device
+
+    # -- writes --------------------------------------------------------------------------
+
+    def pwrite(self, data, offset: int) -> None:
+        view = _bytes_view(data)
+        self.check_write(len(view), offset)
+        end = offset + len(view)
+        tail = self.size - self.size % ALIGN  # start of a partial last block, if any
+        buf = _bounce_buffer()
+        pos = offset
+        while pos < min(end, tail):
+            start = pos - pos % ALIGN
+            stop = min(end, tail, start + DIRECT_PIECE)
+            stop_block = _align_up(stop)
+            with self._ranges.hold(start, stop_block):
+                if pos > start:  # partial first block: read-modify-write
+                    self._read_block(buf[:ALIGN], start)
+                if stop < stop_block and (stop_block - ALIGN > start or pos == start):
+                    self._read_block(buf[stop_block - ALIGN - start: stop_block - start],
+                                     stop_block - ALIGN)  # partial last block
+                buf[pos - start: stop - start] = view[pos - offset: stop - offset]
+                self._write_blocks(buf[: stop_block - start], start)
+            pos = stop
+        if end > tail and pos < end:
+            self._write_tail(view[pos - offset:], pos, tail)
+
+    def _read_block(self, block: memoryview, offset: int) -> None:
+        n = self._read_blocks(block, offset)
+        if n < ALIGN:
+            block[n:] = bytes(ALIGN - n)  # past the end of file: zeroes, as FileDevice
+
+    def _write_blocks(self, buf: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(buf):
+            n = os.pwrite(self.fd, buf[done:], offset + done)
+            if n <= 0:
+                raise OSError(errno.EIO, f"{self.what} {self.path}: write of "
+                                         f"{human_bytes(len(buf))} at byte {offset} stopped")
+            done += n
+
+    def _write_tail(self, data: memoryview, offset: int, tail: int) -> None:
+        """Write ``data`` at ``offset`` inside the partial last block starting at byte
+        ``tail``, through a buffered descriptor (see the class docstring)."""
+        if not self.writable:
+            # The reopen below checks the file's permissions, not this descriptor's mode.
+            raise OSError(errno.EBADF, f"{self.what} {self.path} is open read-only")
+        with self._ranges.hold(tail, tail + ALIGN):
+            fd = os.open(f"/proc/self/fd/{self.fd}", os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                os.posix_fadvise(fd, tail, ALIGN, os.POSIX_FADV_DONTNEED)
+                while data:
+                    n = os.pwrite(fd, data, offset)
+                    data = data[n:]
+                    offset += n
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, tail, ALIGN, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+    def pwrite_cached(self, data, offset: int) -> bool:
+        return False  # every write goes to the device: the caller writes from a thread
+
+    # -- the rest ------------------------------------------------------------------------
+
+    def discard(self, offset: int, length: int) -> None:
+        start = _align_up(max(offset, 0))
+        stop = offset + length
+        stop -= stop % ALIGN
+        if stop > start:
+            super().discard(start, stop - start)
+
+
+def _align_up(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _bytes_view(buf) -> memoryview:
+    """``buf`` as a flat memoryview of bytes."""
+    view = memoryview(buf)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
 
 
 class MemoryDevice(BlockDevice):
