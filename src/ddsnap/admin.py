@@ -32,7 +32,7 @@ from .errors import (
 )
 from .service.api import MetadataService
 from .service.local import LocalService
-from .store.blockdev import DirectFileDevice, FileDevice
+from .store.blockdev import BlockDevice, DirectFileDevice, FencedDevice, FileDevice
 from .store.format import VERSION, OriginIdentity
 from .store.model import Finding
 from .store.shared import SharedStore
@@ -47,12 +47,14 @@ class OpenStore:
     """A store opened and locked for exclusive use, with its origin and service."""
 
     path: str
-    dev: FileDevice
-    origin: FileDevice
+    dev: BlockDevice
+    origin: BlockDevice
     store: SharedStore
     service: LocalService
     #: opened with damage, read-only (``serve --force-degraded``)
     degraded: bool = False
+    #: the cluster epoch every transaction records (0: no cluster)
+    epoch: int = 0
 
     def reopen(self) -> SharedStore:
         """Open the store again from its device (journal recovery), for the service to
@@ -62,6 +64,8 @@ class OpenStore:
             OSError / DdsnapError: the store cannot be read or recovered (yet).
         """
         store = SharedStore.open(self.dev, mode="degraded" if self.degraded else "rw")
+        if self.epoch:
+            store.claim_epoch(self.epoch)
         self.store = store
         return store
 
@@ -76,9 +80,13 @@ class OpenStore:
             self.dev.close()
 
 
-def origin_identity(dev: FileDevice) -> OriginIdentity:
-    """What identifies the origin ``dev`` now: its size, and for a regular file its
-    device, inode, modification and change times (``stat``)."""
+def origin_identity(dev: BlockDevice) -> OriginIdentity:
+    """What identifies the origin ``dev`` (a :class:`FileDevice`, possibly fenced) now:
+    its size, and for a regular file its device, inode, modification and change times
+    (``stat``)."""
+    if isinstance(dev, FencedDevice):
+        dev = dev.inner
+    assert isinstance(dev, FileDevice)
     if dev.is_block:
         return OriginIdentity(dev.size)
     st = os.fstat(dev.fd)
@@ -199,7 +207,8 @@ def check_not_busy(path: str) -> None:
 
 
 def open_store(path: str, degraded: bool = False, accept_origin_change: bool = False,
-               direct: bool = False) -> OpenStore:
+               direct: bool = False, fence: Callable[[], None] | None = None,
+               epoch: int = 0) -> OpenStore:
     """Open, lock and recover the store at ``path``, and open its recorded origin.
 
     With ``degraded`` (``serve --force-degraded``) the store and the origin are opened
@@ -208,7 +217,11 @@ def open_store(path: str, degraded: bool = False, accept_origin_change: bool = F
     could map reads as an error (EIO), never as data.  With ``direct`` (nodes on other
     hosts share the devices: ``serve --metadata-listen tcp:...``) both are opened with
     ``O_DIRECT`` (:class:`~ddsnap.store.blockdev.DirectFileDevice`), since another
-    host's writes never reach this host's page cache.
+    host's writes never reach this host's page cache.  With ``fence`` (a cluster's
+    metadata server: ``() -> None`` raising ``Fenced`` once its lease is over) every
+    write to either device asks it first (:class:`~ddsnap.store.blockdev.FencedDevice`),
+    and the store records ``epoch`` in every transaction from now on
+    (:meth:`~ddsnap.store.shared.SharedStore.claim_epoch`).
 
     Raises:
         StoreNotFound: ``path`` does not exist.
@@ -224,7 +237,10 @@ def open_store(path: str, degraded: bool = False, accept_origin_change: bool = F
         if not dev.lock_exclusive():
             raise _in_use(path)
         _check_origin(path, dev, accept_origin_change)
-        store = SharedStore.open(dev, mode="degraded" if degraded else "rw")
+        store_dev: BlockDevice = FencedDevice(dev, fence) if fence is not None else dev
+        store = SharedStore.open(store_dev, mode="degraded" if degraded else "rw")
+        if epoch:
+            store.claim_epoch(epoch)
         try:
             origin = device(store.origin_path, writable=not degraded, what="origin",
                             strict=True)
@@ -236,11 +252,12 @@ def open_store(path: str, degraded: bool = False, accept_origin_change: bool = F
             raise OriginMismatch(
                 f"origin {store.origin_path} is {human_bytes(origin.size)} but the store "
                 f"was made for {human_bytes(store.origin_size)}")
-        service = LocalService(store, origin)
+        service = LocalService(store, FencedDevice(origin, fence) if fence else origin)
     except BaseException:
         dev.close()
         raise
-    opened = OpenStore(os.path.abspath(path), dev, origin, store, service, degraded)
+    opened = OpenStore(os.path.abspath(path), store_dev, service.data.origin, store, service,
+                       degraded, epoch)
     service.reopen_store = opened.reopen
     return opened
 

@@ -299,6 +299,22 @@ class TlsFileError(DdsnapError):
         super().__init__(f"cannot use the TLS {what} {path}: {reason}")
 
 
+class Fenced(DdsnapError):
+    """A metadata server of a cluster may not write the store any more: its etcd lease
+    could not be renewed in time (by its own clock, before etcd could hand the lease
+    on), or another server was elected.  Every write it would make is refused (issue
+    12's fencing: leases are not locks); the server stops."""
+
+    exit_code = 30
+    fault = "peer"
+    errno = _errno.EIO
+
+
+class StaleEpoch(Fenced):
+    """A metadata server's election epoch is older than one that already wrote the
+    store: another server took over while this one did not know."""
+
+
 class ServiceFailed(DdsnapError):
     """A commit failed, so the store's state in memory can no longer be trusted.
 

@@ -26,7 +26,7 @@ import stat
 import struct
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..errors import DdsnapError, InvalidArgument, StoreNotFound
 from ..units import human_bytes
@@ -685,3 +685,76 @@ class MemoryDevice(BlockDevice):
         else:
             self.data.extend(bytes(size - self.size))
         self.size = size
+
+
+class FencedDevice(BlockDevice):
+    """A device whose every write first asks ``fence`` whether writing is still allowed:
+    the devices of a cluster's metadata server (issue 12), whose right to write ends
+    with its etcd lease.  Reads pass straight through.
+
+    Args:
+        inner: the device written to.
+        fence: ``() -> None``, raising (``Fenced``) once this process may not write; it
+            is called before every ``pwrite``, ``pwrite_cached``, ``flush``,
+            ``discard`` and ``resize``, so it must be cheap and thread-safe (a
+            comparison with a deadline).
+
+    A process paused between the check and the system call can still write after its
+    lease ran out: the bounded-pause assumption of every lease (docs/protocol.md
+    "Failover"); the epoch recorded in each journal transaction is what exposes it.
+    """
+
+    def __init__(self, inner: BlockDevice, fence: Callable[[], None]):
+        self.inner = inner
+        self.fence = fence
+        self.path = inner.path
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    @size.setter
+    def size(self, value: int) -> None:
+        self.inner.size = value
+
+    def __getattr__(self, name: str):
+        # what FileDevice offers beyond BlockDevice (fd, is_block, lock_*, what, ...)
+        return getattr(self.inner, name)
+
+    def check_size(self) -> None:
+        self.inner.check_size()
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return self.inner.pread(length, offset)
+
+    def preadinto(self, buf, offset: int) -> None:
+        self.inner.preadinto(buf, offset)
+
+    def preadinto_nowait(self, buf, offset: int) -> bool:
+        return self.inner.preadinto_nowait(buf, offset)
+
+    def pwrite(self, data, offset: int) -> None:
+        self.fence()
+        self.inner.pwrite(data, offset)
+
+    def pwrite_cached(self, data, offset: int) -> bool:
+        self.fence()
+        return self.inner.pwrite_cached(data, offset)
+
+    def note_resized(self, size: int) -> None:
+        self.inner.note_resized(size)
+
+    def flush(self) -> None:
+        self.fence()
+        self.inner.flush()
+
+    def discard(self, offset: int, length: int) -> None:
+        self.fence()
+        self.inner.discard(offset, length)
+
+    def resize(self, size: int) -> None:
+        self.fence()
+        self.inner.resize(size)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -63,7 +63,7 @@ def check_frame(store) -> tuple[list[Finding], list[range]]:
     if older:
         # The part only the older slot's recovery would replay: damage there loses
         # nothing now, but that fallback would fail.
-        old = j.scan(older[0].journal_tail, older[0].journal_seq)
+        old = j.scan(older[0].journal_tail, older[0].journal_seq, min_epoch=0)
         for e in old.damage:
             if old.next_seq < j.tail_seq:
                 findings.append(Finding("warning", e.block, f"{e.why} (already checkpointed: "

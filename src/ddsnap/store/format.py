@@ -180,6 +180,9 @@ _AUTO = struct.Struct("<QQH")  # id deleted_ns name_len, then the name (255 byte
 _AUTO_SIZE = _AUTO.size + MAX_NAME  # 273
 #: auto-deleted snapshots the superblock remembers (the newest)
 AUTO_DELETED_MAX = 8
+#: the cluster epoch: the highest election epoch of a metadata server that wrote the
+#: store (u64; 0: never served by a cluster; in a former zero area of format v3)
+_SB_EPOCH_OFF = 4000
 
 
 @dataclass
@@ -214,6 +217,7 @@ class Superblock:
     generation: int = 0
     identity: OriginIdentity | None = None
     auto_deleted: list[AutoDeleted] = field(default_factory=list)
+    epoch: int = 0
 
     @property
     def chunk_size(self) -> int:
@@ -258,6 +262,8 @@ class Superblock:
                 _AUTO.pack_into(buf, off, r.id, r.deleted, len(name))
                 buf[off + _AUTO.size: off + _AUTO.size + len(name)] = name
                 off += _AUTO_SIZE
+        if version >= 3:
+            struct.pack_into("<Q", buf, _SB_EPOCH_OFF, self.epoch)
         return seal(buf, T_SUPER, self.slot, self.generation, self.uuid, version)
 
     @classmethod
@@ -297,9 +303,10 @@ class Superblock:
                     errors="replace")
                 auto.append(AutoDeleted(sid, when, name))
                 off += _AUTO_SIZE
+        epoch = struct.unpack_from("<Q", buf, _SB_EPOCH_OFF)[0] if version >= 3 else 0
         return cls(uuid, blocks, cshift, maxsnap, osize, created, st_start, st_blocks,
                    bm_start, bm_blocks, j_start, j_blocks, j_tail, j_seq,
-                   bool(flags & SB_CLEAN), state, path, seq, identity, auto)
+                   bool(flags & SB_CLEAN), state, path, seq, identity, auto, epoch)
 
 
 # ---------------------------------------------------------------------------------------
@@ -566,8 +573,10 @@ def decode_descriptor(buf: bytes) -> tuple[list[int], bool, State]:
 COMMIT_COPY = BLOCK_SIZE // 2
 #: magic type version crc reserved block seq uuid | start:u64 blocks:u32 flags:u32
 _COMMIT = struct.Struct("<4sHHII QQ16s QII")
-_COMMIT_STATE_OFF = _COMMIT.size  # 80
+_COMMIT_STATE_OFF = _COMMIT.size  # 64
 _COMMIT_CRC_OFF = 8
+#: the cluster epoch of the server that wrote the transaction (u64, after the state)
+_COMMIT_EPOCH_OFF = _COMMIT_STATE_OFF + _STATE.size  # 104
 
 
 @dataclass
@@ -576,13 +585,15 @@ class CommitRecord:
 
     ``start`` is the journal position of its first descriptor, ``blocks`` the number of
     descriptor and image blocks before the commit block (so the commit block is at
-    position ``start + blocks``); ``state`` the root state after the transaction.
+    position ``start + blocks``); ``state`` the root state after the transaction;
+    ``epoch`` the cluster epoch of the metadata server that wrote it (0: no cluster).
     """
 
     seq: int
     start: int
     blocks: int
     state: State
+    epoch: int = 0
 
 
 def encode_commit(rec: CommitRecord, block: int, uuid: bytes,
@@ -593,6 +604,8 @@ def encode_commit(rec: CommitRecord, block: int, uuid: bytes,
     _COMMIT.pack_into(half, 0, MAGIC, T_COMMIT, version, 0, 0, block, rec.seq, uuid,
                       rec.start, rec.blocks, 0)
     pack_state(rec.state, half, _COMMIT_STATE_OFF)
+    if version >= 3:
+        struct.pack_into("<Q", half, _COMMIT_EPOCH_OFF, rec.epoch)
     struct.pack_into("<I", half, _COMMIT_CRC_OFF, crc32c.crc32c(half))
     return half + half
 
@@ -617,7 +630,10 @@ def decode_commit(buf: bytes, block: int, uuid: bytes,
             struct.pack_into("<I", half, _COMMIT_CRC_OFF, 0)
             if (t == T_COMMIT and ver == version and bno == block and buuid == uuid
                     and crc32c.crc32c(half) == crc):
-                rec = CommitRecord(seq, start, blocks, unpack_state(half, _COMMIT_STATE_OFF))
+                epoch = (struct.unpack_from("<Q", half, _COMMIT_EPOCH_OFF)[0]
+                         if version >= 3 else 0)
+                rec = CommitRecord(seq, start, blocks, unpack_state(half, _COMMIT_STATE_OFF),
+                                   epoch)
         recs.append(rec)
     good = [r for r in recs if r is not None]
     if len(good) == 2 and good[0] != good[1]:

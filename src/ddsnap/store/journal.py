@@ -66,6 +66,8 @@ class Transaction:
     seq: int
     images: list[tuple[int, bytes]]
     state: State
+    #: the cluster epoch of the metadata server that wrote it (0: no cluster)
+    epoch: int = 0
 
     @property
     def body_blocks(self) -> int:
@@ -141,6 +143,10 @@ class Journal:
         self.head = tail
         self.next_seq = seq  # sequence of the next transaction written
         self.tail_seq = seq  # sequence of the transaction at the tail
+        #: the cluster epoch written into every commit record from now on, and the
+        #: lowest one a transaction found at a scan may carry (the superblock's)
+        self.epoch = 0
+        self.min_epoch = 0
 
     def _slot_block(self, pos: int) -> int:
         return self.start + pos % self.size
@@ -186,7 +192,8 @@ class Journal:
         first, and flushes again: that flush is the commit point)."""
         start = self.head - tx.body_blocks
         block = self._slot_block(self.head)
-        rec = CommitRecord(tx.seq, start, tx.body_blocks, tx.state)
+        tx.epoch = self.epoch
+        rec = CommitRecord(tx.seq, start, tx.body_blocks, tx.state, tx.epoch)
         self._write_slots(self.head, [encode_commit(rec, block, self.uuid, self.version)])
         self.head += 1
         self.next_seq += 1
@@ -227,14 +234,18 @@ class Journal:
         self.old_tail = self.tail = self.head
         self.tail_seq = self.next_seq
 
-    def scan(self, tail: int | None = None, seq: int | None = None) -> Replay:
+    def scan(self, tail: int | None = None, seq: int | None = None,
+             min_epoch: int | None = None) -> Replay:
         """Read the journal from ``tail`` (default: the tail), where transaction ``seq``
         (default: the tail's) is expected, and classify what is there; writes nothing.
 
         Every transaction from there is read: committed and intact ones go to
         ``transactions`` until the first that is committed but damaged; a transaction
         with no commit record and no later committed transaction ends the journal (a
-        torn commit).  See the module docstring for the rule.
+        torn commit).  See the module docstring for the rule.  A transaction whose
+        cluster epoch is older than ``min_epoch`` (default :attr:`min_epoch`, the
+        superblock's) or than one before it is damage too (split brain: a stale
+        metadata server wrote after a failover).
         """
         window = self.dev.pread(self.size * BLOCK_SIZE, self.start * BLOCK_SIZE)
 
@@ -261,9 +272,21 @@ class Journal:
 
         out = Replay(end=tail, next_seq=first_seq)
         pos, seq = tail, first_seq
+        epoch = self.min_epoch if min_epoch is None else min_epoch
         while seq <= last_committed or pos - tail < self.size:
             tx, blocks, problem, cwarn = self._read_tx(slot, pos, seq)
+            if tx is not None and problem is None and tx.epoch < epoch:
+                # Split brain: a metadata server of an older election term wrote after
+                # a newer one (a stale server that woke up after a failover).  Nothing
+                # from here on is trusted; the store is refused (docs/format.md).
+                out.damage.append(CorruptMetadata(
+                    self._slot_block(pos + blocks),
+                    f"journal transaction {seq} was written by a metadata server of "
+                    f"cluster epoch {tx.epoch} after one of epoch {epoch} had written "
+                    "the store: a stale server wrote after a failover (split brain)"))
+                break
             if tx is not None and problem is None:
+                epoch = max(epoch, tx.epoch)
                 out.transactions.append(tx)
                 out.warnings.extend(cwarn)
                 pos += blocks + 1
@@ -337,6 +360,7 @@ class Journal:
             return tx, body, CorruptMetadata(cblock, f"journal transaction {seq} has no "
                                                      "valid commit record"), []
         tx.state = rec.state
+        tx.epoch = rec.epoch
         warn = [CorruptMetadata(cblock, f"copy {k + 1} of the commit record of journal "
                                         f"transaction {seq} is damaged (the other copy "
                                         "is intact)") for k in bad]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from humanfriendly import format_size
 
-from ..errors import CorruptMetadata, InvalidArgument, StoreFull
+from ..errors import CorruptMetadata, InvalidArgument, StaleEpoch, StoreFull
 from ..units import human_bytes
 from .alloc import Bitmap
 from .blockdev import BlockDevice
@@ -132,6 +132,10 @@ class SharedStore(BTree, VersionedStore):
         self._last_state = sb.state.copy()
         self.journal = Journal(dev, sb.uuid, sb.journal_start, sb.journal_blocks,
                                sb.journal_tail, sb.journal_seq, old_tail)
+        self.journal.min_epoch = sb.epoch
+        #: the highest cluster epoch that wrote the store (superblock or journal;
+        #: issue 12's fencing), 0 if no cluster server ever did
+        self.epoch = sb.epoch
 
     @classmethod
     def create(cls, dev: BlockDevice, origin_size: int, origin_path: str = "",
@@ -262,6 +266,7 @@ class SharedStore(BTree, VersionedStore):
             self._untrusted_all = scan.unknown
             self.journal.head, self.journal.next_seq = scan.end, scan.next_seq
         self.recovered = len(scan.transactions)
+        self.epoch = max([sb.epoch, *(tx.epoch for tx in scan.transactions)])
         state = scan.state
         if state is not None:
             self.state = state.copy()
@@ -295,6 +300,49 @@ class SharedStore(BTree, VersionedStore):
             self.write_superblock(clean=False)
             self.write_superblock(clean=False)
         return self
+
+    def claim_epoch(self, epoch: int) -> None:
+        """Write every transaction from now on as cluster epoch ``epoch`` (the election
+        term of the metadata server that opened the store, from etcd: issue 12's
+        fencing).  Recovery refuses a journal where an older epoch follows a newer one.
+
+        Raises:
+            StaleEpoch: a server of a newer epoch has already written the store (this
+                server lost its election without knowing).
+        """
+        if epoch < self.epoch:
+            raise StaleEpoch(f"{self.dev.path} was written by the metadata server of "
+                             f"cluster epoch {self.epoch}; this server's epoch {epoch} is "
+                             "older: another server took over")
+        self.epoch = epoch
+        self.journal.epoch = epoch
+        # Stake the claim in both superblock slots now: a stale server's transactions
+        # written after this are refused by recovery, and its own next commit or
+        # checkpoint sees this epoch and stops (_check_superseded).
+        self.write_superblock(clean=False)
+        self.write_superblock(clean=False)
+
+    def _check_superseded(self) -> None:
+        """In a cluster (an epoch claimed), refuse to commit or checkpoint once a server
+        of a newer epoch has written either superblock slot: a storage-level check
+        under the lease's, for a server that was paused past its lease.
+
+        Raises:
+            StaleEpoch: a newer epoch is recorded on the device.
+        """
+        if not self.journal.epoch:
+            return
+        newest = 0
+        for slot in (0, 1):
+            buf = self.dev.pread(BLOCK_SIZE, slot * BLOCK_SIZE)
+            try:
+                newest = max(newest, Superblock.decode(buf, slot).epoch)
+            except CorruptMetadata:
+                continue
+        if newest > self.journal.epoch:
+            raise StaleEpoch(f"{self.dev.path} records cluster epoch {newest}, newer than "
+                             f"this metadata server's {self.journal.epoch}: another server "
+                             "took over; this one writes nothing more")
 
     def read_block(self, block: int) -> bytes:
         """The current 4 KiB image of metadata ``block``: the journal's (read-only opens,
@@ -430,9 +478,11 @@ class SharedStore(BTree, VersionedStore):
         """Write the next superblock slot (slots alternate by generation) from the store's
         geometry, journal window and root ``state`` (default: the current one), and flush.
         ``clean`` marks a clean shutdown.  Two calls in a row update both slots."""
+        self._check_superseded()
         sb = self.sb
         sb.generation += 1
         sb.clean = clean
+        sb.epoch = max(sb.epoch, self.journal.epoch)
         sb.journal_tail = self.journal.tail
         sb.journal_seq = self.journal.next_seq
         if state is not None:
@@ -570,6 +620,7 @@ class SharedStore(BTree, VersionedStore):
         tx = batch.tx
         if self.read_only:
             raise CorruptMetadata(self.sb.slot, "the store is open read-only")
+        self._check_superseded()
         while not self.journal.room_for(tx):
             self._checkpoint(self._last_state)
         # Exception data (copy-outs, snapshot writes) durable before the commit point
