@@ -256,13 +256,24 @@ class Daemon:
         if self.meta is not None:
             meta, self.meta = self.meta, None
             await asyncio.get_running_loop().run_in_executor(None, meta.close)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._registry_file)
+        self._unregister()
         if self.merger is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.merger.stop)
         if self.opened is not None:
             opened, self.opened = self.opened, None
             await asyncio.get_running_loop().run_in_executor(None, opened.close)
+
+    def _unregister(self) -> None:
+        """Remove the registry entry if it is still this process's (another server of
+        the store may have replaced it since)."""
+        try:
+            with open(self._registry_file) as f:
+                mine = json.load(f).get("pid") == os.getpid()
+        except (OSError, ValueError):
+            return
+        if mine:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._registry_file)
 
     async def run(self, on_ready=None) -> None:
         """Serve until SIGINT or SIGTERM."""
