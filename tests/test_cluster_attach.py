@@ -57,24 +57,24 @@ def nbd_write(uri: str, data: bytes, offset: int, tmp: Path) -> None:
 def test_an_attached_node_serves_the_origin_and_snapshots(store, pki, sockdir, tmp_path,
                                                           node_workers):
     origin, st, data = store
-    with served(st, pki, workers=1) as srv, \
-            Attached(srv.metadata, origin, st, Path(sockdir) / "n.sock",
-                     tls=pki.client.files, workers=node_workers, name="far") as node:
-        # the node's origin is the server's
-        assert nbd_read(node.uri(), tmp_path / "a.img") == data
-        ok("snap", "create", st, "s1")
-        new = os.urandom(MiB)
-        nbd_write(node.uri(), new, 2 * MiB, tmp_path)  # copies out for s1
-        want = data[:2 * MiB] + new + data[3 * MiB:]
-        assert nbd_read(srv.uri(), tmp_path / "b.img") == want
-        assert nbd_read(node.uri(), tmp_path / "c.img") == want
-        # s1 is the old bytes, through the node and through the server
-        assert nbd_read(node.uri("s1"), tmp_path / "d.img") == data
-        assert nbd_read(srv.uri("s1"), tmp_path / "e.img") == data
-        status = ok_json("status", st, "--json")
-        far = [n for n in status["nodes"] if n["name"].startswith("far")]
-        assert far and all(n["peer"].startswith("127.0.0.1:") for n in far), status["nodes"]
-        assert status["metadata"] == [srv.metadata]
+    with served(st, pki, workers=1) as srv:
+        assert srv.metadata, srv.output()
+        with Attached(srv.metadata, origin, st, Path(sockdir) / "n.sock",
+                      tls=pki.client.files, workers=node_workers, name="far") as node:
+            assert nbd_read(node.uri(), tmp_path / "a.img") == data
+            ok("snap", "create", st, "s1")
+            new = os.urandom(MiB)
+            nbd_write(node.uri(), new, 2 * MiB, tmp_path)  # copies out for s1
+            want = data[:2 * MiB] + new + data[3 * MiB:]
+            assert nbd_read(srv.uri(), tmp_path / "b.img") == want
+            assert nbd_read(node.uri(), tmp_path / "c.img") == want
+            # s1 is the old bytes, through the node and through the server
+            assert nbd_read(node.uri("s1"), tmp_path / "d.img") == data
+            assert nbd_read(srv.uri("s1"), tmp_path / "e.img") == data
+            status = ok_json("status", st, "--json")
+            far = [n for n in status["nodes"] if n["name"].startswith("far")]
+            assert far and all(n["peer"].startswith("127.0.0.1:") for n in far), status["nodes"]
+            assert status["metadata"] == [srv.metadata]
     assert ok_json("check", st, "--json")["clean"]
 
 
