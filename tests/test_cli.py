@@ -211,22 +211,30 @@ def test_snapshot_life_cycle(env, served):
 
 def test_served_and_local_answers_are_the_same(env):
     """status, snap list and check give the same answers through the control socket as
-    when the CLI opens the store itself (only ``served`` differs)."""
+    when the CLI opens the store itself (only ``served`` differs, and what only a server
+    knows: its metadata server's addresses and nodes)."""
     ok("snap", "create", env.store, "a")
     ok("snap", "create", env.store, "b", "--read-only")
+    only_served = ("metadata", "nodes", "lapsed")
 
     def answers():
         st = ok_json("status", env.store)
         served = st.pop("served")
         st.pop("recovered_transactions", None)
-        return served, st, ok_json("snap", "list", env.store), ok_json("check", env.store)
+        extra = {k: st.pop(k) for k in only_served if k in st}
+        return (served, extra), st, ok_json("snap", "list", env.store), \
+            ok_json("check", env.store)
 
     ok_json("status", env.store)  # any recovery done, so both runs start equal
-    served_l, *local = answers()
+    (served_l, extra_l), *local = answers()
     with env.served() as srv:
-        served_s, *remote = answers()
+        (served_s, extra_s), *remote = answers()
         assert srv.control("snap_list") == local[1]
     assert (served_l, served_s) == (False, True)
+    assert extra_l == {}
+    if extra_s:  # served with workers: their metadata server and its worker nodes
+        assert extra_s["metadata"] == [] and extra_s["lapsed"] == {}
+        assert {n["peer"] for n in extra_s["nodes"]} == {"unix"}
     assert remote == local
     assert local[2]["clean"]
 
