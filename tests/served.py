@@ -341,22 +341,24 @@ def tls_args(files: tuple[str, str, str] | None) -> list[str]:
 
 
 class Attached:
-    """``ddsnap attach SERVER --origin ORIGIN --store STORE`` as a real subprocess,
+    """``ddsnap attach SERVER --origin ORIGIN --store STORE`` (no SERVER: give
+    ``--etcd``/``--cluster`` in ``extra``) as a real subprocess,
     serving NBD on a unix socket ``sock``; in ``host`` (a tests.hosts.Host) if given.
 
     Use as a context manager, like :class:`Served`; on a normal exit it gets SIGTERM and
     must exit 0 without a traceback.  ``node`` is the node id the server gave it.
     """
 
-    def __init__(self, server: str, origin: str | os.PathLike, store: str | os.PathLike,
+    def __init__(self, server: str | None, origin: str | os.PathLike,
+                 store: str | os.PathLike,
                  sock: str | os.PathLike, *, tls: tuple[str, str, str] | None = None,
                  workers: int | None = 0, name: str | None = None,
                  extra: tuple[str, ...] = (), host: Any = None):
         self.sock = Path(sock)
         assert len(str(self.sock)) <= _SUN_PATH_MAX, f"socket path too long: {sock}"
         self.log = self.sock.with_name(self.sock.name + ".attach.log")
-        args = [*DDSNAP, "attach", server, "--origin", str(origin), "--store", str(store),
-                "--listen", f"unix:{self.sock}", *tls_args(tls)]
+        args = [*DDSNAP, "attach", *([server] if server else []), "--origin", str(origin),
+                "--store", str(store), "--listen", f"unix:{self.sock}", *tls_args(tls)]
         if workers is not None:
             args += ["--workers", str(workers)]
         if name:
@@ -383,7 +385,7 @@ class Attached:
         if self.proc.poll() is not None:
             raise AssertionError(f"ddsnap attach exited {self.proc.returncode} before it "
                                  f"was ready:\n{self.output()}")
-        m = re.search(r"^attached to \S+ as node (\d+)", self.output(), re.M)
+        m = re.search(r"^attached to .+? as node (\d+)", self.output(), re.M)
         if m:
             self.node = int(m.group(1))
         return m is not None

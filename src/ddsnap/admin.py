@@ -208,7 +208,7 @@ def check_not_busy(path: str) -> None:
 
 def open_store(path: str, degraded: bool = False, accept_origin_change: bool = False,
                direct: bool = False, fence: Callable[[], None] | None = None,
-               epoch: int = 0) -> OpenStore:
+               epoch: int = 0, shared_lock: bool = False) -> OpenStore:
     """Open, lock and recover the store at ``path``, and open its recorded origin.
 
     With ``degraded`` (``serve --force-degraded``) the store and the origin are opened
@@ -221,7 +221,11 @@ def open_store(path: str, degraded: bool = False, accept_origin_change: bool = F
     metadata server: ``() -> None`` raising ``Fenced`` once its lease is over) every
     write to either device asks it first (:class:`~ddsnap.store.blockdev.FencedDevice`),
     and the store records ``epoch`` in every transaction from now on
-    (:meth:`~ddsnap.store.shared.SharedStore.claim_epoch`).
+    (:meth:`~ddsnap.store.shared.SharedStore.claim_epoch`).  With ``shared_lock`` (a
+    cluster's server, whose exclusion is its etcd election, not a lock one host sees)
+    the store's ``flock`` is shared: local commands that need the store to themselves
+    are still refused, and a stopped server of an older term on the same host does not
+    keep its successor out.
 
     Raises:
         StoreNotFound: ``path`` does not exist.
@@ -234,7 +238,7 @@ def open_store(path: str, degraded: bool = False, accept_origin_change: bool = F
     device = DirectFileDevice if direct else FileDevice
     dev = device(path, writable=not degraded)
     try:
-        if not dev.lock_exclusive():
+        if not (dev.lock_shared() if shared_lock else dev.lock_exclusive()):
             raise _in_use(path)
         _check_origin(path, dev, accept_origin_change)
         store_dev: BlockDevice = FencedDevice(dev, fence) if fence is not None else dev

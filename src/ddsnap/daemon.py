@@ -15,13 +15,15 @@ import json
 import logging
 import os
 import signal
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
-from . import admin
+from . import admin, election
 from .control import ControlServer
 from .csnap import tls
-from .csnap.server import MetadataServer
-from .errors import InvalidArgument, ListenError, ServiceFailed
+from .csnap.server import GRACE, MetadataServer
+from .election import Term
+from .errors import DdsnapError, Fenced, InvalidArgument, ListenError, ServiceFailed
 from .nbd.server import DEFAULT_MAX_REPLY_MEMORY, NbdServer, parse_listen
 from .service.api import DataDevices, MetadataService
 from .volume import Origin, Snapshot
@@ -140,6 +142,9 @@ class Daemon:
             origin are then opened with ``O_DIRECT``.
         tls: ``(ca, cert, key)`` PEM files: nodes on TCP complete a TLS handshake with a
             client certificate the CA signed; None: plain text (``--insecure``).
+        term: the won election of a cluster's server (``serve --etcd``): its epoch is
+            claimed in the store and is the csnap generation nodes see, and every write
+            asks its fence (``term.check``) first.
 
     Attributes:
         meta_addresses: the ``tcp:HOST:PORT`` metadata addresses bound (real ports).
@@ -150,13 +155,16 @@ class Daemon:
                  accept_origin_change: bool = False, meta_path: str | None = None,
                  generation: int = 0, expect: list[str] | None = None,
                  advertise: list[str] | None = None, meta_listen: list[str] | None = None,
-                 tls: tuple[str, str, str] | None = None):
+                 tls: tuple[str, str, str] | None = None, term: Term | None = None):
         self.store_path = os.path.abspath(store_path)
         self.meta_path = meta_path
         self.meta_listen = meta_listen or []
         self.meta_addresses: list[str] = []
         self.tls = tls
-        self.generation = generation
+        self.term = term
+        #: seconds a restarted metadata server waits for the uploads it expects
+        self.grace = GRACE
+        self.generation = term.epoch if term is not None else generation
         self.expect = expect or []
         self.advertise = advertise or []
         self.meta: MetadataServer | None = None
@@ -194,16 +202,19 @@ class Daemon:
         loop = asyncio.get_running_loop()
         # (the TLS files are checked before the store is opened: a typo costs no recovery)
         context = tls.server_context(*self.tls) if self.tls else None
+        term = self.term
         self.opened = await loop.run_in_executor(
-            None, lambda: admin.open_store(self.store_path, self.degraded,
-                                           self.accept_origin_change,
-                                           direct=bool(self.meta_listen)))
+            None, lambda: admin.open_store(
+                self.store_path, self.degraded, self.accept_origin_change,
+                direct=bool(self.meta_listen), fence=term.check if term else None,
+                epoch=term.epoch if term else 0, shared_lock=term is not None))
         self.merger = admin.MergeRunner(self.opened.service)
         try:
             if self.meta_path is not None or self.meta_listen:
                 svc = self.opened.service
                 uuid = bytes.fromhex(svc.status().uuid or "") or bytes(16)
-                self.meta = MetadataServer(svc, uuid, self.generation, expect=self.expect)
+                self.meta = MetadataServer(svc, uuid, self.generation, expect=self.expect,
+                                           grace=self.grace)
                 if self.meta_path is not None:
                     self.meta.listen(self.meta_path)
                 for uri in self.meta_listen:
@@ -264,8 +275,8 @@ class Daemon:
             await asyncio.get_running_loop().run_in_executor(None, opened.close)
 
     def _unregister(self) -> None:
-        """Remove the registry entry if it is still this process's (another server of
-        the store may have replaced it since)."""
+        """Remove the registry entry if it is still this process's (a cluster's next
+        server, on the same machine in tests, may have replaced it)."""
         try:
             with open(self._registry_file) as f:
                 mine = json.load(f).get("pid") == os.getpid()
@@ -309,3 +320,101 @@ def find_server(store_path: str) -> str | None:
     except (OSError, ValueError):
         default = admin.default_control_path(store_path)
         return default if os.path.exists(default) else None
+
+
+#: seconds a cluster's new server waits for the nodes of the last one to upload their
+#: locks (every node it was told of, or this long): part of the failover time
+CLUSTER_GRACE = 5.0
+#: seconds between updates of the node list a cluster's server publishes in etcd
+NODE_LIST_INTERVAL = 1.0
+
+
+async def run_cluster(daemon_args: dict, etcd: str, cluster: str, ttl: float,
+                      on_standby=None, on_ready=None) -> None:
+    """``serve STORE --etcd URL --cluster NAME``: stand by until this process wins the
+    cluster's election, then serve (a :class:`Daemon` made of ``daemon_args`` and the
+    won :class:`~ddsnap.election.Term`) until SIGINT or SIGTERM, or until the term is
+    lost (not renewed in time, by this process's own clock).
+
+    A lost term ends the process at once with ``Fenced``'s exit code (30), writing
+    nothing more (every write already asks the term's fence): the next server
+    recovers the journal, as after a crash.  Source: issue 12; etcd's election recipe.
+
+    Raises:
+        what :class:`Daemon` raises at start; InvalidArgument for a bad etcd URL or
+        cluster name.
+    """
+    meta = daemon_args.get("meta_listen") or []
+    if not meta or parse_listen(meta[0])[1][1] == 0 or not parse_listen(meta[0])[1][0]:
+        raise InvalidArgument("--etcd needs --metadata-listen tcp:HOST:PORT with the host's "
+                              "own address and a fixed port: nodes find the server there")
+    record = {"metadata": meta[0], "host": socket.gethostname(), "pid": os.getpid(),
+              "store": os.path.abspath(daemon_args["store_path"])}
+    elect = election.Election(etcd, cluster, record, ttl=ttl)
+    stop = asyncio.Event()
+    try:
+        with stop_on_signals(stop):
+            if on_standby is not None:
+                on_standby(await election.leader(etcd, cluster))
+            campaign = asyncio.ensure_future(elect.campaign())
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([campaign, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if not campaign.done():
+                campaign.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await campaign
+                return
+            stopping.cancel()
+            term = campaign.result()
+            lost = asyncio.ensure_future(elect.lost(term))
+            expect = sorted({n["name"] for n in await election.nodes(etcd, cluster)})
+            log.info("elected for cluster %s, epoch %d: waiting for %s", cluster,
+                     term.epoch, ", ".join(expect) or "no node")
+            d = Daemon(**daemon_args, term=term, expect=expect)
+            d.grace = CLUSTER_GRACE
+            start = asyncio.ensure_future(d.start())
+            await asyncio.wait([start, lost], return_when=asyncio.FIRST_COMPLETED)
+            if lost.done():
+                _fenced(term)
+            await start  # (its error, if it failed)
+            if on_ready is not None:
+                on_ready(d, term)
+            publisher = asyncio.ensure_future(_publish_nodes(etcd, cluster, term, d))
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([stopping, lost], return_when=asyncio.FIRST_COMPLETED)
+            if lost.done():
+                _fenced(term)
+            publisher.cancel()
+            lost.cancel()
+            await d.stop()
+            with contextlib.suppress(DdsnapError, OSError):
+                await elect.resign(term)
+    finally:
+        await elect.close()
+
+
+def _fenced(term: Term) -> None:
+    """The term is lost: end the process now, writing nothing more."""
+    log.error("lost the cluster lease of epoch %d (not renewed in time, or another "
+              "server was elected): stopping at once, writing nothing more", term.epoch)
+    logging.shutdown()
+    os._exit(Fenced.exit_code)
+
+
+async def _publish_nodes(etcd: str, cluster: str, term: Term, d: Daemon) -> None:
+    """Keep the nodes attached to this server (what ``nodes`` says of each) and the
+    lost ones whose holdings it keeps in etcd: for ``cluster status``, and for the next
+    server to wait for their uploads."""
+    published: list[dict] | None = None
+    while True:
+        meta = d.meta
+        if meta is not None:
+            nodes = [n for n in meta.nodes() if n["peer"] != "unix"]
+            nodes += [{"name": name, "lapsed": True} for name in sorted(meta.lapsed())]
+            if nodes != published:
+                try:
+                    await election.publish_nodes(etcd, cluster, term, nodes)
+                    published = nodes
+                except (DdsnapError, OSError) as e:
+                    log.warning("could not publish the node list in etcd: %s", e)
+        await asyncio.sleep(NODE_LIST_INTERVAL)

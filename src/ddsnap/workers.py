@@ -43,7 +43,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from . import admin
+from . import admin, election
 from .csnap import tls
 from .csnap.client import RemoteService, Stream, tcp_connector
 from .daemon import (
@@ -54,7 +54,14 @@ from .daemon import (
     stop_on_signals,
     tune_malloc,
 )
-from .errors import DdsnapError, InvalidArgument, OriginMismatch, WorkerFailed, from_dict
+from .errors import (
+    DdsnapError,
+    InvalidArgument,
+    OriginMismatch,
+    ServiceFailed,
+    WorkerFailed,
+    from_dict,
+)
 from .nbd.server import DEFAULT_MAX_REPLY_MEMORY, NbdServer, parse_listen
 from .service.api import DataDevices
 from .store.blockdev import DirectFileDevice, FileDevice
@@ -90,18 +97,20 @@ class Attach:
     (``ddsnap attach``).
 
     Attributes:
-        server: ``tcp:HOST:PORT`` of the metadata server.
+        server: ``tcp:HOST:PORT`` of the metadata server, or None with ``etcd``.
         origin: this host's path of the origin device.
         tls: ``(ca, cert, key)`` PEM files, or None for plain text (``--insecure``).
         name: this node's label (the server's node list; workers get ``NAME-workerN``).
         reconnect: seconds to keep trying to reach a server that went away.
+        etcd: ``(URL, NAME)``: follow the elected server of that cluster.
     """
 
-    server: str
+    server: str | None
     origin: str
     tls: tuple[str, str, str] | None
     name: str
     reconnect: float = 300.0
+    etcd: tuple[str, str] | None = None
 
 
 class _Child:
@@ -225,10 +234,12 @@ class Supervisor:
         assert self.nbd is not None
         fds = self.nbd.listening_fds()
         if self.attach is not None:
-            args = ["worker", self.store_path, "--server", self.attach.server, "--origin",
-                    self.attach.origin, "--reconnect", str(self.attach.reconnect),
-                    "--direct", "--name", name, *self._common_args(),
-                    *_tls_args(self.attach.tls)]
+            at = self.attach
+            args = ["worker", self.store_path, "--origin", at.origin, "--reconnect",
+                    str(at.reconnect), "--direct", "--name", name, *self._common_args(),
+                    *_tls_args(at.tls)]
+            args += (["--etcd", at.etcd[0], "--cluster", at.etcd[1]] if at.etcd
+                     else ["--server", str(at.server)])
         else:
             args = ["worker", self.store_path, "--meta", self.meta_path, "--name", name,
                     *self._common_args()]
@@ -428,22 +439,43 @@ def _tls_files(a: argparse.Namespace) -> tuple[str, str, str] | None:
     return a.tls_ca, a.tls_cert, a.tls_key
 
 
+def _tcp_address(server: str) -> tuple[str, int]:
+    kind, where = parse_listen(server)
+    if kind != "tcp" or not where[0]:
+        raise InvalidArgument(f"metadata server {server!r}: use tcp:HOST:PORT")
+    return where[0], where[1]
+
+
 def node_connector(server: str | None, meta: str | None,
-                   tls_files: tuple[str, str, str] | None) -> Callable[[], Stream]:
-    """How a node reaches its metadata server: ``server`` ``tcp:HOST:PORT`` (TLS with
-    ``tls_files`` ``(ca, cert, key)``, or plain text with None), else the unix socket
-    ``meta`` of a metadata server on this host.
+                   tls_files: tuple[str, str, str] | None,
+                   etcd: tuple[str, str] | None = None) -> Callable[[], Stream]:
+    """How a node reaches its metadata server: the current server of cluster
+    ``etcd`` = ``(URL, NAME)``, looked up in etcd at every connection (a node follows
+    failovers), or ``server`` ``tcp:HOST:PORT``; over TLS with ``tls_files`` ``(ca,
+    cert, key)``, or plain text with None; else the unix socket ``meta`` of a metadata
+    server on this host.
 
     Raises:
         InvalidArgument: ``server`` is not ``tcp:HOST:PORT``.
         TlsRefused / DdsnapError: the TLS files cannot be used.
+        (when called) ServiceFailed: no server elected in the cluster now.
     """
+    context = tls.client_context(*tls_files) if tls_files else None
+    if etcd is not None:
+        url, cluster = etcd
+
+        def follow() -> Stream:
+            leader = asyncio.run(election.leader(url, cluster))
+            if leader is None or "metadata" not in leader:
+                raise ServiceFailed(f"no metadata server is elected in cluster {cluster} "
+                                    "now")
+            host, port = _tcp_address(leader["metadata"])
+            return tcp_connector(host, port, context)()
+
+        return follow
     if server is not None:
-        kind, where = parse_listen(server)
-        if kind != "tcp" or not where[0]:
-            raise InvalidArgument(f"metadata server {server!r}: use tcp:HOST:PORT")
-        context = tls.client_context(*tls_files) if tls_files else None
-        return tcp_connector(where[0], where[1], context)
+        host, port = _tcp_address(server)
+        return tcp_connector(host, port, context)
     assert meta is not None
 
     def connect() -> socket.socket:
@@ -478,11 +510,13 @@ async def run_node(store: str, connect: Callable[[], Stream], *, name: str,
                    direct: bool = False, reconnect: float = RECONNECT,
                    adopt: list[socket.socket] | None = None, listen: list[str] | None = None,
                    max_reply_memory: int = DEFAULT_MAX_REPLY_MEMORY, degraded: bool = False,
+                   epochs: bool = False, follow: tuple[str, str] | None = None,
                    on_ready: Callable[[NbdServer, RemoteService], object] | None = None
                    ) -> None:
     """Serve NBD as a csnap node until SIGINT or SIGTERM: a worker of ``serve`` (on
     listeners it ``adopt``s) or ``ddsnap attach`` on another host (binding ``listen``
-    itself with ``--workers 0``).
+    itself with ``--workers 0``); with ``follow`` ``(URL, NAME)``, a node of that
+    cluster that follows its elections (:func:`follow_leader`).
 
     The node opens the origin (``origin_path``, else the path the server reports) and
     the store at ``store`` itself, with ``O_DIRECT`` if ``direct``, and asks the
@@ -496,7 +530,8 @@ async def run_node(store: str, connect: Callable[[], Stream], *, name: str,
     """
     loop = asyncio.get_running_loop()
     svc = await loop.run_in_executor(
-        None, lambda: RemoteService(connect, name=name, uuid=uuid, reconnect=reconnect))
+        None, lambda: RemoteService(connect, name=name, uuid=uuid, reconnect=reconnect,
+                                    epochs=epochs))
     origin = cow = None
     try:
         st = await loop.run_in_executor(None, svc.status)
@@ -519,10 +554,16 @@ async def run_node(store: str, connect: Callable[[], Stream], *, name: str,
             if listen:
                 await nbd.start(listen)
             stop = asyncio.Event()
-            with stop_on_signals(stop):
-                if on_ready is not None:
-                    on_ready(nbd, svc)
-                await stop.wait()
+            watch = (asyncio.ensure_future(follow_leader(svc, *follow))
+                     if follow is not None else None)
+            try:
+                with stop_on_signals(stop):
+                    if on_ready is not None:
+                        on_ready(nbd, svc)
+                    await stop.wait()
+            finally:
+                if watch is not None:
+                    watch.cancel()
         finally:
             await nbd.close()
             executor.shutdown(wait=True)
@@ -533,13 +574,37 @@ async def run_node(store: str, connect: Callable[[], Stream], *, name: str,
                 dev.close()
 
 
+#: seconds between a cluster node's looks at which server is elected
+FOLLOW_INTERVAL = 1.0
+
+
+async def follow_leader(svc: RemoteService, url: str, cluster: str) -> None:
+    """A cluster node's watch on the election: once etcd names a server of another
+    epoch than the one this node talks to, leave the old one (a stopped server never
+    closes the connection by itself) and connect to the new one.  Runs until
+    cancelled; etcd being unreachable only delays it."""
+    while True:
+        await asyncio.sleep(FOLLOW_INTERVAL)
+        try:
+            lead = await election.leader(url, cluster)
+        except (DdsnapError, OSError) as e:
+            log.debug("cannot see the cluster's leader now: %s", e)
+            continue
+        if lead is not None and lead.get("epoch", 0) > svc.generation:
+            log.warning("cluster %s elected a new metadata server (epoch %d, was %d): "
+                        "following it", cluster, lead["epoch"], svc.generation)
+            svc.abandon_server()
+
+
 async def _worker_main(a: argparse.Namespace) -> None:
-    connect = node_connector(a.server, a.meta, _tls_files(a))
-    uuid = store_uuid(a.store) if a.server else bytes(16)
+    etcd = (a.etcd, a.cluster) if a.etcd else None
+    connect = node_connector(a.server, a.meta, _tls_files(a), etcd)
+    uuid = store_uuid(a.store) if a.server or etcd else bytes(16)
     await run_node(a.store, connect, name=a.name, origin_path=a.origin, uuid=uuid,
                    direct=a.direct, reconnect=a.reconnect,
                    adopt=[socket.socket(fileno=fd) for fd in a.fd],
                    max_reply_memory=a.max_reply_memory, degraded=a.force_degraded,
+                   epochs=etcd is not None, follow=etcd,
                    on_ready=lambda nbd, svc: _report(a.ready_fd, {"ok": True,
                                                                   "node": svc.node}))
 
@@ -551,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("store")
     p.add_argument("--meta")
     p.add_argument("--server")
+    p.add_argument("--etcd")
+    p.add_argument("--cluster")
     p.add_argument("--origin")
     p.add_argument("--direct", action="store_true")
     p.add_argument("--reconnect", type=float, default=RECONNECT)

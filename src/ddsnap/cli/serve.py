@@ -14,6 +14,15 @@ from ..units import parse_size
 from .common import err
 
 
+def etcd_options(fn):
+    """``--etcd URL --cluster NAME`` (``serve``, ``attach``, ``cluster status``)."""
+    fn = click.option("--cluster", metavar="NAME",
+                      help="The cluster's name in etcd (with --etcd).")(fn)
+    return click.option("--etcd", metavar="URL",
+                        help="etcd endpoint (http://HOST:PORT) where the cluster's "
+                             "metadata servers hold their election.")(fn)
+
+
 def tls_options(fn):
     """The TLS options of the metadata port (``serve`` and ``attach``)."""
     for opt in reversed([
@@ -75,9 +84,19 @@ def _tls_files(ca, cert, key, insecure: bool, tcp: bool, what: str):
                    "attach) on this address; needs --tls-ca/--tls-cert/--tls-key or "
                    "--insecure. The origin and store are then opened with O_DIRECT.")
 @tls_options
+@etcd_options
+@click.option("--lease-ttl", default=5.0, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(1.0, 600.0),
+              help="With --etcd: the election lease; a server that cannot renew it "
+                   "within this time stops writing, and a standby takes over.")
 def serve(store, listen, control_path, max_reply_memory, verbose, force_degraded,
-          accept_origin_change, workers, meta_listen, tls_ca, tls_cert, tls_key, insecure):
-    """Serve the origin and every snapshot of STORE over NBD."""
+          accept_origin_change, workers, meta_listen, tls_ca, tls_cert, tls_key, insecure,
+          etcd, cluster, lease_ttl):
+    """Serve the origin and every snapshot of STORE over NBD.
+
+    With --etcd and --cluster, this host is one of the cluster's metadata servers: it
+    stands by until it wins the election, then serves; another takes over when it dies.
+    """
     from ..daemon import Daemon, tune_malloc
 
     tls = _tls_files(tls_ca, tls_cert, tls_key, insecure, bool(meta_listen),
@@ -90,6 +109,20 @@ def serve(store, listen, control_path, max_reply_memory, verbose, force_degraded
         raise InvalidArgument("--max-reply-memory must be more than 0")
     if not os.path.exists(store):
         raise StoreNotFound(store)
+    if bool(etcd) != bool(cluster):
+        raise InvalidArgument("--etcd and --cluster go together")
+    if etcd:
+        if workers:
+            raise InvalidArgument("--etcd serves with --workers 0 for now (nodes on other "
+                                  "hosts attach with ddsnap attach --etcd)")
+        if not meta_listen:
+            raise InvalidArgument("--etcd needs --metadata-listen tcp:HOST:PORT (where "
+                                  "nodes reach this server when it is elected)")
+        tune_malloc()
+        _serve_cluster(store, listen, control_path, reply_memory, force_degraded,
+                       accept_origin_change, list(meta_listen), tls, etcd, cluster,
+                       lease_ttl)
+        return
     if workers is None:
         workers = len(os.sched_getaffinity(0))
     if workers:
@@ -120,6 +153,35 @@ def serve(store, listen, control_path, max_reply_memory, verbose, force_degraded
     except OSError as e:
         # listen and control socket failures are ListenError / ControlPathError; this
         # is anything else the system refused (the run directory, ...)
+        where = f" ({e.filename})" if e.filename else ""
+        raise DdsnapError(f"cannot serve {store}: {e.strerror or e}{where}") from None
+
+
+def _serve_cluster(store, listen, control_path, reply_memory, force_degraded,
+                   accept_origin_change, meta_listen, tls, etcd, cluster, ttl) -> None:
+    """``serve --etcd URL --cluster NAME``: a metadata server of a cluster."""
+    from ..daemon import run_cluster
+
+    args = {"store_path": store, "listen": list(listen) or ["tcp:127.0.0.1:10809"],
+            "control_path": control_path, "max_reply_memory": reply_memory,
+            "degraded": force_degraded, "accept_origin_change": accept_origin_change,
+            "meta_listen": meta_listen, "tls": tls}
+
+    def standby(leader: dict | None) -> None:
+        now = (f"current server {leader.get('host')} (epoch {leader.get('epoch')})"
+               if leader else "no server elected yet")
+        err.print(f"standing by for cluster {cluster} ({now})", markup=False)
+
+    def ready(daemon, term) -> None:
+        n = len(daemon.opened.service.snapshots())
+        err.print(f"serving {store} for cluster {cluster} (epoch {term.epoch}): origin and "
+                  f"{n} snapshot(s) on {', '.join(daemon.nbd.addresses)}; control socket "
+                  f"{daemon.control_path}{_metadata_note(daemon.meta_addresses, tls)}",
+                  markup=False)
+
+    try:
+        asyncio.run(run_cluster(args, etcd, cluster, ttl, standby, ready))
+    except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         raise DdsnapError(f"cannot serve {store}: {e.strerror or e}{where}") from None
 
@@ -156,7 +218,7 @@ def _serve_workers(store, listen, control_path, reply_memory, verbose, force_deg
 
 
 @click.command()
-@click.argument("server", metavar="SERVER")
+@click.argument("server", metavar="[SERVER]", required=False)
 @click.option("--origin", required=True,
               help="This host's path of the origin device the server serves.")
 @click.option("--store", required=True,
@@ -175,13 +237,16 @@ def _serve_workers(store, listen, control_path, reply_memory, verbose, force_deg
               show_default="as many as CPUs this process may run on",
               help="Worker processes serving NBD; 0: this process serves.")
 @tls_options
+@etcd_options
 def attach(server, origin, store, listen, name, max_reply_memory, reconnect, verbose,
-           workers, tls_ca, tls_cert, tls_key, insecure):
-    """Serve the exports of the metadata server SERVER (tcp:HOST:PORT) from this host.
+           workers, tls_ca, tls_cert, tls_key, insecure, etcd, cluster):
+    """Serve the exports of the metadata server SERVER (tcp:HOST:PORT), or of the
+    elected server of a cluster (--etcd URL --cluster NAME, followed across failovers),
+    from this host.
 
     A client node: it opens the same origin and store devices (shared storage) with
-    O_DIRECT, does every data read and write itself, and asks SERVER only for mappings
-    and locks.
+    O_DIRECT, does every data read and write itself, and asks the server only for
+    mappings and locks.
     """
     import socket
 
@@ -190,6 +255,13 @@ def attach(server, origin, store, listen, name, max_reply_memory, reconnect, ver
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="ddsnap attach: %(message)s")
+    if bool(etcd) != bool(cluster):
+        raise InvalidArgument("--etcd and --cluster go together")
+    if bool(server) == bool(etcd):
+        raise InvalidArgument("give the metadata server (tcp:HOST:PORT) or --etcd URL "
+                              "--cluster NAME, not both or neither")
+    follow = (etcd, cluster) if etcd else None
+    where = server or f"cluster {cluster}"
     tls = _tls_files(tls_ca, tls_cert, tls_key, insecure, True, "attach")
     reply_memory = parse_size(max_reply_memory, "--max-reply-memory")
     if reply_memory < 1:
@@ -203,7 +275,7 @@ def attach(server, origin, store, listen, name, max_reply_memory, reconnect, ver
         workers = len(os.sched_getaffinity(0))
 
     def said(addresses: list[str], node: int | str) -> None:
-        err.print(f"attached to {server} as node {node} ({name}): serving its origin and "
+        err.print(f"attached to {where} as node {node} ({name}): serving its origin and "
                   f"snapshots on {', '.join(addresses)}"
                   f"{' with ' + str(workers) + ' worker process(es)' if workers else ''}",
                   markup=False)
@@ -212,16 +284,17 @@ def attach(server, origin, store, listen, name, max_reply_memory, reconnect, ver
         if workers:
             sup = Supervisor(store, listen, workers, max_reply_memory=reply_memory,
                              verbose=verbose,
-                             attach=Attach(server, origin, tls, name, reconnect))
+                             attach=Attach(server, origin, tls, name, reconnect, follow))
             asyncio.run(sup.run(lambda s, info: said(s.addresses, info.get("node", "?"))))
             return
-        connect = node_connector(server, None, tls)
+        connect = node_connector(server, None, tls, follow)
         uuid = store_uuid(store)
         tune_malloc()
         asyncio.run(run_node(store, connect, name=name, origin_path=origin, uuid=uuid,
                              direct=True, reconnect=reconnect, listen=listen,
+                             epochs=follow is not None, follow=follow,
                              max_reply_memory=reply_memory,
                              on_ready=lambda nbd, svc: said(nbd.addresses, svc.node)))
     except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        raise DdsnapError(f"cannot attach to {server}: {e.strerror or e}{where}") from None
+        file = f" ({e.filename})" if e.filename else ""
+        raise DdsnapError(f"cannot attach to {where}: {e.strerror or e}{file}") from None

@@ -107,6 +107,11 @@ KEEP_GROUP = 64
 PREFETCH_WINDOW = 1024
 
 
+#: calls a node sends again on a new connection instead of failing them: they change
+#: nothing, or (``export_open``) only what the connection they went on counts, which a
+#: new connection does not have (the upload declares the exports open before it)
+RESENT_CALLS = frozenset({"export_open", "snapshots", "snapshot_space", "merge_status",
+                          "merge_cursor", "status", "check", "statistics", "nodes"})
 #: what a node talks to the server over: a socket, or TLS over a TCP socket
 Stream = socket.socket | TlsSocket
 #: seconds a TCP connection to the metadata server may take to connect and handshake
@@ -187,6 +192,8 @@ class RemoteService:
             may or may not have been done.
         keep_group: after keeping a snapshot read's mappings, ask in the background
             for the rest of its aligned group of this many chunks (1: never).
+        epochs: the servers are a cluster's, their generation an election epoch: a
+            server of an older epoch than one seen is refused (a stale server).
 
     Raises:
         ProtocolError: the server refused the node or broke the protocol.
@@ -204,13 +211,17 @@ class RemoteService:
 
     def __init__(self, connect: Callable[[], Stream], data: DataDevices | None = None,
                  name: str = "", uuid: bytes = bytes(16), reconnect: float = 0.0,
-                 keep_group: int = KEEP_GROUP):
+                 keep_group: int = KEEP_GROUP, epochs: bool = False):
         self._connect = connect
         self.data = data
         self.name = name
         self._uuid = uuid
         self.reconnect = reconnect
         self.reconnects = 0
+        #: the server's generation is a cluster's election epoch: never go back to an
+        #: older one (``attach --etcd``)
+        self.epochs = epochs
+        self._newest_generation = 0
         self._lock = threading.Lock()  # the connection, pending requests, holdings
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
@@ -354,6 +365,14 @@ class RemoteService:
                 raise ProtocolError(f"csnap server answered {type(msg).__name__} with "
                                     f"{type(reply).__name__}")
             if isinstance(reply, IdentifyOk):
+                if self.epochs and reply.generation < self._newest_generation:
+                    # A cluster's server of an older election epoch (a stale one, woken
+                    # after a failover) is not asked anything: issue 12's fencing.
+                    raise ServiceFailed(
+                        f"the metadata server is of generation (epoch) {reply.generation}, "
+                        f"older than {self._newest_generation} this node has seen: a "
+                        "stale server, not used")
+                self._newest_generation = reply.generation
                 self.node = reply.node
                 self.generation = reply.generation
                 self.uuid = reply.uuid
@@ -424,7 +443,7 @@ class RemoteService:
         with self._lock:
             again = list(self._pending.values())
         for w in again:
-            if isinstance(w.msg, Call):
+            if isinstance(w.msg, Call) and w.msg.op not in RESENT_CALLS:
                 with self._lock:
                     self._pending.pop(w.msg.id, None)
                 w.reply = ServiceFailed("the connection to the metadata server was lost "
@@ -975,6 +994,14 @@ class RemoteService:
                 del self.opens[name]
         with contextlib.suppress(ServiceFailed):  # a server that is gone closed it
             self._call("export_close", name=name)
+
+    def abandon_server(self) -> None:
+        """Break the connection to the current server; the reader connects again (to
+        whatever ``connect`` finds now) and uploads what this node holds.  For a
+        cluster's node whose server is no longer the elected one: a stopped server's
+        host still answers TCP, so the connection would never end by itself."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         """Close the connection (the server gives back whatever this node held); the

@@ -1,0 +1,175 @@
+"""Failover of a cluster's metadata server through a real etcd (docs/protocol.md
+"Failover through etcd, and fencing"), with real ``serve --etcd`` and ``attach --etcd``
+processes on this host: the server killed with SIGKILL, or stopped with SIGSTOP for
+longer than its lease; the standby takes over, the node follows it and its writes go
+on; the stopped server, woken, exits without writing; snapshots unchanged and ``check``
+clean.  (The same across hosts in network namespaces, and the full campaign of issue 12,
+are for the multi-host suite.)"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from served import (
+    DDSNAP,
+    Attached,
+    MiB,
+    ddsnap_env,
+    fails,
+    make_origin,
+    ok,
+    ok_json,
+    tls_args,
+    tool,
+    wait_until,
+)
+
+pytestmark = pytest.mark.clients
+
+TTL = "2"
+SIZE = 16 * MiB
+
+
+class ClusterServer:
+    """``ddsnap serve STORE --etcd URL --cluster c1`` as a subprocess with its own
+    metadata port, NBD socket and control socket."""
+
+    def __init__(self, store: Path, etcd_url: str, port: int, tag: str, sockdir: Path,
+                 tls):
+        self.log = sockdir / f"{tag}.log"
+        self.ctl = sockdir / f"{tag}.ctl"
+        self.sock = sockdir / f"{tag}.sock"
+        self.args = [*DDSNAP, "serve", str(store), "--etcd", etcd_url, "--cluster", "c1",
+                     "--lease-ttl", TTL, "--metadata-listen", f"tcp:127.0.0.1:{port}",
+                     "--listen", f"unix:{self.sock}", "--control", str(self.ctl),
+                     *tls_args(tls)]
+        self._logf = open(self.log, "w+")  # noqa: SIM115 - open while it runs
+        self.proc = subprocess.Popen(self.args, stdout=self._logf, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=ddsnap_env())
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def epoch(self) -> int | None:
+        m = re.search(r"for cluster c1 \(epoch (\d+)\)", self.output())
+        return int(m.group(1)) if m else None
+
+    def wait(self, what: str) -> None:
+        def said() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited {self.proc.returncode}:\n"
+                                     f"{self.output()}")
+            return what in self.output()
+        wait_until(said, f"serve to say {what!r}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._logf.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def cluster(tmp_path, etcd, pki, sockdir):
+    origin = tmp_path / "origin.img"
+    data = make_origin(origin, SIZE, seed=5)
+    store = tmp_path / "store.img"
+    ok("init", store, "--origin", origin, "--size", "64M")
+    servers: list[ClusterServer] = []
+
+    def start(tag: str, port: int) -> ClusterServer:
+        s = ClusterServer(store, etcd.url, port, tag, Path(sockdir), pki.server.files)
+        servers.append(s)
+        return s
+
+    yield origin, store, data, start
+    for s in servers:
+        s.stop()
+
+
+def ports() -> tuple[int, int]:
+    from etcd_server import free_port
+
+    return free_port(), free_port()
+
+
+def status(etcd_url: str) -> dict:
+    return ok_json("cluster", "status", "--etcd", etcd_url, "--cluster", "c1", "--json")
+
+
+def nbd_write(uri: str, data: bytes, offset: int, tmp: Path) -> None:
+    src = tmp / "w.bin"
+    src.write_bytes(data)
+    tool("qemu-io", "-f", "raw", "-c", f"write -s {src} {offset} {len(data)}", uri)
+
+
+def nbd_read(uri: str, dest: Path) -> bytes:
+    tool("nbdcopy", uri, str(dest))
+    return dest.read_bytes()
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_the_standby_takes_over_and_the_node_follows(cluster, etcd, pki, sockdir,
+                                                     tmp_path, how):
+    origin, store, data, start = cluster
+    pa, pb = ports()
+    a = start("a", pa)
+    a.wait("serving")
+    b = start("b", pb)
+    b.wait("standing by")
+    st = status(etcd.url)
+    assert st["leader"]["metadata"] == f"tcp:127.0.0.1:{pa}" and st["leader"]["epoch"] == \
+        a.epoch()
+    assert [s["metadata"] for s in st["standbys"]] == [f"tcp:127.0.0.1:{pb}"]
+    with Attached(None, origin, store, Path(sockdir) / "n.sock", tls=pki.client.files,
+                  name="n1", extra=("--etcd", etcd.url, "--cluster", "c1")) as node:
+        first = os.urandom(MiB)
+        nbd_write(node.uri(), first, 0, tmp_path)
+        ok("snap", "create", store, "s1")  # (through the registry a wrote)
+        wait_until(lambda: [n["name"] for n in status(etcd.url)["nodes"]] == ["n1"],
+                   "the node list published")
+        if how == "kill":
+            a.proc.kill()
+        else:
+            a.proc.send_signal(signal.SIGSTOP)
+        # the node's next write goes through once b is elected and has recovered
+        second = os.urandom(MiB)
+        nbd_write(node.uri(), second, MiB, tmp_path)
+        b.wait("serving")
+        assert b.epoch() is not None and b.epoch() > (a.epoch() or 0)
+        assert status(etcd.url)["leader"]["metadata"] == f"tcp:127.0.0.1:{pb}"
+        if how == "stop":
+            a.proc.send_signal(signal.SIGCONT)  # woken: it must stop, writing nothing
+            assert a.proc.wait(60) == 30, a.output()
+            assert "writing nothing more" in a.output()
+        want = first + second + data[2 * MiB:]
+        assert nbd_read(node.uri(), tmp_path / "o.img") == want
+        assert nbd_read(node.uri("s1"), tmp_path / "s1.img") == first + data[MiB:]
+    assert b.stop() == 0
+    report = ok_json("check", store, "--json")
+    assert report["clean"], report
+
+
+def test_serve_with_etcd_refuses_what_cannot_work(cluster, etcd, pki, sockdir):
+    _origin, store, _data, _start = cluster
+    tls = tls_args(pki.server.files)
+    fails(2, "serve", store, "--etcd", etcd.url, "--cluster", "c1",
+          match="--etcd needs --metadata-listen")
+    fails(2, "serve", store, "--etcd", etcd.url, "--cluster", "c1", "--workers", "2",
+          "--metadata-listen", "tcp:127.0.0.1:7", *tls, match="--workers 0")
+    fails(2, "serve", store, "--etcd", etcd.url, *tls, "--metadata-listen",
+          "tcp:127.0.0.1:7", match="go together")
+    fails(2, "serve", store, "--etcd", etcd.url, "--cluster", "bad/name", *tls,
+          "--metadata-listen", "tcp:127.0.0.1:7", match="cluster")
