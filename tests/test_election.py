@@ -235,7 +235,7 @@ def test_deadline_counts_from_when_the_lease_was_asked_for(etcd: EtcdServer, lat
     near when it was sent: a deadline counted from the answer would outlast the lease,
     and the next server would be elected while this one still believed it may write."""
     async def main() -> None:
-        delay = 1.8
+        delay = 1.6
         a = LateAnswers(etcd.url, "c", record("a"), ttl=4, ident="a", delay=delay,
                         late=late)
         b = Election(etcd.url, "c", record("b"), ttl=4, ident="b")
@@ -441,6 +441,31 @@ def test_keepalive_stuck_on_a_dead_connection_times_out_and_goes_on_a_new_one(
     run(main())
 
 
+def test_keepalives_in_flight_survive_their_channel_being_replaced(etcd: EtcdServer):
+    """The keepalive task replaces its channel after a failed keepalive; a keepalive
+    still in flight on the old one (a campaign's) ends by its own timeout, not by a
+    CancelledError from gRPC (which would end the campaign as if it were cancelled)."""
+    async def main() -> None:
+        a = Election(etcd.url, "c", record("a"), ttl=3, ident="a")
+        async with elections(a):
+            ta = await within(a.campaign(), "a's election")
+            await until(lambda: len(ok_renewals(ta)) >= 2, "a's renewals")
+            calls: list[asyncio.Future] = []
+            etcd.pause()
+            try:
+                end = time.monotonic() + 2.5
+                while time.monotonic() < end:
+                    calls.append(asyncio.ensure_future(a.keepalive(ta.lease_id)))
+                    await asyncio.sleep(0.1)
+                results = await asyncio.gather(*calls, return_exceptions=True)
+            finally:
+                etcd.resume()
+            assert any(not r.ok for r in ta.renewals), "the keepalive task never failed"
+            assert all(isinstance(r, aetcd.ClientError) for r in results), results
+
+    run(main())
+
+
 # -- watching from the revision read ---------------------------------------------------
 
 
@@ -548,6 +573,104 @@ def test_status_lists_the_server_and_the_standbys(etcd: EtcdServer):
             st = await status(etcd.url, "c")
             assert st["leader"]["id"] == "b" and st["leader"]["epoch"] == tb.epoch
             assert st["standbys"] == []
+            async with aetcd.Client(etcd.addr, etcd.port, timeout=5) as client:
+                assert await client.get(b.keys.standby("b")) is None  # removed on winning
+
+    run(main())
+
+
+def test_standby_whose_lease_is_gone_registers_again(etcd: EtcdServer):
+    async def main() -> None:
+        a = Election(etcd.url, "c", record("a"), ttl=2, ident="a")
+        b = Election(etcd.url, "c", record("b"), ttl=2, ident="b")
+        async with elections(a, b), aetcd.Client(etcd.addr, etcd.port, timeout=5) as client:
+            ta = await within(a.campaign(), "a's election")
+            cb = asyncio.ensure_future(b.campaign())
+            await until_async(lambda: _standbys_are(etcd.url, ["b"]), "b standing by")
+            kv = await client.get(b.keys.standby("b"))
+            assert kv is not None and kv.lease
+            await client.revoke_lease(kv.lease)
+            assert await standbys(etcd.url, "c") == []
+
+            async def back() -> bool:
+                again = await client.get(b.keys.standby("b"))
+                return again is not None and again.lease != kv.lease
+
+            await until_async(back, "b registered again on a new lease")
+            assert await a.resign(ta)
+            tb = await within(cb, "b's election")
+            assert tb.epoch > ta.epoch and tb.lease_id != kv.lease
+
+    run(main())
+
+
+class StuckRenewals(Election):
+    """Its keepalive task is stuck (its keepalives hang); keepalives the campaign makes
+    itself, in task ``campaigner``, go through."""
+
+    campaigner: asyncio.Future | None = None
+
+    async def keepalive(self, lease_id: int) -> int:
+        if asyncio.current_task() is not self.campaigner:
+            await asyncio.Event().wait()
+        return await super().keepalive(lease_id)
+
+
+def test_standby_whose_keepalives_failed_renews_before_its_term_begins(etcd: EtcdServer):
+    """A standby's lease outlived its keepalives (etcd restarted, say, and reset the
+    TTLs): when it wins, its term must not start from its last successful keepalive,
+    whose deadline has passed, but from a keepalive made then."""
+    async def main() -> None:
+        a = Election(etcd.url, "c", record("a"), ttl=2, ident="a")
+        b = StuckRenewals(etcd.url, "c", record("b"), ttl=2, ident="b")
+        async with elections(a, b), aetcd.Client(etcd.addr, etcd.port, timeout=5) as client:
+            ta = await within(a.campaign(), "a's election")
+            cb = b.campaigner = asyncio.ensure_future(b.campaign())
+            await until_async(lambda: _standbys_are(etcd.url, ["b"]), "b standing by")
+            registered = time.monotonic()
+            kv = await client.get(b.keys.standby("b"))
+            assert kv is not None
+
+            async def keep() -> None:
+                while True:
+                    await client.refresh_lease(kv.lease)
+                    await asyncio.sleep(0.2)
+
+            keeper = asyncio.ensure_future(keep())
+            try:
+                # b's lease was granted before it registered: a term counted from the grant
+                # would be over by now
+                await asyncio.sleep(max(0.0, registered + 2 - time.monotonic()))
+                resigned = time.monotonic()
+                assert await a.resign(ta)
+                tb = await within(cb, "b's election")
+                assert tb.valid(), tb
+                assert tb.renewals[0].sent > resigned
+            finally:
+                keeper.cancel()
+
+    run(main())
+
+
+def test_campaign_whose_winning_answer_was_lost_holds_the_term(
+        etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch):
+    """The transaction that elected this process committed, but its answer never came
+    (a timeout): the next attempt finds the key on its own lease, and the term is its."""
+    async def main() -> None:
+        a = Election(etcd.url, "c", record("a"), ttl=2, ident="a")
+        real_transaction = a.client.transaction
+
+        async def unanswered(*args: Any, **kwargs: Any) -> Any:
+            monkeypatch.undo()
+            await real_transaction(*args, **kwargs)
+            raise aetcd.ConnectionTimeoutError("the answer was lost")
+
+        monkeypatch.setattr(a.client, "transaction", unanswered)
+        async with elections(a):
+            ta = await within(a.campaign(), "a's election", 10)
+            lead = await leader(etcd.url, "c")
+            assert lead is not None and lead["epoch"] == ta.epoch and ta.valid()
+            assert ta.since == lead["since"]
 
     run(main())
 

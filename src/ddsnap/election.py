@@ -30,7 +30,9 @@ Keys, under ``/ddsnap/clusters/NAME/`` (NAME: ``[A-Za-z0-9._-]{1,64}``):
 that its lease is gone, so it may write only until its *deadline*, a
 ``time.monotonic()`` value: the time it *sent* its last successful keepalive (or the
 lease grant), plus the TTL etcd granted, minus a safety margin ``max(SAFETY_MIN, TTL *
-CLOCK_DRIFT_FRACTION)``.  etcd expires a lease no sooner than TTL after it *received*
+CLOCK_DRIFT_FRACTION)``; a term starts with the deadline of its lease's last grant or
+keepalive (renewed just before the election transaction if that would leave less than
+TTL/3, as after keepalives failed).  etcd expires a lease no sooner than TTL after it *received*
 the last keepalive, which is after the keepalive was sent, so on clocks whose rates
 differ by less than the margin the deadline comes first.  :meth:`Term.check` compares
 the deadline with the clock (cheap, any thread, before every write); a term past its
@@ -447,6 +449,7 @@ class Election:
         self._term: Term | None = None
         self._term_tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
+        self._retiring: dict[aetcd.Client, asyncio.Task] = {}
         self._campaigning: asyncio.Task | None = None
         self._closed = False
 
@@ -482,6 +485,7 @@ class Election:
                 with attempt:
                     while True:
                         session = await self._standing_session()
+                        await self._fresh(session)
                         won = await self._try(session)
                         if isinstance(won, Term):
                             return won
@@ -523,6 +527,25 @@ class Election:
                 raise
             s.registered = True
         return s
+
+    async def _fresh(self, s: _Session) -> None:
+        """Renew ``s``'s lease now if its last keepalive would leave a term less than a
+        renewal interval (keepalives failed, as in an etcd outage): a term is born with
+        the deadline of the lease's last keepalive, and one born past it is lost at once.
+
+        Raises:
+            aetcd.ClientError: the keepalive failed.
+            _SessionGone: the lease is gone.
+        """
+        if s.basis.sent + s.ttl - safety_margin(s.ttl) - time.monotonic() >= s.ttl / 3:
+            return
+        sent = time.monotonic()
+        ttl = await self.keepalive(s.lease_id)
+        if ttl <= 0:
+            s.gone.set()
+            raise _SessionGone()
+        if sent > s.basis.sent:  # (the keepalive task may have renewed it meanwhile)
+            s.basis = Renewal(sent, time.monotonic(), ttl)
 
     def _value(self, since: int) -> bytes:
         return json.dumps({**self.record, "id": self.ident, "since": since}).encode()
@@ -645,7 +668,7 @@ class Election:
                 log.log(logging.WARNING if failures == 1 else logging.DEBUG,
                         "cluster %s: lease %x not renewed: %s", self.cluster, s.lease_id,
                         r.error)
-                await self._reset_renewer()
+                self._retire_renewer()
                 next_at = time.monotonic() + RENEW_RETRY_GAP
                 continue
             r = Renewal(sent, time.monotonic(), ttl)
@@ -661,14 +684,22 @@ class Election:
                 if s.term is not None:
                     self._end(s.term, "etcd says its lease is gone", revoke=False)
                 return
-            s.basis = r
+            if sent > s.basis.sent:
+                s.basis = r
             next_at = sent + interval
 
-    async def _reset_renewer(self) -> None:
+    def _retire_renewer(self) -> None:
+        """The next keepalive goes over a new channel; the old one is closed once the
+        calls still on it (a campaign's keepalive) ended by their own timeout: gRPC
+        raises CancelledError in a call whose channel is closed under it."""
         client, self._renewer = self._renewer, None
         if client is not None:
-            with contextlib.suppress(*_ETCD_ERRORS, asyncio.TimeoutError):
-                await asyncio.wait_for(client.close(), ETCD_TIMEOUT)
+            self._retiring[client] = asyncio.ensure_future(self._close_later(client))
+
+    async def _close_later(self, client: aetcd.Client) -> None:
+        await asyncio.sleep(self._renew_timeout)
+        self._retiring.pop(client, None)
+        await _quietly(client.close())
 
     # -- the term's end ----------------------------------------------------------------
 
@@ -789,7 +820,12 @@ class Election:
         if stopping or self._background:
             await asyncio.wait([*stopping, *self._background], timeout=ETCD_TIMEOUT)
         await _quietly(self.client.close())
-        await self._reset_renewer()
+        retired, self._retiring = self._retiring, {}
+        for task in retired.values():
+            task.cancel()
+        for client in [*retired, *([self._renewer] if self._renewer else [])]:
+            await _quietly(client.close())
+        self._renewer = None
 
 
 async def _quietly(aw: Awaitable[Any]) -> None:
