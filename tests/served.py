@@ -332,6 +332,59 @@ class Served:
         return reply["result"]
 
 
+class ClusterServer(Served):
+    """``ddsnap serve STORE --etcd URL --cluster CLUSTER --metadata-listen METADATA``:
+    a metadata server of a cluster, which serves only once elected (so :meth:`start`
+    does not wait: :meth:`wait` for ``"serving"`` or ``"standing by"``), in ``host``
+    if given.  ``tag`` names its sockets and log in ``sockdir``.
+
+    On exit it is woken (SIGCONT) and sent SIGTERM; :meth:`stop` returns its status
+    (30 for a server that lost its term) rather than asserting a clean exit.
+    """
+
+    def __init__(self, store: str | os.PathLike, etcd_url: str, metadata: str, tag: str,
+                 sockdir: str | os.PathLike, *, tls: tuple[str, str, str] | None,
+                 cluster: str = "c1", ttl: float = 5, host: Any = None):
+        self.cluster = cluster
+        super().__init__(store, sock=Path(sockdir) / f"{tag}.sock",
+                         control=Path(sockdir) / f"{tag}.ctl", metadata=metadata, tls=tls,
+                         extra=("--etcd", etcd_url, "--cluster", cluster, "--lease-ttl",
+                                f"{ttl:g}"), host=host)
+
+    def start(self) -> ClusterServer:
+        self._logf = open(self.log, "w+")  # noqa: SIM115 - open while the server runs
+        self.proc = subprocess.Popen(self.args, stdout=self._logf, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=ddsnap_env())
+        return self
+
+    def epoch(self) -> int | None:
+        """The epoch of the term it was elected for, once it said so."""
+        m = re.search(rf"for cluster {re.escape(self.cluster)} \(epoch (\d+)\)",
+                      self.output())
+        return int(m.group(1)) if m else None
+
+    def said(self, what: str) -> bool:
+        """Whether it printed ``what`` (AssertionError if it exited)."""
+        proc = self._started()
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited {proc.returncode}:\n{self.output()}")
+        return what in self.output()
+
+    def wait(self, what: str, deadline: float = DEADLINE) -> None:
+        """Until it prints ``what``; AssertionError if it exits first."""
+        wait_until(lambda: self.said(what), f"serve to say {what!r}", deadline)
+
+    def stop(self) -> int:  # type: ignore[override]
+        proc = self._started()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+        return self.reap(signal.SIGTERM)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.proc is not None and self.returncode is None:
+            self.stop()
+
+
 def tls_args(files: tuple[str, str, str] | None) -> list[str]:
     """The ``--tls-*`` options for ``(ca, cert, key)``, or ``--insecure`` for None."""
     if files is None:

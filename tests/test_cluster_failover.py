@@ -9,18 +9,15 @@ are for the multi-host suite.)"""
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from served import (
-    DDSNAP,
     Attached,
+    ClusterServer,
     MiB,
-    ddsnap_env,
     fails,
     make_origin,
     ok,
@@ -32,53 +29,8 @@ from served import (
 
 pytestmark = pytest.mark.clients
 
-TTL = "2"
+TTL = 2
 SIZE = 16 * MiB
-
-
-class ClusterServer:
-    """``ddsnap serve STORE --etcd URL --cluster c1`` as a subprocess with its own
-    metadata port, NBD socket and control socket."""
-
-    def __init__(self, store: Path, etcd_url: str, port: int, tag: str, sockdir: Path,
-                 tls):
-        self.log = sockdir / f"{tag}.log"
-        self.ctl = sockdir / f"{tag}.ctl"
-        self.sock = sockdir / f"{tag}.sock"
-        self.args = [*DDSNAP, "serve", str(store), "--etcd", etcd_url, "--cluster", "c1",
-                     "--lease-ttl", TTL, "--metadata-listen", f"tcp:127.0.0.1:{port}",
-                     "--listen", f"unix:{self.sock}", "--control", str(self.ctl),
-                     *tls_args(tls)]
-        self._logf = open(self.log, "w+")  # noqa: SIM115 - open while it runs
-        self.proc = subprocess.Popen(self.args, stdout=self._logf, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=ddsnap_env())
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def epoch(self) -> int | None:
-        m = re.search(r"for cluster c1 \(epoch (\d+)\)", self.output())
-        return int(m.group(1)) if m else None
-
-    def wait(self, what: str) -> None:
-        def said() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited {self.proc.returncode}:\n"
-                                     f"{self.output()}")
-            return what in self.output()
-        wait_until(said, f"serve to say {what!r}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._logf.close()
-        return self.proc.returncode
 
 
 @pytest.fixture
@@ -90,7 +42,8 @@ def cluster(tmp_path, etcd, pki, sockdir):
     servers: list[ClusterServer] = []
 
     def start(tag: str, port: int) -> ClusterServer:
-        s = ClusterServer(store, etcd.url, port, tag, Path(sockdir), pki.server.files)
+        s = ClusterServer(store, etcd.url, f"tcp:127.0.0.1:{port}", tag, sockdir,
+                          tls=pki.server.files, ttl=TTL).start()
         servers.append(s)
         return s
 
@@ -173,3 +126,36 @@ def test_serve_with_etcd_refuses_what_cannot_work(cluster, etcd, pki, sockdir):
           "tcp:127.0.0.1:7", match="go together")
     fails(2, "serve", store, "--etcd", etcd.url, "--cluster", "bad/name", *tls,
           "--metadata-listen", "tcp:127.0.0.1:7", match="cluster")
+
+
+def test_a_node_rides_out_an_etcd_outage_that_ends_the_servers_term(
+        cluster, etcd, pki, sockdir, tmp_path):
+    """etcd stops answering (paused) for longer than the TTL: the server cannot renew its
+    lease, so its term ends and it exits 30; the node, looking for the next server,
+    finds etcd silent and keeps trying (the failure is reported, not fatal); once etcd
+    answers again the standby is elected and the node's write, waiting meanwhile,
+    completes through it."""
+    origin, store, data, start = cluster
+    pa, pb = ports()
+    a = start("a", pa)
+    a.wait("serving")
+    b = start("b", pb)
+    b.wait("standing by")
+    with Attached(None, origin, store, Path(sockdir) / "n.sock", tls=pki.client.files,
+                  name="n1", extra=("--etcd", etcd.url, "--cluster", "c1")) as node:
+        first = os.urandom(MiB)
+        nbd_write(node.uri(), first, 0, tmp_path)
+        etcd.pause()
+        try:
+            assert a.proc.wait(60) == 30, a.output()
+            wait_until(lambda: "did not answer" in node.output(),
+                       "the node to find etcd silent while it looks for a server")
+        finally:
+            etcd.resume()
+        second = os.urandom(MiB)
+        nbd_write(node.uri(), second, MiB, tmp_path)
+        b.wait("serving")
+        assert node.proc is not None and node.proc.poll() is None, node.output()
+        assert nbd_read(node.uri(), tmp_path / "o.img") == first + second + data[2 * MiB:]
+    assert b.stop() == 0
+    assert ok_json("check", store, "--json")["clean"]

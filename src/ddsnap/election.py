@@ -80,7 +80,7 @@ from tenacity import (
     wait_random,
 )
 
-from .errors import DdsnapError, Fenced, InvalidArgument
+from .errors import EtcdUnavailable, Fenced, InvalidArgument
 
 __all__ = [
     "CLOCK_DRIFT_FRACTION", "ETCD_TIMEOUT", "SAFETY_MIN", "Election", "EtcdUnavailable",
@@ -131,18 +131,6 @@ _NOTHING = object()
 
 #: what a failed etcd call raises (aetcd's errors; a gRPC deadline is ConnectionTimeoutError)
 _ETCD_ERRORS = (aetcd.ClientError, TimeoutError)
-
-
-class EtcdUnavailable(DdsnapError):
-    """etcd could not be reached or did not answer in time (a one-shot query:
-    :func:`leader`, :func:`status`).  The election itself retries instead."""
-
-    exit_code = 31
-    fault = "system"
-
-    def __init__(self, url: str, why: object):
-        self.url = url
-        super().__init__(f"etcd at {url} did not answer: {why}")
 
 
 # -- names ---------------------------------------------------------------------------------

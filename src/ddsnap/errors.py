@@ -334,6 +334,19 @@ class ServiceFailed(DdsnapError):
         super().__init__(msg)
 
 
+class EtcdUnavailable(ServiceFailed):
+    """etcd could not be reached or did not answer in time (a one-shot query:
+    ``election.leader``, ``election.status``).  The election itself retries instead; a
+    node looking for its server retries it as it does a lost server (a ServiceFailed)."""
+
+    exit_code = 31
+    fault = "system"
+
+    def __init__(self, url: str, why: object):
+        self.url = url
+        super().__init__(f"etcd at {url} did not answer: {why}", _errno.EIO)
+
+
 class HostIOError(DdsnapError):
     """The host failed a read, write or flush of the snapshot store or the origin (EIO,
     EROFS, ...): the device or the file system under it, not ddsnap's metadata.

@@ -458,13 +458,15 @@ def node_connector(server: str | None, meta: str | None,
     Raises:
         InvalidArgument: ``server`` is not ``tcp:HOST:PORT``.
         TlsRefused / DdsnapError: the TLS files cannot be used.
-        (when called) ServiceFailed: no server elected in the cluster now.
+        (when called) ServiceFailed: no server elected in the cluster now, or etcd
+            did not answer.
     """
     context = tls.client_context(*tls_files) if tls_files else None
     if etcd is not None:
         url, cluster = etcd
 
         def follow() -> Stream:
+            # (EtcdUnavailable is a ServiceFailed: retried like a lost server)
             leader = asyncio.run(election.leader(url, cluster))
             if leader is None or "metadata" not in leader:
                 raise ServiceFailed(f"no metadata server is elected in cluster {cluster} "

@@ -275,11 +275,23 @@ class RemoteService:
         retried: tuple[type[BaseException], ...] = (OSError, ServiceFailed)
         if again:
             retried += (TlsRefused,)
+
+        told: set[str] = set()
+
+        def tell(state: tenacity.RetryCallState) -> None:
+            # each new kind of failure is worth a line (the user waits meanwhile)
+            e = state.outcome.exception() if state.outcome is not None else None
+            if e is not None and type(e).__name__ not in told:
+                told.add(type(e).__name__)
+                log.warning("csnap node %s: the metadata server cannot be reached yet "
+                            "(trying again for up to %gs): %s", self.name or "-",
+                            self.reconnect, e)
+
         return tenacity.Retrying(
             stop=tenacity.stop_after_delay(self.reconnect),
             wait=tenacity.wait_exponential(multiplier=0.01, max=1.0),
             retry=tenacity.retry_if_exception_type(retried),
-            reraise=True)
+            before_sleep=tell, reraise=True)
 
     def _first_connection(self) -> tuple[Stream, Connection]:
         """The first connection; a server that is (re)starting is waited for up to
