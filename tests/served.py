@@ -168,7 +168,91 @@ def children(pid: int) -> dict[str, int]:
     return found
 
 
-class Served:
+class Spawned:
+    """A ddsnap command run as a subprocess whose output goes to the file ``self.log``
+    (set by the subclass with ``self.args``): :meth:`start` runs it and waits until
+    :meth:`_ready`; as a context manager it is started on entry and, on exit, stopped
+    with :meth:`stop` (or just sent SIGTERM if the test already failed)."""
+
+    args: list[str]
+    log: Path
+    proc: subprocess.Popen | None = None
+    returncode: int | None = None
+    #: what it is, for messages
+    what = "ddsnap"
+
+    def _spawn(self) -> None:
+        self._logf = open(self.log, "w+")  # noqa: SIM115 - open while it runs
+        self.proc = subprocess.Popen(self.args, stdout=self._logf, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=ddsnap_env())
+
+    def start(self) -> Any:
+        self._spawn()
+        try:
+            wait_until(self._ready, f"{self.what} to be ready")
+        except BaseException:
+            self.reap(signal.SIGKILL)
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def _started(self) -> subprocess.Popen:
+        assert self.proc is not None, f"{self.what} was never started"
+        return self.proc
+
+    def exited_early(self) -> None:
+        """AssertionError with its output if it exited."""
+        proc = self._started()
+        if proc.poll() is not None:
+            raise AssertionError(f"{self.what} exited {proc.returncode}:\n{self.output()}")
+
+    def output(self) -> str:
+        """Everything it printed so far."""
+        with open(self.log) as f:
+            return f.read()
+
+    @property
+    def pid(self) -> int:
+        return self._started().pid
+
+    def reap(self, sig: int) -> int:
+        """Send ``sig`` if it still runs, wait (SIGKILL after DEADLINE), return its status."""
+        proc = self._started()
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(DEADLINE)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.returncode = proc.returncode
+        self._logf.close()
+        return proc.returncode
+
+    def stop(self) -> Any:
+        """SIGTERM; assert it exits 0 without a traceback; return its output."""
+        rc = self.reap(signal.SIGTERM)
+        out = self.output()
+        assert rc == 0, f"{self.what} exited {rc} on SIGTERM:\n{out}"
+        assert "Traceback" not in out, out
+        return out
+
+    def __enter__(self) -> Any:
+        return self if self.proc is not None else self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.proc is None or self.returncode is not None:
+            return
+        if exc_type is not None:
+            # The test already failed: stop it, don't mask the real error.
+            self.reap(signal.SIGTERM)
+            return
+        self.stop()
+
+
+class Served(Spawned):
     """``ddsnap serve STORE`` as a real subprocess, on a unix socket next to the store.
 
     Use as a context manager::
@@ -184,6 +268,8 @@ class Served:
     On a normal exit the server gets SIGTERM and must exit 0 without a traceback and
     remove its sockets; :meth:`kill` instead SIGKILLs it (a crash).
     """
+
+    what = "ddsnap serve"
 
     def __init__(self, store: str | os.PathLike, *, sock: str | os.PathLike | None = None,
                  control: str | os.PathLike | None = None, tcp: bool = False,
@@ -212,31 +298,13 @@ class Served:
         self.workers = workers
         self.want_tcp = tcp
         self.tcp: str | None = None
-        self.proc: subprocess.Popen | None = None
-        self.returncode: int | None = None
+        self.proc = None
+        self.returncode = None
 
     # -- life cycle -------------------------------------------------------------------
 
-    def start(self) -> Served:
-        self._logf = open(self.log, "w+")  # noqa: SIM115 - open while the server runs
-        self.proc = subprocess.Popen(self.args, stdout=self._logf, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=ddsnap_env())
-        try:
-            wait_until(self._ready, f"ddsnap serve {self.store} to be ready")
-        except BaseException:
-            self.reap(signal.SIGKILL)
-            raise
-        return self
-
-    def _started(self) -> subprocess.Popen:
-        assert self.proc is not None, "the server was never started"
-        return self.proc
-
     def _ready(self) -> bool:
-        proc = self._started()
-        if proc.poll() is not None:
-            raise AssertionError(f"ddsnap serve exited {proc.returncode} before it was "
-                                 f"ready:\n{self.output()}")
+        self.exited_early()
         m = re.search(r"^serving .* on (.*); control socket ([^;\s]+)(; metadata port "
                       r"(tcp:\S+))?", self.output(), re.M)
         if not m:
@@ -253,42 +321,9 @@ class Served:
         assert reply.get("ok") and reply["result"]["served"] is True, reply
         return True
 
-    def output(self) -> str:
-        """Everything the server printed so far."""
-        with open(self.log) as f:
-            return f.read()
-
-    def __enter__(self) -> Served:
-        return self if self.proc is not None else self.start()
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.proc is None or self.returncode is not None:
-            return
-        if exc_type is not None:
-            # The test already failed: stop the server, don't mask the real error.
-            self.reap(signal.SIGTERM)
-            return
-        self.stop()
-
-    def reap(self, sig: int) -> int:
-        proc = self._started()
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(DEADLINE)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.returncode = proc.returncode
-        self._logf.close()
-        return proc.returncode
-
     def stop(self) -> None:
         """SIGTERM; assert the server drains and exits cleanly and removes its sockets."""
-        rc = self.reap(signal.SIGTERM)
-        out = self.output()
-        assert rc == 0, f"ddsnap serve exited {rc} on SIGTERM:\n{out}"
-        assert "Traceback" not in out, out
+        super().stop()
         assert not self.ctl.exists(), f"control socket {self.ctl} left behind"
         assert not self.sock.exists(), f"NBD socket {self.sock} left behind"
 
@@ -305,10 +340,6 @@ class Served:
                     os.kill(p, signal.SIGKILL)
         rc = self.reap(signal.SIGKILL)
         assert rc == -signal.SIGKILL, rc
-
-    @property
-    def pid(self) -> int:
-        return self._started().pid
 
     def pids(self) -> list[int]:
         """The server's processes: ``serve`` and, with workers, its children (to stop
@@ -335,8 +366,9 @@ class Served:
 class ClusterServer(Served):
     """``ddsnap serve STORE --etcd URL --cluster CLUSTER --metadata-listen METADATA``:
     a metadata server of a cluster, which serves only once elected (so :meth:`start`
-    does not wait: :meth:`wait` for ``"serving"`` or ``"standing by"``), in ``host``
-    if given.  ``tag`` names its sockets and log in ``sockdir``.
+    does not wait: :meth:`wait` for ``"serving"`` or ``"standing by"``), with
+    ``--workers workers`` (None: serve's default), in ``host`` if given.  ``tag`` names
+    its sockets and log in ``sockdir``.
 
     On exit it is woken (SIGCONT) and sent SIGTERM; :meth:`stop` returns its status
     (30 for a server that lost its term) rather than asserting a clean exit.
@@ -344,17 +376,18 @@ class ClusterServer(Served):
 
     def __init__(self, store: str | os.PathLike, etcd_url: str, metadata: str, tag: str,
                  sockdir: str | os.PathLike, *, tls: tuple[str, str, str] | None,
-                 cluster: str = "c1", ttl: float = 5, host: Any = None):
+                 cluster: str = "c1", ttl: float = 5, workers: int | None = 0,
+                 host: Any = None):
         self.cluster = cluster
+        self.tag = tag
+        self.host = host
         super().__init__(store, sock=Path(sockdir) / f"{tag}.sock",
                          control=Path(sockdir) / f"{tag}.ctl", metadata=metadata, tls=tls,
                          extra=("--etcd", etcd_url, "--cluster", cluster, "--lease-ttl",
-                                f"{ttl:g}"), host=host)
+                                f"{ttl:g}"), workers=workers, host=host)
 
     def start(self) -> ClusterServer:
-        self._logf = open(self.log, "w+")  # noqa: SIM115 - open while the server runs
-        self.proc = subprocess.Popen(self.args, stdout=self._logf, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=ddsnap_env())
+        self._spawn()
         return self
 
     def epoch(self) -> int | None:
@@ -365,14 +398,16 @@ class ClusterServer(Served):
 
     def said(self, what: str) -> bool:
         """Whether it printed ``what`` (AssertionError if it exited)."""
-        proc = self._started()
-        if proc.poll() is not None:
-            raise AssertionError(f"serve exited {proc.returncode}:\n{self.output()}")
+        self.exited_early()
         return what in self.output()
 
     def wait(self, what: str, deadline: float = DEADLINE) -> None:
         """Until it prints ``what``; AssertionError if it exits first."""
         wait_until(lambda: self.said(what), f"serve to say {what!r}", deadline)
+
+    def exit_status(self, timeout: float = DEADLINE) -> int:
+        """Wait until it exits by itself (as a fenced server does); its status."""
+        return self._started().wait(timeout)
 
     def stop(self) -> int:  # type: ignore[override]
         proc = self._started()
@@ -382,7 +417,7 @@ class ClusterServer(Served):
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.proc is not None and self.returncode is None:
-            self.stop()
+            self.stop()  # (its status is the test's to check)
 
 
 def tls_args(files: tuple[str, str, str] | None) -> list[str]:
@@ -393,7 +428,7 @@ def tls_args(files: tuple[str, str, str] | None) -> list[str]:
     return ["--tls-ca", ca, "--tls-cert", cert, "--tls-key", key]
 
 
-class Attached:
+class Attached(Spawned):
     """``ddsnap attach SERVER --origin ORIGIN --store STORE`` (no SERVER: give
     ``--etcd``/``--cluster`` in ``extra``) as a real subprocess,
     serving NBD on a unix socket ``sock``; in ``host`` (a tests.hosts.Host) if given.
@@ -407,6 +442,7 @@ class Attached:
                  sock: str | os.PathLike, *, tls: tuple[str, str, str] | None = None,
                  workers: int | None = 0, name: str | None = None,
                  extra: tuple[str, ...] = (), host: Any = None):
+        self.what = "ddsnap attach"
         self.sock = Path(sock)
         assert len(str(self.sock)) <= _SUN_PATH_MAX, f"socket path too long: {sock}"
         self.log = self.sock.with_name(self.sock.name + ".attach.log")
@@ -418,55 +454,19 @@ class Attached:
             args += ["--name", name]
         args += list(extra)
         self.args = host.argv(*args) if host is not None else args
-        self.proc: subprocess.Popen | None = None
+        self.proc = None
         self.node: int | None = None
-        self.returncode: int | None = None
-
-    def start(self) -> Attached:
-        self._logf = open(self.log, "w+")  # noqa: SIM115 - open while the node runs
-        self.proc = subprocess.Popen(self.args, stdout=self._logf, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=ddsnap_env())
-        try:
-            wait_until(self._ready, "ddsnap attach to be ready")
-        except BaseException:
-            self.reap(signal.SIGKILL)
-            raise
-        return self
+        self.returncode = None
 
     def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"ddsnap attach exited {self.proc.returncode} before it "
-                                 f"was ready:\n{self.output()}")
+        self.exited_early()
         m = re.search(r"^attached to .+? as node (\d+)", self.output(), re.M)
         if m:
             self.node = int(m.group(1))
         return m is not None
 
-    def output(self) -> str:
-        with open(self.log) as f:
-            return f.read()
-
     def uri(self, export: str = "origin") -> str:
         return f"nbd+unix:///{export}?socket={self.sock}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def reap(self, sig: int) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(DEADLINE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.returncode = self.proc.returncode
-        self._logf.close()
-        return self.proc.returncode
 
     def kill(self) -> None:
         """SIGKILL the node and (with workers) its children at once."""
@@ -474,23 +474,6 @@ class Attached:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
         self.reap(signal.SIGKILL)
-
-    def stop(self) -> None:
-        rc = self.reap(signal.SIGTERM)
-        out = self.output()
-        assert rc == 0, f"ddsnap attach exited {rc} on SIGTERM:\n{out}"
-        assert "Traceback" not in out, out
-
-    def __enter__(self) -> Attached:
-        return self if self.proc is not None else self.start()
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.proc is None or self.returncode is not None:
-            return
-        if exc_type is not None:
-            self.reap(signal.SIGTERM)
-            return
-        self.stop()
 
 
 def make_origin(path: Path, size: int, seed: int | None = None) -> bytes:

@@ -18,6 +18,7 @@ from served import (
     Attached,
     ClusterServer,
     MiB,
+    children,
     fails,
     make_origin,
     ok,
@@ -41,9 +42,9 @@ def cluster(tmp_path, etcd, pki, sockdir):
     ok("init", store, "--origin", origin, "--size", "64M")
     servers: list[ClusterServer] = []
 
-    def start(tag: str, port: int) -> ClusterServer:
+    def start(tag: str, port: int, workers: int = 0) -> ClusterServer:
         s = ClusterServer(store, etcd.url, f"tcp:127.0.0.1:{port}", tag, sockdir,
-                          tls=pki.server.files, ttl=TTL).start()
+                          tls=pki.server.files, ttl=TTL, workers=workers).start()
         servers.append(s)
         return s
 
@@ -73,14 +74,18 @@ def nbd_read(uri: str, dest: Path) -> bytes:
     return dest.read_bytes()
 
 
-@pytest.mark.parametrize("how", ["kill", "stop"])
+@pytest.mark.parametrize(("how", "workers"), [("kill", 0), ("stop", 0), ("kill", 2),
+                                              ("stop", 2)])
 def test_the_standby_takes_over_and_the_node_follows(cluster, etcd, pki, sockdir,
-                                                     tmp_path, how):
+                                                     tmp_path, how, workers):
+    """The server (with ``--workers``: only its supervisor, which holds the term; its
+    metadata server child writes under the deadline the supervisor shares, and must
+    stop by itself) is killed or stopped; the standby serves the node's next write."""
     origin, store, data, start = cluster
     pa, pb = ports()
-    a = start("a", pa)
+    a = start("a", pa, workers)
     a.wait("serving")
-    b = start("b", pb)
+    b = start("b", pb, workers)
     b.wait("standing by")
     st = status(etcd.url)
     assert st["leader"]["metadata"] == f"tcp:127.0.0.1:{pa}" and st["leader"]["epoch"] == \
@@ -104,6 +109,12 @@ def test_the_standby_takes_over_and_the_node_follows(cluster, etcd, pki, sockdir
         assert b.epoch() is not None and b.epoch() > (a.epoch() or 0)
         assert status(etcd.url)["leader"]["metadata"] == f"tcp:127.0.0.1:{pb}"
         if how == "stop":
+            if workers:
+                # its metadata server child, not stopped, saw the shared deadline pass
+                # and stopped by itself (before the standby could be elected)
+                wait_until(lambda: "meta" not in children(a.pid),
+                           "a's metadata server child to stop at the deadline")
+                assert "ddsnap meta: lost the cluster lease" in a.output(), a.output()
             a.proc.send_signal(signal.SIGCONT)  # woken: it must stop, writing nothing
             assert a.proc.wait(60) == 30, a.output()
             assert "writing nothing more" in a.output()
@@ -120,8 +131,6 @@ def test_serve_with_etcd_refuses_what_cannot_work(cluster, etcd, pki, sockdir):
     tls = tls_args(pki.server.files)
     fails(2, "serve", store, "--etcd", etcd.url, "--cluster", "c1",
           match="--etcd needs --metadata-listen")
-    fails(2, "serve", store, "--etcd", etcd.url, "--cluster", "c1", "--workers", "2",
-          "--metadata-listen", "tcp:127.0.0.1:7", *tls, match="--workers 0")
     fails(2, "serve", store, "--etcd", etcd.url, *tls, "--metadata-listen",
           "tcp:127.0.0.1:7", match="go together")
     fails(2, "serve", store, "--etcd", etcd.url, "--cluster", "bad/name", *tls,

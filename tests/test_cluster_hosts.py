@@ -141,6 +141,17 @@ def fio_done(proc: subprocess.Popen, what: str) -> str:
     return out
 
 
+def verify_crosswise(cwd: Path, first: tuple[Host, str, str], second: tuple[Host, str, str],
+                     half: int) -> None:
+    """fio's verify, with no writes, of what each of two hosts' fio jobs wrote (``(host,
+    node uri, job name)``; the first at 0, the second at ``half``) through the *other*
+    host's node."""
+    for (_, _, job), (host, uri, _), offset in ((first, second, 0), (second, first, half)):
+        fio_done(host.popen(*fio_job(uri, job, offset, "--verify_only=1"), cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+                 f"{job}'s data verified on {host.name}")
+
+
 # -- the tests ----------------------------------------------------------------------------
 
 
@@ -191,12 +202,7 @@ def test_fio_verify_on_two_hosts_while_snapshots_are_taken(cluster: Cluster):
         fio_done(jobs["c2"], "client2")
 
         # each host's flushed writes verify through the other host's node
-        fio_done(h2.popen(*fio_job(n2.uri(), "one", 0, "--verify_only=1"), cwd=c.tmp,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-                 "client1's data verified on client2")
-        fio_done(h1.popen(*fio_job(n1.uri(), "two", HALF, "--verify_only=1"), cwd=c.tmp,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-                 "client2's data verified on client1")
+        verify_crosswise(c.tmp, (h1, n1.uri(), "one"), (h2, n2.uri(), "two"), HALF)
 
         # every snapshot and the origin read the same through both nodes and the server
         readers = {"client1": (h1, n1.uri), "client2": (h2, n2.uri),

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import os
+import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -20,10 +25,12 @@ import aetcd
 import pytest
 
 from ddsnap.election import (
+    BorrowedTerm,
     Election,
     EtcdUnavailable,
     Fenced,
     Renewal,
+    SharedDeadline,
     Term,
     check_cluster,
     follow,
@@ -690,3 +697,79 @@ def test_standby_survives_an_etcd_restart(etcd: EtcdServer):
             assert tb.epoch > ta.epoch and tb.valid() and not ta.valid()
 
     run(main())
+
+
+# -- the deadline shared with child processes (serve --etcd --workers N) ----------------
+
+
+def test_shared_deadline_reads_what_was_published_in_another_process():
+    shared = SharedDeadline()
+    try:
+        assert shared.read() == -math.inf  # nothing published: no term
+        shared.publish(1234.5)
+        assert shared.read() == 1234.5
+        # a child process maps the same memfd by its descriptor
+        code = ("import sys; from ddsnap.election import SharedDeadline; "
+                f"print(SharedDeadline({shared.fd}).read())")
+        p = subprocess.run([sys.executable, "-c", code], pass_fds=[shared.fd],
+                           capture_output=True, text=True, timeout=60, check=True)
+        assert float(p.stdout) == 1234.5
+        shared.publish(-math.inf)
+        p = subprocess.run([sys.executable, "-c", code], pass_fds=[shared.fd],
+                           capture_output=True, text=True, timeout=60, check=True)
+        assert float(p.stdout) == -math.inf
+    finally:
+        shared.close()
+
+
+def test_shared_deadline_is_not_read_while_a_write_is_under_way():
+    """A reader that finds the sequence odd (the writer between its two halves) waits
+    for the write to end instead of returning a half-written deadline."""
+    shared = SharedDeadline()
+    try:
+        shared.publish(10.0)
+        seq = struct.unpack_from("<Q", shared._map, 0)[0]
+        struct.pack_into("<Q", shared._map, 0, seq + 1)  # a write begins...
+        got: list[float] = []
+        reader = threading.Thread(target=lambda: got.append(shared.read()), daemon=True)
+        reader.start()
+        reader.join(0.3)
+        assert got == [], "read a deadline while it was being written"
+        struct.pack_into("<d", shared._map, 8, 20.0)  # ...and ends
+        struct.pack_into("<Q", shared._map, 0, seq + 2)
+        reader.join(10)
+        assert got == [20.0]
+    finally:
+        shared.close()
+
+
+def test_a_borrowed_term_fences_with_the_holders_deadline():
+    """The term's holder renews and ends it; a child's BorrowedTerm on the shared
+    deadline lets writes through only while the holder's term would."""
+    now = time.monotonic()
+    term = Term("c", 7, 0, {}, 1, Renewal(now, now, 3))
+    shared = term.share()
+    borrowed = BorrowedTerm("c", term.epoch, SharedDeadline(os.dup(shared.fd)))
+    try:
+        borrowed.check()
+        assert shared.read() == term.deadline
+        later = time.monotonic()
+        term.renewed(Renewal(later, later, 3))
+        assert shared.read() == term.deadline == later + 3 - term.safety
+        term.end("resigned")
+        assert shared.read() == -math.inf
+        assert not borrowed.valid()
+        with pytest.raises(Fenced, match="epoch 7 is over"):
+            borrowed.check()
+    finally:
+        borrowed.shared.close()
+        shared.close()
+
+
+def test_a_borrowed_term_ends_at_the_deadline_with_no_renewal():
+    now = time.monotonic()
+    term = Term("c", 8, 0, {}, 1, Renewal(now - 3, now - 3, 3))  # renewed 3 s ago
+    borrowed = BorrowedTerm("c", term.epoch, term.share())
+    assert not borrowed.valid()
+    fresh = Term("c", 9, 0, {}, 1, Renewal(now, now, 3))
+    assert BorrowedTerm("c", 9, fresh.share()).valid()

@@ -16,13 +16,15 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
 
 from . import admin, election
 from .control import ControlServer
 from .csnap import tls
 from .csnap.server import GRACE, MetadataServer
-from .election import Term
+from .election import BorrowedTerm, Term
 from .errors import DdsnapError, Fenced, InvalidArgument, ListenError, ServiceFailed
 from .nbd.server import DEFAULT_MAX_REPLY_MEMORY, NbdServer, parse_listen
 from .service.api import DataDevices, MetadataService
@@ -155,7 +157,8 @@ class Daemon:
                  accept_origin_change: bool = False, meta_path: str | None = None,
                  generation: int = 0, expect: list[str] | None = None,
                  advertise: list[str] | None = None, meta_listen: list[str] | None = None,
-                 tls: tuple[str, str, str] | None = None, term: Term | None = None):
+                 tls: tuple[str, str, str] | None = None,
+                 term: Term | BorrowedTerm | None = None):
         self.store_path = os.path.abspath(store_path)
         self.meta_path = meta_path
         self.meta_listen = meta_listen or []
@@ -286,6 +289,12 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._registry_file)
 
+    async def published_nodes(self) -> list[dict] | None:
+        """The nodes on other hosts, and the lost ones whose holdings are kept, as a
+        cluster's server publishes them (None before the metadata server runs)."""
+        meta = self.meta
+        return None if meta is None else remote_nodes(meta.nodes(), meta.lapsed())
+
     async def run(self, on_ready=None) -> None:
         """Serve until SIGINT or SIGTERM."""
         await self.start()
@@ -311,6 +320,14 @@ def stop_on_signals(stop: asyncio.Event):
             loop.remove_signal_handler(sig)
 
 
+def remote_nodes(nodes: list[dict], lapsed: Iterable[str]) -> list[dict]:
+    """What a cluster's server publishes of its nodes: those on TCP (``nodes`` as the
+    metadata server lists them: this host's workers are on unix sockets), then the
+    ``lapsed`` names as ``{"name": NAME, "lapsed": True}``."""
+    out = [n for n in nodes if n.get("peer") != "unix"]
+    return out + [{"name": name, "lapsed": True} for name in sorted(lapsed)]
+
+
 def find_server(store_path: str) -> str | None:
     """The control socket of the process serving ``store_path``, if one is recorded."""
     try:
@@ -329,27 +346,42 @@ CLUSTER_GRACE = 5.0
 NODE_LIST_INTERVAL = 1.0
 
 
-async def run_cluster(daemon_args: dict, etcd: str, cluster: str, ttl: float,
-                      on_standby=None, on_ready=None) -> None:
+class ClusterMember(Protocol):
+    """What :func:`run_cluster` serves once elected: a :class:`Daemon` (``serve --etcd
+    --workers 0``) or a supervisor of a metadata server child and workers."""
+
+    async def start(self) -> Any: ...
+
+    async def stop(self) -> None: ...
+
+    async def published_nodes(self) -> list[dict] | None: ...
+
+
+async def run_cluster(make: Callable[[Term, list[str]], ClusterMember],
+                      meta_listen: list[str], store_path: str, etcd: str, cluster: str,
+                      ttl: float, on_standby=None, on_ready=None) -> None:
     """``serve STORE --etcd URL --cluster NAME``: stand by until this process wins the
-    cluster's election, then serve (a :class:`Daemon` made of ``daemon_args`` and the
-    won :class:`~ddsnap.election.Term`) until SIGINT or SIGTERM, or until the term is
-    lost (not renewed in time, by this process's own clock).
+    cluster's election, then serve (``make(term, expect)``: the won
+    :class:`~ddsnap.election.Term`, and the names of the nodes the last server
+    published, to wait for) until SIGINT or SIGTERM, or until the term is lost (not
+    renewed in time, by this process's own clock).
 
     A lost term ends the process at once with ``Fenced``'s exit code (30), writing
-    nothing more (every write already asks the term's fence): the next server
-    recovers the journal, as after a crash.  Source: issue 12; etcd's election recipe.
+    nothing more (every write already asks the term's fence; child processes that
+    write read the same deadline, :class:`~ddsnap.election.SharedDeadline`): the next
+    server recovers the journal, as after a crash.  Source: issue 12; etcd's election
+    recipe.
 
     Raises:
-        what :class:`Daemon` raises at start; InvalidArgument for a bad etcd URL or
-        cluster name.
+        what the served member raises at start; InvalidArgument for a bad etcd URL or
+        cluster name, or a metadata address nodes could not reach.
     """
-    meta = daemon_args.get("meta_listen") or []
-    if not meta or parse_listen(meta[0])[1][1] == 0 or not parse_listen(meta[0])[1][0]:
+    if not meta_listen or parse_listen(meta_listen[0])[1][1] == 0 or \
+            not parse_listen(meta_listen[0])[1][0]:
         raise InvalidArgument("--etcd needs --metadata-listen tcp:HOST:PORT with the host's "
                               "own address and a fixed port: nodes find the server there")
-    record = {"metadata": meta[0], "host": socket.gethostname(), "pid": os.getpid(),
-              "store": os.path.abspath(daemon_args["store_path"])}
+    record = {"metadata": meta_listen[0], "host": socket.gethostname(), "pid": os.getpid(),
+              "store": os.path.abspath(store_path)}
     elect = election.Election(etcd, cluster, record, ttl=ttl)
     stop = asyncio.Event()
     try:
@@ -370,51 +402,52 @@ async def run_cluster(daemon_args: dict, etcd: str, cluster: str, ttl: float,
             expect = sorted({n["name"] for n in await election.nodes(etcd, cluster)})
             log.info("elected for cluster %s, epoch %d: waiting for %s", cluster,
                      term.epoch, ", ".join(expect) or "no node")
-            d = Daemon(**daemon_args, term=term, expect=expect)
-            d.grace = CLUSTER_GRACE
-            start = asyncio.ensure_future(d.start())
+            member = make(term, expect)
+            start = asyncio.ensure_future(member.start())
             await asyncio.wait([start, lost], return_when=asyncio.FIRST_COMPLETED)
             if lost.done():
-                _fenced(term)
-            await start  # (its error, if it failed)
+                fenced_exit(term)
+            info = await start  # (its error, if it failed)
             if on_ready is not None:
-                on_ready(d, term)
-            publisher = asyncio.ensure_future(_publish_nodes(etcd, cluster, term, d))
+                on_ready(member, term, info)
+            publisher = asyncio.ensure_future(_publish_nodes(etcd, cluster, term, member))
             stopping = asyncio.ensure_future(stop.wait())
             await asyncio.wait([stopping, lost], return_when=asyncio.FIRST_COMPLETED)
             if lost.done():
-                _fenced(term)
+                fenced_exit(term)
             publisher.cancel()
             lost.cancel()
-            await d.stop()
+            await member.stop()
             with contextlib.suppress(DdsnapError, OSError):
                 await elect.resign(term)
     finally:
         await elect.close()
 
 
-def _fenced(term: Term) -> None:
-    """The term is lost: end the process now, writing nothing more."""
+def fenced_exit(term: Term | BorrowedTerm) -> None:
+    """The term is lost: end the process now, writing nothing more (exit status 30)."""
     log.error("lost the cluster lease of epoch %d (not renewed in time, or another "
               "server was elected): stopping at once, writing nothing more", term.epoch)
     logging.shutdown()
     os._exit(Fenced.exit_code)
 
 
-async def _publish_nodes(etcd: str, cluster: str, term: Term, d: Daemon) -> None:
+async def _publish_nodes(etcd: str, cluster: str, term: Term,
+                         member: ClusterMember) -> None:
     """Keep the nodes attached to this server (what ``nodes`` says of each) and the
     lost ones whose holdings it keeps in etcd: for ``cluster status``, and for the next
     server to wait for their uploads."""
     published: list[dict] | None = None
     while True:
-        meta = d.meta
-        if meta is not None:
-            nodes = [n for n in meta.nodes() if n["peer"] != "unix"]
-            nodes += [{"name": name, "lapsed": True} for name in sorted(meta.lapsed())]
-            if nodes != published:
-                try:
-                    await election.publish_nodes(etcd, cluster, term, nodes)
-                    published = nodes
-                except (DdsnapError, OSError) as e:
-                    log.warning("could not publish the node list in etcd: %s", e)
+        try:
+            nodes = await member.published_nodes()
+        except (DdsnapError, OSError) as e:
+            log.warning("could not list the nodes: %s", e)
+            nodes = None
+        if nodes is not None and nodes != published:
+            try:
+                await election.publish_nodes(etcd, cluster, term, nodes)
+                published = nodes
+            except (DdsnapError, OSError) as e:
+                log.warning("could not publish the node list in etcd: %s", e)
         await asyncio.sleep(NODE_LIST_INTERVAL)

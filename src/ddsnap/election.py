@@ -59,10 +59,12 @@ import contextlib
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import secrets
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -83,9 +85,10 @@ from tenacity import (
 from .errors import EtcdUnavailable, Fenced, InvalidArgument
 
 __all__ = [
-    "CLOCK_DRIFT_FRACTION", "ETCD_TIMEOUT", "SAFETY_MIN", "Election", "EtcdUnavailable",
-    "Fenced", "Renewal", "Term", "check_cluster", "follow", "leader", "parse_etcd_url",
-    "nodes", "publish_nodes", "safety_margin", "status",
+    "CLOCK_DRIFT_FRACTION", "ETCD_TIMEOUT", "SAFETY_MIN", "BorrowedTerm", "Election",
+    "EtcdUnavailable", "Fenced", "Renewal", "SharedDeadline", "Term", "check_cluster",
+    "follow", "leader", "nodes", "parse_etcd_url", "publish_nodes", "safety_margin",
+    "status",
 ]
 
 log = logging.getLogger(__name__)
@@ -265,6 +268,84 @@ class Renewal:
         return self.ttl > 0 and self.error is None
 
 
+class SharedDeadline:
+    """A term's deadline shared with the processes that write for it (``serve --etcd
+    --workers N``: the supervisor holds the term, its metadata server child writes the
+    store): 16 bytes in a memfd, a sequence number (u64, odd while a write is under way)
+    and the deadline (a float ``time.monotonic()`` value: CLOCK_MONOTONIC, one clock
+    for every process of a host).  One process writes it (:meth:`publish`); readers
+    retry a read that overlapped a write (a sequence lock), so no reader ever sees a
+    torn value.  Passed to a child by its file descriptor.
+
+    Raises:
+        OSError: the memfd cannot be made or mapped.
+    """
+
+    _FORMAT = struct.Struct("<Qd")
+
+    def __init__(self, fd: int | None = None):
+        self.fd = os.memfd_create("ddsnap-term", 0) if fd is None else fd
+        if fd is None:
+            os.ftruncate(self.fd, self._FORMAT.size)
+        self._map = mmap.mmap(self.fd, self._FORMAT.size)
+        self._seq = self._FORMAT.unpack_from(self._map)[0]
+
+    def publish(self, deadline: float) -> None:
+        """Make ``deadline`` the shared one (one writer only)."""
+        self._seq += 1
+        struct.pack_into("<Q", self._map, 0, self._seq)  # odd: being written
+        struct.pack_into("<d", self._map, 8, deadline)
+        self._seq += 1
+        struct.pack_into("<Q", self._map, 0, self._seq)
+
+    def read(self) -> float:
+        """The shared deadline (``-inf`` before the first publish)."""
+        while True:
+            seq, deadline = self._FORMAT.unpack_from(self._map)
+            if seq == 0:
+                return -math.inf
+            if not seq & 1 and struct.unpack_from("<Q", self._map, 0)[0] == seq:
+                return deadline
+
+    def close(self) -> None:
+        self._map.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class BorrowedTerm:
+    """The term of another process (the supervisor that won the election), as the
+    metadata server child of ``serve --etcd --workers N`` sees it: its epoch, and a
+    fence that reads the deadline the supervisor keeps in a :class:`SharedDeadline`.
+    A stale read only makes the deadline earlier (the supervisor only raises it while
+    the term lasts, and drops it to ``-inf`` when it ends), so it errs on the safe
+    side.  Same interface as :class:`Term` for :class:`~ddsnap.daemon.Daemon`."""
+
+    def __init__(self, cluster: str, epoch: int, shared: SharedDeadline):
+        self.cluster = cluster
+        self.epoch = epoch
+        self.shared = shared
+
+    def check(self) -> None:
+        """Return if the term lets this process write now.
+
+        Raises:
+            Fenced: the shared deadline has passed.
+        """
+        if time.monotonic() < self.shared.read():
+            return
+        raise Fenced(f"cluster {self.cluster}: the metadata server's term of epoch "
+                     f"{self.epoch} is over (its lease was not renewed in time); it may "
+                     "not write the store")
+
+    def valid(self) -> bool:
+        try:
+            self.check()
+        except Fenced:
+            return False
+        return True
+
+
 class Term:
     """A won election: this process serves the cluster until its deadline.
 
@@ -285,7 +366,29 @@ class Term:
         reason: why the term ended (None while it lasts).
         ended_at: ``time.monotonic()`` when the event loop ended it (None while it lasts).
         ended: set when the term is over (an asyncio.Event of the election's loop).
+        mirror: a :class:`SharedDeadline` kept equal to ``deadline`` (None: none), for
+            child processes that write for this term.
     """
+
+    mirror: SharedDeadline | None = None
+
+    @property
+    def deadline(self) -> float:
+        return self._deadline
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        self._deadline = value
+        if self.mirror is not None:
+            self.mirror.publish(value)
+
+    def share(self) -> SharedDeadline:
+        """The deadline shared with child processes from now on (made once)."""
+        with self._lock:
+            if self.mirror is None:
+                self.mirror = SharedDeadline()
+                self.mirror.publish(self._deadline)
+            return self.mirror
 
     def __init__(self, cluster: str, epoch: int, since: int, record: dict, lease_id: int,
                  basis: Renewal):

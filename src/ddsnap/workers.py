@@ -43,17 +43,21 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from . import admin, election
+from . import admin, control, election
 from .csnap import tls
 from .csnap.client import RemoteService, Stream, tcp_connector
 from .daemon import (
+    CLUSTER_GRACE,
     IO_THREADS,
     Daemon,
     Exports,
+    fenced_exit,
     release_memory,
+    remote_nodes,
     stop_on_signals,
     tune_malloc,
 )
+from .election import BorrowedTerm, SharedDeadline, Term
 from .errors import (
     DdsnapError,
     InvalidArgument,
@@ -81,6 +85,8 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
 #: seconds between restarts of a child that keeps dying at once
 RESTART_DELAY = 0.5
+#: seconds between a cluster metadata server child's looks at its term's deadline
+TERM_POLL = 0.1
 
 
 def meta_socket_path(store_path: str) -> str:
@@ -138,6 +144,10 @@ class Supervisor:
             workers then open the devices with ``O_DIRECT`` too.
         attach: run no metadata server: the workers are nodes of the one
             :class:`Attach` names, on another host (``ddsnap attach``).
+        term, expect: ``serve --etcd --workers N``: the term this process won (the
+            metadata server child writes under it, reading its deadline from a
+            :class:`~ddsnap.election.SharedDeadline`, and exits 30 once it passes),
+            and the nodes the cluster's last server published, waited for at start.
 
     Attributes:
         addresses: the NBD addresses bound; ``meta_path``: the metadata socket;
@@ -149,8 +159,11 @@ class Supervisor:
                  max_reply_memory: int = DEFAULT_MAX_REPLY_MEMORY, degraded: bool = False,
                  accept_origin_change: bool = False, verbose: bool = False,
                  meta_listen: list[str] | None = None, tls: tuple[str, str, str] | None = None,
-                 attach: Attach | None = None):
+                 attach: Attach | None = None, term: Term | None = None,
+                 expect: list[str] | None = None):
         self.store_path = os.path.abspath(store_path)
+        self.term = term
+        self.expect = expect or []
         self.meta_listen = meta_listen or []
         self.tls = tls
         self.attach = attach
@@ -166,7 +179,7 @@ class Supervisor:
         self.addresses: list[str] = []
         self.meta: _Child | None = None
         self.children: dict[str, _Child] = {}
-        self.generation = 0
+        self.generation = term.epoch if term is not None else 0
         self.restarts: dict[str, int] = {}
         self._stopping = False
         self._stop = asyncio.Event()
@@ -181,10 +194,11 @@ class Supervisor:
             WorkerFailed; on error nothing stays running.
         """
         try:
-            if self.attach is None:
+            if self.attach is None and self.term is None:
                 # A served store is refused before the listeners are bound, as one
                 # process does (StoreBusy, not "address in use"); the metadata server
-                # locks it next.
+                # locks it next.  (A cluster's server shares its lock: the election
+                # is what keeps a second one out.)
                 admin.check_not_busy(self.store_path)
             self.nbd = NbdServer(_NoExports(), None)
             await self.nbd.start(self.listen, serve=False)
@@ -218,6 +232,13 @@ class Supervisor:
         args = ["meta", self.store_path, "--meta", self.meta_path, "--control",
                 self.control_path, "--generation", str(self.generation),
                 *self._common_args()]
+        fds: list[int] = []
+        if self.term is not None:
+            shared = self.term.share()
+            fds.append(shared.fd)
+            args += ["--term-fd", str(shared.fd), "--cluster", self.term.cluster]
+            for name in self.expect:
+                args += ["--expect", name]
         for uri in self.meta_listen:
             args += ["--meta-listen", uri]
         args += _tls_args(self.tls)
@@ -225,10 +246,10 @@ class Supervisor:
             args.append("--accept-origin-change")
         for a in self.addresses:
             args += ["--advertise", a]
-        if self.generation:
+        if self.generation and (self.term is None or self.restarts.get("meta")):
             for name in self.children:
                 args += ["--expect", name]
-        return await self._spawn("meta", "meta", args, [])
+        return await self._spawn("meta", "meta", args, fds)
 
     async def _spawn_worker(self, name: str) -> _Child:
         assert self.nbd is not None
@@ -300,7 +321,8 @@ class Supervisor:
             await asyncio.sleep(RESTART_DELAY)
             try:
                 if child.kind == "meta":
-                    self.generation += 1
+                    if self.term is None:  # (a cluster's server keeps its epoch)
+                        self.generation += 1
                     new = self.meta = await self._spawn_meta()
                 else:
                     new = self.children[child.name] = await self._spawn_worker(child.name)
@@ -326,6 +348,14 @@ class Supervisor:
         if self.nbd is not None:
             await self.nbd.close()
             self.nbd = None
+
+    async def published_nodes(self) -> list[dict] | None:
+        """The metadata server child's nodes on other hosts and lapsed ones, as a
+        cluster's server publishes them (asked on its control socket)."""
+        loop = asyncio.get_running_loop()
+        st = await loop.run_in_executor(
+            None, lambda: control.call(self.control_path, "status", timeout=5))
+        return remote_nodes(st.get("nodes", []), st.get("lapsed", {}))
 
     async def run(self, on_ready=None) -> None:
         """Serve until SIGINT or SIGTERM."""
@@ -416,10 +446,18 @@ def _die_with_parent() -> None:
 
 
 async def _meta_main(a: argparse.Namespace) -> None:
+    term = None
+    if a.term_fd is not None:
+        term = BorrowedTerm(a.cluster, a.generation, SharedDeadline(a.term_fd))
     d = Daemon(a.store, [], a.control, max_reply_memory=a.max_reply_memory,
                degraded=a.force_degraded, accept_origin_change=a.accept_origin_change,
                meta_path=a.meta, generation=a.generation, expect=a.expect,
-               advertise=a.advertise, meta_listen=a.meta_listen, tls=_tls_files(a))
+               advertise=a.advertise, meta_listen=a.meta_listen, tls=_tls_files(a),
+               term=term)
+    watchdog = None
+    if term is not None:
+        d.grace = CLUSTER_GRACE
+        watchdog = asyncio.ensure_future(_end_with_term(term))
 
     def ready(daemon: Daemon) -> None:
         opened = daemon.opened
@@ -430,7 +468,20 @@ async def _meta_main(a: argparse.Namespace) -> None:
                              "damage": damage, "control": daemon.control_path,
                              "metadata": daemon.meta_addresses})
 
-    await d.run(ready)
+    try:
+        await d.run(ready)
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+
+
+async def _end_with_term(term: BorrowedTerm) -> None:
+    """The metadata server child of a cluster's server exits (status 30) as soon as
+    the supervisor's term is over: the supervisor may be stopped or dead, and a
+    server whose every write is refused serves nothing."""
+    while term.valid():
+        await asyncio.sleep(TERM_POLL)
+    fenced_exit(term)
 
 
 def _tls_files(a: argparse.Namespace) -> tuple[str, str, str] | None:
@@ -631,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control")
     p.add_argument("--name", default="meta")
     p.add_argument("--generation", type=int, default=0)
+    p.add_argument("--term-fd", type=int)
     p.add_argument("--expect", action="append", default=[])
     p.add_argument("--advertise", action="append", default=[])
     p.add_argument("--fd", type=int, action="append", default=[])

@@ -111,20 +111,17 @@ def serve(store, listen, control_path, max_reply_memory, verbose, force_degraded
         raise StoreNotFound(store)
     if bool(etcd) != bool(cluster):
         raise InvalidArgument("--etcd and --cluster go together")
+    if workers is None:
+        workers = len(os.sched_getaffinity(0))
     if etcd:
-        if workers:
-            raise InvalidArgument("--etcd serves with --workers 0 for now (nodes on other "
-                                  "hosts attach with ddsnap attach --etcd)")
         if not meta_listen:
             raise InvalidArgument("--etcd needs --metadata-listen tcp:HOST:PORT (where "
                                   "nodes reach this server when it is elected)")
         tune_malloc()
-        _serve_cluster(store, listen, control_path, reply_memory, force_degraded,
-                       accept_origin_change, list(meta_listen), tls, etcd, cluster,
-                       lease_ttl)
+        _serve_cluster(store, listen, control_path, reply_memory, verbose, force_degraded,
+                       accept_origin_change, workers, list(meta_listen), tls, etcd,
+                       cluster, lease_ttl)
         return
-    if workers is None:
-        workers = len(os.sched_getaffinity(0))
     if workers:
         _serve_workers(store, list(listen) or ["tcp:127.0.0.1:10809"], control_path,
                        reply_memory, verbose, force_degraded, accept_origin_change, workers,
@@ -157,30 +154,49 @@ def serve(store, listen, control_path, max_reply_memory, verbose, force_degraded
         raise DdsnapError(f"cannot serve {store}: {e.strerror or e}{where}") from None
 
 
-def _serve_cluster(store, listen, control_path, reply_memory, force_degraded,
-                   accept_origin_change, meta_listen, tls, etcd, cluster, ttl) -> None:
-    """``serve --etcd URL --cluster NAME``: a metadata server of a cluster."""
-    from ..daemon import run_cluster
+def _serve_cluster(store, listen, control_path, reply_memory, verbose, force_degraded,
+                   accept_origin_change, workers, meta_listen, tls, etcd, cluster,
+                   ttl) -> None:
+    """``serve --etcd URL --cluster NAME``: a metadata server of a cluster; once
+    elected, one process serving (``--workers 0``) or a metadata server child and
+    ``workers`` workers under the term this process holds."""
+    from ..daemon import CLUSTER_GRACE, Daemon, run_cluster
+    from ..workers import Supervisor
 
-    args = {"store_path": store, "listen": list(listen) or ["tcp:127.0.0.1:10809"],
-            "control_path": control_path, "max_reply_memory": reply_memory,
-            "degraded": force_degraded, "accept_origin_change": accept_origin_change,
-            "meta_listen": meta_listen, "tls": tls}
+    listen = list(listen) or ["tcp:127.0.0.1:10809"]
+
+    def make(term, expect):
+        if workers:
+            return Supervisor(store, listen, workers, control_path, reply_memory,
+                              force_degraded, accept_origin_change, verbose,
+                              meta_listen=meta_listen, tls=tls, term=term, expect=expect)
+        d = Daemon(store, listen, control_path, max_reply_memory=reply_memory,
+                   degraded=force_degraded, accept_origin_change=accept_origin_change,
+                   meta_listen=meta_listen, tls=tls, term=term, expect=expect)
+        d.grace = CLUSTER_GRACE
+        return d
 
     def standby(leader: dict | None) -> None:
         now = (f"current server {leader.get('host')} (epoch {leader.get('epoch')})"
                if leader else "no server elected yet")
         err.print(f"standing by for cluster {cluster} ({now})", markup=False)
 
-    def ready(daemon, term) -> None:
-        n = len(daemon.opened.service.snapshots())
-        err.print(f"serving {store} for cluster {cluster} (epoch {term.epoch}): origin and "
-                  f"{n} snapshot(s) on {', '.join(daemon.nbd.addresses)}; control socket "
-                  f"{daemon.control_path}{_metadata_note(daemon.meta_addresses, tls)}",
-                  markup=False)
+    def ready(member, term, info) -> None:
+        if workers:
+            n, addresses = info.get("snapshots", 0), member.addresses
+            control, metadata = info.get("control"), info.get("metadata") or []
+            how = f" with {workers} worker process(es)"
+        else:
+            n = len(member.opened.service.snapshots())
+            addresses, control = member.nbd.addresses, member.control_path
+            metadata, how = member.meta_addresses, ""
+        err.print(f"serving {store} for cluster {cluster} (epoch {term.epoch}){how}: origin "
+                  f"and {n} snapshot(s) on {', '.join(addresses)}; control socket "
+                  f"{control}{_metadata_note(metadata, tls)}", markup=False)
 
     try:
-        asyncio.run(run_cluster(args, etcd, cluster, ttl, standby, ready))
+        asyncio.run(run_cluster(make, meta_listen, store, etcd, cluster, ttl, standby,
+                                ready))
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         raise DdsnapError(f"cannot serve {store}: {e.strerror or e}{where}") from None
