@@ -28,7 +28,6 @@ from ddsnap.csnap.wire import (
     Type,
     UploadLock,
     UploadOk,
-    decode,
 )
 from ddsnap.errors import OriginMismatch, ServiceFailed, TlsRefused
 from ddsnap.service.local import LocalService
@@ -36,6 +35,7 @@ from ddsnap.store.blockdev import MemoryDevice
 from ddsnap.store.memory import MemoryStore
 from ddsnap.volume import Origin, Snapshot
 from served import wait_until
+from test_csnap_server import read_message
 
 CS = 4096
 SIZE = 16 * CS
@@ -70,22 +70,6 @@ def tcp_node(srv: MetadataServer, port: int, files, name: str = "n",
     context = tls.client_context(*files) if files else None
     return RemoteService(tcp_connector("127.0.0.1", port, context, timeout=10),
                          srv.service.data, name=name, uuid=uuid, keep_group=1)
-
-
-def read_message(sock):
-    head = b""
-    while len(head) < 20:
-        part = sock.recv(20 - len(head))
-        if not part:
-            return None
-        head += part
-    _magic, t, _flags, length, id = struct.unpack(">IHHIQ", head)
-    body = b""
-    while len(body) < length:
-        part = sock.recv(length - len(body))
-        assert part, "closed in the middle of a message"
-        body += part
-    return decode(t, id, body)
 
 
 def raw_tls(port: int, files) -> tls.TlsSocket:

@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from ddsnap.csnap.client import RemoteService
+from ddsnap.csnap.client import RemoteService, Stream
 from ddsnap.csnap.server import MetadataServer
 from ddsnap.csnap.wire import (
     MAGIC,
@@ -72,17 +72,22 @@ def raw(srv: MetadataServer) -> socket.socket:
     return b
 
 
-def read_message(sock: socket.socket):
+def read_message(sock: Stream):
+    """The next csnap message on ``sock`` (a socket or a TLS stream), or None at a
+    clean end of stream; AssertionError if it ends inside a message."""
     head = b""
     while len(head) < 20:
         part = sock.recv(20 - len(head))
         if not part:
+            assert not head, "closed in the middle of a message header"
             return None
         head += part
     _magic, t, _flags, length, id = struct.unpack(">IHHIQ", head)
     body = b""
     while len(body) < length:
-        body += sock.recv(length - len(body))
+        part = sock.recv(length - len(body))
+        assert part, "closed in the middle of a message"
+        body += part
     return decode(t, id, body)
 
 

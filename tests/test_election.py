@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import mmap
 import os
 import struct
 import subprocess
@@ -728,17 +729,19 @@ def test_shared_deadline_is_not_read_while_a_write_is_under_way():
     shared = SharedDeadline()
     try:
         shared.publish(10.0)
-        seq = struct.unpack_from("<Q", shared._map, 0)[0]
-        struct.pack_into("<Q", shared._map, 0, seq + 1)  # a write begins...
+        raw = mmap.mmap(shared.fd, 16)  # the memfd as another process maps it
+        seq = struct.unpack_from("<Q", raw, 0)[0]
+        struct.pack_into("<Q", raw, 0, seq + 1)  # a write begins...
         got: list[float] = []
         reader = threading.Thread(target=lambda: got.append(shared.read()), daemon=True)
         reader.start()
         reader.join(0.3)
         assert got == [], "read a deadline while it was being written"
-        struct.pack_into("<d", shared._map, 8, 20.0)  # ...and ends
-        struct.pack_into("<Q", shared._map, 0, seq + 2)
+        struct.pack_into("<d", raw, 8, 20.0)  # ...and ends
+        struct.pack_into("<Q", raw, 0, seq + 2)
         reader.join(10)
         assert got == [20.0]
+        raw.close()
     finally:
         shared.close()
 
