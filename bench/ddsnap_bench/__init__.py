@@ -45,6 +45,15 @@ figure issue 9's criteria name, as ddsnap at N over ddsnap at 1; every ddsnap st
 also counted read-only after its server stopped (``bench/metaprobe.py``) for the
 metadata bytes per exception.
 
+Issue 12 (``--cluster``, run on its own; writes only the section "Cluster (issue 12)"
+of ``--out``): etcd, two metadata servers and two nodes, each in a network namespace of
+its own (a host), for
+
+11. the failover time: the elected metadata server killed (SIGKILL) ``--kills`` times,
+    timed to the first 4 KiB write + flush acknowledged through each node;
+12. a node's ``overwrite4k`` and ``randread4k`` IOPS on another host over the server's
+    local worker's (and, for information, a worker without ``--metadata-listen``).
+
 With ``--profile``, py-spy samples the ddsnap server during each ddsnap fio job, the
 served merge and, in the scaling workload, the creations timed at N and each delete; the
 report then lists the hottest functions.
@@ -65,7 +74,9 @@ The package, one module per part (each says what it measures or holds):
   runner; :mod:`.checks` -- the data checks; :mod:`.profiling` -- py-spy;
   :mod:`.nbdclient` -- the small NBD client of the data checks;
 * the workloads: :mod:`.fio_workloads` (1-4, 8, 9), :mod:`.merge` (5),
-  :mod:`.snapcreate` (6), :mod:`.rss` (7), :mod:`.scaling` (10);
+  :mod:`.snapcreate` (6), :mod:`.rss` (7), :mod:`.scaling` (10), :mod:`.cluster` (11, 12,
+  on hosts made by :mod:`.netns`);
 * the report: :mod:`.report` (the document), :mod:`.report_base`,
-  :mod:`.report_targets`, :mod:`.report_sections`, :mod:`.report_scaling`.
+  :mod:`.report_targets`, :mod:`.report_sections`, :mod:`.report_scaling`,
+  :mod:`.report_cluster`.
 """

@@ -1,18 +1,23 @@
 """The command line of ``bench/run``: its options and their defaults (``--quick``,
-``--scaling``), checked before anything runs; ``main`` checks the tools, runs a
+``--scaling``, ``--cluster``), checked before anything runs; ``main`` checks the tools, runs a
 :class:`~ddsnap_bench.runner.Bench` with Ctrl-C / SIGTERM cleaning up, or rewrites a
 saved run's report (``--from-state``)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import sys
 from pathlib import Path
 
+from .cluster import have_tools
 from .common import (
     ALL_WORKLOADS,
+    CLUSTER_KILLS,
+    CLUSTER_REPEAT,
+    CLUSTER_TTL,
     DDSNAP,
     DEFAULT_QCOW2_MAX,
     DEFAULT_WORKLOADS,
@@ -52,6 +57,18 @@ def parse_args(argv: list[str]):
                    help="issue 9's snapshot count scaling: the defaults become --snapshots "
                         f"{SCALING_SNAPSHOTS} --workloads {','.join(SCALING_WORKLOADS)} "
                         "--out docs/benchmarks-scaling.md (each can still be given)")
+    p.add_argument("--cluster", action="store_true",
+                   help="issue 12 alone (root: network namespaces): the failover time "
+                        "(SIGKILL of a cluster's metadata server to the first write "
+                        "acknowledged on each of two nodes, over --kills kills) and a node's "
+                        "4 KiB overwrite and snapshot-read IOPS on another host against the "
+                        "server's local worker; writes only the section \"Cluster (issue "
+                        "12)\" of --out, keeping the rest of the file")
+    p.add_argument("--kills", type=int,
+                   help=f"--cluster: SIGKILLs of the elected metadata server timed "
+                        f"[{CLUSTER_KILLS}; 2 with --quick]")
+    p.add_argument("--lease-ttl", type=float, default=CLUSTER_TTL,
+                   help=f"--cluster: `serve --lease-ttl` [{CLUSTER_TTL:g}]")
     p.add_argument("--chunk-size", type=size_arg,
                    help="ddsnap chunk size and qcow2 cluster size [64K]")
     p.add_argument("--duration", type=float, help="seconds per fio run [10; 2 with --quick]")
@@ -59,7 +76,7 @@ def parse_args(argv: list[str]):
                    help="origin size, all of it random data [1G; 64M with --quick]")
     p.add_argument("--repeat", type=int,
                    help="runs per cell (fio, merge, peak RSS): median (min–max) "
-                        "[3; 1 with --quick]")
+                        f"[3; {CLUSTER_REPEAT} per endpoint with --cluster; 1 with --quick]")
     p.add_argument("--out", help="markdown file to write [docs/benchmarks.md; "
                                  "bench/out/quick.md with --quick]")
     p.add_argument("--quick", action="store_true",
@@ -164,11 +181,17 @@ def parse_args(argv: list[str]):
     a.size = a.size or (64 * MiB if q else GiB)
     if a.size % (2 * a.chunk_size):
         p.error("--size must be a multiple of twice the chunk size")
-    a.repeat = a.repeat or (1 if q else 3)
+    a.repeat = a.repeat or (1 if q else CLUSTER_REPEAT if a.cluster else 3)
     if a.repeat < 1:
         p.error("--repeat must be at least 1")
     a.out = a.out or str(ROOT / ("docs/benchmarks-scaling.md" if a.scaling else
                                  "bench/out/quick.md" if q else "docs/benchmarks.md"))
+    if a.cluster and a.scaling:
+        p.error("--cluster and --scaling are separate runs")
+    if a.kills is None:
+        a.kills = 2 if q else CLUSTER_KILLS
+    if a.kills < 1 or a.lease_ttl <= 0:
+        p.error("--kills must be at least 1, --lease-ttl more than 0")
     if a.interleave is None:
         a.interleave = a.scaling
     a.workloads = a.workloads or ",".join(SCALING_WORKLOADS if a.scaling
@@ -227,10 +250,15 @@ def main(argv: list[str]) -> int:
             return 2
         return report_from_state(Path(argv[1]), argv[3] if len(argv) == 4 else None)
     args = parse_args(argv)
-    for tool in ("fio", "qemu-img", "qemu-nbd", "nbdkit", "nbdcopy", "cmp", "dd", "cp", "sync"):
-        if shutil.which(tool) is None:
-            print(f"bench: {tool} not found; run scripts/setup", file=sys.stderr)
-            return 2
+    tools = (have_tools() if args.cluster else
+             [t for t in ("fio", "qemu-img", "qemu-nbd", "nbdkit", "nbdcopy", "cmp", "dd",
+                          "cp", "sync") if shutil.which(t) is None])
+    for tool in tools:
+        print(f"bench: {tool} not found; run scripts/setup", file=sys.stderr)
+        return 2
+    if args.cluster and os.geteuid() != 0:
+        print("bench: --cluster needs root (it makes network namespaces)", file=sys.stderr)
+        return 2
     if not DDSNAP.exists():
         print(f"bench: {DDSNAP} not found; run scripts/setup", file=sys.stderr)
         return 2

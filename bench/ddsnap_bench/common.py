@@ -25,6 +25,7 @@ GiB = 1 << 30
 TiB = 1 << 40
 PROFILE_DIR = ROOT / "bench" / "out" / "profiles"
 STATE_FILE = ROOT / "bench" / "out" / "last-run.pickle"
+CLUSTER_STATE_FILE = ROOT / "bench" / "out" / "last-cluster-run.pickle"  # --cluster's
 DEFAULT_RUN_MINUTES = 30  # a default `bench/run`, for the text (2 busy CPUs, 2026-11)
 FIO_WORKLOADS = ("randwrite4k", "seqwrite1m", "seqread1m", "randread4k")  # issue 4's
 SCALING_FIO = ("overwrite4k", "randread4k-newest")  # issue 9's, with randwrite4k, randread4k
@@ -47,7 +48,20 @@ PEER_NAMES = {
     "ddsnap": "ddsnap",
     "qemu": "qemu-nbd qcow2",
     "nbdkit": "nbdkit file",
+    # --cluster (issue 12): where fio reaches the same store
+    "node": "node on another host",
+    "local": "local worker",
+    "plain": "local worker without --metadata-listen",
 }
+
+# --cluster (issue 12): SIGKILLs of the metadata server timed, the lease TTL, the
+# metadata port every cluster server listens on (in its own network namespace)
+CLUSTER_KILLS = 10
+CLUSTER_REPEAT = 5  # fio runs per endpoint: the node / local ratios pair run i with run i
+CLUSTER_TTL = 5.0
+CLUSTER_PORT = 7700
+CLUSTER_NAME = "bench"
+DEFAULT_CLUSTER_MINUTES = 8  # a default `bench/run --cluster` (2 CPUs, 2026-11), for the text
 
 
 class BenchError(Exception):

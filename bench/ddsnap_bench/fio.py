@@ -21,8 +21,10 @@ class FioRunner:
 
     def fio(self, uri: str, name: str, rw: str, bs: str, iodepth: int, *,
             runtime: float | None, time_based: bool, extra: list[str] = (),
-            readonly: bool = False) -> Measure:
-        """Run one fio job against ``uri``; parse its JSON; raise BenchError on failure."""
+            readonly: bool = False, prefix: list[str] = ()) -> Measure:
+        """Run one fio job against ``uri``; parse its JSON; raise BenchError on failure.
+        ``prefix`` runs fio under another command (``ip netns exec NS``: in a host of
+        ``--cluster``'s network)."""
         self.fio_n += 1
         out = self.tmp / f"fio-{self.fio_n}.json"
         argv = ["fio", f"--name={name}", f"--rw={rw}", f"--bs={bs}", f"--iodepth={iodepth}",
@@ -40,7 +42,7 @@ class FioRunner:
             argv += ["--ioengine=libaio", "--direct=1", f"--filename={target}"]
         limit = (runtime or 0) * 3 + 120 + self.args.size / (20 * MiB)
         try:
-            run(argv, f"fio job {name}", timeout=limit)
+            run([*prefix, *argv], f"fio job {name}", timeout=limit)
         finally:
             if mount is not None:
                 self.fuse_unmount(mount)

@@ -1,6 +1,7 @@
-"""The long-running processes a run starts (servers, nbdfuse, py-spy): each started in
-its own session with its output to a log, waited for until its socket answers, and
-all of them stopped at the end, also on failure or Ctrl-C."""
+"""The long-running processes a run starts (servers, nbdfuse, py-spy, and with
+``--cluster`` etcd, cluster servers and nodes): each started in its own session with its
+output to a log, waited for until its socket answers (or until it prints a given line),
+and all of them stopped at the end, also on failure or Ctrl-C."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from .common import BenchError, drop_file, spawn, tail
 class Server:
     name: str
     argv: list[str]
-    sock: Path
+    sock: Path | None
     log: Path
     popen: subprocess.Popen
     ready_path: Path | None = None
@@ -33,10 +34,15 @@ class Processes:
     def __init__(self):
         self.live: list[Server] = []
 
-    def start(self, name: str, argv: list[str], sock: Path, log: Path,
+    def start(self, name: str, argv: list[str], sock: Path | None, log: Path,
               ready_path: Path | None = None, timeout: float = 60,
-              connect: bool = True) -> Server:
-        drop_file(sock)
+              connect: bool = True, ready_text: str | None = None) -> Server:
+        """Start ``argv`` and wait until it is ready: its unix socket ``sock`` accepts a
+        connection (``connect``) or exists, and ``ready_path`` exists; or, with
+        ``ready_text``, until its log holds that text (a cluster's standby server has
+        no socket yet)."""
+        if sock is not None:
+            drop_file(sock)
         popen = spawn(argv, log)
         srv = Server(name, argv, sock, log, popen, ready_path)
         self.live.append(srv)
@@ -46,7 +52,11 @@ class Processes:
                 self.live.remove(srv)
                 raise BenchError(f"{name}: `{shlex.join(argv)}` exited {popen.returncode} "
                                  f"before it was ready\n{tail(log.read_text())}")
-            if sock.exists() and (ready_path is None or ready_path.exists()):
+            if ready_text is not None:
+                if ready_text in log.read_text(errors="replace"):
+                    return srv
+            elif sock is not None and sock.exists() and (ready_path is None
+                                                        or ready_path.exists()):
                 if not connect:
                     return srv
                 try:
@@ -78,7 +88,17 @@ class Processes:
                 srv.popen.wait()
         return srv.popen.returncode, note
 
+    def kill(self, srv: Server) -> int | None:
+        """SIGKILL (a crash), and reap it.  Returns its exit status."""
+        if srv in self.live:
+            self.live.remove(srv)
+        with contextlib.suppress(ProcessLookupError):
+            srv.popen.send_signal(signal.SIGKILL)
+        return srv.popen.wait()
+
     def stop_all(self) -> None:
-        for srv in list(self.live):
+        """Stop every process, the last started first (a cluster's nodes before its
+        servers, its servers before etcd)."""
+        for srv in list(reversed(self.live)):
             with contextlib.suppress(BaseException):  # keep stopping the others
                 self.stop(srv, grace=10)

@@ -3,7 +3,9 @@ a finished run or, with ``--from-state``, from a saved one.  :class:`Report` ass
 it: issue 4's targets (:mod:`.report_targets`), every fio figure and the flatness ratios
 (here), the merge, snapshot creation, peak RSS and profile sections
 (:mod:`.report_sections`), issue 9's scaling section (:mod:`.report_scaling`), the
-machine, how each workload is run, every run's details and the problems seen."""
+machine, how each workload is run, every run's details and the problems seen.  The
+section "Cluster (issue 12)" is written by ``--cluster`` runs alone
+(:mod:`.report_cluster`); a full report keeps the one its file holds."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from .common import (
     fmt_size,
     say,
 )
+from .report_cluster import cluster_howto, kept_cluster_section, write_cluster_report
 from .report_scaling import ScalingReport
 from .report_sections import WorkloadSections
 from .report_targets import TargetsReport
@@ -37,8 +40,12 @@ from .results import workloads
 
 def write_report(b, out: Path) -> int:
     """Write the markdown report of run ``b`` (a Bench, or a saved state) to ``out`` and
-    print its tables, the targets last."""
+    print its tables, the targets last.  A ``--cluster`` run writes its own section
+    only."""
+    if getattr(b.args, "cluster", False):
+        return write_cluster_report(b, out)
     rep = Report(b)
+    rep.kept_cluster = kept_cluster_section(out)
     report = rep.markdown()
     print()
     print(report.split("<!-- table-end -->")[0].split("<!-- table-start -->")[-1].strip())
@@ -72,7 +79,10 @@ def report_from_state(path: Path, out: str | None) -> int:
         return 1
     # a run saved before the scaling workloads existed
     for name, default in (("create_rates", {}), ("meta", []), ("scale_fills", []),
-                          ("scale_errors", []), ("qcow2_skipped", set())):
+                          ("scale_errors", []), ("qcow2_skipped", set()),
+                          ("failover_kills", []), ("failover_errors", []),
+                          ("cluster_errors", []), ("cluster_notes", []),
+                          ("direct_flags", {}), ("load_samples", [])):
         if not hasattr(state, name):
             setattr(state, name, default)
     for name, default in (("scaling", False), ("interleave", False),
@@ -80,7 +90,7 @@ def report_from_state(path: Path, out: str | None) -> int:
                           ("scaling_count", 10000), ("create_samples", 50),
                           ("delete_fills", [0, 100000]), ("delete_exclusive", [100, 1000]),
                           ("delete_chunk_size", 4 * KiB), ("delete_write_points", 100),
-                          ("sample_snapshots", 64)):
+                          ("sample_snapshots", 64), ("cluster", False)):
         if not hasattr(state.args, name):
             setattr(state.args, name, default)
     return write_report(state, Path(out or state.args.out))
@@ -98,6 +108,9 @@ class _StateUnpickler(pickle.Unpickler):
 
 class Report(TargetsReport, WorkloadSections, ScalingReport):
     """The whole markdown document of a run (see the module's docstring)."""
+
+    #: the "Cluster (issue 12)" section found in the file the report replaces, kept
+    kept_cluster = ""
 
     def table(self) -> str:
         if not workloads(self.a):
@@ -192,6 +205,7 @@ class Report(TargetsReport, WorkloadSections, ScalingReport):
                        "during its fio jobs and the served merge, so those figures (marked "
                        "\"py-spy attached\") and the ratios and targets built on them are lower "
                        "than without it: not comparable with unprofiled runs.\n")
+        kept_cluster = "\n" + self.kept_cluster if self.kept_cluster else ""
         sizes = ", ".join(fmt_size(x) for x in a.snapcreate_origins)
         snapcreate_howto = "" if "snapcreate" not in a.workloads else f"""\
 6. **Snapshot creation** (`snapcreate`), not a fio job: for each origin size of
@@ -341,7 +355,7 @@ The whole run took {b.elapsed / 60:.1f} minutes.
 | I/O path | {b.access_text} |
 | load average (1, 5, 15 min) | {' '.join(b.load_start)} at the start, \
 {' '.join(b.load_end)} at the end (other work on the machine shows here) |
-{self.scaling_section()}
+{self.scaling_section()}{kept_cluster}
 ## How to run it
 
 ```
@@ -354,6 +368,8 @@ bench/run --workloads snapcreate,rss --out /tmp/s.md       # snapshot creation a
 bench/run --profile --repeat 1 --out /tmp/p.md            # py-spy profiles of the ddsnap server
 bench/run --scaling            # issue 9: N = 1,1024,10000, to docs/benchmarks-scaling.md
 bench/run --scaling --duration 2 --repeat 1 --size 64M --out /tmp/s.md    # its smoke run
+bench/run --cluster            # issue 12: failover time, a node's IOPS on another host
+bench/run --cluster --quick    # its smoke run, to bench/out/quick.md
 ```
 
 `bench/run` first runs `scripts/setup` (fio, qemu-utils, nbdkit, libnbd-bin, the venv) and
@@ -382,6 +398,7 @@ or Ctrl-C.  Every run also saves its results to `bench/out/last-run.pickle`;
 `bench/run --from-state bench/out/last-run.pickle [--out FILE]` writes the report again
 from them without running anything.
 
+{cluster_howto()}
 ## What is compared
 
 - **ddsnap**: `ddsnap serve STORE --listen unix:SOCK` on a store made with

@@ -78,6 +78,7 @@ class Measure:
     rep: int = 0  # repetition index (ratios pair rep i of ddsnap with rep i of the peer)
     profiled: bool = False  # py-spy was sampling the server during the run
     server_cpu_s: float | None = None  # CPU time (user + system) the ddsnap server used
+    role_cpu_s: dict[str, float] | None = None  # --cluster: that time by process role
 
     def cpu_us_per_io(self, bs: str) -> float | None:
         """The ddsnap server's CPU time per I/O of the job (µs); what else the machine
@@ -207,3 +208,21 @@ class ScaleFill:
         if self.meta is None or any(d.exclusive is None for d in self.deletes):
             return None
         return self.meta.exceptions + sum(d.exclusive for d in self.deletes)
+
+
+@dataclass
+class FailoverKill:
+    """One SIGKILL of a cluster's metadata server (``--cluster``), timed from the kill:
+    the standby's election and its "serving" line (seen in its log), and on each node
+    the completion of a 4 KiB write + flush sent right after the kill."""
+
+    index: int
+    killed: str  # the server killed ("a" or "b")
+    took_over: str  # the standby that took over
+    epoch_before: int | None
+    epoch_after: int | None = None
+    elected_s: float | None = None  # its "elected for cluster" log line
+    serving_s: float | None = None  # its "serving ... for cluster" line
+    node_s: dict[str, float] = field(default_factory=dict)  # node -> write acknowledged
+    node_errors: dict[str, str] = field(default_factory=dict)  # node -> what failed
+    standby_s: float | None = None  # the killed one started again, until "standing by"

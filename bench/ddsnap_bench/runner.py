@@ -6,7 +6,7 @@ workloads at each N, then merge, snapcreate, rss and scaling), saves the results
 * :mod:`.fio` (the fio runner), :mod:`.checks` (data checks), :mod:`.peers` (the
   servers), :mod:`.profiling` (py-spy);
 * one per workload family: :mod:`.fio_workloads`, :mod:`.merge`, :mod:`.snapcreate`,
-  :mod:`.rss`, :mod:`.scaling`.
+  :mod:`.rss`, :mod:`.scaling`; and :mod:`.cluster` (``--cluster``, run on its own).
 
 Also what the run ran on (:func:`machine`, :func:`worktree_source`), for the report.
 """
@@ -25,8 +25,10 @@ import time
 from pathlib import Path
 
 from .checks import DataChecks
+from .cluster import ClusterWorkload
 from .common import (
     ALL_FIO,
+    CLUSTER_STATE_FILE,
     DDSNAP,
     ROOT,
     STATE_FILE,
@@ -40,10 +42,12 @@ from .common import (
 from .fio import FioRunner
 from .fio_workloads import FioWorkloads
 from .merge import MergeWorkload
+from .netns import Network
 from .peers import Peers
 from .processes import Processes
 from .profiling import Profiling
 from .report import write_report
+from .report_cluster import write_cluster_report
 from .results import (
     Measure,
     MergeRun,
@@ -65,11 +69,12 @@ STATE_FIELDS = (
     "snapcreate_runs", "snapcreate_errors", "rss_runs", "rss_errors", "rss_notes",
     "profiles", "profile_runs", "pyspy_version", "started", "elapsed", "load_start",
     "load_end", "machine_rows", "create_rates", "meta", "scale_fills", "scale_errors",
-    "qcow2_skipped")
+    "qcow2_skipped", "failover_kills", "failover_errors", "cluster_errors", "cluster_notes",
+    "direct_flags", "load_samples")
 
 
 class Bench(FioRunner, DataChecks, Peers, Profiling, FioWorkloads, MergeWorkload,
-            SnapCreateWorkload, RssWorkload, ScalingWorkload):
+            SnapCreateWorkload, RssWorkload, ScalingWorkload, ClusterWorkload):
     """One run of the benchmark with the parsed command line ``args``."""
 
     def __init__(self, args):
@@ -104,6 +109,13 @@ class Bench(FioRunner, DataChecks, Peers, Profiling, FioWorkloads, MergeWorkload
         self.rss_errors: list[str] = []
         self.rss_notes: list[str] = []
         self.qcow2_templates: dict[int, Path] = {}  # N -> image with N snapshots
+        self.failover_kills: list = []  # --cluster: FailoverKill per SIGKILL
+        self.failover_errors: list[str] = []
+        self.cluster_errors: list[str] = []
+        self.cluster_notes: list[str] = []
+        self.direct_flags: dict[str, str] = {}  # peer -> how its processes open the files
+        self.load_samples: list[float] = []  # 1-minute load averages seen during the run
+        self.network: Network | None = None  # --cluster: the network namespaces
         self.profiles: dict[str, collections.Counter] = {}  # label -> stack -> samples
         self.profile_runs: dict[str, int] = {}  # label -> number of profiled runs
         self.pyspy = shutil.which("py-spy", path=str(ROOT / ".venv" / "bin")) or \
@@ -172,6 +184,8 @@ class Bench(FioRunner, DataChecks, Peers, Profiling, FioWorkloads, MergeWorkload
         self.pick_access()
         if a.rev:
             self.use_rev(a.rev)
+        if a.cluster:
+            return self.main_cluster(t_start)
         if set(a.workloads) & (set(ALL_FIO) | {"merge"}):
             self.make_pristine()  # snapcreate and rss use sparse origins instead
         wls = workloads(a)
@@ -220,15 +234,35 @@ class Bench(FioRunner, DataChecks, Peers, Profiling, FioWorkloads, MergeWorkload
         self.elapsed = time.monotonic() - t_start
         self.load_end = Path("/proc/loadavg").read_text().split()[:3]
         self.machine_rows = machine(self)
-        try:  # so that the report can be written again (--from-state) without rerunning
-            STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
-            STATE_FILE.write_bytes(pickle.dumps({k: getattr(self, k) for k in STATE_FIELDS}))
-        except (OSError, pickle.PicklingError, TypeError, AttributeError) as e:
-            say(f"could not save the run's state to {STATE_FILE}: {e}")
+        self.save_state()
         return write_report(self, Path(a.out))
+
+    def main_cluster(self, t_start: float) -> int:
+        """``--cluster``: issue 12's figures only, into their own section of ``--out``."""
+        if self.access != "nbd":
+            raise BenchError("--cluster needs fio's nbd engine (`fio --enghelp=nbd`)")
+        self.make_pristine()
+        self.cluster()
+        self.elapsed = time.monotonic() - t_start
+        self.load_end = Path("/proc/loadavg").read_text().split()[:3]
+        self.machine_rows = machine(self)
+        self.save_state()
+        return write_cluster_report(self, Path(self.args.out))
+
+    def save_state(self) -> None:
+        """Save the results for ``--from-state`` (a ``--cluster`` run in a file of its
+        own, so that it does not replace a full run's)."""
+        path = CLUSTER_STATE_FILE if self.args.cluster else STATE_FILE
+        try:  # so that the report can be written again (--from-state) without rerunning
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(pickle.dumps({k: getattr(self, k) for k in STATE_FIELDS}))
+        except (OSError, pickle.PicklingError, TypeError, AttributeError) as e:
+            say(f"could not save the run's state to {path}: {e}")
 
     def cleanup(self) -> None:
         self.procs.stop_all()
+        if self.network is not None:
+            self.network.close()
         if (self.tmp / "fuse").is_dir():
             subprocess.run(["fusermount3", "-u", str(self.tmp / "fuse")], capture_output=True)
         if self.args.keep:
@@ -283,4 +317,5 @@ def machine(bench: Bench) -> list[tuple[str, str]]:
                    f"Python {platform.python_version()}"),
         ("peers", f"{first(['qemu-nbd', '--version'])}; {first(['nbdkit', '--version'])}"),
         ("fio", first(["fio", "--version"])),
-    ]
+    ] + ([("etcd", first(["etcd", "--version"]))] if getattr(bench.args, "cluster", False)
+         else [])
