@@ -158,7 +158,7 @@ def children(pid: int) -> dict[str, int]:
     for p in map(int, out):
         try:
             args = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # (it exited meanwhile)
             continue
         if b"ddsnap.workers" not in args:
             continue

@@ -24,6 +24,7 @@ mapper target: ``QUERY_WRITE``, ``QUERY_SNAPSHOT_READ``, ``FINISH_SNAPSHOT_READ`
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import socket
@@ -110,8 +111,9 @@ PREFETCH_WINDOW = 1024
 #: calls a node sends again on a new connection instead of failing them: they change
 #: nothing, or (``export_open``) only what the connection they went on counts, which a
 #: new connection does not have (the upload declares the exports open before it)
-RESENT_CALLS = frozenset({"export_open", "snapshots", "snapshot_space", "merge_status",
-                          "merge_cursor", "status", "check", "statistics", "nodes"})
+RESENT_CALLS = frozenset({"export_open", "snapshots", "snapshot_space", "changed_chunks",
+                          "merge_status", "merge_cursor", "status", "check", "statistics",
+                          "nodes"})
 #: what a node talks to the server over: a socket, or TLS over a TCP socket
 Stream = socket.socket | TlsSocket
 #: seconds a TCP connection to the metadata server may take to connect and handshake
@@ -157,6 +159,18 @@ class _NodeReadMap(ReadMap):
     snap: int = 0
     seq: int = 0
     size: int = 0
+
+
+@dataclass
+class _KeptReadMap(ReadMap):
+    """A :class:`ReadMap` served from mappings this node keeps (no query was sent) for
+    snapshot id ``snap``.  ``locked``: its origin chunks, whose kept read locks are not
+    given back before its release (a recall or drop meanwhile defers them); ``seq``:
+    the drop count when it began, if it reads store chunks (notices acknowledged after
+    it wait for its release), else None."""
+
+    snap: int = 0
+    seq: int | None = None
 
 
 class _Pending:
@@ -246,6 +260,17 @@ class RemoteService:
         #: not kept (it may be what was recalled)
         self._kept_seq = 0
         self._kept_lock = threading.Lock()  # taken before _lock, never after
+        #: origin chunks that reads in threads are reading through kept mappings now
+        #: (map_snapshot_read with no query), and the read locks whose giving back
+        #: waits for those reads: a recall, drop or lost connection defers the locks
+        #: of chunks in use (still held, and uploaded) until their reads end
+        self._kept_readers: Counter[tuple[int, int]] = Counter()  # (snapshot, chunk)
+        self._deferred: Counter[tuple[int, int]] = Counter()
+        #: such reads that read store chunks, by the drop count when they began; and
+        #: the acknowledgements of notices (a delete, a revocation) that wait for those
+        #: begun before them: the server may free or reuse the chunks once acknowledged
+        self._store_reads: Counter[int] = Counter()
+        self._acks_waiting: list[tuple[int, int]] = []  # (notice id, drop count)
         #: (snapshot id, first chunk) of the groups asked for in the background
         self._prefetching: set[tuple[int, int]] = set()
         self.keep_group = keep_group
@@ -410,8 +435,11 @@ class RemoteService:
                 self.origin_writes += self.granted_writes
                 self.granted_writes = 0
             # Kept mappings go with the server that kept their locks: a new one may
-            # let the origin be written under them (the upload declares none of them).
+            # let the origin be written under them (the upload declares none of them,
+            # except those reads in threads still use: they are given back after).
             self._release_locks(self._drop_kept(), send=False)
+            with self._kept_lock:
+                self._acks_waiting.clear()  # (the old connection's notices)
             if not self._reestablish():
                 self._lose(why)
                 return
@@ -537,7 +565,7 @@ class RemoteService:
             self._apply(msg.event)
             if msg.event["event"] == "grants-revoked":
                 self._finish(lambda: self._revoked(msg.id))
-            elif msg.id:
+            elif msg.id and not self._ack_after_reads(msg.id):
                 self._finish(lambda: NoticeAck(msg.id))
             return
         with self._lock:
@@ -706,8 +734,13 @@ class RemoteService:
         self._finish(done)
 
     def map_snapshot_read(self, snap: SnapshotInfo, first: int, last: int) -> ReadMap:
-        """QUERY_SNAPSHOT_READ: ``snap``'s sources, its origin chunks read-locked (and
-        kept after the read if the server says it may be, see :meth:`release_read`)."""
+        """``snap``'s sources for chunks ``first..last``: from the mappings this node
+        keeps if it keeps all of them (no round trip; a recall or revocation waits for
+        the read), else QUERY_SNAPSHOT_READ (its origin chunks read-locked, and kept
+        after the read if the server says it may be, see :meth:`release_read`)."""
+        kept = self._use_kept(snap.id, first, last)
+        if kept is not None:
+            return kept
         seq = self._kept_seq  # (before asking: a recall from now on voids keeping it)
         reply = self._request(QuerySnapshotRead(0, snap.id, first, last), ReadMapReply)
         sources = self._check_map(reply, first, last)
@@ -739,7 +772,27 @@ class RemoteService:
     def release_read(self, rmap: ReadMap) -> None:
         """The read of ``rmap`` is done: a cacheable snapshot map is kept (with the read
         locks of its origin chunks) if nothing was recalled since it was asked for;
-        else FINISH_SNAPSHOT_READ for its read locks."""
+        else FINISH_SNAPSHOT_READ for its read locks.  A map served from kept mappings
+        ends its use of them."""
+        if isinstance(rmap, _KeptReadMap):
+            back: list[int] = []
+            acks: list[int] = []
+            with self._kept_lock:
+                for c in rmap.locked:
+                    key = (rmap.snap, c)
+                    self._kept_readers[key] -= 1
+                    if self._kept_readers[key] <= 0:
+                        del self._kept_readers[key]
+                        back += [c] * self._deferred.pop(key, 0)
+                if rmap.seq is not None:
+                    self._store_reads[rmap.seq] -= 1
+                    if self._store_reads[rmap.seq] <= 0:
+                        del self._store_reads[rmap.seq]
+                    acks = self._acks_due_locked()
+            self._release_locks(back)
+            for nid in acks:
+                self._finish(functools.partial(NoticeAck, nid))
+            return
         if isinstance(rmap, _NodeReadMap) and rmap.cacheable:
             back, kept = self._keep(rmap)
             self._release_locks(back)
@@ -766,6 +819,54 @@ class RemoteService:
         self._finish(done)
 
     # -- snapshot read mappings kept (docs/protocol.md "Read mappings a node keeps") ------
+
+    def _use_kept(self, snap: int, first: int, last: int) -> _KeptReadMap | None:
+        """The kept mappings of ``snap``'s chunks ``first..last`` if all of them are kept,
+        as a map that holds what it reads until :meth:`release_read`: its origin chunks'
+        read locks are not given back meanwhile, and a notice that lets the server free
+        or reuse store chunks (a delete, a revocation) is acknowledged only after it;
+        else None (ask the server)."""
+        with self._kept_lock:
+            d = self._kept.get(snap)
+            if d is None:
+                return None
+            try:
+                sources = [d[c] for c in range(first, last + 1)]
+            except KeyError:
+                return None
+            origin = [first + i for i, src in enumerate(sources) if src is None]
+            self._kept_readers.update((snap, c) for c in origin)
+            seq = None
+            if len(origin) < len(sources):
+                seq = self._kept_seq
+                self._store_reads[seq] += 1
+            self._window_hits += 1
+            return _KeptReadMap(first, sources, origin, snap=snap, seq=seq)
+
+    def _acks_due_locked(self) -> list[int]:
+        """The waiting acknowledgements no store-chunk read begun before them holds."""
+        oldest = min(self._store_reads, default=None)
+        due = [nid for nid, seq in self._acks_waiting if oldest is None or oldest >= seq]
+        self._acks_waiting = [(nid, seq) for nid, seq in self._acks_waiting
+                              if not (oldest is None or oldest >= seq)]
+        return due
+
+    def _ack_after_reads(self, nid: int) -> bool:
+        """Hold back the acknowledgement of notice ``nid`` (True) while store-chunk reads
+        begun before it (before the drop it made) are under way."""
+        with self._kept_lock:
+            if min(self._store_reads, default=self._kept_seq) >= self._kept_seq:
+                return False
+            self._acks_waiting.append((nid, self._kept_seq))
+            return True
+
+    def _give_back_locked(self, snap: int, c: int, back: list[int]) -> None:
+        """Give back the kept read lock of origin chunk ``c`` now (into ``back``), or
+        once the reads in threads using it end."""
+        if self._kept_readers[snap, c] > 0:
+            self._deferred[snap, c] += 1
+        else:
+            back.append(c)
 
     def _keep(self, rmap: _NodeReadMap) -> tuple[list[int], bool]:
         """Keep ``rmap``'s mapping if no recall or drop came since it was asked for and
@@ -839,22 +940,25 @@ class RemoteService:
 
     def _drop_kept(self, snap: int | None = None) -> list[int]:
         """Forget the kept mappings (of snapshot id ``snap``, or all); the origin chunks
-        whose read locks they held (to give back)."""
+        whose read locks they held, to give back now (those reads in threads use are
+        given back when the reads end)."""
         with self._kept_lock:
             return self._drop_kept_locked(snap)
 
     def _drop_kept_locked(self, snap: int | None = None) -> list[int]:
         self._kept_seq += 1
         if snap is None:
-            maps = list(self._kept.values())
+            maps = list(self._kept.items())
             self._kept.clear()
         else:
             d = self._kept.pop(snap, None)
-            maps = [] if d is None else [d]
+            maps = [] if d is None else [(snap, d)]
         back: list[int] = []
-        for d in maps:
+        for v, d in maps:
             self._kept_count -= len(d)
-            back.extend(c for c, src in d.items() if src is None)
+            for c, src in d.items():
+                if src is None:
+                    self._give_back_locked(v, c, back)
         return back
 
     def _recalled(self, first: int, last: int) -> list[int]:
@@ -864,12 +968,14 @@ class RemoteService:
         with self._kept_lock:
             self._kept_seq += 1
             back: list[int] = []
-            for d in self._kept.values():
+            dropped = 0
+            for v, d in self._kept.items():
                 for c in range(first, last + 1):
                     if c in d and d[c] is None:
                         del d[c]
-                        back.append(c)
-            self._kept_count -= len(back)
+                        dropped += 1
+                        self._give_back_locked(v, c, back)
+            self._kept_count -= dropped
             return back
 
     @property
@@ -945,6 +1051,11 @@ class RemoteService:
 
     def snapshot_space(self) -> dict[int, tuple[int, int]]:
         return {k: (a, b) for k, a, b in self._call("snapshot_space")}
+
+    def changed_chunks(self, a: int, b: int, start: int = 0, limit: int = 4096
+                       ) -> tuple[list[int], int | None]:
+        r = self._call("changed_chunks", a=a, b=b, start=start, limit=limit)
+        return list(r["chunks"]), r["next"]
 
     def start_merge(self, name: str, keep: bool = False) -> dict:
         return self._call("start_merge", name=name, keep=keep)
