@@ -83,9 +83,9 @@ FENCE_WAIT = 10.0
 #: seconds a restarted server waits for the nodes it expects to upload their locks
 GRACE = 10.0
 #: calls that change nothing, answered during recovery too
-READ_ONLY_CALLS = frozenset({"snapshots", "snapshot_space", "merge_status", "merge_cursor",
-                             "status", "check", "statistics", "nodes", "export_open",
-                             "export_close"})
+READ_ONLY_CALLS = frozenset({"snapshots", "snapshot_space", "changed_chunks",
+                             "merge_status", "merge_cursor", "status", "check",
+                             "statistics", "nodes", "export_open", "export_close"})
 RECV_BYTES = 1 << 16
 #: seconds what a node on another host held is kept after its connection ended
 NODE_GRACE = 10.0
@@ -869,10 +869,17 @@ def _export_close(srv: MetadataServer, s: NodeSession, name: str) -> None:
     srv.service.export_close(name)
 
 
+def _changed_chunks(srv: MetadataServer, s: NodeSession, a: int, b: int, start: int,
+                    limit: int) -> dict:
+    chunks, nxt = srv.service.changed_chunks(a, b, start, limit)
+    return {"chunks": chunks, "next": nxt}
+
+
 _CALLS: dict[str, Callable[..., object]] = {
     "snapshots": _snapshots,
     "create_snapshot": _create,
     "delete_snapshot": _delete,
+    "changed_chunks": _changed_chunks,
     "snapshot_space": lambda srv, s: [[k, a, b] for k, (a, b) in
                                       srv.service.snapshot_space().items()],
     "start_merge": lambda srv, s, name, keep=False: srv.service.start_merge(name, keep),

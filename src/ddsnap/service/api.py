@@ -241,6 +241,13 @@ class MetadataService(Protocol):
         """``{id: (exclusive, shared)}`` in chunks (CorruptMetadata if uncountable)."""
         ...
 
+    def changed_chunks(self, a: int, b: int, start: int = 0, limit: int = 4096
+                       ) -> tuple[list[int], int | None]:
+        """Chunks ``>= start`` whose data may differ between versions ``a`` and ``b``
+        (snapshot ids; 0: the origin), ascending, and where to go on (None: done);
+        ``ExceptionStore.changed_chunks`` (issue 13)."""
+        ...
+
     # -- merge (seed 003) -------------------------------------------------------------------
 
     def start_merge(self, name: str, keep: bool = False) -> dict: ...

@@ -261,6 +261,19 @@ class LocalService(WritePath, ReadMapping, MergeOps, FullPolicy):
         with self.lock:
             return self.store.snapshot_space()
 
+    def changed_chunks(self, a: int, b: int, start: int = 0, limit: int = 4096
+                       ) -> tuple[list[int], int | None]:
+        """Chunks ``>= start`` whose data may differ between versions ``a`` and ``b``
+        (0: the origin), at most about ``limit`` entries of the tree visited, and where
+        to go on (None: done): ``ExceptionStore.changed_chunks``, under the metadata
+        lock (a page is consistent; pages are not with each other while writes go on).
+
+        Raises:
+            CorruptMetadata: a damaged tree block on the way.
+        """
+        with self.lock:
+            return self.store.changed_chunks(a, b, start, limit)
+
     def status(self) -> StoreStatus:
         """The store's geometry, settings and space now (``ddsnap status``).  A store a
         failed commit left untrusted is reopened first if it can be (else ``failure``

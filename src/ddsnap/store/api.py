@@ -371,6 +371,13 @@ class ExceptionStore(abc.ABC):
         """``{"chunks_total", "chunks_free", "chunks_used"}`` for exception data, in chunks."""
 
     @abc.abstractmethod
+    def changed_chunks(self, a: int, b: int, start: int = 0, limit: int = 4096
+                       ) -> tuple[list[int], int | None]:
+        """Logical chunks ``>= start`` whose data may differ between versions ``a`` and
+        ``b`` (0: the origin), ascending, visiting about ``limit`` entries; and the chunk
+        to go on from (None: no more).  Never misses a chunk that differs."""
+
+    @abc.abstractmethod
     def exceptions(self):
         """Iterate ``(owner, chunk, tag, store_chunk)`` in key order: every exception
         (docs/format.md, "Versioned exceptions")."""
