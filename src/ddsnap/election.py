@@ -313,7 +313,22 @@ class SharedDeadline:
             os.close(self.fd)
 
 
-class BorrowedTerm:
+class _Fence:
+    """What both kinds of term share: :meth:`valid` from their ``check``."""
+
+    def check(self) -> None:
+        raise NotImplementedError
+
+    def valid(self) -> bool:
+        """Whether this process may write now (False for good once False)."""
+        try:
+            self.check()
+        except Fenced:
+            return False
+        return True
+
+
+class BorrowedTerm(_Fence):
     """The term of another process (the supervisor that won the election), as the
     metadata server child of ``serve --etcd --workers N`` sees it: its epoch, and a
     fence that reads the deadline the supervisor keeps in a :class:`SharedDeadline`.
@@ -338,15 +353,8 @@ class BorrowedTerm:
                      f"{self.epoch} is over (its lease was not renewed in time); it may "
                      "not write the store")
 
-    def valid(self) -> bool:
-        try:
-            self.check()
-        except Fenced:
-            return False
-        return True
 
-
-class Term:
+class Term(_Fence):
     """A won election: this process serves the cluster until its deadline.
 
     Attributes:
@@ -431,13 +439,6 @@ class Term:
         raise Fenced(f"cluster {self.cluster}: the metadata server's term of epoch "
                      f"{self.epoch} is over ({why}); it may not write the store")
 
-    def valid(self) -> bool:
-        """Whether this process may write now (False for good once False)."""
-        try:
-            self.check()
-        except Fenced:
-            return False
-        return True
 
     def remaining(self) -> float:
         """Seconds until the deadline (negative once past; -inf once over)."""
