@@ -89,3 +89,26 @@ def test_diff_refuses_what_is_not_there(history, tmp_path):
     fails(3, "diff", tmp_path / "missing.img", "s1", "s2", match="missing.img")
     p = ddsnap("diff", store, "s1")
     assert p.returncode == 2 and "TO" in p.stderr
+
+
+def test_diff_during_a_merge_sees_the_origin_as_it_reads():
+    """While s1 is merged into the origin, the origin reads s1's data not merged yet:
+    a chunk only s1 wrote differs between the origin and s2 (taken before the merge)."""
+    from ddsnap import admin
+    from ddsnap.service.local import LocalService
+    from ddsnap.store.blockdev import MemoryDevice
+    from ddsnap.store.memory import MemoryStore
+    from ddsnap.volume import Snapshot
+
+    cs = 4096
+    svc = LocalService(MemoryStore(16 * cs, 16 * cs, cs, 0), MemoryDevice(16 * cs))
+    try:
+        s1 = svc.create_snapshot("s1")
+        svc.create_snapshot("s2")
+        Snapshot(svc, svc.data, s1).write(5 * cs, b"x" * cs)  # s1's own data at chunk 5
+        assert admin.diff(svc, "s2", "origin")["runs"] == []
+        svc.start_merge("s1")  # (not run: every chunk still to merge)
+        assert admin.diff(svc, "s2", "origin")["runs"] == [[5, 5]]
+        assert admin.diff(svc, "s1", "origin")["runs"] == []
+    finally:
+        svc.close()

@@ -660,7 +660,11 @@ class VersionedStore(ExceptionStore):
         Raises:
             SnapshotNotFound: ``a`` or ``b`` is not a live version (via the table).
         """
-        owners = sorted({a, b, *self.ancestors(a), *self.ancestors(b)} - {ORIGIN}) + [ORIGIN]
+        versions = {a, b}
+        if ORIGIN in versions and self.merging is not None:
+            versions.add(self.merging)  # (the origin reads its data not merged yet)
+        owners = sorted({*versions, *(x for v in versions for x in self.ancestors(v))}
+                        - {ORIGIN}) + [ORIGIN]
         found: set[int] = set()
         end: int | None = None  # the last chunk every owner's entries were read to
         for o in owners:
