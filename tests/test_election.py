@@ -96,6 +96,23 @@ async def elections(*made: Election) -> AsyncIterator[None]:
 async def standbys(url: str, cluster: str) -> list[str]:
     return [r["id"] for r in (await status(url, cluster))["standbys"]]
 
+@contextlib.asynccontextmanager
+async def a_serving_b_standing(etcd: EtcdServer, kind: type[Election] = Election
+                               ) -> AsyncIterator[tuple[Election, Election, Term,
+                                                        asyncio.Future]]:
+    """Elections ``a`` (elected: its term ``ta``) and ``b`` (a ``kind``, standing by: its
+    campaign ``cb``) of cluster ``c`` with a 2 s TTL, both closed on exit."""
+    a = Election(etcd.url, "c", record("a"), ttl=2, ident="a")
+    b = kind(etcd.url, "c", record("b"), ttl=2, ident="b")
+    async with elections(a, b):
+        ta = await within(a.campaign(), "a's election")
+        cb = asyncio.ensure_future(b.campaign())
+        if isinstance(b, StuckRenewals):
+            b.campaigner = cb  # (set before the campaign first runs)
+        await until_async(lambda: _standbys_are(etcd.url, ["b"]), "b standing by")
+        yield a, b, ta, cb
+
+
 
 # -- names -----------------------------------------------------------------------------
 
@@ -299,12 +316,7 @@ def sample_checks(term: Term, stop: threading.Event, out: list[Sample]) -> None:
 
 def test_paused_etcd_fences_the_server_then_a_new_term_begins(etcd: EtcdServer):
     async def main() -> None:
-        a = Election(etcd.url, "c", record("a"), ttl=2, ident="a")
-        b = Election(etcd.url, "c", record("b"), ttl=2, ident="b")
-        async with elections(a, b):
-            ta = await within(a.campaign(), "a's election")
-            cb = asyncio.ensure_future(b.campaign())
-            await until_async(lambda: _standbys_are(etcd.url, ["b"]), "b standing by")
+        async with a_serving_b_standing(etcd) as (a, b, ta, cb):
             await until(lambda: len(ok_renewals(ta)) >= 3, "a's renewals")
             samples: list[Sample] = []
             stop = threading.Event()
@@ -364,12 +376,7 @@ def test_paused_etcd_fences_the_server_then_a_new_term_begins(etcd: EtcdServer):
 
 def test_term_is_lost_when_someone_deletes_the_leader_key(etcd: EtcdServer):
     async def main() -> None:
-        a = Election(etcd.url, "c", record("a"), ttl=2, ident="a")
-        b = Election(etcd.url, "c", record("b"), ttl=2, ident="b")
-        async with elections(a, b):
-            ta = await within(a.campaign(), "a's election")
-            cb = asyncio.ensure_future(b.campaign())
-            await until_async(lambda: _standbys_are(etcd.url, ["b"]), "b standing by")
+        async with a_serving_b_standing(etcd) as (a, b, ta, cb):
             async with aetcd.Client(etcd.addr, etcd.port, timeout=5) as c:
                 await c.delete(a.keys.leader)
             reason = await within(a.lost(ta), "a's term lost")
@@ -589,12 +596,8 @@ def test_status_lists_the_server_and_the_standbys(etcd: EtcdServer):
 
 def test_standby_whose_lease_is_gone_registers_again(etcd: EtcdServer):
     async def main() -> None:
-        a = Election(etcd.url, "c", record("a"), ttl=2, ident="a")
-        b = Election(etcd.url, "c", record("b"), ttl=2, ident="b")
-        async with elections(a, b), aetcd.Client(etcd.addr, etcd.port, timeout=5) as client:
-            ta = await within(a.campaign(), "a's election")
-            cb = asyncio.ensure_future(b.campaign())
-            await until_async(lambda: _standbys_are(etcd.url, ["b"]), "b standing by")
+        async with (a_serving_b_standing(etcd) as (a, b, ta, cb),
+                    aetcd.Client(etcd.addr, etcd.port, timeout=5) as client):
             kv = await client.get(b.keys.standby("b"))
             assert kv is not None and kv.lease
             await client.revoke_lease(kv.lease)
@@ -629,12 +632,8 @@ def test_standby_whose_keepalives_failed_renews_before_its_term_begins(etcd: Etc
     TTLs): when it wins, its term must not start from its last successful keepalive,
     whose deadline has passed, but from a keepalive made then."""
     async def main() -> None:
-        a = Election(etcd.url, "c", record("a"), ttl=2, ident="a")
-        b = StuckRenewals(etcd.url, "c", record("b"), ttl=2, ident="b")
-        async with elections(a, b), aetcd.Client(etcd.addr, etcd.port, timeout=5) as client:
-            ta = await within(a.campaign(), "a's election")
-            cb = b.campaigner = asyncio.ensure_future(b.campaign())
-            await until_async(lambda: _standbys_are(etcd.url, ["b"]), "b standing by")
+        async with (a_serving_b_standing(etcd, StuckRenewals) as (a, b, ta, cb),
+                    aetcd.Client(etcd.addr, etcd.port, timeout=5) as client):
             registered = time.monotonic()
             kv = await client.get(b.keys.standby("b"))
             assert kv is not None
@@ -685,12 +684,7 @@ def test_campaign_whose_winning_answer_was_lost_holds_the_term(
 
 def test_standby_survives_an_etcd_restart(etcd: EtcdServer):
     async def main() -> None:
-        a = Election(etcd.url, "c", record("a"), ttl=2, ident="a")
-        b = Election(etcd.url, "c", record("b"), ttl=2, ident="b")
-        async with elections(a, b):
-            ta = await within(a.campaign(), "a's election")
-            cb = asyncio.ensure_future(b.campaign())
-            await until_async(lambda: _standbys_are(etcd.url, ["b"]), "b standing by")
+        async with a_serving_b_standing(etcd) as (a, b, ta, cb):
             etcd.kill()
             await within(a.lost(ta), "a's term lost")
             await asyncio.to_thread(etcd.start)

@@ -246,7 +246,7 @@ class Supervisor:
             args.append("--accept-origin-change")
         for a in self.addresses:
             args += ["--advertise", a]
-        if self.generation and (self.term is None or self.restarts.get("meta")):
+        if self.restarts.get("meta"):  # (a restart: the workers re-upload)
             for name in self.children:
                 args += ["--expect", name]
         return await self._spawn("meta", "meta", args, fds)
@@ -563,7 +563,7 @@ async def run_node(store: str, connect: Callable[[], Stream], *, name: str,
                    direct: bool = False, reconnect: float = RECONNECT,
                    adopt: list[socket.socket] | None = None, listen: list[str] | None = None,
                    max_reply_memory: int = DEFAULT_MAX_REPLY_MEMORY, degraded: bool = False,
-                   epochs: bool = False, follow: tuple[str, str] | None = None,
+                   follow: tuple[str, str] | None = None,
                    on_ready: Callable[[NbdServer, RemoteService], object] | None = None
                    ) -> None:
     """Serve NBD as a csnap node until SIGINT or SIGTERM: a worker of ``serve`` (on
@@ -584,7 +584,7 @@ async def run_node(store: str, connect: Callable[[], Stream], *, name: str,
     loop = asyncio.get_running_loop()
     svc = await loop.run_in_executor(
         None, lambda: RemoteService(connect, name=name, uuid=uuid, reconnect=reconnect,
-                                    epochs=epochs))
+                                    epochs=follow is not None))
     origin = cow = None
     try:
         st = await loop.run_in_executor(None, svc.status)
@@ -657,7 +657,7 @@ async def _worker_main(a: argparse.Namespace) -> None:
                    direct=a.direct, reconnect=a.reconnect,
                    adopt=[socket.socket(fileno=fd) for fd in a.fd],
                    max_reply_memory=a.max_reply_memory, degraded=a.force_degraded,
-                   epochs=etcd is not None, follow=etcd,
+                   follow=etcd,
                    on_ready=lambda nbd, svc: _report(a.ready_fd, {"ok": True,
                                                                   "node": svc.node}))
 

@@ -308,7 +308,7 @@ def attach(server, origin, store, listen, name, max_reply_memory, reconnect, ver
         tune_malloc()
         asyncio.run(run_node(store, connect, name=name, origin_path=origin, uuid=uuid,
                              direct=True, reconnect=reconnect, listen=listen,
-                             epochs=follow is not None, follow=follow,
+                             follow=follow,
                              max_reply_memory=reply_memory,
                              on_ready=lambda nbd, svc: said(nbd.addresses, svc.node)))
     except OSError as e:
