@@ -210,8 +210,10 @@ class NodeSession:
         elif isinstance(msg, UploadLock):
             self._upload(msg)
         elif isinstance(msg, FinishUploadLock):
-            self.send(UploadOk(msg.id))
+            # what this node held before it was lost goes first: once the node hears
+            # UPLOAD_OK, only what it uploaded is counted as its own
             self.server.uploaded(self.name)
+            self.send(UploadOk(msg.id))
         else:
             self.server.executor.submit(self._answer, msg)
 
