@@ -573,6 +573,88 @@ def test_rekeying_a_ghosts_last_entry_regroups_what_its_subtree_reads(make_store
     assert store.check() == []
 
 
+def read_within_sizes(store) -> set[int]:
+    """Store chunks some live snapshot reads at a chunk inside its own size."""
+    out = set()
+    for s in store.snapshots():
+        for c in range(-(-s.size // store.chunk_size)):
+            sc = store.snapshot_exception(s.id, c)[0]
+            if sc is not None:
+                out.add(sc)
+    return out
+
+
+def small_then_big(store) -> tuple[SnapshotInfo, SnapshotInfo]:
+    """``small`` taken of a one-chunk origin, which then grows to 8 chunks for ``big``:
+    ``small`` reads nothing past chunk 0, though the lookups (which ignore sizes) send
+    it to the origin's copy-outs at every chunk."""
+    cs = store.chunk_size
+    store.set_origin_size(cs)
+    small = store.create_snapshot("small")
+    store.set_origin_size(8 * cs)
+    return small, store.create_snapshot("big")
+
+
+def test_copy_out_past_a_small_snapshots_end_is_written_in_place_by_the_big_one(
+        make_store, kind):
+    """The copy-out made for ``big`` past ``small``'s end is grouped with ``small`` (it
+    serves an id range), but ``small`` never reads it: ``big``'s write goes in place
+    rather than leaving the copy-out to nobody (docs/format.md "Resizing")."""
+    store = make_store(kind)
+    small, big = small_then_big(store)
+    sc = origin_write(store, 2)
+    assert sc is not None
+    assert store.snapshot_exception(big.id, 2) == (sc, True)
+    assert snapshot_write(store, big.id, 2) == sc
+    assert store.exception_chunks() == 1
+    assert {sc for *_k, sc in store.exceptions()} <= read_within_sizes(store)
+    assert_exact(store)
+    store.commit()
+    assert store.check() == []
+
+
+def test_a_big_snapshot_with_clones_re_keys_a_copy_out_past_a_small_ones_end(
+        make_store, kind):
+    """With a clone reading through ``big``, its write hands the copy-out to the clone
+    as it is (re-keyed, no kept copy): ``small`` past its end does not count."""
+    store = make_store(kind)
+    small, big = small_then_big(store)
+    clone = store.create_snapshot("clone", parent=big.id)
+    sc = origin_write(store, 2)
+    assert not store.snapshot_write_keeps(big.id, 2)
+    mine = snapshot_write(store, big.id, 2)
+    assert mine != sc and store.snapshot_exception(clone.id, 2)[0] == sc
+    assert store.exception_chunks() == 2
+    assert {sc for *_k, sc in store.exceptions()} <= read_within_sizes(store)
+    assert_exact(store)
+    store.commit()
+    assert store.check() == []
+
+
+def test_origin_write_copies_nothing_out_for_a_snapshot_past_its_end(make_store, kind):
+    """Where ``big`` has its own chunk, only ``small`` would read a copy-out, and only
+    past its end: an origin write copies nothing."""
+    store = make_store(kind)
+    small, big = small_then_big(store)
+    snapshot_write(store, big.id, 2)
+    assert store.origin_sharers(2) == 0
+    assert origin_write(store, 2) is None
+    assert store.exception_chunks() == 1
+    assert_exact(store)
+
+
+def test_merge_frees_a_copy_out_only_its_target_reads_within_its_size(make_store, kind):
+    """A merge without keep frees, once merged, a copy-out only its target reads: here
+    ``small`` is grouped with it but ends before it."""
+    store = make_store(kind)
+    _small, big = small_then_big(store)
+    origin_write(store, 2)
+    store.set_merge(big.id)
+    store.mark_merged(2)
+    assert store.exception_chunks() == 0
+    assert_exact(store)
+
+
 def test_deleting_frees_exactly_the_exclusive_chunks(make_store, kind):
     """Delete the snapshots one by one, parents before their clones: each delete (and its
     sweep) frees exactly the ``exclusive`` chunks the figures gave (the tree stays one

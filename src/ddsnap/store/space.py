@@ -122,17 +122,28 @@ class SpaceAccount:
         return out
 
 
-def region_readers(table: VersionTable, group: tuple, limit: int | None = None) -> list[int]:
+def region_readers(table: VersionTable, group: tuple, limit: int | None = None,
+                   reaching: int | None = None) -> list[int]:
     """The live versions reading the exceptions of ``group`` ``(owner, lo, hi, shadow)``
-    (see :class:`SpaceAccount`), in no particular order; at most ``limit`` of them."""
+    (see :class:`SpaceAccount`), in no particular order; at most ``limit`` of them.
+
+    ``reaching``: a byte offset; only versions whose size is bigger count (a snapshot
+    taken before the origin grew never reads the copy-outs past its end that its id
+    range groups it with: docs/format.md "Resizing").  A version's clones have its size,
+    so a subtree that ends there is skipped whole.  None: sizes do not matter (the space
+    figures and the sweep's orphans, which count those readers too)."""
     owner, lo, hi, shadow = group
+
+    def counts(y: int) -> bool:
+        return reaching is None or table.slot(y).size > reaching
+
     out = []
-    if hi == INF and owner != ORIGIN and table.is_live(owner):
+    if hi == INF and owner != ORIGIN and table.is_live(owner) and counts(owner):
         out.append(owner)
     kids = table.children.get(owner, ())
     i = bisect.bisect_right(kids, lo)
     j = len(kids) if hi == INF else bisect.bisect_right(kids, hi)
-    stack = [y for y in kids[i:j] if y not in shadow]
+    stack = [y for y in kids[i:j] if y not in shadow and counts(y)]
     while stack and (limit is None or len(out) < limit):
         y = stack.pop()
         if table.is_live(y):

@@ -212,12 +212,17 @@ class VersionedStore(ExceptionStore):
     def _reads(self, version: int, chunk: int, skip: int | None = None) -> bool:
         """True if some live version in ``version``'s subtree (``version`` included,
         unless it is ``skip``) reads at ``chunk`` what ``version`` inherits there: not
-        past an entry of its own there, or of a version between."""
-        if self._has_entries(version, chunk):
+        past an entry of its own there, or of a version between, and within its size
+        (the subtree has ``version``'s size: a snapshot's clones take its size)."""
+        if self._has_entries(version, chunk) or self.table.slot(version).size <= self._at(chunk):
             return False
         if version != skip and self.table.is_live(version):
             return True
         return any(self._reads(y, chunk, skip) for y in self.table.children.get(version, ()))
+
+    def _at(self, chunk: int) -> int:
+        """The byte offset where logical ``chunk`` starts."""
+        return chunk * self.chunk_size
 
     def _readers_after(self, owner: int, lo: int, chunk: int, skip: int | None = None
                        ) -> bool:
@@ -421,15 +426,17 @@ class VersionedStore(ExceptionStore):
                 return sc, True
             lo = self._prev_tag(version, chunk, INF)
             return sc, not self._readers_after(version, lo, chunk)
-        # An ancestor's exception (a copy-out, say) that no other live snapshot reads:
-        # the snapshot may write it in place, as seed 000 does with a unique exception.
-        readers = region_readers(self.table, self._gkey(owner, chunk, tag), limit=2)
+        # An ancestor's exception (a copy-out, say) that no other live snapshot reads
+        # (within its size): the snapshot may write it in place, as seed 000 does with a
+        # unique exception.
+        readers = region_readers(self.table, self._gkey(owner, chunk, tag), limit=2,
+                                 reaching=self._at(chunk))
         return sc, readers == [version]
 
-    def _within(self, group: tuple, version: int) -> bool:
-        """True if every live reader of ``group`` is ``version`` or taken (directly or
-        not) of it."""
-        for r in region_readers(self.table, group):
+    def _within(self, group: tuple, version: int, chunk: int) -> bool:
+        """True if every live reader of ``group`` at logical ``chunk`` (within its size)
+        is ``version`` or taken (directly or not) of it."""
+        for r in region_readers(self.table, group, reaching=self._at(chunk)):
             while r != version and r != ORIGIN:
                 r = self.table.parent(r)
             if r != version:
@@ -442,7 +449,7 @@ class VersionedStore(ExceptionStore):
         # The snapshots taken of it read an ancestor's exception through it: when nobody
         # else reads that one, it becomes theirs as it is (no copy).
         r = self._resolve_above(version, chunk)
-        return r is None or not self._within(self._gkey_of(r[0]), version)
+        return r is None or not self._within(self._gkey_of(r[0]), version, chunk)
 
     def add_origin_exception(self, chunk, store_chunk, tag) -> None:
         self._kv_reserve([pack_key(ORIGIN, chunk, tag), index_key(tag, chunk)])
@@ -458,7 +465,7 @@ class VersionedStore(ExceptionStore):
         added = []
         own = r is not None and r[0] >> 96 == version
         if r is not None and (own or (kept is None and self._readers_after(version, 0, chunk)
-                                      and self._within(self._gkey_of(r[0]), version))):
+                                      and self._within(self._gkey_of(r[0]), version, chunk))):
             # The exception it read stays, as it is, for the snapshots taken of it: its
             # own current data (they read it), or an ancestor's exception only its subtree
             # reads; it becomes history tagged with the newest of them (re-keyed, not
@@ -732,7 +739,7 @@ class VersionedStore(ExceptionStore):
             r = self._resolve(m, chunk)
             if r is not None:
                 g = self._gkey_of(r[0])
-                if region_readers(self.table, g, limit=2) == [m]:
+                if region_readers(self.table, g, limit=2, reaching=self._at(chunk)) == [m]:
                     self._remove_entry(*unpack_key(r[0]))
         if chunk >= self.state.merge_cursor:
             self._kv_reserve([pack_key(MERGED, chunk, 0)])
