@@ -425,6 +425,7 @@ def status(svc: MetadataService, path: str, served: bool, degraded: bool = False
         "auto_deleted": st.auto_deleted,
         "failure": st.failure,
         "reopens": st.reopens,
+        "receive": st.receive,
     }
     if st.uuid is not None:
         out["uuid"] = st.uuid

@@ -394,6 +394,25 @@ class WorkerFailed(DdsnapError):
     fault = "system"
 
 
+class StreamDamaged(DdsnapError):
+    """A send stream (``ddsnap receive``'s input) is not a ddsnap stream, or one of its
+    records is damaged, cut short or out of place: the message names the record and its
+    byte in the stream.  Nothing of that record or after it was applied."""
+
+    exit_code = 32
+    fault = "peer"
+
+
+class ReceiveRefused(DdsnapError):
+    """A stream does not apply to this store as it is (the message says why: it does
+    not hold the stream's base, its origin moved on since the base, another receive is
+    in progress, the token is not this receive's, ...); nothing was changed."""
+
+    exit_code = 33
+    fault = "user"
+    errno = _errno.EBUSY
+
+
 def host_error(e: OSError, what: str, path: str, doing: str = "") -> HostIOError:
     """The :class:`HostIOError` (:class:`HostFull` for ENOSPC/EDQUOT) for the OSError
     ``e`` the host raised on an I/O of ``what`` (e.g. "snapshot store") at ``path``,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import click
 
 from ..errors import InvalidArgument
-from . import cluster, diff, merge, serve, snap, store
+from . import cluster, diff, merge, send, serve, snap, store
 from .common import DEFAULT_TIMEOUT, Group
 
 #: ``-h`` as well as ``--help``, on every command (inherited by subcommands)
@@ -53,6 +53,8 @@ main.add_command(store.resize)
 main.add_command(merge.merge)
 main.add_command(store.check)
 main.add_command(diff.diff)
+main.add_command(send.send)
+main.add_command(send.receive)
 main.add_command(store.upgrade)
 main.add_command(serve.attach)
 main.add_command(cluster.cluster)

@@ -82,7 +82,8 @@ class StoreStatus:
     ``recovered_transactions``, ``journal_damage`` as ``(block, message)``) are None for a
     store kept in memory.  ``failure`` is the last failed commit (see
     :attr:`~ddsnap.service.local.LocalService.failure`), ``reopens`` counts the reopens
-    after failures, ``auto_deleted`` the snapshots the full-store policy deleted.
+    after failures, ``auto_deleted`` the snapshots the full-store policy deleted,
+    ``receive`` the receive in progress (:func:`ddsnap.service.local.receive_status`).
     """
 
     store_size: int
@@ -102,6 +103,8 @@ class StoreStatus:
     journal_blocks: int | None = None
     recovered_transactions: int | None = None
     journal_damage: list[tuple[int | None, str]] | None = None
+    #: the receive in progress (``ddsnap receive``), with its resume token; None if none
+    receive: dict | None = None
 
 
 @dataclass(frozen=True)

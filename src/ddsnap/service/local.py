@@ -29,6 +29,7 @@ from ..errors import (
     host_error,
 )
 from ..store.model import Finding, SnapshotInfo
+from ..stream import make_token
 from ..units import human_bytes
 from .api import ServiceStatistics, StoreStatus
 from .core import COPY_CHUNKS
@@ -290,7 +291,8 @@ class LocalService(WritePath, ReadMapping, MergeOps, FullPolicy):
                 origin_size=store.origin_size, max_snapshots=store.max_snapshots,
                 full_policy=store.full_policy, auto_deleted=list(self.auto_deleted),
                 failure=dict(self.failure) if self.failure is not None else None,
-                reopens=self.reopens, **store.format_figures())
+                reopens=self.reopens, receive=receive_status(store),
+                **store.format_figures())
 
     def check(self) -> list[Finding]:
         """Commit, then check the store's metadata (``ExceptionStore.check``); a damaged
@@ -364,3 +366,15 @@ class LocalService(WritePath, ReadMapping, MergeOps, FullPolicy):
 
 
 __all__ = ["COPY_CHUNKS", "LocalService"]
+
+
+def receive_status(store) -> dict | None:
+    """The receive in progress on ``store`` for ``status`` (issue 13): the snapshot it
+    creates, the source store's UUID, the base's id there (0: a full stream), bytes
+    applied of the volume's size, and the resume token; None if none."""
+    r, _done = store.receive_state()
+    if r is None:
+        return None
+    return {"snapshot": r.name, "source": r.source.hex(), "base": r.base,
+            "applied": r.offset, "size": r.size,
+            "token": make_token(r.source, r.snapshot, r.base, r.offset)}

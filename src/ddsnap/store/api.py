@@ -26,7 +26,16 @@ import abc
 from typing import TYPE_CHECKING, Any
 
 from .blockdev import BlockDevice
-from .model import FULL_POLICIES, NO_MERGE, Finding, SnapshotInfo, State, utc_iso
+from .model import (
+    FULL_POLICIES,
+    NO_MERGE,
+    Finding,
+    Received,
+    Receiving,
+    SnapshotInfo,
+    State,
+    utc_iso,
+)
 
 if TYPE_CHECKING:
     from .snapshots import VersionTable
@@ -46,6 +55,7 @@ class ExceptionStore(abc.ABC):
         origin_size: bytes of the origin this store snapshots.
         origin_path: where the origin was when the store was made.
         max_snapshots: most snapshots (versions) the store may hold, 0 for no limit.
+        uuid: the store's 16-byte identity (a send stream names its source by it).
         cow: the device holding exception data; store chunk ``s`` is at
             ``s * chunk_size``.
     """
@@ -54,6 +64,7 @@ class ExceptionStore(abc.ABC):
     origin_size: int
     origin_path: str
     max_snapshots: int
+    uuid: bytes
     cow: BlockDevice
     #: the versions: live snapshots, ghosts, and how they descend from each other
     table: VersionTable
@@ -79,6 +90,21 @@ class ExceptionStore(abc.ABC):
         the delete's checkpoint) reports it after a restart."""
         self.__dict__.setdefault("_auto_deleted", []).append(
             {"name": info.name, "id": info.id, "deleted": utc_iso(when_ns)})
+
+    def receive_state(self) -> tuple[Receiving | None, Received | None]:
+        """The receive in progress (None if none) and the last one completed (None if
+        none): see :meth:`record_receive`."""
+        return self.__dict__.get("_receive", (None, None))
+
+    def record_receive(self, receiving: Receiving | None, received: Received | None) -> None:
+        """Commit, then record the receive in progress and the last completed one (issue
+        13, docs/stream.md), durably on return (SharedStore: in both superblock slots).
+
+        Raises:
+            OSError / DdsnapError: the commit or the superblock write failed.
+        """
+        self.commit()
+        self.__dict__["_receive"] = (receiving, received)
 
     def auto_deleted(self) -> list[dict]:
         """Snapshots the full-store policy deleted, oldest first: ``name``, ``id`` and

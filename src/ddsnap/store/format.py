@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import crc32c
 
 from ..errors import CorruptMetadata
-from .model import State
+from .model import Received, Receiving, State
 
 BLOCK_SIZE = 4096
 BLOCK_SHIFT = 12
@@ -183,6 +183,16 @@ AUTO_DELETED_MAX = 8
 #: the cluster epoch: the highest election epoch of a metadata server that wrote the
 #: store (u64; 0: never served by a cluster; in a former zero area of format v3)
 _SB_EPOCH_OFF = 4000
+#: send/receive (issue 13; in a former zero area of format v3): flags u32 (bit 0 a
+#: receive is in progress, bit 1 a receive completed, bit 2 the snapshot received is
+#: read-only), then the receive in progress: source UUID, snapshot id u32, base id u32,
+#: offset u64, size u64, created u64, name length u16, name (255 bytes); then the last
+#: completed one: source UUID, snapshot id u32, local id u32
+_SB_RECV_OFF = 3440
+_RECV = struct.Struct("<I16sIIQQQH")
+_RECV_DONE_OFF = 3752
+_RECV_DONE = struct.Struct("<16sII")
+SB_RECV_ACTIVE, SB_RECV_DONE, SB_RECV_READ_ONLY = 1, 2, 4
 
 
 @dataclass
@@ -218,6 +228,8 @@ class Superblock:
     identity: OriginIdentity | None = None
     auto_deleted: list[AutoDeleted] = field(default_factory=list)
     epoch: int = 0
+    receiving: Receiving | None = None
+    received: Received | None = None
 
     @property
     def chunk_size(self) -> int:
@@ -264,7 +276,41 @@ class Superblock:
                 off += _AUTO_SIZE
         if version >= 3:
             struct.pack_into("<Q", buf, _SB_EPOCH_OFF, self.epoch)
+            self._encode_receive(buf)
         return seal(buf, T_SUPER, self.slot, self.generation, self.uuid, version)
+
+    def _encode_receive(self, buf: bytearray) -> None:
+        r, d = self.receiving, self.received
+        flags = ((SB_RECV_ACTIVE if r else 0) | (SB_RECV_DONE if d else 0)
+                 | (SB_RECV_READ_ONLY if r and r.read_only else 0))
+        if r is not None:
+            name = r.name.encode()[:MAX_NAME]
+            _RECV.pack_into(buf, _SB_RECV_OFF, flags, r.source, r.snapshot, r.base, r.offset,
+                            r.size, r.created, len(name))
+            buf[_SB_RECV_OFF + _RECV.size: _SB_RECV_OFF + _RECV.size + len(name)] = name
+        else:
+            struct.pack_into("<I", buf, _SB_RECV_OFF, flags)
+        if d is not None:
+            _RECV_DONE.pack_into(buf, _RECV_DONE_OFF, d.source, d.snapshot, d.local)
+
+    @staticmethod
+    def _decode_receive(buf: bytes, block: int) -> tuple[Receiving | None, Received | None]:
+        (flags, source, snap, base, offset, size, created, nlen) = _RECV.unpack_from(
+            buf, _SB_RECV_OFF)
+        receiving = received = None
+        if flags & ~(SB_RECV_ACTIVE | SB_RECV_DONE | SB_RECV_READ_ONLY):
+            raise CorruptMetadata(block, f"receive flags 0x{flags:x} unknown")
+        if flags & SB_RECV_ACTIVE:
+            if nlen > MAX_NAME or offset > size:
+                raise CorruptMetadata(block, "the receive in progress is malformed")
+            off = _SB_RECV_OFF + _RECV.size
+            name = bytes(buf[off: off + nlen]).decode(errors="replace")
+            receiving = Receiving(bytes(source), snap, base, offset, size, name, created,
+                                  bool(flags & SB_RECV_READ_ONLY))
+        if flags & SB_RECV_DONE:
+            source, snap, local = _RECV_DONE.unpack_from(buf, _RECV_DONE_OFF)
+            received = Received(bytes(source), snap, local)
+        return receiving, received
 
     @classmethod
     def decode(cls, buf: bytes, block: int, version: int = VERSION) -> Superblock:
@@ -304,9 +350,11 @@ class Superblock:
                 auto.append(AutoDeleted(sid, when, name))
                 off += _AUTO_SIZE
         epoch = struct.unpack_from("<Q", buf, _SB_EPOCH_OFF)[0] if version >= 3 else 0
+        receiving, received = cls._decode_receive(buf, block) if version >= 3 else (None, None)
         return cls(uuid, blocks, cshift, maxsnap, osize, created, st_start, st_blocks,
                    bm_start, bm_blocks, j_start, j_blocks, j_tail, j_seq,
-                   bool(flags & SB_CLEAN), state, path, seq, identity, auto, epoch)
+                   bool(flags & SB_CLEAN), state, path, seq, identity, auto, epoch,
+                   receiving, received)
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ exception data lives in a :class:`~ddsnap.store.blockdev.MemoryDevice`.
 from __future__ import annotations
 
 import heapq
+import os
 
 from sortedcontainers import SortedDict
 
@@ -38,6 +39,7 @@ class MemoryStore(VersionedStore):
         self.origin_size = origin_size
         self.origin_path = origin_path
         self.max_snapshots = max_snapshots
+        self.uuid = os.urandom(16)
         self.cow = MemoryDevice(store_size // chunk_size * chunk_size)
         self._nchunks = store_size // chunk_size
         self._free = list(range(self._nchunks))  # a heap: lowest chunk first

@@ -122,6 +122,39 @@ class State:
                      self.merge_keep, self.merge_cursor, self.full_policy)
 
 
+@dataclass(frozen=True)
+class Receiving:
+    """A receive in progress on a store (``ddsnap receive``, issue 13; docs/stream.md).
+
+    ``source`` is the sending store's 16-byte UUID; ``snapshot`` and ``base`` the ids of
+    the stream's snapshot and of its base in that store (``base`` 0: a full stream);
+    ``offset`` the bytes of the volume, from 0, whose records are applied to the origin
+    and durable (a resumed stream starts there); ``size`` the volume size in bytes;
+    ``name``, ``created`` (ns since the Unix epoch) and ``read_only`` describe the
+    snapshot the receive creates when it completes.
+    """
+
+    source: bytes
+    snapshot: int
+    base: int
+    offset: int
+    size: int
+    name: str
+    created: int
+    read_only: bool
+
+
+@dataclass(frozen=True)
+class Received:
+    """The last receive a store completed: snapshot ``snapshot`` of the store with UUID
+    ``source`` is this store's snapshot ``local`` (the base an incremental stream from
+    that store must start from)."""
+
+    source: bytes
+    snapshot: int
+    local: int
+
+
 def check_geometry(chunk_size: int, max_snapshots: int) -> None:
     """Validate ``--chunk-size`` and ``--max-snapshots``.
 

@@ -435,6 +435,17 @@ class SharedStore(BTree, VersionedStore):
         return [{"name": r.name, "id": r.id, "deleted": utc_iso(r.deleted)}
                 for r in self.sb.auto_deleted]
 
+    def receive_state(self):
+        return self.sb.receiving, self.sb.received
+
+    def record_receive(self, receiving, received) -> None:
+        # In the superblock: committed first, then both slots written (as claim_epoch
+        # does), so neither slot a later open may use holds the old record.
+        self.commit()
+        self.sb.receiving, self.sb.received = receiving, received
+        self.write_superblock(clean=False)
+        self.write_superblock(clean=False)
+
     def set_origin_path(self, path: str) -> None:
         """Record a new origin path (``ddsnap set STORE origin=PATH``); durable at the
         next checkpoint (:meth:`close` makes one).
