@@ -136,21 +136,39 @@ def send(svc: LocalService, snap_name: str, out: BinaryIO, base_name: str | None
     zero = bytes(len(buf))
     pending_zero: list[int] | None = None  # [offset, length] of a ZERO run not yet sent
     for off, n in ranges:
-        view = memoryview(buf)[:n]
-        vol.read_into(off, view)
-        # (bytearray == bytes is a memcmp; a memoryview compares item by item)
+        vol.read_into(off, memoryview(buf)[:n])
+        # Each chunk that reads as zeroes joins a ZERO run (a sparse volume sends little),
+        # the others DATA runs.  (bytearray == bytes is a memcmp; a memoryview compares
+        # item by item, 60 times slower.)
         if buf == zero if n == len(buf) else buf[:n] == zero[:n]:
-            if pending_zero is not None and pending_zero[0] + pending_zero[1] == off:
-                pending_zero[1] += n
+            bounds = [(0, n, True)]
+        else:
+            bounds = []
+            i = 0
+            while i < n:
+                j = min(n, i + cs - (off + i) % cs)
+                bounds.append((i, j, buf[i:j] == zero[:j - i]))
+                i = j
+        data_from: int | None = None
+        for i, j, is_zero in bounds:
+            if not is_zero:
+                if pending_zero is not None:
+                    w.zero(*pending_zero)
+                    pending_zero = None
+                if data_from is None:
+                    data_from = i
+                continue
+            if data_from is not None:
+                w.data(off + data_from, bytes(buf[data_from:i]))
+                data_from = None
+            if pending_zero is not None and sum(pending_zero) == off + i:
+                pending_zero[1] += j - i
             else:
                 if pending_zero is not None:
                     w.zero(*pending_zero)
-                pending_zero = [off, n]
-        else:
-            if pending_zero is not None:
-                w.zero(*pending_zero)
-                pending_zero = None
-            w.data(off, bytes(view))
+                pending_zero = [off + i, j - i]
+        if data_from is not None:
+            w.data(off + data_from, bytes(buf[data_from:n]))
         if progress is not None:
             progress(n)
     if pending_zero is not None:
