@@ -181,14 +181,23 @@ def send(svc: LocalService, snap_name: str, out: BinaryIO, base_name: str | None
 
 
 def _origin_moved(svc: LocalService, base: SnapshotInfo) -> bool:
-    """True if the origin reads differently from ``base`` somewhere (written since)."""
+    """True if the origin reads differently from ``base`` somewhere (written since).
+
+    The metadata lists the chunks that may differ (``changed_chunks``); a rollback
+    (a merge of ``base`` with keep) leaves the same bytes in both, so the bytes of those
+    chunks are compared: the cost follows what was written, not the volume."""
     if svc.origin_size != base.size:
         return True
+    cs = svc.chunk_size
+    origin, snap = Origin(svc, svc.data), Snapshot(svc, svc.data, base)
     nxt: int | None = 0
     while nxt is not None:
         chunks, nxt = svc.changed_chunks(base.id, 0, nxt, 4096)
-        if chunks:
-            return True
+        for c in chunks:
+            off = c * cs
+            n = min(cs, base.size - off)
+            if n > 0 and origin.read(off, n) != snap.read(off, n):
+                return True
     return False
 
 
@@ -259,10 +268,10 @@ def receive(svc: LocalService, path: str, src: BinaryIO, token: str | None = Non
             raise ReceiveRefused("this stream resumes another receive (it starts at byte "
                                  f"{h['start']}): give its --resume token")
         _check_applies(svc, path, h, source, received)
-        if baseinfo is None and svc.origin_size != size:
-            svc.resize_origin(size)
-        elif baseinfo is not None and size != svc.origin_size:
-            svc.resize_origin(size)  # grown since the base (a shrink was refused above)
+        if svc.origin_size != size:
+            # a full stream into an empty store, or a volume grown since the base (a
+            # smaller one was refused above)
+            svc.resize_origin(size, exact=True)
         receiving = Receiving(source, sid, bid, 0, size, snapinfo["name"],
                               snapinfo["created"], bool(snapinfo["read_only"]))
         store.record_receive(receiving, received)
@@ -359,6 +368,11 @@ def _finish(svc: LocalService, r: Receiving, source: bytes, sid: int) -> Snapsho
 def _check_applies(svc: LocalService, path: str, h: dict, source: bytes,
                    received: Received | None) -> None:
     """Raise ReceiveRefused unless a new receive of stream header ``h`` applies here."""
+    merging = svc.merge_status()
+    if merging is not None:
+        raise ReceiveRefused(f"a merge of {merging['snapshot']!r} into the origin of {path} "
+                             f"is in progress: let it complete first (ddsnap merge {path} "
+                             f"{merging['snapshot']} --wait, or serve the store)")
     snaps = svc.snapshots()
     name = h["snapshot"]["name"]
     if any(s.name == name for s in snaps):
@@ -380,7 +394,7 @@ def _check_applies(svc: LocalService, path: str, h: dict, source: bytes,
     if _origin_moved(svc, local):
         raise ReceiveRefused(f"the origin of {path} was written since "
                              f"{local.name!r} was received: roll it back first "
-                             f"(ddsnap merge {path} {local.name} --keep)")
+                             f"(ddsnap merge {path} {local.name} --keep --wait)")
     if h["snapshot"]["size"] < local.size:
         raise ReceiveRefused("the stream's volume is smaller than its base's: shrinking "
                              "on receive is not supported")

@@ -3,6 +3,7 @@ into another store (issue 13; :mod:`ddsnap.sendrecv`, docs/stream.md)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -11,7 +12,7 @@ from contextlib import contextmanager
 import click
 
 from .. import admin, sendrecv
-from ..errors import InvalidArgument, StoreBusy, StoreNotFound
+from ..errors import HostIOError, InvalidArgument, StoreBusy, StoreNotFound
 from .common import err, out
 
 
@@ -76,7 +77,13 @@ def send(store, snapshot, base, output, token, as_json, no_progress):
         sink = open(output, "wb") if output else sys.stdout.buffer  # noqa: SIM115
         try:
             with _bar("sending", size, no_progress) as step:
-                summary = sendrecv.send(opened.service, snapshot, sink, base, token, step)
+                try:
+                    summary = sendrecv.send(opened.service, snapshot, sink, base, token,
+                                            step)
+                except BrokenPipeError as e:
+                    raise HostIOError("the reader of the stream went away before its end "
+                                      "(broken pipe)", output or "<stdout>",
+                                      errno.EPIPE) from e
             if output:
                 sink.flush()
                 os.fsync(sink.fileno())

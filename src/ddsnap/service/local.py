@@ -134,9 +134,10 @@ class LocalService(WritePath, ReadMapping, MergeOps, FullPolicy):
         self._sweep()
         return info
 
-    def resize_origin(self, size: int) -> dict:
+    def resize_origin(self, size: int, exact: bool = False) -> dict:
         """Grow or shrink the origin to ``size`` bytes, online (``lvextend``/``lvreduce``
-        of the origin; docs/format.md "Resizing").
+        of the origin; docs/format.md "Resizing").  ``exact``: any positive size, not
+        only whole sectors (``receive`` gives the origin the sent volume's size).
 
         Existing snapshots keep their size; snapshots taken from now on have the new
         one; exports opened from now on show it.  A file origin is extended (or
@@ -156,7 +157,7 @@ class LocalService(WritePath, ReadMapping, MergeOps, FullPolicy):
             HostIOError: the host failed the truncate or the flush (HostFull: ENOSPC).
             ServiceFailed: the commit failed.
         """
-        if size <= 0 or size % 512:
+        if size <= 0 or (size % 512 and not exact):
             raise InvalidArgument(f"the origin size must be a positive multiple of 512 "
                                   f"bytes, not {size}")
         with self.lock:
