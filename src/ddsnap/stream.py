@@ -145,8 +145,8 @@ class StreamReader:
         while len(buf) < n:
             part = self.src.read(n - len(buf))
             if not part:
-                raise StreamDamaged(f"the stream ends inside {what} at byte "
-                                    f"{self.position + len(buf)} (cut short?)")
+                raise StreamDamaged(f"the stream is cut short: it ends at byte "
+                                    f"{self.position + len(buf)}, inside {what}")
             buf += part
         self.position += n
         return bytes(buf)

@@ -195,6 +195,11 @@ def status(store, as_json):
     for d in st.get("auto_deleted", []):
         out.print(f"{'deleted':>10}: {shown(d['name'])} at {d['deleted']} to make room "
                   "(full-policy=delete-oldest)")
+    r = st.get("receive")
+    if r:
+        out.print(f"{'receive':>10}: {shown(r['snapshot'])} stopped at "
+                  f"{shown_size(r['applied'])} of {shown_size(r['size'])}; go on with "
+                  f"ddsnap receive {store} --resume {r['token']} (or --abort)")
     if st.get("metadata"):
         out.print(f"{'metadata':>10}: {', '.join(st['metadata'])}")
     for n in st.get("nodes", []):
