@@ -55,6 +55,7 @@ from ddsnap.store.format import (
 )
 from ddsnap.store.journal import Journal, Transaction
 from ddsnap.store.memory import MemoryStore
+from ddsnap.store.model import Received, Receiving
 from ddsnap.store.shared import SharedStore
 from ddsnap.store.superblock import read_superblock
 from ddsnap.testing.crash import CrashNow, RecordingDevice
@@ -169,6 +170,22 @@ state_st = st.builds(
     st.integers(0, U32), st.booleans(), st.integers(0, U64), st.integers(0, U32))
 
 
+names_st = st.text(max_size=255).filter(lambda s: len(s.encode()) <= fmt.MAX_NAME)
+
+
+@st.composite
+def receivings(draw):
+    """A receive in progress as the superblock records it (its offset within its size)."""
+    size = draw(st.integers(0, U64))
+    return Receiving(draw(st.binary(min_size=16, max_size=16)), draw(st.integers(0, U32)),
+                     draw(st.integers(0, U32)), draw(st.integers(0, size)), size,
+                     draw(names_st), draw(st.integers(0, U64)), draw(st.booleans()))
+
+
+received_st = st.builds(Received, st.binary(min_size=16, max_size=16),
+                        st.integers(0, U32), st.integers(0, U32))
+
+
 @settings(max_examples=examples(60))
 @given(st.builds(
     Superblock,
@@ -190,6 +207,8 @@ state_st = st.builds(
     state=state_st,
     origin_path=st.text(max_size=200).filter(lambda s: len(s.encode()) <= fmt.MAX_ORIGIN_PATH),
     generation=st.integers(0, (1 << 63)),
+    receiving=st.one_of(st.none(), receivings()),
+    received=st.one_of(st.none(), received_st),
 ))
 def test_superblock_round_trip(sb):
     buf = sb.encode()
@@ -200,6 +219,47 @@ def test_superblock_round_trip(sb):
     with pytest.raises(CorruptMetadata) as e:
         Superblock.decode(bytes(buf), 1 - slot)
     assert e.value.block == 1 - slot
+
+
+@pytest.mark.parametrize("damage", ["flags", "name length", "offset"])
+def test_superblock_receive_damage_names_the_slot(damage):
+    """A receive record that cannot be right (an unknown flag, a name longer than 255
+    bytes, more applied than the volume holds) is damage naming the slot, not a
+    receive to resume."""
+    r = Receiving(UUID, 2, 1, 4096, 8192, "s2", 0, True)
+    sb = Superblock(UUID, 100, 12, 64, 4096, 0, 2, 5, 7, 1, 8, 16, generation=1,
+                    receiving=r, received=Received(UUID, 1, 1))
+    buf = sb.encode()
+    # (the offsets of docs/format.md's superblock table)
+    assert struct.unpack_from("<IQ", buf, 3464) == (1, 4096)
+    if damage == "flags":
+        struct.pack_into("<I", buf, 3440, 0x11)
+    elif damage == "name length":
+        struct.pack_into("<H", buf, 3492, fmt.MAX_NAME + 1)
+    else:
+        struct.pack_into("<Q", buf, 3468, 8193)
+    seal(buf, T_SUPER, 1, 1, UUID)
+    with pytest.raises(CorruptMetadata) as e:
+        Superblock.decode(bytes(buf), 1)
+    assert e.value.block == 1
+
+
+def test_receive_record_survives_reopens_and_a_crash():
+    """``record_receive`` is durable when it returns: both slots carry it, so a reopen
+    after a crash (the device as it is) finds it, and the last completed receive too."""
+    dev = MemoryDevice(4 << 20)
+    store = SharedStore.create(dev, origin_size=1 << 20, origin_path="o", chunk_size=4096)
+    r = Receiving(UUID, 2, 1, 4096, 1 << 20, "s2", 5, False)
+    done = Received(UUID, 1, 3)
+    store.record_receive(r, done)
+    crashed = SharedStore.open(MemoryDevice(dev.size, bytes(dev.pread(dev.size, 0))))
+    assert crashed.receive_state() == (r, done)
+    for slot in (0, 1):
+        assert Superblock.decode(dev.pread(fmt.BLOCK_SIZE, slot * fmt.BLOCK_SIZE),
+                                 slot).receiving == r
+    store.record_receive(None, done)
+    store.close()
+    assert SharedStore.open(dev).receive_state() == (None, done)
 
 
 def test_superblock_origin_path_limits():
@@ -215,9 +275,6 @@ def test_superblock_origin_path_limits():
     with pytest.raises(CorruptMetadata) as e:
         Superblock.decode(bytes(buf), 0)
     assert e.value.block == 0
-
-
-names_st = st.text(max_size=255).filter(lambda s: len(s.encode()) <= fmt.MAX_NAME)
 
 
 @st.composite
