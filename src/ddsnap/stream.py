@@ -4,9 +4,10 @@ docs/stream.md is the specification; this module encodes and decodes it.  A stre
 a preamble, then records, each with its own crc32c, in this order: one BEGIN (a JSON
 header naming the source store, the snapshot, its base and the geometry), DATA and ZERO
 records at increasing volume offsets, and one END whose JSON carries the SHA-256 digest
-of every byte before it.  A reader checks each record before it hands it out, so a
-damaged byte is refused at the record it is in, and the digest at the end catches what a
-record's crc cannot (records dropped, repeated or reordered whole).
+of everything before it but the DATA payloads (their crc32c is in their headers).  A
+reader checks each record before it hands it out, so a damaged byte is refused at the
+record it is in, and the digest at the end catches what a record's crc cannot (records
+dropped, repeated or reordered whole).
 
 The idea is ZFS's send stream (``zfs send``/``zfs receive -s``, its BEGIN/WRITE/END
 records and resume tokens), laid out for ddsnap's chunks.
@@ -63,12 +64,17 @@ class Record:
         return 0
 
 
-def encode(kind: int, offset: int, payload: bytes) -> bytes:
-    """One record's bytes: header then payload."""
+def header(kind: int, offset: int, payload) -> bytes:
+    """The 24-byte header of a record carrying ``payload`` (bytes-like)."""
     head = bytearray(HEADER.pack(kind, 0, len(payload), offset, 0, 0))
     crc = crc32c.crc32c(payload, crc32c.crc32c(bytes(head)))
     struct.pack_into("<I", head, 16, crc)
-    return bytes(head) + payload
+    return bytes(head)
+
+
+def encode(kind: int, offset: int, payload: bytes) -> bytes:
+    """One record's bytes: header then payload."""
+    return header(kind, offset, payload) + payload
 
 
 class StreamWriter:
@@ -87,22 +93,32 @@ class StreamWriter:
         self.data_bytes = 0
         self.zero_bytes = 0
         self._emit(PREAMBLE.pack(MAGIC, VERSION, 0))
-        self._emit(encode(BEGIN, 0, json.dumps(begin, sort_keys=True).encode()))
+        body = json.dumps(begin, sort_keys=True).encode()
+        self._emit(header(BEGIN, 0, body), body)
 
-    def _emit(self, b: bytes) -> None:
-        self.digest.update(b)
-        self.out.write(b)
-        self.bytes_out += len(b)
+    def _emit(self, head: bytes, payload=b"", digested: bool = True) -> None:
+        # The digest covers the headers (each carries its payload's crc32c), BEGIN's
+        # payload too: it binds the records' order and number without hashing the data
+        # a second time (docs/stream.md).
+        self.digest.update(head)
+        if digested and payload:
+            self.digest.update(payload)
+        self.out.write(head)
+        if payload:
+            self.out.write(payload)
+        self.bytes_out += len(head) + len(payload)
 
-    def data(self, offset: int, payload: bytes) -> None:
-        """A DATA record: ``payload`` (at most :data:`RECORD_MAX` bytes) at ``offset``."""
-        self._emit(encode(DATA, offset, payload))
+    def data(self, offset: int, payload) -> None:
+        """A DATA record: ``payload`` (bytes-like, at most :data:`RECORD_MAX` bytes) at
+        ``offset``."""
+        self._emit(header(DATA, offset, payload), payload, digested=False)
         self.records += 1
         self.data_bytes += len(payload)
 
     def zero(self, offset: int, length: int) -> None:
         """A ZERO record: ``length`` bytes of zeroes at ``offset``."""
-        self._emit(encode(ZERO, offset, struct.pack("<Q", length)))
+        p = struct.pack("<Q", length)
+        self._emit(header(ZERO, offset, p), p)
         self.records += 1
         self.zero_bytes += length
 
@@ -141,7 +157,11 @@ class StreamReader:
         self._records = self._data = self._zero = 0
 
     def _read(self, n: int, what: str) -> bytes:
-        buf = bytearray()
+        first = self.src.read(n)
+        if len(first) == n:  # (the usual case: no copy)
+            self.position += n
+            return first
+        buf = bytearray(first or b"")
         while len(buf) < n:
             part = self.src.read(n - len(buf))
             if not part:
@@ -166,9 +186,10 @@ class StreamReader:
         if crc32c.crc32c(payload, crc32c.crc32c(zeroed)) != crc:
             raise StreamDamaged(f"{where}: crc32c mismatch ({_NAMES[kind]} record damaged)")
         rec = Record(kind, offset, payload, self.index, pos)
-        if kind != END:
+        if kind != END:  # (see StreamWriter._emit)
             self.digest.update(head)
-            self.digest.update(payload)
+            if kind != DATA:
+                self.digest.update(payload)
         self.index += 1
         return rec
 
