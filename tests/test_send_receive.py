@@ -325,3 +325,27 @@ def test_bad_send_arguments(tmp_path, source):
     fails(3, "send", tmp_path / "missing.img", "s1", "-o", tmp_path / "x")
     with Served(store, workers=0):
         fails(9, "send", store, "s1", "-o", tmp_path / "x", match="stop its server")
+
+
+def test_an_incremental_stream_grows_the_origin_with_the_volume(tmp_path):
+    """The origin grew between s1 and s2: the incremental stream carries everything
+    past s1's end, and receive grows its origin to s2's size first."""
+    store = new_store(tmp_path, "a", 4 * MiB)
+    ok("snap", "create", store, "s1", "--read-only")
+    ok("resize", store, "--origin-size", "8M")
+    with Served(store, workers=0) as srv:
+        write(srv, "origin", 5, 6 * MiB, CS)
+        write(srv, "origin", 6, CS, 4096)
+        ok("snap", "create", store, "s2", "--read-only")
+        want = {s: read_export(srv, s, tmp_path / f"{s}.want") for s in ("s1", "s2")}
+    dst = new_store(tmp_path, "b", CS, data=False)
+    ok("send", store, "s1", "-o", tmp_path / "s1.stream")
+    ok("receive", dst, "-i", tmp_path / "s1.stream")
+    s, r = pipe([store, "s2", "--from", "s1", "--json"], [dst])
+    assert s.returncode == 0 and r.returncode == 0, (s.stderr, r.stderr)
+    # chunk 1 changed, and the 4 MiB past s1's end (zeroes but for the write at 6 MiB)
+    summary = json.loads(s.stderr)
+    assert summary["data_bytes"] == 2 * CS and summary["zero_bytes"] == 4 * MiB - CS
+    assert ok_json("status", dst)["origin_size"] == 8 * MiB
+    got = received(tmp_path, dst, ["s1", "s2"])
+    assert got["s1"] == want["s1"] and got["s2"] == want["s2"] == got["origin"]
