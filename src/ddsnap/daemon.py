@@ -111,6 +111,12 @@ class Exports:
         svc = self.service
         return ["origin"] + [s.name for s in svc.snapshots() if not svc.is_merging(s)]
 
+    def snapshot_names(self) -> list[str]:
+        """Every live snapshot's name, oldest first (a merging one too): the FROM of
+        the ``ddsnap:changed:FROM`` contexts every export offers (issue 13).  Never
+        waits (the service's snapshot list)."""
+        return [s.name for s in self.service.snapshots()]
+
     def get(self, name: str):
         svc = self.service
         vol: Origin | Snapshot | None

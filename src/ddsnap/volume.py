@@ -10,15 +10,44 @@ block on disk and the server calls them from worker threads, except
 
 Offsets and lengths are bytes; a range is ``[offset, offset + length)`` and must lie in
 ``[0, size)``.
+
+What BLOCK_STATUS reports (issue 13; NBD ``doc/proto.md``, "Metadata querying"):
+``base:allocation`` (:meth:`Volume.block_status`) and ``ddsnap:changed:FROM``
+(:meth:`Volume.changed_status`), each for a bounded prefix of the range asked, so one
+request costs about the same on a 1 TiB volume as on a small one.  TRIM on the origin
+(:meth:`Origin.trim`) punches the origin file where that changes no snapshot.
 """
 
 from __future__ import annotations
 
-from .errors import InvalidArgument, ReadOnlyVolume
+from .errors import InvalidArgument, ReadOnlyVolume, SnapshotNotFound
 from .service.api import DataDevices, MetadataService, ReadMap, SnapshotInfo
 
 #: WRITE_ZEROES is done as writes of this many bytes at a time
 ZERO_STEP = 1 << 20
+
+# BLOCK_STATUS flags, as the NBD spec numbers them (``ddsnap.nbd.wire`` names them; the
+# layers keep the data path from importing the NBD package):
+#: ``base:allocation``: NBD_STATE_HOLE | NBD_STATE_ZERO, a hole of the origin file
+HOLE_ZERO = 1 | 2
+#: ``ddsnap:changed:FROM``: the extent may differ from FROM (``wire.STATE_CHANGED``)
+CHANGED = 1
+
+#: bytes of a snapshot (or of the origin during a merge) one ``base:allocation`` answer
+#: maps at most (rounded to whole chunks, at least one): a mapping per chunk is asked
+#: for, so the answer covers a prefix of a longer request (32 MiB, the longest READ)
+STATUS_SPAN = 32 << 20
+#: runs of the origin file's holes and data one ``base:allocation`` answer reports at
+#: most (two ``lseek`` each)
+STATUS_RUNS = 1024
+#: tree entries per version one ``ddsnap:changed`` answer reads at most
+#: (``MetadataService.changed_chunks``'s ``limit``)
+CHANGED_PAGE = 4096
+#: bytes of origin one TRIM step makes unique and punches (a TRIM may cover the volume)
+TRIM_STEP = 32 << 20
+#: TRIM punches whole blocks of this many bytes only (the file system's block; a partial
+#: block at either end of the range is left as it is: TRIM is a hint)
+PUNCH_BLOCK = 4096
 
 
 class Volume:
@@ -129,13 +158,143 @@ class Volume:
         raise NotImplementedError
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        """A discard hint; ddsnap keeps the data, so no other volume can be affected."""
+        """A discard hint, ignored: a snapshot's data is kept (its chunks may be shared
+        with other snapshots).  :class:`Origin` punches its file instead.
+
+        Raises:
+            InvalidArgument: the range is not inside the volume.
+        """
         self._range(offset, length)
 
+    @property
+    def version(self) -> int:
+        """The version id this volume reads: 0 for the origin, else the snapshot's id."""
+        return 0 if self.info is None else self.info.id
+
     def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """Everything reads as allocated data: one extent over the range."""
+        """``base:allocation`` of ``[offset, offset + length)``: ``(length_bytes,
+        flags)`` extents covering a prefix of the range (at least its first byte), flags
+        ``HOLE_ZERO`` (NBD_STATE_HOLE | NBD_STATE_ZERO) or 0 (data).
+
+        A chunk this volume reads from the origin device (no exception on its way)
+        takes its allocation from the origin file's holes (``SEEK_DATA``/``SEEK_HOLE``);
+        a chunk it reads from the store is data, whatever bytes it holds (a copy-out of a
+        hole is data in the store).  An origin that is a block device: all data.  Source:
+        issue 13; NBD ``doc/proto.md`` "base:allocation".
+
+        Raises:
+            InvalidArgument: the range is not inside the volume.
+            SnapshotNotFound: a snapshot deleted while exported.
+            OSError: the host failed an ``lseek``.
+        """
+        raise NotImplementedError
+
+    def _mapped_status(self, rmap: ReadMap, offset: int, length: int
+                       ) -> list[tuple[int, int]]:
+        """``base:allocation`` of ``[offset, offset + length)`` read as ``rmap`` maps it
+        (its origin chunks read-locked meanwhile, so no origin write or TRIM changes the
+        file under the answer): store chunks are data, runs of origin chunks the origin
+        file's holes.  Stops early (a prefix) when the file's runs exceed
+        :data:`STATUS_RUNS`."""
+        cs = self.chunk_size
+        end = offset + length
+        first, sources = rmap.first, rmap.sources
+        out: list[tuple[int, int]] = []
+        budget = STATUS_RUNS
+        i, n = 0, len(sources)
+        while i < n and budget > 0:
+            from_origin = sources[i] is None
+            j = i + 1
+            while j < n and (sources[j] is None) == from_origin:
+                j += 1
+            lo = max(offset, (first + i) * cs)
+            hi = min(end, (first + j) * cs)
+            if not from_origin:
+                out.append((hi - lo, 0))
+            else:
+                runs = self.data.origin.allocation(lo, hi - lo, budget)
+                budget -= len(runs)
+                out += [(n_, HOLE_ZERO if hole else 0) for n_, hole in runs]
+                if sum(n_ for n_, _ in runs) < hi - lo:
+                    break  # the runs ran out: answer the prefix
+            i = j
+        return out
+
+    def _status_span(self, offset: int, length: int) -> int:
+        """``length`` cut so that ``[offset, offset + length)`` ends within
+        :data:`STATUS_SPAN` bytes (whole chunks, at least one) of the chunk holding
+        ``offset``."""
+        cs = self.chunk_size
+        span = max(1, STATUS_SPAN // cs) * cs
+        return min(length, (offset // cs) * cs + span - offset)
+
+    def changed_base(self, name: str) -> SnapshotInfo | None:
+        """The live snapshot ``name`` as the base FROM of the ``ddsnap:changed:FROM``
+        context (looked up when a client selects it, and kept: a snapshot created later
+        under the same name is another snapshot), or None if there is none.  Never
+        waits (the service's snapshot list), so it may be called on the event loop."""
+        return next((s for s in self.service.snapshots() if s.name == name), None)
+
+    def changed_status(self, base: SnapshotInfo, offset: int, length: int
+                       ) -> list[tuple[int, int]]:
+        """``ddsnap:changed:FROM`` of ``[offset, offset + length)``, FROM being ``base``
+        (from :meth:`changed_base`): ``(length_bytes, flags)`` extents covering a prefix
+        of the range (at least its first chunk), flags ``CHANGED`` (1: this chunk may
+        read differently here than in FROM) or 0 (it reads the same).  Whole chunks,
+        clipped to the range asked.
+
+        From ``MetadataService.changed_chunks``: one page of at most
+        :data:`CHANGED_PAGE` tree entries per version, so the cost follows the tree,
+        not the range; a long unchanged stretch is one extent.  Chunks past the smaller
+        of the two sizes are changed (as ``ddsnap diff`` reports them).  FROM deleted
+        since it was selected (or no longer known to the metadata server): every byte is
+        reported changed, the one answer that is still true (the spec lets a context
+        answer one extent over the request instead of an error).  Source: issue 13.
+
+        Raises:
+            InvalidArgument: the range is not inside the volume.
+            SnapshotNotFound: this volume's own snapshot was deleted.
+            CorruptMetadata: a damaged tree block on the way.
+        """
         self._range(offset, length)
-        return [(length, 0)]
+        svc = self.service
+        if not any(s.id == base.id for s in svc.snapshots()):
+            return [(length, CHANGED)]
+        cs = self.chunk_size
+        # the chunks both versions have whole (of two sizes, the partial last chunk of
+        # the smaller one differs: the bigger has data past it), as admin.diff counts
+        common = -(-self.size // cs) if self.size == base.size else min(self.size,
+                                                                         base.size) // cs
+        end = offset + length
+        first = offset // cs
+        if first >= common:
+            return [(length, CHANGED)]
+        try:
+            chunks, nxt = svc.changed_chunks(base.id, self.version, first, CHANGED_PAGE)
+        except SnapshotNotFound:
+            if self.info is not None and not any(s.id == self.info.id
+                                                 for s in svc.snapshots()):
+                raise
+            return [(length, CHANGED)]  # FROM went meanwhile
+        # known up to chunk ``known`` (exclusive): the page's end, or all of ``common``
+        known = common if nxt is None else min(nxt, common)
+        stop = min(end, known * cs)
+        out: list[tuple[int, int]] = []
+        pos = offset
+        for c in chunks:
+            lo, hi = max(pos, c * cs), min(stop, (c + 1) * cs)
+            if lo >= hi:
+                continue
+            if lo > pos:
+                out.append((lo - pos, 0))
+            out.append((hi - lo, CHANGED))
+            pos = hi
+        if pos < stop:
+            out.append((stop - pos, 0))
+            pos = stop
+        if nxt is None and pos < end:
+            out.append((end - pos, CHANGED))  # past the smaller size
+        return out
 
     def open(self) -> None:
         self.service.export_open(self.name)
@@ -163,6 +322,70 @@ class Origin(Volume):
         if not self.service.origin_reads_itself():
             return False
         return self.data.origin.preadinto_nowait(view, offset)
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        # The origin file's holes; during a merge, chunks not merged yet read the
+        # merging snapshot's data from the store (data), and the answer is bounded as a
+        # snapshot's is (a mapping per chunk).
+        self._range(offset, length)
+        dev = self.data.origin
+        if not dev.sparse:
+            return [(length, 0)]
+        svc = self.service
+        if not svc.origin_reads_itself():
+            length = self._status_span(offset, length)
+            first, last = self._range(offset, length)
+            rmap = svc.map_origin_read(first, last)
+            if rmap is not None:
+                try:
+                    return self._mapped_status(rmap, offset, length)
+                finally:
+                    svc.release_read(rmap)
+        return [(n, HOLE_ZERO if hole else 0)
+                for n, hole in dev.allocation(offset, length, STATUS_RUNS)]
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """TRIM: punch the origin file over the whole :data:`PUNCH_BLOCK` blocks of
+        ``[offset, offset + length)`` (a partial block at either end is left as it is),
+        so the range reads as zeroes and its space goes back to the host; with ``fua``
+        durable before this returns.
+
+        Snapshots never see it: each step of :data:`TRIM_STEP` bytes is prepared as an
+        origin write is (``prepare_origin_write``: chunks a snapshot still reads are
+        copied out first, durably; readers of the chunks are waited for; during a merge
+        the chunks are merged first), then punched, then finished.  Chunks no snapshot
+        reads are punched without a copy.  So a TRIM over chunks snapshots share costs
+        store space as a write does (StoreFull, or ``full-policy=delete-oldest``, as for
+        a write).  An origin that is a block device: nothing (a hint; ddsnap does not
+        pass discards to devices).  Source: issue 13; NBD ``doc/proto.md`` "NBD_CMD_TRIM".
+
+        Raises:
+            InvalidArgument: the range is not inside the volume.
+            StoreFull, HostIOError, ServiceFailed: as ``prepare_origin_write``.
+            OSError: EIO if the origin file shrank; the host failed the punch.
+        """
+        self._range(offset, length)
+        dev = self.data.origin
+        if not dev.sparse:
+            return
+        end = offset + length
+        start = -(-offset // PUNCH_BLOCK) * PUNCH_BLOCK
+        # the end of the volume ends a whole block of the file however it is aligned
+        stop = end if end == self.size else end - end % PUNCH_BLOCK
+        svc = self.service
+        pos = start
+        while pos < stop:
+            n = min(stop - pos, TRIM_STEP - pos % TRIM_STEP)
+            first, last = self._range(pos, n)
+            dev.check_size()  # as in write(): a shrunk file would grow back with holes
+            svc.prepare_origin_write(first, last)
+            try:
+                dev.discard(pos, n)
+            finally:
+                svc.finish_origin_write()
+            pos += n
+        if fua and start < stop:
+            dev.flush()
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         """Write ``data`` at ``offset``; copy-outs are durable before the origin changes."""
@@ -290,6 +513,21 @@ class Snapshot(Volume):
         # Its exceptions from the store, the rest from the origin (read-locked meanwhile,
         # so no origin write overwrites it mid-read).
         return self.service.map_snapshot_read(self.info, first, last)
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        # Mapped as a read is, with the origin chunks read-locked while the origin
+        # file's holes are looked at: an origin write or TRIM copying a chunk out and
+        # punching the file cannot make this answer say "zeroes" for old data.
+        self._range(offset, length)
+        if not self.data.origin.sparse:
+            return [(length, 0)]
+        length = self._status_span(offset, length)
+        first, last = self._range(offset, length)
+        rmap = self.service.map_snapshot_read(self.info, first, last)
+        try:
+            return self._mapped_status(rmap, offset, length)
+        finally:
+            self.service.release_read(rmap)
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         """Write into chunks made unique to this snapshot."""

@@ -71,8 +71,22 @@ class ExportBackend(Protocol):
         """``base:allocation`` extents covering at least the start of the range.
 
         Returns a non-empty list of ``(length_bytes, flags)`` with flags a combination of
-        NBD_STATE_HOLE (1) and NBD_STATE_ZERO (2); the lengths sum to at most ``length``.
+        NBD_STATE_HOLE (1) and NBD_STATE_ZERO (2); the lengths sum to at most ``length``
+        (a prefix of the range is a valid answer: the client asks again for the rest).
         """
+
+    # Optional, for the ``ddsnap:changed:FROM`` metadata contexts (issue 13); an export
+    # without them offers none:
+    #
+    # def changed_base(self, name: str) -> object | None:
+    #     """The snapshot ``name`` as FROM, or None if there is none: an opaque token
+    #     kept from NBD_OPT_SET_META_CONTEXT on and given back to ``changed_status``.
+    #     Called on the event loop, so it must never block."""
+    #
+    # def changed_status(self, base: object, offset: int, length: int
+    #                    ) -> list[tuple[int, int]]:
+    #     """As ``block_status``, with flags NBD ``STATE_CHANGED`` (1: may differ from
+    #     ``base``) or 0 (reads the same)."""
 
     def open(self) -> None:
         """A client connection started using this export."""
@@ -89,6 +103,12 @@ class ExportRegistry(Protocol):
 
     def get(self, name: str) -> ExportBackend | None:
         """The export called ``name``, or None."""
+
+    # Optional: the names NBD_OPT_LIST_META_CONTEXT offers as FROM in
+    # ``ddsnap:changed:FROM`` (without it, none):
+    #
+    # def snapshot_names(self) -> list[str]:
+    #     """Every live snapshot's name, oldest first; must not block on disk."""
 
     @property
     def default_name(self) -> str:

@@ -54,7 +54,7 @@ from ddsnap.nbd.accounting import (
     errname,
     error_for_exception,
 )
-from ddsnap.nbd.events import Abort, ExportSelected, ProtocolViolation, Request
+from ddsnap.nbd.events import Abort, ExportSelected, MetaContext, ProtocolViolation, Request
 from ddsnap.nbd.wire import Command
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -90,6 +90,16 @@ def _write_each(backend, writes: list[tuple[int, bytes, bool]]) -> list[BaseExce
         except Exception as exc:  # reported to that request's client
             out.append(exc)
     return out
+
+
+def _block_statuses(backend, contexts: tuple[MetaContext, ...], offset: int,
+                    length: int) -> list[list[tuple[int, int]]]:
+    """The extents of each selected metadata context for ``[offset, offset + length)``
+    (one backend call each, in one worker thread): ``backend.block_status`` for
+    ``base:allocation``, ``backend.changed_status(base, ...)`` for
+    ``ddsnap:changed:FROM``."""
+    return [backend.block_status(offset, length) if ctx.base is None
+            else backend.changed_status(ctx.base, offset, length) for ctx in contexts]
 
 
 class _Stopped(Exception):
@@ -682,7 +692,13 @@ class Connection:
             if self._enospc.active:
                 self._enospc.write_succeeded(self._export)
         elif cmd is Command.BLOCK_STATUS:
-            extents = await self._call(backend.block_status, req.offset, req.length)
-            proto.send_block_status(req, extents)
+            contexts = proto.meta_contexts
+            answers = await self._call(_block_statuses, backend, contexts, req.offset,
+                                       req.length)
+            # one chunk per selected context, the last one DONE (spec: "exactly one
+            # status chunk per negotiated metadata context ID"); an error in any
+            # context was raised above and is the whole reply
+            for i, (ctx, extents) in enumerate(zip(contexts, answers, strict=True)):
+                proto.send_block_status(req, extents, ctx.id, done=i == len(answers) - 1)
         else:  # pragma: no cover - the protocol object only passes the above
             proto.send_error(req, errno.EINVAL, f"unexpected {cmd.name}")

@@ -111,6 +111,24 @@ class Request(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class MetaContext:
+    """A metadata context the client selected (NBD_OPT_SET_META_CONTEXT), which
+    BLOCK_STATUS answers with one NBD_REPLY_TYPE_BLOCK_STATUS chunk.
+
+    Attributes:
+        id: its context id in the replies.
+        name: ``base:allocation`` or ``ddsnap:changed:FROM``.
+        base: None for ``base:allocation``; for ``ddsnap:changed:FROM``, what the
+            export's ``changed_base(FROM)`` returned when it was selected (opaque here),
+            given back to its ``changed_status``.
+    """
+
+    id: int
+    name: str
+    base: object | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Abort(Event):
     """The client sent NBD_OPT_ABORT; the ACK is queued.  Send it, then close."""
 

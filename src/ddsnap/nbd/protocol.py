@@ -39,14 +39,24 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ddsnap.errors import ProtocolError
-from ddsnap.nbd.events import Abort, Event, ExportSelected, ProtocolViolation, Request
+from ddsnap.nbd.events import (
+    Abort,
+    Event,
+    ExportSelected,
+    MetaContext,
+    ProtocolViolation,
+    Request,
+)
 from ddsnap.nbd.wire import (
     ALLOWED_FLAGS,
     BASE_ALLOCATION,
     BASE_ALLOCATION_ID,
+    CHANGED_FIRST_ID,
+    CHANGED_PREFIX,
     CMD_FLAG_DF,
     CMD_FLAG_FAST_ZERO,
     CMD_FLAG_FUA,
+    DDSNAP_NAMESPACE,
     FLAG_C_FIXED_NEWSTYLE,
     FLAG_C_NO_ZEROES,
     FLAG_CAN_MULTI_CONN,
@@ -66,6 +76,7 @@ from ddsnap.nbd.wire import (
     INFO_NAME,
     MAX_BLOCK_SIZE,
     MAX_DISCARD_PAYLOAD,
+    MAX_META_CONTEXTS,
     MAX_OPTION_LENGTH,
     MIN_BLOCK_SIZE,
     NBD_EINVAL,
@@ -172,9 +183,12 @@ class ServerConnection:
         self._fixed = False
         self._no_zeroes = False
         self._structured = False
-        # canonical export name for which base:allocation was selected, or None
+        # canonical export name for which the contexts were selected, or None, and
+        # the contexts selected (NBD_OPT_SET_META_CONTEXT)
         self._meta_export: str | None = None
-        self._meta_enabled = False
+        self._meta_selected: tuple[MetaContext, ...] = ()
+        # the contexts BLOCK_STATUS answers in the transmission phase (none: EINVAL)
+        self._contexts: tuple[MetaContext, ...] = ()
         self._option = 0
         self._export: ExportBackend | None = None
         self._export_name: str | None = None
@@ -196,8 +210,15 @@ class ServerConnection:
 
     @property
     def meta_context_enabled(self) -> bool:
-        """True if BLOCK_STATUS (base:allocation) is usable in this transmission phase."""
-        return self._meta_enabled
+        """True if BLOCK_STATUS is usable in this transmission phase (a context was
+        selected for this export)."""
+        return bool(self._contexts)
+
+    @property
+    def meta_contexts(self) -> tuple[MetaContext, ...]:
+        """The metadata contexts BLOCK_STATUS answers, one reply chunk each, in the
+        order they were selected (empty during the handshake or if none was)."""
+        return self._contexts
 
     @property
     def export(self) -> ExportBackend | None:
@@ -351,13 +372,20 @@ class ServerConnection:
         """
         self._reply_error(request.handle, errno_to_nbd(err), message)
 
-    def send_block_status(self, request: Request, extents: list[tuple[int, int]]) -> None:
-        """Queue the reply to BLOCK_STATUS: one NBD_REPLY_TYPE_BLOCK_STATUS chunk.
+    def send_block_status(self, request: Request, extents: list[tuple[int, int]],
+                          context_id: int = BASE_ALLOCATION_ID, done: bool = True) -> None:
+        """Queue one NBD_REPLY_TYPE_BLOCK_STATUS chunk of the reply to BLOCK_STATUS:
+        the extents of context ``context_id``.  The spec wants exactly one chunk per
+        selected context (:attr:`meta_contexts`): call this once for each, with
+        ``done`` (NBD_REPLY_FLAG_DONE) on the last only.
 
-        ``extents`` are ``(length_bytes, flags)`` from the backend.  They are trimmed to
-        the request (zero lengths dropped, the total capped at ``request.length``, one
-        extent if NBD_CMD_FLAG_REQ_ONE), neighbours with equal flags merged; if nothing is
-        left the whole range is reported with status 0, which the spec says is always safe.
+        ``extents`` are ``(length_bytes, flags)`` from the backend, covering a prefix
+        of the range (the spec allows fewer extents than the length asked).  They are
+        trimmed to the request (zero lengths dropped, the total capped at
+        ``request.length``, one extent if NBD_CMD_FLAG_REQ_ONE), neighbours with equal
+        flags merged; if nothing is left the whole range is reported with status 0,
+        which the spec says is always safe (for ``ddsnap:changed``, 0 means "the
+        same": backends never answer nothing).
         """
         if request.command is not Command.BLOCK_STATUS:
             raise ValueError("send_block_status answers BLOCK_STATUS requests only")
@@ -380,8 +408,8 @@ class ServerConnection:
             out = [[request.length, 0]]
         if request.req_one:
             out = out[:1]
-        self._out.append(block_status_chunk(request.handle, BASE_ALLOCATION_ID,
-                                            [(n, f) for n, f in out]))
+        self._out.append(block_status_chunk(request.handle, context_id,
+                                            [(n, f) for n, f in out], done))
 
     def _reply_error(self, handle: int, nbd_err: int, message: str) -> None:
         if self._structured:
@@ -529,31 +557,71 @@ class ServerConnection:
         self._structured = True
         self._out.append(option_reply(OPT_STRUCTURED_REPLY, REP_ACK))
 
+    def _changed_names(self, backend: ExportBackend) -> list[str]:
+        """``ddsnap:changed:FROM`` for every snapshot FROM the registry names, if the
+        export answers that context (``changed_status``) and the registry lists
+        snapshots (``snapshot_names``); else none."""
+        names = getattr(self._registry, "snapshot_names", None)
+        if names is None or not hasattr(backend, "changed_base"):
+            return []
+        return [CHANGED_PREFIX + n for n in names()]
+
     def _opt_list_meta_context(self, payload: bytes, events: list[Event]) -> None:
         if not self._structured:
             raise OptionError(REP_ERR_INVALID, "negotiate structured replies first")
         name, queries = decode_meta_context_request(payload)
-        self._lookup(name)
-        # no query lists everything; "base:" is the namespace wildcard
-        if not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries):
+        _canonical, backend = self._lookup(name)
+        changed = self._changed_names(backend)
+        listed: list[str] = []
+        if not queries:
+            listed = [BASE_ALLOCATION, *changed]  # no query lists everything
+        for q in queries:
+            if q in ("base:", BASE_ALLOCATION):  # "base:" is the namespace wildcard
+                found = [BASE_ALLOCATION]
+            elif q in (DDSNAP_NAMESPACE, CHANGED_PREFIX):  # and these are ddsnap's
+                found = changed
+            else:
+                found = [q] if q in changed else []
+            listed += [c for c in found if c not in listed]
+        for context in listed:
             # the context id in LIST replies is reserved: send 0
             self._out.append(option_reply(OPT_LIST_META_CONTEXT, REP_META_CONTEXT,
-                                          U32.pack(0) + BASE_ALLOCATION.encode()))
+                                          U32.pack(0) + context.encode()))
         self._out.append(option_reply(OPT_LIST_META_CONTEXT, REP_ACK))
 
     def _opt_set_meta_context(self, payload: bytes, events: list[Event]) -> None:
         # the previous selection is dropped even when this request fails
         self._meta_export = None
+        self._meta_selected = ()
         if not self._structured:
             raise OptionError(REP_ERR_INVALID, "negotiate structured replies first")
         name, queries = decode_meta_context_request(payload)
-        canonical, _backend = self._lookup(name)
-        # only the exact name selects; "base:" and unknown leaves select nothing
-        if BASE_ALLOCATION in queries:
-            self._meta_export = canonical
+        canonical, backend = self._lookup(name)
+        # Only exact names select; "base:", "ddsnap:", "ddsnap:changed:", unknown leaves
+        # and snapshots that do not exist select nothing (the spec: ignore them).
+        selected: list[MetaContext] = []
+        next_id = CHANGED_FIRST_ID
+        changed_base = getattr(backend, "changed_base", None)
+        for q in dict.fromkeys(queries):  # a context named twice is selected once
+            if q == BASE_ALLOCATION:
+                selected.append(MetaContext(BASE_ALLOCATION_ID, q))
+            elif q.startswith(CHANGED_PREFIX) and len(q) > len(CHANGED_PREFIX) \
+                    and changed_base is not None:
+                # resolved now: the context stays bound to this snapshot, not to
+                # whichever has its name when BLOCK_STATUS comes
+                base = changed_base(q[len(CHANGED_PREFIX):])
+                if base is not None:
+                    selected.append(MetaContext(next_id, q, base))
+                    next_id += 1
+            if len(selected) > MAX_META_CONTEXTS:
+                raise OptionError(REP_ERR_TOO_BIG, f"more than {MAX_META_CONTEXTS} "
+                                                   "metadata contexts selected")
+        for ctx in selected:
             self._out.append(option_reply(OPT_SET_META_CONTEXT, REP_META_CONTEXT,
-                                          U32.pack(BASE_ALLOCATION_ID)
-                                          + BASE_ALLOCATION.encode()))
+                                          U32.pack(ctx.id) + ctx.name.encode()))
+        if selected:
+            self._meta_export = canonical
+            self._meta_selected = tuple(selected)
         self._out.append(option_reply(OPT_SET_META_CONTEXT, REP_ACK))
 
     _OPTIONS = {
@@ -575,8 +643,9 @@ class ServerConnection:
         self._size = backend.size
         self._tflags = tflags
         self._read_only = bool(backend.read_only)
-        # BLOCK_STATUS needs the context selected for this same export
-        self._meta_enabled = self._structured and self._meta_export == name
+        # BLOCK_STATUS needs the contexts selected for this same export
+        self._contexts = (self._meta_selected
+                          if self._structured and self._meta_export == name else ())
         self._expect(REQUEST_HEADER.size, self._on_request_header)
         events.append(ExportSelected(name, backend, self._size, tflags))
 
@@ -642,7 +711,7 @@ class ServerConnection:
         if command is Command.WRITE_ZEROES and flags & CMD_FLAG_FAST_ZERO \
                 and not self._tflags & FLAG_SEND_FAST_ZERO:
             return NBD_EINVAL, "FAST_ZERO not negotiated"
-        if command is Command.BLOCK_STATUS and not self._meta_enabled:
+        if command is Command.BLOCK_STATUS and not self._contexts:
             return NBD_EINVAL, "no metadata context negotiated"
         if length == 0:
             return NBD_EINVAL, f"{command.name} of length 0"

@@ -145,11 +145,26 @@ MAX_OPTION_LENGTH = 64 * 1024
 #: Longest string (export name, context query) the spec allows (4096 bytes).
 MAX_STRING_LENGTH = 4096
 
-#: The one metadata context served.
+#: The spec's metadata context: which extents are holes (NBD_STATE_HOLE, NBD_STATE_ZERO).
 BASE_ALLOCATION = "base:allocation"
 #: Its id in NBD_REP_META_CONTEXT replies to NBD_OPT_SET_META_CONTEXT and in block
 #: status chunks (any value works; the client treats it as opaque).
 BASE_ALLOCATION_ID = 1
+#: ddsnap's namespace of metadata contexts (issue 13); as a LIST query, every context
+#: in it.  (Not a namespace registered with the NBD project, as ``qemu:`` is.)
+DDSNAP_NAMESPACE = "ddsnap:"
+#: ``ddsnap:changed:FROM``: per chunk, whether it may read differently on this export
+#: than in snapshot FROM (any live snapshot's name).  As a LIST query without FROM,
+#: every such context.
+CHANGED_PREFIX = "ddsnap:changed:"
+#: Its status flag: the extent may differ from FROM (clear: it reads the same).
+STATE_CHANGED = 1 << 0
+#: Ids of the ``ddsnap:changed:FROM`` contexts selected: this one, then the next ones in
+#: the order the client's queries named them.
+CHANGED_FIRST_ID = 2
+#: Most metadata contexts one NBD_OPT_SET_META_CONTEXT may select (each costs a chunk
+#: and a lookup per BLOCK_STATUS); more is NBD_REP_ERR_TOO_BIG.
+MAX_META_CONTEXTS = 64
 
 # --- message layouts ------------------------------------------------------------------
 
@@ -357,7 +372,8 @@ def decode_meta_context_request(payload: bytes) -> tuple[str, list[str]]:
             raise OptionError(REP_ERR_INVALID, "query overruns the option")
         query = decode_string(payload[pos:pos + qlen], "query")
         pos += qlen
-        if ":" not in query:
+        if ":" not in query or query.startswith(":"):
+            # "namespace:leaf", the namespace non-empty ("Metadata querying")
             raise OptionError(REP_ERR_INVALID, f"query without namespace: {query!r}")
         queries.append(query)
     if pos != len(payload):

@@ -99,6 +99,25 @@ class BlockDevice:
         The default does nothing, which is always correct.
         """
 
+    @property
+    def sparse(self) -> bool:
+        """True if the device is a regular file: :meth:`allocation` reports its holes
+        and :meth:`discard` punches them.  False (the default, and block devices): no
+        holes are known and :meth:`discard` does nothing."""
+        return False
+
+    def allocation(self, offset: int, length: int,
+                   max_runs: int = 1024) -> list[tuple[int, bool]]:
+        """Which bytes of ``[offset, offset + length)`` are holes: ``(length_bytes,
+        is_hole)`` runs, in order, covering a prefix of the range (at most ``max_runs``
+        runs, so the work per call is bounded; at least one run).
+
+        A hole reads as zeroes and holds no storage (``SEEK_DATA``/``SEEK_HOLE`` of a
+        regular file, lseek(2)).  The default, for devices that are not :attr:`sparse`,
+        is one run of data over the whole range, which is always true enough.
+        """
+        return [(length, False)]
+
     def resize(self, size: int) -> None:
         """Make the device ``size`` bytes long (``ddsnap resize``): a file is truncated
         or extended (the new part reads as zeroes); durable at the next :meth:`flush`.
@@ -316,6 +335,14 @@ class FileDevice(BlockDevice):
         self._shrink_logged = False
 
     def discard(self, offset: int, length: int) -> None:
+        """A regular file: punch ``[offset, offset + length)`` (``fallocate``
+        ``PUNCH_HOLE | KEEP_SIZE``), which reads as zeroes afterwards and frees the
+        file system blocks it covers whole (a partial block at either end is zeroed in
+        place).  A block device, or a file system that cannot punch: nothing (a hint).
+
+        Raises:
+            OSError: the host failed the ``fallocate`` otherwise.
+        """
         if self.is_block or length <= 0:
             return
         try:
@@ -324,6 +351,52 @@ class FileDevice(BlockDevice):
         except OSError as e:  # not every filesystem can punch holes; discard is a hint
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
+
+    @property
+    def sparse(self) -> bool:
+        return not self.is_block
+
+    def allocation(self, offset: int, length: int,
+                   max_runs: int = 1024) -> list[tuple[int, bool]]:
+        """The file's holes in ``[offset, offset + length)`` from ``SEEK_DATA`` and
+        ``SEEK_HOLE`` (see :meth:`BlockDevice.allocation`; at most two ``lseek`` per
+        run).  Past the file's end (a file that shrank behind our back, whose reads
+        fail with EIO) the bytes are reported as data, never as zeroes.  A block device,
+        or a file system without ``SEEK_DATA`` (EINVAL): one run of data.
+
+        Raises:
+            OSError: the host failed the ``lseek`` otherwise.
+        """
+        if self.is_block or length <= 0:
+            return [(length, False)]
+        end = offset + length
+        runs: list[tuple[int, bool]] = []
+        pos = offset
+        while pos < end and len(runs) < max_runs:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.EINVAL and not runs:
+                    return [(length, False)]  # no SEEK_DATA here: all data is true
+                if e.errno != errno.ENXIO:
+                    raise
+                # ENXIO: no data from pos to the end of the file
+                eof = min(end, os.fstat(self.fd).st_size)
+                if pos < eof:
+                    runs.append((eof - pos, True))
+                    pos = eof
+                    continue
+                runs.append((end - pos, False))  # past the end: not zeroes
+                break
+            if data > pos:
+                stop = min(data, end)
+                runs.append((stop - pos, True))
+                pos = stop
+                continue
+            stop = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
+            runs.append((stop - pos, False))
+            pos = stop
+        return runs
 
     def lock_exclusive(self) -> bool:
         """Take a non-blocking exclusive ``flock``; return False if another holds it."""
@@ -751,6 +824,14 @@ class FencedDevice(BlockDevice):
     def discard(self, offset: int, length: int) -> None:
         self.fence()
         self.inner.discard(offset, length)
+
+    @property
+    def sparse(self) -> bool:
+        return self.inner.sparse
+
+    def allocation(self, offset: int, length: int,
+                   max_runs: int = 1024) -> list[tuple[int, bool]]:
+        return self.inner.allocation(offset, length, max_runs)
 
     def resize(self, size: int) -> None:
         self.fence()
