@@ -250,18 +250,23 @@ def meta_data(name: str, queries: list[str]) -> bytes:
 
 
 class RawClient:
-    """A minimal NBD client over a blocking socket, for protocol-level server tests."""
+    """A minimal NBD client over a blocking socket, for protocol-level server tests.
+
+    ``meta``: True selects ``base:allocation``; a list of names selects those contexts
+    (``contexts`` maps each name the server selected to its id).
+    """
 
     def __init__(self, address: str, export: str = "", structured: bool = False,
-                 meta: bool = False):
+                 meta: bool | list[str] = False):
         self.sock = connect(address)
+        self.contexts: dict[str, int] = {}
         try:
             self._handshake(export, structured, meta)
         except BaseException:
             self.sock.close()
             raise
 
-    def _handshake(self, export: str, structured: bool, meta: bool) -> None:
+    def _handshake(self, export: str, structured: bool, meta: bool | list[str]) -> None:
         greeting = recv_exact(self.sock, 18)
         assert greeting[:16] == struct.pack(">QQ", P.NBDMAGIC, P.IHAVEOPT)
         self.sock.sendall(struct.pack(">I", P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES))
@@ -270,11 +275,15 @@ class RawClient:
             self.sock.sendall(option(P.OPT_STRUCTURED_REPLY))
             assert self.read_option_reply()[1] == P.REP_ACK
         if meta:
-            self.sock.sendall(option(P.OPT_SET_META_CONTEXT,
-                                     meta_data(export, [P.BASE_ALLOCATION])))
+            queries = [P.BASE_ALLOCATION] if meta is True else list(meta)
+            self.sock.sendall(option(P.OPT_SET_META_CONTEXT, meta_data(export, queries)))
             replies = [self.read_option_reply()]
-            while replies[-1][1] != P.REP_ACK:
-                replies.append(self.read_option_reply())
+            while replies[-1][1] != P.REP_ACK and not replies[-1][1] & (1 << 31):
+                replies.append(self.read_option_reply())  # (an error ends it too)
+            self.meta_replies = replies
+            for _opt, rtype, data in replies:
+                if rtype == P.REP_META_CONTEXT:
+                    self.contexts[data[4:].decode()] = struct.unpack(">I", data[:4])[0]
         self.sock.sendall(option(P.OPT_GO, go_data(export)))
         self.size = self.flags = None
         while True:
@@ -297,7 +306,9 @@ class RawClient:
     def read_reply(self, read_lengths: dict[int, int] | None = None) -> dict:
         """Read one reply (all chunks of a structured one).
 
-        Returns ``{"handle", "error", "data", "extents"}``.  For simple replies to READs,
+        Returns ``{"handle", "error", "data", "extents"}``, and for BLOCK_STATUS
+        ``"statuses"``: ``{context id: extents}`` of every status chunk (``"context"``
+        and ``"extents"`` are the last one's).  For simple replies to READs,
         ``read_lengths`` maps handles to their lengths (simple replies are not
         self-describing).
         """
@@ -309,7 +320,8 @@ class RawClient:
                 data = recv_exact(self.sock, read_lengths[handle])
             return {"handle": handle, "error": error, "data": data, "extents": None}
         assert magic == P.STRUCTURED_REPLY_MAGIC, hex(magic)
-        result: dict[str, Any] = {"error": 0, "data": b"", "extents": None, "chunks": []}
+        result: dict[str, Any] = {"error": 0, "data": b"", "extents": None, "chunks": [],
+                                  "statuses": {}}
         while True:
             flags, rtype, handle, length = struct.unpack(">HHQI", recv_exact(self.sock, 16))
             payload = recv_exact(self.sock, length)
@@ -323,6 +335,8 @@ class RawClient:
                 pairs = struct.unpack(f">{(length - 4) // 4}I", payload[4:])
                 result["context"] = ctx
                 result["extents"] = list(zip(pairs[::2], pairs[1::2], strict=True))
+                assert ctx not in result["statuses"], f"two chunks for context {ctx}"
+                result["statuses"][ctx] = result["extents"]
             elif rtype & (1 << 15):
                 error, mlen = struct.unpack(">IH", payload[:6])
                 result["error"] = error

@@ -271,9 +271,15 @@ class LocalService(WritePath, ReadMapping, MergeOps, FullPolicy):
         lock (a page is consistent; pages are not with each other while writes go on).
 
         Raises:
+            SnapshotNotFound: ``a`` or ``b`` is not the origin nor a live snapshot now
+                (checked under the lock: a version deleted since the caller looked
+                has no answer, rather than a wrong one).
             CorruptMetadata: a damaged tree block on the way.
         """
         with self.lock:
+            for v in (a, b):
+                if v != 0:
+                    self.snapshot_by_id(v)
             return self.store.changed_chunks(a, b, start, limit)
 
     def status(self) -> StoreStatus:
