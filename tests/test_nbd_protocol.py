@@ -356,6 +356,133 @@ def test_set_meta_context_selects_base_allocation_only_by_exact_name():
     assert replies[0][2] == struct.pack(">I", P.BASE_ALLOCATION_ID) + b"base:allocation"
 
 
+# --- ddsnap:changed:FROM contexts (issue 13) ---------------------------------------------
+
+
+class ChangedExport(SizedExport):
+    """An export offering ``ddsnap:changed:FROM``: ``changed_base`` knows the snapshots
+    of its registry (the token is ``("base", name)``); never asked for a status here."""
+
+    def __init__(self, name: str, size: int, snapshots: list[str]):
+        super().__init__(name, size)
+        self.snapshots = snapshots
+
+    def changed_base(self, name: str):
+        return ("base", name) if name in self.snapshots else None
+
+    def changed_status(self, base, offset: int, length: int):
+        raise AssertionError("the protocol object never calls the backend")
+
+
+class SnapshotRegistry(Registry):
+    """A :class:`Registry` that also lists snapshot names (``snapshot_names``)."""
+
+    def __init__(self, snapshots: list[str]):
+        self.snapshots = snapshots
+        super().__init__(ChangedExport("origin", 1 * MiB, snapshots),
+                         ChangedExport("s1", 1 * MiB, snapshots))
+
+    def snapshot_names(self) -> list[str]:
+        return list(self.snapshots)
+
+
+def structured_conn(reg) -> ServerConnection:
+    conn = ServerConnection(reg)
+    handshake(conn)
+    conn.receive_data(option(P.OPT_STRUCTURED_REPLY))
+    out(conn)
+    return conn
+
+
+@pytest.mark.parametrize("queries,listed", [
+    ([], ["base:allocation", "ddsnap:changed:s1", "ddsnap:changed:s2"]),
+    (["ddsnap:"], ["ddsnap:changed:s1", "ddsnap:changed:s2"]),
+    (["ddsnap:changed:"], ["ddsnap:changed:s1", "ddsnap:changed:s2"]),
+    (["ddsnap:changed:s2"], ["ddsnap:changed:s2"]),
+    (["ddsnap:changed:nope", "ddsnap:other"], []),
+    (["ddsnap:changed:s2", "base:", "ddsnap:", "base:allocation"],
+     ["ddsnap:changed:s2", "base:allocation", "ddsnap:changed:s1"]),
+])
+def test_list_meta_context_lists_a_changed_context_per_snapshot(queries, listed):
+    conn = structured_conn(SnapshotRegistry(["s1", "s2"]))
+    replies = _meta(conn, P.OPT_LIST_META_CONTEXT, "s1", queries)
+    assert replies[-1][1] == P.REP_ACK
+    assert [r[2] for r in replies if r[1] == P.REP_META_CONTEXT] == [
+        struct.pack(">I", 0) + name.encode() for name in listed]
+
+
+def test_set_meta_context_selects_changed_contexts_by_exact_name_only():
+    reg = SnapshotRegistry(["s1", "s2"])
+    conn = structured_conn(reg)
+    # wildcards and unknown snapshots select nothing (the spec: ignore them)
+    replies = _meta(conn, P.OPT_SET_META_CONTEXT, "s1",
+                    ["ddsnap:", "ddsnap:changed:", "ddsnap:changed:nope"])
+    assert [r[1] for r in replies] == [P.REP_ACK]
+    replies = _meta(conn, P.OPT_SET_META_CONTEXT, "s1",
+                    ["ddsnap:changed:s2", P.BASE_ALLOCATION, "ddsnap:changed:s1",
+                     "ddsnap:changed:s2"])
+    assert [(r[1], r[2]) for r in replies] == [
+        (P.REP_META_CONTEXT, struct.pack(">I", 2) + b"ddsnap:changed:s2"),
+        (P.REP_META_CONTEXT, struct.pack(">I", 1) + b"base:allocation"),
+        (P.REP_META_CONTEXT, struct.pack(">I", 3) + b"ddsnap:changed:s1"),
+        (P.REP_ACK, b"")]
+    # resolved at SET: the registry changing afterwards does not change what is selected
+    reg.snapshots.clear()
+    conn.receive_data(option(P.OPT_GO, go_data("s1")))
+    out(conn)
+    assert [(c.id, c.name, c.base) for c in conn.meta_contexts] == [
+        (2, "ddsnap:changed:s2", ("base", "s2")), (1, "base:allocation", None),
+        (3, "ddsnap:changed:s1", ("base", "s1"))]
+
+
+def test_set_meta_context_refuses_too_many_and_empty_namespaces():
+    names = [f"s{i}" for i in range(P.MAX_META_CONTEXTS + 1)]
+    conn = structured_conn(SnapshotRegistry(names))
+    replies = _meta(conn, P.OPT_SET_META_CONTEXT, "origin",
+                    ["ddsnap:changed:" + n for n in names[:-1]])
+    assert len(replies) == P.MAX_META_CONTEXTS + 1 and replies[-1][1] == P.REP_ACK
+    replies = _meta(conn, P.OPT_SET_META_CONTEXT, "origin",
+                    ["ddsnap:changed:" + n for n in names])
+    assert [r[1] for r in replies] == [P.REP_ERR_TOO_BIG]
+    replies = _meta(conn, P.OPT_SET_META_CONTEXT, "origin", [":changed:s1"])
+    assert [r[1] for r in replies] == [P.REP_ERR_INVALID]
+    # a failed SET leaves nothing selected: BLOCK_STATUS is refused
+    conn.receive_data(option(P.OPT_GO, go_data("origin")))
+    out(conn)
+    assert conn.meta_contexts == () and not conn.meta_context_enabled
+    conn.receive_data(request(1, Command.BLOCK_STATUS, 0, 4096))
+    (chunk,) = chunks(out(conn))
+    assert chunk["type"] == P.REPLY_TYPE_ERROR
+    assert struct.unpack(">I", chunk["payload"][:4])[0] == P.NBD_EINVAL
+
+
+def test_export_without_changed_contexts_offers_none():
+    # the plain registry lists no snapshots: base:allocation only, as before
+    conn = structured_conn(registry())
+    replies = _meta(conn, P.OPT_LIST_META_CONTEXT, "origin", ["ddsnap:"])
+    assert [r[1] for r in replies] == [P.REP_ACK]
+    replies = _meta(conn, P.OPT_SET_META_CONTEXT, "origin", ["ddsnap:changed:s1"])
+    assert [r[1] for r in replies] == [P.REP_ACK]
+
+
+def test_block_status_reply_has_a_chunk_per_context():
+    conn = ServerConnection(SnapshotRegistry(["s1"]))
+    handshake(conn)
+    conn.receive_data(option(P.OPT_STRUCTURED_REPLY)
+                      + option(P.OPT_SET_META_CONTEXT,
+                               meta_data("origin", [P.BASE_ALLOCATION, "ddsnap:changed:s1"]))
+                      + option(P.OPT_GO, go_data("origin")))
+    out(conn)
+    req = _one(conn, request(9, Command.BLOCK_STATUS, 0, 8192, flags=P.CMD_FLAG_REQ_ONE))
+    conn.send_block_status(req, [(4096, 3), (4096, 0)], P.BASE_ALLOCATION_ID, done=False)
+    conn.send_block_status(req, [(4096, 0), (4096, 1)], P.CHANGED_FIRST_ID)
+    first, last = chunks(out(conn))
+    assert (first["flags"], last["flags"]) == (0, P.REPLY_FLAG_DONE)
+    assert first["handle"] == last["handle"] == 9
+    assert struct.unpack(">III", first["payload"]) == (P.BASE_ALLOCATION_ID, 4096, 3)
+    assert struct.unpack(">III", last["payload"]) == (P.CHANGED_FIRST_ID, 4096, 0)
+
+
 # --- transmission flags ------------------------------------------------------------------
 
 
