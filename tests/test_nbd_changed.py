@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,7 +43,11 @@ from nbd_helpers import RawClient
 from served import (
     MiB,
     Served,
+    ddsnap_env,
+    is_root,
+    loop_device,
     make_origin,
+    need,
     ok,
     ok_json,
     read_export,
@@ -50,6 +56,23 @@ from served import (
 )
 
 pytestmark = pytest.mark.clients
+
+#: this work tree's sources: every ddsnap process of these tests runs them
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def this_tree():
+    """Put this tree's ``src`` first on ``PYTHONPATH`` for the ddsnap processes (the
+    venv's console script may come from an editable install of another checkout), and
+    make sure they import it from there."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join(
+            [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])]))
+        where = subprocess.run([sys.executable, "-c", "import ddsnap; print(ddsnap.__file__)"],
+                               capture_output=True, text=True, env=ddsnap_env(), check=True)
+        assert Path(where.stdout.strip()).resolve().is_relative_to(SRC), where.stdout
+        yield
 
 CS = 65536
 SIZE = 4 * MiB + 1000  # the last chunk (64) is partial
@@ -405,6 +428,34 @@ def test_trim_punches_the_origin_and_no_snapshot_changes(store_of, tmp_path, wor
         tool("qemu-io", "-f", "raw", "-c", f"discard 0 {4 * CS}", srv.uri("s1"))
         assert read_export(srv, "s1", tmp_path / "s1-again.raw") == data
     ok("check", store)
+
+
+@pytest.mark.root
+def test_block_device_origin_is_all_data_and_ignores_trim(tmp_path):
+    """An origin on a block device (a loop device over a sparse file): no holes are
+    known (all data), and TRIM passes nothing to the device."""
+    need("losetup")
+    if not is_root() or not os.path.exists("/dev/loop-control"):
+        pytest.skip("loop devices need root and /dev/loop-control")
+    backing = tmp_path / "backing.img"
+    with open(backing, "wb") as f:
+        f.truncate(SIZE - SIZE % 512)
+        f.seek(CS)
+        f.write(b"\x44" * CS)
+    data = backing.read_bytes()
+    size = len(data)
+    with loop_device(backing) as dev:
+        store = tmp_path / "store.img"
+        ok("init", store, "--origin", dev, "--size", "64M")
+        with Served(store, workers=0) as srv:
+            ok("snap", "create", store, "s1")
+            assert nbd_map(srv, "origin") == [(0, size, 0)]
+            assert nbd_map(srv, "s1") == [(0, size, 0)]
+            used = used_chunks(store)
+            tool("qemu-io", "-f", "raw", "-c", f"discard 0 {4 * CS}", srv.uri("origin"))
+            assert used_chunks(store) == used
+            assert read_export(srv, "origin", tmp_path / "origin.raw") == data
+            assert read_export(srv, "s1", tmp_path / "s1.raw") == data
 
 
 # --- bounded answers, in process --------------------------------------------------------
