@@ -559,8 +559,8 @@ class ServerConnection:
 
     def _changed_names(self, backend: ExportBackend) -> list[str]:
         """``ddsnap:changed:FROM`` for every snapshot FROM the registry names, if the
-        export answers that context (``changed_status``) and the registry lists
-        snapshots (``snapshot_names``); else none."""
+        export answers that context (``changed_base``, ``changed_status``) and the
+        registry lists snapshots (``snapshot_names``); else none."""
         names = getattr(self._registry, "snapshot_names", None)
         if names is None or not hasattr(backend, "changed_base"):
             return []
@@ -572,17 +572,18 @@ class ServerConnection:
         name, queries = decode_meta_context_request(payload)
         _canonical, backend = self._lookup(name)
         changed = self._changed_names(backend)
-        listed: list[str] = []
+        known = set(changed)
+        # (a dict: each context once, in the order first listed; thousands of snapshots)
+        listed: dict[str, None] = {}
         if not queries:
-            listed = [BASE_ALLOCATION, *changed]  # no query lists everything
+            listed = dict.fromkeys([BASE_ALLOCATION, *changed])  # no query: everything
         for q in queries:
             if q in ("base:", BASE_ALLOCATION):  # "base:" is the namespace wildcard
-                found = [BASE_ALLOCATION]
+                listed.update(dict.fromkeys([BASE_ALLOCATION]))
             elif q in (DDSNAP_NAMESPACE, CHANGED_PREFIX):  # and these are ddsnap's
-                found = changed
-            else:
-                found = [q] if q in changed else []
-            listed += [c for c in found if c not in listed]
+                listed.update(dict.fromkeys(changed))
+            elif q in known:
+                listed[q] = None
         for context in listed:
             # the context id in LIST replies is reserved: send 0
             self._out.append(option_reply(OPT_LIST_META_CONTEXT, REP_META_CONTEXT,
