@@ -536,3 +536,51 @@ def overlay_all(per: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
         else:
             out.append((o, n, f))
     return out
+
+
+def test_during_a_merge_allocation_and_trim_follow_what_the_origin_reads(make_store,
+                                                                       tmp_path):
+    """While snapshot s1 is merged into the origin, chunks not merged yet read s1's data
+    from the store: data, though the origin file has a hole there.  A TRIM then merges
+    the chunk first (as a write does), punches it, and the merge leaves it zero; s2
+    reads what it read before throughout."""
+    cs = 4096
+    size = 64 * cs
+    path = tmp_path / "origin.img"
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(9 * cs)
+        f.write(b"\x01" * 3 * cs)  # chunks 9-11
+    dev = FileDevice(str(path), what="origin")
+    store = make_store("memory", origin_size=size, store_size=1 << 20, chunk_size=cs)
+    svc = LocalService(store, dev)
+    try:
+        origin = Origin(svc, svc.data)
+        s1 = svc.create_snapshot("s1")
+        Snapshot(svc, svc.data, s1).write(20 * cs, b"S" * cs)  # s1's own, in a hole
+        origin.write(40 * cs, b"O" * cs)  # copied out for s1 (a hole: zeroes)
+        s2 = svc.create_snapshot("s2")
+        s1_bytes = Snapshot(svc, svc.data, s1).read(0, size)
+        s2_bytes = Snapshot(svc, svc.data, s2).read(0, size)
+        svc.start_merge("s1")
+        assert not svc.origin_reads_itself()
+        flags = {c: 0 if c in (9, 10, 11, 20, 40) else HOLE for c in range(64)}
+        extents = origin.block_status(0, size)
+        assert sum(n for n, _ in extents) == size
+        assert overlay_all([(sum(n for n, _ in extents[:i]), n, f)
+                            for i, (n, f) in enumerate(extents)]) == overlay_all(
+            [(c * cs, cs, f) for c, f in flags.items()])
+        origin.trim(10 * cs, cs)
+        origin.trim(20 * cs, cs)
+        assert origin.read(10 * cs, cs) == bytes(cs) == origin.read(20 * cs, cs)
+        assert Snapshot(svc, svc.data, s2).read(0, size) == s2_bytes
+        assert svc.run_merge()
+        want = bytearray(s1_bytes)
+        want[10 * cs:11 * cs] = bytes(cs)
+        want[20 * cs:21 * cs] = bytes(cs)
+        assert origin.read(0, size) == want
+        assert Snapshot(svc, svc.data, s2).read(0, size) == s2_bytes
+        assert svc.check() == []
+    finally:
+        svc.close()
+        dev.close()
