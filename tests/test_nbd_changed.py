@@ -223,6 +223,10 @@ def test_every_export_lists_a_changed_context_per_live_snapshot(store_of):
         want = [P.BASE_ALLOCATION, "ddsnap:changed:s1", "ddsnap:changed:s2"]
         for export in ("origin", "s1", "s2"):
             assert contexts(srv, export) == want
+        # nbdinfo --list shows them for every export
+        listing = json.loads(tool("nbdinfo", "--list", "--json", srv.uri("")).stdout)
+        assert {e["export-name"]: e["contexts"] for e in listing["exports"]} == {
+            "origin": want, "s1": want, "s2": want}
         ok("snap", "delete", store, "s1")
         assert contexts(srv, "s2") == [P.BASE_ALLOCATION, "ddsnap:changed:s2"]
         # nothing to map against a snapshot that does not exist
@@ -353,7 +357,9 @@ def test_bad_context_requests_are_refused_cleanly(store_of):
 # --- base:allocation -------------------------------------------------------------------
 
 
-def test_base_allocation_is_the_origin_files_holes_where_a_volume_reads_it(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2], ids=["one-process", "workers"])
+def test_base_allocation_is_the_origin_files_holes_where_a_volume_reads_it(tmp_path,
+                                                                           workers):
     origin = tmp_path / "origin.img"
     size = 4 * MiB
     with open(origin, "wb") as f:
@@ -366,7 +372,7 @@ def test_base_allocation_is_the_origin_files_holes_where_a_volume_reads_it(tmp_p
     assert (CS, CS, 0) in sparse and sparse[0] == (0, CS, HOLE), sparse
     store = tmp_path / "store.img"
     ok("init", store, "--origin", origin, "--size", "64M")
-    with Served(store, workers=0) as srv:
+    with Served(store, workers=workers) as srv:
         ok("snap", "create", store, "s1")
         assert nbd_map(srv, "origin") == sparse
         assert nbd_map(srv, "s1") == sparse
