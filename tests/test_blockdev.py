@@ -114,6 +114,34 @@ def test_file_device_creates_a_sparse_file_and_reopens(cls, tmp_path):
 
 
 @FILE_CLASSES
+def test_file_device_allocation_is_the_files_holes(cls, tmp_path):
+    """``allocation`` reports the file's holes (SEEK_DATA/SEEK_HOLE) in order, at most
+    ``max_runs`` runs (a prefix of the range), bytes past the end of a file that shrank
+    as data (never zeroes), and ``discard`` punches a hole it then reports (issue 13)."""
+    path = tmp_path / "origin.img"
+    dev = cls(str(path), create_size=16 * ALIGN)
+    try:
+        assert dev.sparse
+        dev.pwrite(b"\x01" * 2 * ALIGN, 4 * ALIGN)  # blocks 4-5
+        dev.pwrite(b"\x02" * ALIGN, 10 * ALIGN)  # block 10
+        dev.flush()
+        assert dev.allocation(0, 16 * ALIGN) == [
+            (4 * ALIGN, True), (2 * ALIGN, False), (4 * ALIGN, True), (ALIGN, False),
+            (5 * ALIGN, True)]
+        assert dev.allocation(ALIGN + 100, 4 * ALIGN, max_runs=1) == [
+            (3 * ALIGN - 100, True)]
+        dev.discard(4 * ALIGN, ALIGN)
+        assert dev.allocation(4 * ALIGN, 2 * ALIGN) == [(ALIGN, True), (ALIGN, False)]
+        os.truncate(path, 8 * ALIGN)  # shrunk behind the device's back
+        assert dev.allocation(6 * ALIGN, 10 * ALIGN) == [(2 * ALIGN, True),
+                                                          (8 * ALIGN, False)]
+    finally:
+        dev.close()
+    mem = MemoryDevice(SIZE)
+    assert not mem.sparse and mem.allocation(5, 100) == [(100, False)]
+
+
+@FILE_CLASSES
 def test_file_device_short_file_reads_as_zeroes(cls, tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"abc")
