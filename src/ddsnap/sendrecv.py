@@ -3,13 +3,13 @@
 
 ``send`` reads a snapshot of a store (through its :class:`LocalService`) and writes its
 stream: every chunk for a full stream (zero runs as ZERO records), or for ``--from BASE``
-only the chunks
-``changed_chunks`` reports between the base and the snapshot (cost follows the tree, not
-the volume).  ``receive`` applies a stream to the *origin* of another store through the
-copy-on-write path (so its earlier snapshots keep their data), then snapshots the origin
-with the stream's snapshot name: after it, the receiving store's origin and new
-snapshot hold the sent snapshot byte for byte, and the next incremental stream applies
-on top.  This is ZFS's ``send``/``receive -s`` for a store of snapshots of one origin.
+only the chunks ``changed_chunks`` reports between the base and the snapshot (cost
+follows the tree, not the volume).  ``receive`` applies a stream to the *origin* of
+another store through the copy-on-write path (so its earlier snapshots keep their data),
+then snapshots the origin with the stream's snapshot name: after it, the receiving
+store's origin and new snapshot hold the sent snapshot byte for byte, and the next
+incremental stream applies on top.  This is ZFS's ``send``/``receive -s`` for a store
+of snapshots of one origin.
 
 Restartable: the receive in progress (source store, snapshot, base, bytes applied) is
 recorded in the receiving store (:meth:`ExceptionStore.record_receive`) every
@@ -20,7 +20,9 @@ dies (a cut stream, a damaged record, ``kill -9``) resumes from there
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
 from collections.abc import Callable
 from typing import BinaryIO
@@ -210,7 +212,6 @@ def _is_hole(fd: int | None, offset: int, length: int) -> bool:
     try:
         return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
     except OSError as e:
-        import errno
         # ENXIO: no data at or after offset; EINVAL etc.: not supported here
         return e.errno == errno.ENXIO
 
@@ -269,14 +270,15 @@ def receive(svc: LocalService, path: str, src: BinaryIO, token: str | None = Non
             raise ReceiveRefused("this stream resumes another receive (it starts at byte "
                                  f"{h['start']}): give its --resume token")
         _check_applies(svc, path, h, source, received)
-        if svc.origin_size != size:
-            # a full stream into an empty store, or a volume grown since the base (a
-            # smaller one was refused above)
-            svc.resize_origin(size, exact=True)
         receiving = Receiving(source, sid, bid, 0, size, snapinfo["name"],
                               snapinfo["created"], bool(snapinfo["read_only"]))
         store.record_receive(receiving, received)
         resumed_at = 0
+    if svc.origin_size != size:
+        # A full stream into an empty store, or a volume grown since the base (a smaller
+        # one was refused).  After the record: a receive that dies here resumes, where
+        # a grown origin without it would read as "written since the base".
+        svc.resize_origin(size, exact=True)
     origin = Origin(svc, svc.data)
     fd = _origin_fd(store.origin_path)
     applied = records = 0
@@ -407,7 +409,6 @@ def _origin_fd(path: str) -> int | None:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
-    import stat
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         return None
