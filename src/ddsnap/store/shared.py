@@ -439,12 +439,11 @@ class SharedStore(BTree, VersionedStore):
         return self.sb.receiving, self.sb.received
 
     def record_receive(self, receiving, received) -> None:
-        # In the superblock: committed first, then both slots written (as claim_epoch
-        # does), so neither slot a later open may use holds the old record.
+        # In the superblock: committed, then a full checkpoint writes both slots, so
+        # neither slot a later open may use holds the old record.
         self.commit()
         self.sb.receiving, self.sb.received = receiving, received
-        self.write_superblock(clean=False)
-        self.write_superblock(clean=False)
+        self._checkpoint(None, full=True)
 
     def set_origin_path(self, path: str) -> None:
         """Record a new origin path (``ddsnap set STORE origin=PATH``); durable at the
@@ -495,7 +494,8 @@ class SharedStore(BTree, VersionedStore):
         sb.clean = clean
         sb.epoch = max(sb.epoch, self.journal.epoch)
         sb.journal_tail = self.journal.tail
-        sb.journal_seq = self.journal.next_seq
+        # (the transaction expected at the tail: the next one only once checkpointed)
+        sb.journal_seq = self.journal.tail_seq
         if state is not None:
             sb.state = state.copy()
         else:
