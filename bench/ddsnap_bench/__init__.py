@@ -54,9 +54,18 @@ its own (a host), for
 12. a node's ``overwrite4k`` and ``randread4k`` IOPS on another host over the server's
     local worker's (and, for information, a worker without ``--metadata-listen``).
 
+Issue 13 (``--send``, run on its own; writes only the section "Send and receive (issue
+13)" of ``--out``): a store over a 4 GiB origin of random data (``--size``), snapshot
+s1, 1% of its chunks rewritten (``--send-change``), snapshot s2, for
+
+13. the time of a full ``ddsnap send`` of s2 over an incremental one (``--from s1``);
+14. ``ddsnap send | ddsnap receive`` into a fresh store against ``nbdcopy`` of s2 from
+    ``ddsnap serve``, in MB/s of the volume, the received origin compared byte for byte.
+
 With ``--profile``, py-spy samples the ddsnap server during each ddsnap fio job, the
 served merge and, in the scaling workload, the creations timed at N and each delete; the
-report then lists the hottest functions.
+report then lists the hottest functions (with ``--send``: the send and receive
+processes).
 
 Run it through ``bench/run`` (which installs what it needs first); ``bench/run --help``
 lists the parameters.  Results go to stdout and to a markdown file (``--out``), headed by
@@ -75,8 +84,8 @@ The package, one module per part (each says what it measures or holds):
   :mod:`.nbdclient` -- the small NBD client of the data checks;
 * the workloads: :mod:`.fio_workloads` (1-4, 8, 9), :mod:`.merge` (5),
   :mod:`.snapcreate` (6), :mod:`.rss` (7), :mod:`.scaling` (10), :mod:`.cluster` (11, 12,
-  on hosts made by :mod:`.netns`);
+  on hosts made by :mod:`.netns`), :mod:`.sendbench` (13, 14);
 * the report: :mod:`.report` (the document), :mod:`.report_base`,
   :mod:`.report_targets`, :mod:`.report_sections`, :mod:`.report_scaling`,
-  :mod:`.report_cluster`.
+  :mod:`.report_cluster`, :mod:`.report_send`.
 """

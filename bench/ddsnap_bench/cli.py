@@ -1,7 +1,7 @@
 """The command line of ``bench/run``: its options and their defaults (``--quick``,
-``--scaling``, ``--cluster``), checked before anything runs; ``main`` checks the tools, runs a
-:class:`~ddsnap_bench.runner.Bench` with Ctrl-C / SIGTERM cleaning up, or rewrites a
-saved run's report (``--from-state``)."""
+``--scaling``, ``--cluster``, ``--send``), checked before anything runs; ``main`` checks
+the tools, runs a :class:`~ddsnap_bench.runner.Bench` with Ctrl-C / SIGTERM cleaning up,
+or rewrites a saved run's report (``--from-state``)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ from .common import (
     ROOT,
     SCALING_SNAPSHOTS,
     SCALING_WORKLOADS,
+    SEND_CHANGE,
+    SEND_QUICK_SIZE,
+    SEND_SIZE,
     BenchError,
     GiB,
     KiB,
@@ -64,6 +67,15 @@ def parse_args(argv: list[str]):
                         "4 KiB overwrite and snapshot-read IOPS on another host against the "
                         "server's local worker; writes only the section \"Cluster (issue "
                         "12)\" of --out, keeping the rest of the file")
+    p.add_argument("--send", action="store_true",
+                   help="issue 13 alone: `ddsnap send` of a snapshot with --send-change of "
+                        "its chunks changed since the base, full against incremental, and "
+                        "`ddsnap send | ddsnap receive` into a fresh store against nbdcopy "
+                        "of the same snapshot; writes only the section \"Send and receive "
+                        "(issue 13)\" of --out, keeping the rest of the file")
+    p.add_argument("--send-change", type=float, default=SEND_CHANGE,
+                   help=f"--send: share of the volume's chunks written between the two "
+                        f"snapshots, whole chunks picked at random [{SEND_CHANGE:g}]")
     p.add_argument("--kills", type=int,
                    help=f"--cluster: SIGKILLs of the elected metadata server timed "
                         f"[{CLUSTER_KILLS}; 2 with --quick]")
@@ -73,7 +85,9 @@ def parse_args(argv: list[str]):
                    help="ddsnap chunk size and qcow2 cluster size [64K]")
     p.add_argument("--duration", type=float, help="seconds per fio run [10; 2 with --quick]")
     p.add_argument("--size", type=size_arg,
-                   help="origin size, all of it random data [1G; 64M with --quick]")
+                   help="origin size, all of it random data [1G; 64M with --quick; "
+                        f"{SEND_SIZE >> 30}G with --send, "
+                        f"{SEND_QUICK_SIZE >> 20}M with --send --quick]")
     p.add_argument("--repeat", type=int,
                    help="runs per cell (fio, merge, peak RSS): median (min–max) "
                         f"[3; {CLUSTER_REPEAT} per endpoint with --cluster; 1 with --quick]")
@@ -178,7 +192,8 @@ def parse_args(argv: list[str]):
     if a.chunk_size & (a.chunk_size - 1) or not 4 * KiB <= a.chunk_size <= MiB:
         p.error("--chunk-size must be a power of two from 4K to 1M")
     a.duration = a.duration or (2.0 if q else 10.0)
-    a.size = a.size or (64 * MiB if q else GiB)
+    a.size = a.size or (SEND_QUICK_SIZE if a.send and q else SEND_SIZE if a.send else
+                        64 * MiB if q else GiB)
     if a.size % (2 * a.chunk_size):
         p.error("--size must be a multiple of twice the chunk size")
     a.repeat = a.repeat or (1 if q else CLUSTER_REPEAT if a.cluster else 3)
@@ -186,8 +201,10 @@ def parse_args(argv: list[str]):
         p.error("--repeat must be at least 1")
     a.out = a.out or str(ROOT / ("docs/benchmarks-scaling.md" if a.scaling else
                                  "bench/out/quick.md" if q else "docs/benchmarks.md"))
-    if a.cluster and a.scaling:
-        p.error("--cluster and --scaling are separate runs")
+    if sum((a.cluster, a.scaling, a.send)) > 1:
+        p.error("--cluster, --scaling and --send are separate runs")
+    if not 0 < a.send_change <= 1:
+        p.error("--send-change must be in (0, 1]")
     if a.kills is None:
         a.kills = 2 if q else CLUSTER_KILLS
     if a.kills < 1 or a.lease_ttl <= 0:
@@ -251,6 +268,8 @@ def main(argv: list[str]) -> int:
         return report_from_state(Path(argv[1]), argv[3] if len(argv) == 4 else None)
     args = parse_args(argv)
     tools = (have_tools() if args.cluster else
+             [t for t in ("nbdcopy", "openssl", "cmp", "sync") if shutil.which(t) is None]
+             if args.send else
              [t for t in ("fio", "qemu-img", "qemu-nbd", "nbdkit", "nbdcopy", "cmp", "dd",
                           "cp", "sync") if shutil.which(t) is None])
     for tool in tools:

@@ -26,6 +26,7 @@ TiB = 1 << 40
 PROFILE_DIR = ROOT / "bench" / "out" / "profiles"
 STATE_FILE = ROOT / "bench" / "out" / "last-run.pickle"
 CLUSTER_STATE_FILE = ROOT / "bench" / "out" / "last-cluster-run.pickle"  # --cluster's
+SEND_STATE_FILE = ROOT / "bench" / "out" / "last-send-run.pickle"  # --send's
 DEFAULT_RUN_MINUTES = 30  # a default `bench/run`, for the text (2 busy CPUs, 2026-11)
 FIO_WORKLOADS = ("randwrite4k", "seqwrite1m", "seqread1m", "randread4k")  # issue 4's
 SCALING_FIO = ("overwrite4k", "randread4k-newest")  # issue 9's, with randwrite4k, randread4k
@@ -62,6 +63,15 @@ CLUSTER_TTL = 5.0
 CLUSTER_PORT = 7700
 CLUSTER_NAME = "bench"
 DEFAULT_CLUSTER_MINUTES = 8  # a default `bench/run --cluster` (2 CPUs, 2026-11), for the text
+
+# --send (issue 13): the volume (bytes, random data), the share of its chunks written
+# between s1 and s2, the seed of that data and of the chunks picked, the targets
+SEND_SIZE = 4 * GiB
+SEND_QUICK_SIZE = 256 * MiB
+SEND_CHANGE = 0.01
+SEND_SEED = 13
+SEND_TARGET_RATIO = 20.0  # full send time / incremental send time, at least
+SEND_TARGET_THROUGHPUT = 0.8  # send | receive MB/s over nbdcopy's, at least
 
 
 class BenchError(Exception):

@@ -4,8 +4,9 @@ it: issue 4's targets (:mod:`.report_targets`), every fio figure and the flatnes
 (here), the merge, snapshot creation, peak RSS and profile sections
 (:mod:`.report_sections`), issue 9's scaling section (:mod:`.report_scaling`), the
 machine, how each workload is run, every run's details and the problems seen.  The
-section "Cluster (issue 12)" is written by ``--cluster`` runs alone
-(:mod:`.report_cluster`); a full report keeps the one its file holds."""
+sections "Cluster (issue 12)" and "Send and receive (issue 13)" are written by
+``--cluster`` and ``--send`` runs alone (:mod:`.report_cluster`, :mod:`.report_send`); a
+full report keeps the ones its file holds."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from .common import (
     PEER_NAMES,
     SCALING_FIO,
     SCALING_WORKLOADS,
+    SEND_CHANGE,
     KiB,
     MiB,
     fmt_size,
@@ -34,18 +36,22 @@ from .common import (
 from .report_cluster import cluster_howto, kept_cluster_section, write_cluster_report
 from .report_scaling import ScalingReport
 from .report_sections import WorkloadSections
+from .report_send import kept_send_section, send_howto, write_send_report
 from .report_targets import TargetsReport
 from .results import workloads
 
 
 def write_report(b, out: Path) -> int:
     """Write the markdown report of run ``b`` (a Bench, or a saved state) to ``out`` and
-    print its tables, the targets last.  A ``--cluster`` run writes its own section
-    only."""
+    print its tables, the targets last.  A ``--cluster`` or ``--send`` run writes its own
+    section only."""
     if getattr(b.args, "cluster", False):
         return write_cluster_report(b, out)
+    if getattr(b.args, "send", False):
+        return write_send_report(b, out)
     rep = Report(b)
     rep.kept_cluster = kept_cluster_section(out)
+    rep.kept_send = kept_send_section(out)
     report = rep.markdown()
     print()
     print(report.split("<!-- table-end -->")[0].split("<!-- table-start -->")[-1].strip())
@@ -82,7 +88,9 @@ def report_from_state(path: Path, out: str | None) -> int:
                           ("scale_errors", []), ("qcow2_skipped", set()),
                           ("failover_kills", []), ("failover_errors", []),
                           ("cluster_errors", []), ("cluster_notes", []),
-                          ("direct_flags", {}), ("load_samples", [])):
+                          ("direct_flags", {}), ("load_samples", []),
+                          ("send_runs", []), ("pipe_runs", []), ("send_errors", []),
+                          ("send_notes", []), ("send_setup", {})):
         if not hasattr(state, name):
             setattr(state, name, default)
     for name, default in (("scaling", False), ("interleave", False),
@@ -90,7 +98,8 @@ def report_from_state(path: Path, out: str | None) -> int:
                           ("scaling_count", 10000), ("create_samples", 50),
                           ("delete_fills", [0, 100000]), ("delete_exclusive", [100, 1000]),
                           ("delete_chunk_size", 4 * KiB), ("delete_write_points", 100),
-                          ("sample_snapshots", 64), ("cluster", False)):
+                          ("sample_snapshots", 64), ("cluster", False), ("send", False),
+                          ("send_change", SEND_CHANGE)):
         if not hasattr(state.args, name):
             setattr(state.args, name, default)
     return write_report(state, Path(out or state.args.out))
@@ -111,6 +120,8 @@ class Report(TargetsReport, WorkloadSections, ScalingReport):
 
     #: the "Cluster (issue 12)" section found in the file the report replaces, kept
     kept_cluster = ""
+    #: the "Send and receive (issue 13)" section found there, kept after it
+    kept_send = ""
 
     def table(self) -> str:
         if not workloads(self.a):
@@ -206,6 +217,7 @@ class Report(TargetsReport, WorkloadSections, ScalingReport):
                        "\"py-spy attached\") and the ratios and targets built on them are lower "
                        "than without it: not comparable with unprofiled runs.\n")
         kept_cluster = "\n" + self.kept_cluster if self.kept_cluster else ""
+        kept_cluster += "\n" + self.kept_send if self.kept_send else ""
         sizes = ", ".join(fmt_size(x) for x in a.snapcreate_origins)
         snapcreate_howto = "" if "snapcreate" not in a.workloads else f"""\
 6. **Snapshot creation** (`snapcreate`), not a fio job: for each origin size of
@@ -370,6 +382,8 @@ bench/run --scaling            # issue 9: N = 1,1024,10000, to docs/benchmarks-s
 bench/run --scaling --duration 2 --repeat 1 --size 64M --out /tmp/s.md    # its smoke run
 bench/run --cluster            # issue 12: failover time, a node's IOPS on another host
 bench/run --cluster --quick    # its smoke run, to bench/out/quick.md
+bench/run --send               # issue 13: incremental against full send, send | receive
+bench/run --send --quick       # its smoke run (256 MiB, 1 run), to bench/out/quick.md
 ```
 
 `bench/run` first runs `scripts/setup` (fio, qemu-utils, nbdkit, libnbd-bin, the venv) and
@@ -399,6 +413,7 @@ or Ctrl-C.  Every run also saves its results to `bench/out/last-run.pickle`;
 from them without running anything.
 
 {cluster_howto()}
+{send_howto()}
 ## What is compared
 
 - **ddsnap**: `ddsnap serve STORE --listen unix:SOCK` on a store made with

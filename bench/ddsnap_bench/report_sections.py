@@ -184,25 +184,35 @@ f"{a.repeat} runs: median (min–max); each ratio is merge / copy of the same ru
                f"threading, asyncio and click frames around them are in nearly every "
                f"sample).  Raw collapsed stacks: `bench/out/profiles/<job>.txt` "
                f"(flamegraph.pl / speedscope input)."]
-        for label, stacks in b.profiles.items():
-            total = sum(stacks.values())
-            if not total:
-                out.append(f"\n### {label}\n\n(no samples)")
-                continue
-            own: collections.Counter = collections.Counter()
-            incl: collections.Counter = collections.Counter()
-            for stack, c in stacks.items():
-                frames = stack.split(";")
-                own[frames[-1]] += c
-                for f in set(frames):
-                    if "(ddsnap/" in f:  # ddsnap's own code (see the text)
-                        incl[f] += c
-            runs = b.profile_runs.get(label, 0)
-            out.append(f"\n### {label}\n\n{total:,} samples from {runs} run(s).\n")
-            for title, cnt in (("self", own), ("inclusive, ddsnap's code", incl)):
-                out.append(f"| top {title} | function (file:line) | % of samples |")
-                out.append("|---:|---|---:|")
-                for i, (f, c) in enumerate(cnt.most_common(15), 1):
-                    out.append(f"| {i} | `{f.replace('|', '¦')}` | {100 * c / total:.1f} % |")
-                out.append("")
+        out.append(profile_tables(b.profiles, b.profile_runs))
         return "\n".join(out).rstrip() + "\n"
+
+
+def profile_tables(profiles: dict[str, collections.Counter], runs: dict[str, int],
+                   heading: str = "###") -> str:
+    """Per profiled label (a subsection each, under ``heading``): the 15 functions with
+    the most samples at the top of the stack (*self*) and, of ddsnap's own code,
+    anywhere in it (*inclusive*), as a share of the label's samples."""
+    out: list[str] = []
+    for label, stacks in profiles.items():
+        total = sum(stacks.values())
+        if not total:
+            out.append(f"\n{heading} {label}\n\n(no samples)")
+            continue
+        own: collections.Counter = collections.Counter()
+        incl: collections.Counter = collections.Counter()
+        for stack, c in stacks.items():
+            frames = stack.split(";")
+            own[frames[-1]] += c
+            for f in set(frames):
+                if "(ddsnap/" in f:  # ddsnap's own code (see the text)
+                    incl[f] += c
+        nruns = runs.get(label, 0)
+        out.append(f"\n{heading} {label}\n\n{total:,} samples from {nruns} run(s).\n")
+        for title, cnt in (("self", own), ("inclusive, ddsnap's code", incl)):
+            out.append(f"| top {title} | function (file:line) | % of samples |")
+            out.append("|---:|---|---:|")
+            for i, (f, c) in enumerate(cnt.most_common(15), 1):
+                out.append(f"| {i} | `{f.replace('|', '¦')}` | {100 * c / total:.1f} % |")
+            out.append("")
+    return "\n".join(out)

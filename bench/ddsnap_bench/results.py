@@ -226,3 +226,77 @@ class FailoverKill:
     node_s: dict[str, float] = field(default_factory=dict)  # node -> write acknowledged
     node_errors: dict[str, str] = field(default_factory=dict)  # node -> what failed
     standby_s: float | None = None  # the killed one started again, until "standing by"
+
+
+@dataclass
+class SendRun:
+    """One repetition of ``--send`` (issue 13) on the same source store: a full and an
+    incremental ``ddsnap send -o FILE`` of snapshot s2 (times in seconds, sizes in
+    bytes), each after the page cache was dropped (``cold``) or not."""
+
+    rep: int
+    full_s: float | None = None  # wall time of `ddsnap send STORE s2 -o FILE`
+    full_bytes: int = 0  # bytes of that stream
+    full_cpu_s: float | None = None  # CPU (user + system) of that process
+    incr_s: float | None = None  # wall time of `ddsnap send STORE s2 --from s1 -o FILE`
+    incr_bytes: int = 0
+    incr_data_bytes: int = 0  # volume bytes its DATA records carry
+    incr_cpu_s: float | None = None
+    cold: bool = False  # the page cache was dropped before each of the two sends
+    profiled: bool = False
+    startup_s: float | None = None  # `ddsnap --version` from a dropped page cache
+
+    @property
+    def ratio(self) -> float | None:
+        """Full send time over incremental send time."""
+        return None if not self.full_s or not self.incr_s else self.full_s / self.incr_s
+
+    @property
+    def net_ratio(self) -> float | None:
+        """The same without one cold start-up (``startup_s``) in each time, for
+        information: what the sends themselves take."""
+        if not self.full_s or not self.incr_s or self.startup_s is None:
+            return None
+        incr = self.incr_s - self.startup_s
+        return None if incr <= 0 else (self.full_s - self.startup_s) / incr
+
+
+@dataclass
+class PipeRun:
+    """One repetition of ``--send``'s throughput comparison: ``ddsnap send A s2 |
+    ddsnap receive B`` into a fresh store against ``nbdcopy`` of s2 from ``ddsnap serve
+    A`` into a new file (times in seconds, ``nbytes`` the volume's bytes)."""
+
+    rep: int
+    nbytes: int
+    pipe_s: float | None = None  # wall time, both processes started to both exited
+    send_cpu_s: float | None = None  # CPU (user + system) of the send process
+    recv_cpu_s: float | None = None  # ... of the receive process
+    stream_bytes: int = 0  # bytes of stream receive read (its --json summary)
+    nbdcopy_flush_s: float | None = None  # `nbdcopy --flush URI DEST` (fsyncs DEST)
+    nbdcopy_sync_s: float | None = None  # `nbdcopy URI DEST2; sync DEST2` (information)
+    server_cpu_s: float | None = None  # CPU of `ddsnap serve` during `nbdcopy --flush`
+    nbdcopy_cpu_s: float | None = None  # CPU of that nbdcopy process
+    cold: bool = False  # the page cache was dropped before each timed copy
+    identical: bool | None = None  # cmp of B's origin with the nbdcopy --flush output
+    bad: list[str] = field(default_factory=list)  # what differed, or failed checks
+    profiled: bool = False
+
+    @staticmethod
+    def _mbs(nbytes: int, secs: float | None) -> float | None:
+        return None if not secs else nbytes / 1e6 / secs
+
+    @property
+    def pipe_mbs(self) -> float | None:
+        """Volume MB/s (10^6 bytes per second) of ``send | receive``."""
+        return self._mbs(self.nbytes, self.pipe_s)
+
+    @property
+    def flush_mbs(self) -> float | None:
+        """Volume MB/s of ``nbdcopy --flush``."""
+        return self._mbs(self.nbytes, self.nbdcopy_flush_s)
+
+    @property
+    def sync_mbs(self) -> float | None:
+        """Volume MB/s of ``nbdcopy`` followed by ``sync`` of its output."""
+        return self._mbs(self.nbytes, self.nbdcopy_sync_s)

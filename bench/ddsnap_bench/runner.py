@@ -6,7 +6,8 @@ workloads at each N, then merge, snapcreate, rss and scaling), saves the results
 * :mod:`.fio` (the fio runner), :mod:`.checks` (data checks), :mod:`.peers` (the
   servers), :mod:`.profiling` (py-spy);
 * one per workload family: :mod:`.fio_workloads`, :mod:`.merge`, :mod:`.snapcreate`,
-  :mod:`.rss`, :mod:`.scaling`; and :mod:`.cluster` (``--cluster``, run on its own).
+  :mod:`.rss`, :mod:`.scaling`; and :mod:`.cluster` (``--cluster``) and
+  :mod:`.sendbench` (``--send``), each run on its own.
 
 Also what the run ran on (:func:`machine`, :func:`worktree_source`), for the report.
 """
@@ -31,6 +32,7 @@ from .common import (
     CLUSTER_STATE_FILE,
     DDSNAP,
     ROOT,
+    SEND_STATE_FILE,
     STATE_FILE,
     BenchError,
     MiB,
@@ -48,6 +50,7 @@ from .processes import Processes
 from .profiling import Profiling
 from .report import write_report
 from .report_cluster import write_cluster_report
+from .report_send import write_send_report
 from .results import (
     Measure,
     MergeRun,
@@ -60,6 +63,7 @@ from .results import (
 )
 from .rss import RssWorkload
 from .scaling import ScalingWorkload
+from .sendbench import SendWorkload
 from .snapcreate import SnapCreateWorkload
 
 #: what a run saves for ``--from-state`` (bench/out/last-run.pickle)
@@ -70,11 +74,13 @@ STATE_FIELDS = (
     "profiles", "profile_runs", "pyspy_version", "started", "elapsed", "load_start",
     "load_end", "machine_rows", "create_rates", "meta", "scale_fills", "scale_errors",
     "qcow2_skipped", "failover_kills", "failover_errors", "cluster_errors", "cluster_notes",
-    "direct_flags", "load_samples")
+    "direct_flags", "load_samples", "send_runs", "pipe_runs", "send_errors", "send_notes",
+    "send_setup")
 
 
 class Bench(FioRunner, DataChecks, Peers, Profiling, FioWorkloads, MergeWorkload,
-            SnapCreateWorkload, RssWorkload, ScalingWorkload, ClusterWorkload):
+            SnapCreateWorkload, RssWorkload, ScalingWorkload, ClusterWorkload,
+            SendWorkload):
     """One run of the benchmark with the parsed command line ``args``."""
 
     def __init__(self, args):
@@ -116,6 +122,12 @@ class Bench(FioRunner, DataChecks, Peers, Profiling, FioWorkloads, MergeWorkload
         self.direct_flags: dict[str, str] = {}  # peer -> how its processes open the files
         self.load_samples: list[float] = []  # 1-minute load averages seen during the run
         self.network: Network | None = None  # --cluster: the network namespaces
+        self.send_runs: list = []  # --send: SendRun per repetition
+        self.pipe_runs: list = []  # --send: PipeRun per repetition
+        self.send_errors: list[str] = []
+        self.send_notes: list[str] = []
+        self.send_setup: dict = {}  # --send: the source store's setup figures
+        self.send_chunks: list[int] = []  # --send: the chunks written between s1 and s2
         self.profiles: dict[str, collections.Counter] = {}  # label -> stack -> samples
         self.profile_runs: dict[str, int] = {}  # label -> number of profiled runs
         self.pyspy = shutil.which("py-spy", path=str(ROOT / ".venv" / "bin")) or \
@@ -181,9 +193,12 @@ class Bench(FioRunner, DataChecks, Peers, Profiling, FioWorkloads, MergeWorkload
         self.started = dt.datetime.now(dt.UTC)
         self.load_start = Path("/proc/loadavg").read_text().split()[:3]
         say(f"temporary directory {self.tmp}; load average {' '.join(self.load_start)}")
-        self.pick_access()
+        if not a.send:  # --send runs no fio job
+            self.pick_access()
         if a.rev:
             self.use_rev(a.rev)
+        if a.send:
+            return self.main_send(t_start)
         if a.cluster:
             return self.main_cluster(t_start)
         if set(a.workloads) & (set(ALL_FIO) | {"merge"}):
@@ -249,10 +264,22 @@ class Bench(FioRunner, DataChecks, Peers, Profiling, FioWorkloads, MergeWorkload
         self.save_state()
         return write_cluster_report(self, Path(self.args.out))
 
+    def main_send(self, t_start: float) -> int:
+        """``--send``: issue 13's figures only, into their own section of ``--out``."""
+        self.access_text = "(not used: --send runs no fio job)"
+        self.send_bench()
+        self.write_profiles()
+        self.elapsed = time.monotonic() - t_start
+        self.load_end = Path("/proc/loadavg").read_text().split()[:3]
+        self.machine_rows = machine(self)
+        self.save_state()
+        return write_send_report(self, Path(self.args.out))
+
     def save_state(self) -> None:
-        """Save the results for ``--from-state`` (a ``--cluster`` run in a file of its
-        own, so that it does not replace a full run's)."""
-        path = CLUSTER_STATE_FILE if self.args.cluster else STATE_FILE
+        """Save the results for ``--from-state`` (a ``--cluster`` or ``--send`` run in a
+        file of its own, so that it does not replace a full run's)."""
+        path = (CLUSTER_STATE_FILE if self.args.cluster else
+                SEND_STATE_FILE if self.args.send else STATE_FILE)
         try:  # so that the report can be written again (--from-state) without rerunning
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(pickle.dumps({k: getattr(self, k) for k in STATE_FIELDS}))
@@ -318,4 +345,5 @@ def machine(bench: Bench) -> list[tuple[str, str]]:
         ("peers", f"{first(['qemu-nbd', '--version'])}; {first(['nbdkit', '--version'])}"),
         ("fio", first(["fio", "--version"])),
     ] + ([("etcd", first(["etcd", "--version"]))] if getattr(bench.args, "cluster", False)
-         else [])
+         else []) + ([("nbdcopy", first(["nbdcopy", "--version"]))]
+                     if getattr(bench.args, "send", False) else [])
