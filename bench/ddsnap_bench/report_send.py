@@ -281,7 +281,12 @@ class SendReport(ReportBase):
             f"  Setup (once, not timed): {fmt_size(a.size)} of random data written in "
             f"{st['gen_s']:.1f} s, {st['chunks']:,} chunks written through NBD in "
             f"{st['write_s']:.1f} s; store files of {fmt_size(st['store_size'])} "
-            f"(sparse); {st['openssl']}.")
+            f"(sparse); {st['openssl']}.  Then A's origin and store files were read once "
+            f"from a dropped page cache, untimed"
+            + (f" ({st['first_read_s']:.1f} s)" if "first_read_s" in st else "")
+            + ": the first read of a file just written costs far more system time than "
+              "later ones on this VM, which would otherwise fall on run 1's full send "
+              "alone.")
         mach = "; ".join(f"{k}: {v}" for k, v in b.machine_rows if k in (
             "CPU", "memory", "kernel", "ddsnap"))
         nbdcopy = next((v for k, v in b.machine_rows if k == "nbdcopy"), "nbdcopy")
