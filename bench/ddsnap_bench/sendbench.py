@@ -232,8 +232,9 @@ class SendWorkload:
                                    f"written")
         self.send_chunks = chunks
         # Read the source files once, untimed: the first read of a file just written
-        # costs far more system time than later reads on some machines (this VM: 5 s
-        # against 0.3 s for 4 GiB), which would fall on run 1's full send alone.
+        # takes longer than later reads on some machines (this VM, dd of 4 GiB from a
+        # dropped page cache: 3.4-5.7 s, then 1.7-2.8 s), which would fall on run 1's
+        # full send alone.
         self.drop_page_cache()
         t0 = time.monotonic()
         for path in (f["a_origin"], f["a_store"]):
