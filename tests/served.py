@@ -61,6 +61,21 @@ def ddsnap_env() -> dict:
     return {**os.environ, "DDSNAP_RUNDIR": _RUNDIR}
 
 
+@contextlib.contextmanager
+def this_tree_first():
+    """Put this tree's ``src`` first on ``PYTHONPATH`` for the ddsnap processes started
+    meanwhile (the venv's console script may come from an editable install of another
+    checkout), and make sure they import it from there."""
+    src = Path(__file__).resolve().parents[1] / "src"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join(
+            [str(src), *filter(None, [os.environ.get("PYTHONPATH")])]))
+        where = subprocess.run([sys.executable, "-c", "import ddsnap; print(ddsnap.__file__)"],
+                               capture_output=True, text=True, env=ddsnap_env(), check=True)
+        assert Path(where.stdout.strip()).resolve().is_relative_to(src), where.stdout
+        yield
+
+
 def ddsnap(*args, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``ddsnap ARGS`` and return the completed process (text output)."""
     return subprocess.run([*DDSNAP, *map(str, args)], capture_output=True, text=True,

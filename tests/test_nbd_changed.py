@@ -24,10 +24,10 @@ needs what no tool shows (two contexts in one reply, a connection held across a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,7 +43,6 @@ from nbd_helpers import RawClient
 from served import (
     MiB,
     Served,
-    ddsnap_env,
     is_root,
     loop_device,
     make_origin,
@@ -52,26 +51,16 @@ from served import (
     ok_json,
     read_export,
     same_image,
+    this_tree_first,
     tool,
 )
 
 pytestmark = pytest.mark.clients
 
-#: this work tree's sources: every ddsnap process of these tests runs them
-SRC = Path(__file__).resolve().parents[1] / "src"
-
-
 @pytest.fixture(autouse=True, scope="module")
 def this_tree():
-    """Put this tree's ``src`` first on ``PYTHONPATH`` for the ddsnap processes (the
-    venv's console script may come from an editable install of another checkout), and
-    make sure they import it from there."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", os.pathsep.join(
-            [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])]))
-        where = subprocess.run([sys.executable, "-c", "import ddsnap; print(ddsnap.__file__)"],
-                               capture_output=True, text=True, env=ddsnap_env(), check=True)
-        assert Path(where.stdout.strip()).resolve().is_relative_to(SRC), where.stdout
+    """Every ddsnap process of these tests runs this tree's sources."""
+    with this_tree_first():
         yield
 
 CS = 65536
@@ -467,13 +456,10 @@ def test_block_device_origin_is_all_data_and_ignores_trim(tmp_path):
 # --- bounded answers, in process --------------------------------------------------------
 
 
-def test_answers_are_prefixes_that_add_up_to_the_whole_map(make_store, tmp_path,
-                                                          monkeypatch):
-    """With pages of 2 tree entries and spans of 4 chunks, each BLOCK_STATUS answer
-    covers a prefix of the range asked, and asking again from its end gives the whole
-    map: the changed chunks exactly, and the origin file's holes."""
-    cs = 4096
-    size = 64 * cs
+@contextlib.contextmanager
+def sparse_service(make_store, tmp_path, size: int, cs: int) -> Iterator[LocalService]:
+    """A LocalService over a MemoryStore of ``cs``-byte chunks and a sparse origin file
+    of ``size`` bytes holding data in chunks 9-11 only; closed after."""
     path = tmp_path / "origin.img"
     with open(path, "wb") as f:
         f.truncate(size)
@@ -483,6 +469,20 @@ def test_answers_are_prefixes_that_add_up_to_the_whole_map(make_store, tmp_path,
     store = make_store("memory", origin_size=size, store_size=1 << 20, chunk_size=cs)
     svc = LocalService(store, dev)
     try:
+        yield svc
+    finally:
+        svc.close()
+        dev.close()
+
+
+def test_answers_are_prefixes_that_add_up_to_the_whole_map(make_store, tmp_path,
+                                                          monkeypatch):
+    """With pages of 2 tree entries and spans of 4 chunks, each BLOCK_STATUS answer
+    covers a prefix of the range asked, and asking again from its end gives the whole
+    map: the changed chunks exactly, and the origin file's holes."""
+    cs = 4096
+    size = 64 * cs
+    with sparse_service(make_store, tmp_path, size, cs) as svc:
         origin = Origin(svc, svc.data)
         s1 = svc.create_snapshot("s1")
         for c in (1, 2, 9, 30, 31, 50, 63):
@@ -528,9 +528,6 @@ def test_answers_are_prefixes_that_add_up_to_the_whole_map(make_store, tmp_path,
         assert origin.changed_status(gone, 0, size) == [(size, P.STATE_CHANGED)]
         monkeypatch.setattr(svc, "snapshots", lambda: [s1, gone])
         assert origin.changed_status(gone, 0, size) == [(size, P.STATE_CHANGED)]
-    finally:
-        svc.close()
-        dev.close()
 
 
 def overlay_all(per: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
@@ -552,15 +549,7 @@ def test_during_a_merge_allocation_and_trim_follow_what_the_origin_reads(make_st
     reads what it read before throughout."""
     cs = 4096
     size = 64 * cs
-    path = tmp_path / "origin.img"
-    with open(path, "wb") as f:
-        f.truncate(size)
-        f.seek(9 * cs)
-        f.write(b"\x01" * 3 * cs)  # chunks 9-11
-    dev = FileDevice(str(path), what="origin")
-    store = make_store("memory", origin_size=size, store_size=1 << 20, chunk_size=cs)
-    svc = LocalService(store, dev)
-    try:
+    with sparse_service(make_store, tmp_path, size, cs) as svc:
         origin = Origin(svc, svc.data)
         s1 = svc.create_snapshot("s1")
         Snapshot(svc, svc.data, s1).write(20 * cs, b"S" * cs)  # s1's own, in a hole
@@ -587,6 +576,3 @@ def test_during_a_merge_allocation_and_trim_follow_what_the_origin_reads(make_st
         assert origin.read(0, size) == want
         assert Snapshot(svc, svc.data, s2).read(0, size) == s2_bytes
         assert svc.check() == []
-    finally:
-        svc.close()
-        dev.close()

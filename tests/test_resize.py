@@ -36,7 +36,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -48,7 +47,6 @@ from served import (
     MiB,
     Served,
     ddsnap,
-    ddsnap_env,
     fails,
     is_root,
     loop_device,
@@ -58,6 +56,7 @@ from served import (
     ok,
     ok_json,
     read_export,
+    this_tree_first,
     tool,
     wait_until,
 )
@@ -71,21 +70,10 @@ NBD_EINVAL = 22
 NBD_ENOSPC = 28
 CLEAN = {"clean": True, "fatal": 0, "warnings": 0, "findings": []}
 
-#: this work tree's sources: every ddsnap process of these tests runs them
-SRC = Path(__file__).resolve().parents[1] / "src"
-
-
 @pytest.fixture(autouse=True, scope="module")
 def this_tree():
-    """Put this tree's ``src`` first on ``PYTHONPATH`` for the ddsnap processes (the
-    venv's console script may come from an editable install of another checkout), and
-    make sure they import it from there."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", os.pathsep.join(
-            [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])]))
-        where = subprocess.run([sys.executable, "-c", "import ddsnap; print(ddsnap.__file__)"],
-                               capture_output=True, text=True, env=ddsnap_env(), check=True)
-        assert Path(where.stdout.strip()).resolve().is_relative_to(SRC), where.stdout
+    """Every ddsnap process of these tests runs this tree's sources."""
+    with this_tree_first():
         yield
 
 
